@@ -1,0 +1,86 @@
+// Loads a flash-export TorchScript archive with torch::jit::load, runs it on tensors read from
+// files and writes the output.
+//
+//   flash_attention_run MODEL.pt VALUES.bin KEYS.bin QUERIES.bin OUT.bin [MASK.bin]
+//
+// Tensor file format (little-endian), written by flash_export.tensor_io:
+//   8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool), int64 rank, int64 dims[rank],
+//   then the elements in row-major order.
+#include <torch/script.h>
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr char kMagic[8] = {'F', 'E', 'T', 'E', 'N', 'S', 'O', 'R'};
+
+torch::Tensor read_tensor(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  char magic[8];
+  int64_t dtype = 0, rank = 0;
+  in.read(magic, sizeof magic);
+  in.read(reinterpret_cast<char*>(&dtype), sizeof dtype);
+  in.read(reinterpret_cast<char*>(&rank), sizeof rank);
+  if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0) {
+    throw std::runtime_error(path + " is not a flash-export tensor file");
+  }
+  if (rank < 0 || rank > 8) throw std::runtime_error(path + ": bad rank " + std::to_string(rank));
+  std::vector<int64_t> dims(static_cast<size_t>(rank));
+  in.read(reinterpret_cast<char*>(dims.data()), static_cast<std::streamsize>(rank * 8));
+  for (int64_t d : dims) {
+    if (d < 0) throw std::runtime_error(path + ": negative dimension");
+  }
+  auto type = dtype == 0 ? torch::kFloat32 : dtype == 1 ? torch::kBool : torch::kUInt8;
+  if (dtype != 0 && dtype != 1) throw std::runtime_error(path + ": unknown dtype code");
+  torch::Tensor t = torch::empty(dims, torch::TensorOptions().dtype(type));
+  const auto bytes = static_cast<std::streamsize>(t.numel() * t.element_size());
+  in.read(static_cast<char*>(t.data_ptr()), bytes);
+  if (in.gcount() != bytes) throw std::runtime_error(path + ": truncated data");
+  return t;
+}
+
+void write_tensor(const std::string& path, const torch::Tensor& tensor) {
+  torch::Tensor t = tensor.contiguous().to(torch::kFloat32);
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw std::runtime_error("cannot write " + path);
+  const int64_t dtype = 0, rank = t.dim();
+  out.write(kMagic, sizeof kMagic);
+  out.write(reinterpret_cast<const char*>(&dtype), sizeof dtype);
+  out.write(reinterpret_cast<const char*>(&rank), sizeof rank);
+  for (int64_t d : t.sizes()) out.write(reinterpret_cast<const char*>(&d), sizeof d);
+  out.write(static_cast<const char*>(t.data_ptr()),
+            static_cast<std::streamsize>(t.numel() * t.element_size()));
+  if (!out) throw std::runtime_error("writing " + path + " failed");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 6 && argc != 7) {
+    std::cerr << "usage: " << argv[0]
+              << " MODEL.pt VALUES.bin KEYS.bin QUERIES.bin OUT.bin [MASK.bin]\n";
+    return 2;
+  }
+  try {
+    torch::jit::script::Module module = torch::jit::load(argv[1]);
+    module.eval();
+    std::vector<torch::jit::IValue> inputs{read_tensor(argv[2]), read_tensor(argv[3]),
+                                           read_tensor(argv[4])};
+    if (argc == 7) inputs.emplace_back(read_tensor(argv[6]));
+    torch::NoGradGuard no_grad;
+    torch::Tensor output = module.forward(inputs).toTensor();
+    write_tensor(argv[5], output);
+    std::cout << "output " << output.sizes() << " -> " << argv[5] << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

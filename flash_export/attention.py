@@ -1,0 +1,331 @@
+"""FlashAttention: multi-head attention over key/value chunks with an online softmax.
+
+The fast path (`flash_attention_core`) never materialises the (Lq, Lk) score matrix: it walks the
+keys in chunks of `chunk_size`, keeping a running max `m`, a running sum `l` and an unnormalised
+output `acc` per query row (Dao et al., 2022). The plain path (`reference_attention_core`) is
+matmul-softmax-matmul in whatever dtype it is given; tests and `validate` run it in float64.
+
+Both cores take (B, H, L, D) tensors and an optional boolean `allowed` mask broadcastable to
+(B, H, Lq, Lk), True where a query may attend to a key. A query row that sees no key gives zeros.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs accumulate in float32; float32/float64 keep their own precision.
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
+
+
+def _causal_allowed(q_start: int, q_end: int, k_start: int, k_end: int, lq: int, lk: int,
+                    device: torch.device) -> Tensor:
+    """Bottom-right aligned causal mask block: query i sees key j iff j <= i + (Lk - Lq)."""
+    rows = torch.arange(q_start, q_end, device=device).unsqueeze(1)  # (Lq_blk, 1)
+    cols = torch.arange(k_start, k_end, device=device).unsqueeze(0)  # (1, C)
+    return cols <= rows + (lk - lq)  # (Lq_blk, C)
+
+
+def flash_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
+                         causal: bool, scale: float, chunk_size: int) -> Tensor:
+    """Attention with an online softmax over key chunks.
+
+    Args:
+        q: (B, H, Lq, D) queries, any float dtype.
+        k: (B, H, Lk, D) keys, same dtype as `q`.
+        v: (B, H, Lk, D) values, same dtype as `q`.
+        allowed: optional bool mask broadcastable to (B, H, Lq, Lk), True = may attend.
+        causal: block keys after the query (bottom-right aligned when Lq != Lk).
+        scale: multiplies the logits, usually 1/sqrt(D).
+        chunk_size: keys per online-softmax step (>= 1).
+
+    Returns:
+        (B, H, Lq, D) in the dtype of `q`; rows that see no key are zeros.
+    """
+    out_dtype = q.dtype
+    acc_dtype = _compute_dtype(q.dtype)
+    q = q.to(acc_dtype) * scale  # (B, H, Lq, D)
+    k = k.to(acc_dtype)  # (B, H, Lk, D)
+    v = v.to(acc_dtype)  # (B, H, Lk, D)
+    lq = q.size(2)
+    lk = k.size(2)
+    row_shape: List[int] = [q.size(0), q.size(1), lq, 1]
+    m = torch.full(row_shape, -math.inf, dtype=acc_dtype, device=q.device)  # (B, H, Lq, 1)
+    l_sum = torch.zeros(row_shape, dtype=acc_dtype, device=q.device)  # (B, H, Lq, 1)
+    acc = torch.zeros_like(q)  # (B, H, Lq, D)
+    for start in range(0, lk, chunk_size):
+        end = min(start + chunk_size, lk)
+        s = torch.matmul(q, k[:, :, start:end].transpose(-2, -1))  # (B, H, Lq, C)
+        if allowed is not None:
+            block = allowed if allowed.size(-1) == 1 else allowed[..., start:end]
+            s = s.masked_fill(torch.logical_not(block), -math.inf)
+        if causal:
+            s = s.masked_fill(
+                torch.logical_not(_causal_allowed(0, lq, start, end, lq, lk, q.device)),
+                -math.inf)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, H, Lq, 1)
+        # A row that has seen only blocked keys keeps m = -inf; shift it by 0 instead so that
+        # exp(-inf - shift) is 0 rather than NaN.
+        shift = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - shift)  # (B, H, Lq, C)
+        alpha = torch.exp(m - shift)  # (B, H, Lq, 1), rescales what came before
+        l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, v[:, :, start:end])  # (B, H, Lq, D)
+        m = m_new
+    # l_sum == 0 exactly when the row saw no key: those rows are zeros, never 0/0. A NaN that
+    # reached l_sum stays NaN (a comparison like l_sum > 0 would turn it into a silent zero).
+    unseen = l_sum == 0
+    out = torch.where(unseen, torch.zeros_like(acc),
+                      acc / torch.where(unseen, torch.ones_like(l_sum), l_sum))
+    return out.to(out_dtype)
+
+
+def reference_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
+                             causal: bool, scale: float) -> Tensor:
+    """Plain matmul-softmax-matmul attention in the dtype of its inputs (float64 for a reference).
+
+    Args:
+        q: (B, H, Lq, D) queries.
+        k: (B, H, Lk, D) keys.
+        v: (B, H, Lk, D) values.
+        allowed: optional bool mask broadcastable to (B, H, Lq, Lk), True = may attend.
+        causal: bottom-right aligned causal mask.
+        scale: multiplies the logits.
+
+    Returns:
+        (B, H, Lq, D); rows that see no key are zeros.
+    """
+    lq = q.size(2)
+    lk = k.size(2)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    visible = torch.ones(s.shape, dtype=torch.bool, device=q.device)  # (B, H, Lq, Lk)
+    if allowed is not None:
+        visible = visible & allowed
+    if causal:
+        visible = visible & _causal_allowed(0, lq, 0, lk, lq, lk, q.device)
+    s = s.masked_fill(torch.logical_not(visible), -math.inf)
+    any_visible = visible.any(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+    p = torch.softmax(torch.where(any_visible, s, torch.zeros_like(s)), dim=-1)
+    p = torch.where(visible, p, torch.zeros_like(p))  # (B, H, Lq, Lk)
+    return torch.matmul(p, v)  # (B, H, Lq, D)
+
+
+class FlashAttention(nn.Module):
+    """Multi-head attention computed over key/value chunks with an online softmax.
+
+    Memory stays O(L) per head instead of O(Lq x Lk). The chunk loop is static, so the module is
+    `torch.jit.script`-able and sequence lengths stay dynamic.
+
+    Args:
+        embed_size: E, the embedding size of values, keys and queries.
+        heads: H, the number of heads; E must be divisible by H.
+        chunk_size: keys per online-softmax step (>= 1). Results do not depend on it beyond
+            rounding.
+        causal: block keys after each query, bottom-right aligned (query i sees keys
+            j <= i + Lk - Lq), as FlashAttention 2 does.
+        bias: whether the four projections have biases.
+    """
+
+    embed_size: torch.jit.Final[int]
+    heads: torch.jit.Final[int]
+    head_dim: torch.jit.Final[int]
+    chunk_size: torch.jit.Final[int]
+    causal: torch.jit.Final[bool]
+    scale: torch.jit.Final[float]
+    __jit_unused_properties__ = ["has_bias"]
+
+    def __init__(self, embed_size: int, heads: int, chunk_size: int = 64, *,
+                 causal: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        if embed_size < 1 or embed_size % heads != 0:
+            raise ValueError(
+                f"embed_size must be a positive multiple of heads ({heads}), got {embed_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.embed_size = embed_size
+        self.heads = heads
+        self.head_dim = embed_size // heads
+        self.chunk_size = chunk_size
+        self.causal = causal
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(embed_size, embed_size, bias=bias)
+        self.k_proj = nn.Linear(embed_size, embed_size, bias=bias)
+        self.v_proj = nn.Linear(embed_size, embed_size, bias=bias)
+        self.out_proj = nn.Linear(embed_size, embed_size, bias=bias)
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the projections carry biases."""
+        return self.q_proj.bias is not None
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"embed_size={self.embed_size}, heads={self.heads}, "
+                f"chunk_size={self.chunk_size}, causal={self.causal}")
+
+    def forward(self, values: Tensor, keys: Tensor, queries: Tensor,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """Attend from `queries` to `keys`, mixing `values`.
+
+        Args:
+            values: (B, Lk, E) float tensor.
+            keys: (B, Lk, E), same dtype as `values`.
+            queries: (B, Lq, E), same dtype; Lq may differ from Lk.
+            mask: optional tensor of any dtype broadcastable to (B, heads, Lq, Lk); positions
+                where `mask == 0` are blocked.
+
+        Returns:
+            (B, Lq, E) in the input dtype.
+        """
+        allowed = self.check_inputs(values, keys, queries, mask)
+        q = self.q_proj(queries)  # (B, Lq, E)
+        k = self.k_proj(keys)  # (B, Lk, E)
+        v = self.v_proj(values)  # (B, Lk, E)
+        o = self.attend(q, k, v, allowed)  # (B, Lq, E)
+        return self.out_proj(o)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """Attention between projected tensors: (B, Lq, E), (B, Lk, E) x2 -> (B, Lq, E).
+
+        Export adapters and the float64 reference override this one method, so every
+        implementation shares the projections and the input checks above.
+        """
+        o = flash_attention_core(self.split_heads(q), self.split_heads(k), self.split_heads(v),
+                                 allowed, self.causal, self.scale, self.chunk_size)
+        return self.merge_heads(o)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, L, E) -> (B, H, L, D)."""
+        return x.view(x.size(0), x.size(1), self.heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        """(B, H, L, D) -> (B, L, E)."""
+        return x.transpose(1, 2).reshape(x.size(0), x.size(2), self.embed_size)
+
+    def check_inputs(self, values: Tensor, keys: Tensor, queries: Tensor,
+                     mask: Optional[Tensor]) -> Optional[Tensor]:
+        """Raise ValueError on inputs forward cannot honour; return the mask as bool (or None)."""
+        names = ["values", "keys", "queries"]
+        tensors = [values, keys, queries]
+        for i in range(3):
+            t = tensors[i]
+            if t.dim() != 3:
+                raise ValueError(f"{names[i]} must be (B, L, {self.embed_size}), "
+                                 f"got a tensor of rank {t.dim()}")
+            if t.size(2) != self.embed_size:
+                raise ValueError(f"{names[i]} must have embed size {self.embed_size}, "
+                                 f"got {t.size(2)}")
+            if t.size(0) != queries.size(0):
+                raise ValueError(f"{names[i]} has batch {t.size(0)}, expected "
+                                 f"{queries.size(0)} (the batch of queries)")
+        if values.size(1) != keys.size(1):
+            raise ValueError(f"values and keys must have the same length, got "
+                             f"{values.size(1)} and {keys.size(1)}")
+        if mask is None:
+            return None
+        target = [queries.size(0), self.heads, queries.size(1), keys.size(1)]
+        if mask.dim() > 4:
+            raise ValueError(f"mask must broadcast to (B, H, Lq, Lk) = {target}, "
+                             f"got rank {mask.dim()} shape {list(mask.shape)}")
+        offset = 4 - mask.dim()
+        for i in range(mask.dim()):
+            size = mask.size(i)
+            if size != 1 and size != target[offset + i]:
+                raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to "
+                                 f"(B, H, Lq, Lk) = {target}")
+        allowed = mask != 0
+        while allowed.dim() < 4:
+            allowed = allowed.unsqueeze(0)
+        return allowed  # broadcastable to (B, H, Lq, Lk)
+
+    @classmethod
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention,
+                                 chunk_size: int = 64) -> "FlashAttention":
+        """Copy the weights of a `torch.nn.MultiheadAttention` into a new FlashAttention.
+
+        The result computes `mha(queries, keys, values, need_weights=False)[0]` for a
+        batch-first `mha` (dropout aside).
+
+        Raises:
+            ValueError: `mha` uses separate key/value sizes, bias_kv or add_zero_attn.
+        """
+        if not mha._qkv_same_embed_dim:
+            raise ValueError(f"keys and values must have embed size {mha.embed_dim}, got kdim "
+                             f"{mha.kdim} and vdim {mha.vdim}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn have no FlashAttention equivalent")
+        bias = mha.in_proj_bias is not None
+        fa = cls(mha.embed_dim, mha.num_heads, chunk_size, bias=bias)
+        fa.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        e = mha.embed_dim
+        with torch.no_grad():
+            for i, proj in enumerate((fa.q_proj, fa.k_proj, fa.v_proj)):
+                proj.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
+                if bias:
+                    proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+            fa.out_proj.weight.copy_(mha.out_proj.weight)
+            if bias:
+                fa.out_proj.bias.copy_(mha.out_proj.bias)
+        return fa
+
+
+class ReferenceAttention(FlashAttention):
+    """FlashAttention computed with plain matmul-softmax-matmul (used as a float64 reference)."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """(B, Lq, E), (B, Lk, E) x2 -> (B, Lq, E) without chunking."""
+        o = reference_attention_core(self.split_heads(q), self.split_heads(k),
+                                     self.split_heads(v), allowed, self.causal, self.scale)
+        return self.merge_heads(o)
+
+
+def replace_attention(model: nn.Module, cls: type, **kwargs: object) -> nn.Module:
+    """Return a copy of `model` whose FlashAttention modules are instances of `cls`.
+
+    `cls` is a FlashAttention subclass that overrides `attend`; each replacement has the same
+    configuration and weights. `kwargs` go to `cls.__init__`.
+    """
+    import copy
+
+    def convert(fa: FlashAttention) -> FlashAttention:
+        new = cls(fa.embed_size, fa.heads, fa.chunk_size, causal=fa.causal, bias=fa.has_bias,
+                  **kwargs)
+        new.load_state_dict(fa.state_dict())
+        new.to(device=fa.q_proj.weight.device, dtype=fa.q_proj.weight.dtype)
+        return new.train(fa.training)
+
+    if isinstance(model, FlashAttention):
+        return convert(model)
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for attr, sub in list(parent.named_children()):
+            if isinstance(sub, FlashAttention):
+                setattr(parent, attr, convert(sub))
+    return model
+
+
+def reference_forward(model: nn.Module, values: Tensor, keys: Tensor, queries: Tensor,
+                      mask: Optional[Tensor] = None,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """Run `model` with every FlashAttention replaced by plain attention, in `dtype`.
+
+    Args:
+        model: a FlashAttention or a module built from FlashAttention layers.
+        values: (B, Lk, E), cast to `dtype` like the other inputs.
+        keys: (B, Lk, E).
+        queries: (B, Lq, E).
+        mask: optional, any dtype, broadcastable to (B, H, Lq, Lk).
+        dtype: the precision of the reference, float64 by default.
+
+    Returns:
+        (B, Lq, E) in `dtype`.
+    """
+    ref = replace_attention(model, ReferenceAttention).to(dtype).eval()
+    with torch.no_grad():
+        return ref(values.to(dtype), keys.to(dtype), queries.to(dtype), mask)

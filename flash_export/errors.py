@@ -1,0 +1,25 @@
+"""Typed errors: the only exceptions the CLI turns into one-line messages."""
+
+
+class FlashExportError(Exception):
+    """Base class of every error flash-export raises on purpose."""
+
+
+class ModelError(FlashExportError):
+    """The model could not be built or its weights could not be loaded."""
+
+
+class ExportError(FlashExportError):
+    """An artifact could not be exported."""
+
+
+class ArtifactError(FlashExportError):
+    """An artifact is missing, unreadable, untrusted or not what flash-export wrote."""
+
+
+class RuntimeLibraryError(FlashExportError):
+    """The native kernel library is missing or cannot be registered in onnxruntime."""
+
+
+class ValidationError(FlashExportError):
+    """An artifact's outputs do not match the reference."""

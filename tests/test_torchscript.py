@@ -1,0 +1,88 @@
+"""TorchScript export: scripted (not traced), atomic, carries metadata, bitwise equal to eager."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from flash_export import ExportError, FlashAttention, ModelSpec, export_torchscript
+from flash_export.export import METADATA_FILE, load_torchscript
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = FlashAttention(64, 4, 16, causal=False).eval()
+    path = export_torchscript(model, tmp_path_factory.mktemp("ts") / "fa.pt")
+    return model, path
+
+
+LENGTHS = [(1, 1), (7, 63), (65, 65), (129, 33), (300, 17)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("lq,lk", LENGTHS, ids=[f"q{q}-k{k}" for q, k in LENGTHS])
+def test_loaded_module_equals_eager_bitwise_at_unseen_lengths(exported, lq, lk, masked):
+    model, path = exported
+    loaded, _ = load_torchscript(path)
+    g = torch.Generator().manual_seed(lq * 1000 + lk)
+    v, k, q = (torch.randn(3, n, 64, generator=g) for n in (lk, lk, lq))
+    mask = (torch.rand(3, 1, lq, lk, generator=g) > 0.5) if masked else None
+    with torch.no_grad():
+        assert torch.equal(loaded(v, k, q, mask), model(v, k, q, mask))
+
+
+def test_archive_carries_metadata_and_is_scripted_not_traced(exported):
+    _, path = exported
+    loaded, meta = load_torchscript(path)
+    assert meta["embed"] == "64" and meta["heads"] == "4" and meta["chunk_size"] == "16"
+    assert meta["causal"] == "0" and meta["flash_export_version"]
+    assert ModelSpec.from_json(meta["model_spec"]).chunk == 16
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.endswith(METADATA_FILE)]
+        assert names and json.loads(z.read(names[0]))["artifact"] == "torchscript"
+        code = "".join(z.read(n).decode() for n in z.namelist()
+                       if "/code/" in n and n.endswith(".py"))
+    # A traced archive would have the chunk loop unrolled; the scripted one keeps it.
+    assert "def flash_attention_core" in code and "__range_length(0, lk, chunk_size)" in code
+
+
+def test_causal_flag_survives_export(tmp_path):
+    model = FlashAttention(32, 2, 8, causal=True).eval()
+    loaded, meta = load_torchscript(export_torchscript(model, tmp_path / "c.pt"))
+    v = torch.randn(1, 20, 32)
+    q = torch.randn(1, 9, 32)
+    assert meta["causal"] == "1"
+    with torch.no_grad():
+        assert torch.equal(loaded(v, v.clone(), q), model(v, v.clone(), q))
+
+
+class _Unscriptable(nn.Module):
+    def forward(self, values, keys, queries, mask=None):
+        return {**{"x": values}}["x"] if values.numel() > 0 else queries  # dict unpacking
+
+
+def test_failed_export_leaves_existing_file_intact_and_no_temporaries(tmp_path):
+    target = tmp_path / "model.pt"
+    export_torchscript(FlashAttention(32, 2, 8), target)
+    good = target.read_bytes()
+    with pytest.raises(ExportError, match="torch.jit.script failed"):
+        export_torchscript(_Unscriptable(), target, spec=ModelSpec())
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.jit, "save", explode)
+    with pytest.raises(ExportError, match="disk full"):
+        export_torchscript(FlashAttention(32, 2, 8), tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_flash_attention_model_needs_a_spec(tmp_path):
+    with pytest.raises(ExportError, match="pass spec="):
+        export_torchscript(nn.Sequential(), tmp_path / "x.pt")
