@@ -1,40 +1,65 @@
-"""flash-export: take a chunked FlashAttention module to TorchScript and onnxruntime."""
+"""flash-export: take a chunked FlashAttention module to TorchScript and onnxruntime.
+
+Attributes load lazily (PEP 562), so `import flash_export.runtime` in an onnxruntime service
+does not import torch.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from flash_export._version import __version__
-from flash_export.attention import (
-    FlashAttention,
-    ReferenceAttention,
-    flash_attention_core,
-    reference_attention_core,
-    reference_forward,
-    replace_attention,
-)
-from flash_export.errors import (
-    ArtifactError,
-    ExportError,
-    FlashExportError,
-    ModelError,
-    RuntimeLibraryError,
-    ValidationError,
-)
-from flash_export.export import export_torchscript, load_torchscript
-from flash_export.spec import ModelSpec
 
-__all__ = [
-    "ArtifactError",
-    "ExportError",
-    "FlashAttention",
-    "FlashExportError",
-    "ModelError",
-    "ModelSpec",
-    "ReferenceAttention",
-    "RuntimeLibraryError",
-    "ValidationError",
-    "__version__",
-    "export_torchscript",
-    "flash_attention_core",
-    "load_torchscript",
-    "reference_attention_core",
-    "reference_forward",
-    "replace_attention",
-]
+_EXPORTS = {
+    "FlashAttention": "flash_export.attention",
+    "ReferenceAttention": "flash_export.attention",
+    "flash_attention_core": "flash_export.attention",
+    "reference_attention_core": "flash_export.attention",
+    "reference_forward": "flash_export.attention",
+    "replace_attention": "flash_export.attention",
+    "ArtifactError": "flash_export.errors",
+    "ExportError": "flash_export.errors",
+    "FlashExportError": "flash_export.errors",
+    "ModelError": "flash_export.errors",
+    "RuntimeLibraryError": "flash_export.errors",
+    "ValidationError": "flash_export.errors",
+    "export_torchscript": "flash_export.export",
+    "load_torchscript": "flash_export.export",
+    "export_onnx": "flash_export.onnx_export",
+    "ModelSpec": "flash_export.spec",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from flash_export.attention import (  # noqa: F401
+        FlashAttention,
+        ReferenceAttention,
+        flash_attention_core,
+        reference_attention_core,
+        reference_forward,
+        replace_attention,
+    )
+    from flash_export.errors import (  # noqa: F401
+        ArtifactError,
+        ExportError,
+        FlashExportError,
+        ModelError,
+        RuntimeLibraryError,
+        ValidationError,
+    )
+    from flash_export.export import export_torchscript, load_torchscript  # noqa: F401
+    from flash_export.onnx_export import export_onnx  # noqa: F401
+    from flash_export.spec import ModelSpec  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flash_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)
