@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from flash_export import manifest
 from flash_export._version import __version__
 from flash_export.attention import FlashAttention
 from flash_export.errors import ArtifactError, ExportError
@@ -63,6 +64,10 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     `tmp` has the final file name; what `write` produced is renamed next to `path`, `path` last.
     Files `write` puts beside `tmp` (such as ONNX external data) move along with it. A failed or
     interrupted write leaves nothing at `path` and never clobbers a good file there.
+
+    The artifact's SHA-256 manifest (`manifest.py`) changes in two steps around the rename: first
+    it accepts the old and the new file, then only the new one. So a process killed at any moment
+    leaves either the previous artifact with a manifest that accepts it, or the new one.
     """
     target = Path(path)
     if target.is_dir():
@@ -79,7 +84,12 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         for item in written:
             with open(item, "rb") as f:
                 os.fsync(f.fileno())
+        new_hash = manifest.sha256_file(tmp)
+        old_hash = manifest.current_valid_hash(target)
+        manifest.write_manifest(target, [h for h in (old_hash, new_hash) if h])
+        for item in written:
             os.replace(item, target.parent / item.name)
+        manifest.write_manifest(target, [new_hash])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -121,14 +131,22 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
         raise ExportError(f"cannot write {path}: {exc}") from exc
 
 
-def load_torchscript(path: PathLike) -> "tuple[torch.jit.ScriptModule, Dict[str, str]]":
-    """Load a TorchScript archive written by `export_torchscript` with its metadata.
+def load_torchscript(path: PathLike, *,
+                     trust: bool = False) -> "tuple[torch.jit.ScriptModule, Dict[str, str]]":
+    """Load a TorchScript archive written by `export_torchscript`, with its metadata.
 
-    A `.pt` file is a program: load only files you trust.
+    A `.pt` file is a program: unless `trust` is set, its SHA-256 must be listed in the manifest
+    that `export_torchscript` wrote beside it.
 
     Raises:
-        ArtifactError: the file is missing, unreadable or has no flash-export metadata.
+        ArtifactError: the file is missing, unlisted in its manifest (without `trust`),
+            unreadable, or has no flash-export metadata.
     """
+    if trust:
+        if not Path(path).is_file():
+            raise ArtifactError(f"artifact not found: {path}")
+    else:
+        manifest.verify_artifact(path)
     extra = {METADATA_FILE: ""}
     try:
         with quiet_jit_deprecation():
@@ -138,4 +156,10 @@ def load_torchscript(path: PathLike) -> "tuple[torch.jit.ScriptModule, Dict[str,
                             f"{str(exc).strip().splitlines()[0]}") from exc
     if not extra[METADATA_FILE]:
         raise ArtifactError(f"{path} carries no {METADATA_FILE}: not written by flash-export")
-    return module, json.loads(extra[METADATA_FILE])
+    try:
+        meta = json.loads(extra[METADATA_FILE])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: unreadable {METADATA_FILE}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: {METADATA_FILE} is not a JSON object")
+    return module, meta

@@ -2,12 +2,19 @@
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from flash_export import ExportError, FlashAttention, ModelSpec, export_torchscript
+from flash_export import (
+    ArtifactError,
+    ExportError,
+    FlashAttention,
+    ModelSpec,
+    export_torchscript,
+)
 from flash_export.export import METADATA_FILE, load_torchscript
 
 
@@ -70,7 +77,7 @@ def test_failed_export_leaves_existing_file_intact_and_no_temporaries(tmp_path):
     with pytest.raises(ExportError, match="torch.jit.script failed"):
         export_torchscript(_Unscriptable(), target, spec=ModelSpec())
     assert target.read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.manifest.json"]
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -86,3 +93,28 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_non_flash_attention_model_needs_a_spec(tmp_path):
     with pytest.raises(ExportError, match="pass spec="):
         export_torchscript(nn.Sequential(), tmp_path / "x.pt")
+
+
+def test_loading_refuses_a_file_not_in_its_manifest_unless_trusted(tmp_path):
+    path = export_torchscript(FlashAttention(32, 2, 8), tmp_path / "m.pt")
+    load_torchscript(path)
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0xFF  # any change, even in the zip's directory, breaks the hash
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        load_torchscript(path)
+    (tmp_path / "m.pt.manifest.json").unlink()
+    export_torchscript(FlashAttention(32, 2, 8), tmp_path / "other.pt")
+    (tmp_path / "other.pt.manifest.json").rename(tmp_path / "stray.json")
+    with pytest.raises(ArtifactError, match="--trust"):
+        load_torchscript(tmp_path / "other.pt")
+    module, _ = load_torchscript(tmp_path / "other.pt", trust=True)
+    assert module is not None
+
+
+def test_no_code_path_unpickles_with_weights_only_false():
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p) for p in root.rglob("*.py")
+                 if ".venv" not in p.parts and p.name != Path(__file__).name
+                 and "weights_only=False" in p.read_text()]
+    assert offenders == []
