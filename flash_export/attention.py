@@ -54,35 +54,61 @@ def flash_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tens
     v = v.to(acc_dtype)  # (B, H, Lk, D)
     lq = q.size(2)
     lk = k.size(2)
-    row_shape: List[int] = [q.size(0), q.size(1), lq, 1]
-    m = torch.full(row_shape, -math.inf, dtype=acc_dtype, device=q.device)  # (B, H, Lq, 1)
-    l_sum = torch.zeros(row_shape, dtype=acc_dtype, device=q.device)  # (B, H, Lq, 1)
-    acc = torch.zeros_like(q)  # (B, H, Lq, D)
-    for start in range(0, lk, chunk_size):
-        end = min(start + chunk_size, lk)
-        s = torch.matmul(q, k[:, :, start:end].transpose(-2, -1))  # (B, H, Lq, C)
+    if not causal:
+        return _online_softmax(q, k, v, allowed, False, 0, lq, lk, chunk_size).to(out_dtype)
+    # Causal: walk the queries in blocks so each block stops at its last visible key, which
+    # skips the key chunks above the diagonal (about half the work when Lq == Lk).
+    q_block = max(chunk_size, 512)
+    blocks: List[Tensor] = []
+    for q_start in range(0, lq, q_block):
+        q_end = min(q_start + q_block, lq)
+        k_stop = min(lk, max(0, q_end + lk - lq))  # keys j < k_stop are visible to some row
+        rows = allowed
+        if rows is not None and rows.size(2) != 1:
+            rows = rows[:, :, q_start:q_end]
+        blocks.append(_online_softmax(q[:, :, q_start:q_end], k, v, rows, True, q_start, lq,
+                                      k_stop, chunk_size))
+    if len(blocks) == 0:
+        return q.to(out_dtype)  # Lq == 0: (B, H, 0, D)
+    return torch.cat(blocks, dim=2).to(out_dtype)
+
+
+def _online_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], causal: bool,
+                    q_start: int, lq: int, k_stop: int, chunk_size: int) -> Tensor:
+    """One query block of `flash_attention_core`, keys [0, k_stop), in the accumulation dtype.
+
+    q is the scaled (B, H, Lq_blk, D) block starting at row `q_start` of `lq`; k and v are the
+    full (B, H, Lk, D) tensors; `allowed` is already sliced to the block's rows.
+    """
+    lk = k.size(2)
+    rows = q.size(2)
+    row_shape: List[int] = [q.size(0), q.size(1), rows, 1]
+    m = torch.full(row_shape, -math.inf, dtype=q.dtype, device=q.device)  # (B, H, Lq_blk, 1)
+    l_sum = torch.zeros(row_shape, dtype=q.dtype, device=q.device)  # (B, H, Lq_blk, 1)
+    acc = torch.zeros_like(q)  # (B, H, Lq_blk, D)
+    for start in range(0, k_stop, chunk_size):
+        end = min(start + chunk_size, k_stop)
+        s = torch.matmul(q, k[:, :, start:end].transpose(-2, -1))  # (B, H, Lq_blk, C)
         if allowed is not None:
             block = allowed if allowed.size(-1) == 1 else allowed[..., start:end]
             s = s.masked_fill(torch.logical_not(block), -math.inf)
         if causal:
-            s = s.masked_fill(
-                torch.logical_not(_causal_allowed(0, lq, start, end, lq, lk, q.device)),
-                -math.inf)
-        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, H, Lq, 1)
+            visible = _causal_allowed(q_start, q_start + rows, start, end, lq, lk, q.device)
+            s = s.masked_fill(torch.logical_not(visible), -math.inf)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, H, Lq_blk, 1)
         # A row that has seen only blocked keys keeps m = -inf; shift it by 0 instead so that
         # exp(-inf - shift) is 0 rather than NaN.
         shift = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - shift)  # (B, H, Lq, C)
-        alpha = torch.exp(m - shift)  # (B, H, Lq, 1), rescales what came before
+        p = torch.exp(s - shift)  # (B, H, Lq_blk, C)
+        alpha = torch.exp(m - shift)  # (B, H, Lq_blk, 1), rescales what came before
         l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
-        acc = acc * alpha + torch.matmul(p, v[:, :, start:end])  # (B, H, Lq, D)
+        acc = acc * alpha + torch.matmul(p, v[:, :, start:end])  # (B, H, Lq_blk, D)
         m = m_new
     # l_sum == 0 exactly when the row saw no key: those rows are zeros, never 0/0. A NaN that
     # reached l_sum stays NaN (a comparison like l_sum > 0 would turn it into a silent zero).
     unseen = l_sum == 0
-    out = torch.where(unseen, torch.zeros_like(acc),
-                      acc / torch.where(unseen, torch.ones_like(l_sum), l_sum))
-    return out.to(out_dtype)
+    return torch.where(unseen, torch.zeros_like(acc),
+                       acc / torch.where(unseen, torch.ones_like(l_sum), l_sum))
 
 
 def reference_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],

@@ -74,8 +74,10 @@ def test_matches_multihead_attention_with_boolean_mask(per_head):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("lq,lk", [(5, 9), (9, 5), (64, 64), (1, 100), (100, 1)],
-                         ids=["q<k", "q>k", "square", "one-query", "one-key"])
+@pytest.mark.parametrize("lq,lk", [(5, 9), (9, 5), (64, 64), (1, 100), (100, 1), (600, 700),
+                                   (700, 600)],
+                         ids=["q<k", "q>k", "square", "one-query", "one-key", "query-blocks-q<k",
+                              "query-blocks-q>k"])
 def test_causal_is_bottom_right_aligned_against_float64_reference(lq, lk):
     fa = FlashAttention(32, 4, 8, causal=True).eval()
     v, k, q = _inputs(2, lq, lk, 32)

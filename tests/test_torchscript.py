@@ -1,6 +1,7 @@
 """TorchScript export: scripted (not traced), atomic, carries metadata, bitwise equal to eager."""
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_archive_carries_metadata_and_is_scripted_not_traced(exported):
         code = "".join(z.read(n).decode() for n in z.namelist()
                        if "/code/" in n and n.endswith(".py"))
     # A traced archive would have the chunk loop unrolled; the scripted one keeps it.
-    assert "def flash_attention_core" in code and "__range_length(0, lk, chunk_size)" in code
+    assert re.search(r"__range_length\(0, \w+, chunk_size\)", code), "no chunk loop in the archive"
 
 
 def test_causal_flag_survives_export(tmp_path):
