@@ -1,0 +1,80 @@
+// AVX-512F instantiation of the CPU kernel; this TU alone is compiled with -mavx512f (build.py
+// picks flags by the file suffix) and only runs after the dispatcher saw avx512f at run time.
+#if defined(__x86_64__) || defined(_M_X64)
+// GCC 12's intrinsics headers initialise "undefined" vectors from themselves, which trips
+// -Wmaybe-uninitialized once inlined (GCC bug 105593); nothing in this file is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "flash_attention_cpu_internal.h"
+
+namespace flash_export {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+struct V {
+  using Reg = __m512;
+  static constexpr int kW = 16;
+  static constexpr int kSR = 8, kSC = 3;  // 24 accumulators of 32 registers
+  static constexpr int kOR = 6, kOC = 4;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+  static void storeu(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  static Reg zero_where_equal(Reg a, Reg b) {
+    return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), _mm512_setzero_ps());
+  }
+  // 2^x: degree-7 polynomial on the fraction, scalef for the exponent. NaN stays NaN (max keeps
+  // its second operand when one is NaN); x < -126 (including -inf) gives exactly 0.
+  static Reg exp2(Reg x) {
+    const Reg xc = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
+    const Reg n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Reg f = _mm512_sub_ps(xc, n);
+    Reg p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const Reg r = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ), r);
+  }
+  static Reg load_half(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store_half(uint16_t* p, Reg x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+}  // namespace
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace flash_export
+
+#define FLASH_EXPORT_ISA_NAMESPACE avx512
+#include "flash_attention_cpu_kernel.h"
+
+namespace flash_export {
+namespace cpu {
+
+Kernel kernel_avx512() { return Kernel{"avx512", avx512::V::kW, 48, &avx512::run_item}; }
+
+}  // namespace cpu
+}  // namespace flash_export
+#endif

@@ -1,0 +1,54 @@
+// Private interface between the CPU dispatcher (flash_attention_cpu.cc) and the per-ISA kernel
+// translation units (flash_attention_cpu_avx512.cc, flash_attention_cpu_avx2.cc, portable).
+#ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_INTERNAL_H_
+#define FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_INTERNAL_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flash_attention.h"
+
+namespace flash_export {
+namespace cpu {
+
+// Sizes shared by every work item of one call; computed once by the dispatcher.
+struct Plan {
+  int64_t bq = 0;         // query rows per work item
+  int64_t bq_pad = 0;     // bq rounded up to the vector width
+  int64_t bc = 0;         // keys per online-softmax block: min(chunk_size, Lk), >= 1
+  int64_t d_pad = 0;      // head_dim rounded up to the vector width
+  int64_t q_blocks = 0;   // ceil(Lq / bq)
+  // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):
+  size_t off_qt = 0;      // (D, bq_pad): scaled query block, transposed
+  size_t off_o = 0;       // (bq, d_pad): float32 output accumulator
+  size_t off_s = 0;       // (bc, bq_pad): logits, then probabilities, transposed
+  size_t off_m = 0;       // (bq_pad): running max (log2 domain)
+  size_t off_l = 0;       // (bq_pad): running sum
+  size_t off_alpha = 0;   // (bq_pad): rescale factor of the current block
+  size_t off_k = 0;       // (bc, D): key block converted to float32 when needed
+  size_t off_v = 0;       // (bc, d_pad): value block converted / padded when needed
+  size_t scratch_floats = 0;
+};
+
+// One (batch, head, query block) work item; `scratch` holds Plan::scratch_floats floats,
+// 64-byte aligned.
+using RunItemFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
+                           int64_t q_block, float* scratch);
+
+struct Kernel {
+  const char* isa;   // "avx512", "avx2" or "portable"
+  int width;         // floats per vector
+  int64_t bq;        // query rows per work item
+  RunItemFn run_item;
+};
+
+Kernel kernel_portable();
+#if defined(__x86_64__) || defined(_M_X64)
+Kernel kernel_avx2();
+Kernel kernel_avx512();
+#endif
+
+}  // namespace cpu
+}  // namespace flash_export
+
+#endif  // FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_INTERNAL_H_

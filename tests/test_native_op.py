@@ -1,0 +1,379 @@
+"""The native FlashAttention op (custom_ops/) through onnxruntime and through its C entry point.
+
+Every check compares with a float64 reference under the STYLE.md rule: max error at most
+max(1e-5, 2 x the error of PyTorch's own same-dtype computation), and no NaN where the reference is
+finite. A subprocess canary loads the library first, so a crash fails the tests instead of killing
+the run; invalid inputs and the per-ISA kernels are exercised in subprocesses only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from flash_export.runtime import library_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _native_cases import (  # noqa: E402
+    load_library,
+    max_error,
+    reference_attention,
+    run_core,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+TORCH_TYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def _tolerance_ok(
+    actual: np.ndarray, reference: np.ndarray, same_dtype: np.ndarray
+) -> tuple[bool, str]:
+    """STYLE.md rule: err <= max(1e-5, 2 x err of PyTorch same-dtype); no NaN where ref finite."""
+    finite = np.isfinite(reference)
+    if not np.all(np.isfinite(actual[finite])):
+        return False, "non-finite output where the reference is finite"
+    err = max_error(actual[finite], reference[finite])
+    bound = max(1e-5, 2.0 * max_error(same_dtype[finite], reference[finite]))
+    return err <= bound, f"max error {err:.3g}, bound {bound:.3g}"
+
+
+def _check(actual: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int,
+           **kwargs: Any) -> None:
+    reference = reference_attention(q, k, v, heads, **kwargs)
+    same = reference_attention(q, k, v, heads, dtype=TORCH_TYPES[q.dtype], **kwargs)
+    assert actual.dtype == q.dtype and actual.shape == q.shape
+    ok, detail = _tolerance_ok(actual, reference, same.astype(np.float64))
+    assert ok, detail
+
+
+def _model(dtype: np.dtype, *, mask: bool = False, **attrs: Any) -> bytes:
+    """One FlashAttention node; inputs have symbolic shapes."""
+    elem = ONNX_TYPES[np.dtype(dtype)]
+    names = ["query", "key", "value"]
+    inputs = [helper.make_tensor_value_info("query", elem, ["B", "Lq", "E"]),
+              helper.make_tensor_value_info("key", elem, ["B", "Lk", "E"]),
+              helper.make_tensor_value_info("value", elem, ["B", "Lk", "E"])]
+    if mask:
+        names.append("mask")
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, None))
+    node = helper.make_node("FlashAttention", names, ["out"], domain="com.flash_export", **attrs)
+    graph = helper.make_graph(
+        [node], "flash", inputs, [helper.make_tensor_value_info("out", elem, ["B", "Lq", "E"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.flash_export", 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def _session(model: bytes, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(library_path()))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _run(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
+         threads: int = 1, **attrs: Any) -> np.ndarray:
+    session = _session(_model(q.dtype, mask=mask is not None, **attrs), threads)
+    feed = {"query": q, "key": k, "value": v}
+    if mask is not None:
+        feed["mask"] = mask
+    return session.run(None, feed)[0]
+
+
+def _run_declared_as_fed(*arrays: np.ndarray, **attrs: Any) -> np.ndarray:
+    """Run a node whose graph inputs declare exactly the fed dtypes, with unknown shapes, so that
+    bad inputs reach the kernel's own validation instead of onnxruntime's input checks."""
+    names = ["query", "key", "value", "mask"][: len(arrays)]
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+              for n, a in zip(names, arrays)]
+    node = helper.make_node("FlashAttention", names, ["out"], domain="com.flash_export", **attrs)
+    # onnxruntime ties a dynamically typed output to the last dynamically typed input (value).
+    out_type = helper.np_dtype_to_tensor_dtype(arrays[2].dtype)
+    graph = helper.make_graph([node], "flash", inputs,
+                              [helper.make_tensor_value_info("out", out_type, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.flash_export", 1)])
+    model.ir_version = 10
+    session = _session(model.SerializeToString())
+    return session.run(None, dict(zip(names, arrays)))[0]
+
+
+def _qkv(batch: int, seq_q: int, seq_k: int, embed: int, dtype: Any = np.float32,
+         seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, seq_q, embed)).astype(dtype),
+            rng.standard_normal((batch, seq_k, embed)).astype(dtype),
+            rng.standard_normal((batch, seq_k, embed)).astype(dtype))
+
+
+def _subprocess(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+                "FLASH_EXPORT_LIBRARY": str(library_path()), **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _canary() -> None:
+    """Load the library and run one node in a subprocess before anything runs in-process."""
+    if not library_path().is_file():
+        pytest.skip(f"native library not built at {library_path()}: "
+                    "run `python custom_ops/build.py --out DIR` and set FLASH_EXPORT_LIBRARY")
+    result = _subprocess("""
+        import numpy as np
+        from test_native_op import _run
+        q = np.ones((1, 3, 8), np.float32)
+        print(_run(q, q, q, num_heads=2).sum())
+    """)
+    if result.returncode != 0:
+        pytest.fail(f"canary run of the native op failed ({result.returncode}):\n{result.stderr}")
+
+
+SHAPES = [  # (batch, Lq, Lk, heads, head_dim)
+    (1, 1, 1, 1, 16),
+    (2, 63, 65, 2, 64),
+    (3, 64, 64, 1, 128),
+    (1, 65, 1, 4, 16),
+    (2, 1, 65, 2, 64),
+    (1, 7, 129, 2, 16),
+    (2, 65, 63, 1, 128),
+    (1, 1000, 1000, 1, 64),
+]
+SHAPE_IDS = [f"B{b}-Lq{lq}-Lk{lk}-H{h}-D{d}" for b, lq, lk, h, d in SHAPES]
+
+
+@pytest.mark.parametrize("variant", ["plain", "causal", "mask", "mask_causal"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_matches_reference(shape: tuple[int, ...], dtype: Any, variant: str) -> None:
+    batch, seq_q, seq_k, heads, head_dim = shape
+    q, k, v = _qkv(batch, seq_q, seq_k, heads * head_dim, dtype)
+    causal = "causal" in variant
+    mask = None
+    if "mask" in variant:
+        mask = np.random.default_rng(1).random((batch, 1, seq_q, seq_k)) > 0.3
+    out = _run(q, k, v, mask, num_heads=heads, causal=int(causal))
+    _check(out, q, k, v, heads, mask=mask, causal=causal)
+
+
+MASK_SHAPES = [(), (1,), (37,), (29, 37), (1, 29, 1), (2, 1, 1, 37), (1, 3, 29, 37),
+               (2, 3, 29, 37), (3, 1, 37)]
+
+
+@pytest.mark.parametrize("fill", ["random", "all_false"])
+@pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=[str(s) for s in MASK_SHAPES])
+def test_mask_broadcast(mask_shape: tuple[int, ...], fill: str) -> None:
+    q, k, v = _qkv(2, 29, 37, 3 * 16)
+    rng = np.random.default_rng(2)
+    mask = np.asarray(rng.random(mask_shape) > 0.4)
+    if fill == "all_false":
+        mask = np.zeros(mask_shape, bool)
+    out = _run(q, k, v, mask, num_heads=3)
+    _check(out, q, k, v, 3, mask=mask)
+    if fill == "all_false":
+        assert np.all(out == 0.0), "rows that see no key must be zeros"
+
+
+def test_causal_with_more_queries_than_keys_gives_zero_rows() -> None:
+    q, k, v = _qkv(1, 70, 5, 32)
+    out = _run(q, k, v, num_heads=2, causal=1)
+    _check(out, q, k, v, 2, causal=True)
+    assert np.all(out[:, :65] == 0.0) and np.all(out[:, 65:] != 0.0)
+
+
+@pytest.mark.parametrize("seq", [(0, 5), (5, 0), (0, 0)], ids=["Lq0", "Lk0", "both0"])
+def test_empty_sequences(seq: tuple[int, int]) -> None:
+    q, k, v = _qkv(2, seq[0], seq[1], 32)
+    out = _run(q, k, v, num_heads=2)
+    assert out.shape == q.shape and np.all(out == 0.0)
+
+
+def test_num_heads_is_read() -> None:
+    q, k, v = _qkv(2, 33, 41, 64)
+    one, four = _run(q, k, v, num_heads=1), _run(q, k, v, num_heads=4)
+    assert max_error(one, four) > 1e-3
+    _check(one, q, k, v, 1)
+    _check(four, q, k, v, 4)
+
+
+def test_scale_is_read() -> None:
+    q, k, v = _qkv(2, 33, 41, 64)
+    default, scaled = _run(q, k, v, num_heads=2), _run(q, k, v, num_heads=2, scale=0.5)
+    assert max_error(default, scaled) > 1e-3
+    _check(default, q, k, v, 2)
+    _check(scaled, q, k, v, 2, scale=0.5)
+
+
+def test_causal_is_read() -> None:
+    q, k, v = _qkv(2, 33, 41, 64)
+    plain, causal = _run(q, k, v, num_heads=2, causal=0), _run(q, k, v, num_heads=2, causal=1)
+    assert max_error(plain, causal) > 1e-3
+    _check(causal, q, k, v, 2, causal=True)
+
+
+def test_chunk_size_is_read() -> None:
+    """Chunking changes only the float32 rounding: every size passes, but bits differ."""
+    q, k, v = _qkv(2, 65, 130, 64)
+    outs = {c: _run(q, k, v, num_heads=2, chunk_size=c) for c in (1, 7, 64, 1000)}
+    for out in outs.values():
+        _check(out, q, k, v, 2)
+    assert not np.array_equal(outs[1], outs[64]), "chunk_size=1 and 64 gave identical bits"
+    assert np.array_equal(outs[64], _run(q, k, v, num_heads=2, chunk_size=64))
+
+
+def test_intra_op_threads_give_identical_results() -> None:
+    q, k, v = _qkv(2, 257, 300, 128)
+    mask = np.random.default_rng(3).random((257, 300)) > 0.2
+    one = _run(q, k, v, mask, threads=1, num_heads=2, causal=1)
+    two = _run(q, k, v, mask, threads=2, num_heads=2, causal=1)
+    assert np.array_equal(one, two)
+    _check(two, q, k, v, 2, mask=mask, causal=True)
+
+
+def test_three_session_options_two_live_sessions() -> None:
+    q, k, v = _qkv(1, 20, 30, 32)
+    sessions = [_session(_model(np.float32, num_heads=2)) for _ in range(3)]
+    del sessions[0]  # its SessionOptions registered the library too; the op must outlive it
+    for session in sessions:
+        _check(session.run(None, {"query": q, "key": k, "value": v})[0], q, k, v, 2)
+
+
+def test_nan_propagates_only_to_rows_that_see_it() -> None:
+    q, k, v = _qkv(1, 10, 10, 16)
+    q[0, 2, 3] = np.nan
+    k[0, 6, 0] = np.nan  # causal: query rows >= 6 see key 6
+    out = _run(q, k, v, num_heads=1, causal=1)
+    nan_rows = np.isnan(out[0]).all(axis=-1)
+    assert nan_rows.tolist() == [i == 2 or i >= 6 for i in range(10)]
+    assert np.isfinite(out[0][~nan_rows]).all()
+
+
+def test_large_logits_do_not_overflow() -> None:
+    q, k, v = _qkv(1, 50, 70, 64)
+    q *= 40.0  # logits of magnitude ~1e4 after the 1/sqrt(D) scale
+    k *= 40.0
+    out = _run(q, k, v, num_heads=1)
+    assert np.isfinite(out).all()
+    _check(out, q, k, v, 1)
+
+
+INVALID_CASES: dict[str, tuple[str, str]] = {
+    # id: (python building args for _run, expected message fragment)
+    "query_rank": ("q[0], k, v, num_heads=2", "query has rank 2, expected 3"),
+    "key_rank": ("q, k[None], v, num_heads=2", "key has rank 4, expected 3"),
+    "value_rank": ("q, k, v[0], num_heads=2", "value has rank 2, expected 3"),
+    "query_dtype": ("q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), num_heads=2",
+                    "query has element type float64, expected float32 or float16"),
+    "key_dtype": ("q, k.astype(np.float16), v, num_heads=2",
+                  "key has element type float16, expected float32 (query's element type)"),
+    "value_dtype": ("q, k, v.astype(np.int32), num_heads=2",
+                    "value has element type int32, expected float32"),
+    "batch": ("q, k[:1], v[:1], num_heads=2", "key has batch 1, expected 2 (query's batch)"),
+    "embed": ("q, k[..., :24], v, num_heads=2", "key has embed 24, expected 32 (query's embed)"),
+    "value_embed": ("q, k, v[..., :16], num_heads=2", "value has embed 16, expected 32"),
+    "value_length": ("q, k, v[:, :5], num_heads=2",
+                     "value has sequence length 5, expected 9 (key's sequence length)"),
+    "heads_divide": ("q, k, v, num_heads=3", "embed 32 is not divisible by num_heads 3"),
+    "num_heads_zero": ("q, k, v, num_heads=0", "num_heads is 0, expected an int >= 1"),
+    "num_heads_missing": ("q, k, v", "num_heads (int >= 1) is required"),
+    "chunk_size": ("q, k, v, num_heads=2, chunk_size=0", "chunk_size is 0, expected an int >= 1"),
+    "causal": ("q, k, v, num_heads=2, causal=2", "causal is 2, expected 0 or 1"),
+    "scale": ("q, k, v, num_heads=2, scale=float('inf')", "scale is inf, expected a finite"),
+    "mask_dtype": ("q, k, v, np.ones((7, 9), np.float32), num_heads=2",
+                   "mask has element type float32, expected bool"),
+    "mask_rank": ("q, k, v, np.ones((1, 2, 2, 7, 9), bool), num_heads=2",
+                  "mask has rank 5, expected at most 4"),
+    "mask_lk": ("q, k, v, np.ones((7, 8), bool), num_heads=2",
+                "mask dimension 1 is 8, expected 1 or 9 (Lk)"),
+    "mask_heads": ("q, k, v, np.ones((2, 3, 7, 9), bool), num_heads=2",
+                   "mask dimension 1 is 3, expected 1 or 2 (num_heads)"),
+    "mask_batch": ("q, k, v, np.ones((3, 1, 1, 9), bool), num_heads=2",
+                   "mask dimension 0 is 3, expected 1 or 2 (batch)"),
+}
+
+
+@pytest.fixture(scope="module")
+def invalid_results() -> dict[str, str]:
+    """Run every invalid case in one subprocess; maps case id to the error message (or 'OK')."""
+    cases = {name: args for name, (args, _) in INVALID_CASES.items()}
+    result = _subprocess(f"""
+        import json
+        import numpy as np
+        from test_native_op import _qkv, _run_declared_as_fed
+        out = {{}}
+        for name, args in {cases!r}.items():
+            q, k, v = _qkv(2, 7, 9, 32)
+            try:
+                eval("_run_declared_as_fed(" + args + ")")
+                out[name] = "OK"
+            except Exception as exc:
+                out[name] = str(exc)
+        print(json.dumps(out))
+    """)
+    assert result.returncode == 0, f"subprocess crashed ({result.returncode}):\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(INVALID_CASES), ids=list(INVALID_CASES))
+def test_invalid_input_rejected(case: str, invalid_results: dict[str, str]) -> None:
+    message = invalid_results[case]
+    assert "FlashAttention: " in message and INVALID_CASES[case][1] in message, message
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_every_cpu_path_matches_reference(isa: str) -> None:
+    """The C entry point on each vector path (forced by FLASH_EXPORT_CPU_ISA), in a subprocess."""
+    result = _subprocess("""
+        import json, os
+        import numpy as np
+        from _native_cases import load_library, run_core
+        from flash_export.runtime import library_path
+        from test_native_op import _check, _qkv
+        lib = load_library(library_path())
+        isa = lib.flash_export_cpu_isa().decode()
+        for b, lq, lk, h, d, dtype, causal, chunk, masked in [
+            (2, 65, 63, 2, 64, np.float32, True, 64, True),
+            (1, 100, 130, 3, 24, np.float16, True, 7, False),
+            (3, 17, 49, 1, 128, np.float32, False, 16, True),
+            (1, 50, 1, 2, 8, np.float16, False, 1, False),
+        ]:
+            q, k, v = _qkv(b, lq, lk, h * d, dtype)
+            mask = np.random.default_rng(5).random((lq, lk)) > 0.3 if masked else None
+            for threads in (1, 2):
+                out = run_core(lib, q, k, v, h, mask=mask, causal=causal, chunk_size=chunk,
+                               threads=threads)
+                _check(out, q, k, v, h, mask=mask, causal=causal)
+        print(json.dumps({"isa": isa, "info": json.loads(lib.flash_export_build_info())}))
+    """, env={"FLASH_EXPORT_CPU_ISA": isa})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["isa"] != isa:
+        pytest.skip(f"this CPU cannot run the {isa} path (kernel picked {report['isa']})")
+    assert report["info"]["cpu_isa"] == isa
+
+
+def test_build_info_is_json() -> None:
+    info = json.loads(load_library(library_path()).flash_export_build_info())
+    assert info["op_domain"] == "com.flash_export" and info["op_version"] == 1
+    assert info["ort_api_version"] >= 17
+    assert info["cpu_isa"] in ("avx512", "avx2", "portable")
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)
+
+
+def test_core_matches_onnxruntime_bitwise() -> None:
+    q, k, v = _qkv(2, 70, 90, 64)
+    core = run_core(load_library(library_path()), q, k, v, 2, causal=True, threads=2)
+    assert np.array_equal(core, _run(q, k, v, num_heads=2, causal=1, threads=2))
