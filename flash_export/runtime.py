@@ -1,12 +1,27 @@
-"""Find the native kernel library and build onnxruntime sessions. Imports no torch."""
+"""Find the native kernel library and build onnxruntime sessions. Imports no torch.
+
+An onnxruntime service needs only onnxruntime, numpy and this module:
+
+    session = create_session("model.onnx", intra_op_num_threads=4)
+    (output,) = session.run(["output"], {"values": v, "keys": k, "queries": q})
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Set, Union
+
+from flash_export.errors import ArtifactError, RuntimeLibraryError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 LIBRARY_ENV = "FLASH_EXPORT_LIBRARY"
+LIBRARY_DOMAIN = "com.flash_export"
 _LIBRARY_NAME = "libflash_export.so"
+_BUILD_HINT = (f"build it with `python custom_ops/build.py --out DIR` and set {LIBRARY_ENV}="
+               f"DIR/{_LIBRARY_NAME}, or reinstall flash-export (pip builds it into the package)")
 
 
 def library_path() -> Path:
@@ -15,3 +30,132 @@ def library_path() -> Path:
     if override:
         return Path(override)
     return Path(__file__).resolve().parent / "_native" / _LIBRARY_NAME
+
+
+def _enum(value: Any, enum_type: Any, prefix: str) -> Any:
+    """Accept an onnxruntime enum member, its int value or its name without `prefix`."""
+    if isinstance(value, str):
+        name = prefix + value.upper()
+        if not hasattr(enum_type, name):
+            choices = sorted(n[len(prefix):].lower() for n in dir(enum_type)
+                             if n.startswith(prefix))
+            raise ValueError(f"unknown {prefix.rstrip('_').lower()} {value!r}; choose {choices}")
+        return getattr(enum_type, name)
+    if isinstance(value, int) and not isinstance(value, enum_type):
+        return enum_type(value)
+    return value
+
+
+def session_options(**options: Any) -> onnxruntime.SessionOptions:
+    """Build `onnxruntime.SessionOptions` from keyword arguments.
+
+    Every keyword is a SessionOptions attribute (intra_op_num_threads, inter_op_num_threads,
+    graph_optimization_level, execution_mode, log_severity_level, enable_profiling, ...).
+    `graph_optimization_level` also takes "disable_all", "enable_basic", "enable_extended",
+    "enable_all" or an int; `execution_mode` takes "sequential" or "parallel".
+
+    Raises:
+        TypeError: an option SessionOptions does not have.
+        ValueError: an enum option with an unknown name.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for key, value in options.items():
+        if key.startswith("_") or not hasattr(so, key) or callable(getattr(so, key)):
+            raise TypeError(f"unknown session option {key!r}")
+        if key == "graph_optimization_level":
+            value = _enum(value, ort.GraphOptimizationLevel, "ORT_")
+        elif key == "execution_mode":
+            value = _enum(value, ort.ExecutionMode, "ORT_")
+        setattr(so, key, value)
+    return so
+
+
+def register_library(so: onnxruntime.SessionOptions,
+                     path: Optional[Union[str, os.PathLike[str]]] = None) -> Path:
+    """Register the native kernel library (default `library_path()`) into `so`.
+
+    Raises:
+        RuntimeLibraryError: the library is missing or onnxruntime cannot register it.
+    """
+    lib = Path(path) if path is not None else library_path()
+    if not lib.is_file():
+        raise RuntimeLibraryError(f"native library not found at {lib}: {_BUILD_HINT}")
+    try:
+        so.register_custom_ops_library(str(lib))
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeLibraryError(f"onnxruntime cannot register {lib}: {first} (was it built "
+                                  "against this onnxruntime? rebuild it)") from exc
+    return lib
+
+
+def model_domains(path: Union[str, os.PathLike[str]]) -> Set[str]:
+    """The operator domains `path` imports ("" is the default domain).
+
+    Reads only the graph (never external weights) with onnx when it is installed; otherwise asks
+    onnxruntime whether the file loads without the library.
+
+    Raises:
+        ArtifactError: the file is missing or is not an ONNX model.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ArtifactError(f"ONNX file not found: {file}")
+    try:
+        import onnx
+    except ImportError:
+        return _domains_via_onnxruntime(file)
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have several types
+        raise ArtifactError(f"{file} is not an ONNX model: {exc}".splitlines()[0]) from exc
+    return {o.domain or "" for o in model.opset_import}
+
+
+def _domains_via_onnxruntime(file: Path) -> Set[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        if LIBRARY_DOMAIN in str(exc):
+            return {"", LIBRARY_DOMAIN}
+    return {""}
+
+
+def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Sequence[str]] = None,
+                   **options: Any) -> onnxruntime.InferenceSession:
+    """Create an onnxruntime session for an exported file.
+
+    The native library is registered only when the model uses the `com.flash_export` domain, so
+    files of the standard, contrib and attention23 targets run on stock onnxruntime.
+
+    Args:
+        path: the `.onnx` file (with its `.data` file beside it when it has one).
+        providers: execution providers in priority order; default ["CPUExecutionProvider"].
+        **options: SessionOptions attributes, see `session_options`.
+
+    Returns:
+        The session; its inputs are values, keys, queries (and mask), its output `output`.
+
+    Raises:
+        ArtifactError: the file is missing or onnxruntime rejects it.
+        RuntimeLibraryError: the model needs the native library and it is missing or fails to
+            register.
+        TypeError, ValueError: a bad session option.
+    """
+    import onnxruntime as ort
+
+    so = session_options(**options)
+    if LIBRARY_DOMAIN in model_domains(path):
+        register_library(so)
+    chosen = list(providers) if providers is not None else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), so, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"onnxruntime cannot load {path}: {first}") from exc
