@@ -7,7 +7,7 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 import click
 
@@ -102,7 +102,8 @@ def torchscript(spec: Any, out: Path) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision of the exported graph.")
 @click.option("--opset", type=click.IntRange(min=1), default=None,
-              help="Default-domain opset. Default: the newest the installed onnxruntime loads.")
+              help="Default-domain opset. Default: the newest both the exporter and the installed "
+                   "onnxruntime handle (25 with onnxruntime 1.31).")
 @click.option("--static-shapes", is_flag=True, default=False,
               help="Fix batch and sequence dimensions to the export example. Default: dynamic.")
 @click.option("--mask", "with_mask", is_flag=True, default=False,
@@ -123,6 +124,308 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
     if check:
         for line in check_onnx_export(model, path, mask=with_mask):
             click.echo(f"check: {line}")
+
+
+# --- validate / bench / doctor ------------------------------------------------------------------
+
+_MODEL_OPTION_FIELDS = {"embed": "embed", "heads": "heads", "chunk": "chunk", "causal": "causal",
+                        "seed": "seed", "model_factory": "model", "weights": "weights"}
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    """Click callback: "1,7,9" -> [1, 7, 9] (positive ints); None stays None."""
+    if value is None:
+        return None
+    try:
+        items = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not items or any(v < 1 for v in items):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return items
+
+
+def _backend_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    """Click callback: "custom,eager:cuda" -> ["custom", "eager:cuda"], names checked."""
+    if value is None:
+        return None
+    from flash_export.bench import ALL_BACKENDS
+
+    items = [v for v in value.replace(" ", "").split(",") if v]
+    for item in items:
+        base, _, device = item.partition(":")
+        if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
+            raise click.BadParameter(f"unknown backend {item!r}; choose from "
+                                     f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
+    return items or None
+
+
+def _artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
+                   trust: bool = False) -> Any:
+    """The spec to compare against: the artifact's, with the model options given explicitly."""
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    explicit = {field: getattr(spec, field) for name, field in _MODEL_OPTION_FIELDS.items()
+                if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+    if artifact is None:
+        return spec
+    from flash_export.validate import read_metadata
+
+    meta = read_metadata(artifact, trust=trust)
+    if "model_spec" not in meta:
+        return spec  # nothing recorded: the options (explicit or default) describe the model
+    if not explicit:
+        return None  # the artifact's own spec
+    from flash_export.validate import spec_from_metadata
+
+    return dataclasses.replace(spec_from_metadata(meta, artifact), **explicit)
+
+
+class _Progress:
+    """click.progressbar on stderr, (re)created whenever the library reports a new total."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.item = ""
+
+    def __call__(self, done: int, total: int, item: str) -> None:
+        if total == 0:  # a step of unknown length (an export): one line
+            click.echo(f"{self.label}: {item}", err=True)
+            return
+        if self.bar is None or self.bar.length != total:
+            self.close()
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
+                                         item_show_func=lambda _: self.item)
+            self.bar.__enter__()
+        self.item = item
+        self.bar.update(max(done - self.bar.pos, 0))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _fmt(value: Optional[float], spec: str = ".2e") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@main.command()
+@model_options
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--seq", callback=_int_list, default=None, metavar="LIST",
+              help="Comma-separated sequence lengths; each L runs as Lq=Lk=L and as Lq=L with "
+                   "Lk the next length. Default: 1,chunk-1,chunk,chunk+1,3*chunk+5,1024.")
+@click.option("--batch", callback=_int_list, default="1,3", show_default=True, metavar="LIST",
+              help="Comma-separated batch sizes.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Precision to run in. Default: the artifact's.")
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="Absolute tolerance; with --rtol replaces the 2x-baseline rule by "
+                   "|a-r| <= atol + rtol*|r|. Default: the 2x-baseline rule.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative tolerance (see --atol). Default: the 2x-baseline rule.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              show_default=True, help="onnxruntime execution provider for ONNX artifacts.")
+@click.option("--all-targets", is_flag=True, default=False,
+              help="Also export and compare every other ONNX target. Default: off.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the full report as JSON. Default: none.")
+@click.option("--trust", is_flag=True, default=False,
+              help="Load a .pt artifact its SHA-256 manifest does not list (a .pt file is a "
+                   "program). Default: off.")
+@click.option("-v", "--verbose", is_flag=True, default=False,
+              help="One row per backend and shape. Default: a row per backend.")
+def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[int],
+             dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
+             all_targets: bool, json_path: Optional[Path], trust: bool, verbose: bool) -> None:
+    """Check ARTIFACT (.onnx of any target, or .pt) against the float64 PyTorch reference.
+
+    The reference is rebuilt from the model spec recorded in ARTIFACT; model options given
+    explicitly override it. Exit 0 when everything passes, 1 on any mismatch.
+    """
+    import json as json_module
+
+    from flash_export.validate import validate as run_validate
+
+    ctx = click.get_current_context()
+    progress = _Progress("validating")
+    try:
+        report = run_validate(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
+                              seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
+                              provider=provider, all_targets=all_targets, trust=trust,
+                              progress=progress)
+    finally:
+        progress.close()
+    s = report.spec
+    click.echo(f"{report.artifact}: {report.kind}"
+               + (f" target {report.target}" if report.target else "")
+               + f", {report.dtype}, provider {report.provider}")
+    click.echo(f"reference: float64 plain attention of the spec from the {report.spec_source} "
+               f"(embed {s.embed}, heads {s.heads}, chunk {s.chunk}, causal {s.causal}, "
+               f"seed {s.seed}{', model ' + s.model if s.model else ''})")
+    click.echo(f"rule: {report.rule}")
+    bad = [c for c in report.checks if not c.passed]
+    click.echo(f"structural checks: {len(report.checks) - len(bad)}/{len(report.checks)} passed")
+    header = (f"{'backend':<18} {'shape':<34} {'max abs':>9} {'p99 abs':>9} {'max rel':>9} "
+              f"{'bound':>9}  result")
+    click.echo(header)
+    for b in report.backends:
+        if b.load_error:
+            click.echo(f"{b.name:<18} {'(failed to load)':<34} {'':>9} {'':>9} {'':>9} "
+                       f"{'':>9}  FAIL")
+            continue
+        rows = b.cases if verbose else [w for w in [b.worst()] if w is not None]
+        for r in rows:
+            c = r.comparison
+            shape = r.case.label if verbose else f"worst of {len(b.cases)}: {r.case.label}"
+            verdict = "ok" if (b.passed if not verbose else r.passed) else "FAIL"
+            if not verbose:
+                verdict += f" ({len(b.cases) - len(b.failures)}/{len(b.cases)})"
+            click.echo(f"{b.name:<18} {shape:<34} {_fmt(c.max_abs if c else None):>9} "
+                       f"{_fmt(c.p99_abs if c else None):>9} {_fmt(c.max_rel if c else None):>9} "
+                       f"{_fmt(c.bound if c else None):>9}  {verdict}")
+    if json_path is not None:
+        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
+        click.echo(f"wrote {json_path}")
+    if not report.passed:
+        lines = report.failure_lines()
+        for line in lines[:20]:
+            click.echo(f"FAIL {line}")
+        if len(lines) > 20:
+            click.echo(f"... {len(lines) - 20} more failures (see --json)")
+        click.echo("validation FAILED")
+        ctx.exit(1)
+    click.echo("validation passed")
+
+
+@main.command()
+@model_options
+@click.argument("artifact", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--seq", callback=_int_list, default="128,512,1024", show_default=True,
+              metavar="LIST", help="Comma-separated sequence lengths (Lq = Lk = L).")
+@click.option("--chunks", "chunks", callback=_int_list, default=None, metavar="LIST",
+              help="Chunk sizes to sweep (speed vs memory); chunk-free backends (contrib, "
+                   "attention23, sdpa) run once. Default: the model's --chunk.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size.")
+@click.option("--backends", callback=_backend_list, default=None, metavar="LIST",
+              help="Comma-separated from custom, standard, contrib, attention23, torchscript, "
+                   "eager, sdpa (append :cuda for the GPU). Default: all (CUDA ones too when a "
+                   "GPU is present); with ARTIFACT: it, eager and sdpa.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed iterations per backend and shape.")
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed iterations per backend and shape.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repetitions of warmup + timed iterations.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch.set_num_threads and onnxruntime intra_op_num_threads.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Precision (an ARTIFACT keeps its own).")
+@click.option("--trust", is_flag=True, default=False,
+              help="Load a .pt ARTIFACT its SHA-256 manifest does not list. Default: off.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure peak memory of one forward in a fresh subprocess per row.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the full report as JSON. Default: none.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the rows as CSV. Default: none.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Save a PNG of latency and memory vs sequence length "
+                                 "(needs flash-export[plot]). Default: none.")
+def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
+          batch: int, backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
+          threads: int, dtype: str, trust: bool, memory: bool, json_path: Optional[Path],
+          csv_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """Time every backend side by side (interleaved) and measure peak memory per forward."""
+    import json as json_module
+
+    from flash_export.bench import (
+        BenchConfig,
+        benchmark,
+        plot_report,
+        require_matplotlib,
+        write_csv,
+    )
+
+    if plot_path is not None:
+        require_matplotlib()  # fail before the long run, not after
+    ctx = click.get_current_context()
+    config = BenchConfig(seqs=tuple(seq), chunks=tuple(chunks) if chunks else None, batch=batch,
+                         backends=tuple(backends) if backends else None, warmup=warmup,
+                         iters=iters, repeats=repeats, threads=threads, dtype=dtype,
+                         memory=memory)
+    progress = _Progress("benchmarking")
+    try:
+        report = benchmark(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
+                           config=config, trust=trust, progress=progress)
+    finally:
+        progress.close()
+    env = report.environment
+    click.echo(f"flash-export bench  {env['date']}  {env['platform']}, {env['cpu_count']} CPUs; "
+               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}")
+    sp = report.spec
+    click.echo(f"model: embed {sp['embed']}, heads {sp['heads']}, causal {sp['causal']}"
+               f"{', ' + sp['model'] if sp.get('model') else ''}; batch {batch}, "
+               f"{report.config.dtype}, threads {threads}")
+    click.echo(f"{'backend':<20} {'chunk':>5} {'L':>6} {'p50 ms':>9} {'p90 ms':>9} "
+               f"{'p99 ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'peak MB':>8}  status")
+    for r in report.rows:
+        name = r.backend + ("" if r.device == "cpu" else f":{r.device}")
+        mem = r.peak_cuda_mb if r.peak_cuda_mb is not None else r.peak_rss_mb
+        status = r.status if r.status == "ok" and not r.error else f"{r.status}: {r.error}"
+        click.echo(f"{name:<20} {'-' if r.chunk is None else r.chunk:>5} {r.seq_q:>6} "
+                   f"{_fmt(r.p50_ms, '.3f'):>9} {_fmt(r.p90_ms, '.3f'):>9} "
+                   f"{_fmt(r.p99_ms, '.3f'):>9} {_fmt(r.tokens_per_s, '.3g'):>9} "
+                   f"{_fmt(r.gflops_per_s, '.3g'):>8} {_fmt(mem, '.1f'):>8}  {status}")
+    click.echo(f"method: {report.method}")
+    click.echo(f"FLOPs: {report.flops_formula}")
+    if json_path is not None:
+        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
+        click.echo(f"wrote {json_path}")
+    if csv_path is not None:
+        write_csv(report, csv_path)
+        click.echo(f"wrote {csv_path}")
+    if plot_path is not None:
+        plot_report(report, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+@main.command()
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the report as JSON. Default: none.")
+def doctor(json_path: Optional[Path]) -> None:
+    """Check the install: versions, the native library, and one run of the custom op."""
+    import json as json_module
+
+    from flash_export.doctor import diagnose
+
+    report = diagnose()
+    for name, version in report.versions.items():
+        click.echo(f"{name:<14} {version}")
+    click.echo(f"{'providers':<14} {', '.join(report.providers) or '-'}"
+               + ("" if report.cuda_provider_usable is None else
+                  f" (CUDA usable here: {'yes' if report.cuda_provider_usable else 'no'})"))
+    click.echo(f"{'library':<14} {report.library_path} (from {report.library_source})")
+    if report.build_info:
+        info = report.build_info
+        archs = ", ".join(str(a) for a in info.get("cuda_archs", [])) or "-"
+        click.echo(f"{'build':<14} ORT API {info.get('ort_api_version')} (runtime serves "
+                   f"{report.runtime_api_version}), CUDA {'yes' if info.get('cuda') else 'no'} "
+                   f"(archs {archs}), CPU kernel {info.get('cpu_isa')}")
+    for check in report.checks:
+        click.echo(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+        if not check.ok and check.hint:
+            click.echo(f"       hint: {check.hint}")
+    if json_path is not None:
+        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
+    if not report.ok:
+        click.get_current_context().exit(1)
 
 
 def run() -> None:

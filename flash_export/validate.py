@@ -1,0 +1,564 @@
+"""Parity of exported artifacts against a float64 PyTorch reference rebuilt from the model spec.
+
+The reference is never built from the artifact's own weights: it is the model described by the
+`ModelSpec` recorded in the artifact (or the one the caller passes), run with plain attention in
+float64 (`attention.reference_forward`). Every backend is judged by the one tolerance rule in
+`tolerance.compare`: its max abs error may be at most max(floor, 2 x the error of PyTorch's own
+plain computation in the artifact's dtype).
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from flash_export.attention import FlashAttention, reference_forward
+from flash_export.bench import ort_session
+from flash_export.errors import ArtifactError, FlashExportError
+from flash_export.spec import ModelSpec
+from flash_export.tolerance import Comparison, compare, max_abs_error
+
+TARGETS = ("custom", "standard", "contrib", "attention23")
+CUSTOM_DOMAIN = "com.flash_export"
+DEFAULT_BATCHES = (1, 3)
+
+# Called as progress(done, total, label) while validate runs.
+ProgressFn = Callable[[int, int, str], None]
+PathLike = Union[str, Path]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
+                 "bfloat16": torch.bfloat16}
+_ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One structural check: a property of the artifact against what the spec implies."""
+
+    name: str
+    expected: str
+    got: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration of the sweep."""
+
+    batch: int
+    seq_q: int
+    seq_k: int
+    mask: bool
+
+    @property
+    def label(self) -> str:
+        """Short human-readable form, e.g. `B=3 Lq=7 Lk=9 mask`."""
+        return (f"B={self.batch} Lq={self.seq_q} Lk={self.seq_k}"
+                + (" mask" if self.mask else ""))
+
+
+@dataclass
+class CaseResult:
+    """The errors of one backend on one case, or the error that stopped it."""
+
+    case: Case
+    comparison: Optional[Comparison] = None
+    error: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        """True when it ran and met the tolerance."""
+        return self.error is None and self.comparison is not None and self.comparison.passed
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view."""
+        return {**dataclasses.asdict(self.case), "passed": self.passed, "error": self.error,
+                **(self.comparison.to_dict() if self.comparison else {})}
+
+
+@dataclass
+class BackendResult:
+    """One compared implementation (eager, torchscript, onnx:<target>) and its cases."""
+
+    name: str
+    source: str  # the file it ran from, or "(in memory)"
+    load_error: Optional[str] = None
+    cases: List[CaseResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when it loaded and every case passed."""
+        return self.load_error is None and all(c.passed for c in self.cases)
+
+    @property
+    def failures(self) -> List[CaseResult]:
+        """The cases that failed."""
+        return [c for c in self.cases if not c.passed]
+
+    def worst(self) -> Optional[CaseResult]:
+        """The case with the largest max abs error relative to its bound (errors first)."""
+        def key(c: CaseResult) -> float:
+            if c.comparison is None:
+                return math.inf
+            return c.comparison.max_abs / max(c.comparison.bound, 1e-30)
+        return max(self.cases, key=key, default=None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view."""
+        return {"name": self.name, "source": self.source, "passed": self.passed,
+                "load_error": self.load_error, "cases": [c.to_dict() for c in self.cases]}
+
+
+@dataclass
+class ValidationReport:
+    """Everything `validate` found; `passed` is the verdict."""
+
+    artifact: str
+    kind: str  # "onnx" or "torchscript"
+    target: Optional[str]
+    dtype: str
+    provider: str
+    spec: ModelSpec
+    spec_source: str  # "artifact" or "caller"
+    rule: str
+    checks: List[Check] = field(default_factory=list)
+    backends: List[BackendResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every structural check and every backend passed."""
+        return all(c.passed for c in self.checks) and all(b.passed for b in self.backends)
+
+    def failure_lines(self) -> List[str]:
+        """One line per failed check, backend load or case, naming the backend and shape."""
+        lines = [f"check {c.name}: expected {c.expected}, got {c.got}"
+                 for c in self.checks if not c.passed]
+        for b in self.backends:
+            if b.load_error:
+                lines.append(f"{b.name}: failed to load: {b.load_error}")
+            for r in b.failures:
+                if r.error:
+                    lines.append(f"{b.name} {r.case.label}: {r.error}")
+                elif r.comparison is not None:
+                    c = r.comparison
+                    lines.append(f"{b.name} {r.case.label}: max abs {c.max_abs:.3g} > bound "
+                                 f"{c.bound:.3g} at {list(c.worst_index)} "
+                                 f"(nonfinite {c.nonfinite})")
+        return lines
+
+    def raise_for_failures(self) -> None:
+        """Raise ValidationError with the first failures when the report did not pass."""
+        from flash_export.errors import ValidationError
+
+        if not self.passed:
+            lines = self.failure_lines()
+            more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+            raise ValidationError("; ".join(lines[:3]) + more)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view of the whole report."""
+        return {
+            "artifact": self.artifact, "kind": self.kind, "target": self.target,
+            "dtype": self.dtype, "provider": self.provider, "passed": self.passed,
+            "spec": dataclasses.asdict(self.spec), "spec_source": self.spec_source,
+            "rule": self.rule,
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+            "backends": [b.to_dict() for b in self.backends],
+        }
+
+
+# --------------------------------------------------------------------------- artifact reading
+
+
+def artifact_kind(path: Path) -> str:
+    """'onnx' or 'torchscript' from the file suffix; ArtifactError otherwise."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in (".pt", ".pth", ".ts"):
+        return "torchscript"
+    raise ArtifactError(f"{path}: expected a .onnx or .pt artifact, got suffix {suffix!r}")
+
+
+def read_metadata(artifact: PathLike, *, trust: bool = False) -> Dict[str, str]:
+    """The flash-export metadata of an artifact (ONNX metadata_props or the TorchScript extra file).
+
+    Raises:
+        ArtifactError: missing, unreadable, or not a flash-export artifact.
+    """
+    path = Path(artifact)
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    if artifact_kind(path) == "onnx":
+        return {p.key: p.value for p in _load_onnx(path).metadata_props}
+    from flash_export.export import load_torchscript
+
+    return load_torchscript(path, trust=trust)[1]
+
+
+def spec_from_metadata(meta: Dict[str, str], path: PathLike) -> ModelSpec:
+    """The ModelSpec recorded in an artifact's metadata."""
+    text = meta.get("model_spec")
+    if not text:
+        raise ArtifactError(f"{path} records no model_spec: pass the model options explicitly")
+    try:
+        return ModelSpec.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: unreadable model_spec metadata: {exc}") from exc
+
+
+def _load_onnx(path: Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a corrupt file
+        raise ArtifactError(f"cannot read ONNX file {path}: {exc}".splitlines()[0]) from exc
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def default_seqs(chunk: int) -> List[int]:
+    """1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024: chunk tails on both sides, no 0/duplicates."""
+    return _unique_positive([1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, 1024])
+
+
+def _unique_positive(values: Sequence[int]) -> List[int]:
+    out: List[int] = []
+    for v in values:
+        if v > 0 and v not in out:
+            out.append(v)
+    return out
+
+
+def sweep(seqs: Sequence[int], batches: Sequence[int], masks: Sequence[bool]) -> List[Case]:
+    """Cases: for each length L, (Lq=L, Lk=L) and (Lq=L, Lk=the next length in the list)."""
+    seqs = _unique_positive(seqs)
+    pairs: List[Tuple[int, int]] = []
+    for i, lq in enumerate(seqs):
+        pairs.append((lq, lq))
+        lk = seqs[(i + 1) % len(seqs)]
+        if lk != lq:
+            pairs.append((lq, lk))
+    return [Case(b, lq, lk, m) for b in _unique_positive(batches) for lq, lk in pairs
+            for m in masks]
+
+
+def make_inputs(case: Case, embed: int, dtype: torch.dtype,
+                seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                    Optional[torch.Tensor]]:
+    """Random (values, keys, queries, mask) for one case; mask is bool (B, 1, Lq, Lk) ~25% off."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(case.batch, case.seq_k, embed, generator=g).to(dtype)  # (B, Lk, E)
+    keys = torch.randn(case.batch, case.seq_k, embed, generator=g).to(dtype)  # (B, Lk, E)
+    queries = torch.randn(case.batch, case.seq_q, embed, generator=g).to(dtype)  # (B, Lq, E)
+    mask = None
+    if case.mask:
+        mask = torch.rand(case.batch, 1, case.seq_q, case.seq_k, generator=g) > 0.25
+    return values, keys, queries, mask
+
+
+# --------------------------------------------------------------------------- backends
+
+RunFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], np.ndarray]
+
+
+@dataclass
+class _Backend:
+    name: str
+    source: str
+    run: Optional[RunFn]
+    mask_input: Optional[bool]  # None: both; True: needs a mask; False: takes none
+    load_error: Optional[str] = None
+    notes: str = ""
+
+
+class _RunError(Exception):
+    """A backend failed on one case; the message is already one readable line."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: message` on one line (onnxruntime spreads the useful part over several), <= 400."""
+    if isinstance(exc, _RunError):
+        return str(exc)
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
+
+
+def _torch_backend(name: str, module: nn.Module, dtype: torch.dtype, source: str) -> _Backend:
+    def run(v: torch.Tensor, k: torch.Tensor, q: torch.Tensor,
+            mask: Optional[torch.Tensor]) -> np.ndarray:
+        with torch.no_grad():
+            out = module(v, k, q, mask) if mask is not None else module(v, k, q)
+        return out.double().numpy()
+
+    return _Backend(name, source, run, None)
+
+
+def _onnx_backend(name: str, path: Path, provider: str) -> _Backend:
+    try:
+        session = ort_session(path, provider=provider)
+    except Exception as exc:  # onnxruntime raises its own exception types at load
+        return _Backend(name, str(path), None, None, load_error=_first_line(exc))
+    inputs = {i.name: i for i in session.get_inputs()}
+    needed = ["values", "keys", "queries"]
+    missing = [n for n in needed if n not in inputs]
+    if missing:
+        return _Backend(name, str(path), None, None,
+                        load_error=f"graph inputs are {sorted(inputs)}, missing {missing}")
+    fixed = {n: i.shape for n, i in inputs.items()
+             if any(isinstance(d, int) for d in i.shape[:2])}
+    note = f" (the graph fixes input dims {fixed})" if fixed else ""
+    output_name = session.get_outputs()[0].name
+    takes_mask = "mask" in inputs
+    elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+            "tensor(double)": np.float64}.get(inputs["queries"].type, np.float32)
+
+    def run(v: torch.Tensor, k: torch.Tensor, q: torch.Tensor,
+            mask: Optional[torch.Tensor]) -> np.ndarray:
+        feed = {"values": v.numpy().astype(elem), "keys": k.numpy().astype(elem),
+                "queries": q.numpy().astype(elem)}
+        if mask is not None:
+            feed["mask"] = mask.numpy()
+        elif takes_mask:  # an all-True mask must equal no mask
+            feed["mask"] = np.ones((q.size(0), 1, q.size(1), k.size(1)), dtype=np.bool_)
+        try:
+            out = session.run([output_name], feed)[0]
+        except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+            raise _RunError(_first_line(exc) + note) from exc
+        return np.asarray(out, dtype=np.float64)
+
+    return _Backend(name, str(path), run, None if takes_mask else False)
+
+
+# --------------------------------------------------------------------------- structural checks
+
+
+def _flash_modules(model: nn.Module) -> List[FlashAttention]:
+    return [m for m in model.modules() if isinstance(m, FlashAttention)]
+
+
+def metadata_checks(meta: Dict[str, str], spec: ModelSpec) -> List[Check]:
+    """The attention config recorded in the metadata against the spec."""
+    expected = {"embed": str(spec.embed), "heads": str(spec.heads),
+                "chunk_size": str(spec.chunk), "causal": str(int(spec.causal))}
+    return [Check(f"metadata.{key}", want, meta.get(key, "(missing)"),
+                  meta.get(key) == want) for key, want in expected.items()]
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and len(attr.g.node):
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[Check]:
+    """Each com.flash_export::FlashAttention node's attributes against the module it came from.
+
+    Nodes and FlashAttention modules are paired in order (the exporter emits them in forward
+    order), so a wrong `chunk_size` fails even though results barely depend on it.
+    """
+    from onnx import helper
+
+    nodes = [n for n in _all_nodes(model_proto.graph)
+             if n.domain == CUSTOM_DOMAIN and n.op_type == "FlashAttention"]
+    checks = [Check("graph.FlashAttention_nodes", str(len(modules)), str(len(nodes)),
+                    len(nodes) == len(modules))]
+    for i, (node, fa) in enumerate(zip(nodes, modules)):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        want: Dict[str, Any] = {"num_heads": fa.heads, "chunk_size": fa.chunk_size,
+                                "causal": int(fa.causal), "scale": fa.scale}
+        for key, value in want.items():
+            got = attrs.get(key)
+            if key == "scale":
+                ok = got is not None and math.isclose(float(got), value, rel_tol=1e-6)
+                shown = "(missing)" if got is None else f"{float(got):.7g}"
+                checks.append(Check(f"node[{i}].{key}", f"{value:.7g}", shown, ok))
+            else:
+                ok = got is not None and int(got) == int(value)
+                checks.append(Check(f"node[{i}].{key}", str(int(value)),
+                                    "(missing)" if got is None else str(got), ok))
+    return checks
+
+
+def _onnx_dtype(model_proto: Any, meta: Dict[str, str]) -> str:
+    for inp in model_proto.graph.input:
+        if inp.name == "queries":
+            return _ONNX_ELEM.get(inp.type.tensor_type.elem_type, "float32")
+    return meta.get("dtype", "float32")
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
+             seq: Optional[Sequence[int]] = None, batch: Sequence[int] = DEFAULT_BATCHES,
+             dtype: Optional[str] = None, atol: Optional[float] = None,
+             rtol: Optional[float] = None, provider: str = "cpu", all_targets: bool = False,
+             trust: bool = False, progress: Optional[ProgressFn] = None) -> ValidationReport:
+    """Check an exported artifact against the float64 reference of the model it came from.
+
+    Args:
+        artifact: a `.onnx` (any target) or `.pt` (TorchScript) file written by flash-export.
+        spec: the model to compare against; default: the ModelSpec recorded in the artifact.
+        seq: sequence lengths; each L runs as (Lq=L, Lk=L) and (Lq=L, Lk=the next length).
+            Default: 1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024.
+        batch: batch sizes (default 1 and 3).
+        dtype: "float32" or "float16"; default: the artifact's own.
+        atol: with `rtol`, replaces the 2x-baseline rule by |a - r| <= atol + rtol * |r|.
+        rtol: see `atol` (either alone counts the other as 0).
+        provider: onnxruntime execution provider, "cpu" or "cuda".
+        all_targets: also export and compare every other ONNX target (into a temp dir).
+        trust: load a `.pt` artifact even when its SHA-256 manifest does not list it.
+        progress: called as progress(done, total, label) while it runs.
+
+    Returns:
+        The report; `report.passed` is the verdict (`raise_for_failures()` turns it into a
+        ValidationError). Backends that fail to load or run are failures in the report.
+
+    Raises:
+        ArtifactError: the artifact is missing, unreadable or records no model spec.
+        ModelError: the spec cannot be built.
+        RuntimeLibraryError: provider "cuda" without a usable CUDA provider.
+    """
+    path = Path(artifact)
+    kind = artifact_kind(path)
+    if provider not in ("cpu", "cuda"):
+        raise FlashExportError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    report_progress = progress or (lambda done, total, label: None)
+
+    proto = None
+    scripted = None
+    if kind == "onnx":
+        proto = _load_onnx(path)
+        meta = {p.key: p.value for p in proto.metadata_props}
+    else:
+        from flash_export.export import load_torchscript
+
+        scripted, meta = load_torchscript(path, trust=trust)
+    if not meta:
+        raise ArtifactError(f"{path} carries no flash-export metadata")
+    spec_source = "caller" if spec is not None else "artifact"
+    spec = spec if spec is not None else spec_from_metadata(meta, path)
+    target = meta.get("target") if kind == "onnx" else None
+
+    if kind == "onnx":
+        artifact_dtype = _onnx_dtype(proto, meta)
+    else:
+        assert scripted is not None
+        params = list(scripted.parameters())
+        artifact_dtype = str(params[0].dtype).replace("torch.", "") if params else "float32"
+    run_dtype = dtype or artifact_dtype
+    if run_dtype not in _TORCH_DTYPES:
+        raise FlashExportError(f"unsupported dtype {run_dtype!r}")
+    tdtype = _TORCH_DTYPES[run_dtype]
+
+    model = spec.build()
+    modules = _flash_modules(model)
+    report = ValidationReport(
+        artifact=str(path), kind=kind, target=target, dtype=run_dtype, provider=provider,
+        spec=spec, spec_source=spec_source,
+        rule=("atol/rtol" if atol is not None or rtol is not None else
+              "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"))
+    report.checks.extend(metadata_checks(meta, spec))
+    if kind == "onnx":
+        assert proto is not None
+        has_custom = any(n.domain == CUSTOM_DOMAIN for n in _all_nodes(proto.graph))
+        if target == "custom" or has_custom:
+            report.checks.extend(custom_node_checks(proto, modules))
+        if dtype is not None and dtype != artifact_dtype:
+            report.checks.append(Check("dtype", dtype, artifact_dtype, False))
+
+    backends: List[_Backend] = [
+        _torch_backend("eager", copy.deepcopy(model).to(tdtype), tdtype,
+                       "(in memory, rebuilt from the spec)")]
+    if kind == "torchscript":
+        assert scripted is not None
+        backends.append(_torch_backend("torchscript", scripted.eval(), tdtype, str(path)))
+        mask_modes: List[bool] = [False, True]
+    else:
+        backends.append(_onnx_backend(f"onnx:{target or 'unknown'}", path, provider))
+        graph_inputs = {i.name for i in proto.graph.input} if proto is not None else set()
+        mask_modes = [False, True] if "mask" in graph_inputs else [False]
+
+    with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
+        if all_targets:
+            others = [t for t in TARGETS if t != target]
+            for other in others:
+                report_progress(0, 0, f"exporting {other}")
+                backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
+                                                mask=(kind == "onnx" and True in mask_modes),
+                                                provider=provider))
+        cases = sweep(seq if seq else default_seqs(spec.chunk), batch, mask_modes)
+        results = {b.name: BackendResult(b.name, b.source, b.load_error) for b in backends}
+        for done, case in enumerate(cases):
+            report_progress(done, len(cases), case.label)
+            _run_case(case, case_seed(done), model, spec.embed, tdtype, run_dtype, backends,
+                      results, atol, rtol)
+        report_progress(len(cases), len(cases), "done")
+    report.backends = list(results.values())
+    return report
+
+
+def case_seed(index: int) -> int:
+    """Input seed of case `index` (distinct from the parameter seed's stream)."""
+    return 1_000_003 * (index + 1)
+
+
+def _export_backend(model: nn.Module, spec: ModelSpec, target: str, tmp: Path, dtype: str, *,
+                    mask: bool, provider: str) -> _Backend:
+    name = f"onnx:{target}"
+    out = tmp / f"{target}.onnx"
+    try:
+        from flash_export.onnx_export import export_onnx
+
+        export_onnx(model, out, target=target, dtype=dtype, spec=spec, mask=mask)
+    except Exception as exc:  # export failures of one target must not stop the others
+        return _Backend(name, f"(export to {target} failed)", None, None,
+                        load_error=f"export failed: {_first_line(exc)}")
+    backend = _onnx_backend(name, out, provider)
+    backend.source = f"(exported on the fly: {target}, {dtype})"
+    return backend
+
+
+def _run_case(case: Case, seed: int, model: nn.Module, embed: int, tdtype: torch.dtype,
+              dtype_name: str, backends: List[_Backend], results: Dict[str, BackendResult],
+              atol: Optional[float], rtol: Optional[float]) -> None:
+    v, k, q, mask = make_inputs(case, embed, tdtype, seed)
+    ref64 = reference_forward(model, v, k, q, mask, dtype=torch.float64)  # (B, Lq, E)
+    baseline = reference_forward(model, v, k, q, mask, dtype=tdtype)  # same dtype, plain
+    base_err = max_abs_error(baseline.double().numpy(), ref64.numpy())
+    ref = ref64.numpy()
+    for b in backends:
+        if b.run is None or (b.mask_input is not None and b.mask_input != case.mask):
+            continue
+        result = CaseResult(case)
+        try:
+            out = b.run(v, k, q, mask)
+            if out.shape != ref.shape:
+                result.error = f"output shape {list(out.shape)}, expected {list(ref.shape)}"
+            else:
+                result.comparison = compare(out, ref, baseline_error=base_err, dtype=dtype_name,
+                                            atol=atol, rtol=rtol)
+        except Exception as exc:  # a backend that cannot run a shape fails that case
+            result.error = _first_line(exc)
+        results[b.name].cases.append(result)
+
+
+def report_json(report: ValidationReport) -> str:
+    """The full report as indented JSON."""
+    return json.dumps(report.to_dict(), indent=2)

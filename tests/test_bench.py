@@ -1,0 +1,141 @@
+"""flash-export bench: interleaved timing, complete JSON/CSV reports, chunk sweep, the plot."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from flash_export.bench import (
+    CSV_FIELDS,
+    BenchConfig,
+    attention_flops,
+    benchmark,
+    cuda_available,
+    time_interleaved,
+)
+from flash_export.cli import main
+from flash_export.runtime import library_path
+
+TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+try:
+    import flash_export.onnx_export  # noqa: F401
+    HAVE_ONNX_EXPORT = True
+except ImportError:
+    HAVE_ONNX_EXPORT = False
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+
+def test_attention_flops_formula():
+    # 4*B*H*Lq*Lk*D + 4*B*E^2*(Lq+Lk); with Lq = Lk = L the projections are 8*B*L*E^2.
+    assert attention_flops(2, 16, 16, 32, 4) == 4 * 2 * 4 * 16 * 16 * 8 + 8 * 2 * 16 * 32 ** 2
+    assert attention_flops(1, 3, 5, 8, 2, projections=False) == 4 * 2 * 3 * 5 * 4
+
+
+def test_time_interleaved_round_robin_and_failures():
+    calls = []
+
+    def runner(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("cannot run\nsecond line")
+
+    samples, errors = time_interleaved({"a": runner("a"), "b": runner("b"), "x": broken},
+                                       warmup=1, iters=4, repeats=2)
+    assert errors == {"x": "RuntimeError: cannot run"}
+    assert [len(rep) for rep in samples["a"]] == [4, 4] and samples["x"] == []
+    timed = calls[2:10]  # after the first warmup round: iterations alternate the order
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def _backends():
+    names = ["eager", "sdpa", "torchscript"]
+    if HAVE_ONNX_EXPORT:
+        names.append("standard")
+        if library_path().is_file():
+            names.append("custom")
+    return names
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (flash-export[plot]) not installed")
+def test_cli_writes_complete_json_csv_and_png(tmp_path):
+    backends = _backends()
+    out_json, out_csv, out_png = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    result = CliRunner().invoke(main, [
+        "bench", *TINY, "--seq", "8,24", "--iters", "3", "--warmup", "1",
+        "--backends", ",".join(backends), "--json", str(out_json), "--csv", str(out_csv),
+        "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert data["config"]["iters"] == 3 and data["config"]["threads"] == 1
+    assert "4*B*H*Lq*Lk*D" in data["flops_formula"] and "round-robin" in data["method"]
+    assert {"date", "torch", "onnxruntime", "threads"} <= set(data["environment"])
+    rows = data["rows"]
+    assert sorted((r["backend"], r["seq_q"]) for r in rows) == sorted(
+        (b, s) for b in backends for s in (8, 24))
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None, r
+        for key in ("p50_ms", "p90_ms", "p99_ms", "tokens_per_s", "gflops_per_s", "peak_rss_mb"):
+            assert r[key] is not None and r[key] >= 0, (key, r)
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["samples"] == 3
+    with open(out_csv, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == CSV_FIELDS and len(table) == len(rows)
+    assert all(row["p50_ms"] and row["peak_rss_mb"] for row in table)
+    png = out_png.read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 1000
+    for name in backends:
+        assert name in result.output
+
+
+def test_chunk_sweep_runs_chunk_free_backends_once():
+    from flash_export.spec import ModelSpec
+
+    report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
+                       config=BenchConfig(seqs=(12,), chunks=(4, 16), backends=("eager", "sdpa"),
+                                          warmup=0, iters=2, memory=False))
+    got = sorted((r.backend, r.chunk) for r in report.rows)
+    assert got == [("eager", 4), ("eager", 16), ("sdpa", None)]
+    assert all(r.status == "ok" and r.peak_rss_mb is None for r in report.rows)
+    assert "not measured" in report.method
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the no-GPU path")
+def test_cuda_backend_is_skipped_cleanly_without_gpu():
+    result = CliRunner().invoke(main, ["bench", *TINY, "--seq", "8", "--iters", "1",
+                                       "--warmup", "0", "--no-memory",
+                                       "--backends", "eager,eager:cuda"])
+    assert result.exit_code == 0, result.output
+    assert "skipped: no CUDA device" in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["--backends", "eager,tpu"], ["--seq", "0"], ["--iters", "0"],
+], ids=["unknown-backend", "zero-seq", "zero-iters"])
+def test_bad_usage_exits_2(args):
+    result = CliRunner().invoke(main, ["bench", *TINY, *args])
+    assert result.exit_code == 2, result.output
+
+
+def test_plot_without_matplotlib_is_one_line_error(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from flash_export.cli import run\n"
+            f"sys.argv = ['flash-export', 'bench', '--seq', '8',\n"
+            f"            '--plot', r'{tmp_path / 'x.png'}']\n"
+            "run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("error: --plot needs matplotlib: "
+                                   "pip install 'flash-export[plot]'")
+    assert not (tmp_path / "x.png").exists()
