@@ -130,6 +130,7 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
   plan.off_m = region(bq_pad);
   plan.off_l = region(bq_pad);
   plan.off_alpha = region(bq_pad);
+  plan.off_mx = region(bq_pad);
   plan.off_k = region(p.dtype == DType::kFloat32 ? 0 : bc * dim);
   plan.off_v = region(bc * d_pad);
   plan.scratch_floats = off;

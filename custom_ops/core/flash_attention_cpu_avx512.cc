@@ -2,9 +2,10 @@
 // picks flags by the file suffix) and only runs after the dispatcher saw avx512f at run time.
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12's intrinsics headers initialise "undefined" vectors from themselves, which trips
-// -Wmaybe-uninitialized once inlined (GCC bug 105593); nothing in this file is uninitialised.
+// -W(maybe-)uninitialized once inlined (GCC bug 105593); nothing in this file is uninitialised.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
@@ -73,7 +74,7 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_avx512() { return Kernel{"avx512", avx512::V::kW, 48, &avx512::run_item}; }
+Kernel kernel_avx512() { return Kernel{"avx512", avx512::V::kW, 96, &avx512::run_item}; }
 
 }  // namespace cpu
 }  // namespace flash_export

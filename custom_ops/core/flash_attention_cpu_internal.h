@@ -25,6 +25,7 @@ struct Plan {
   size_t off_m = 0;       // (bq_pad): running max (log2 domain)
   size_t off_l = 0;       // (bq_pad): running sum
   size_t off_alpha = 0;   // (bq_pad): rescale factor of the current block
+  size_t off_mx = 0;      // (bq_pad): running max including the current block
   size_t off_k = 0;       // (bc, D): key block converted to float32 when needed
   size_t off_v = 0;       // (bc, d_pad): value block converted / padded when needed
   size_t scratch_floats = 0;

@@ -84,17 +84,6 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-inline float load_scalar(const void* base, int64_t index, DType dtype) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return half_to_float(static_cast<const uint16_t*>(base)[index]);
-    case DType::kBFloat16:
-      return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
-    default:
-      return static_cast<const float*>(base)[index];
-  }
-}
-
 // dst[0..n) = float32(src[0..n)), vectorised where the ISA converts the dtype natively.
 inline void convert_row(const void* src, int64_t src_offset, DType dtype, float* dst, int64_t n) {
   int64_t i = 0;
@@ -140,10 +129,11 @@ inline void zero_row(void* dst, int64_t dst_offset, DType dtype, int64_t n) {
               static_cast<size_t>(n) * elem);
 }
 
-// S[jj, c0 + c*W ...] = sum_d K[jj, d] * Qt[d, ...] for keys jj in [j0, j0 + R).
+// S[jj, c0 + c*W ...] = sum_d K[jj, d] * Qt[d, ...] for keys jj in [j0, j0 + R), and the running
+// column max mx[c0 + c*W ...] taken over those keys while they are still in registers.
 template <int R, int C>
 inline void s_tile(const float* k, int64_t ldk, const float* qt, int64_t bq_pad, int64_t dim,
-                   float* s, int64_t j0, int64_t c0) {
+                   float* s, float* mx, int64_t j0, int64_t c0) {
   typename V::Reg acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
@@ -156,8 +146,14 @@ inline void s_tile(const float* k, int64_t ldk, const float* qt, int64_t bq_pad,
       for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(kv, q[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) V::store(s + (j0 + r) * bq_pad + c0 + c * V::kW, acc[r][c]);
+  for (int c = 0; c < C; ++c) {
+    typename V::Reg m = V::load(mx + c0 + c * V::kW);
+    for (int r = 0; r < R; ++r) {
+      V::store(s + (j0 + r) * bq_pad + c0 + c * V::kW, acc[r][c]);
+      m = V::max(acc[r][c], m);
+    }
+    V::store(mx + c0 + c * V::kW, m);
+  }
 }
 
 // O[r0.., c0..] = O * alpha + sum_jj P^T[jj, r] * V[jj, c0..] for rows r in [r0, r0 + R).
@@ -199,14 +195,17 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   float* m = scratch + plan.off_m;
   float* l = scratch + plan.off_l;
   float* alpha = scratch + plan.off_alpha;
+  float* m_blk = scratch + plan.off_mx;
   float* kbuf = scratch + plan.off_k;
   float* vbuf = scratch + plan.off_v;
 
   // Query block, scaled into the log2 domain so the softmax uses exp2, transposed and zero padded.
   const float qscale = p.scale * kLog2e;
+  // Each row is converted with vector loads into o (free until it is zeroed below), then scattered.
   for (int64_t r = 0; r < nq; ++r) {
     const int64_t base = b * p.q_batch_stride + (i0 + r) * p.q_row_stride + h * p.q_head_stride;
-    for (int64_t d = 0; d < dim; ++d) qt[d * bq_pad + r] = load_scalar(p.q, base + d, p.dtype) * qscale;
+    convert_row(p.q, base, p.dtype, o, dim);
+    for (int64_t d = 0; d < dim; ++d) qt[d * bq_pad + r] = o[d] * qscale;
   }
   for (int64_t d = 0; d < dim; ++d)
     for (int64_t r = nq; r < bq_pad; ++r) qt[d * bq_pad + r] = 0.0f;
@@ -257,26 +256,28 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
       ldv = d_pad;
     }
 
-    // S^T = K_blk Qt, register-blocked.
+    // S^T = K_blk Qt, register-blocked; m_blk starts at the running max and takes in the block.
+    for (int64_t c = 0; c < bq_pad; c += W) V::store(m_blk + c, V::load(m + c));
     {
       const int64_t nvec = bq_pad / W;
       int64_t jj = 0;
       for (; jj + V::kSR <= nk; jj += V::kSR) {
         int64_t c = 0;
         for (; c + V::kSC <= nvec; c += V::kSC)
-          s_tile<V::kSR, V::kSC>(kb, ldk, qt, bq_pad, dim, s, jj, c * W);
-        for (; c < nvec; ++c) s_tile<V::kSR, 1>(kb, ldk, qt, bq_pad, dim, s, jj, c * W);
+          s_tile<V::kSR, V::kSC>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
+        for (; c < nvec; ++c) s_tile<V::kSR, 1>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
       }
       for (; jj < nk; ++jj) {
         int64_t c = 0;
         for (; c + V::kSC <= nvec; c += V::kSC)
-          s_tile<1, V::kSC>(kb, ldk, qt, bq_pad, dim, s, jj, c * W);
-        for (; c < nvec; ++c) s_tile<1, 1>(kb, ldk, qt, bq_pad, dim, s, jj, c * W);
+          s_tile<1, V::kSC>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
+        for (; c < nvec; ++c) s_tile<1, 1>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
       }
     }
 
     // Causal: key j is hidden from rows r < j - diag - i0 (only on blocks crossing the diagonal).
-    if (p.causal && j0 + nk - 1 > i0 + diag) {
+    const bool causal_cut = p.causal && j0 + nk - 1 > i0 + diag;
+    if (causal_cut) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         const int64_t hidden = min64(nq, j0 + jj - diag - i0);
         float* srow = s + jj * bq_pad;
@@ -294,11 +295,19 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
       }
     }
 
+    // Masked logits: the max taken during the product may include hidden keys; take it again.
+    if (causal_cut || p.mask != nullptr) {
+      for (int64_t c = 0; c < bq_pad; c += W) {
+        typename V::Reg mxc = V::load(m + c);
+        for (int64_t jj = 0; jj < nk; ++jj) mxc = V::max(V::load(s + jj * bq_pad + c), mxc);
+        V::store(m_blk + c, mxc);
+      }
+    }
+
     // Online softmax, one vector of query rows at a time.
     for (int64_t c = 0; c < bq_pad; c += W) {
       const typename V::Reg m_old = V::load(m + c);
-      typename V::Reg mx = m_old;
-      for (int64_t jj = 0; jj < nk; ++jj) mx = V::max(V::load(s + jj * bq_pad + c), mx);
+      const typename V::Reg mx = V::load(m_blk + c);
       // A row that has seen no key yet keeps max -inf; subtract 0 then so exp2 gives exact zeros.
       const typename V::Reg m_use = V::zero_where_equal(mx, neg_inf);
       typename V::Reg sum = V::zero();

@@ -308,6 +308,7 @@ OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* context)
   static const Api api = Api(registered_api());
   size_t count = 0;
   if (OrtStatus* s = api.ShapeInferContext_GetInputCount(context, &count)) return s;
+  // The infos stay owned by the context (releasing them is a double free).
   OrtTensorTypeAndShapeInfo* infos[4] = {nullptr, nullptr, nullptr, nullptr};
   ONNXTensorElementDataType types[4] = {};
   const char* names[4] = {"query", "key", "value", "mask"};
