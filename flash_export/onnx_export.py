@@ -197,8 +197,12 @@ def _save_checked(model: onnx.ModelProto, tmp: Path) -> None:
     """
     if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         # Small tensors stay inline: shape inference must read shape constants from the graph.
-        onnx.save_model(model, str(tmp), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=tmp.name + ".data")
+        try:
+            onnx.save_model(model, str(tmp), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=tmp.name + ".data")
+        except onnx.checker.ValidationError as exc:  # onnx refuses e.g. ".." in the data name
+            raise ExportError(f"cannot save external data as {tmp.name + '.data'!r}: "
+                              f"{_first_line(exc)}; choose a file name without '..'") from exc
     else:
         onnx.save_model(model, str(tmp))
     try:

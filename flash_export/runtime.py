@@ -143,7 +143,9 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
         The session; its inputs are values, keys, queries (and mask), its output `output`.
 
     Raises:
-        ArtifactError: the file is missing or onnxruntime rejects it.
+        ArtifactError: the file is missing, is not ONNX, references external data unsafely
+            (`flash_export.safety`: outside its folder, through a link, hard-linked, past the
+            end of the file), or onnxruntime rejects it; always one line.
         RuntimeLibraryError: the model needs the native library and it is missing or fails to
             register.
         TypeError, ValueError: a bad session option.
@@ -151,11 +153,47 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
     import onnxruntime as ort
 
     so = session_options(**options)
-    if LIBRARY_DOMAIN in model_domains(path):
+    model = _checked_graph(path)
+    if LIBRARY_DOMAIN in {o.domain or "" for o in model.opset_import}:
         register_library(so)
     chosen = list(providers) if providers is not None else ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), so, providers=chosen)
+        session = ort.InferenceSession(str(path), so, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"onnxruntime cannot load {path}: {first}") from exc
+        raise ArtifactError(f"onnxruntime cannot load {path}: {ort_error_line(exc)}") from exc
+    try:  # protobuf lets non-UTF-8 strings through; reading them later would raise untyped
+        for arg in [*session.get_inputs(), *session.get_outputs()]:
+            _ = (arg.name, arg.type, arg.shape)
+        meta = session.get_modelmeta()
+        _ = (meta.custom_metadata_map, meta.producer_name, meta.graph_name, meta.domain,
+             meta.description, meta.graph_description)
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: a graph input/output name, dim name or metadata string is "
+                            f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    return session
+
+
+def ort_error_line(exc: BaseException) -> str:
+    """One line for an onnxruntime error, e.g. `InvalidProtobuf: [ONNXRuntimeError] ...`.
+
+    The kind (InvalidProtobuf, Fail, InvalidGraph, NotImplemented, RuntimeException, ...) comes
+    first, then the message with whitespace collapsed; at most 400 characters.
+    """
+    text = " ".join(str(exc).split())
+    kind = type(exc).__name__
+    return (f"{kind}: {text}" if text else kind)[:400]
+
+
+def _checked_graph(path: Union[str, os.PathLike[str]]) -> Any:
+    """The graph of `path` after `safety.check_onnx_file` (external data stays unread).
+
+    Raises:
+        ArtifactError: missing, not ONNX, an unsafe external-data reference, or no onnx package
+            to check it with.
+    """
+    try:
+        from flash_export.safety import check_onnx_file
+    except ImportError as exc:  # onnx is a dependency; fail closed if it was removed
+        raise ArtifactError(f"cannot check {path} before loading it: the onnx package is not "
+                            f"importable ({exc})") from exc
+    return check_onnx_file(path)

@@ -216,12 +216,14 @@ def spec_from_metadata(meta: Dict[str, str], path: PathLike) -> ModelSpec:
 
 
 def _load_onnx(path: Path) -> Any:
-    import onnx
+    """The graph of `path` (external data unread) after the `safety` checks.
 
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for a corrupt file
-        raise ArtifactError(f"cannot read ONNX file {path}: {exc}".splitlines()[0]) from exc
+    Runs before any onnxruntime session is built, so a hostile external-data reference is
+    rejected before anything opens the file it names.
+    """
+    from flash_export.safety import check_onnx_file
+
+    return check_onnx_file(path)
 
 
 # --------------------------------------------------------------------------- sweep

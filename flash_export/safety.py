@@ -1,0 +1,199 @@
+"""Checks on untrusted ONNX files, run before onnxruntime opens anything they point to.
+
+An ONNX file may keep tensors in external data files named by a relative `location`. onnxruntime
+reads those files itself, so a hostile `.onnx` could make it read `/etc/passwd`, follow a symlink
+out of the model folder, read a hardlinked copy of a file the user never meant to share, or seek
+past the end of a file. `check_onnx_file` parses only the graph (never external data) and rejects
+every such reference. Imports no torch.
+"""
+
+import os
+import stat
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Dict, Iterator, Union
+
+import onnx
+
+from flash_export.errors import ArtifactError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def load_graph(path: PathLike) -> Any:
+    """The ModelProto of `path`, parsed without reading any external data.
+
+    Raises:
+        ArtifactError: the file is missing, not a regular file, or not an ONNX model.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ArtifactError(f"ONNX file not found: {file}")
+    try:
+        return onnx.load(str(file), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have several types
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ArtifactError(f"{file} is not an ONNX model: {text}"[:400]) from exc
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of `graph`, its nodes' attributes and its subgraphs (Loop/If/Scan)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: Any) -> Iterator[Any]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+def model_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto a ModelProto holds: graph, subgraphs and local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _external_fields(tensor: Any, model_file: Path) -> Dict[str, str]:
+    fields: Dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in fields:
+            raise ArtifactError(f"{model_file}: tensor {tensor.name!r} repeats external_data key "
+                                f"{entry.key!r}")
+        fields[entry.key] = entry.value
+    return fields
+
+
+def _int_field(fields: Dict[str, str], key: str, tensor: Any, model_file: Path) -> int:
+    text = fields.get(key, "0" if key == "offset" else "")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArtifactError(f"{model_file}: tensor {tensor.name!r} has external data {key} "
+                            f"{text[:40]!r}, not an integer") from None
+    if value < 0:
+        raise ArtifactError(f"{model_file}: tensor {tensor.name!r} has a negative external "
+                            f"data {key} ({value})")
+    return value
+
+
+def check_external_location(location: str, folder: Path, what: str) -> Path:
+    """Resolve one external-data `location` against `folder` or raise ArtifactError.
+
+    Rejects empty, absolute (on Windows also drive-relative) and `..` locations, a symlink at any
+    component below `folder`, a target outside `folder` after resolving, a non-regular file and a
+    file with more than one hard link (a second name for a file that may live anywhere).
+
+    Returns:
+        The data file's path.
+    """
+    if not location or "\x00" in location:
+        raise ArtifactError(f"{what}: empty or NUL-containing external data location")
+    windows = PureWindowsPath(location)
+    absolute = PurePosixPath(location).is_absolute() or (
+        os.name == "nt" and (windows.is_absolute() or bool(windows.drive)
+                             or location.startswith("\\")))
+    if absolute:
+        raise ArtifactError(f"{what}: external data location {location!r} is an absolute path; "
+                            "it must be a file beside the model")
+    # ".." separated by either slash is refused everywhere; the walk below splits on "/" only,
+    # so a POSIX file name with a backslash in it stays one name.
+    if ".." in location.replace("\\", "/").split("/"):
+        raise ArtifactError(f"{what}: external data location {location!r} contains '..': it "
+                            "must stay inside the model's folder")
+    parts = [p for p in location.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ArtifactError(f"{what}: external data location {location!r} names no file")
+    current = folder
+    for part in parts:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except OSError as exc:
+            raise ArtifactError(f"{what}: external data file {location!r} is missing or "
+                                f"unreadable ({exc.strerror})") from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise ArtifactError(f"{what}: external data location {location!r} goes through a "
+                                f"symlink ({current.name}); flash-export follows no links")
+    try:
+        inside = current.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except OSError as exc:
+        raise ArtifactError(f"{what}: cannot resolve external data file {location!r}") from exc
+    if not inside:
+        raise ArtifactError(f"{what}: external data file {location!r} resolves outside the "
+                            f"model's folder {folder}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ArtifactError(f"{what}: external data location {location!r} is not a regular file")
+    if info.st_nlink > 1:
+        raise ArtifactError(f"{what}: external data file {location!r} has {info.st_nlink} hard "
+                            "links; a hard link may expose a file from elsewhere, copy it instead")
+    return current
+
+
+def check_external_data(model: Any, model_file: PathLike) -> int:
+    """Check every external-data reference of `model` (loaded from `model_file`).
+
+    Returns:
+        How many tensors live in external data.
+
+    Raises:
+        ArtifactError: a reference that escapes the model's folder, goes through a link, names a
+            non-regular or hard-linked file, or reads past the end of its file.
+    """
+    file = Path(model_file)
+    folder = file.parent if str(file.parent) else Path(".")
+    checked: Dict[str, int] = {}
+    count = 0
+    for tensor in model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if tensor.external_data:
+                raise ArtifactError(f"{file}: tensor {tensor.name!r} lists external_data but is "
+                                    "not marked EXTERNAL")
+            continue
+        count += 1
+        what = f"{file}: tensor {tensor.name!r}"
+        fields = _external_fields(tensor, file)
+        location = fields.get("location", "")
+        if location not in checked:
+            data = check_external_location(location, folder, what)
+            checked[location] = os.stat(data).st_size
+        size = checked[location]
+        offset = _int_field(fields, "offset", tensor, file)
+        if "length" in fields:
+            end = offset + _int_field(fields, "length", tensor, file)
+        else:
+            end = size
+        if offset > size or end > size:
+            raise ArtifactError(f"{what} reads bytes {offset}..{end} of {location!r}, which has "
+                                f"only {size}")
+    return count
+
+
+def check_onnx_file(path: PathLike) -> Any:
+    """Parse `path` without external data and check every external reference (see module doc).
+
+    Returns:
+        The ModelProto (external tensors not loaded).
+
+    Raises:
+        ArtifactError: not an ONNX file, or an unsafe external-data reference.
+    """
+    model = load_graph(path)
+    check_external_data(model, path)
+    return model
