@@ -140,10 +140,12 @@ def _custom_node_masked(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: 
 @onnxscript.script()
 def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
                     chunk_size: int, causal: int, scale: float) -> TFloat:
-    # Reshape target (0, 0, H, -1): 0 copies B and L from the input.
-    heads = op.Concat(op.Constant(value_ints=[0, 0]),
-                      op.Reshape(op.Constant(value_int=num_heads), op.Constant(value_ints=[1])),
-                      op.Constant(value_ints=[-1]), axis=0)
+    # Reshape target (0, 0, H, D): 0 copies B and L from the input. D is spelled out rather than
+    # -1, which onnxruntime cannot infer for an empty sequence.
+    embed = op.Shape(q, start=2, end=3)  # (1,) = [E]
+    num_heads_1d = op.Reshape(op.Constant(value_int=num_heads), op.Constant(value_ints=[1]))
+    heads = op.Concat(op.Constant(value_ints=[0, 0]), num_heads_1d, op.Div(embed, num_heads_1d),
+                      axis=0)
     # Half inputs accumulate in float32 (to=1), as flash_attention_core does.
     qh = op.Cast(op.Transpose(op.Reshape(q, heads), perm=[0, 2, 1, 3]), to=1)  # (B, H, Lq, D)
     kt = op.Cast(op.Transpose(op.Reshape(k, heads), perm=[0, 2, 3, 1]), to=1)  # (B, H, D, Lk)
@@ -165,7 +167,8 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
     m = op.Expand(neg_inf, row_shape)  # running max
     l_sum = op.Expand(zero, row_shape)  # running sum of exp
     acc = op.Mul(qs, zero)  # (B, H, Lq, D) unnormalised output
-    n_chunks = op.Div(op.Sub(op.Add(lk, chunk), one_i), chunk)
+    # No iteration at all when Lq == 0: onnxruntime's reductions mis-shape (B, H, 0, C) tensors.
+    n_chunks = op.Mul(op.Div(op.Sub(op.Add(lk, chunk), one_i), chunk), op.Min(lq, one_i))
     for i in range(n_chunks):
         start = op.Mul(i, chunk)
         end = op.Min(op.Add(start, chunk), lk)
@@ -185,9 +188,12 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
                                                           keepdims=1))
         acc = op.Add(op.Mul(acc, alpha), op.MatMul(p, op.Slice(vh, starts, ends, axis_v)))
         m = m_new
-    seen = op.Greater(l_sum, zero)  # l_sum == 0 exactly when the row saw no key
-    out = op.Where(seen, op.Div(acc, op.Where(seen, l_sum, op.Constant(value_float=1.0))), zero)
-    merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    # l_sum == 0 exactly when the row saw no key. Test equality, not l_sum > 0, so that a NaN
+    # in l_sum stays NaN instead of turning into a silent zero row.
+    unseen = op.Equal(l_sum, zero)
+    out = op.Where(unseen, zero, op.Div(acc, op.Where(unseen, op.Constant(value_float=1.0), l_sum)))
+    merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]),
+                        op.Concat(op.Constant(value_ints=[0, 0]), embed, axis=0))
     return op.CastLike(merged, q)  # (B, Lq, E)
 
 

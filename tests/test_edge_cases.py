@@ -30,20 +30,12 @@ BACKENDS = ("eager", "torchscript") + tuple(f"onnx:{t}" for t in ONNX_TARGETS)
 CASES = ("masked-row", "lk0", "lq0", "nan-query", "nan-key", "large-logits")
 # Known gaps, each with the reason: (backend, case, dtype) -> why it cannot pass today. They are
 # strict xfails: a fix makes them XPASS, which fails, so the entry must then be removed.
-_EMPTY_RESHAPE = ("the standard target reshapes (B, L, E) -> (B, L, H, -1); ONNX Reshape cannot "
-                  "infer -1 from a 0-element tensor, so onnxruntime fails (onnx_targets.py)")
-_NAN_SQUASHED = ("the standard target turns a NaN query row into a finite row (silently finite: "
-                 "the NaN logits are replaced in its masking/online-softmax ops, onnx_targets.py)")
 _NAN_LEAKS = ("a NaN key leaks into a query row the mask blocks from it (the mask is applied "
               "after/as an addition to the NaN logit, so NaN + -inf = NaN)")
 _CONTRIB_EMPTY = ("the contrib target's Where around MultiHeadAttention cannot broadcast a "
                   "0-length dim (onnxruntime Broadcaster error, onnx_targets.py)")
 _ATTN23_EMPTY = "onnxruntime's CPU Attention(23) requires q/kv sequence length > 0"
 KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
-    **{("onnx:standard", c, d): _EMPTY_RESHAPE for c in ("lk0", "lq0")
-       for d in ("float32", "float16")},
-    **{("onnx:standard", c, d): _NAN_SQUASHED for c in ("nan-query", "nan-key")
-       for d in ("float32", "float16")},
     **{("onnx:contrib", c, d): _CONTRIB_EMPTY for c in ("lk0", "lq0")
        for d in ("float32", "float16")},
     **{("onnx:attention23", c, d): _ATTN23_EMPTY for c in ("lk0", "lq0")
