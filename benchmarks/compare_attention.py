@@ -163,7 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# {platform.platform()}, {env['cpu_count']} CPUs; torch {env['torch']}, onnxruntime "
           f"{env['onnxruntime']}, flash-export {env['flash_export']}")
     print(f"# E={EMBED} H={HEADS} D={EMBED // HEADS} B={BATCH} chunk={args.chunk}, "
-          f"threads {args.threads}; warmup 1, {args.iters} iters x {args.repeats} repeats, "
+          f"threads {args.threads} (ORT spinning off); warmup 1, {args.iters} iters x "
+          f"{args.repeats} repeats, "
           f"interleaved round-robin; cell = median, ratio to custom (>1 slower), attention "
           f"GFLOP/s (4*B*H*N*N*D, causal not halved)")
     with tempfile.TemporaryDirectory(prefix="compare_attention_") as tmp:

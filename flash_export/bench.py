@@ -151,7 +151,9 @@ def ort_session(path: PathLike, *, provider: str = "cpu", threads: Optional[int]
 
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
                  else ["CPUExecutionProvider"])
-    options: Dict[str, Any] = {}
+    # Idle intra-op threads spin-wait by default; in an interleaved benchmark they would steal the
+    # cores of whichever backend runs next, so every session here sleeps instead.
+    options: Dict[str, Any] = {"config_entries": {"session.intra_op.allow_spinning": "0"}}
     if threads is not None:
         options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
     session = runtime.create_session(path, providers=providers, **options)
@@ -548,7 +550,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         f"warmup {config.warmup}, then {config.iters} timed iterations x {config.repeats} "
         f"repetition(s) per (backend, shape), backends interleaved round-robin (order rotated "
         f"every iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
-        f"intra_op_num_threads = {config.threads}; peak memory: "
+        f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
         + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
            "shape)" if config.memory else "not measured"))
     from flash_export.attention import FlashAttention

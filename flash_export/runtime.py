@@ -53,6 +53,8 @@ def session_options(**options: Any) -> onnxruntime.SessionOptions:
     graph_optimization_level, execution_mode, log_severity_level, enable_profiling, ...).
     `graph_optimization_level` also takes "disable_all", "enable_basic", "enable_extended",
     "enable_all" or an int; `execution_mode` takes "sequential" or "parallel".
+    `config_entries` takes a dict of session config keys (add_session_config_entry), e.g.
+    {"session.intra_op.allow_spinning": "0"}.
 
     Raises:
         TypeError: an option SessionOptions does not have.
@@ -62,6 +64,10 @@ def session_options(**options: Any) -> onnxruntime.SessionOptions:
 
     so = ort.SessionOptions()
     for key, value in options.items():
+        if key == "config_entries":
+            for entry, setting in dict(value).items():
+                so.add_session_config_entry(str(entry), str(setting))
+            continue
         if key.startswith("_") or not hasattr(so, key) or callable(getattr(so, key)):
             raise TypeError(f"unknown session option {key!r}")
         if key == "graph_optimization_level":
