@@ -9,6 +9,7 @@ Both cores take (B, H, L, D) tensors and an optional boolean `allowed` mask broa
 (B, H, Lq, Lk), True where a query may attend to a key. A query row that sees no key gives zeros.
 """
 
+import copy
 import math
 from typing import List, Optional
 
@@ -317,7 +318,6 @@ def replace_attention(model: nn.Module, cls: type, **kwargs: object) -> nn.Modul
     `cls` is a FlashAttention subclass that overrides `attend`; each replacement has the same
     configuration and weights. `kwargs` go to `cls.__init__`.
     """
-    import copy
 
     def convert(fa: FlashAttention) -> FlashAttention:
         new = cls(fa.embed_size, fa.heads, fa.chunk_size, causal=fa.causal, bias=fa.has_bias,
