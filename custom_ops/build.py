@@ -143,6 +143,10 @@ def build_library(
                        "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wextra"]
                 for arch in archs:
                     cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+                # PTX of the newest arch too, so newer GPUs can JIT it instead of failing with
+                # "no kernel image".
+                newest = max(archs, key=int)
+                cmd += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
                 if werror:
                     cmd += ["-Werror", "all-warnings", "-Xcompiler", "-Werror"]
                 if sanitize:
@@ -164,7 +168,10 @@ def build_library(
             link.append("-Wl,--no-undefined")
         if with_cuda:
             assert nvcc is not None
-            link += [f"-L{_cuda_lib_dir(nvcc)}", "-lcudart_static", "-ldl", "-lpthread", "-lrt"]
+            # Keep the static CUDA runtime's symbols private: exported, they could shadow the
+            # libcudart of torch or onnxruntime in the same process.
+            link += [f"-L{_cuda_lib_dir(nvcc)}", "-lcudart_static", "-ldl", "-lpthread", "-lrt",
+                     "-Wl,--exclude-libs,ALL"]
         else:
             link.append("-lpthread")
         _run(link, verbose)

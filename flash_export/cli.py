@@ -49,7 +49,7 @@ def model_options(f: F) -> F:
                      help="Number of attention heads (must divide E)."),
         click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Keys per online-softmax step."),
-        click.option("--causal", is_flag=True, default=False,
+        click.option("--causal/--no-causal", default=False,
                      help="Causal attention, bottom-right aligned. Default: off."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the parameter initialisation when --weights is not given."),

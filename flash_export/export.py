@@ -152,8 +152,8 @@ def load_torchscript(path: PathLike, *,
         with quiet_jit_deprecation():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as exc:
-        raise ArtifactError(f"cannot load TorchScript file {path}: "
-                            f"{str(exc).strip().splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"cannot load TorchScript file {path}: {first}") from exc
     if not extra[METADATA_FILE]:
         raise ArtifactError(f"{path} carries no {METADATA_FILE}: not written by flash-export")
     try:

@@ -50,7 +50,19 @@ class ModelSpec:
         """Inverse of `to_json`."""
         fields = {f.name for f in dataclasses.fields(cls)}
         data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        if not isinstance(data, dict):
+            raise ValueError(f"a model spec is a JSON object, got {type(data).__name__}")
+        spec = cls(**{k: v for k, v in data.items() if k in fields})
+        for name, kind in (("embed", int), ("heads", int), ("chunk", int), ("seed", int),
+                           ("causal", bool)):
+            value = getattr(spec, name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"model spec field {name!r} must be {kind.__name__}, "
+                                 f"got {value!r}")
+        for name in ("model", "weights"):
+            if getattr(spec, name) is not None and not isinstance(getattr(spec, name), str):
+                raise ValueError(f"model spec field {name!r} must be a string or null")
+        return spec
 
     def build(self) -> nn.Module:
         """Build the model in eval mode (float32, CPU).
@@ -67,8 +79,10 @@ class ModelSpec:
                 else:
                     model = factory(embed_size=self.embed, heads=self.heads,
                                     chunk_size=self.chunk, causal=self.causal)
-            except (ValueError, TypeError) as exc:
-                raise ModelError(f"cannot build the model: {exc}") from exc
+            except Exception as exc:  # a user factory may fail in any way; report one line
+                raise ModelError(f"cannot build the model: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                 ) from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.model} returned {type(model).__name__}, not an nn.Module")
         if self.weights:

@@ -483,14 +483,16 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         if target == "custom" or has_custom:
             report.checks.extend(custom_node_checks(proto, modules))
         if dtype is not None and dtype != artifact_dtype:
-            report.checks.append(Check("dtype", dtype, artifact_dtype, False))
+            raise ArtifactError(f"{path} is a {artifact_dtype} graph and runs only in "
+                                f"{artifact_dtype}; drop --dtype {dtype} or export with it")
 
     backends: List[_Backend] = [
         _torch_backend("eager", copy.deepcopy(model).to(tdtype), tdtype,
                        "(in memory, rebuilt from the spec)")]
     if kind == "torchscript":
         assert scripted is not None
-        backends.append(_torch_backend("torchscript", scripted.eval(), tdtype, str(path)))
+        backends.append(_torch_backend("torchscript", scripted.eval().to(tdtype), tdtype,
+                                       str(path)))
         mask_modes: List[bool] = [False, True]
     else:
         backends.append(_onnx_backend(f"onnx:{target or 'unknown'}", path, provider))

@@ -1,0 +1,43 @@
+"""The shared tolerance rule (flash_export/tolerance.py), used by the tests and `validate`."""
+
+import numpy as np
+import pytest
+
+from flash_export.spec import ModelSpec
+from flash_export.tolerance import compare, max_abs_error, tolerance_bound
+
+
+def test_bound_is_twice_the_baseline_with_a_per_dtype_floor():
+    assert tolerance_bound(1e-4, "float32") == pytest.approx(2e-4)
+    assert tolerance_bound(0.0, "float32") == 1e-5
+    assert tolerance_bound(0.0, "float16") == 1e-3
+
+
+def test_nan_where_the_reference_has_nan_is_agreement_not_an_infinite_error():
+    ref = np.array([1.0, np.nan, 3.0])
+    assert max_abs_error(np.array([1.0, np.nan, 3.0]), ref) == 0.0
+    assert max_abs_error(np.array([1.0, 2.0, 3.0]), ref) == np.inf
+
+
+def test_a_non_finite_baseline_cannot_make_everything_pass():
+    ref = np.array([1.0, np.nan, 3.0])
+    bad = ref + 100.0
+    c = compare(bad, ref, baseline_error=np.inf, dtype="float32")
+    assert not c.passed and c.bound == 1e-5
+
+
+def test_nonfinite_output_where_reference_is_finite_fails_even_within_bound():
+    c = compare(np.array([1.0, np.inf]), np.array([1.0, 2.0]), baseline_error=1e9,
+                dtype="float32")
+    assert c.nonfinite == 1 and not c.passed
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[]", "JSON object"),
+    ('{"embed": "abc"}', "'embed' must be int"),
+    ('{"causal": 1}', "'causal' must be bool"),
+    ('{"model": 5}', "'model' must be a string"),
+], ids=["list", "embed-str", "causal-int", "model-int"])
+def test_tampered_model_spec_metadata_is_a_value_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.from_json(text)
