@@ -100,37 +100,13 @@ def register_library(so: onnxruntime.SessionOptions,
 def model_domains(path: Union[str, os.PathLike[str]]) -> Set[str]:
     """The operator domains `path` imports ("" is the default domain).
 
-    Reads only the graph (never external weights) with onnx when it is installed; otherwise asks
-    onnxruntime whether the file loads without the library.
+    Reads only the graph, after the same safety checks as `create_session` (external data is
+    never read).
 
     Raises:
-        ArtifactError: the file is missing or is not an ONNX model.
+        ArtifactError: the file is missing, is not ONNX or references external data unsafely.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ArtifactError(f"ONNX file not found: {file}")
-    try:
-        import onnx
-    except ImportError:
-        return _domains_via_onnxruntime(file)
-    try:
-        model = onnx.load(str(file), load_external_data=False)
-    except Exception as exc:  # protobuf decode errors have several types
-        raise ArtifactError(f"{file} is not an ONNX model: {exc}".splitlines()[0]) from exc
-    return {o.domain or "" for o in model.opset_import}
-
-
-def _domains_via_onnxruntime(file: Path) -> Set[str]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        if LIBRARY_DOMAIN in str(exc):
-            return {"", LIBRARY_DOMAIN}
-    return {""}
+    return {o.domain or "" for o in _checked_graph(path).opset_import}
 
 
 def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Sequence[str]] = None,
@@ -159,8 +135,7 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
     import onnxruntime as ort
 
     so = session_options(**options)
-    model = _checked_graph(path)
-    if LIBRARY_DOMAIN in {o.domain or "" for o in model.opset_import}:
+    if LIBRARY_DOMAIN in model_domains(path):
         register_library(so)
     chosen = list(providers) if providers is not None else ["CPUExecutionProvider"]
     try:
