@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from flash_export.errors import FlashExportError, RuntimeLibraryError
+from flash_export.errors import FlashExportError
+from flash_export.runtime import ort_session
 
 ONNX_BACKENDS = ("custom", "standard", "contrib", "attention23")
 TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
@@ -139,28 +140,6 @@ def environment(threads: int) -> Dict[str, Any]:
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "flash_export": __version__, "torch": version("torch"),
             "onnxruntime": version("onnxruntime"), "threads": threads}
-
-
-def ort_session(path: PathLike, *, provider: str = "cpu", threads: Optional[int] = None) -> Any:
-    """An onnxruntime session for `path` with flash-export's library registered when needed.
-
-    Raises:
-        RuntimeLibraryError: the provider is unavailable or the session cannot be built.
-    """
-    from flash_export import runtime
-
-    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
-                 else ["CPUExecutionProvider"])
-    # Idle intra-op threads spin-wait by default; in an interleaved benchmark they would steal the
-    # cores of whichever backend runs next, so every session here sleeps instead.
-    options: Dict[str, Any] = {"config_entries": {"session.intra_op.allow_spinning": "0"}}
-    if threads is not None:
-        options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
-    session = runtime.create_session(path, providers=providers, **options)
-    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise RuntimeLibraryError("CUDAExecutionProvider is not usable here (no GPU or CUDA "
-                                  "libraries); onnxruntime fell back to CPU")
-    return session
 
 
 # --------------------------------------------------------------------------- timing machinery

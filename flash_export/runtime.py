@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Set, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Union
 
 from flash_export.errors import ArtifactError, RuntimeLibraryError
 
@@ -151,6 +151,27 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
     except UnicodeDecodeError as exc:
         raise ArtifactError(f"{path}: a graph input/output name, dim name or metadata string is "
                             f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    return session
+
+
+def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",
+                threads: Optional[int] = None) -> Any:
+    """An onnxruntime session for `path` with flash-export's library registered when needed.
+
+    Raises:
+        RuntimeLibraryError: the provider is unavailable or the session cannot be built.
+    """
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
+                 else ["CPUExecutionProvider"])
+    # Idle intra-op threads spin-wait by default; in an interleaved benchmark they would steal the
+    # cores of whichever backend runs next, so every session here sleeps instead.
+    options: Dict[str, Any] = {"config_entries": {"session.intra_op.allow_spinning": "0"}}
+    if threads is not None:
+        options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    session = create_session(path, providers=providers, **options)
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeLibraryError("CUDAExecutionProvider is not usable here (no GPU or CUDA "
+                                  "libraries); onnxruntime fell back to CPU")
     return session
 
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from flash_export.attention import FlashAttention, reference_forward
-from flash_export.bench import ort_session
 from flash_export.errors import ArtifactError, FlashExportError
+from flash_export.runtime import ort_session
 from flash_export.spec import ModelSpec
 from flash_export.tolerance import Comparison, compare, max_abs_error
 
