@@ -31,11 +31,11 @@ from flash_export.bench import (
     attention_flops,
     attention_only,
     environment,
-    first_line,
     make_runner,
     measure_memory,
     time_interleaved,
 )
+from flash_export.errors import summary
 from flash_export.spec import ModelSpec
 
 EMBED, HEADS, BATCH = 512, 8, 1
@@ -52,12 +52,12 @@ def export_attention_only(spec: ModelSpec, target: str, dtype: str,
         export_onnx(attention_only(spec.build()), out, target=target, dtype=dtype, spec=spec)
         return str(out), "attention only"
     except Exception as exc:  # fall back to the whole module, projections included
-        note = f"whole module (attention-only export failed: {first_line(exc)})"
+        note = f"whole module (attention-only export failed: {summary(exc)})"
     try:
         export_onnx(spec.build(), out, target=target, dtype=dtype, spec=spec)
         return str(out), note
     except Exception as exc:  # this target cannot export here at all
-        return None, f"export failed: {first_line(exc)}"
+        return None, f"export failed: {summary(exc)}"
 
 
 def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace,
@@ -84,7 +84,7 @@ def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace
             try:
                 runners[name] = make_runner(job)
             except Exception as exc:  # a backend that cannot run here is one cell
-                errors[name] = first_line(exc)
+                errors[name] = summary(exc)
         samples, run_errors = time_interleaved(runners, warmup=1, iters=args.iters,
                                                repeats=args.repeats)
         errors.update(run_errors)

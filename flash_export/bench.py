@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from flash_export.errors import FlashExportError
+from flash_export.errors import FlashExportError, summary
 from flash_export.runtime import ort_session
 
 ONNX_BACKENDS = ("custom", "standard", "contrib", "attention23")
@@ -164,7 +164,7 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
             live[name]()
             return time.perf_counter() - start
         except Exception as exc:  # a backend that cannot run this shape fails alone
-            errors[name] = first_line(exc)
+            errors[name] = summary(exc)
             del live[name]
             return None
 
@@ -184,12 +184,6 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
             if on_step:
                 on_step()
     return samples, errors
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, at most 300 characters."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def _make_inputs(batch: int, seq_q: int, seq_k: int, embed: int,
@@ -555,7 +549,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
                 try:
                     runners[p.label] = make_runner(_job(p, config, spec, seq, dtype, trust))
                 except Exception as exc:  # a backend that cannot be built here is one row
-                    row.status, row.error = "error", first_line(exc)
+                    row.status, row.error = "error", summary(exc)
 
             def step(seq: int = seq) -> None:
                 nonlocal done
@@ -656,7 +650,7 @@ def _export(base: str, spec: Any, dtype: str, tmp: Path) -> Tuple[Optional[str],
             export_onnx(model, out, target=base, dtype=dtype, spec=spec)
         return str(out), None
     except Exception as exc:  # one target failing to export is one row, not the whole run
-        return None, f"export failed: {first_line(exc)}"
+        return None, f"export failed: {summary(exc)}"
 
 
 # --------------------------------------------------------------------------- rendering helpers

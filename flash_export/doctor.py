@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from flash_export.errors import first_line
+
 OP_DOMAIN = "com.flash_export"
 OP_NAME = "FlashAttention"
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
@@ -287,8 +289,7 @@ def probe(lib: str) -> Dict[str, Any]:
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types
         out["registered"] = False
-        out["register_error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else \
-            type(exc).__name__
+        out["register_error"] = first_line(exc)
         return out
     out["registered"] = True
     step("run")
@@ -297,7 +298,7 @@ def probe(lib: str) -> Dict[str, Any]:
         (y,) = session.run(["y"], {"x": x})
     except Exception as exc:  # onnxruntime raises its own pybind types
         out["ran"] = False
-        out["run_error"] = str(exc).strip().splitlines()[0]
+        out["run_error"] = first_line(exc)
         return out
     out["ran"] = True
     out["max_abs_error"] = float(np.abs(y - _numpy_attention(x, 2, 0.5)).max())

@@ -23,3 +23,15 @@ class RuntimeLibraryError(FlashExportError):
 
 class ValidationError(FlashExportError):
     """An artifact's outputs do not match the reference."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def summary(exc: BaseException) -> str:
+    """`Type: first line of the message` (just `Type` when empty), at most 400 characters."""
+    kind = type(exc).__name__
+    return (f"{kind}: {first_line(exc)}" if str(exc).strip() else kind)[:400]

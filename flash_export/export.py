@@ -15,7 +15,7 @@ from torch import nn
 from flash_export import manifest
 from flash_export._version import __version__
 from flash_export.attention import FlashAttention
-from flash_export.errors import ArtifactError, ExportError
+from flash_export.errors import ArtifactError, ExportError, first_line
 from flash_export.spec import ModelSpec
 
 METADATA_FILE = "flash_export.json"  # the extra file inside a TorchScript archive
@@ -118,8 +118,7 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
         with quiet_jit_deprecation():
             scripted = torch.jit.script(model.eval())
     except Exception as exc:  # TorchScript reports unsupported Python in many exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.jit.script failed: {first}") from exc
+        raise ExportError(f"torch.jit.script failed: {first_line(exc)}") from exc
 
     def write(tmp: Path) -> None:
         with quiet_jit_deprecation():
@@ -152,8 +151,7 @@ def load_torchscript(path: PathLike, *,
         with quiet_jit_deprecation():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"cannot load TorchScript file {path}: {first}") from exc
+        raise ArtifactError(f"cannot load TorchScript file {path}: {first_line(exc)}") from exc
     if not extra[METADATA_FILE]:
         raise ArtifactError(f"{path} carries no {METADATA_FILE}: not written by flash-export")
     try:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flash_export.attention import FlashAttention, reference_forward, replace_attention
-from flash_export.errors import ExportError, ValidationError
+from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, artifact_metadata, atomic_write, spec_of
 from flash_export.onnx_targets import DOMAIN, DOMAIN_VERSION, TARGETS
 from flash_export.spec import ModelSpec
@@ -114,11 +114,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def _used_names(graph: onnx.GraphProto) -> Set[str]:
     """Every value name a node of `graph` or of its subgraphs (Loop bodies) reads."""
     used: Set[str] = set()
@@ -176,7 +171,7 @@ def _export_program(model: nn.Module, args: Tuple[Tensor, ...], target: str, ops
         if isinstance(cause, ExportError):
             raise cause from exc
         raise ExportError(f"torch.onnx.export failed for target {target!r}: "
-                          f"{_first_line(cause)}") from exc
+                          f"{summary(cause)}") from exc
     finally:
         for log, level in zip(loggers, old_levels):
             log.setLevel(level)
@@ -202,13 +197,13 @@ def _save_checked(model: onnx.ModelProto, tmp: Path) -> None:
                             all_tensors_to_one_file=True, location=tmp.name + ".data")
         except onnx.checker.ValidationError as exc:  # onnx refuses e.g. ".." in the data name
             raise ExportError(f"cannot save external data as {tmp.name + '.data'!r}: "
-                              f"{_first_line(exc)}; choose a file name without '..'") from exc
+                              f"{summary(exc)}; choose a file name without '..'") from exc
     else:
         onnx.save_model(model, str(tmp))
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"exported model fails onnx.checker: {_first_line(exc)}") from exc
+        raise ExportError(f"exported model fails onnx.checker: {summary(exc)}") from exc
 
 
 def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
@@ -377,7 +372,7 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
             actual = session.run([OUTPUT_NAME], feeds)[0]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ValidationError(f"{target}: onnxruntime failed at {shape}: "
-                                  f"{_first_line(exc)}") from exc
+                                  f"{summary(exc)}") from exc
         reference = reference_forward(model, values, keys, queries, allowed)  # float64
         with torch.no_grad():
             baseline = same_dtype(values, keys, queries, allowed)

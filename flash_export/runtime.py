@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Union
 
-from flash_export.errors import ArtifactError, RuntimeLibraryError
+from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -91,9 +91,8 @@ def register_library(so: onnxruntime.SessionOptions,
     try:
         so.register_custom_ops_library(str(lib))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeLibraryError(f"onnxruntime cannot register {lib}: {first} (was it built "
-                                  "against this onnxruntime? rebuild it)") from exc
+        raise RuntimeLibraryError(f"onnxruntime cannot register {lib}: {first_line(exc)} (was "
+                                  "it built against this onnxruntime? rebuild it)") from exc
     return lib
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flash_export.attention import FlashAttention
-from flash_export.errors import ModelError
+from flash_export.errors import ModelError, summary
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,7 @@ class ModelSpec:
                     model = factory(embed_size=self.embed, heads=self.heads,
                                     chunk_size=self.chunk, causal=self.causal)
             except Exception as exc:  # a user factory may fail in any way; report one line
-                raise ModelError(f"cannot build the model: {type(exc).__name__}: "
-                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                                 ) from exc
+                raise ModelError(f"cannot build the model: {summary(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.model} returned {type(model).__name__}, not an nn.Module")
         if self.weights:
