@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from flash_export.attention import FlashAttention, reference_forward, replace_attention
 from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, artifact_metadata, atomic_write, spec_of
-from flash_export.onnx_targets import DOMAIN, DOMAIN_VERSION, TARGETS
+from flash_export.onnx_targets import DOMAIN_VERSION, LIBRARY_DOMAIN, TARGETS
 from flash_export.spec import ModelSpec
 from flash_export.tolerance import compare, max_abs_error
 
@@ -246,8 +246,9 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
         raise ExportError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     torch_dtype = _DTYPES[dtype_name]
     opset = _choose_opset(target, opset)
-    meta = artifact_metadata(spec_of(model, spec), artifact="onnx", target=target, domain=DOMAIN,
-                             domain_version=str(DOMAIN_VERSION), dtype=dtype_name)
+    meta = artifact_metadata(spec_of(model, spec), artifact="onnx", target=target,
+                             domain=LIBRARY_DOMAIN, domain_version=str(DOMAIN_VERSION),
+                             dtype=dtype_name)
     layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
     if not layers:
         raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")

@@ -32,15 +32,15 @@ from torch import Tensor
 
 from flash_export.attention import FlashAttention, flash_attention_core
 from flash_export.errors import ExportError
+from flash_export.runtime import LIBRARY_DOMAIN
 
-DOMAIN = "com.flash_export"
 DOMAIN_VERSION = 1
 NODE_NAME = "FlashAttention"
 
 # Module-level opsets: onnxscript resolves them by name when it parses the functions below. Typed
 # Any because onnxscript functions are ONNX programs, not Python that mypy can check.
 op: Any = opset18
-fe: Any = Opset(DOMAIN, DOMAIN_VERSION)
+fe: Any = Opset(LIBRARY_DOMAIN, DOMAIN_VERSION)
 msft: Any = Opset("com.microsoft", 1)
 
 
@@ -239,11 +239,11 @@ def rewrite_as_attention23(model: onnx.ModelProto) -> None:
     nodes = list(graph.node)
     del graph.node[:]
     for index, node in enumerate(nodes):
-        if node.domain != DOMAIN or node.op_type != NODE_NAME:
+        if node.domain != LIBRARY_DOMAIN or node.op_type != NODE_NAME:
             graph.node.append(node)
             continue
         graph.node.extend(_attention23_nodes(node, f"fa{index}"))
-    kept = [o for o in model.opset_import if o.domain != DOMAIN]
+    kept = [o for o in model.opset_import if o.domain != LIBRARY_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
 
@@ -318,7 +318,7 @@ _ops: Tuple[object, object] = (torch.ops.flash_export.onnx_attention.default,
 TARGETS: Dict[str, Target] = {
     "custom": Target("custom", OnnxAttention,
                      {_ops[0]: _custom_node, _ops[1]: _custom_node_masked}, 18, True,
-                     f"one {DOMAIN}::{NODE_NAME} node run by the native library"),
+                     f"one {LIBRARY_DOMAIN}::{NODE_NAME} node run by the native library"),
     "standard": Target("standard", MaskedOnnxAttention, {_ops[1]: _loop_attention}, 18, False,
                        "standard ONNX ops with a Loop over key chunks"),
     "contrib": Target("contrib", MaskedOnnxAttention, {_ops[1]: _contrib_attention}, 18, False,

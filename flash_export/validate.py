@@ -22,12 +22,11 @@ from torch import nn
 
 from flash_export.attention import FlashAttention, reference_forward
 from flash_export.errors import ArtifactError, FlashExportError
-from flash_export.runtime import ort_session
+from flash_export.runtime import LIBRARY_DOMAIN, ort_session
 from flash_export.spec import ModelSpec
 from flash_export.tolerance import Comparison, compare, max_abs_error
 
 TARGETS = ("custom", "standard", "contrib", "attention23")
-CUSTOM_DOMAIN = "com.flash_export"
 DEFAULT_BATCHES = (1, 3)
 
 # Called as progress(done, total, label) while validate runs.
@@ -375,7 +374,7 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
     from onnx import helper
 
     nodes = [n for n in _all_nodes(model_proto.graph)
-             if n.domain == CUSTOM_DOMAIN and n.op_type == "FlashAttention"]
+             if n.domain == LIBRARY_DOMAIN and n.op_type == "FlashAttention"]
     checks = [Check("graph.FlashAttention_nodes", str(len(modules)), str(len(nodes)),
                     len(nodes) == len(modules))]
     for i, (node, fa) in enumerate(zip(nodes, modules)):
@@ -479,7 +478,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     report.checks.extend(metadata_checks(meta, spec))
     if kind == "onnx":
         assert proto is not None
-        has_custom = any(n.domain == CUSTOM_DOMAIN for n in _all_nodes(proto.graph))
+        has_custom = any(n.domain == LIBRARY_DOMAIN for n in _all_nodes(proto.graph))
         if target == "custom" or has_custom:
             report.checks.extend(custom_node_checks(proto, modules))
         if dtype is not None and dtype != artifact_dtype:

@@ -44,11 +44,11 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from flash_export.runtime import LIBRARY_DOMAIN as DOMAIN
 from flash_export.runtime import library_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DOMAIN = "com.flash_export"
 PREFIX = "FlashAttention: "
 HEAD_DIMS = (1, 2, 8, 16, 24, 64, 128)
 # Edge chunk sizes (1, a vector width +-1, the default, past every Lk) beside random ones.
