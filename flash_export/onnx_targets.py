@@ -7,9 +7,10 @@ attention as a single call. The ONNX side differs only in the translation of tha
 - ``custom``: one ``com.flash_export::FlashAttention`` node (version 1) run by our native library.
 - ``standard``: standard ONNX ops, the key-chunk online softmax as an ONNX ``Loop`` with a dynamic
   trip count, so it is correct at any sequence length and keeps O(Lq x D) state per iteration.
-- ``contrib``: onnxruntime's ``com.microsoft::MultiHeadAttention`` with an additive attention bias.
-- ``attention23``: the ONNX ``Attention`` operator (opset >= 23) with a boolean mask, written by
-  rewriting the custom node after export.
+- ``contrib``: onnxruntime's ``com.microsoft::MultiHeadAttention`` with an additive attention bias,
+  and ``attention23``: the ONNX ``Attention`` operator (opset >= 23) with a boolean mask. Both are
+  written by rewriting the custom node after export, inside a guard that gives them our
+  semantics for empty sequences, rows that see no key and NaN keys.
 
 The node contract (documented once, here): inputs ``query`` (B, Lq, E), ``key`` (B, Lk, E),
 ``value`` (B, Lk, E) and optionally ``mask`` bool (B, 1, Lq, Lk), True = may attend; output
@@ -41,7 +42,6 @@ NODE_NAME = "FlashAttention"
 # Any because onnxscript functions are ONNX programs, not Python that mypy can check.
 op: Any = opset18
 fe: Any = Opset(LIBRARY_DOMAIN, DOMAIN_VERSION)
-msft: Any = Opset("com.microsoft", 1)
 
 
 # --- The torch side: two opaque ops (with and without a mask) on (B, L, E) tensors -------------
@@ -197,96 +197,187 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
     return op.CastLike(merged, q)  # (B, Lq, E)
 
 
-# --- contrib: com.microsoft::MultiHeadAttention with an additive bias ---------------------------
+# --- contrib and attention23: a stock attention operator inside a guard ------------------------
+#
+# Both targets export the custom node and then rewrite it (at the graph's final opset, which the
+# exporter cannot step an opset-23 node through) into stock onnxruntime operators. The stock
+# operators differ from our semantics in three places, which one guard around them fixes:
+# - an empty sequence (B, Lq or Lk = 0): they fail, we give zeros of shape (B, Lq, E);
+# - a query row that sees no key: they average the values, we give zeros;
+# - a NaN key: their mask works by adding a bias to (or replacing) the NaN logit, NaN + bias = NaN,
+#   so the NaN also reached rows masked from that key. The guard zeroes NaN keys and puts NaN back
+#   in exactly the (row, head) pairs that may attend to one. Only a model that has a NaN key pays
+#   for that: an If on "any NaN in the key" keeps the usual path at one IsNaN + ReduceMax.
 
-@onnxscript.script()
-def _contrib_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
-                       chunk_size: int, causal: int, scale: float) -> TFloat:
-    lq = op.Shape(q, start=1, end=2)
-    lk = op.Shape(k, start=1, end=2)
-    zero_i = op.Constant(value_int=0)
-    one_i = op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(zero_i, op.Squeeze(lq), one_i), op.Constant(value_ints=[1]))
-    cols = op.Range(zero_i, op.Squeeze(lk), one_i)
-    not_causal = op.Not(op.Cast(op.Constant(value_int=causal), to=9))
-    in_causal = op.Or(not_causal, op.LessOrEqual(cols, op.Add(rows, op.Sub(lk, lq))))
-    # MultiHeadAttention wants the bias as (B or 1, 1, Lq, Lk), never broadcast along Lq or Lk.
-    full = op.Concat(op.Constant(value_ints=[1, 1]), lq, lk, axis=0)
-    visible = op.Expand(op.And(mask, in_causal), full)  # (B|1, 1, Lq, Lk)
-    zero = op.CastLike(op.Constant(value_float=0.0), q)
-    # The most negative float16, finite in both export dtypes and far below any logit: -inf
-    # would turn fully masked rows into NaN inside the kernel.
-    bias = op.Where(visible, zero, op.CastLike(op.Constant(value_float=-65504.0), q))
-    out = msft.MultiHeadAttention(q, k, v, None, None, bias, num_heads=num_heads, scale=scale)
-    # MultiHeadAttention averages a fully masked row; our module gives zeros there.
-    any_visible = op.ReduceMax(op.Cast(visible, to=1), op.Constant(value_ints=[-1]), keepdims=1)
-    any_visible = op.Squeeze(any_visible, op.Constant(value_ints=[1]))  # (B|1, Lq, 1)
-    return op.Where(op.Greater(any_visible, op.Constant(value_float=0.0)), out, zero)
+_FLOAT, _INT64, _BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+# The most negative float16: finite in both export dtypes and far below any logit (-inf would
+# turn a fully masked row into NaN inside MultiHeadAttention).
+_MASKED_BIAS = -65504.0
 
 
-# --- attention23: ONNX Attention (opset >= 23) --------------------------------------------------
+class _Nodes:
+    """Builds a list of ONNX nodes (one graph or subgraph) with names unique across a rewrite."""
 
-def rewrite_as_attention23(model: onnx.ModelProto) -> None:
-    """Replace every com.flash_export::FlashAttention node of `model` with ONNX `Attention`.
+    def __init__(self, prefix: str, counter: List[int]) -> None:
+        self.prefix, self.counter = prefix, counter
+        self.nodes: List[onnx.NodeProto] = []
 
-    The exporter builds at opset 18 and cannot step an opset-23 node through its version
-    converter, so this target exports the custom node and rewrites it here, once the graph is at
-    its final opset (>= 23). Each node becomes: the bottom-right causal mask when `causal` (the
-    operator's own is_causal is top-left aligned), `Attention` with that boolean mask, and a
-    `Where` that zeros the rows seeing no key (the operator would average them).
-    """
-    graph = model.graph
-    nodes = list(graph.node)
-    del graph.node[:]
-    for index, node in enumerate(nodes):
-        if node.domain != LIBRARY_DOMAIN or node.op_type != NODE_NAME:
-            graph.node.append(node)
-            continue
-        graph.node.extend(_attention23_nodes(node, f"fa{index}"))
-    kept = [o for o in model.opset_import if o.domain != LIBRARY_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
+    def child(self) -> "_Nodes":
+        """A builder for a subgraph, sharing this one's name counter."""
+        return _Nodes(self.prefix, self.counter)
 
-
-def _attention23_nodes(node: onnx.NodeProto, prefix: str) -> List[onnx.NodeProto]:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    q, k, v, mask = node.input
-    made: List[onnx.NodeProto] = []
-
-    def add(op_type: str, inputs: Sequence[str], **kwargs: Any) -> str:
-        name = f"{prefix}_{op_type.lower()}_{len(made)}"
-        made.append(onnx.helper.make_node(op_type, list(inputs), [name], name=name, **kwargs))
+    def add(self, op_type: str, inputs: Sequence[str], domain: str = "", **attrs: Any) -> str:
+        self.counter[0] += 1
+        name = f"{self.prefix}_{op_type.lower()}_{self.counter[0]}"
+        self.nodes.append(onnx.helper.make_node(op_type, list(inputs), [name], name=name,
+                                                domain=domain, **attrs))
         return name
 
-    def const(value: Any, dtype: int, dims: Sequence[int] = ()) -> str:
+    def const(self, value: Any, dtype: int, dims: Optional[Sequence[int]] = None) -> str:
         values = value if isinstance(value, list) else [value]
-        return add("Constant", [], value=onnx.helper.make_tensor("v", dtype, list(dims), values))
+        dims = [len(values)] if dims is None and isinstance(value, list) else (dims or [])
+        return self.add("Constant", [], value=onnx.helper.make_tensor("v", dtype, dims, values))
 
-    lq = add("Shape", [q], start=1, end=2)
-    lk = add("Shape", [k], start=1, end=2)
+    def like(self, value: float, other: str) -> str:
+        """A float scalar constant in the dtype of `other`."""
+        return self.add("CastLike", [self.const(value, _FLOAT), other])
+
+    def if_(self, cond: str, then: "_Nodes", then_out: str, orelse: "_Nodes", else_out: str,
+            elem_type: int) -> str:
+        """If(cond) over two subgraphs that each produce one tensor of `elem_type`."""
+        def graph(body: "_Nodes", out: str, name: str) -> onnx.GraphProto:
+            return onnx.helper.make_graph(
+                body.nodes, name, [], [onnx.helper.make_tensor_value_info(out, elem_type, None)])
+
+        self.counter[0] += 1
+        tag = f"{self.prefix}_if_{self.counter[0]}"
+        return self.add("If", [cond], then_branch=graph(then, then_out, f"{tag}_then"),
+                        else_branch=graph(orelse, else_out, f"{tag}_else"))
+
+
+# inner(nodes, q, k, v, visible, attrs) -> (B, Lq, E): the stock operator on non-empty inputs,
+# `visible` bool (B|1, 1, Lq, Lk) with the causal mask already applied.
+Inner = Callable[[_Nodes, str, str, str, str, Dict[str, Any]], str]
+
+
+def _contrib_inner(g: _Nodes, q: str, k: str, v: str, visible: str, attrs: Dict[str, Any]) -> str:
+    """com.microsoft::MultiHeadAttention with an additive bias (it takes no boolean mask)."""
+    bias = g.add("Where", [visible, g.like(0.0, q), g.like(_MASKED_BIAS, q)])
+    return g.add("MultiHeadAttention", [q, k, v, "", "", bias], domain="com.microsoft",
+                 num_heads=int(attrs["num_heads"]), scale=float(attrs["scale"]))
+
+
+def _attention23_inner(g: _Nodes, q: str, k: str, v: str, visible: str,
+                       attrs: Dict[str, Any]) -> str:
+    """ONNX Attention (opset 23) with the boolean mask."""
+    heads = int(attrs["num_heads"])
+    return g.add("Attention", [q, k, v, visible], q_num_heads=heads, kv_num_heads=heads,
+                 scale=float(attrs["scale"]))
+
+
+def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,
+                   elem_type: int) -> List[onnx.NodeProto]:
+    """The nodes that replace one FlashAttention `node`: `inner` inside the guard above."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    q, k, v, mask = node.input
+    heads = int(attrs["num_heads"])
+    g = _Nodes(prefix, [0])
+
+    lq = g.add("Shape", [q], start=1, end=2)  # (1,)
+    lk = g.add("Shape", [k], start=1, end=2)  # (1,)
+    sizes = g.add("Concat", [g.add("Shape", [q], start=0, end=2), lk], axis=0)  # [B, Lq, Lk]
+    empty = g.add("Equal", [g.add("ReduceProd", [sizes], keepdims=0), g.const(0, _INT64)])
+
+    then = g.child()  # empty: zeros (B, Lq, E)
+    zeros = then.add("Expand", [then.like(0.0, q), then.add("Shape", [q])])
+
+    body = g.child()  # not empty
     visible = mask  # bool, broadcastable to (B, 1, Lq, Lk)
     if attrs.get("causal", 0):
-        zero, one = const(0, onnx.TensorProto.INT64), const(1, onnx.TensorProto.INT64)
-        rows = add("Unsqueeze", [add("Range", [zero, add("Squeeze", [lq]), one]),
-                                 const([1], onnx.TensorProto.INT64, [1])])  # (Lq, 1)
-        cols = add("Range", [zero, add("Squeeze", [lk]), one])  # (Lk,)
+        zero, one = body.const(0, _INT64), body.const(1, _INT64)
+        rows = body.add("Unsqueeze", [body.add("Range", [zero, body.add("Squeeze", [lq]), one]),
+                                      body.const([1], _INT64)])  # (Lq, 1)
+        cols = body.add("Range", [zero, body.add("Squeeze", [lk]), one])  # (Lk,)
         # Bottom-right aligned: query i sees key j iff j <= i + Lk - Lq.
-        in_causal = add("LessOrEqual", [cols, add("Add", [rows, add("Sub", [lk, lq])])])
-        visible = add("And", [mask, in_causal])
-    # onnxruntime's Attention wants the mask's last two dims to be exactly (Lq, Lk).
-    full = add("Concat", [const([1, 1], onnx.TensorProto.INT64, [2]), lq, lk], axis=0)
-    visible = add("Expand", [visible, full])  # (B|1, 1, Lq, Lk)
-    heads = int(attrs["num_heads"])
-    out = add("Attention", [q, k, v, visible], q_num_heads=heads, kv_num_heads=heads,
-              scale=float(attrs["scale"]))
-    any_visible = add("ReduceMax", [add("Cast", [visible], to=onnx.TensorProto.FLOAT),
-                                    const([-1], onnx.TensorProto.INT64, [1])], keepdims=1)
-    any_visible = add("Squeeze", [any_visible, const([1], onnx.TensorProto.INT64, [1])])
-    seen = add("Greater", [any_visible, const(0.0, onnx.TensorProto.FLOAT)])  # (B|1, Lq|1, 1)
-    zero_out = add("CastLike", [const(0.0, onnx.TensorProto.FLOAT), out])
-    made.append(onnx.helper.make_node("Where", [seen, out, zero_out], list(node.output),
-                                      name=f"{prefix}_where"))
-    return made
+        in_causal = body.add("LessOrEqual", [cols, body.add("Add", [rows,
+                                                                   body.add("Sub", [lk, lq])])])
+        visible = body.add("And", [mask, in_causal])
+    # Both operators want the mask's last two dims to be exactly (Lq, Lk).
+    full = body.add("Concat", [body.const([1, 1], _INT64), lq, lk], axis=0)
+    visible = body.add("Expand", [visible, full])  # (B|1, 1, Lq, Lk)
+    nan_k = body.add("IsNaN", [k])  # (B, Lk, E)
+    any_nan = body.add("Greater", [body.add("ReduceMax", [body.add("Cast", [nan_k], to=_FLOAT)],
+                                            keepdims=0), body.const(0.0, _FLOAT)])
+    # Each subgraph casts what it reads for itself: onnxruntime warns when an optimisation would
+    # rename a value that a subgraph reads from outside.
+
+    clean = body.child()  # a NaN key: run on zeroed keys, then NaN the rows that may see one
+    raw = inner(clean, q, clean.add("Where", [nan_k, clean.like(0.0, k), k]), v, visible, attrs)
+    per_head = clean.const([0, 0, heads, -1], _INT64)
+    nan_k_f = clean.add("Cast", [nan_k], to=_FLOAT)
+    key_nan = clean.add("ReduceMax", [clean.add("Reshape", [nan_k_f, per_head]),
+                                      clean.const([-1], _INT64)], keepdims=0)  # (B, Lk, H)
+    key_nan = clean.add("Unsqueeze", [clean.add("Transpose", [key_nan], perm=[0, 2, 1]),
+                                      clean.const([-1], _INT64)])  # (B, H, Lk, 1)
+    # (B, H, Lq, 1): how many NaN keys each (row, head) may see.
+    hits = clean.add("MatMul", [clean.add("Cast", [visible], to=_FLOAT), key_nan])
+    row_nan = clean.add("Transpose", [clean.add("Greater", [hits, clean.const(0.0, _FLOAT)])],
+                        perm=[0, 2, 1, 3])  # (B, Lq, H, 1)
+    raw_heads = clean.add("Reshape", [raw, per_head])  # (B, Lq, H, D)
+    with_nan = clean.add("Reshape", [clean.add("Where", [row_nan, clean.like(float("nan"), q),
+                                                         raw_heads]),
+                                     clean.const([0, 0, -1], _INT64)])  # (B, Lq, E)
+    plain = body.child()
+    plain_out = inner(plain, q, k, v, visible, attrs)
+    attended = body.if_(any_nan, clean, with_nan, plain, plain_out, elem_type)
+
+    # A row that sees no key: zeros, where the stock operators average the values.
+    seen = body.add("ReduceMax", [body.add("Cast", [visible], to=_FLOAT),
+                                  body.const([-1], _INT64)], keepdims=1)
+    seen = body.add("Greater", [body.add("Squeeze", [seen, body.const([1], _INT64)]),
+                                body.const(0.0, _FLOAT)])  # (B|1, Lq, 1)
+    result = body.add("Where", [seen, attended, body.like(0.0, q)])
+
+    out = g.if_(empty, then, zeros, body, result, elem_type)
+    g.nodes.append(onnx.helper.make_node("Identity", [out], list(node.output),
+                                         name=f"{prefix}_out"))
+    return g.nodes
+
+
+def _float_type(graph: onnx.GraphProto) -> int:
+    """The element type of the model's float inputs (all of them share the export dtype)."""
+    for value in graph.input:
+        elem = value.type.tensor_type.elem_type
+        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                    onnx.TensorProto.DOUBLE):
+            return elem
+    raise ExportError("the exported graph has no floating-point input")
+
+
+def _guard_rewrite(inner: Inner, opsets: Dict[str, int]) -> Callable[[onnx.ModelProto], None]:
+    """A rewrite that replaces every custom node with `inner` in the guard; adds `opsets`."""
+    def rewrite(model: onnx.ModelProto) -> None:
+        graph = model.graph
+        elem_type = _float_type(graph)
+        nodes = list(graph.node)
+        del graph.node[:]
+        for index, node in enumerate(nodes):
+            if node.domain != LIBRARY_DOMAIN or node.op_type != NODE_NAME:
+                graph.node.append(node)
+                continue
+            graph.node.extend(_guarded_nodes(node, f"fa{index}", inner, elem_type))
+        kept = [o for o in model.opset_import if o.domain != LIBRARY_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        have = {o.domain for o in kept}
+        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items()
+                                  if d not in have)
+
+    return rewrite
+
+
+rewrite_as_contrib = _guard_rewrite(_contrib_inner, {"com.microsoft": 1})
+rewrite_as_attention23 = _guard_rewrite(_attention23_inner, {})
 
 
 @dataclass(frozen=True)
@@ -321,8 +412,8 @@ TARGETS: Dict[str, Target] = {
                      f"one {LIBRARY_DOMAIN}::{NODE_NAME} node run by the native library"),
     "standard": Target("standard", MaskedOnnxAttention, {_ops[1]: _loop_attention}, 18, False,
                        "standard ONNX ops with a Loop over key chunks"),
-    "contrib": Target("contrib", MaskedOnnxAttention, {_ops[1]: _contrib_attention}, 18, False,
-                      "onnxruntime's com.microsoft::MultiHeadAttention"),
+    "contrib": Target("contrib", MaskedOnnxAttention, {_ops[1]: _custom_node_masked}, 18, False,
+                      "onnxruntime's com.microsoft::MultiHeadAttention", rewrite_as_contrib),
     "attention23": Target("attention23", MaskedOnnxAttention, {_ops[1]: _custom_node_masked}, 23,
                           False, "the ONNX Attention operator (opset >= 23)",
                           rewrite_as_attention23),

@@ -355,14 +355,15 @@ def metadata_checks(meta: Dict[str, str], spec: ModelSpec) -> List[Check]:
                   meta.get(key) == want) for key, want in expected.items()]
 
 
-def _all_nodes(graph: Any) -> Iterator[Any]:
+def all_nodes(graph: Any) -> Iterator[Any]:
+    """Every node of `graph` and, depth first, of its subgraphs (If branches, Loop bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.g is not None and len(attr.g.node):
-                yield from _all_nodes(attr.g)
+                yield from all_nodes(attr.g)
             for g in attr.graphs:
-                yield from _all_nodes(g)
+                yield from all_nodes(g)
 
 
 def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[Check]:
@@ -373,7 +374,7 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
     """
     from onnx import helper
 
-    nodes = [n for n in _all_nodes(model_proto.graph)
+    nodes = [n for n in all_nodes(model_proto.graph)
              if n.domain == LIBRARY_DOMAIN and n.op_type == "FlashAttention"]
     checks = [Check("graph.FlashAttention_nodes", str(len(modules)), str(len(nodes)),
                     len(nodes) == len(modules))]
@@ -478,7 +479,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     report.checks.extend(metadata_checks(meta, spec))
     if kind == "onnx":
         assert proto is not None
-        has_custom = any(n.domain == LIBRARY_DOMAIN for n in _all_nodes(proto.graph))
+        has_custom = any(n.domain == LIBRARY_DOMAIN for n in all_nodes(proto.graph))
         if target == "custom" or has_custom:
             report.checks.extend(custom_node_checks(proto, modules))
         if dtype is not None and dtype != artifact_dtype:

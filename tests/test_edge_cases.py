@@ -29,20 +29,8 @@ ONNX_TARGETS = ("custom", "standard", "contrib", "attention23")
 BACKENDS = ("eager", "torchscript") + tuple(f"onnx:{t}" for t in ONNX_TARGETS)
 CASES = ("masked-row", "lk0", "lq0", "nan-query", "nan-key", "large-logits")
 # Known gaps, each with the reason: (backend, case, dtype) -> why it cannot pass today. They are
-# strict xfails: a fix makes them XPASS, which fails, so the entry must then be removed.
-_NAN_LEAKS = ("a NaN key leaks into a query row the mask blocks from it (the mask is applied "
-              "after/as an addition to the NaN logit, so NaN + -inf = NaN)")
-_CONTRIB_EMPTY = ("the contrib target's Where around MultiHeadAttention cannot broadcast a "
-                  "0-length dim (onnxruntime Broadcaster error, onnx_targets.py)")
-_ATTN23_EMPTY = "onnxruntime's CPU Attention(23) requires q/kv sequence length > 0"
-KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
-    **{("onnx:contrib", c, d): _CONTRIB_EMPTY for c in ("lk0", "lq0")
-       for d in ("float32", "float16")},
-    **{("onnx:attention23", c, d): _ATTN23_EMPTY for c in ("lk0", "lq0")
-       for d in ("float32", "float16")},
-    **{(b, "nan-key", d): _NAN_LEAKS for b in ("onnx:contrib", "onnx:attention23")
-       for d in ("float32", "float16")},
-}
+# strict xfails: a fix makes them XPASS, which fails, so the entry must then be removed. None today.
+KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {}
 
 Inputs = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -241,3 +229,25 @@ def test_edge_case(backend: str, case: str, dtype: str, artifacts: Dict[str, Pat
     c = compare(out64, ref, baseline_error=max_abs_error(baseline, ref), dtype=dtype)
     assert c.passed, (f"{backend} / {case} / {dtype}: max abs {c.max_abs:.3g} > bound "
                       f"{c.bound:.3g} (nonfinite {c.nonfinite})")
+
+
+@pytest.mark.parametrize("target", ONNX_TARGETS)
+def test_causal_nan_key_reaches_only_the_rows_that_see_it(target: str, tmp_path: Path) -> None:
+    """Causal, no mask input: the NaN key's visibility comes from the causal rule alone."""
+    from flash_export.runtime import create_session
+
+    model = _model()
+    model.causal = True
+    path = tmp_path / f"{target}.onnx"
+    export_onnx(model, path, target=target)
+    rng = np.random.default_rng(0)
+    v, k, q = (rng.standard_normal((2, n, EMBED)).astype(np.float32) for n in (11, 11, 5))
+    k[1, 8, 3] = np.nan  # bottom-right causal: query i sees key j <= i + 6, so rows 2-4 see it
+    out = create_session(path).run(["output"], {"values": v, "keys": k, "queries": q})[0]
+    expected = np.zeros((2, 5), dtype=bool)
+    expected[1, 2:] = True
+    assert (np.isnan(out).any(axis=-1) == expected).all(), np.isnan(out).any(axis=-1).tolist()
+    assert np.isfinite(out[~expected]).all()
+    tv, tk, tq = (torch.from_numpy(a).double() for a in (v, k, q))
+    ref = reference_forward(model, tv, tk, tq, None).numpy()
+    np.testing.assert_allclose(out[~expected], ref[~expected], atol=1e-5)
