@@ -100,8 +100,9 @@ def _run_declared_as_fed(*arrays: np.ndarray, **attrs: Any) -> np.ndarray:
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
               for n, a in zip(names, arrays)]
     node = helper.make_node("FlashAttention", names, ["out"], domain="com.flash_export", **attrs)
-    # onnxruntime ties a dynamically typed output to the last dynamically typed input (value).
-    out_type = helper.np_dtype_to_tensor_dtype(arrays[2].dtype)
+    # The output has query's type, as every exporter declares it: the library's shape inference
+    # states it, so a dtype fault in any input reaches the kernel and its message.
+    out_type = helper.np_dtype_to_tensor_dtype(arrays[0].dtype)
     graph = helper.make_graph([node], "flash", inputs,
                               [helper.make_tensor_value_info("out", out_type, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
