@@ -6,45 +6,64 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from flash_export.export import load_torchscript
 from flash_export.manifest import verify_artifact
 
+# Exports `model` in a loop into argv[1]; "ready" after the first export, when killing first
+# has a previous artifact set to spare.
 SCRIPT = """
 import sys, torch
 from flash_export import FlashAttention, export_torchscript
-seed = int(sys.argv[2])
-torch.manual_seed(seed)
+from flash_export.onnx_export import export_onnx
+torch.manual_seed(int(sys.argv[3]))
 model = FlashAttention(256, 8, 16)
+export = export_torchscript if sys.argv[2] == "torchscript" else export_onnx
+export(model, sys.argv[1])
 print("ready", flush=True)
 while True:
-    export_torchscript(model, sys.argv[1])
+    export(model, sys.argv[1])
 """
+# Kill moments after "ready": up to about two export durations.
+WINDOW_S = {"torchscript": 0.6, "onnx": 3.0}
+
+
+def _check_artifact(kind: str, target: Path) -> None:
+    verify_artifact(target)  # the file under the final name is one the manifest accepts
+    if kind == "torchscript":
+        _, meta = load_torchscript(target)
+    else:
+        import onnx
+
+        model = onnx.load(str(target))
+        onnx.checker.check_model(model, full_check=True)
+        meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["embed"] == "256"
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_leaves_a_partial_artifact(tmp_path):
-    target = tmp_path / "model.pt"
+@pytest.mark.parametrize("kind", ["torchscript", "onnx"])
+def test_sigkill_at_random_moments_never_leaves_a_partial_artifact(kind: str,
+                                                                  tmp_path: Path) -> None:
+    target = tmp_path / ("model.pt" if kind == "torchscript" else "model.onnx")
     rng = random.Random(1234)
-    outcomes = {"valid": 0, "none": 0}
+    valid = 0
     for kill in range(20):
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target), str(kill)],
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target), kind, str(kill)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, WINDOW_S[kind]))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        if not target.exists():
-            outcomes["none"] += 1
-            continue
-        verify_artifact(target)  # the file under the final name is one the manifest accepts
-        _, meta = load_torchscript(target)
-        assert meta["embed"] == "256"
-        outcomes["valid"] += 1
+        # An artifact set existed before the kill, so it must still be there, whole.
+        assert target.exists(), f"kill {kind} #{kill} removed the previous artifact"
+        _check_artifact(kind, target)
+        valid += 1
     leftovers = [p.name for p in tmp_path.iterdir()
-                 if p.name not in ("model.pt", "model.pt.manifest.json")]
+                 if p.name not in (target.name, f"{target.name}.manifest.json")]
     # Staging folders of killed runs may remain under hidden names; never under the final name.
-    assert all(name.startswith(".model.pt.") for name in leftovers), leftovers
-    assert sum(outcomes.values()) == 20 and outcomes["valid"] >= 1
+    assert all(name.startswith(f".{target.name}.") for name in leftovers), leftovers
+    assert valid == 20
