@@ -2,6 +2,7 @@
 // benchmarks) and the build report. Everything else in the library has hidden visibility.
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,7 +28,9 @@ struct ThreadedFor {
   int32_t threads;
 };
 
-// parallel_for on plain std::threads: each thread pulls the next item index from a counter.
+// parallel_for on plain std::threads: each thread pulls the next item index from a counter. If
+// the system refuses a thread, the ones started (and the caller) do all the items: no exception
+// leaves this C entry point.
 void threaded_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* data) {
   const size_t threads = static_cast<size_t>(static_cast<ThreadedFor*>(context)->threads);
   std::atomic<size_t> next{0};
@@ -35,7 +38,11 @@ void threaded_parallel_for(void* context, void (*fn)(void*, size_t), size_t tota
     for (size_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) fn(data, i);
   };
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads && t < total; ++t) pool.emplace_back(worker);
+  try {
+    pool.reserve(threads);
+    for (size_t t = 1; t < threads && t < total; ++t) pool.emplace_back(worker);
+  } catch (const std::exception&) {  // std::system_error or std::bad_alloc: run with fewer
+  }
   worker();
   for (std::thread& t : pool) t.join();
 }

@@ -10,7 +10,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 
 #include "flash_attention.h"
@@ -63,7 +66,24 @@ const char* type_name(ONNXTensorElementDataType type) {
   }
 }
 
-// Reads an optional attribute: absent keeps `value`; any other failure is an error.
+// No C++ exception may cross into onnxruntime through its C ABI: whatever `fn` throws (bad_alloc
+// while building a message, say) comes back as an error status.
+template <typename Fn>
+OrtStatus* no_throw(const Api& api, Fn&& fn) noexcept {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return api.CreateStatus(ORT_FAIL, "FlashAttention: out of memory");
+  } catch (const std::exception& e) {
+    char message[256];
+    std::snprintf(message, sizeof(message), "FlashAttention: internal error: %s", e.what());
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, message);
+  } catch (...) {
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, "FlashAttention: internal error");
+  }
+}
+
+// Reads an optional attribute: any failure to read it (absent, wrong type) keeps `value`.
 template <typename T>
 void read_attribute(const Api& api, const OrtKernelInfo* info, const char* name, T* value,
                           bool* present) {
@@ -77,9 +97,8 @@ void read_attribute(const Api& api, const OrtKernelInfo* info, const char* name,
   if (status != nullptr) api.ReleaseStatus(status);
 }
 
-OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info,
-                         void** kernel) {
-  const Api api(table);
+OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtKernelInfo* info,
+                                 void** kernel) {
   Attributes a;
   bool present = false;
   read_attribute(api, info, "num_heads", &a.num_heads, &present);
@@ -104,6 +123,12 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
   }
   *kernel = new Kernel{table, a};
   return nullptr;
+}
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info,
+                         void** kernel) {
+  const Api api(table);
+  return no_throw(api, [&] { return create_kernel_checked(api, table, info, kernel); });
 }
 
 void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
@@ -162,10 +187,7 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
 }
 
 template <bool kCuda>
-OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
-  const Kernel& kernel = *static_cast<const Kernel*>(kernel_ptr);
-  const Api api(kernel.api);
-  const Attributes& a = kernel.attrs;
+OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
 
   size_t input_count = 0;
   if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
@@ -298,6 +320,13 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   }
 }
 
+template <bool kCuda>
+OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<const Kernel*>(kernel_ptr);
+  const Api api(kernel.api);
+  return no_throw(api, [&] { return compute_checked<kCuda>(api, kernel.attrs, context); });
+}
+
 OrtStatus* compute_cpu(void* kernel, OrtKernelContext* context) {
   return compute<false>(kernel, context);
 }
@@ -308,8 +337,7 @@ OrtStatus* compute_cpu(void* kernel, OrtKernelContext* context) {
 // types the output after the last dynamically typed input, and a dtype fault there would fail the
 // session with its generic type error instead of ours. (onnxruntime 1.31 takes the element type
 // from this call; runtimes whose SetOutputTypeShape sets only the shape keep their type error.)
-OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* context) {
-  static const Api api = Api(registered_api());
+OrtStatus* infer_output_shape_checked(const Api& api, OrtShapeInferContext* context) {
   size_t count = 0;
   if (OrtStatus* s = api.ShapeInferContext_GetInputCount(context, &count)) return s;
   if (count == 0) return nullptr;
@@ -338,6 +366,11 @@ OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* context)
   if (s == nullptr) s = api.ShapeInferContext_SetOutputTypeShape(context, 0, out);
   api.ReleaseTensorTypeAndShapeInfo(out);
   return s;
+}
+
+OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* context) {
+  static const Api api = Api(registered_api());
+  return no_throw(api, [&] { return infer_output_shape_checked(api, context); });
 }
 
 const char* op_name(const OrtCustomOp*) { return kOpName; }
