@@ -74,7 +74,9 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_avx512() { return Kernel{"avx512", avx512::V::kW, 96, &avx512::run_item}; }
+Kernel kernel_avx512() {
+  return Kernel{"avx512", avx512::V::kW, 96, &avx512::pack_rows, &avx512::run_item};
+}
 
 }  // namespace cpu
 }  // namespace flash_export
