@@ -104,8 +104,10 @@ void run_job_item(void* data, size_t index) {
     job.out_of_memory.store(true, std::memory_order_relaxed);
     return;
   }
-  const int64_t local = static_cast<int64_t>(index) % job.group;
-  const int64_t rank = static_cast<int64_t>(index) / job.group;
+  // Head-major: the threads walk one head's query blocks together, so its packed keys and values
+  // stay in cache between items.
+  const int64_t local = static_cast<int64_t>(index) / plan.q_blocks;
+  const int64_t rank = static_cast<int64_t>(index) % plan.q_blocks;
   // Causal blocks lower down see more keys: hand out the heaviest first so the pool balances.
   const int64_t q_block = p.causal ? plan.q_blocks - 1 - rank : rank;
   const int64_t bh = job.first_bh + local;
