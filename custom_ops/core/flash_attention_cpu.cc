@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
+#include <utility>
 
 #include "flash_attention.h"
 #include "flash_attention_cpu_internal.h"
@@ -69,6 +71,53 @@ constexpr int64_t kPackRows = 256;
 // one head per group). 8 MiB keeps one head of Lk = 16384, D = 64 within a quarter of that
 // call's output.
 constexpr size_t kPackBudgetBytes = size_t{8} << 20;
+
+// The packing buffer outlives the call that allocated it, for the next call: a fresh multi-MiB
+// allocation comes back from the OS on every call, and faulting its pages in costs more than the
+// packing at N = 1024. One buffer is kept (at most kPackBudgetBytes); concurrent calls allocate.
+class PackCache {
+ public:
+  ~PackCache() { free_buffer(data_); }
+  // A buffer of at least `floats` floats (its size in *capacity), or nullptr when out of memory.
+  float* acquire(size_t floats, size_t* capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (data_ != nullptr && capacity_ >= floats) {
+        float* data = data_;
+        *capacity = capacity_;
+        data_ = nullptr;
+        capacity_ = 0;
+        return data;
+      }
+    }
+    *capacity = floats;
+    return static_cast<float*>(
+        ::operator new(floats * sizeof(float), std::align_val_t(64), std::nothrow));
+  }
+  void release(float* data, size_t capacity) {
+    if (capacity * sizeof(float) <= kPackBudgetBytes) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (capacity > capacity_) {
+        std::swap(data, data_);
+        capacity_ = capacity;
+      }
+    }
+    free_buffer(data);
+  }
+
+ private:
+  static void free_buffer(float* data) {
+    if (data != nullptr) ::operator delete(data, std::align_val_t(64));
+  }
+  std::mutex mutex_;
+  float* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+PackCache& pack_cache() {
+  static PackCache cache;
+  return cache;
+}
 
 // One call's state; each parallel_for runs one phase (pack or attend) over one group of heads.
 struct Job {
@@ -173,9 +222,9 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
                        : fit > static_cast<size_t>(bh_total) ? bh_total
                                                              : static_cast<int64_t>(fit);
   float* packed = nullptr;
+  size_t packed_capacity = 0;
   if (head_floats > 0) {
-    const size_t bytes = static_cast<size_t>(group) * head_floats * sizeof(float);
-    packed = static_cast<float*>(::operator new(bytes, std::align_val_t(64), std::nothrow));
+    packed = pack_cache().acquire(static_cast<size_t>(group) * head_floats, &packed_capacity);
     if (packed == nullptr) return Status::kOutOfMemory;
   }
 
@@ -202,7 +251,7 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
     run(&pack_job_item, heads_in_group * pack_chunks);
     run(&run_job_item, heads_in_group * static_cast<size_t>(plan.q_blocks));
   }
-  if (packed != nullptr) ::operator delete(packed, std::align_val_t(64));
+  if (packed != nullptr) pack_cache().release(packed, packed_capacity);
   return job.out_of_memory.load() ? Status::kOutOfMemory : Status::kOk;
 }
 
