@@ -55,9 +55,10 @@ struct AttentionParams {
 
 // A query row that sees no key (all masked, causal with Lq > Lk, or Lk == 0) is written as zeros.
 
-// Runs fn(data, i) for every i in [0, total); the CPU kernel hands its work items (one per
-// (batch, head, query block)) to this, so an adapter can use its runtime's thread pool.
-// `context` is the adapter's own pointer, passed back untouched.
+// Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
+// its work items to this (a few calls per forward: packing a group of heads' keys and values, then
+// one item per (batch, head, query block) of that group), so an adapter can use its runtime's
+// thread pool. `context` is the adapter's own pointer, passed back untouched.
 using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t index), size_t total,
                                void* data);
 

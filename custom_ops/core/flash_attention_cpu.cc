@@ -1,10 +1,14 @@
 // CPU FlashAttention: validates the params, picks the vector kernel for this CPU once per process,
-// and hands one work item per (batch, head, query block) to the caller's parallel_for.
+// and, group of heads by group, hands the caller's parallel_for first the packing of the group's
+// keys and values, then one work item per (batch, head, query block).
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
+#include <utility>
 
 #include "flash_attention.h"
 #include "flash_attention_cpu_internal.h"
@@ -61,12 +65,83 @@ struct Scratch {
   }
 };
 
+// Keys per packing item: enough work to be worth a dispatch slot, small enough to spread.
+constexpr int64_t kPackRows = 256;
+// Upper bound of the packed K/V buffer; heads are packed and run in groups that fit it (at least
+// one head per group). 8 MiB keeps one head of Lk = 16384, D = 64 within a quarter of that
+// call's output.
+constexpr size_t kPackBudgetBytes = size_t{8} << 20;
+
+// The packing buffer outlives the call that allocated it, for the next call: a fresh multi-MiB
+// allocation comes back from the OS on every call, and faulting its pages in costs more than the
+// packing at N = 1024. One buffer is kept (at most kPackBudgetBytes); concurrent calls allocate.
+class PackCache {
+ public:
+  ~PackCache() { free_buffer(data_); }
+  // A buffer of at least `floats` floats (its size in *capacity), or nullptr when out of memory.
+  float* acquire(size_t floats, size_t* capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (data_ != nullptr && capacity_ >= floats) {
+        float* data = data_;
+        *capacity = capacity_;
+        data_ = nullptr;
+        capacity_ = 0;
+        return data;
+      }
+    }
+    *capacity = floats;
+    return static_cast<float*>(
+        ::operator new(floats * sizeof(float), std::align_val_t(64), std::nothrow));
+  }
+  void release(float* data, size_t capacity) {
+    if (capacity * sizeof(float) <= kPackBudgetBytes) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (capacity > capacity_) {
+        std::swap(data, data_);
+        capacity_ = capacity;
+      }
+    }
+    free_buffer(data);
+  }
+
+ private:
+  static void free_buffer(float* data) {
+    if (data != nullptr) ::operator delete(data, std::align_val_t(64));
+  }
+  std::mutex mutex_;
+  float* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+PackCache& pack_cache() {
+  static PackCache cache;
+  return cache;
+}
+
+// One call's state; each parallel_for runs one phase (pack or attend) over one group of heads.
 struct Job {
   const AttentionParams* params;
   const Plan* plan;
+  cpu::PackRowsFn pack_rows;
   cpu::RunItemFn run_item;
+  float* packed;          // group heads x head_floats
+  size_t head_floats;     // packed K and V of one head
+  int64_t first_bh;       // first (batch * H + head) of the group
+  int64_t group;          // heads in the group
   std::atomic<bool> out_of_memory{false};
 };
+
+void pack_job_item(void* data, size_t index) {
+  Job& job = *static_cast<Job*>(data);
+  const AttentionParams& p = *job.params;
+  const int64_t local = static_cast<int64_t>(index) % job.group;
+  const int64_t j0 = static_cast<int64_t>(index) / job.group * kPackRows;
+  const int64_t bh = job.first_bh + local;
+  const int64_t n = p.seq_k - j0 < kPackRows ? p.seq_k - j0 : kPackRows;
+  job.pack_rows(p, *job.plan, bh / p.heads, bh % p.heads, j0, n,
+                job.packed + static_cast<size_t>(local) * job.head_floats);
+}
 
 void run_job_item(void* data, size_t index) {
   Job& job = *static_cast<Job*>(data);
@@ -78,11 +153,16 @@ void run_job_item(void* data, size_t index) {
     job.out_of_memory.store(true, std::memory_order_relaxed);
     return;
   }
-  const int64_t bh = static_cast<int64_t>(index) % (p.batch * p.heads);
-  const int64_t rank = static_cast<int64_t>(index) / (p.batch * p.heads);
+  // Head-major: the threads walk one head's query blocks together, so its packed keys and values
+  // stay in cache between items.
+  const int64_t local = static_cast<int64_t>(index) / plan.q_blocks;
+  const int64_t rank = static_cast<int64_t>(index) % plan.q_blocks;
   // Causal blocks lower down see more keys: hand out the heaviest first so the pool balances.
   const int64_t q_block = p.causal ? plan.q_blocks - 1 - rank : rank;
-  job.run_item(p, plan, bh / p.heads, bh % p.heads, q_block, buffer);
+  const int64_t bh = job.first_bh + local;
+  const float* head = job.packed + static_cast<size_t>(local) * job.head_floats;
+  const cpu::PackedHead kv{head, head + p.seq_k * p.head_dim};
+  job.run_item(p, plan, bh / p.heads, bh % p.heads, q_block, kv, buffer);
 }
 
 bool valid_dtype(DType d) {
@@ -131,20 +211,47 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
   plan.off_l = region(bq_pad);
   plan.off_alpha = region(bq_pad);
   plan.off_mx = region(bq_pad);
-  plan.off_k = region(p.dtype == DType::kFloat32 ? 0 : bc * dim);
-  plan.off_v = region(bc * d_pad);
   plan.scratch_floats = off;
+
+  const int64_t bh_total = p.batch * p.heads;
+  const size_t seq_k = static_cast<size_t>(p.seq_k);
+  if (seq_k > (SIZE_MAX / sizeof(float) / 2) / (dim + d_pad)) return Status::kOutOfMemory;
+  const size_t head_floats = round_up(seq_k * (dim + d_pad), 16);
+  const size_t fit = kPackBudgetBytes / sizeof(float) / (head_floats > 0 ? head_floats : 1);
+  const int64_t group = fit < 1 ? 1
+                       : fit > static_cast<size_t>(bh_total) ? bh_total
+                                                             : static_cast<int64_t>(fit);
+  float* packed = nullptr;
+  size_t packed_capacity = 0;
+  if (head_floats > 0) {
+    packed = pack_cache().acquire(static_cast<size_t>(group) * head_floats, &packed_capacity);
+    if (packed == nullptr) return Status::kOutOfMemory;
+  }
 
   Job job;
   job.params = &p;
   job.plan = &plan;
+  job.pack_rows = k.pack_rows;
   job.run_item = k.run_item;
-  const size_t total = static_cast<size_t>(p.batch * p.heads * plan.q_blocks);
-  if (parallel_for != nullptr) {
-    parallel_for(parallel_context, &run_job_item, total, &job);
-  } else {
-    for (size_t i = 0; i < total; ++i) run_job_item(&job, i);
+  job.packed = packed;
+  job.head_floats = head_floats;
+  auto run = [&](void (*fn)(void*, size_t), size_t total) {
+    if (total == 0) return;
+    if (parallel_for != nullptr) {
+      parallel_for(parallel_context, fn, total, &job);
+    } else {
+      for (size_t i = 0; i < total; ++i) fn(&job, i);
+    }
+  };
+  const size_t pack_chunks = (seq_k + kPackRows - 1) / kPackRows;
+  for (int64_t g = 0; g < bh_total; g += group) {
+    job.first_bh = g;
+    job.group = bh_total - g < group ? bh_total - g : group;
+    const size_t heads_in_group = static_cast<size_t>(job.group);
+    run(&pack_job_item, heads_in_group * pack_chunks);
+    run(&run_job_item, heads_in_group * static_cast<size_t>(plan.q_blocks));
   }
+  if (packed != nullptr) pack_cache().release(packed, packed_capacity);
   return job.out_of_memory.load() ? Status::kOutOfMemory : Status::kOk;
 }
 

@@ -76,7 +76,9 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_avx2() { return Kernel{"avx2", avx2::V::kW, 96, &avx2::run_item}; }
+Kernel kernel_avx2() {
+  return Kernel{"avx2", avx2::V::kW, 96, &avx2::pack_rows, &avx2::run_item};
+}
 
 }  // namespace cpu
 }  // namespace flash_export

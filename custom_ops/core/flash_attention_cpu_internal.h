@@ -26,20 +26,32 @@ struct Plan {
   size_t off_l = 0;       // (bq_pad): running sum
   size_t off_alpha = 0;   // (bq_pad): rescale factor of the current block
   size_t off_mx = 0;      // (bq_pad): running max including the current block
-  size_t off_k = 0;       // (bc, D): key block converted to float32 when needed
-  size_t off_v = 0;       // (bc, d_pad): value block converted / padded when needed
   size_t scratch_floats = 0;
 };
 
-// One (batch, head, query block) work item; `scratch` holds Plan::scratch_floats floats,
-// 64-byte aligned.
+// One head's keys and values, converted to float32 and packed contiguously once per call:
+// K (Lk, D) and V (Lk, d_pad), the padding zero. Rows of the caller's tensors sit H*D apart, so
+// walking them once per query block aliased in the caches; packed rows stream.
+struct PackedHead {
+  const float* k;
+  const float* v;
+};
+
+// Converts rows [j0, j0 + n) of head (b, h) into `dst` (the head's packed K, then V at
+// dst + Lk * D).
+using PackRowsFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
+                            int64_t j0, int64_t n, float* dst);
+
+// One (batch, head, query block) work item over the head's packed keys and values; `scratch`
+// holds Plan::scratch_floats floats, 64-byte aligned.
 using RunItemFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
-                           int64_t q_block, float* scratch);
+                           int64_t q_block, PackedHead kv, float* scratch);
 
 struct Kernel {
   const char* isa;   // "avx512", "avx2" or "portable"
   int width;         // floats per vector
   int64_t bq;        // query rows per work item
+  PackRowsFn pack_rows;
   RunItemFn run_item;
 };
 

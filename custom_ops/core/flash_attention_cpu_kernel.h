@@ -10,6 +10,7 @@
 //   S  (bc, bq_pad)  S^T = K_blk Qt: per key a vector of query columns; the online-softmax max and
 //                    sum over keys are then vertical vector ops, with no horizontal reductions
 //   O  (bq, d_pad)   O = O * alpha + P V_blk
+// K_blk and V_blk are rows of the head's keys and values packed once per call by pack_rows.
 #ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_KERNEL_H_
 #define FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_KERNEL_H_
 
@@ -179,8 +180,40 @@ inline void pv_tile(const float* pt, int64_t bq_pad, const float* v, int64_t ldv
     for (int c = 0; c < C; ++c) V::store(o + (r0 + r) * d_pad + c0 + c * V::kW, acc[r][c]);
 }
 
+inline void prefetch_row(const char* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+}
+
+// Keys and values [j0, j0 + n) of head (b, h) as float32 rows: K at dst (ld D), V after all Lk
+// keys (ld d_pad, padding zeroed).
+void pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t j0,
+               int64_t n, float* dst) {
+  const int64_t dim = p.head_dim, d_pad = plan.d_pad;
+  float* kd = dst + j0 * dim;
+  float* vd = dst + p.seq_k * dim + j0 * d_pad;
+  const int64_t k_base = b * p.k_batch_stride + j0 * p.k_row_stride + h * p.k_head_stride;
+  const int64_t v_base = b * p.v_batch_stride + j0 * p.v_row_stride + h * p.v_head_stride;
+  // The source rows are a whole E apart, too far for the hardware prefetchers: ask for the rows a
+  // few ahead so their cache misses overlap instead of queueing one row at a time.
+  const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t row_bytes = dim * elem;
+  constexpr int64_t kAhead = 8;
+  const char* k_src = static_cast<const char*>(p.k) + k_base * elem;
+  const char* v_src = static_cast<const char*>(p.v) + v_base * elem;
+  for (int64_t jj = 0; jj < n; ++jj) {
+    if (jj + kAhead < n) prefetch_row(k_src + (jj + kAhead) * p.k_row_stride * elem, row_bytes);
+    convert_row(p.k, k_base + jj * p.k_row_stride, p.dtype, kd + jj * dim, dim);
+  }
+  for (int64_t jj = 0; jj < n; ++jj) {
+    if (jj + kAhead < n) prefetch_row(v_src + (jj + kAhead) * p.v_row_stride * elem, row_bytes);
+    float* row = vd + jj * d_pad;
+    convert_row(p.v, v_base + jj * p.v_row_stride, p.dtype, row, dim);
+    for (int64_t d = dim; d < d_pad; ++d) row[d] = 0.0f;
+  }
+}
+
 void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
-              float* scratch) {
+              PackedHead kv, float* scratch) {
   constexpr int W = V::kW;
   const int64_t dim = p.head_dim;
   const int64_t bq_pad = plan.bq_pad;
@@ -196,8 +229,6 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   float* l = scratch + plan.off_l;
   float* alpha = scratch + plan.off_alpha;
   float* m_blk = scratch + plan.off_mx;
-  float* kbuf = scratch + plan.off_k;
-  float* vbuf = scratch + plan.off_v;
 
   // Query block, scaled into the log2 domain so the softmax uses exp2, transposed and zero padded.
   const float qscale = p.scale * kLog2e;
@@ -220,41 +251,14 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   int64_t k_end = p.seq_k;
   if (p.causal) k_end = max64(0, min64(p.seq_k, i0 + nq + diag));
 
-  const bool k_direct = p.dtype == DType::kFloat32;
-  const bool v_direct = p.dtype == DType::kFloat32 && dim % W == 0;
   const typename V::Reg neg_inf = V::set1(-__builtin_inff());
 
   for (int64_t j0 = 0; j0 < k_end; j0 += plan.bc) {
     const int64_t nk = min64(plan.bc, k_end - j0);
-
-    // Key and value blocks as float32 row-major (direct views for float32 input).
-    const int64_t k_base = b * p.k_batch_stride + j0 * p.k_row_stride + h * p.k_head_stride;
-    const int64_t v_base = b * p.v_batch_stride + j0 * p.v_row_stride + h * p.v_head_stride;
-    const float* kb;
-    int64_t ldk;
-    if (k_direct) {
-      kb = static_cast<const float*>(p.k) + k_base;
-      ldk = p.k_row_stride;
-    } else {
-      for (int64_t jj = 0; jj < nk; ++jj)
-        convert_row(p.k, k_base + jj * p.k_row_stride, p.dtype, kbuf + jj * dim, dim);
-      kb = kbuf;
-      ldk = dim;
-    }
-    const float* vb;
-    int64_t ldv;
-    if (v_direct) {
-      vb = static_cast<const float*>(p.v) + v_base;
-      ldv = p.v_row_stride;
-    } else {
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        float* row = vbuf + jj * d_pad;
-        convert_row(p.v, v_base + jj * p.v_row_stride, p.dtype, row, dim);
-        for (int64_t d = dim; d < d_pad; ++d) row[d] = 0.0f;
-      }
-      vb = vbuf;
-      ldv = d_pad;
-    }
+    const float* kb = kv.k + j0 * dim;
+    const int64_t ldk = dim;
+    const float* vb = kv.v + j0 * d_pad;
+    const int64_t ldv = d_pad;
 
     // S^T = K_blk Qt, register-blocked; m_blk starts at the running max and takes in the block.
     for (int64_t c = 0; c < bq_pad; c += W) V::store(m_blk + c, V::load(m + c));

@@ -44,7 +44,9 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_portable() { return Kernel{"portable", portable::V::kW, 32, &portable::run_item}; }
+Kernel kernel_portable() {
+  return Kernel{"portable", portable::V::kW, 32, &portable::pack_rows, &portable::run_item};
+}
 
 }  // namespace cpu
 }  // namespace flash_export

@@ -164,6 +164,9 @@ struct PoolContext {
 
 void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* data) {
   PoolContext& pool = *static_cast<PoolContext*>(ctx);
+  // The core calls this several times per forward; after a failure the later phases are skipped
+  // (their output is discarded) and the first error is the one reported.
+  if (pool.status != nullptr) return;
   pool.status = pool.api->KernelContext_ParallelFor(pool.context, fn, total, 0, data);
 }
 
