@@ -269,10 +269,17 @@ def _contrib_inner(g: _Nodes, q: str, k: str, v: str, visible: str, attrs: Dict[
 
 def _attention23_inner(g: _Nodes, q: str, k: str, v: str, visible: str,
                        attrs: Dict[str, Any]) -> str:
-    """ONNX Attention (opset 23) with the boolean mask."""
+    """ONNX Attention (opset 23) with the boolean mask, computed in float32.
+
+    onnxruntime's CPU Attention has a float16 kernel that is 2-3x slower than its float32 one. At
+    the top level of a graph onnxruntime casts around it by itself, inside an If branch it does not:
+    the casts are explicit here (no-ops for float32 inputs) so both places run the same kernel.
+    """
     heads = int(attrs["num_heads"])
-    return g.add("Attention", [q, k, v, visible], q_num_heads=heads, kv_num_heads=heads,
-                 scale=float(attrs["scale"]))
+    q32, k32, v32 = (g.add("Cast", [x], to=_FLOAT) for x in (q, k, v))
+    out = g.add("Attention", [q32, k32, v32, visible], q_num_heads=heads, kv_num_heads=heads,
+                scale=float(attrs["scale"]))
+    return g.add("CastLike", [out, q])
 
 
 def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,

@@ -176,6 +176,21 @@ def test_float16_export_runs_and_matches(exported, models, target):
     check_onnx_export(models["causal"], path, seq_lengths=((7, 63), (65, 129)))
 
 
+def test_float16_attention23_runs_the_float32_kernel(exported):
+    """onnxruntime's float16 CPU Attention is 2-3x slower; inside the guard's If branches it does
+    not insert the float32 casts it adds at top level, so the export states them."""
+    model = onnx.load(str(exported("causal", "attention23", dtype="float16")))
+    nodes = list(all_nodes(model.graph))
+    produced_by = {out: n for n in nodes for out in n.output}
+    attention = [n for n in nodes if n.op_type == "Attention"]
+    assert attention
+    for node in attention:
+        for name in node.input[:3]:
+            source = produced_by[name]
+            assert source.op_type == "Cast", (name, source.op_type)
+            assert source.attribute[0].i == onnx.TensorProto.FLOAT
+
+
 def test_mismatch_raises_validation_error_naming_target_and_shape(exported):
     other = _seeded(lambda: FlashAttention(128, 8, 64, causal=False))
     with torch.no_grad():
