@@ -12,8 +12,11 @@ flash_export.bench's.
     python benchmarks/compare_attention.py --quick    # N = 128, 256 (CI)
 
 Reported: median latency, ratio to the custom op (median over repeats of per-repeat medians; > 1
-means slower than custom), attention GFLOP/s (4*B*H*Lq*Lk*D, dense), the 1-vs-2-thread scaling of
-the custom op, and the peak RSS growth of one forward (fresh subprocess) for custom and standard.
+means slower than custom), attention GFLOP/s (4*B*H*Lq*Lk*D, dense), the custom op's float16 time
+against its float32 time (both timed in the same loop), the 1-vs-2-thread scaling of the custom
+op, and the peak RSS growth of one forward (fresh subprocess) for custom and standard. Each
+iteration runs the backends in a freshly shuffled order; lengths below 2048 get proportionally
+more iterations (`--iters` x 2048 / N), so every cell rests on a similar amount of time.
 """
 
 import argparse
@@ -60,6 +63,16 @@ def export_attention_only(spec: ModelSpec, target: str, dtype: str,
         return None, f"export failed: {summary(exc)}"
 
 
+def iters_for(n: int, iters: int) -> int:
+    """Timed iterations per repeat at length n: short runs get more, for a similar total time."""
+    return iters * max(1, 2048 // max(n, 1))
+
+
+def ratio_cell(mine: List[float], base: List[float]) -> float:
+    """Median over repeats of mine/base per-repeat medians."""
+    return float(np.median([m / b for m, b in zip(mine, base)]))
+
+
 def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace,
             tmp: Path) -> None:
     spec = ModelSpec(embed=EMBED, heads=HEADS, chunk=args.chunk, causal=causal)
@@ -85,7 +98,8 @@ def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace
                 runners[name] = make_runner(job)
             except Exception as exc:  # a backend that cannot run here is one cell
                 errors[name] = summary(exc)
-        samples, run_errors = time_interleaved(runners, warmup=1, iters=args.iters,
+        samples, run_errors = time_interleaved(runners, warmup=1,
+                                               iters=iters_for(n, args.iters),
                                                repeats=args.repeats)
         errors.update(run_errors)
         flops = attention_flops(BATCH, n, n, EMBED, HEADS, projections=False)
@@ -98,12 +112,39 @@ def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace
                 cells.append(f"{'n/a':>24}")
                 continue
             med = float(np.median(medians[name]))
-            ratio = (float(np.median([o / c for o, c in zip(medians[name], base)]))
-                     if base else float("nan"))
+            ratio = ratio_cell(medians[name], base) if base else float("nan")
             cells.append(f"{med * 1e3:9.2f}ms x{ratio:5.2f} {flops / med / 1e9:6.1f}GF")
         print(f"{n:>6}  " + "  ".join(cells), flush=True)
         for name, err in errors.items():
             print(f"        {name}: {err}")
+
+
+def half_vs_single(sizes: List[int], args: argparse.Namespace, tmp: Path) -> None:
+    """The custom op on float16 against float32 inputs, both timed in one interleaved loop."""
+    print("\n## custom op float16 vs float32, timed side by side (attention only)")
+    print(f"{'N':>6}  {'causal':>6}  {'float32':>10}  {'float16':>10}  float16 time / float32 time")
+    for causal in (False, True):
+        spec = ModelSpec(embed=EMBED, heads=HEADS, chunk=args.chunk, causal=causal)
+        files = {dt: export_attention_only(spec, "custom", dt, tmp)
+                 for dt in ("float32", "float16")}
+        if any(path is None for path, _ in files.values()):
+            print(f"   causal={causal}: " + "; ".join(note for _, note in files.values()))
+            continue
+        for n in sizes:
+            runners = {dt: make_runner(Job(backend="custom", device="cpu", batch=BATCH, seq_q=n,
+                                           seq_k=n, embed=EMBED, threads=args.threads, dtype=dt,
+                                           file=path))
+                       for dt, (path, _) in files.items()}
+            samples, errors = time_interleaved(runners, warmup=1, iters=iters_for(n, args.iters),
+                                               repeats=args.repeats)
+            if errors:
+                print(f"{n:>6}  {causal!s:>6}  "
+                      + "; ".join(f"{k}: {e}" for k, e in errors.items()))
+                continue
+            med = {k: [float(np.median(r)) for r in v] for k, v in samples.items()}
+            print(f"{n:>6}  {causal!s:>6}  {np.median(med['float32']) * 1e3:8.2f}ms  "
+                  f"{np.median(med['float16']) * 1e3:8.2f}ms  "
+                  f"x{ratio_cell(med['float16'], med['float32']):.2f}", flush=True)
 
 
 def thread_scaling(n: int, args: argparse.Namespace, tmp: Path) -> None:
@@ -164,13 +205,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{env['onnxruntime']}, flash-export {env['flash_export']}")
     print(f"# E={EMBED} H={HEADS} D={EMBED // HEADS} B={BATCH} chunk={args.chunk}, "
           f"threads {args.threads} (ORT spinning off); warmup 1, {args.iters} iters x "
-          f"{args.repeats} repeats, "
-          f"interleaved round-robin; cell = median, ratio to custom (>1 slower), attention "
-          f"GFLOP/s (4*B*H*N*N*D, causal not halved)")
+          f"{args.repeats} repeats (N < 2048: iters x 2048/N), interleaved in an order shuffled "
+          f"per iteration; cell = median, ratio to custom (>1 slower), attention GFLOP/s "
+          f"(4*B*H*N*N*D, causal not halved)")
     with tempfile.TemporaryDirectory(prefix="compare_attention_") as tmp:
         for dtype in [d for d in args.dtypes.split(",") if d]:
             for causal in (False, True):
                 compare(sizes, causal, dtype, args, Path(tmp))
+        if {"float32", "float16"} <= set(args.dtypes.split(",")):
+            half_vs_single(sizes, args, Path(tmp))
         thread_scaling(256 if args.quick else 4096, args, Path(tmp))
         peak_memory(2048 if args.quick else 16384, args, Path(tmp))
     return 0

@@ -5,8 +5,9 @@ ONNX targets exported on the fly into a temp dir unless an artifact is given), `
 ``eager`` (our module) and ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention`` with the
 same projections). A ``:cuda`` suffix runs one on the GPU (CUDA provider / CUDA tensors).
 
-Timing is interleaved: every iteration runs each backend once, in an order rotated per iteration,
-so machine noise hits all alike. Peak memory of one forward is measured in a fresh subprocess per
+Timing is interleaved: every iteration runs each backend once, in an order shuffled per iteration
+(seeded, so a rerun repeats it), so machine noise hits all alike and no backend always runs right
+after the same other one. Peak memory of one forward is measured in a fresh subprocess per
 (backend, shape): host RSS growth around one forward after the session/model is built (Linux: the
 peak is reset through /proc/self/clear_refs; elsewhere getrusage maxrss), and on CUDA torch's peak
 allocation. `benchmark` returns plain dataclasses; the CLI renders them.
@@ -17,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -146,9 +148,12 @@ def environment(threads: int) -> Dict[str, Any]:
 
 
 def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, repeats: int = 1,
-                     on_step: Optional[Callable[[], None]] = None,
+                     on_step: Optional[Callable[[], None]] = None, seed: int = 0,
                      ) -> Tuple[Dict[str, List[List[float]]], Dict[str, str]]:
-    """Time each runner `iters` times per repeat, round-robin with a per-iteration rotation.
+    """Time each runner `iters` times per repeat, each iteration in its own shuffled order.
+
+    A fixed order would put every backend always right after the same one, whose leftovers
+    (another runtime's threads still spinning, caches it filled) it would then always inherit.
 
     Returns:
         (samples, errors): samples[name][repeat] is a list of seconds; a runner that raises is
@@ -157,6 +162,7 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
     live = dict(runners)
     errors: Dict[str, str] = {}
     samples: Dict[str, List[List[float]]] = {n: [] for n in runners}
+    order_rng = random.Random(seed)
 
     def call(name: str) -> Optional[float]:
         try:
@@ -174,10 +180,10 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
                 call(name)
         for name in live:
             samples[name].append([])
-        for i in range(iters):
+        for _ in range(iters):
             order = list(live)
-            shift = i % max(len(order), 1)
-            for name in order[shift:] + order[:shift]:
+            order_rng.shuffle(order)
+            for name in order:
                 t = call(name)
                 if t is not None:
                     samples[name][-1].append(t)
@@ -521,8 +527,8 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         environment=environment(config.threads))
     report.method = (
         f"warmup {config.warmup}, then {config.iters} timed iterations x {config.repeats} "
-        f"repetition(s) per (backend, shape), backends interleaved round-robin (order rotated "
-        f"every iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
+        f"repetition(s) per (backend, shape), backends interleaved (order shuffled every "
+        f"iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
         f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
         + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
            "shape)" if config.memory else "not measured"))

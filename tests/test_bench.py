@@ -1,9 +1,11 @@
 """flash-export bench: interleaved timing, complete JSON/CSV reports, chunk sweep, the plot."""
 
+import argparse
 import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +21,7 @@ from flash_export.bench import (
 from flash_export.cli import main
 from flash_export.runtime import library_path
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +44,7 @@ def test_attention_flops_formula():
     assert attention_flops(1, 3, 5, 8, 2, projections=False) == 4 * 2 * 3 * 5 * 4
 
 
-def test_time_interleaved_round_robin_and_failures():
+def test_time_interleaved_runs_each_once_per_iteration_in_varied_orders_and_drops_failures():
     calls = []
 
     def runner(name):
@@ -54,8 +57,49 @@ def test_time_interleaved_round_robin_and_failures():
                                        warmup=1, iters=4, repeats=2)
     assert errors == {"x": "RuntimeError: cannot run"}
     assert [len(rep) for rep in samples["a"]] == [4, 4] and samples["x"] == []
-    timed = calls[2:10]  # after the first warmup round: iterations alternate the order
-    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+    calls.clear()
+    names = ["a", "b", "c"]
+    time_interleaved({n: runner(n) for n in names}, warmup=0, iters=30, seed=3)
+    orders = [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    assert all(sorted(o) == names for o in orders)  # each backend once per iteration
+    # every backend follows every other one at some point: no fixed predecessor
+    follows = {(o[i], o[i + 1]) for o in orders for i in range(2)}
+    assert follows == {(x, y) for x in names for y in names if x != y}
+    calls.clear()
+    time_interleaved({n: runner(n) for n in names}, warmup=0, iters=30, seed=3)
+    assert [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)] == orders  # seeded
+
+
+def _compare_attention():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import compare_attention  # benchmarks/ is not a package
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return compare_attention
+
+
+def test_compare_attention_gives_short_lengths_proportionally_more_iterations():
+    ca = _compare_attention()
+    assert [ca.iters_for(n, 5) for n in (128, 512, 1024, 2048, 8192)] == [80, 20, 10, 5, 5]
+    assert ca.ratio_cell([2.0, 3.0, 9.0], [1.0, 1.0, 3.0]) == 3.0  # median of per-repeat ratios
+
+
+@pytest.mark.skipif(not (HAVE_ONNX_EXPORT and library_path().is_file()),
+                    reason="needs the ONNX exporter and the native library")
+def test_compare_attention_times_float16_against_float32_in_one_loop(tmp_path, capsys):
+    ca = _compare_attention()
+    args = argparse.Namespace(chunk=16, iters=2, repeats=1, threads=1)
+    ca.half_vs_single([64, 512], args, tmp_path)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("64", "False"), ("512", "False"),
+                                            ("64", "True"), ("512", "True")]
+    for n, _, t32, t16, ratio in rows:
+        assert t32.endswith("ms") and t16.endswith("ms") and ratio.startswith("x")
+        if n == "512":  # long enough that the printed times carry the ratio to a few percent
+            assert float(ratio[1:]) == pytest.approx(float(t16[:-2]) / float(t32[:-2]), rel=0.05)
 
 
 def _backends():
@@ -78,7 +122,7 @@ def test_cli_writes_complete_json_csv_and_png(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
     assert data["config"]["iters"] == 3 and data["config"]["threads"] == 1
-    assert "4*B*H*Lq*Lk*D" in data["flops_formula"] and "round-robin" in data["method"]
+    assert "4*B*H*Lq*Lk*D" in data["flops_formula"] and "shuffled" in data["method"]
     assert {"date", "torch", "onnxruntime", "threads"} <= set(data["environment"])
     rows = data["rows"]
     assert sorted((r["backend"], r["seq_q"]) for r in rows) == sorted(
