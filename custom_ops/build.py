@@ -5,10 +5,11 @@ Standalone (standard library only) so setup.py can load it by path at install ti
     python custom_ops/build.py --out DIR [--cuda auto|on|off] [--sanitize] [--werror]
 
 Every ``core/*.cc`` and ``ort/*.cc`` is compiled with g++ (``$CXX`` overrides it); files named
-``*_avx2.cc`` / ``*_avx512.cc`` get their ISA flags only, so the library still loads and runs
-on a CPU without them (the kernel picks its path at run time). With CUDA, every ``core/*.cu`` is
-compiled with nvcc and the CUDA runtime is linked statically, so the library loads where no CUDA
-is installed.
+``*_avx2.cc`` / ``*_avx512.cc`` / ``*_amx.cc`` get their ISA flags only, so the library still
+loads and runs on a CPU without them (the kernel picks its path at run time); a compiler that
+does not know the AMX flags builds the library without the AMX path. With CUDA, every
+``core/*.cu`` is compiled with nvcc and the CUDA runtime is linked statically, so the library
+loads where no CUDA is installed.
 """
 
 from __future__ import annotations
@@ -29,10 +30,22 @@ ORT_API_VERSION = 17  # the OrtApi version the adapter asks for (custom_ops/ort/
 _ROOT = Path(__file__).resolve().parent
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _ISA_FLAGS = {
+    "_amx.cc": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
+                "-mf16c", "-mamx-tile", "-mamx-bf16"],
     "_avx512.cc": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
     "_avx2.cc": ["-mavx2", "-mfma", "-mf16c"],
 }
 _SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def _compiler_accepts(cxx: str, flags: list[str]) -> bool:
+    """Whether `cxx` compiles an empty translation unit with `flags`."""
+    with tempfile.TemporaryDirectory(prefix="flash_export_probe_") as tmp:
+        source = Path(tmp) / "probe.cc"
+        source.write_text("int main() { return 0; }\n")
+        result = subprocess.run([cxx, *flags, "-c", str(source), "-o", str(Path(tmp) / "p.o")],
+                                capture_output=True)
+    return result.returncode == 0
 
 
 class BuildError(RuntimeError):
@@ -105,6 +118,10 @@ def build_library(
     out_dir.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
     cc_sources = sorted((_ROOT / "core").glob("*.cc")) + sorted((_ROOT / "ort").glob("*.cc"))
+    amx_sources = [s for s in cc_sources if s.name.endswith("_amx.cc")]
+    skip_amx = bool(amx_sources) and not (_X86 and _compiler_accepts(cxx, _ISA_FLAGS["_amx.cc"]))
+    if skip_amx:
+        cc_sources = [s for s in cc_sources if s not in amx_sources]
     cu_sources = sorted((_ROOT / "core").glob("*.cu"))
 
     nvcc = find_nvcc() if cuda != "off" else None
@@ -118,6 +135,8 @@ def build_library(
     archs = [str(a) for a in cuda_archs]
 
     defines = [f"-DFLASH_EXPORT_ORT_API_VERSION={ORT_API_VERSION}"]
+    if skip_amx:
+        defines.append("-DFLASH_EXPORT_NO_AMX")
     if with_cuda:
         defines += ["-DFLASH_EXPORT_WITH_CUDA", f'-DFLASH_EXPORT_CUDA_ARCHS="{",".join(archs)}"']
     if sanitize:

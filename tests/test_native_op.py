@@ -121,7 +121,8 @@ def _qkv(batch: int, seq_q: int, seq_k: int, embed: int, dtype: Any = np.float32
 
 
 def _subprocess(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]),
                 "FLASH_EXPORT_LIBRARY": str(library_path()), **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=full_env, timeout=120, check=False)
@@ -334,7 +335,7 @@ def test_invalid_input_rejected(case: str, invalid_results: dict[str, str]) -> N
     assert "FlashAttention: " in message and INVALID_CASES[case][1] in message, message
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
 def test_every_cpu_path_matches_reference(isa: str) -> None:
     """The C entry point on each vector path (forced by FLASH_EXPORT_CPU_ISA), in a subprocess."""
     result = _subprocess("""
@@ -350,6 +351,12 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
             (1, 100, 130, 3, 24, np.float16, True, 7, False),
             (3, 17, 49, 1, 128, np.float32, False, 16, True),
             (1, 50, 1, 2, 8, np.float16, False, 1, False),
+            # AMX (float16): several query blocks and packing chunks, odd key blocks, padded
+            # head dims, its largest head, and a larger one that falls back to AVX-512
+            (1, 200, 600, 2, 64, np.float16, False, 64, True),
+            (2, 33, 65, 1, 256, np.float16, True, 64, False),
+            (1, 97, 63, 3, 40, np.float16, True, 64, True),
+            (1, 40, 70, 1, 264, np.float16, False, 64, False),
         ]:
             q, k, v = _qkv(b, lq, lk, h * d, dtype)
             mask = np.random.default_rng(5).random((lq, lk)) > 0.3 if masked else None
@@ -357,6 +364,14 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
                 out = run_core(lib, q, k, v, h, mask=mask, causal=causal, chunk_size=chunk,
                                threads=threads)
                 _check(out, q, k, v, h, mask=mask, causal=causal)
+        # An infinite key element against positive query elements: that key's logit is -inf, so
+        # every row ignores it and stays finite (AMX must not turn inf * 0 into NaN).
+        q, k, v = _qkv(1, 40, 70, 128, np.float16)
+        q[..., 5] = np.abs(q[..., 5]) + 0.5
+        k[0, 9, 5] = -np.inf
+        out = run_core(lib, q, k, v, 2)
+        assert np.isfinite(out).all()
+        _check(out, q, k, v, 2)
         print(json.dumps({"isa": isa, "info": json.loads(lib.flash_export_build_info())}))
     """, env={"FLASH_EXPORT_CPU_ISA": isa})
     assert result.returncode == 0, result.stderr
@@ -366,11 +381,43 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
     assert report["info"]["cpu_isa"] == isa
 
 
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_core_matches_reference(isa: str) -> None:
+    """bfloat16 (reachable through the C entry point only) on AMX and on the AVX-512 FMA path."""
+    result = _subprocess("""
+        import json
+        import torch
+        import cuda_harness as h
+        from flash_export.runtime import library_path
+        from flash_export.tolerance import compare, max_abs_error
+        lib = h.NativeLibrary(library_path())
+        torch.manual_seed(0)
+        for lq, lk, d, causal, masked in [(63, 65, 64, True, False), (200, 300, 128, False, True),
+                                          (7, 1, 32, False, False)]:
+            q, k, v = (torch.randn(2, n, 3 * d).to(torch.bfloat16) for n in (lq, lk, lk))
+            mask = torch.rand(2, 1, lq, lk) > 0.4 if masked else None
+            out = h.native_attention(lib, q, k, v, 3, mask=mask, causal=causal)
+            ref = h.reference_attention(q, k, v, 3, mask=mask, causal=causal)
+            base = h.reference_attention(q, k, v, 3, mask=mask, causal=causal,
+                                         compute_dtype=torch.bfloat16)
+            c = compare(out.double().numpy(), ref.numpy(), dtype="bfloat16",
+                        baseline_error=max_abs_error(base.double().numpy(), ref.numpy()))
+            assert c.passed, (lq, lk, d, c)
+        import ctypes
+        raw = ctypes.CDLL(str(library_path()))
+        raw.flash_export_cpu_isa.restype = ctypes.c_char_p
+        print(json.dumps({"isa": raw.flash_export_cpu_isa().decode()}))
+    """, env={"FLASH_EXPORT_CPU_ISA": isa})
+    assert result.returncode == 0, result.stderr
+    if json.loads(result.stdout.strip().splitlines()[-1])["isa"] != isa:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+
+
 def test_build_info_is_json() -> None:
     info = json.loads(load_library(library_path()).flash_export_build_info())
     assert info["op_domain"] == "com.flash_export" and info["op_version"] == 1
     assert info["ort_api_version"] >= 17
-    assert info["cpu_isa"] in ("avx512", "avx2", "portable")
+    assert info["cpu_isa"] in ("amx", "avx512", "avx2", "portable")
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)
 
 

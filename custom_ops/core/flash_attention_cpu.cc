@@ -1,6 +1,6 @@
-// CPU FlashAttention: validates the params, picks the vector kernel for this CPU once per process,
-// and, group of heads by group, hands the caller's parallel_for first the packing of the group's
-// keys and values, then one work item per (batch, head, query block).
+// CPU FlashAttention: validates the params, picks the kernel for this CPU once per process (AMX,
+// AVX-512, AVX2 or portable), and, group of heads by group, hands the caller's parallel_for first
+// the packing of the group's keys and values, then one work item per (batch, head, query block).
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -18,31 +18,46 @@ namespace {
 
 using cpu::Kernel;
 using cpu::Plan;
+using cpu::Regions;
+using cpu::round_up;
 
-// FLASH_EXPORT_CPU_ISA=portable|avx2|avx512 forces a path (tests use it to cover every path on
-// one machine); a path the CPU cannot run is never chosen, whatever the variable says.
-Kernel select_kernel() {
+// The path for this CPU and, for the calls it does not take, the one below it.
+struct Kernels {
+  Kernel best;
+  Kernel wide;
+};
+
+// FLASH_EXPORT_CPU_ISA=portable|avx2|avx512|amx forces a path (tests use it to cover every path on
+// one machine); a path the CPU (or, for AMX, the OS) cannot run is never chosen, whatever the
+// variable says.
+Kernels select_kernels() {
   const char* forced = std::getenv("FLASH_EXPORT_CPU_ISA");
   const bool force = forced != nullptr && forced[0] != '\0';
+  auto is = [&](const char* name) { return force && std::strcmp(forced, name) == 0; };
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
-  if (force && std::strcmp(forced, "portable") == 0) return cpu::kernel_portable();
-  if (force && std::strcmp(forced, "avx2") == 0 && has_avx2) return cpu::kernel_avx2();
-  if (has_avx512) return cpu::kernel_avx512();
-  if (has_avx2) return cpu::kernel_avx2();
+  if (is("portable")) return {cpu::kernel_portable(), cpu::kernel_portable()};
+  if (is("avx2") && has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
+#ifndef FLASH_EXPORT_NO_AMX
+  const bool has_amx = has_avx512 && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("amx-tile") &&
+                       __builtin_cpu_supports("amx-bf16");
+  if (has_amx && !is("avx512") && cpu::amx_usable()) return {cpu::kernel_amx(),
+                                                             cpu::kernel_avx512()};
 #endif
-  return cpu::kernel_portable();
+  if (has_avx512) return {cpu::kernel_avx512(), cpu::kernel_avx512()};
+  if (has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
+#endif
+  return {cpu::kernel_portable(), cpu::kernel_portable()};
 }
 
-const Kernel& kernel() {
-  static const Kernel k = select_kernel();
+const Kernels& kernels() {
+  static const Kernels k = select_kernels();
   return k;
 }
-
-size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 // Per-thread scratch, grown (never per chunk) when a call needs more than it holds.
 struct Scratch {
@@ -161,7 +176,7 @@ void run_job_item(void* data, size_t index) {
   const int64_t q_block = p.causal ? plan.q_blocks - 1 - rank : rank;
   const int64_t bh = job.first_bh + local;
   const float* head = job.packed + static_cast<size_t>(local) * job.head_floats;
-  const cpu::PackedHead kv{head, head + p.seq_k * p.head_dim};
+  const cpu::PackedHead kv{head, head + plan.v_offset};
   job.run_item(p, plan, bh / p.heads, bh % p.heads, q_block, kv, buffer);
 }
 
@@ -169,9 +184,40 @@ bool valid_dtype(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
 
+// The FMA paths' plan: query blocks of k.bq rows, key blocks of chunk_size keys.
+Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
+  // Bound every size so the scratch arithmetic below cannot overflow.
+  constexpr int64_t kMaxDim = int64_t{1} << 20;
+  if (p.head_dim > kMaxDim) return Status::kInvalidArgument;
+  const size_t w = static_cast<size_t>(k.width);
+  Plan& plan = *out;
+  plan.bq = k.bq;
+  plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(k.bq), w));
+  plan.bc = p.chunk_size < p.seq_k ? p.chunk_size : (p.seq_k > 0 ? p.seq_k : 1);
+  plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
+  plan.q_blocks = (p.seq_q + plan.bq - 1) / plan.bq;
+  if (plan.bc > kMaxDim * 64) return Status::kInvalidArgument;
+  const size_t dim = static_cast<size_t>(p.head_dim), bq_pad = static_cast<size_t>(plan.bq_pad);
+  const size_t bc = static_cast<size_t>(plan.bc), d_pad = static_cast<size_t>(plan.d_pad);
+  Regions region;
+  plan.off_qt = region.take(dim * bq_pad);
+  plan.off_o = region.take(static_cast<size_t>(plan.bq) * d_pad);
+  plan.off_s = region.take(bc * bq_pad);
+  plan.off_m = region.take(bq_pad);
+  plan.off_l = region.take(bq_pad);
+  plan.off_alpha = region.take(bq_pad);
+  plan.off_mx = region.take(bq_pad);
+  plan.scratch_floats = region.end;
+  const size_t seq_k = static_cast<size_t>(p.seq_k);
+  if (seq_k > (SIZE_MAX / sizeof(float) / 2) / (dim + d_pad)) return Status::kOutOfMemory;
+  plan.head_floats = round_up(seq_k * (dim + d_pad), 16);
+  plan.v_offset = seq_k * dim;
+  return Status::kOk;
+}
+
 }  // namespace
 
-const char* cpu_kernel_isa() { return kernel().isa; }
+const char* cpu_kernel_isa() { return kernels().best.isa; }
 
 Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
                              void* parallel_context) {
@@ -183,40 +229,19 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
   if (p.q == nullptr || p.out == nullptr || (p.seq_k > 0 && (p.k == nullptr || p.v == nullptr))) {
     return Status::kInvalidArgument;
   }
-  const Kernel& k = kernel();
-  const size_t w = static_cast<size_t>(k.width);
-  // Bound every size so the scratch arithmetic below cannot overflow.
-  constexpr int64_t kMaxDim = int64_t{1} << 20;
-  if (p.head_dim > kMaxDim) return Status::kInvalidArgument;
-
+  const Kernels& paths = kernels();
+  const Kernel& k =
+      paths.best.accepts == nullptr || paths.best.accepts(p) ? paths.best : paths.wide;
   Plan plan;
-  plan.bq = k.bq;
-  plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(k.bq), w));
-  plan.bc = p.chunk_size < p.seq_k ? p.chunk_size : (p.seq_k > 0 ? p.seq_k : 1);
-  plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
-  plan.q_blocks = (p.seq_q + plan.bq - 1) / plan.bq;
-  if (plan.bc > kMaxDim * 64) return Status::kInvalidArgument;
-  const size_t dim = static_cast<size_t>(p.head_dim), bq_pad = static_cast<size_t>(plan.bq_pad);
-  const size_t bc = static_cast<size_t>(plan.bc), d_pad = static_cast<size_t>(plan.d_pad);
-  size_t off = 0;
-  auto region = [&off](size_t floats) {
-    const size_t at = off;
-    off += round_up(floats, 16);
-    return at;
-  };
-  plan.off_qt = region(dim * bq_pad);
-  plan.off_o = region(static_cast<size_t>(plan.bq) * d_pad);
-  plan.off_s = region(bc * bq_pad);
-  plan.off_m = region(bq_pad);
-  plan.off_l = region(bq_pad);
-  plan.off_alpha = region(bq_pad);
-  plan.off_mx = region(bq_pad);
-  plan.scratch_floats = off;
-
+  if (k.plan != nullptr) {
+    if (!k.plan(p, &plan)) return Status::kOutOfMemory;
+  } else {
+    const Status planned = fma_plan(p, k, &plan);
+    if (planned != Status::kOk) return planned;
+  }
   const int64_t bh_total = p.batch * p.heads;
   const size_t seq_k = static_cast<size_t>(p.seq_k);
-  if (seq_k > (SIZE_MAX / sizeof(float) / 2) / (dim + d_pad)) return Status::kOutOfMemory;
-  const size_t head_floats = round_up(seq_k * (dim + d_pad), 16);
+  const size_t head_floats = plan.head_floats;
   const size_t fit = kPackBudgetBytes / sizeof(float) / (head_floats > 0 ? head_floats : 1);
   const int64_t group = fit < 1 ? 1
                        : fit > static_cast<size_t>(bh_total) ? bh_total

@@ -1,5 +1,5 @@
 // Private interface between the CPU dispatcher (flash_attention_cpu.cc) and the per-ISA kernel
-// translation units (flash_attention_cpu_avx512.cc, flash_attention_cpu_avx2.cc, portable).
+// translation units (flash_attention_cpu_amx.cc, _avx512.cc, _avx2.cc, _portable.cc).
 #ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_INTERNAL_H_
 #define FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_INTERNAL_H_
 
@@ -10,6 +10,23 @@
 
 namespace flash_export {
 namespace cpu {
+namespace {  // internal linkage: every ISA TU compiles its own copy with its own flags
+
+// x rounded up to a multiple of m.
+constexpr size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+// Hands out consecutive scratch regions (offsets in floats), each rounded up to 16 floats so
+// every region stays 64-byte aligned.
+struct Regions {
+  size_t end = 0;
+  size_t take(size_t floats) {
+    const size_t at = end;
+    end += round_up(floats, 16);
+    return at;
+  }
+};
+
+}  // namespace
 
 // Sizes shared by every work item of one call; computed once by the dispatcher.
 struct Plan {
@@ -27,11 +44,25 @@ struct Plan {
   size_t off_alpha = 0;   // (bq_pad): rescale factor of the current block
   size_t off_mx = 0;      // (bq_pad): running max including the current block
   size_t scratch_floats = 0;
+  // Packed keys and values of one head, in floats, and where its values start.
+  size_t head_floats = 0;
+  size_t v_offset = 0;
+  // AMX only (flash_attention_cpu_amx.cc): bfloat16 parts per input element (2 float16,
+  // 1 bfloat16), Lk rounded up to 32, D rounded up to 32 and to 16, and the scratch regions of
+  // the query's and the probabilities' parts and of the transposed output accumulator.
+  int64_t parts = 0;
+  int64_t k_rows = 0;
+  int64_t d_k = 0;
+  int64_t d_v = 0;
+  size_t off_qv = 0;
+  size_t off_pv = 0;
+  size_t off_ot = 0;
 };
 
-// One head's keys and values, converted to float32 and packed contiguously once per call:
-// K (Lk, D) and V (Lk, d_pad), the padding zero. Rows of the caller's tensors sit H*D apart, so
-// walking them once per query block aliased in the caches; packed rows stream.
+// One head's keys and values, packed contiguously once per call (FMA paths: float32 K (Lk, D) and
+// V (Lk, d_pad), the padding zero; AMX: see flash_attention_cpu_amx.cc). Rows of the caller's
+// tensors sit H*D apart, so walking them once per query block aliased in the caches; packed rows
+// stream.
 struct PackedHead {
   const float* k;
   const float* v;
@@ -47,18 +78,31 @@ using PackRowsFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t 
 using RunItemFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                            int64_t q_block, PackedHead kv, float* scratch);
 
+// Fills a kernel's own Plan for `p` (AMX); false when the sizes overflow. Null for the FMA paths,
+// whose plan the dispatcher computes.
+using PlanFn = bool (*)(const AttentionParams& p, Plan* plan);
+// Whether a kernel takes these params; null: it takes every call.
+using AcceptsFn = bool (*)(const AttentionParams& p);
+
 struct Kernel {
-  const char* isa;   // "avx512", "avx2" or "portable"
+  const char* isa;   // "amx", "avx512", "avx2" or "portable"
   int width;         // floats per vector
   int64_t bq;        // query rows per work item
   PackRowsFn pack_rows;
   RunItemFn run_item;
+  PlanFn plan = nullptr;
+  AcceptsFn accepts = nullptr;  // calls it refuses go to the next path down
 };
 
 Kernel kernel_portable();
 #if defined(__x86_64__) || defined(_M_X64)
 Kernel kernel_avx2();
 Kernel kernel_avx512();
+#ifndef FLASH_EXPORT_NO_AMX
+Kernel kernel_amx();
+// Asks Linux for the AMX tile state (once per process); false where it is refused.
+bool amx_usable();
+#endif
 #endif
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
-// The CPU FlashAttention work item, written once against a small vector abstraction `V` and
-// compiled per ISA (portable, AVX2+FMA, AVX-512) by the TUs that include this header.
+// The FMA CPU FlashAttention work item (portable, AVX2+FMA, AVX-512), written once against the
+// vector abstraction `V` and compiled per ISA by the TUs that include this header; the pieces
+// shared with the AMX path are in flash_attention_cpu_kernel_common.h.
 //
 // Everything here has internal linkage (anonymous namespace) and uses no std templates: each ISA
 // TU is compiled with its own -m flags, and a shared inline symbol could otherwise be merged by the
@@ -17,118 +18,12 @@
 #include <cstdint>
 #include <cstring>
 
-#include "flash_attention.h"
-#include "flash_attention_cpu_internal.h"
-
-#ifndef FLASH_EXPORT_ISA_NAMESPACE
-#error "define FLASH_EXPORT_ISA_NAMESPACE before including flash_attention_cpu_kernel.h"
-#endif
+#include "flash_attention_cpu_kernel_common.h"
 
 namespace flash_export {
 namespace cpu {
 namespace FLASH_EXPORT_ISA_NAMESPACE {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    if (mant == 0) return bits_to_float(sign);
-    exp = 113;  // subnormal: normalise
-    while ((mant & 0x400u) == 0) {
-      mant <<= 1;
-      --exp;
-    }
-    mant &= 0x3ffu;
-    return bits_to_float(sign | (exp << 23) | (mant << 13));
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
-}
-
-inline uint16_t float_to_half(float f) {  // round to nearest even
-  const uint32_t bits = float_to_bits(f);
-  const uint32_t sign = (bits >> 16) & 0x8000u;
-  uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
-  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (abs < 0x38800000u) {  // half subnormal: scale to units of 2^-24 and round (exact scaling)
-    const float units = __builtin_nearbyintf(bits_to_float(abs) * 16777216.0f);
-    return static_cast<uint16_t>(sign | static_cast<uint32_t>(units));
-  }
-  abs += 0xfffu + ((abs >> 13) & 1u);
-  return static_cast<uint16_t>(sign | ((abs - 0x38000000u) >> 13));
-}
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t bits = float_to_bits(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// dst[0..n) = float32(src[0..n)), vectorised where the ISA converts the dtype natively.
-inline void convert_row(const void* src, int64_t src_offset, DType dtype, float* dst, int64_t n) {
-  int64_t i = 0;
-  if (dtype == DType::kFloat32) {
-    std::memcpy(dst, static_cast<const float*>(src) + src_offset, static_cast<size_t>(n) * 4);
-    return;
-  }
-  if (dtype == DType::kFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + src_offset;
-    if (V::kW > 1)
-      for (; i + V::kW <= n; i += V::kW) V::storeu(dst + i, V::load_half(s + i));
-    for (; i < n; ++i) dst[i] = half_to_float(s[i]);
-    return;
-  }
-  const uint16_t* s = static_cast<const uint16_t*>(src) + src_offset;
-  for (; i < n; ++i) dst[i] = bf16_to_float(s[i]);
-}
-
-// dst[0..n) = dtype(src[0..n) * factor).
-inline void store_row(const float* src, float factor, void* dst, int64_t dst_offset, DType dtype,
-                      int64_t n) {
-  int64_t i = 0;
-  const typename V::Reg f = V::set1(factor);
-  if (dtype == DType::kFloat32) {
-    float* d = static_cast<float*>(dst) + dst_offset;
-    for (; i + V::kW <= n; i += V::kW) V::storeu(d + i, V::mul(V::load(src + i), f));
-    for (; i < n; ++i) d[i] = src[i] * factor;
-    return;
-  }
-  uint16_t* d = static_cast<uint16_t*>(dst) + dst_offset;
-  if (dtype == DType::kFloat16) {
-    if (V::kW > 1)
-      for (; i + V::kW <= n; i += V::kW) V::store_half(d + i, V::mul(V::load(src + i), f));
-    for (; i < n; ++i) d[i] = float_to_half(src[i] * factor);
-    return;
-  }
-  for (; i < n; ++i) d[i] = float_to_bf16(src[i] * factor);
-}
-
-inline void zero_row(void* dst, int64_t dst_offset, DType dtype, int64_t n) {
-  const size_t elem = dtype == DType::kFloat32 ? 4 : 2;
-  std::memset(static_cast<char*>(dst) + dst_offset * static_cast<int64_t>(elem), 0,
-              static_cast<size_t>(n) * elem);
-}
 
 // S[jj, c0 + c*W ...] = sum_d K[jj, d] * Qt[d, ...] for keys jj in [j0, j0 + R), and the running
 // column max mx[c0 + c*W ...] taken over those keys while they are still in registers.
@@ -220,7 +115,6 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   const int64_t d_pad = plan.d_pad;
   const int64_t i0 = q_block * plan.bq;
   const int64_t nq = min64(plan.bq, p.seq_q - i0);
-  const int64_t diag = p.seq_k - p.seq_q;  // query i sees key j iff j <= i + diag (causal)
 
   float* qt = scratch + plan.off_qt;
   float* o = scratch + plan.off_o;
@@ -230,29 +124,12 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   float* alpha = scratch + plan.off_alpha;
   float* m_blk = scratch + plan.off_mx;
 
-  // Query block, scaled into the log2 domain so the softmax uses exp2, transposed and zero padded.
-  const float qscale = p.scale * kLog2e;
-  // Each row is converted with vector loads into o (free until it is zeroed below), then scattered.
-  for (int64_t r = 0; r < nq; ++r) {
-    const int64_t base = b * p.q_batch_stride + (i0 + r) * p.q_row_stride + h * p.q_head_stride;
-    convert_row(p.q, base, p.dtype, o, dim);
-    for (int64_t d = 0; d < dim; ++d) qt[d * bq_pad + r] = o[d] * qscale;
-  }
-  for (int64_t d = 0; d < dim; ++d)
-    for (int64_t r = nq; r < bq_pad; ++r) qt[d * bq_pad + r] = 0.0f;
+  // The query in the log2 domain, so the softmax uses exp2; o is free until it is zeroed below.
+  load_query(p, plan, b, h, i0, nq, dim, p.scale * kLog2e, qt, o);
   std::memset(o, 0, sizeof(float) * static_cast<size_t>(plan.bq * d_pad));
-  for (int64_t r = 0; r < bq_pad; ++r) {
-    m[r] = -__builtin_inff();
-    l[r] = 0.0f;
-  }
+  init_softmax_state(bq_pad, m, l);
 
-  // Keys past k_end are invisible to every row of this block: causal blocks above the diagonal
-  // are skipped entirely.
-  int64_t k_end = p.seq_k;
-  if (p.causal) k_end = max64(0, min64(p.seq_k, i0 + nq + diag));
-
-  const typename V::Reg neg_inf = V::set1(-__builtin_inff());
-
+  const int64_t k_end = visible_keys_end(p, i0, nq);
   for (int64_t j0 = 0; j0 < k_end; j0 += plan.bc) {
     const int64_t nk = min64(plan.bc, k_end - j0);
     const float* kb = kv.k + j0 * dim;
@@ -278,53 +155,12 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
         for (; c < nvec; ++c) s_tile<1, 1>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
       }
     }
-
-    // Causal: key j is hidden from rows r < j - diag - i0 (only on blocks crossing the diagonal).
-    const bool causal_cut = p.causal && j0 + nk - 1 > i0 + diag;
-    if (causal_cut) {
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        const int64_t hidden = min64(nq, j0 + jj - diag - i0);
-        float* srow = s + jj * bq_pad;
-        for (int64_t r = 0; r < hidden; ++r) srow[r] = -__builtin_inff();
-      }
-    }
-    if (p.mask != nullptr) {
-      const uint8_t* mrow0 = p.mask + b * p.mask_batch_stride + h * p.mask_head_stride +
-                             i0 * p.mask_q_stride + j0 * p.mask_k_stride;
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        const uint8_t* mk = mrow0 + jj * p.mask_k_stride;
-        float* srow = s + jj * bq_pad;
-        for (int64_t r = 0; r < nq; ++r)
-          if (mk[r * p.mask_q_stride] == 0) srow[r] = -__builtin_inff();
-      }
-    }
-
     // Masked logits: the max taken during the product may include hidden keys; take it again.
-    if (causal_cut || p.mask != nullptr) {
-      for (int64_t c = 0; c < bq_pad; c += W) {
-        typename V::Reg mxc = V::load(m + c);
-        for (int64_t jj = 0; jj < nk; ++jj) mxc = V::max(V::load(s + jj * bq_pad + c), mxc);
-        V::store(m_blk + c, mxc);
-      }
-    }
-
-    // Online softmax, one vector of query rows at a time.
-    for (int64_t c = 0; c < bq_pad; c += W) {
-      const typename V::Reg m_old = V::load(m + c);
-      const typename V::Reg mx = V::load(m_blk + c);
-      // A row that has seen no key yet keeps max -inf; subtract 0 then so exp2 gives exact zeros.
-      const typename V::Reg m_use = V::zero_where_equal(mx, neg_inf);
-      typename V::Reg sum = V::zero();
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        const typename V::Reg pj = V::exp2(V::sub(V::load(s + jj * bq_pad + c), m_use));
-        V::store(s + jj * bq_pad + c, pj);
-        sum = V::add(sum, pj);
-      }
-      const typename V::Reg a = V::exp2(V::sub(m_old, m_use));
-      V::store(alpha + c, a);
-      V::store(l + c, V::fmadd(V::load(l + c), a, sum));
-      V::store(m + c, mx);
-    }
+    if (hide_keys(p, plan, b, h, i0, nq, j0, nk, s)) block_max(s, bq_pad, nk, m, m_blk);
+    softmax_block(s, bq_pad, nk, m, l, alpha, m_blk,  // P^T in place of S^T
+                  [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
+                    V::store(s + jj * bq_pad + c, pj);
+                  });
 
     // O = O * alpha + P V_blk, register-blocked over valid rows only.
     {
@@ -345,15 +181,7 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
     }
   }
 
-  // Normalise. A row that saw no key (sum exactly 0) is zeros; a NaN sum stays NaN.
-  for (int64_t r = 0; r < nq; ++r) {
-    const int64_t base = b * p.o_batch_stride + (i0 + r) * p.o_row_stride + h * p.o_head_stride;
-    if (l[r] == 0.0f) {
-      zero_row(p.out, base, p.dtype, dim);
-    } else {
-      store_row(o + r * d_pad, 1.0f / l[r], p.out, base, p.dtype, dim);
-    }
-  }
+  for (int64_t r = 0; r < nq; ++r) store_output(p, b, h, i0 + r, o + r * d_pad, l[r]);
 }
 
 }  // namespace
