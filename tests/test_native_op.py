@@ -364,14 +364,27 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
                 out = run_core(lib, q, k, v, h, mask=mask, causal=causal, chunk_size=chunk,
                                threads=threads)
                 _check(out, q, k, v, h, mask=mask, causal=causal)
-        # An infinite key element against positive query elements: that key's logit is -inf, so
-        # every row ignores it and stays finite (AMX must not turn inf * 0 into NaN).
-        q, k, v = _qkv(1, 40, 70, 128, np.float16)
+        # Infinities go where the float64 reference puts them (AMX hands such calls to AVX-512:
+        # its part products would turn inf * 0 into NaN). A -inf key element against positive
+        # query elements gives that key a -inf logit: every row ignores it and stays finite.
+        q, k, v = _qkv(1, 40, 300, 128, np.float16)
         q[..., 5] = np.abs(q[..., 5]) + 0.5
-        k[0, 9, 5] = -np.inf
+        k[0, 290, 5] = -np.inf
         out = run_core(lib, q, k, v, 2)
         assert np.isfinite(out).all()
         _check(out, q, k, v, 2)
+        # An infinite value reaches exactly its own column of every row that attends to it.
+        q, k, v = _qkv(1, 40, 70, 128, np.float16)
+        v[0, 9, 5] = np.inf
+        out = run_core(lib, q, k, v, 2, threads=2)
+        assert (out[0, :, 5] == np.inf).all()
+        assert np.isfinite(np.delete(out, 5, axis=2)).all()
+        # Causal, a NaN value past the diagonal: the query block that sees only earlier keys
+        # (rows 0-95 here: key 107 is visible from row 97) must stay finite.
+        q, k, v = _qkv(1, 100, 110, 128, np.float16)
+        v[0, 107, 3] = np.nan
+        out = run_core(lib, q, k, v, 2, causal=True)
+        assert np.isfinite(out[0, :96]).all()
         print(json.dumps({"isa": isa, "info": json.loads(lib.flash_export_build_info())}))
     """, env={"FLASH_EXPORT_CPU_ISA": isa})
     assert result.returncode == 0, result.stderr
@@ -383,7 +396,7 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
 
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
 def test_bfloat16_core_matches_reference(isa: str) -> None:
-    """bfloat16 (reachable through the C entry point only) on AMX and on the AVX-512 FMA path."""
+    """bfloat16 (reachable through the C entry point only): the AMX build hands it to AVX-512."""
     result = _subprocess("""
         import json
         import torch

@@ -88,7 +88,7 @@ FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
       flash_export::attention_forward_cpu(*p, &threaded_parallel_for, &context));
 }
 
-// The vector path the CPU kernel runs on this machine: "avx512", "avx2" or "portable".
+// The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable".
 FLASH_EXPORT_API const char* flash_export_cpu_isa(void) { return flash_export::cpu_kernel_isa(); }
 
 // A small JSON object describing this build (op domain, ORT API version, CUDA, CPU ISA,

@@ -66,8 +66,8 @@ using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t inde
 Status attention_forward_cpu(const AttentionParams& params, ParallelForFn parallel_for,
                              void* parallel_context);
 
-// Human-readable name of the vector path the CPU kernel picked at run time
-// ("avx512", "avx2" or "portable").
+// Human-readable name of the vector path the CPU kernel picked at run time: "amx" (float16 on the
+// AMX tile unit, the rest on AVX-512), "avx512", "avx2" or "portable".
 const char* cpu_kernel_isa();
 
 // CUDA forward (defined in flash_attention_cuda.cu when built with nvcc; float16 and bfloat16,

@@ -17,6 +17,7 @@ namespace flash_export {
 namespace {
 
 using cpu::Kernel;
+using cpu::kPackRows;
 using cpu::Plan;
 using cpu::Regions;
 using cpu::round_up;
@@ -42,11 +43,9 @@ Kernels select_kernels() {
   if (is("portable")) return {cpu::kernel_portable(), cpu::kernel_portable()};
   if (is("avx2") && has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
 #ifndef FLASH_EXPORT_NO_AMX
-  const bool has_amx = has_avx512 && __builtin_cpu_supports("avx512bw") &&
-                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("amx-tile") &&
-                       __builtin_cpu_supports("amx-bf16");
-  if (has_amx && !is("avx512") && cpu::amx_usable()) return {cpu::kernel_amx(),
-                                                             cpu::kernel_avx512()};
+  if (has_avx512 && !is("avx512") && cpu::amx_usable()) {
+    return {cpu::kernel_amx(), cpu::kernel_avx512()};
+  }
 #endif
   if (has_avx512) return {cpu::kernel_avx512(), cpu::kernel_avx512()};
   if (has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
@@ -80,8 +79,6 @@ struct Scratch {
   }
 };
 
-// Keys per packing item: enough work to be worth a dispatch slot, small enough to spread.
-constexpr int64_t kPackRows = 256;
 // Upper bound of the packed K/V buffer; heads are packed and run in groups that fit it (at least
 // one head per group). 8 MiB keeps one head of Lk = 16384, D = 64 within a quarter of that
 // call's output.
@@ -145,6 +142,7 @@ struct Job {
   int64_t first_bh;       // first (batch * H + head) of the group
   int64_t group;          // heads in the group
   std::atomic<bool> out_of_memory{false};
+  std::atomic<bool> refused{false};  // a packing item found the call is not this path's
 };
 
 void pack_job_item(void* data, size_t index) {
@@ -154,8 +152,10 @@ void pack_job_item(void* data, size_t index) {
   const int64_t j0 = static_cast<int64_t>(index) / job.group * kPackRows;
   const int64_t bh = job.first_bh + local;
   const int64_t n = p.seq_k - j0 < kPackRows ? p.seq_k - j0 : kPackRows;
-  job.pack_rows(p, *job.plan, bh / p.heads, bh % p.heads, j0, n,
-                job.packed + static_cast<size_t>(local) * job.head_floats);
+  if (!job.pack_rows(p, *job.plan, bh / p.heads, bh % p.heads, j0, n,
+                     job.packed + static_cast<size_t>(local) * job.head_floats)) {
+    job.refused.store(true, std::memory_order_relaxed);
+  }
 }
 
 void run_job_item(void* data, size_t index) {
@@ -215,23 +215,10 @@ Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
   return Status::kOk;
 }
 
-}  // namespace
-
-const char* cpu_kernel_isa() { return kernels().best.isa; }
-
-Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
-                             void* parallel_context) {
-  if (p.batch < 0 || p.heads < 0 || p.head_dim < 0 || p.seq_q < 0 || p.seq_k < 0 ||
-      p.chunk_size < 1 || !valid_dtype(p.dtype)) {
-    return Status::kInvalidArgument;
-  }
-  if (p.batch == 0 || p.heads == 0 || p.seq_q == 0 || p.head_dim == 0) return Status::kOk;
-  if (p.q == nullptr || p.out == nullptr || (p.seq_k > 0 && (p.k == nullptr || p.v == nullptr))) {
-    return Status::kInvalidArgument;
-  }
-  const Kernels& paths = kernels();
-  const Kernel& k =
-      paths.best.accepts == nullptr || paths.best.accepts(p) ? paths.best : paths.wide;
+// One forward on kernel k (params already validated); *refused is set when k's packing handed the
+// call back, in which case some outputs may be written and the caller reruns it elsewhere.
+Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn parallel_for,
+                    void* parallel_context, bool* refused) {
   Plan plan;
   if (k.plan != nullptr) {
     if (!k.plan(p, &plan)) return Status::kOutOfMemory;
@@ -274,10 +261,36 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
     job.group = bh_total - g < group ? bh_total - g : group;
     const size_t heads_in_group = static_cast<size_t>(job.group);
     run(&pack_job_item, heads_in_group * pack_chunks);
+    if (job.refused.load()) break;
     run(&run_job_item, heads_in_group * static_cast<size_t>(plan.q_blocks));
   }
   if (packed != nullptr) pack_cache().release(packed, packed_capacity);
+  *refused = job.refused.load();
   return job.out_of_memory.load() ? Status::kOutOfMemory : Status::kOk;
+}
+
+}  // namespace
+
+const char* cpu_kernel_isa() { return kernels().best.isa; }
+
+Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
+                             void* parallel_context) {
+  if (p.batch < 0 || p.heads < 0 || p.head_dim < 0 || p.seq_q < 0 || p.seq_k < 0 ||
+      p.chunk_size < 1 || !valid_dtype(p.dtype)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.batch == 0 || p.heads == 0 || p.seq_q == 0 || p.head_dim == 0) return Status::kOk;
+  if (p.q == nullptr || p.out == nullptr || (p.seq_k > 0 && (p.k == nullptr || p.v == nullptr))) {
+    return Status::kInvalidArgument;
+  }
+  const Kernels& paths = kernels();
+  const bool best = paths.best.accepts == nullptr || paths.best.accepts(p);
+  bool refused = false;
+  const Status status = forward_with(best ? paths.best : paths.wide, p, parallel_for,
+                                     parallel_context, &refused);
+  if (!refused) return status;
+  bool again = false;  // the next path down takes every call it is given
+  return forward_with(paths.wide, p, parallel_for, parallel_context, &again);
 }
 
 }  // namespace flash_export

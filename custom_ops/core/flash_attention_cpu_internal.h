@@ -28,11 +28,15 @@ struct Regions {
 
 }  // namespace
 
+// Keys per packing item: enough work to be worth a dispatch slot, small enough to spread. Every
+// item starts on a multiple of it.
+constexpr int64_t kPackRows = 256;
+
 // Sizes shared by every work item of one call; computed once by the dispatcher.
 struct Plan {
   int64_t bq = 0;         // query rows per work item
   int64_t bq_pad = 0;     // bq rounded up to the vector width
-  int64_t bc = 0;         // keys per online-softmax block: min(chunk_size, Lk), >= 1
+  int64_t bc = 0;         // keys per online-softmax block (FMA: min(chunk_size, Lk); AMX: 64)
   int64_t d_pad = 0;      // head_dim rounded up to the vector width
   int64_t q_blocks = 0;   // ceil(Lq / bq)
   // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):
@@ -47,15 +51,16 @@ struct Plan {
   // Packed keys and values of one head, in floats, and where its values start.
   size_t head_floats = 0;
   size_t v_offset = 0;
-  // AMX only (flash_attention_cpu_amx.cc): bfloat16 parts per input element (2 float16,
-  // 1 bfloat16), Lk rounded up to 32, D rounded up to 32 and to 16, and the scratch regions of
-  // the query's and the probabilities' parts and of the transposed output accumulator.
+  // AMX only (flash_attention_cpu_amx.cc): bfloat16 parts per input element, Lk rounded up to
+  // 32, D rounded up to 32 and to 16, and the scratch regions of the query's and the
+  // probabilities' parts, of a block's last 32 values, and of the transposed output accumulator.
   int64_t parts = 0;
   int64_t k_rows = 0;
   int64_t d_k = 0;
   int64_t d_v = 0;
   size_t off_qv = 0;
   size_t off_pv = 0;
+  size_t off_vtail = 0;
   size_t off_ot = 0;
 };
 
@@ -68,9 +73,10 @@ struct PackedHead {
   const float* v;
 };
 
-// Converts rows [j0, j0 + n) of head (b, h) into `dst` (the head's packed K, then V at
-// dst + Lk * D).
-using PackRowsFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
+// Packs rows [j0, j0 + n) of head (b, h) into `dst` (the head's packed keys and values; FMA paths:
+// K, then V at dst + Lk * D); j0 is a multiple of kPackRows. Returns false when this path cannot
+// take the call after all (the dispatcher then reruns it on the next path down).
+using PackRowsFn = bool (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                             int64_t j0, int64_t n, float* dst);
 
 // One (batch, head, query block) work item over the head's packed keys and values; `scratch`
@@ -100,7 +106,8 @@ Kernel kernel_avx2();
 Kernel kernel_avx512();
 #ifndef FLASH_EXPORT_NO_AMX
 Kernel kernel_amx();
-// Asks Linux for the AMX tile state (once per process); false where it is refused.
+// Whether the CPU has AMX-BF16 and AVX-512 BW/DQ and Linux grants the tile state (asks it; call
+// once per process).
 bool amx_usable();
 #endif
 #endif

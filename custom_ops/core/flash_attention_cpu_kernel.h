@@ -80,8 +80,8 @@ inline void prefetch_row(const char* row, int64_t bytes) {
 }
 
 // Keys and values [j0, j0 + n) of head (b, h) as float32 rows: K at dst (ld D), V after all Lk
-// keys (ld d_pad, padding zeroed).
-void pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t j0,
+// keys (ld d_pad, padding zeroed). The FMA paths take every call: always true.
+bool pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t j0,
                int64_t n, float* dst) {
   const int64_t dim = p.head_dim, d_pad = plan.d_pad;
   float* kd = dst + j0 * dim;
@@ -105,6 +105,7 @@ void pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
     convert_row(p.v, v_base + jj * p.v_row_stride, p.dtype, row, dim);
     for (int64_t d = dim; d < d_pad; ++d) row[d] = 0.0f;
   }
+  return true;
 }
 
 void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
