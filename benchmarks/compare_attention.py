@@ -9,14 +9,15 @@ module is timed instead and the table says so). Timing, runners and memory measu
 flash_export.bench's.
 
     python benchmarks/compare_attention.py            # N = 512, 1024, 4096, 8192 (long on a laptop)
-    python benchmarks/compare_attention.py --quick    # N = 128, 256 (CI)
+    python benchmarks/compare_attention.py --quick    # N = 128, 256 (a smoke run)
 
-Reported: median latency, ratio to the custom op (median over repeats of per-repeat medians; > 1
-means slower than custom), attention GFLOP/s (4*B*H*Lq*Lk*D, dense), the custom op's float16 time
-against its float32 time (both timed in the same loop), the 1-vs-2-thread scaling of the custom
-op, and the peak RSS growth of one forward (fresh subprocess) for custom and standard. Each
-iteration runs the backends in a freshly shuffled order; lengths below 2048 get proportionally
-more iterations (`--iters` x 2048 / N), so every cell rests on a similar amount of time.
+Reported: median latency, ratio to the custom op (median over all iterations of the time divided
+by custom's in the same iteration; > 1 means slower than custom), attention GFLOP/s
+(4*B*H*Lq*Lk*D, dense); then, each pair timed in its own interleaved loop, the custom op's
+speed-up from float32 to float16, from non-causal to causal and from 1 thread to 2; and the peak
+RSS growth of one forward (fresh subprocess) for custom and standard. Each iteration runs the
+backends in a freshly shuffled order; lengths below 2048 get proportionally more iterations
+(`--iters` x 2048 / N), so every cell rests on a similar amount of time.
 """
 
 import argparse
@@ -68,9 +69,15 @@ def iters_for(n: int, iters: int) -> int:
     return iters * max(1, 2048 // max(n, 1))
 
 
-def ratio_cell(mine: List[float], base: List[float]) -> float:
-    """Median over repeats of mine/base per-repeat medians."""
-    return float(np.median([m / b for m, b in zip(mine, base)]))
+def paired_ratio(mine: List[List[float]], base: List[List[float]]) -> float:
+    """Median over every iteration of mine/base, the two timed in the same iteration.
+
+    samples[repeat][iteration] as time_interleaved returns them: each iteration runs every backend
+    once, close together in time, so the pair sees the same machine; a drift between iterations
+    cancels out of the ratio.
+    """
+    ratios = [m / b for rm, rb in zip(mine, base) for m, b in zip(rm, rb)]
+    return float(np.median(ratios)) if ratios else float("nan")
 
 
 def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace,
@@ -105,67 +112,49 @@ def compare(sizes: List[int], causal: bool, dtype: str, args: argparse.Namespace
         flops = attention_flops(BATCH, n, n, EMBED, HEADS, projections=False)
         medians = {k: [float(np.median(r)) for r in reps if r] for k, reps in samples.items()
                    if k not in errors}
-        base = medians.get("custom")
+        base = samples.get("custom") if "custom" in medians else None
         cells = []
         for name in names:
             if name in errors or not medians.get(name):
                 cells.append(f"{'n/a':>24}")
                 continue
             med = float(np.median(medians[name]))
-            ratio = ratio_cell(medians[name], base) if base else float("nan")
+            ratio = paired_ratio(samples[name], base) if base else float("nan")
             cells.append(f"{med * 1e3:9.2f}ms x{ratio:5.2f} {flops / med / 1e9:6.1f}GF")
         print(f"{n:>6}  " + "  ".join(cells), flush=True)
         for name, err in errors.items():
             print(f"        {name}: {err}")
 
 
-def half_vs_single(sizes: List[int], args: argparse.Namespace, tmp: Path) -> None:
-    """The custom op on float16 against float32 inputs, both timed in one interleaved loop."""
-    print("\n## custom op float16 vs float32, timed side by side (attention only)")
-    print(f"{'N':>6}  {'causal':>6}  {'float32':>10}  {'float16':>10}  float16 time / float32 time")
-    for causal in (False, True):
+Variant = Tuple[str, bool, str, int]  # (label, causal, dtype, threads) of the custom op
+
+
+def custom_side_by_side(title: str, a: Variant, b: Variant, sizes: List[int],
+                        args: argparse.Namespace, tmp: Path) -> None:
+    """Two variants of the custom op timed in one interleaved loop: times, then b's speed-up."""
+    print(f"\n## custom op: {title}, timed side by side (attention only)")
+    print(f"{'N':>6}  {a[0]:>12}  {b[0]:>12}  speed-up of {b[0]}: {a[0]} time / {b[0]} time "
+          f"(median of paired iterations)")
+    files = {}
+    for label, causal, dtype, _ in (a, b):
         spec = ModelSpec(embed=EMBED, heads=HEADS, chunk=args.chunk, causal=causal)
-        files = {dt: export_attention_only(spec, "custom", dt, tmp)
-                 for dt in ("float32", "float16")}
-        if any(path is None for path, _ in files.values()):
-            print(f"   causal={causal}: " + "; ".join(note for _, note in files.values()))
-            continue
-        for n in sizes:
-            runners = {dt: make_runner(Job(backend="custom", device="cpu", batch=BATCH, seq_q=n,
-                                           seq_k=n, embed=EMBED, threads=args.threads, dtype=dt,
-                                           file=path))
-                       for dt, (path, _) in files.items()}
-            samples, errors = time_interleaved(runners, warmup=1, iters=iters_for(n, args.iters),
-                                               repeats=args.repeats)
-            if errors:
-                print(f"{n:>6}  {causal!s:>6}  "
-                      + "; ".join(f"{k}: {e}" for k, e in errors.items()))
-                continue
-            med = {k: [float(np.median(r)) for r in v] for k, v in samples.items()}
-            print(f"{n:>6}  {causal!s:>6}  {np.median(med['float32']) * 1e3:8.2f}ms  "
-                  f"{np.median(med['float16']) * 1e3:8.2f}ms  "
-                  f"x{ratio_cell(med['float16'], med['float32']):.2f}", flush=True)
-
-
-def thread_scaling(n: int, args: argparse.Namespace, tmp: Path) -> None:
-    spec = ModelSpec(embed=EMBED, heads=HEADS, chunk=args.chunk)
-    path, note = export_attention_only(spec, "custom", "float32", tmp)
-    print(f"\n## custom op thread scaling, N={n}, float32 ({note})")
-    if path is None:
+        files[label] = export_attention_only(spec, "custom", dtype, tmp)
+    if any(path is None for path, _ in files.values()):
+        print("   " + "; ".join(note for _, note in files.values()))
         return
-    runners = {f"{t} thread(s)": make_runner(Job(backend="custom", device="cpu", batch=BATCH,
-                                                 seq_q=n, seq_k=n, embed=EMBED, threads=t,
-                                                 dtype="float32", file=path))
-               for t in (1, 2)}
-    samples, errors = time_interleaved(runners, warmup=1, iters=args.iters, repeats=args.repeats)
-    med = {k: float(np.median([np.median(r) for r in v if r])) for k, v in samples.items()
-           if k not in errors}
-    for k, v in med.items():
-        print(f"   {k}: {v * 1e3:.2f} ms")
-    if len(med) == 2:
-        print(f"   speed-up 2 vs 1 thread: x{med['1 thread(s)'] / med['2 thread(s)']:.2f}")
-    for k, e in errors.items():
-        print(f"   {k}: {e}")
+    for n in sizes:
+        runners = {label: make_runner(Job(backend="custom", device="cpu", batch=BATCH, seq_q=n,
+                                          seq_k=n, embed=EMBED, threads=threads, dtype=dtype,
+                                          file=files[label][0]))
+                   for label, _, dtype, threads in (a, b)}
+        samples, errors = time_interleaved(runners, warmup=1, iters=iters_for(n, args.iters),
+                                           repeats=args.repeats)
+        if errors:
+            print(f"{n:>6}  " + "; ".join(f"{k}: {e}" for k, e in errors.items()))
+            continue
+        med = {k: float(np.median([np.median(r) for r in v])) for k, v in samples.items()}
+        print(f"{n:>6}  {med[a[0]] * 1e3:10.2f}ms  {med[b[0]] * 1e3:10.2f}ms  "
+              f"x{paired_ratio(samples[a[0]], samples[b[0]]):.2f}", flush=True)
 
 
 def peak_memory(n: int, args: argparse.Namespace, tmp: Path) -> None:
@@ -206,15 +195,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# E={EMBED} H={HEADS} D={EMBED // HEADS} B={BATCH} chunk={args.chunk}, "
           f"threads {args.threads} (ORT spinning off); warmup 1, {args.iters} iters x "
           f"{args.repeats} repeats (N < 2048: iters x 2048/N), interleaved in an order shuffled "
-          f"per iteration; cell = median, ratio to custom (>1 slower), attention GFLOP/s "
+          f"per iteration; cell = median, ratio to custom in the same iteration (median; >1 "
+          f"slower), attention GFLOP/s "
           f"(4*B*H*N*N*D, causal not halved)")
     with tempfile.TemporaryDirectory(prefix="compare_attention_") as tmp:
         for dtype in [d for d in args.dtypes.split(",") if d]:
             for causal in (False, True):
                 compare(sizes, causal, dtype, args, Path(tmp))
+        t = args.threads
         if {"float32", "float16"} <= set(args.dtypes.split(",")):
-            half_vs_single(sizes, args, Path(tmp))
-        thread_scaling(256 if args.quick else 4096, args, Path(tmp))
+            for causal in (False, True):
+                custom_side_by_side(f"float16 vs float32, causal={causal}",
+                                    ("float32", causal, "float32", t),
+                                    ("float16", causal, "float16", t), sizes, args, Path(tmp))
+        custom_side_by_side("causal vs non-causal, float32", ("non-causal", False, "float32", t),
+                            ("causal", True, "float32", t), sizes, args, Path(tmp))
+        custom_side_by_side("2 threads vs 1, float32", ("1 thread", False, "float32", 1),
+                            ("2 threads", False, "float32", 2), [256 if args.quick else 4096],
+                            args, Path(tmp))
         peak_memory(2048 if args.quick else 16384, args, Path(tmp))
     return 0
 
