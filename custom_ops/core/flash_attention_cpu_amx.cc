@@ -188,7 +188,6 @@ bool accepts(const AttentionParams& p) {
 
 bool plan_amx(const AttentionParams& p, Plan* out) {
   Plan& plan = *out;
-  plan.parts = kParts;
   plan.bq = kBq;
   plan.bq_pad = kBq;
   plan.bc = kBc;

@@ -51,10 +51,9 @@ struct Plan {
   // Packed keys and values of one head, in floats, and where its values start.
   size_t head_floats = 0;
   size_t v_offset = 0;
-  // AMX only (flash_attention_cpu_amx.cc): bfloat16 parts per input element, Lk rounded up to
-  // 32, D rounded up to 32 and to 16, and the scratch regions of the query's and the
-  // probabilities' parts, of a block's last 32 values, and of the transposed output accumulator.
-  int64_t parts = 0;
+  // AMX only (flash_attention_cpu_amx.cc): Lk rounded up to 32, D rounded up to 32 and to 16,
+  // and the scratch regions of the query's and the probabilities' parts, of a block's last 32
+  // values, and of the transposed output accumulator.
   int64_t k_rows = 0;
   int64_t d_k = 0;
   int64_t d_v = 0;
