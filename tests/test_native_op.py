@@ -373,8 +373,12 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
         out = run_core(lib, q, k, v, 2)
         assert np.isfinite(out).all()
         _check(out, q, k, v, 2)
-        # An infinite value reaches exactly its own column of every row that attends to it.
+        # An infinite value reaches exactly its own column of every row that attends to it. Key 9
+        # holds every head-0 row's largest logit, so its probability is exactly 1, whose low part
+        # is 0: 0 * inf is where a part product would make NaN.
         q, k, v = _qkv(1, 40, 70, 128, np.float16)
+        q[..., :64] = np.abs(q[..., :64])
+        k[0, 9, :64] = 2.0
         v[0, 9, 5] = np.inf
         out = run_core(lib, q, k, v, 2, threads=2)
         assert (out[0, :, 5] == np.inf).all()
