@@ -1,7 +1,7 @@
 """flash-export: take a chunked FlashAttention module to TorchScript and onnxruntime.
 
-Attributes load lazily (PEP 562), so `import flash_export.runtime` in an onnxruntime service
-does not import torch.
+Attributes and submodules load lazily (PEP 562): `import flash_export` imports neither torch nor
+onnxruntime, and `flash_export.runtime` (torch-free) works right after it.
 """
 
 import importlib
@@ -28,6 +28,11 @@ _EXPORTS = {
     "ModelSpec": "flash_export.spec",
 }
 
+# Submodules reachable as attributes after a bare `import flash_export`.
+_SUBMODULES = frozenset({"artifact", "bench", "cli", "contract", "doctor", "errors", "export",
+                         "onnx_export", "onnx_targets", "runtime", "safety", "spec", "tolerance",
+                         "validate"})
+
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
@@ -53,6 +58,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"flash_export.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'flash_export' has no attribute {name!r}")

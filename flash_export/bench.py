@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
 from flash_export.errors import FlashExportError, summary
 from flash_export.runtime import ort_session
 
@@ -62,6 +63,7 @@ class BenchConfig:
     threads: int = 1
     dtype: str = "float32"
     memory: bool = True
+    max_memory: Optional[int] = None  # bytes a run may plan to use; None: spec.memory_limit()
 
 
 @dataclass
@@ -216,7 +218,8 @@ class Job:
     file: Optional[str] = None  # the .onnx / .pt file for onnxruntime / torchscript backends
     spec_json: Optional[str] = None  # the ModelSpec for eager / sdpa
     attention_only: bool = False  # eager/sdpa: skip the projections (benchmarks/ script)
-    trust: bool = False  # load a .pt file its manifest does not list
+    trust: bool = False  # load a .pt file of unknown origin
+    expect_sha256: Optional[str] = None  # the .pt's hash as the user knows it
 
 
 def make_runner(job: Job) -> Runner:
@@ -275,7 +278,7 @@ def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runn
 
         if job.file is None:
             raise FlashExportError("torchscript: no .pt file")
-        module, _ = load_torchscript(job.file, trust=job.trust)
+        module, _ = load_torchscript(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
         module = module.to(device=device, dtype=dtype)
     elif job.backend in ("eager", "sdpa"):
         from flash_export.attention import replace_attention
@@ -475,17 +478,21 @@ class _Plan:
 
 
 def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None,
-              config: Optional[BenchConfig] = None,
-              trust: bool = False, progress: Optional[ProgressFn] = None) -> BenchReport:
+              config: Optional[BenchConfig] = None, trust: bool = False,
+              expect_sha256: Optional[str] = None,
+              progress: Optional[ProgressFn] = None) -> BenchReport:
     """Time and measure the backends of `config` on one model, interleaved, per sequence length.
 
     Args:
         artifact: an optional `.onnx` or `.pt` file: it is timed as its own backend (its target,
             or torchscript) instead of an on-the-fly export; default backends then are it, eager
-            and sdpa.
+            and sdpa. Its metadata is data: checked against its graph, and a model file or
+            weights it names are used only with `trust`.
         spec: the ModelSpec of the model; default: the artifact's, else ModelSpec().
         config: what to measure (BenchConfig defaults when None).
-        trust: load a `.pt` artifact even when its SHA-256 manifest does not list it.
+        trust: load a `.pt` artifact of unknown origin, and use the model file and weights the
+            artifact records.
+        expect_sha256: the artifact's SHA-256 as you know it; a different file is refused.
         progress: called as progress(done, total, label).
 
     Returns:
@@ -493,9 +500,11 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         run here are rows with status "skipped" or "error", never exceptions.
 
     Raises:
-        FlashExportError: bad configuration (unknown backend, unreadable artifact).
+        ArtifactError: an unreadable, malformed or untrusted artifact.
+        FlashExportError: bad configuration (unknown backend), or a run that would need more
+            than `config.max_memory`.
     """
-    from flash_export.spec import ModelSpec
+    from flash_export.spec import ModelSpec, check_memory
 
     config = config or BenchConfig()
     report_progress = progress or (lambda done, total, label: None)
@@ -503,14 +512,8 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
     art_chunk: Optional[int] = None
     dtype = config.dtype
     if artifact is not None:
-        from flash_export.validate import artifact_kind, read_metadata, spec_from_metadata
-
-        meta = read_metadata(artifact, trust=trust)
-        spec = spec or spec_from_metadata(meta, artifact)
-        art_backend = meta.get("target", "custom") if artifact_kind(Path(artifact)) == "onnx" \
-            else "torchscript"
-        art_chunk = int(meta.get("chunk_size", spec.chunk))
-        dtype = meta.get("dtype", dtype) or dtype
+        spec, art_backend, dtype, art_chunk = _read_artifact(Path(artifact), spec, trust,
+                                                             expect_sha256)
     spec = spec or ModelSpec()
     chunks = tuple(config.chunks) if config.chunks else (spec.chunk,)
     if config.backends:
@@ -532,9 +535,18 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
         + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
            "shape)" if config.memory else "not measured"))
+    params = spec.parameter_count()
+    if params is not None:  # known without building: refuse before the first allocation
+        check_memory(_bench_bytes(spec, params, config, len(wanted)), config.max_memory,
+                     "this benchmark")
     from flash_export.attention import FlashAttention
 
-    n_layers = max(1, sum(isinstance(m, FlashAttention) for m in spec.build().modules()))
+    built = spec.build()
+    n_layers = max(1, sum(isinstance(m, FlashAttention) for m in built.modules()))
+    if params is None:
+        check_memory(_bench_bytes(spec, sum(p.numel() for p in built.parameters()), config,
+                                  len(wanted)), config.max_memory, "this benchmark")
+    del built
 
     with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
         plans = _plan(wanted, chunks, spec, dtype, Path(tmp), artifact, art_backend, art_chunk,
@@ -553,7 +565,8 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
                 if p.status != "ok":
                     continue
                 try:
-                    runners[p.label] = make_runner(_job(p, config, spec, seq, dtype, trust))
+                    job = _job(p, config, spec, seq, dtype, trust, expect_sha256)
+                    runners[p.label] = make_runner(job)
                 except Exception as exc:  # a backend that cannot be built here is one row
                     row.status, row.error = "error", summary(exc)
 
@@ -579,7 +592,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
                     report_progress(done, total, f"memory {p.label} L={seq}")
                     if row.status != "ok":
                         continue
-                    mem = measure_memory(_job(p, config, spec, seq, dtype, trust))
+                    mem = measure_memory(_job(p, config, spec, seq, dtype, trust, expect_sha256))
                     row.peak_rss_mb = mem.get("peak_rss_mb")
                     row.peak_cuda_mb = mem.get("peak_cuda_mb")
                     if "error" in mem:
@@ -587,10 +600,50 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
     return report
 
 
-def _job(p: _Plan, config: BenchConfig, spec: Any, seq: int, dtype: str, trust: bool) -> Job:
+def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
+                   expect_sha256: Optional[str]) -> Tuple[Any, str, str, int]:
+    """(spec, backend, dtype, recorded chunk) of an artifact to bench, read and checked as data.
+
+    Raises:
+        ArtifactError: unreadable, malformed, contradicting its graph, or untrusted.
+    """
+    from flash_export.artifact import artifact_kind, provenance, read_metadata, require_provenance
+    from flash_export.spec import check_graph_matches_spec, recorded, resolve_spec
+
+    kind = artifact_kind(path)
+    meta = read_metadata(path)
+    rec = recorded(meta, path, kind)
+    if kind == "onnx":
+        provenance(path, expect_sha256=expect_sha256, trust=trust)  # refuses a wrong hash
+    else:  # a .pt is a program: refuse it here, before any runner or subprocess loads it
+        require_provenance(path, expect_sha256=expect_sha256, trust=trust)
+    spec = spec if spec is not None else resolve_spec(rec.spec, {}, trust=trust, source=path)
+    if kind == "onnx":
+        from flash_export.safety import check_onnx_file
+
+        check_graph_matches_spec(spec, check_onnx_file(path), path)
+    return spec, rec.target or "torchscript", rec.dtype, rec.spec.chunk
+
+
+def _bench_bytes(spec: Any, params: int, config: BenchConfig, backends: int) -> int:
+    """What a benchmark allocates at most, in bytes.
+
+    A float32 model per backend and a few more, and the (B, H, L, L) float32 scores that stock
+    attention (sdpa, contrib, attention23) holds.
+    """
+    longest = max(config.seqs, default=0)
+    scores = config.batch * spec.heads * longest * longest
+    return 4 * params * (backends + 4) + 12 * scores + 64 * config.batch * longest * spec.embed \
+        + (64 << 20)
+
+
+def _job(p: _Plan, config: BenchConfig, spec: Any, seq: int, dtype: str, trust: bool,
+         expect_sha256: Optional[str] = None) -> Job:
     return Job(backend=p.backend, device=p.device, batch=config.batch, seq_q=seq, seq_k=seq,
                embed=spec.embed, threads=config.threads, dtype=dtype, file=p.file,
-               spec_json=p.spec_json, trust=trust)
+               spec_json=p.spec_json, trust=trust,
+               expect_sha256=expect_sha256 if p.file and p.file.endswith(TORCHSCRIPT_EXTS)
+               else None)
 
 
 def _fill_stats(row: BenchRow, per_repeat: List[List[float]], flops: float) -> None:

@@ -4,6 +4,7 @@ Heavy modules (torch, onnx) are imported inside the commands so `flash-export --
 """
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 import click
 
 from flash_export._version import __version__
+from flash_export.contract import EXPORT_DTYPES, TARGETS
 from flash_export.errors import FlashExportError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,10 +66,13 @@ def model_options(f: F) -> F:
     @functools.wraps(f)
     def wrapper(*args: Any, embed: int, heads: int, chunk: int, causal: bool, seed: int,
                 model_factory: Optional[str], weights: Optional[str], **kwargs: Any) -> Any:
-        from flash_export.spec import ModelSpec
+        from flash_export.spec import ModelSpec  # imports no torch: checked before heavy work
 
-        spec = ModelSpec(embed=embed, heads=heads, chunk=chunk, causal=causal, seed=seed,
-                         model=model_factory, weights=weights)
+        try:
+            spec = ModelSpec(embed=embed, heads=heads, chunk=chunk, causal=causal, seed=seed,
+                             model=model_factory, weights=weights)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         return f(*args, spec=spec, **kwargs)
 
     for option in reversed(options):
@@ -94,12 +99,12 @@ def torchscript(spec: Any, out: Path) -> None:
 
 @main.command()
 @model_options
-@click.option("--target", type=click.Choice(["custom", "standard", "contrib", "attention23"]),
+@click.option("--target", type=click.Choice(TARGETS),
               default="custom", show_default=True,
               help="custom: one com.flash_export::FlashAttention node (needs our library); "
                    "standard: standard ops with an ONNX Loop; contrib: com.microsoft."
                    "MultiHeadAttention; attention23: ONNX Attention (opset 23).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+@click.option("--dtype", type=click.Choice(EXPORT_DTYPES), default="float32",
               show_default=True, help="Precision of the exported graph.")
 @click.option("--opset", type=click.IntRange(min=1), default=None,
               help="Default-domain opset. Default: the newest both the exporter and the installed "
@@ -162,25 +167,66 @@ def _backend_list(ctx: click.Context, param: click.Parameter, value: Optional[st
 
 def _artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
                    trust: bool = False) -> Any:
-    """The spec to compare against: the artifact's, with the model options given explicitly."""
-    import dataclasses
+    """The spec to compare against: the artifact's, with the model options given explicitly.
 
+    None means "the artifact's own": the library then reads it and applies the trust rules.
+    """
     from click.core import ParameterSource
 
     explicit = {field: getattr(spec, field) for name, field in _MODEL_OPTION_FIELDS.items()
                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     if artifact is None:
         return spec
-    from flash_export.validate import read_metadata
+    from flash_export.artifact import artifact_kind, read_metadata
 
-    meta = read_metadata(artifact, trust=trust)
+    meta = read_metadata(artifact)  # data only: no .pt is loaded here
     if "model_spec" not in meta:
         return spec  # nothing recorded: the options (explicit or default) describe the model
     if not explicit:
-        return None  # the artifact's own spec
-    from flash_export.validate import spec_from_metadata
+        return None
+    from flash_export.spec import recorded, resolve_spec
 
-    return dataclasses.replace(spec_from_metadata(meta, artifact), **explicit)
+    base = recorded(meta, artifact, artifact_kind(artifact)).spec
+    try:
+        return resolve_spec(base, explicit, trust=trust, source=artifact)
+    except ValueError as exc:  # explicit options that contradict the recorded ones
+        raise click.UsageError(str(exc)) from None
+
+
+def _output_file(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Any:
+    """Click callback: an output file whose folder exists and is writable, checked up front."""
+    if value is None:
+        return None
+    folder = value.parent if str(value.parent) else Path(".")
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"folder {folder} is not writable")
+    return value
+
+
+def _gibibytes(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Any:
+    """Click callback: GiB -> bytes (None stays None)."""
+    return None if value is None else int(value * 2**30)
+
+
+def trust_options(f: F) -> F:
+    """--trust, --expect-sha256 and --max-memory: how much an artifact is believed and allowed."""
+    options = [
+        click.option("--trust", is_flag=True, default=False,
+                     help="Load a .pt of unknown origin (a .pt is a program) and use the model "
+                          "file and weights the artifact records. Default: off."),
+        click.option("--expect-sha256", metavar="HEX", default=None,
+                     help="The artifact's SHA-256 as its publisher gave it; any other file is "
+                          "refused, a matching one is trusted. Default: none."),
+        click.option("--max-memory", type=click.FloatRange(min=0), default=None,
+                     callback=_gibibytes, metavar="GIB",
+                     help="Refuse runs estimated to need more (GiB), before allocating. "
+                          "Default: half the physical memory."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 class _Progress:
@@ -233,15 +279,15 @@ def _fmt(value: Optional[float], spec: str = ".2e") -> str:
 @click.option("--all-targets", is_flag=True, default=False,
               help="Also export and compare every other ONNX target. Default: off.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write the full report as JSON. Default: none.")
-@click.option("--trust", is_flag=True, default=False,
-              help="Load a .pt artifact its SHA-256 manifest does not list (a .pt file is a "
-                   "program). Default: off.")
+              default=None, callback=_output_file,
+              help="Write the full report as JSON. Default: none.")
+@trust_options
 @click.option("-v", "--verbose", is_flag=True, default=False,
               help="One row per backend and shape. Default: a row per backend.")
 def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[int],
              dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
-             all_targets: bool, json_path: Optional[Path], trust: bool, verbose: bool) -> None:
+             all_targets: bool, json_path: Optional[Path], trust: bool,
+             expect_sha256: Optional[str], max_memory: Optional[int], verbose: bool) -> None:
     """Check ARTIFACT (.onnx of any target, or .pt) against the float64 PyTorch reference.
 
     The reference is rebuilt from the model spec recorded in ARTIFACT; model options given
@@ -257,6 +303,7 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
         report = run_validate(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
                               seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
                               provider=provider, all_targets=all_targets, trust=trust,
+                              expect_sha256=expect_sha256, max_memory=max_memory,
                               progress=progress)
     finally:
         progress.close()
@@ -267,6 +314,13 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
     click.echo(f"reference: float64 plain attention of the spec from the {report.spec_source} "
                f"(embed {s.embed}, heads {s.heads}, chunk {s.chunk}, causal {s.causal}, "
                f"seed {s.seed}{', model ' + s.model if s.model else ''})")
+    origin = report.provenance
+    click.echo(f"provenance: sha256 {origin.sha256[:16]}..., " + {
+        "trust store": "exported by you here (trust store)",
+        "expected sha256": "the hash you expected (--expect-sha256)",
+        "--trust": "unknown origin, loaded because of --trust",
+        "unverified": "unknown origin: the reference is what the file's own metadata describes "
+                      "(pass --expect-sha256 or your model options to pin it)"}[origin.source])
     click.echo(f"rule: {report.rule}")
     bad = [c for c in report.checks if not c.passed]
     click.echo(f"structural checks: {len(report.checks) - len(bad)}/{len(report.checks)} passed")
@@ -327,20 +381,22 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
               help="torch.set_num_threads and onnxruntime intra_op_num_threads.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision (an ARTIFACT keeps its own).")
-@click.option("--trust", is_flag=True, default=False,
-              help="Load a .pt ARTIFACT its SHA-256 manifest does not list. Default: off.")
+@trust_options
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory of one forward in a fresh subprocess per row.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write the full report as JSON. Default: none.")
+              default=None, callback=_output_file,
+              help="Write the full report as JSON. Default: none.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write the rows as CSV. Default: none.")
+              default=None, callback=_output_file, help="Write the rows as CSV. Default: none.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Save a PNG of latency and memory vs sequence length "
-                                 "(needs flash-export[plot]). Default: none.")
+              default=None, callback=_output_file,
+              help="Save a PNG of latency and memory vs sequence length "
+                   "(needs flash-export[plot]). Default: none.")
 def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
           batch: int, backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
-          threads: int, dtype: str, trust: bool, memory: bool, json_path: Optional[Path],
+          threads: int, dtype: str, trust: bool, expect_sha256: Optional[str],
+          max_memory: Optional[int], memory: bool, json_path: Optional[Path],
           csv_path: Optional[Path], plot_path: Optional[Path]) -> None:
     """Time every backend side by side (interleaved) and measure peak memory per forward."""
     import json as json_module
@@ -359,11 +415,12 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     config = BenchConfig(seqs=tuple(seq), chunks=tuple(chunks) if chunks else None, batch=batch,
                          backends=tuple(backends) if backends else None, warmup=warmup,
                          iters=iters, repeats=repeats, threads=threads, dtype=dtype,
-                         memory=memory)
+                         memory=memory, max_memory=max_memory)
     progress = _Progress("benchmarking")
     try:
         report = benchmark(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
-                           config=config, trust=trust, progress=progress)
+                           config=config, trust=trust, expect_sha256=expect_sha256,
+                           progress=progress)
     finally:
         progress.close()
     env = report.environment
@@ -398,7 +455,7 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
 
 @main.command()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write the report as JSON. Default: none.")
+              default=None, callback=_output_file, help="Write the report as JSON. Default: none.")
 def doctor(json_path: Optional[Path]) -> None:
     """Check the install: versions, the native library, and one run of the custom op."""
     import json as json_module

@@ -100,7 +100,7 @@ def diagnose(timeout: float = 120.0) -> DoctorReport:
         ort_version = ort.__version__
     except ImportError:
         providers, ort_version = [], ""
-    lib = library_path()
+    lib = Path(library_path())
     from_env = bool(os.environ.get(LIBRARY_ENV))
     report = DoctorReport(versions=versions, providers=providers, library_path=str(lib),
                           library_source=LIBRARY_ENV if from_env else "package",

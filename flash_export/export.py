@@ -3,22 +3,26 @@
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
-from flash_export import manifest
 from flash_export._version import __version__
+from flash_export.artifact import (
+    METADATA_FILE,
+    Provenance,
+    atomic_write,
+    require_provenance,
+    sha256_file,
+    torchscript_metadata,
+)
 from flash_export.attention import FlashAttention
 from flash_export.errors import ArtifactError, ExportError, first_line
 from flash_export.spec import ModelSpec
 
-METADATA_FILE = "flash_export.json"  # the extra file inside a TorchScript archive
 _JIT_DEPRECATED = r"`torch\.jit\.(script|save|load)` is deprecated"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,6 +34,20 @@ def quiet_jit_deprecation() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=DeprecationWarning)
         yield
+
+
+def flash_layers(model: nn.Module) -> List[FlashAttention]:
+    """The FlashAttention layers of `model` in forward-definition order.
+
+    Raises:
+        ExportError: `model` is not an nn.Module or holds no FlashAttention layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
+    if not layers:
+        raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
+    return layers
 
 
 def spec_of(model: nn.Module, spec: Optional[ModelSpec] = None) -> ModelSpec:
@@ -58,43 +76,6 @@ def artifact_metadata(spec: ModelSpec, **extra: str) -> Dict[str, str]:
     return meta
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Write through `write(tmp)` in a staging folder beside `path`, then rename into place.
-
-    `tmp` has the final file name; what `write` produced is renamed next to `path`, `path` last.
-    Files `write` puts beside `tmp` (such as ONNX external data) move along with it. A failed or
-    interrupted write leaves nothing at `path` and never clobbers a good file there.
-
-    The artifact's SHA-256 manifest (`manifest.py`) changes in two steps around the rename: first
-    it accepts the old and the new file, then only the new one. So a process killed at any moment
-    leaves either the previous artifact with a manifest that accepts it, or the new one.
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise ExportError(f"{target} is a directory, expected a file path")
-    if not target.parent.is_dir():
-        raise ExportError(f"output folder does not exist: {target.parent}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        tmp = staging / target.name
-        write(tmp)
-        if not tmp.is_file():
-            raise ExportError(f"nothing was written for {target}")
-        written = sorted(staging.iterdir(), key=lambda p: p == tmp)  # the main file last
-        for item in written:
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-        new_hash = manifest.sha256_file(tmp)
-        old_hash = manifest.current_valid_hash(target)
-        manifest.write_manifest(target, [h for h in (old_hash, new_hash) if h])
-        for item in written:
-            os.replace(item, target.parent / item.name)
-        manifest.write_manifest(target, [new_hash])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def export_torchscript(model: nn.Module, path: PathLike, *,
                        spec: Optional[ModelSpec] = None) -> Path:
     """Script `model` (never trace it) and save it as a TorchScript archive.
@@ -111,8 +92,10 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
         The written path.
 
     Raises:
-        ExportError: the model cannot be scripted or the file cannot be written.
+        ExportError: the model holds no FlashAttention, cannot be scripted, or the file cannot
+            be written.
     """
+    flash_layers(model)
     meta = artifact_metadata(spec_of(model, spec), artifact="torchscript")
     try:
         with quiet_jit_deprecation():
@@ -130,34 +113,41 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
         raise ExportError(f"cannot write {path}: {exc}") from exc
 
 
-def load_torchscript(path: PathLike, *,
-                     trust: bool = False) -> "tuple[torch.jit.ScriptModule, Dict[str, str]]":
+def load_torchscript(path: PathLike, *, trust: bool = False, expect_sha256: Optional[str] = None,
+                     ) -> "tuple[torch.jit.ScriptModule, Dict[str, str]]":
     """Load a TorchScript archive written by `export_torchscript`, with its metadata.
 
-    A `.pt` file is a program: unless `trust` is set, its SHA-256 must be listed in the manifest
-    that `export_torchscript` wrote beside it.
+    A `.pt` file is a program: it is loaded only when its SHA-256 is in the user's trust store
+    (every export on this machine is recorded there), equals `expect_sha256`, or `trust` is set.
+    The manifest beside it is not evidence: whoever ships a file can ship its manifest.
 
     Raises:
-        ArtifactError: the file is missing, unlisted in its manifest (without `trust`),
-            unreadable, or has no flash-export metadata.
+        ArtifactError: the file is missing, of unknown origin (without `trust`), not the
+            expected file, unreadable, or has no flash-export metadata.
     """
-    if trust:
-        if not Path(path).is_file():
-            raise ArtifactError(f"artifact not found: {path}")
-    else:
-        manifest.verify_artifact(path)
-    extra = {METADATA_FILE: ""}
-    try:
-        with quiet_jit_deprecation():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ArtifactError(f"cannot load TorchScript file {path}: {first_line(exc)}") from exc
-    if not extra[METADATA_FILE]:
-        raise ArtifactError(f"{path} carries no {METADATA_FILE}: not written by flash-export")
-    try:
-        meta = json.loads(extra[METADATA_FILE])
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: unreadable {METADATA_FILE}: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path}: {METADATA_FILE} is not a JSON object")
+    module, meta, _ = load_torchscript_checked(path, trust=trust, expect_sha256=expect_sha256)
     return module, meta
+
+
+def load_torchscript_checked(path: PathLike, *, trust: bool = False,
+                             expect_sha256: Optional[str] = None,
+                             ) -> "tuple[torch.jit.ScriptModule, Dict[str, str], Provenance]":
+    """`load_torchscript`, also returning where trust in the file came from."""
+    if not Path(path).is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    # One open file for the hash, the metadata and the load: the bytes judged are the bytes run,
+    # even if someone swaps the file at `path` in between.
+    with open(path, "rb") as f:
+        digest = sha256_file(f)
+        origin = require_provenance(path, expect_sha256=expect_sha256, trust=trust,
+                                    digest=digest)
+        f.seek(0)
+        meta = torchscript_metadata(f, path)
+        f.seek(0)
+        try:
+            with quiet_jit_deprecation():
+                module = torch.jit.load(f, map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ArtifactError(f"cannot load TorchScript file {path}: "
+                                f"{first_line(exc)}") from exc
+    return module, meta, origin

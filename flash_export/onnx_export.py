@@ -11,7 +11,9 @@ The targets (how the attention is expressed; see `flash_export.onnx_targets`):
 
 import copy
 import functools
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
@@ -21,9 +23,10 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from flash_export.attention import FlashAttention, reference_forward, replace_attention
+from flash_export.artifact import atomic_write, sha256_file
+from flash_export.attention import reference_forward, replace_attention
 from flash_export.errors import ExportError, ValidationError, summary
-from flash_export.export import PathLike, artifact_metadata, atomic_write, spec_of
+from flash_export.export import PathLike, artifact_metadata, flash_layers, spec_of
 from flash_export.onnx_targets import DOMAIN_VERSION, LIBRARY_DOMAIN, TARGETS
 from flash_export.spec import ModelSpec
 from flash_export.tolerance import compare, max_abs_error
@@ -188,22 +191,57 @@ def _save_checked(model: onnx.ModelProto, tmp: Path) -> None:
     """Save `model` at `tmp` (with external data when large) and run the full checker on it.
 
     `tmp` already has the final file name (in `atomic_write`'s staging folder), so the graph's
-    reference to its weights file (`model.onnx` -> `model.onnx.data`) stays valid after the move.
+    reference to its weights file stays valid after the move. The weights file is named after
+    its content (`model.onnx.<sha256[:16]>.data`) and the graph pins its SHA-256 in metadata
+    (`safety.EXTERNAL_DATA_KEY`): a new export never overwrites the data an existing graph uses,
+    and a graph never loads beside data it was not exported with.
     """
     if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        from flash_export.safety import EXTERNAL_DATA_KEY
+
+        provisional = tmp.name + ".data"
         # Small tensors stay inline: shape inference must read shape constants from the graph.
         try:
             onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=tmp.name + ".data")
+                            all_tensors_to_one_file=True, location=provisional)
         except onnx.checker.ValidationError as exc:  # onnx refuses e.g. ".." in the data name
-            raise ExportError(f"cannot save external data as {tmp.name + '.data'!r}: "
+            raise ExportError(f"cannot save external data as {provisional!r}: "
                               f"{summary(exc)}; choose a file name without '..'") from exc
+        digest = sha256_file(tmp.parent / provisional)
+        final = f"{tmp.name}.{digest[:16]}.data"
+        os.replace(tmp.parent / provisional, tmp.parent / final)
+        graph = onnx.load(str(tmp), load_external_data=False)
+        for tensor in onnx.external_data_helper._get_all_tensors(graph):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = final
+        graph.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps({final: digest}))
+        onnx.save_model(graph, str(tmp))
     else:
         onnx.save_model(model, str(tmp))
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported model fails onnx.checker: {summary(exc)}") from exc
+
+
+def _our_data_files(target: Path) -> List[Path]:
+    """The data files an existing export at `target` uses, which a new export may replace.
+
+    Only files this exporter names (`<target>.data`, `<target>.<hash>.data`) beside `target`;
+    anything else the old graph references is left alone.
+    """
+    if not target.is_file():
+        return []
+    try:
+        graph = onnx.load(str(target), load_external_data=False)
+    except Exception:  # not a readable graph: nothing of ours to clean up
+        return []
+    names = {e.value for t in onnx.external_data_helper._get_all_tensors(graph)
+             for e in t.external_data if e.key == "location"}
+    return [target.parent / n for n in sorted(names)
+            if n == f"{target.name}.data" or (n.startswith(f"{target.name}.")
+                                               and n.endswith(".data") and "/" not in n)]
 
 
 def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
@@ -249,10 +287,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     meta = artifact_metadata(spec_of(model, spec), artifact="onnx", target=target,
                              domain=LIBRARY_DOMAIN, domain_version=str(DOMAIN_VERSION),
                              dtype=dtype_name)
-    layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
-    if not layers:
-        raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
-    embed = layers[0].embed_size
+    embed = flash_layers(model)[0].embed_size
     adapted = replace_attention(model, TARGETS[target].adapter).to(torch_dtype).eval()
 
     gen = torch.Generator().manual_seed(0)
@@ -278,7 +313,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
         proto.metadata_props.add(key=key, value=value)
 
     try:
-        return atomic_write(path, lambda tmp: _save_checked(proto, tmp))
+        return atomic_write(path, lambda tmp: _save_checked(proto, tmp),
+                            stale=_our_data_files(Path(path)))
     except OSError as exc:
         raise ExportError(f"cannot write {path}: {exc}") from exc
 

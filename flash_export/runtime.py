@@ -1,6 +1,7 @@
 """Find the native kernel library and build onnxruntime sessions. Imports no torch.
 
-An onnxruntime service needs only onnxruntime, numpy and this module:
+An onnxruntime service needs only onnxruntime, numpy, onnx (for the checks `create_session` runs
+on a file before onnxruntime opens it) and this module:
 
     session = create_session("model.onnx", intra_op_num_threads=4)
     (output,) = session.run(["output"], {"values": v, "keys": k, "queries": q})
@@ -12,24 +13,27 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Union
 
+from flash_export.contract import DOMAIN as LIBRARY_DOMAIN
 from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
 
 LIBRARY_ENV = "FLASH_EXPORT_LIBRARY"
-LIBRARY_DOMAIN = "com.flash_export"
 _LIBRARY_NAME = "libflash_export.so"
 _BUILD_HINT = (f"build it with `python custom_ops/build.py --out DIR` and set {LIBRARY_ENV}="
                f"DIR/{_LIBRARY_NAME}, or reinstall flash-export (pip builds it into the package)")
 
 
-def library_path() -> Path:
-    """Return the path of the native kernel library (`FLASH_EXPORT_LIBRARY` overrides it)."""
+def library_path() -> str:
+    """The path of the native kernel library (`FLASH_EXPORT_LIBRARY` overrides it), as a str.
+
+    A str, so it goes straight into `SessionOptions.register_custom_ops_library`.
+    """
     override = os.environ.get(LIBRARY_ENV)
     if override:
-        return Path(override)
-    return Path(__file__).resolve().parent / "_native" / _LIBRARY_NAME
+        return override
+    return str(Path(__file__).resolve().parent / "_native" / _LIBRARY_NAME)
 
 
 def _enum(value: Any, enum_type: Any, prefix: str) -> Any:
@@ -85,7 +89,7 @@ def register_library(so: onnxruntime.SessionOptions,
     Raises:
         RuntimeLibraryError: the library is missing or onnxruntime cannot register it.
     """
-    lib = Path(path) if path is not None else library_path()
+    lib = Path(path if path is not None else library_path())
     if not lib.is_file():
         raise RuntimeLibraryError(f"native library not found at {lib}: {_BUILD_HINT}")
     try:
@@ -100,10 +104,11 @@ def model_domains(path: Union[str, os.PathLike[str]]) -> Set[str]:
     """The operator domains `path` imports ("" is the default domain).
 
     Reads only the graph, after the same safety checks as `create_session` (external data is
-    never read).
+    checked, never parsed).
 
     Raises:
-        ArtifactError: the file is missing, is not ONNX or references external data unsafely.
+        ArtifactError: the file is missing, is not ONNX, references external data unsafely or
+            has a malformed com.flash_export node.
     """
     return {o.domain or "" for o in _checked_graph(path).opset_import}
 
@@ -126,7 +131,9 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
     Raises:
         ArtifactError: the file is missing, is not ONNX, references external data unsafely
             (`flash_export.safety`: outside its folder, through a link, hard-linked, past the
-            end of the file), or onnxruntime rejects it; always one line.
+            end of the file, not the data it was exported with), has a FlashAttention node with
+            an unknown or wrong-typed attribute, or onnxruntime rejects it (the native library
+            rejects out-of-range attributes here); always one line.
         RuntimeLibraryError: the model needs the native library and it is missing or fails to
             register.
         TypeError, ValueError: a bad session option.

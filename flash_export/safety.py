@@ -4,9 +4,15 @@ An ONNX file may keep tensors in external data files named by a relative `locati
 reads those files itself, so a hostile `.onnx` could make it read `/etc/passwd`, follow a symlink
 out of the model folder, read a hardlinked copy of a file the user never meant to share, or seek
 past the end of a file. `check_onnx_file` parses only the graph (never external data) and rejects
-every such reference. Imports no torch.
+every such reference; it checks data files against the SHA-256 the exporter pinned in the graph
+(`EXTERNAL_DATA_KEY`), so a graph never runs beside data it was not exported with. It also rejects
+a `com.flash_export::FlashAttention` node with an unknown or wrong-typed attribute: onnxruntime
+lets a custom node carry any attribute, and its custom-op ABI gives our library no way to list
+them. Imports no torch.
 """
 
+import hashlib
+import json
 import os
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -14,7 +20,11 @@ from typing import Any, Dict, Iterator, Union
 
 import onnx
 
+from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
 from flash_export.errors import ArtifactError
+
+# metadata_props key: JSON {data file name: SHA-256}, written by the exporter.
+EXTERNAL_DATA_KEY = "external_data_sha256"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -158,6 +168,7 @@ def check_external_data(model: Any, model_file: PathLike) -> int:
     """
     file = Path(model_file)
     folder = file.parent if str(file.parent) else Path(".")
+    pinned = _pinned_data_hashes(model, file)
     checked: Dict[str, int] = {}
     count = 0
     for tensor in model_tensors(model):
@@ -173,6 +184,9 @@ def check_external_data(model: Any, model_file: PathLike) -> int:
         if location not in checked:
             data = check_external_location(location, folder, what)
             checked[location] = os.stat(data).st_size
+            if location in pinned and _sha256(data) != pinned[location]:
+                raise ArtifactError(f"{what}: external data file {location!r} is not the one this "
+                                    "graph was exported with (its SHA-256 differs)")
         size = checked[location]
         offset = _int_field(fields, "offset", tensor, file)
         if "length" in fields:
@@ -185,15 +199,104 @@ def check_external_data(model: Any, model_file: PathLike) -> int:
     return count
 
 
+def _pinned_data_hashes(model: Any, file: Path) -> Dict[str, str]:
+    text = next((p.value for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY), None)
+    if text is None:
+        return {}
+    try:
+        pinned = json.loads(text)
+    except ValueError:
+        pinned = None
+    if not isinstance(pinned, dict) or not all(isinstance(v, str) for v in pinned.values()):
+        raise ArtifactError(f"{file}: metadata {EXTERNAL_DATA_KEY} is not a JSON object of "
+                            "SHA-256 strings")
+    return pinned
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def all_nodes(model: Any) -> Iterator[Any]:
+    """Every node of a ModelProto (graph, subgraphs, local functions) or of a GraphProto.
+
+    Subgraphs are the If branches and Loop/Scan bodies, depth first.
+    """
+    def walk(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
+            yield node
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from walk(attr.g.node)
+                for sub in attr.graphs:
+                    yield from walk(sub.node)
+    if not hasattr(model, "graph"):  # a GraphProto (a ModelProto's graph or a subgraph)
+        yield from walk(model.node)
+        return
+    yield from walk(model.graph.node)
+    for function in model.functions:
+        yield from walk(function.node)
+
+
+def check_custom_nodes(model: Any, model_file: PathLike) -> int:
+    """Check the attribute names and types of every com.flash_export::FlashAttention node.
+
+    Returns:
+        How many such nodes the model has.
+
+    Raises:
+        ArtifactError: an unknown, repeated or wrong-typed attribute, or a missing required one.
+    """
+    count = 0
+    for node in all_nodes(model):
+        if node.domain != DOMAIN or node.op_type != OP_NAME:
+            continue
+        count += 1
+        what = f"{model_file}: {OP_NAME} node {node.name or count - 1!r}"
+        seen = set()
+        for attr in node.attribute:
+            if attr.name in seen:
+                raise ArtifactError(f"{what} repeats attribute {attr.name!r}")
+            seen.add(attr.name)
+            if attr.name not in NODE_ATTRIBUTES:
+                raise ArtifactError(f"{what} has unknown attribute {attr.name!r}; expected only "
+                                    f"{', '.join(sorted(NODE_ATTRIBUTES))}")
+            expected = NODE_ATTRIBUTES[attr.name][0]
+            got = onnx.AttributeProto.AttributeType.Name(attr.type)
+            if got != expected:
+                raise ArtifactError(f"{what}: attribute {attr.name} is {got} "
+                                    f"({_attribute_text(attr)}), expected {expected}")
+        missing = [n for n, (_, required) in NODE_ATTRIBUTES.items() if required and n not in seen]
+        if missing:
+            raise ArtifactError(f"{what} lacks required attribute {missing[0]!r}")
+    return count
+
+
+def _attribute_text(attr: Any) -> str:
+    try:
+        value = onnx.helper.get_attribute_value(attr)
+    except Exception:  # an attribute of an odd kind: its type name says enough
+        return "?"
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return repr(value)[:40]
+
+
 def check_onnx_file(path: PathLike) -> Any:
-    """Parse `path` without external data and check every external reference (see module doc).
+    """Parse `path` without external data and run every check above (see module doc).
 
     Returns:
         The ModelProto (external tensors not loaded).
 
     Raises:
-        ArtifactError: not an ONNX file, or an unsafe external-data reference.
+        ArtifactError: not an ONNX file, an unsafe or mismatched external-data reference, or a
+            malformed com.flash_export node.
     """
     model = load_graph(path)
     check_external_data(model, path)
+    check_custom_nodes(model, path)
     return model

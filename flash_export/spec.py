@@ -1,18 +1,25 @@
-"""Model options shared by every command: how to rebuild the exact model an artifact came from."""
+"""Model options shared by every command: how to rebuild the exact model an artifact came from.
+
+torch is imported only to build a model, so a spec can be parsed, checked and refused before the
+heavy imports (the CLI checks its options this way).
+"""
 
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
-import torch
-from torch import nn
+from flash_export.errors import ArtifactError, FlashExportError, ModelError, summary
 
-from flash_export.attention import FlashAttention
-from flash_export.errors import ModelError, summary
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch.manual_seed accepts exactly this range.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -24,13 +31,17 @@ class ModelSpec:
 
     Attributes:
         embed: embedding size E (default: the original README's 128).
-        heads: number of heads H (default 8).
+        heads: number of heads H, dividing E (default 8).
         chunk: keys per online-softmax step (default 64).
         causal: bottom-right aligned causal attention.
-        seed: seed of the parameter initialisation when `weights` is None.
+        seed: seed of the parameter initialisation when `weights` is None, in [-2^63, 2^64).
         model: optional "FILE.py:FACTORY"; FACTORY(embed_size=, heads=, chunk_size=, causal=)
             returns a module whose forward is (values, keys, queries, mask=None) -> (B, Lq, E).
+            Importing FILE runs its code.
         weights: optional state-dict checkpoint, loaded with weights_only=True and strict=True.
+
+    Raises:
+        ValueError: a field of the wrong type or out of range, naming it.
     """
 
     embed: int = 128
@@ -41,51 +52,121 @@ class ModelSpec:
     model: Optional[str] = None
     weights: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        for name in ("embed", "heads", "chunk", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be true or false, got {self.causal!r}")
+        for name in ("model", "weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("embed", "heads", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide embed ({self.embed})")
+        if not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+
     def to_json(self) -> str:
         """Serialise for artifact metadata."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        """Inverse of `to_json`."""
+        """Inverse of `to_json`.
+
+        Raises:
+            ValueError: not a JSON object, or a field of the wrong type or out of range.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"a model spec is a JSON object, got {type(data).__name__}")
-        spec = cls(**{k: v for k, v in data.items() if k in fields})
-        for name, kind in (("embed", int), ("heads", int), ("chunk", int), ("seed", int),
-                           ("causal", bool)):
-            value = getattr(spec, name)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"model spec field {name!r} must be {kind.__name__}, "
-                                 f"got {value!r}")
-        for name in ("model", "weights"):
-            if getattr(spec, name) is not None and not isinstance(getattr(spec, name), str):
-                raise ValueError(f"model spec field {name!r} must be a string or null")
-        return spec
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
-    def build(self) -> nn.Module:
+    @property
+    def runs_code(self) -> bool:
+        """Whether building this spec imports a model file or loads a checkpoint."""
+        return self.model is not None or self.weights is not None
+
+    def parameter_count(self) -> Optional[int]:
+        """Parameters of the model this spec builds, when known without building it.
+
+        A plain FlashAttention has four E x E projections with biases; a `model` factory's count
+        is known only once it is built (None).
+        """
+        if self.model is not None:
+            return None
+        return 4 * self.embed * self.embed + 4 * self.embed
+
+    def build(self) -> "nn.Module":
         """Build the model in eval mode (float32, CPU).
 
         Raises:
             ModelError: the factory cannot be loaded or fails, or the weights do not fit.
         """
+        import torch
+        from torch import nn
+
+        from flash_export.attention import FlashAttention
+
         factory = _load_factory(self.model) if self.model else None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
             try:
+                torch.manual_seed(self.seed)
                 if factory is None:
                     model = FlashAttention(self.embed, self.heads, self.chunk, causal=self.causal)
                 else:
                     model = factory(embed_size=self.embed, heads=self.heads,
                                     chunk_size=self.chunk, causal=self.causal)
-            except Exception as exc:  # a user factory may fail in any way; report one line
+            except (Exception, SystemExit) as exc:  # a user factory may fail in any way
                 raise ModelError(f"cannot build the model: {summary(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.model} returned {type(model).__name__}, not an nn.Module")
         if self.weights:
             _load_weights(model, Path(self.weights))
         return model.eval()
+
+
+def spec_from_metadata(meta: Mapping[str, str], path: "os.PathLike[str] | str") -> ModelSpec:
+    """The ModelSpec recorded in an artifact's metadata.
+
+    Raises:
+        ArtifactError: no spec, or one that is malformed or out of range.
+    """
+    text = meta.get("model_spec")
+    if not text:
+        raise ArtifactError(f"{path} records no model_spec: pass the model options explicitly")
+    try:
+        return ModelSpec.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: bad model_spec metadata: {exc}") from exc
+
+
+def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: bool,
+                 source: "os.PathLike[str] | str") -> ModelSpec:
+    """The spec to rebuild: `recorded` (an artifact's) with the caller's `explicit` fields.
+
+    An artifact is data: a model file or checkpoint it names is imported or loaded only when the
+    user says so, by naming it again (`explicit`) or with `trust`.
+
+    Raises:
+        ArtifactError: the spec would import a model file or load weights named only by the
+            artifact, without `trust`; the message says what to pass.
+        ValueError: an explicit field of the wrong type or out of range.
+    """
+    spec = dataclasses.replace(recorded, **dict(explicit))
+    named_by_artifact = [(f"--{name}", getattr(spec, name)) for name in ("model", "weights")
+                         if getattr(spec, name) is not None and name not in explicit]
+    if named_by_artifact and not trust:
+        what = " and ".join(f"{flag} {value}" for flag, value in named_by_artifact)
+        raise ArtifactError(f"{source} asks to rebuild its reference with {what}; flash-export "
+                            "imports model files and loads checkpoints only when you name them: "
+                            f"pass {what} yourself, or --trust to use what the artifact records")
+    return spec
 
 
 def _load_factory(spec: str) -> Callable[..., Any]:
@@ -103,15 +184,17 @@ def _load_factory(spec: str) -> Callable[..., Any]:
     sys.modules[module_name] = module
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file may fail in any way; report it in one line
-        raise ModelError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # the user's file may fail or exit in any way
+        raise ModelError(f"importing {path} failed: {summary(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelError(f"{path} has no callable {name!r}")
     return factory
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: "nn.Module", path: Path) -> None:
+    import torch
+
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:
@@ -127,3 +210,122 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         first = " ".join(str(exc).split())
         raise ModelError(f"weights in {path} do not fit the model: {first}") from exc
+
+
+# --------------------------------------------------------------------------- what artifacts record
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an artifact's metadata says about its model, parsed and cross-checked.
+
+    Attributes:
+        spec: the recorded ModelSpec.
+        dtype: the export precision, one of `contract.EXPORT_DTYPES`.
+        target: the ONNX target (None for TorchScript).
+    """
+
+    spec: ModelSpec
+    dtype: str
+    target: Optional[str]
+
+
+def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str) -> Recorded:
+    """Parse an artifact's metadata; every value is checked, none is trusted to be well formed.
+
+    Raises:
+        ArtifactError: no or a malformed spec, an unknown dtype or target, or attention keys
+            (embed, heads, chunk_size, causal) that contradict the recorded spec.
+    """
+    from flash_export.contract import EXPORT_DTYPES, TARGETS
+
+    spec = spec_from_metadata(meta, path)
+    expected = {"embed": str(spec.embed), "heads": str(spec.heads), "chunk_size": str(spec.chunk),
+                "causal": str(int(spec.causal))}
+    for key, want in expected.items():
+        if key in meta and meta[key] != want:
+            raise ArtifactError(f"{path}: metadata {key} is {meta[key][:40]!r} but its model_spec "
+                                f"says {want}: the metadata was edited")
+    dtype = meta.get("dtype", "float32")
+    if dtype not in EXPORT_DTYPES:
+        raise ArtifactError(f"{path}: metadata dtype {dtype[:40]!r} is not one of "
+                            f"{', '.join(EXPORT_DTYPES)}")
+    target = None
+    if kind == "onnx":
+        target = meta.get("target", "custom")
+        if target not in TARGETS:
+            raise ArtifactError(f"{path}: metadata target {target[:40]!r} is not one of "
+                                f"{', '.join(TARGETS)}")
+    return Recorded(spec, dtype, target)
+
+
+_FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}  # TensorProto enum
+
+
+def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLike[str] | str",
+                             *, nodes: bool = True) -> None:
+    """Check a spec against what an ONNX graph holds, before anything is built from the spec.
+
+    The graph's own facts (the embed of its `queries` input, the size of its float weights and,
+    with `nodes`, its FlashAttention nodes' attributes) bound what the spec may claim, so edited
+    metadata cannot make `validate` or `bench` build a model, allocate memory or label results
+    that the file does not back. (`validate` reports node attributes as structural checks.)
+
+    Raises:
+        ArtifactError: naming the recorded value and what the graph holds.
+    """
+    from flash_export.contract import DOMAIN, OP_NAME
+    from flash_export.safety import all_nodes
+
+    graph = model_proto.graph
+    for inp in graph.input:
+        if inp.name == "queries":
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[2].HasField("dim_value") and \
+                    dims[2].dim_value != spec.embed:
+                raise ArtifactError(f"{path}: the spec says embed {spec.embed}, the graph's "
+                                    f"queries input has embed {dims[2].dim_value}")
+    if nodes and spec.model is None:
+        for node in (n for n in all_nodes(model_proto) if n.domain == DOMAIN
+                     and n.op_type == OP_NAME):
+            attrs = {a.name: a for a in node.attribute}
+            for key, want in (("num_heads", spec.heads), ("chunk_size", spec.chunk),
+                              ("causal", int(spec.causal))):
+                if key in attrs and attrs[key].i != want:
+                    raise ArtifactError(f"{path}: the spec says {key} {want}, the graph's "
+                                        f"{OP_NAME} node has {attrs[key].i}")
+    wanted = spec.parameter_count()
+    held = sum(_numel(t.dims) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
+    if wanted is not None and held < wanted:
+        raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
+                            f"the graph holds {held:,} float weights")
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def memory_limit() -> int:
+    """Bytes a run may plan to use by default: half of this machine's physical memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a fixed 8 GiB
+        return 8 << 30
+
+
+def check_memory(need: int, limit: Optional[int], what: str) -> None:
+    """Refuse, before allocating, a run whose estimate `need` passes `limit`.
+
+    `limit` defaults to `memory_limit()`.
+
+    Raises:
+        FlashExportError: naming the estimate and the limit.
+    """
+    cap = memory_limit() if limit is None else limit
+    if need > cap:
+        raise FlashExportError(f"{what} would need about {need / 2**30:.1f} GiB, over the "
+                               f"limit of {cap / 2**30:.1f} GiB: use shorter --seq or smaller "
+                               "--batch, or raise --max-memory")

@@ -14,19 +14,35 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from flash_export.artifact import (
+    Provenance,
+    artifact_kind,
+    manifest_path,
+    provenance,
+    read_manifest,
+    read_metadata,
+    verify_manifest,
+)
 from flash_export.attention import FlashAttention, reference_forward
+from flash_export.contract import DOMAIN, INT, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, FlashExportError
-from flash_export.runtime import LIBRARY_DOMAIN, ort_session
-from flash_export.spec import ModelSpec
+from flash_export.runtime import ort_session
+from flash_export.safety import all_nodes
+from flash_export.spec import (
+    ModelSpec,
+    check_graph_matches_spec,
+    check_memory,
+    recorded,
+    resolve_spec,
+)
 from flash_export.tolerance import Comparison, compare, max_abs_error
 
-TARGETS = ("custom", "standard", "contrib", "attention23")
 DEFAULT_BATCHES = (1, 3)
 
 # Called as progress(done, total, label) while validate runs.
@@ -127,6 +143,7 @@ class ValidationReport:
     provider: str
     spec: ModelSpec
     spec_source: str  # "artifact" or "caller"
+    provenance: Provenance
     rule: str
     checks: List[Check] = field(default_factory=list)
     backends: List[BackendResult] = field(default_factory=list)
@@ -168,6 +185,7 @@ class ValidationReport:
             "artifact": self.artifact, "kind": self.kind, "target": self.target,
             "dtype": self.dtype, "provider": self.provider, "passed": self.passed,
             "spec": dataclasses.asdict(self.spec), "spec_source": self.spec_source,
+            "provenance": dataclasses.asdict(self.provenance),
             "rule": self.rule,
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "backends": [b.to_dict() for b in self.backends],
@@ -175,43 +193,6 @@ class ValidationReport:
 
 
 # --------------------------------------------------------------------------- artifact reading
-
-
-def artifact_kind(path: Path) -> str:
-    """'onnx' or 'torchscript' from the file suffix; ArtifactError otherwise."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in (".pt", ".pth", ".ts"):
-        return "torchscript"
-    raise ArtifactError(f"{path}: expected a .onnx or .pt artifact, got suffix {suffix!r}")
-
-
-def read_metadata(artifact: PathLike, *, trust: bool = False) -> Dict[str, str]:
-    """The flash-export metadata of an artifact (ONNX metadata_props or the TorchScript extra file).
-
-    Raises:
-        ArtifactError: missing, unreadable, or not a flash-export artifact.
-    """
-    path = Path(artifact)
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
-    if artifact_kind(path) == "onnx":
-        return {p.key: p.value for p in _load_onnx(path).metadata_props}
-    from flash_export.export import load_torchscript
-
-    return load_torchscript(path, trust=trust)[1]
-
-
-def spec_from_metadata(meta: Dict[str, str], path: PathLike) -> ModelSpec:
-    """The ModelSpec recorded in an artifact's metadata."""
-    text = meta.get("model_spec")
-    if not text:
-        raise ArtifactError(f"{path} records no model_spec: pass the model options explicitly")
-    try:
-        return ModelSpec.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise ArtifactError(f"{path}: unreadable model_spec metadata: {exc}") from exc
 
 
 def _load_onnx(path: Path) -> Any:
@@ -355,17 +336,6 @@ def metadata_checks(meta: Dict[str, str], spec: ModelSpec) -> List[Check]:
                   meta.get(key) == want) for key, want in expected.items()]
 
 
-def all_nodes(graph: Any) -> Iterator[Any]:
-    """Every node of `graph` and, depth first, of its subgraphs (If branches, Loop bodies)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.g is not None and len(attr.g.node):
-                yield from all_nodes(attr.g)
-            for g in attr.graphs:
-                yield from all_nodes(g)
-
-
 def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[Check]:
     """Each com.flash_export::FlashAttention node's attributes against the module it came from.
 
@@ -374,8 +344,7 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
     """
     from onnx import helper
 
-    nodes = [n for n in all_nodes(model_proto.graph)
-             if n.domain == LIBRARY_DOMAIN and n.op_type == "FlashAttention"]
+    nodes = [n for n in all_nodes(model_proto) if n.domain == DOMAIN and n.op_type == OP_NAME]
     checks = [Check("graph.FlashAttention_nodes", str(len(modules)), str(len(nodes)),
                     len(nodes) == len(modules))]
     for i, (node, fa) in enumerate(zip(nodes, modules)):
@@ -388,10 +357,13 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
                 ok = got is not None and math.isclose(float(got), value, rel_tol=1e-6)
                 shown = "(missing)" if got is None else f"{float(got):.7g}"
                 checks.append(Check(f"node[{i}].{key}", f"{value:.7g}", shown, ok))
-            else:
-                ok = got is not None and int(got) == int(value)
-                checks.append(Check(f"node[{i}].{key}", str(int(value)),
-                                    "(missing)" if got is None else str(got), ok))
+            else:  # strictly an INT: a FLOAT 1.0 is not the op's causal=1
+                kind = next(a.type for a in node.attribute if a.name == key) if got is not None \
+                    else None
+                ok = kind == helper.AttributeProto.INT and got == int(value)
+                shown = "(missing)" if got is None else (
+                    str(got) if kind == helper.AttributeProto.INT else f"{got!r} (not an {INT})")
+                checks.append(Check(f"node[{i}].{key}", str(int(value)), shown, ok))
     return checks
 
 
@@ -409,8 +381,15 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
              seq: Optional[Sequence[int]] = None, batch: Sequence[int] = DEFAULT_BATCHES,
              dtype: Optional[str] = None, atol: Optional[float] = None,
              rtol: Optional[float] = None, provider: str = "cpu", all_targets: bool = False,
-             trust: bool = False, progress: Optional[ProgressFn] = None) -> ValidationReport:
+             trust: bool = False, expect_sha256: Optional[str] = None,
+             max_memory: Optional[int] = None,
+             progress: Optional[ProgressFn] = None) -> ValidationReport:
     """Check an exported artifact against the float64 reference of the model it came from.
+
+    The artifact is data: its metadata is parsed and checked against the graph before anything
+    is built, a model file or checkpoint it names is used only with `trust` (or when the caller
+    passes `spec`), and a `.pt` is loaded only from the user's trust store, `expect_sha256` or
+    `trust` (see `flash_export.artifact`).
 
     Args:
         artifact: a `.onnx` (any target) or `.pt` (TorchScript) file written by flash-export.
@@ -423,7 +402,11 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         rtol: see `atol` (either alone counts the other as 0).
         provider: onnxruntime execution provider, "cpu" or "cuda".
         all_targets: also export and compare every other ONNX target (into a temp dir).
-        trust: load a `.pt` artifact even when its SHA-256 manifest does not list it.
+        trust: load a `.pt` of unknown origin, and use the model file and weights the artifact
+            records.
+        expect_sha256: the artifact's SHA-256 as you know it; a different file is refused.
+        max_memory: bytes the run may plan to use (default `spec.memory_limit()`); checked
+            before the model and the inputs are allocated.
         progress: called as progress(done, total, label) while it runs.
 
     Returns:
@@ -431,83 +414,91 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         ValidationError). Backends that fail to load or run are failures in the report.
 
     Raises:
-        ArtifactError: the artifact is missing, unreadable or records no model spec.
+        ArtifactError: the artifact is missing, unreadable, of unknown origin (a `.pt` without
+            `trust`), malformed, or its metadata contradicts its graph; or its spec names a model
+            file or weights without `trust`.
         ModelError: the spec cannot be built.
+        FlashExportError: the run would need more than `max_memory`, or a bad option.
         RuntimeLibraryError: provider "cuda" without a usable CUDA provider.
     """
     path = Path(artifact)
     kind = artifact_kind(path)
     if provider not in ("cpu", "cuda"):
         raise FlashExportError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+    if dtype is not None and dtype not in ("float32", "float16"):
+        raise FlashExportError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}")
     report_progress = progress or (lambda done, total, label: None)
 
-    proto = None
-    scripted = None
+    proto = scripted = None
     if kind == "onnx":
         proto = _load_onnx(path)
         meta = {p.key: p.value for p in proto.metadata_props}
+        origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
     else:
-        from flash_export.export import load_torchscript
+        from flash_export.export import load_torchscript_checked
 
-        scripted, meta = load_torchscript(path, trust=trust)
-    if not meta:
-        raise ArtifactError(f"{path} carries no flash-export metadata")
+        recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
+        scripted, meta, origin = load_torchscript_checked(path, trust=trust,
+                                                          expect_sha256=expect_sha256)
+    rec = recorded(meta, path, kind)
     spec_source = "caller" if spec is not None else "artifact"
-    spec = spec if spec is not None else spec_from_metadata(meta, path)
-    target = meta.get("target") if kind == "onnx" else None
+    if spec is None:
+        spec = resolve_spec(rec.spec, {}, trust=trust, source=path)
+    seqs = list(seq) if seq else default_seqs(spec.chunk)
+    cases = sweep(seqs, batch, [False])
+    if proto is not None:
+        check_graph_matches_spec(spec, proto, path, nodes=False)
+    elif scripted is not None:
+        _check_script_matches_spec(spec, scripted, path)
+    check_memory(_validate_bytes(spec, spec.parameter_count() or 0, cases), max_memory,
+                 f"validating {path.name}")
 
-    if kind == "onnx":
-        artifact_dtype = _onnx_dtype(proto, meta)
-    else:
-        assert scripted is not None
-        params = list(scripted.parameters())
-        artifact_dtype = str(params[0].dtype).replace("torch.", "") if params else "float32"
+    artifact_dtype = _onnx_dtype(proto, meta) if proto is not None else _script_dtype(scripted)
     run_dtype = dtype or artifact_dtype
-    if run_dtype not in _TORCH_DTYPES:
-        raise FlashExportError(f"unsupported dtype {run_dtype!r}")
     tdtype = _TORCH_DTYPES[run_dtype]
+    if proto is not None and dtype is not None and dtype != artifact_dtype:
+        raise ArtifactError(f"{path} is a {artifact_dtype} graph and runs only in "
+                            f"{artifact_dtype}; drop --dtype {dtype} or export with it")
 
     model = spec.build()
+    if spec.parameter_count() is None:  # a model factory's size is known only now
+        params = sum(p.numel() for p in model.parameters())
+        check_memory(_validate_bytes(spec, params, cases), max_memory,
+                     f"validating {path.name}")
     modules = _flash_modules(model)
     report = ValidationReport(
-        artifact=str(path), kind=kind, target=target, dtype=run_dtype, provider=provider,
-        spec=spec, spec_source=spec_source,
+        artifact=str(path), kind=kind, target=rec.target, dtype=run_dtype, provider=provider,
+        spec=spec, spec_source=spec_source, provenance=origin,
         rule=("atol/rtol" if atol is not None or rtol is not None else
               "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"))
     report.checks.extend(metadata_checks(meta, spec))
-    if kind == "onnx":
-        assert proto is not None
-        has_custom = any(n.domain == LIBRARY_DOMAIN for n in all_nodes(proto.graph))
-        if target == "custom" or has_custom:
-            report.checks.extend(custom_node_checks(proto, modules))
-        if dtype is not None and dtype != artifact_dtype:
-            raise ArtifactError(f"{path} is a {artifact_dtype} graph and runs only in "
-                                f"{artifact_dtype}; drop --dtype {dtype} or export with it")
+    report.checks.extend(manifest_checks(path))
+    if proto is not None and (rec.target == "custom"
+                              or any(n.domain == DOMAIN for n in all_nodes(proto))):
+        report.checks.extend(custom_node_checks(proto, modules))
 
     backends: List[_Backend] = [
         _torch_backend("eager", copy.deepcopy(model).to(tdtype), tdtype,
                        "(in memory, rebuilt from the spec)")]
-    if kind == "torchscript":
-        assert scripted is not None
+    if scripted is not None:
         backends.append(_torch_backend("torchscript", scripted.eval().to(tdtype), tdtype,
                                        str(path)))
         mask_modes: List[bool] = [False, True]
     else:
-        backends.append(_onnx_backend(f"onnx:{target or 'unknown'}", path, provider))
+        backends.append(_onnx_backend(f"onnx:{rec.target}", path, provider))
         graph_inputs = {i.name for i in proto.graph.input} if proto is not None else set()
         mask_modes = [False, True] if "mask" in graph_inputs else [False]
 
     with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
         if all_targets:
-            others = [t for t in TARGETS if t != target]
-            for other in others:
+            for other in (t for t in TARGETS if t != rec.target):
                 report_progress(0, 0, f"exporting {other}")
                 backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
                                                 mask=(kind == "onnx" and True in mask_modes),
                                                 provider=provider))
-        cases = sweep(seq if seq else default_seqs(spec.chunk), batch, mask_modes)
+        cases = sweep(seqs, batch, mask_modes)
         results = {b.name: BackendResult(b.name, b.source, b.load_error) for b in backends}
         for done, case in enumerate(cases):
             report_progress(done, len(cases), case.label)
@@ -516,6 +507,45 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         report_progress(len(cases), len(cases), "done")
     report.backends = list(results.values())
     return report
+
+
+def _script_dtype(scripted: Any) -> str:
+    params = list(scripted.parameters())
+    name = str(params[0].dtype).replace("torch.", "") if params else "float32"
+    return name if name in ("float32", "float16") else "float32"
+
+
+def _check_script_matches_spec(spec: ModelSpec, scripted: Any, path: Path) -> None:
+    """The .pt counterpart of `check_graph_matches_spec`: its parameters bound the spec."""
+    wanted = spec.parameter_count()
+    held = sum(p.numel() for p in scripted.parameters())
+    if wanted is not None and held < wanted:
+        raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
+                            f"the TorchScript module holds {held:,}")
+
+
+def _validate_bytes(spec: ModelSpec, params: int, cases: Sequence[Case]) -> int:
+    """What a validate run allocates at most, in bytes, from the spec alone.
+
+    The model lives in float32, in the run dtype and, per case, in float64 for the reference
+    (about 24 bytes per parameter with copies); the plain float64 reference holds a few
+    (B, H, Lq, Lk) score tensors, the same-dtype baseline a few more.
+    """
+    scores = max((c.batch * spec.heads * c.seq_q * c.seq_k for c in cases), default=0)
+    rows = max((c.batch * (c.seq_q + 2 * c.seq_k) for c in cases), default=0)
+    return 24 * params + 48 * scores + 64 * rows * spec.embed + (64 << 20)
+
+
+def manifest_checks(path: Path) -> List[Check]:
+    """The manifest beside `path`, when there is one: the file and its data must match it."""
+    if not read_manifest(path):
+        return []
+    try:
+        verify_manifest(path)
+    except ArtifactError:
+        return [Check("manifest", f"{manifest_path(path).name} lists this file", "it differs",
+                      False)]
+    return [Check("manifest", f"{manifest_path(path).name} lists this file", "it does", True)]
 
 
 def case_seed(index: int) -> int:

@@ -724,7 +724,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds before threads count as hung (default: 120)")
     parser.add_argument("--verbose", action="store_true", help="print every failure")
     args = parser.parse_args(argv)
-    if not library_path().is_file():
+    if not Path(library_path()).is_file():
         print(f"native library not found at {library_path()}", file=sys.stderr)
         return 2
     if args.mode == "fuzz":

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from flash_export.artifact import verify_manifest as verify_artifact
 from flash_export.export import load_torchscript
-from flash_export.manifest import verify_artifact
 
 # Exports `model` in a loop into argv[1]; "ready" after the first export, when killing first
 # has a previous artifact set to spare.

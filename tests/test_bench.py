@@ -93,7 +93,7 @@ def test_compare_attention_ratios_pair_samples_of_the_same_iteration():
     assert ca.paired_ratio([[2.0, 3.0], [9.0]], [[1.0, 1.0], [3.0]]) == 3.0  # 2, 3, 3
 
 
-@pytest.mark.skipif(not (HAVE_ONNX_EXPORT and library_path().is_file()),
+@pytest.mark.skipif(not (HAVE_ONNX_EXPORT and Path(library_path()).is_file()),
                     reason="needs the ONNX exporter and the native library")
 def test_compare_attention_times_two_custom_variants_in_one_loop(tmp_path, capsys):
     ca = _compare_attention()
@@ -113,7 +113,7 @@ def _backends():
     names = ["eager", "sdpa", "torchscript"]
     if HAVE_ONNX_EXPORT:
         names.append("standard")
-        if library_path().is_file():
+        if Path(library_path()).is_file():
             names.append("custom")
     return names
 

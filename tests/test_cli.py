@@ -71,10 +71,16 @@ def test_library_error_is_one_line_and_exit_1(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = CliRunner().invoke(main, ["--debug", "torchscript", "--embed", "30", "--heads", "4",
-                                       str(tmp_path / "x.pt")])
+    result = CliRunner().invoke(main, ["--debug", "torchscript", "--model",
+                                       f"{tmp_path / 'missing.py'}:build", str(tmp_path / "x.pt")])
     assert result.exit_code == 1
     assert "ModelError" in repr(result.exception)
+
+
+def test_heads_not_dividing_embed_is_a_usage_error():
+    result = CliRunner().invoke(main, ["torchscript", "--embed", "30", "--heads", "4", "x.pt"])
+    assert result.exit_code == 2
+    assert "heads (4) must divide embed (30)" in result.output
 
 
 @pytest.mark.parametrize("args", [["torchscript"], ["torchscript", "--heads", "0", "x.pt"],
@@ -89,7 +95,7 @@ def test_installed_entry_point_runs_in_a_subprocess(tmp_path):
                           str(tmp_path / "a.pt")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "a.pt").is_file() and "wrote" in run.stdout
-    bad = subprocess.run([*cmd, "torchscript", "--embed", "30", "--heads", "4",
+    bad = subprocess.run([*cmd, "torchscript", "--model", f"{tmp_path / 'missing.py'}:build",
                           str(tmp_path / "b.pt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ")
     assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1

@@ -45,7 +45,7 @@ def _system_library_without_entry_point(tmp_path: Path) -> Path:
     pytest.skip("no system shared library found to copy")
 
 
-@pytest.mark.skipif(not library_path().is_file(),
+@pytest.mark.skipif(not Path(library_path()).is_file(),
                     reason=f"native library not built at {library_path()}")
 def test_healthy_install_exits_0(tmp_path):
     out = tmp_path / "doctor.json"

@@ -120,7 +120,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     model = _model()
     out = {"torchscript": export_torchscript(model, folder / "model.pt")}
     for target in ONNX_TARGETS:
-        if target == "custom" and not library_path().is_file():
+        if target == "custom" and not Path(library_path()).is_file():
             continue
         for dtype in ("float32", "float16"):
             out[f"onnx:{target}:{dtype}"] = export_onnx(

@@ -6,6 +6,7 @@ must reject each with one clear ArtifactError line before onnxruntime opens anyt
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,14 +232,17 @@ def test_export_writes_only_beside_its_target(tmp_path: Path, name: str,
     export_onnx(_tiny(), target, target="standard")
 
     new = _snapshot(out_dir) - {"existing.txt"}
-    assert new == {target.name, target.name + ".data", target.name + ".manifest.json"}, new
+    data = [n for n in new if n.endswith(".data")]
+    assert len(data) == 1 and re.fullmatch(re.escape(target.name) + r"\.[0-9a-f]{16}\.data",
+                                           data[0]), new
+    assert new == {target.name, data[0], target.name + ".manifest.json"}, new
     assert _snapshot(cwd) == before[cwd] and _snapshot(tmp_root) == before[tmp_root]
     assert {p for p in _snapshot(tmp_path) if not p.startswith(("out", "cwd", "tmp"))} == \
         {p for p in before[tmp_path] if not p.startswith(("out", "cwd", "tmp"))}
     model = onnx.load(str(target), load_external_data=False)
     locations = {e.value for t in external_data_helper._get_all_tensors(model)
                  for e in t.external_data if e.key == "location"}
-    assert locations == {target.name + ".data"}
+    assert locations == {data[0]}
     create_session(target)  # our own checks accept what we export
 
 
@@ -247,7 +251,7 @@ def test_export_writes_only_beside_its_target(tmp_path: Path, name: str,
 
 @pytest.fixture(scope="module")
 def tampered_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exported .pt whose bytes changed after export (its manifest no longer lists it)."""
+    """An exported .pt whose bytes changed after export (the trust store no longer knows it)."""
     path = export_torchscript(_tiny(), tmp_path_factory.mktemp("pt") / "tiny.pt")
     with open(path, "ab") as f:
         f.write(b"\0")
@@ -267,19 +271,20 @@ def _jit_load_guard(monkeypatch: pytest.MonkeyPatch) -> List[str]:
 
 
 @pytest.mark.parametrize("command", ["validate", "bench"])
-def test_cli_refuses_unlisted_pt_without_trust(tampered_pt: Path, command: str,
+def test_cli_refuses_pt_of_unknown_origin_without_trust(tampered_pt: Path, command: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _jit_load_guard(monkeypatch)
     extra = ["--seq", "1", "--batch", "1"] if command == "validate" else \
         ["--seq", "4", "--iters", "1", "--warmup", "0", "--no-memory"]
     result = CliRunner().invoke(main, [command, str(tampered_pt), *extra])
     assert result.exit_code == 1, result.output
-    assert "does not match its manifest" in result.output and "--trust" in result.output
+    assert "not exported by you here" in result.output and "--trust" in result.output
     assert "Traceback" not in result.output
     assert calls == []
 
 
-def test_cli_trust_loads_unlisted_pt(tampered_pt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_trust_loads_pt_of_unknown_origin(tampered_pt: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _jit_load_guard(monkeypatch)
     result = CliRunner().invoke(main, ["validate", str(tampered_pt), "--seq", "1", "--batch",
                                        "1", "--trust"])

@@ -223,7 +223,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     model = FlashAttention(32, 4, 8).eval()
     out = {}
     for target in TARGETS:
-        if target == "custom" and not library_path().is_file():
+        if target == "custom" and not Path(library_path()).is_file():
             continue
         out[target] = export_onnx(model, folder / f"{target}.onnx", target=target, mask=True)
     return out

@@ -131,7 +131,7 @@ def _subprocess(code: str, env: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.fixture(scope="module", autouse=True)
 def _canary() -> None:
     """Load the library and run one node in a subprocess before anything runs in-process."""
-    if not library_path().is_file():
+    if not Path(library_path()).is_file():
         pytest.skip(f"native library not built at {library_path()}: "
                     "run `python custom_ops/build.py --out DIR` and set FLASH_EXPORT_LIBRARY")
     result = _subprocess("""

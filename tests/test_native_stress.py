@@ -31,7 +31,7 @@ SKIP_EXIT = 77  # .ci/sanitize: this compiler has no ASan/UBSan runtime
 
 @pytest.fixture(scope="module", autouse=True)
 def _library() -> None:
-    if not library_path().is_file():
+    if not Path(library_path()).is_file():
         pytest.skip(f"native library not built at {library_path()}: "
                     "run `python custom_ops/build.py --out DIR` and set FLASH_EXPORT_LIBRARY")
 

@@ -36,3 +36,84 @@ def test_original_readme_examples_run_verbatim(tmp_path):
     assert _run(first, tmp_path).strip() == "torch.Size([1, 50, 128])"
     # The second block continues the first (it reuses its imports), as a reader would run it.
     assert _run(first + "\n" + second, tmp_path).split() == ["torch.Size([1,", "50,", "128])"] * 2
+
+
+# --------------------------------------------------------------------------- runtime blocks
+
+RUNTIME_MARKERS = ("flash_export.runtime", "onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """A folder holding what `make demo` writes first: out/flash_attention.onnx (custom target)."""
+    from flash_export import FlashAttention
+    from flash_export.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("readme")
+    (folder / "out").mkdir()
+    export_onnx(FlashAttention(128, 8, 64).eval(), folder / "out" / "flash_attention.onnx")
+    return folder
+
+
+def _runtime_blocks() -> list:
+    return [b for b in _python_blocks((ROOT / "README.md").read_text())
+            if any(marker in b for marker in RUNTIME_MARKERS)]
+
+
+def test_every_readme_block_that_touches_the_runtime_runs_verbatim(demo_folder):
+    blocks = _runtime_blocks()
+    assert len(blocks) >= 2, "the Serving section's blocks went missing"
+    for block in blocks:
+        _run(block, demo_folder)
+
+
+def _stated_runtime_dependencies() -> list:
+    """The distributions the README says `flash_export.runtime` needs."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"`flash_export\.runtime` needs (?:only )?([a-z, ]+?)(?: \(|:|\.)", text)
+    assert found, "the README must state the runtime's dependencies"
+    return [n.strip() for n in re.split(r",| and ", found.group(1)) if n.strip()]
+
+
+def _closure(names: list) -> set:
+    """`names` and everything they require, as normalised distribution names."""
+    from importlib import metadata
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    # "onnxruntime" is satisfied by either of its distributions (CPU or GPU build).
+    todo, seen = [norm(n) for n in names] + [norm(n) + "-gpu" for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            if "extra ==" not in req:
+                todo.append(norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0)))
+    return seen
+
+
+def test_the_serving_example_runs_with_exactly_the_stated_dependencies(demo_folder):
+    """As in a venv holding only what the README lists: every other distribution is blocked."""
+    from importlib import metadata
+
+    allowed = _closure(_stated_runtime_dependencies())
+    blocked = sorted(module for module, dists in metadata.packages_distributions().items()
+                     if not any(re.sub(r"[-_.]+", "-", d).lower() in allowed for d in dists)
+                     and module not in ("flash_export", "flash_attention")
+                     and not module.startswith("_"))
+    assert "torch" in blocked
+    guard = (f"import sys\nBLOCKED = set({blocked!r})\n"
+             "class _Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in BLOCKED:\n"
+             "            raise ImportError(name + ' is not a stated runtime dependency')\n"
+             "sys.meta_path.insert(0, _Block())\n")
+    serving = next(b for b in _runtime_blocks() if "create_session" in b)
+    _run(guard + serving, demo_folder)

@@ -130,7 +130,7 @@ def test_runtime_imports_no_torch():
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(not library_path().is_file(),
+@pytest.mark.skipif(not Path(library_path()).is_file(),
                     reason=f"native library not built at {library_path()} (run "
                            "custom_ops/build.py and set FLASH_EXPORT_LIBRARY)")
 def test_custom_node_runs_with_the_library(custom_graph):

@@ -34,9 +34,9 @@ def test_nonfinite_output_where_reference_is_finite_fails_even_within_bound():
 
 @pytest.mark.parametrize("text,message", [
     ("[]", "JSON object"),
-    ('{"embed": "abc"}', "'embed' must be int"),
-    ('{"causal": 1}', "'causal' must be bool"),
-    ('{"model": 5}', "'model' must be a string"),
+    ('{"embed": "abc"}', "embed must be an integer"),
+    ('{"causal": 1}', "causal must be true or false"),
+    ('{"model": 5}', "model must be a string"),
 ], ids=["list", "embed-str", "causal-int", "model-int"])
 def test_tampered_model_spec_metadata_is_a_value_error(text, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
 """TorchScript export: scripted (not traced), atomic, carries metadata, bitwise equal to eager."""
 
+import hashlib
 import json
 import re
 import zipfile
@@ -67,8 +68,13 @@ def test_causal_flag_survives_export(tmp_path):
 
 
 class _Unscriptable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = FlashAttention(32, 2, 8)
+
     def forward(self, values, keys, queries, mask=None):
-        return {**{"x": values}}["x"] if values.numel() > 0 else queries  # dict unpacking
+        out = self.attention(values, keys, queries)
+        return {**{"x": out}}["x"] if values.numel() > 0 else queries  # dict unpacking
 
 
 def test_failed_export_leaves_existing_file_intact_and_no_temporaries(tmp_path):
@@ -91,26 +97,48 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_flash_attention_model_needs_a_spec(tmp_path):
+def test_wrapper_of_flash_attention_needs_a_spec(tmp_path):
     with pytest.raises(ExportError, match="pass spec="):
-        export_torchscript(nn.Sequential(), tmp_path / "x.pt")
+        export_torchscript(nn.Sequential(FlashAttention(32, 2, 8)), tmp_path / "x.pt")
 
 
-def test_loading_refuses_a_file_not_in_its_manifest_unless_trusted(tmp_path):
-    path = export_torchscript(FlashAttention(32, 2, 8), tmp_path / "m.pt")
-    load_torchscript(path)
-    data = bytearray(path.read_bytes())
+@pytest.mark.parametrize("model", [nn.Linear(4, 4), nn.Sequential()], ids=["linear", "empty"])
+def test_torchscript_export_refuses_a_model_without_flash_attention(tmp_path, model):
+    """As the ONNX exporter does: a factory returning nn.Linear is not a model to ship here."""
+    with pytest.raises(ExportError, match="contains no FlashAttention layer"):
+        export_torchscript(model, tmp_path / "x.pt", spec=ModelSpec())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _forged(tmp_path, monkeypatch):
+    """A different TorchScript program with a correct hash file beside it, from elsewhere."""
+    monkeypatch.setenv("FLASH_EXPORT_TRUST_STORE", str(tmp_path / "their-store"))
+    forged = export_torchscript(FlashAttention(32, 2, 8, causal=True), tmp_path / "m.pt")
+    monkeypatch.setenv("FLASH_EXPORT_TRUST_STORE", str(tmp_path / "my-store"))
+    assert forged.with_name("m.pt.manifest.json").is_file()  # a hash file that proves nothing
+    return forged
+
+
+def test_loading_refuses_a_forged_file_with_a_matching_manifest(tmp_path, monkeypatch):
+    forged = _forged(tmp_path, monkeypatch)
+    with pytest.raises(ArtifactError, match="not exported by you here.*--expect-sha256.*--trust"):
+        load_torchscript(forged)
+
+
+def test_loading_trusts_the_store_the_expected_hash_or_trust(tmp_path, monkeypatch):
+    forged = _forged(tmp_path, monkeypatch)
+    digest = hashlib.sha256(forged.read_bytes()).hexdigest()
+    assert load_torchscript(forged, expect_sha256=digest)[0] is not None
+    with pytest.raises(ArtifactError, match="expected 0{64}"):
+        load_torchscript(forged, expect_sha256="0" * 64)
+    assert load_torchscript(forged, trust=True)[0] is not None
+    mine = export_torchscript(FlashAttention(32, 2, 8), tmp_path / "mine.pt")
+    assert load_torchscript(mine)[0] is not None  # every export lands in the user's store
+    data = bytearray(mine.read_bytes())
     data[-30] ^= 0xFF  # any change, even in the zip's directory, breaks the hash
-    path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="does not match its manifest"):
-        load_torchscript(path)
-    (tmp_path / "m.pt.manifest.json").unlink()
-    export_torchscript(FlashAttention(32, 2, 8), tmp_path / "other.pt")
-    (tmp_path / "other.pt.manifest.json").rename(tmp_path / "stray.json")
-    with pytest.raises(ArtifactError, match="--trust"):
-        load_torchscript(tmp_path / "other.pt")
-    module, _ = load_torchscript(tmp_path / "other.pt", trust=True)
-    assert module is not None
+    mine.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="not exported by you here"):
+        load_torchscript(mine)
 
 
 def test_no_code_path_unpickles_with_weights_only_false():

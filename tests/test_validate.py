@@ -1,5 +1,6 @@
 """flash-export validate: parity against the float64 reference, and the breakage it must catch."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ else:
 needs_onnx_export = pytest.mark.skipif(export_onnx is None,
                                        reason=f"flash_export.onnx_export unavailable: "
                                               f"{ONNX_EXPORT_ERROR}")
-needs_library = pytest.mark.skipif(not library_path().is_file(),
+needs_library = pytest.mark.skipif(not Path(library_path()).is_file(),
                                    reason=f"native library not built at {library_path()}")
 
 
@@ -209,14 +210,19 @@ def test_entry_point_subprocess_reports_failure(artifacts, tmp_path):
     assert "FAIL onnx:standard B=1 Lq=7 Lk=7" in proc.stdout
 
 
-def test_unlisted_pt_needs_trust(artifacts, tmp_path):
+def test_pt_of_unknown_origin_needs_trust_or_its_hash(artifacts, tmp_path, monkeypatch):
     copy = tmp_path / "copied.pt"
-    copy.write_bytes(artifacts("pt").read_bytes())  # no manifest beside it
-    refused = CliRunner().invoke(main, ["validate", str(copy), "--seq", "7", "--batch", "1"])
-    assert refused.exit_code == 1 and "error: " in refused.output
-    trusted = CliRunner().invoke(main, ["validate", str(copy), "--seq", "7", "--batch", "1",
-                                        "--trust"])
+    copy.write_bytes(artifacts("pt").read_bytes())
+    monkeypatch.setenv("FLASH_EXPORT_TRUST_STORE", str(tmp_path / "another-users-store"))
+    args = ["validate", str(copy), "--seq", "7", "--batch", "1"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "not exported by you here" in refused.output
+    trusted = CliRunner().invoke(main, [*args, "--trust"])
     assert trusted.exit_code == 0, trusted.output
+    assert "unknown origin, loaded because of --trust" in trusted.output
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    pinned = CliRunner().invoke(main, [*args, "--expect-sha256", digest])
+    assert pinned.exit_code == 0 and "the hash you expected" in pinned.output, pinned.output
 
 
 @needs_onnx_export

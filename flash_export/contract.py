@@ -1,0 +1,29 @@
+"""The custom op's contract on the Python side, written once. Imports neither torch nor onnx.
+
+Node: ``com.flash_export::FlashAttention``, version 1. Inputs ``query (B, Lq, E)``,
+``key (B, Lk, E)``, ``value (B, Lk, E)`` (float32 or float16, all alike) and an optional bool
+``mask`` broadcastable to ``(B, num_heads, Lq, Lk)``, True = attend. Output ``(B, Lq, E)`` in
+query's dtype. Attributes (`NODE_ATTRIBUTES`): ``num_heads`` INT >= 1 dividing E (required),
+``chunk_size`` INT >= 1 (default 64), ``causal`` INT 0 or 1 (default 0), ``scale`` FLOAT, finite
+(default 1/sqrt(E/num_heads)). The native adapter (custom_ops/ort) states the same facts in C++.
+"""
+
+from typing import Dict, Tuple
+
+DOMAIN = "com.flash_export"
+DOMAIN_VERSION = 1
+OP_NAME = "FlashAttention"
+
+# AttributeProto type names, as onnx.AttributeProto.AttributeType spells them.
+INT, FLOAT = "INT", "FLOAT"
+# name -> (type, required)
+NODE_ATTRIBUTES: Dict[str, Tuple[str, bool]] = {
+    "num_heads": (INT, True),
+    "chunk_size": (INT, False),
+    "causal": (INT, False),
+    "scale": (FLOAT, False),
+}
+
+TARGETS = ("custom", "standard", "contrib", "attention23")
+# Precisions an artifact may be exported in (graph inputs and weights).
+EXPORT_DTYPES = ("float32", "float16")
