@@ -11,7 +11,6 @@ lets a custom node carry any attribute, and its custom-op ABI gives our library 
 them. Imports no torch.
 """
 
-import hashlib
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ from typing import Any, Dict, Iterator, Union
 
 import onnx
 
+from flash_export.artifact import sha256_file
 from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
 from flash_export.errors import ArtifactError
 
@@ -184,7 +184,7 @@ def check_external_data(model: Any, model_file: PathLike) -> int:
         if location not in checked:
             data = check_external_location(location, folder, what)
             checked[location] = os.stat(data).st_size
-            if location in pinned and _sha256(data) != pinned[location]:
+            if location in pinned and sha256_file(data) != pinned[location]:
                 raise ArtifactError(f"{what}: external data file {location!r} is not the one this "
                                     "graph was exported with (its SHA-256 differs)")
         size = checked[location]
@@ -211,14 +211,6 @@ def _pinned_data_hashes(model: Any, file: Path) -> Dict[str, str]:
         raise ArtifactError(f"{file}: metadata {EXTERNAL_DATA_KEY} is not a JSON object of "
                             "SHA-256 strings")
     return pinned
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def all_nodes(model: Any) -> Iterator[Any]:
