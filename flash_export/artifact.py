@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterable, List, Optional, Union
 
 from flash_export._version import __version__
-from flash_export.errors import ArtifactError, ExportError
+from flash_export.errors import ArtifactError, ExportError, summary
 
 PathLike = Union[str, "os.PathLike[str]"]
 MANIFEST_SUFFIX = ".manifest.json"
@@ -105,7 +105,7 @@ def torchscript_metadata(file: BinaryIO, path: PathLike) -> Dict[str, str]:
                                     f"{entries[0].file_size} bytes: not written by flash-export")
             text = archive.read(entries[0]).decode("utf-8")
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a TorchScript archive: {exc}".splitlines()[0]) from exc
+        raise ArtifactError(f"{path} is not a TorchScript archive: {summary(exc)}") from exc
     try:
         meta = json.loads(text)
     except ValueError as exc:

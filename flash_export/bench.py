@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
+from flash_export.contract import EXPORT_DTYPES, feed_dtype
 from flash_export.errors import FlashExportError, summary
 from flash_export.runtime import ort_session
 
@@ -238,7 +239,7 @@ def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner
     if job.file is None:
         raise FlashExportError(f"{job.backend}: no ONNX file")
     session = ort_session(job.file, provider=job.device, threads=job.threads)
-    elem = {"tensor(float16)": np.float16}.get(session.get_inputs()[0].type, np.float32)
+    elem = np.dtype(feed_dtype(session.get_inputs()[0].type))
     feed = {"values": v.astype(elem), "keys": k.astype(elem), "queries": q.astype(elem)}
     names = {i.name for i in session.get_inputs()}
     if "values" not in names:  # attention-only graphs take q, k, v
@@ -270,7 +271,9 @@ def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runn
 
     torch.set_num_threads(job.threads)
     device = torch.device(job.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16}[job.dtype]
+    if job.dtype not in EXPORT_DTYPES:
+        raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
+    dtype = getattr(torch, job.dtype)
     tv, tk, tq = (torch.from_numpy(a).to(device=device, dtype=dtype) for a in (v, k, q))
     module: Any
     if job.backend == "torchscript":

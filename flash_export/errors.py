@@ -32,6 +32,11 @@ def first_line(exc: BaseException) -> str:
 
 
 def summary(exc: BaseException) -> str:
-    """`Type: first line of the message` (just `Type` when empty), at most 400 characters."""
+    """`Type: message` on one line (just `Type` when empty), at most 400 characters.
+
+    The whole message with its whitespace collapsed: onnxruntime and torch spread the useful part
+    of an error over several lines.
+    """
     kind = type(exc).__name__
-    return (f"{kind}: {first_line(exc)}" if str(exc).strip() else kind)[:400]
+    text = " ".join(str(exc).split())
+    return (f"{kind}: {text}" if text else kind)[:400]

@@ -9,7 +9,6 @@ The targets (how the attention is expressed; see `flash_export.onnx_targets`):
 - ``attention23``: the ONNX ``Attention`` operator (opset >= 23, stock onnxruntime).
 """
 
-import copy
 import functools
 import json
 import logging
@@ -18,18 +17,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 
 from flash_export.artifact import atomic_write, sha256_file
-from flash_export.attention import reference_forward, replace_attention
+from flash_export.attention import replace_attention
+from flash_export.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES, ORT_TYPES
 from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, artifact_metadata, flash_layers, spec_of
-from flash_export.onnx_targets import DOMAIN_VERSION, LIBRARY_DOMAIN, TARGETS
+from flash_export.onnx_targets import TARGETS
 from flash_export.spec import ModelSpec
-from flash_export.tolerance import compare, max_abs_error
 
 INPUT_NAMES = ("values", "keys", "queries", "mask")
 OUTPUT_NAME = "output"
@@ -38,8 +36,6 @@ OUTPUT_NAME = "output"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 # Example lengths for tracing: distinct, >= 2 and Lq != Lk, so no dim is specialised or merged.
 _EXAMPLE_BATCH, _EXAMPLE_LQ, _EXAMPLE_LK = 2, 17, 23
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_ORT_ELEM_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 @functools.cache
@@ -280,12 +276,12 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; choose one of {sorted(TARGETS)}")
     dtype_name = "float32" if dtype is None else dtype
-    if dtype_name not in _DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype_name]
+    if dtype_name not in EXPORT_DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {list(EXPORT_DTYPES)}")
+    torch_dtype = getattr(torch, dtype_name)
     opset = _choose_opset(target, opset)
     meta = artifact_metadata(spec_of(model, spec), artifact="onnx", target=target,
-                             domain=LIBRARY_DOMAIN, domain_version=str(DOMAIN_VERSION),
+                             domain=DOMAIN, domain_version=str(DOMAIN_VERSION),
                              dtype=dtype_name)
     embed = flash_layers(model)[0].embed_size
     adapted = replace_attention(model, TARGETS[target].adapter).to(torch_dtype).eval()
@@ -346,14 +342,12 @@ def _length_pairs(seq_lengths: Iterable[Union[int, Sequence[int]]]) -> List[Tupl
 def check_onnx_export(model: nn.Module, path: PathLike, *,
                       seq_lengths: Iterable[Union[int, Sequence[int]]] = ((17, 23), (65, 200)),
                       batch: int = 2, mask: Optional[bool] = None,
-                      providers: Optional[Sequence[str]] = None,
-                      seed: int = 0) -> List[OnnxCheck]:
-    """Run an exported file in onnxruntime and compare it with PyTorch.
+                      provider: str = "cpu") -> List[OnnxCheck]:
+    """Run an exported file in onnxruntime against the float64 reference of `model`.
 
-    Each output must pass the tolerance rule against the float64 reference
-    (`attention.reference_forward`), the baseline being `model`'s own eager computation in the
-    file's dtype. Inputs are seeded random normals; a mask (when used) blocks ~20% of positions
-    and the whole first query row of batch 0, which must come out as the module's zeros.
+    The same case runner and rule as `flash-export validate` (`parity.run_cases`): seeded inputs,
+    a mask (when used) blocking ~25% of positions and the whole first query row of batch 0, the
+    baseline being PyTorch's own plain attention in the file's dtype.
 
     Args:
         model: the module `path` was exported from (float32 weights).
@@ -362,64 +356,49 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
             seen at export (17, 23) and one not seen (65, 200). Static dims override them.
         batch: batch size (a static batch overrides it).
         mask: feed a mask; default: whether the file has a ``mask`` input.
-        providers: onnxruntime execution providers (default CPU).
-        seed: seed of the inputs.
+        provider: onnxruntime execution provider, "cpu" or "cuda".
 
     Returns:
         One OnnxCheck (q_len, k_len, max_abs, bound) per length pair.
 
     Raises:
-        ValidationError: an output breaks the tolerance rule or onnxruntime fails to run.
-        ArtifactError, RuntimeLibraryError: from `runtime.create_session`.
+        ValidationError: an output breaks the tolerance rule, or onnxruntime fails to load or
+            run the file.
     """
-    from flash_export.runtime import create_session
+    from flash_export.parity import Case, onnx_backend, run_cases
+    from flash_export.runtime import ort_session
 
-    session = create_session(path, providers)
+    session = ort_session(path, provider=provider)
     inputs = {i.name: i for i in session.get_inputs()}
-    target = session.get_modelmeta().custom_metadata_map.get("target", "onnx")
+    dtype_name = ORT_TYPES.get(inputs["queries"].type, "") if "queries" in inputs else ""
+    if dtype_name not in EXPORT_DTYPES:
+        raise ValidationError(f"{path}: unsupported or missing queries input")
     use_mask = "mask" in inputs if mask is None else mask
     if use_mask and "mask" not in inputs:
         raise ValidationError(f"{path} has no mask input (export with mask=True)")
-    dtype_name = _ORT_ELEM_DTYPES.get(inputs["queries"].type, "")
-    if not dtype_name:
-        raise ValidationError(f"{path}: unsupported input type {inputs['queries'].type}")
-    torch_dtype = _DTYPES[dtype_name]
-    same_dtype = copy.deepcopy(model).to(torch_dtype).eval()
 
     def fixed(name: str, axis: int, default: int) -> int:
         dim = inputs[name].shape[axis]
         return dim if isinstance(dim, int) else default
 
-    gen = torch.Generator().manual_seed(seed)
-    results = []
-    for lq, lk in _length_pairs(seq_lengths):
-        b = fixed("queries", 0, batch)
-        lq, lk = fixed("queries", 1, lq), fixed("keys", 1, lk)
-        embed = fixed("queries", 2, 0)
-        values, keys, queries = (torch.randn(b, n, embed, generator=gen).to(torch_dtype)
-                                 for n in (lk, lk, lq))
-        allowed: Optional[Tensor] = None
-        feeds = {"values": values.numpy(), "keys": keys.numpy(), "queries": queries.numpy()}
-        if use_mask:
-            allowed = torch.rand(b, 1, lq, lk, generator=gen) > 0.2
-            allowed[0, 0, 0, :] = False  # a row that sees no key
-            feeds["mask"] = allowed.numpy()
-        shape = f"batch={b} q_len={lq} k_len={lk}"
-        try:
-            actual = session.run([OUTPUT_NAME], feeds)[0]
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ValidationError(f"{target}: onnxruntime failed at {shape}: "
-                                  f"{summary(exc)}") from exc
-        reference = reference_forward(model, values, keys, queries, allowed)  # float64
-        with torch.no_grad():
-            baseline = same_dtype(values, keys, queries, allowed)
-        base_err = max_abs_error(baseline.double().numpy(), reference.numpy())
-        c = compare(np.asarray(actual), reference.numpy(), baseline_error=base_err,
-                    dtype=dtype_name)
+    cases = [Case(fixed("queries", 0, batch), fixed("queries", 1, lq), fixed("keys", 1, lk),
+                  use_mask) for lq, lk in _length_pairs(seq_lengths)]
+    target = session.get_modelmeta().custom_metadata_map.get("target", "onnx")
+    backend = onnx_backend(target, Path(path), provider, session=session)
+    if backend.load_error:
+        raise ValidationError(f"{target}: {path}: {backend.load_error}")
+    result = run_cases(model, [backend], cases, embed=fixed("queries", 2, 0),
+                       dtype=dtype_name)[target]
+    checks = []
+    for r in result.cases:
+        shape = f"batch={r.case.batch} q_len={r.case.seq_q} k_len={r.case.seq_k}"
+        if r.error or r.comparison is None:
+            raise ValidationError(f"{target}: onnxruntime failed at {shape}: {r.error}")
+        c = r.comparison
         if not c.passed:
             raise ValidationError(
                 f"{target} ONNX output differs from the float64 reference at {shape} "
                 f"({dtype_name}): max abs error {c.max_abs:.3g} > bound {c.bound:.3g} "
                 f"(nonfinite {c.nonfinite}, worst at {list(c.worst_index)})")
-        results.append(OnnxCheck(lq, lk, c.max_abs, c.bound))
-    return results
+        checks.append(OnnxCheck(r.case.seq_q, r.case.seq_k, c.max_abs, c.bound))
+    return checks

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Union
 
 from flash_export.contract import DOMAIN as LIBRARY_DOMAIN
-from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line
+from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line, summary
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -147,7 +147,7 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
     try:
         session = ort.InferenceSession(str(path), so, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise ArtifactError(f"onnxruntime cannot load {path}: {ort_error_line(exc)}") from exc
+        raise ArtifactError(f"onnxruntime cannot load {path}: {summary(exc)}") from exc
     try:  # protobuf lets non-UTF-8 strings through; reading them later would raise untyped
         for arg in [*session.get_inputs(), *session.get_outputs()]:
             _ = (arg.name, arg.type, arg.shape)
@@ -179,17 +179,6 @@ def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",
         raise RuntimeLibraryError("CUDAExecutionProvider is not usable here (no GPU or CUDA "
                                   "libraries); onnxruntime fell back to CPU")
     return session
-
-
-def ort_error_line(exc: BaseException) -> str:
-    """One line for an onnxruntime error, e.g. `InvalidProtobuf: [ONNXRuntimeError] ...`.
-
-    The kind (InvalidProtobuf, Fail, InvalidGraph, NotImplemented, RuntimeException, ...) comes
-    first, then the message with whitespace collapsed; at most 400 characters.
-    """
-    text = " ".join(str(exc).split())
-    kind = type(exc).__name__
-    return (f"{kind}: {text}" if text else kind)[:400]
 
 
 def _checked_graph(path: Union[str, os.PathLike[str]]) -> Any:

@@ -21,7 +21,7 @@ import onnx
 
 from flash_export.artifact import sha256_file
 from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
-from flash_export.errors import ArtifactError
+from flash_export.errors import ArtifactError, summary
 
 # metadata_props key: JSON {data file name: SHA-256}, written by the exporter.
 EXTERNAL_DATA_KEY = "external_data_sha256"
@@ -41,8 +41,7 @@ def load_graph(path: PathLike) -> Any:
     try:
         return onnx.load(str(file), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have several types
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise ArtifactError(f"{file} is not an ONNX model: {text}"[:400]) from exc
+        raise ArtifactError(f"{file} is not an ONNX model: {summary(exc)}") from exc
 
 
 def _graph_tensors(graph: Any) -> Iterator[Any]:

@@ -200,7 +200,7 @@ def _load_weights(model: "nn.Module", path: Path) -> None:
     try:
         state: Dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe file
-        raise ModelError(f"cannot load weights from {path}: {exc}".splitlines()[0]) from exc
+        raise ModelError(f"cannot load weights from {path}: {summary(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -208,8 +208,7 @@ def _load_weights(model: "nn.Module", path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = " ".join(str(exc).split())
-        raise ModelError(f"weights in {path} do not fit the model: {first}") from exc
+        raise ModelError(f"weights in {path} do not fit the model: {summary(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- what artifacts record

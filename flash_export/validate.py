@@ -14,9 +14,8 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,10 +28,21 @@ from flash_export.artifact import (
     read_metadata,
     verify_manifest,
 )
-from flash_export.attention import FlashAttention, reference_forward
-from flash_export.contract import DOMAIN, INT, OP_NAME, TARGETS
+from flash_export.attention import FlashAttention
+from flash_export.contract import DOMAIN, INT, ONNX_ELEM, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, FlashExportError
-from flash_export.runtime import ort_session
+from flash_export.parity import (
+    Backend,
+    BackendResult,
+    Case,
+    ProgressFn,
+    default_seqs,
+    one_line,
+    onnx_backend,
+    run_cases,
+    sweep,
+    torch_backend,
+)
 from flash_export.safety import all_nodes
 from flash_export.spec import (
     ModelSpec,
@@ -41,18 +51,9 @@ from flash_export.spec import (
     recorded,
     resolve_spec,
 )
-from flash_export.tolerance import Comparison, compare, max_abs_error
 
 DEFAULT_BATCHES = (1, 3)
-
-# Called as progress(done, total, label) while validate runs.
-ProgressFn = Callable[[int, int, str], None]
 PathLike = Union[str, Path]
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
-                 "bfloat16": torch.bfloat16}
-_ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
-
 
 @dataclass(frozen=True)
 class Check:
@@ -62,74 +63,6 @@ class Check:
     expected: str
     got: str
     passed: bool
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input configuration of the sweep."""
-
-    batch: int
-    seq_q: int
-    seq_k: int
-    mask: bool
-
-    @property
-    def label(self) -> str:
-        """Short human-readable form, e.g. `B=3 Lq=7 Lk=9 mask`."""
-        return (f"B={self.batch} Lq={self.seq_q} Lk={self.seq_k}"
-                + (" mask" if self.mask else ""))
-
-
-@dataclass
-class CaseResult:
-    """The errors of one backend on one case, or the error that stopped it."""
-
-    case: Case
-    comparison: Optional[Comparison] = None
-    error: Optional[str] = None
-
-    @property
-    def passed(self) -> bool:
-        """True when it ran and met the tolerance."""
-        return self.error is None and self.comparison is not None and self.comparison.passed
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view."""
-        return {**dataclasses.asdict(self.case), "passed": self.passed, "error": self.error,
-                **(self.comparison.to_dict() if self.comparison else {})}
-
-
-@dataclass
-class BackendResult:
-    """One compared implementation (eager, torchscript, onnx:<target>) and its cases."""
-
-    name: str
-    source: str  # the file it ran from, or "(in memory)"
-    load_error: Optional[str] = None
-    cases: List[CaseResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """True when it loaded and every case passed."""
-        return self.load_error is None and all(c.passed for c in self.cases)
-
-    @property
-    def failures(self) -> List[CaseResult]:
-        """The cases that failed."""
-        return [c for c in self.cases if not c.passed]
-
-    def worst(self) -> Optional[CaseResult]:
-        """The case with the largest max abs error relative to its bound (errors first)."""
-        def key(c: CaseResult) -> float:
-            if c.comparison is None:
-                return math.inf
-            return c.comparison.max_abs / max(c.comparison.bound, 1e-30)
-        return max(self.cases, key=key, default=None)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view."""
-        return {"name": self.name, "source": self.source, "passed": self.passed,
-                "load_error": self.load_error, "cases": [c.to_dict() for c in self.cases]}
 
 
 @dataclass
@@ -206,121 +139,6 @@ def _load_onnx(path: Path) -> Any:
     return check_onnx_file(path)
 
 
-# --------------------------------------------------------------------------- sweep
-
-
-def default_seqs(chunk: int) -> List[int]:
-    """1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024: chunk tails on both sides, no 0/duplicates."""
-    return _unique_positive([1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, 1024])
-
-
-def _unique_positive(values: Sequence[int]) -> List[int]:
-    out: List[int] = []
-    for v in values:
-        if v > 0 and v not in out:
-            out.append(v)
-    return out
-
-
-def sweep(seqs: Sequence[int], batches: Sequence[int], masks: Sequence[bool]) -> List[Case]:
-    """Cases: for each length L, (Lq=L, Lk=L) and (Lq=L, Lk=the next length in the list)."""
-    seqs = _unique_positive(seqs)
-    pairs: List[Tuple[int, int]] = []
-    for i, lq in enumerate(seqs):
-        pairs.append((lq, lq))
-        lk = seqs[(i + 1) % len(seqs)]
-        if lk != lq:
-            pairs.append((lq, lk))
-    return [Case(b, lq, lk, m) for b in _unique_positive(batches) for lq, lk in pairs
-            for m in masks]
-
-
-def make_inputs(case: Case, embed: int, dtype: torch.dtype,
-                seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                    Optional[torch.Tensor]]:
-    """Random (values, keys, queries, mask) for one case; mask is bool (B, 1, Lq, Lk) ~25% off."""
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(case.batch, case.seq_k, embed, generator=g).to(dtype)  # (B, Lk, E)
-    keys = torch.randn(case.batch, case.seq_k, embed, generator=g).to(dtype)  # (B, Lk, E)
-    queries = torch.randn(case.batch, case.seq_q, embed, generator=g).to(dtype)  # (B, Lq, E)
-    mask = None
-    if case.mask:
-        mask = torch.rand(case.batch, 1, case.seq_q, case.seq_k, generator=g) > 0.25
-    return values, keys, queries, mask
-
-
-# --------------------------------------------------------------------------- backends
-
-RunFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], np.ndarray]
-
-
-@dataclass
-class _Backend:
-    name: str
-    source: str
-    run: Optional[RunFn]
-    mask_input: Optional[bool]  # None: both; True: needs a mask; False: takes none
-    load_error: Optional[str] = None
-    notes: str = ""
-
-
-class _RunError(Exception):
-    """A backend failed on one case; the message is already one readable line."""
-
-
-def _first_line(exc: BaseException) -> str:
-    """`Type: message` on one line (onnxruntime spreads the useful part over several), <= 400."""
-    if isinstance(exc, _RunError):
-        return str(exc)
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
-
-
-def _torch_backend(name: str, module: nn.Module, dtype: torch.dtype, source: str) -> _Backend:
-    def run(v: torch.Tensor, k: torch.Tensor, q: torch.Tensor,
-            mask: Optional[torch.Tensor]) -> np.ndarray:
-        with torch.no_grad():
-            out = module(v, k, q, mask) if mask is not None else module(v, k, q)
-        return out.double().numpy()
-
-    return _Backend(name, source, run, None)
-
-
-def _onnx_backend(name: str, path: Path, provider: str) -> _Backend:
-    try:
-        session = ort_session(path, provider=provider)
-    except Exception as exc:  # onnxruntime raises its own exception types at load
-        return _Backend(name, str(path), None, None, load_error=_first_line(exc))
-    inputs = {i.name: i for i in session.get_inputs()}
-    needed = ["values", "keys", "queries"]
-    missing = [n for n in needed if n not in inputs]
-    if missing:
-        return _Backend(name, str(path), None, None,
-                        load_error=f"graph inputs are {sorted(inputs)}, missing {missing}")
-    fixed = {n: i.shape for n, i in inputs.items()
-             if any(isinstance(d, int) for d in i.shape[:2])}
-    note = f" (the graph fixes input dims {fixed})" if fixed else ""
-    output_name = session.get_outputs()[0].name
-    takes_mask = "mask" in inputs
-    elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-            "tensor(double)": np.float64}.get(inputs["queries"].type, np.float32)
-
-    def run(v: torch.Tensor, k: torch.Tensor, q: torch.Tensor,
-            mask: Optional[torch.Tensor]) -> np.ndarray:
-        feed = {"values": v.numpy().astype(elem), "keys": k.numpy().astype(elem),
-                "queries": q.numpy().astype(elem)}
-        if mask is not None:
-            feed["mask"] = mask.numpy()
-        elif takes_mask:  # an all-True mask must equal no mask
-            feed["mask"] = np.ones((q.size(0), 1, q.size(1), k.size(1)), dtype=np.bool_)
-        try:
-            out = session.run([output_name], feed)[0]
-        except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
-            raise _RunError(_first_line(exc) + note) from exc
-        return np.asarray(out, dtype=np.float64)
-
-    return _Backend(name, str(path), run, None if takes_mask else False)
-
-
 # --------------------------------------------------------------------------- structural checks
 
 
@@ -370,7 +188,7 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
 def _onnx_dtype(model_proto: Any, meta: Dict[str, str]) -> str:
     for inp in model_proto.graph.input:
         if inp.name == "queries":
-            return _ONNX_ELEM.get(inp.type.tensor_type.elem_type, "float32")
+            return ONNX_ELEM.get(inp.type.tensor_type.elem_type, "float32")
     return meta.get("dtype", "float32")
 
 
@@ -457,7 +275,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
 
     artifact_dtype = _onnx_dtype(proto, meta) if proto is not None else _script_dtype(scripted)
     run_dtype = dtype or artifact_dtype
-    tdtype = _TORCH_DTYPES[run_dtype]
+    tdtype = getattr(torch, run_dtype)
     if proto is not None and dtype is not None and dtype != artifact_dtype:
         raise ArtifactError(f"{path} is a {artifact_dtype} graph and runs only in "
                             f"{artifact_dtype}; drop --dtype {dtype} or export with it")
@@ -479,15 +297,14 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
                               or any(n.domain == DOMAIN for n in all_nodes(proto))):
         report.checks.extend(custom_node_checks(proto, modules))
 
-    backends: List[_Backend] = [
-        _torch_backend("eager", copy.deepcopy(model).to(tdtype), tdtype,
-                       "(in memory, rebuilt from the spec)")]
+    backends: List[Backend] = [
+        torch_backend("eager", copy.deepcopy(model).to(tdtype),
+                      "(in memory, rebuilt from the spec)")]
     if scripted is not None:
-        backends.append(_torch_backend("torchscript", scripted.eval().to(tdtype), tdtype,
-                                       str(path)))
+        backends.append(torch_backend("torchscript", scripted.eval().to(tdtype), str(path)))
         mask_modes: List[bool] = [False, True]
     else:
-        backends.append(_onnx_backend(f"onnx:{rec.target}", path, provider))
+        backends.append(onnx_backend(f"onnx:{rec.target}", path, provider))
         graph_inputs = {i.name for i in proto.graph.input} if proto is not None else set()
         mask_modes = [False, True] if "mask" in graph_inputs else [False]
 
@@ -498,13 +315,8 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
                 backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
                                                 mask=(kind == "onnx" and True in mask_modes),
                                                 provider=provider))
-        cases = sweep(seqs, batch, mask_modes)
-        results = {b.name: BackendResult(b.name, b.source, b.load_error) for b in backends}
-        for done, case in enumerate(cases):
-            report_progress(done, len(cases), case.label)
-            _run_case(case, case_seed(done), model, spec.embed, tdtype, run_dtype, backends,
-                      results, atol, rtol)
-        report_progress(len(cases), len(cases), "done")
+        results = run_cases(model, backends, sweep(seqs, batch, mask_modes), embed=spec.embed,
+                            dtype=run_dtype, atol=atol, rtol=rtol, progress=report_progress)
     report.backends = list(results.values())
     return report
 
@@ -548,13 +360,8 @@ def manifest_checks(path: Path) -> List[Check]:
     return [Check("manifest", f"{manifest_path(path).name} lists this file", "it does", True)]
 
 
-def case_seed(index: int) -> int:
-    """Input seed of case `index` (distinct from the parameter seed's stream)."""
-    return 1_000_003 * (index + 1)
-
-
 def _export_backend(model: nn.Module, spec: ModelSpec, target: str, tmp: Path, dtype: str, *,
-                    mask: bool, provider: str) -> _Backend:
+                    mask: bool, provider: str) -> Backend:
     name = f"onnx:{target}"
     out = tmp / f"{target}.onnx"
     try:
@@ -562,35 +369,11 @@ def _export_backend(model: nn.Module, spec: ModelSpec, target: str, tmp: Path, d
 
         export_onnx(model, out, target=target, dtype=dtype, spec=spec, mask=mask)
     except Exception as exc:  # export failures of one target must not stop the others
-        return _Backend(name, f"(export to {target} failed)", None, None,
-                        load_error=f"export failed: {_first_line(exc)}")
-    backend = _onnx_backend(name, out, provider)
+        return Backend(name, f"(export to {target} failed)", None, None,
+                       load_error=f"export failed: {one_line(exc)}")
+    backend = onnx_backend(name, out, provider)
     backend.source = f"(exported on the fly: {target}, {dtype})"
     return backend
-
-
-def _run_case(case: Case, seed: int, model: nn.Module, embed: int, tdtype: torch.dtype,
-              dtype_name: str, backends: List[_Backend], results: Dict[str, BackendResult],
-              atol: Optional[float], rtol: Optional[float]) -> None:
-    v, k, q, mask = make_inputs(case, embed, tdtype, seed)
-    ref64 = reference_forward(model, v, k, q, mask, dtype=torch.float64)  # (B, Lq, E)
-    baseline = reference_forward(model, v, k, q, mask, dtype=tdtype)  # same dtype, plain
-    base_err = max_abs_error(baseline.double().numpy(), ref64.numpy())
-    ref = ref64.numpy()
-    for b in backends:
-        if b.run is None or (b.mask_input is not None and b.mask_input != case.mask):
-            continue
-        result = CaseResult(case)
-        try:
-            out = b.run(v, k, q, mask)
-            if out.shape != ref.shape:
-                result.error = f"output shape {list(out.shape)}, expected {list(ref.shape)}"
-            else:
-                result.comparison = compare(out, ref, baseline_error=base_err, dtype=dtype_name,
-                                            atol=atol, rtol=rtol)
-        except Exception as exc:  # a backend that cannot run a shape fails that case
-            result.error = _first_line(exc)
-        results[b.name].cases.append(result)
 
 
 def report_json(report: ValidationReport) -> str:

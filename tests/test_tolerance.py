@@ -41,3 +41,20 @@ def test_nonfinite_output_where_reference_is_finite_fails_even_within_bound():
 def test_tampered_model_spec_metadata_is_a_value_error(text, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec.from_json(text)
+
+
+def test_atol_rtol_rule_judges_every_element():
+    """One element off fails the whole tensor, however many others are exact."""
+    ref = np.array([1.0, 2.0, 3.0, 100.0])
+    assert compare(ref + 1e-4, ref, baseline_error=0.0, dtype="float32", atol=1e-3).passed
+    one_off = ref.copy()
+    one_off[2] += 0.5
+    c = compare(one_off, ref, baseline_error=0.0, dtype="float32", atol=1e-3, rtol=1e-3)
+    assert not c.passed and c.rule == "atol/rtol" and c.worst_index == (2,)
+    # rtol scales with |reference|: 0.05 off at 100 passes rtol=1e-3, at 3 it does not.
+    big = ref.copy()
+    big[3] += 0.05
+    assert compare(big, ref, baseline_error=0.0, dtype="float32", atol=0.0, rtol=1e-3).passed
+    small = ref.copy()
+    small[2] += 0.05
+    assert not compare(small, ref, baseline_error=0.0, dtype="float32", rtol=1e-3).passed
