@@ -3,7 +3,7 @@
 Times, on the same inputs: the `custom` target (com.flash_export::FlashAttention), the `contrib`
 target (com.microsoft::MultiHeadAttention), the `attention23` target (ONNX Attention, opset 23),
 the `standard` target (ONNX Loop) and torch SDPA. The graphs are attention only: the model's four
-projections are skipped by a wrapper that calls the layer's `attend` (`bench.attention_only`),
+projections are skipped by a wrapper that calls the layer's `attend` (`runners.attention_only`),
 so no MatMul of the projections dilutes the ratios (if a target cannot export that, the whole
 module is timed instead and the table says so). Timing, runners and memory measurement are
 flash_export.bench's.
@@ -30,17 +30,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from flash_export.bench import (
-    Job,
-    attention_flops,
-    attention_only,
-    environment,
-    make_runner,
-    measure_memory,
-    time_interleaved,
-)
 from flash_export.errors import summary
+from flash_export.runners import Job, attention_only, make_runner, measure_memory
 from flash_export.spec import ModelSpec
+from flash_export.timing import attention_flops, environment, time_interleaved
 
 EMBED, HEADS, BATCH = 512, 8, 1
 ONNX_TARGETS = ("custom", "contrib", "attention23", "standard")

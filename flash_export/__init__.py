@@ -29,7 +29,8 @@ _EXPORTS = {
 }
 
 # Submodules reachable as attributes after a bare `import flash_export`.
-_SUBMODULES = frozenset({"artifact", "bench", "cli", "contract", "doctor", "errors", "export",
+_SUBMODULES = frozenset({"artifact", "bench", "bench_files", "cli", "contract", "doctor", "errors",
+                         "export", "parity", "runners", "timing",
                          "onnx_export", "onnx_targets", "runtime", "safety", "spec", "tolerance",
                          "validate"})
 

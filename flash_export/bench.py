@@ -5,48 +5,49 @@ ONNX targets exported on the fly into a temp dir unless an artifact is given), `
 ``eager`` (our module) and ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention`` with the
 same projections). A ``:cuda`` suffix runs one on the GPU (CUDA provider / CUDA tensors).
 
-Timing is interleaved: every iteration runs each backend once, in an order shuffled per iteration
-(seeded, so a rerun repeats it), so machine noise hits all alike and no backend always runs right
-after the same other one. Peak memory of one forward is measured in a fresh subprocess per
-(backend, shape): host RSS growth around one forward after the session/model is built (Linux: the
-peak is reset through /proc/self/clear_refs; elsewhere getrusage maxrss), and on CUDA torch's peak
-allocation. `benchmark` returns plain dataclasses; the CLI renders them.
+`benchmark` plans one runner per (backend, chunk) (`runners`), times them interleaved per
+sequence length (`timing.time_interleaved`) and measures each one's peak memory in a fresh
+subprocess; it returns plain dataclasses, which the CLI renders.
 """
 
 import dataclasses
-import datetime
 import json
-import os
-import platform
-import random
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
-from flash_export.contract import EXPORT_DTYPES, feed_dtype
 from flash_export.errors import FlashExportError, summary
-from flash_export.runtime import ort_session
+from flash_export.runners import (
+    ALL_BACKENDS,
+    ONNX_BACKENDS,
+    TORCH_BACKENDS,
+    Job,
+    cuda_available,
+    make_runner,
+    measure_memory,
+)
+from flash_export.timing import (
+    FLOPS_FORMULA,
+    Runner,
+    attention_flops,
+    environment,
+    time_interleaved,
+)
 
-ONNX_BACKENDS = ("custom", "standard", "contrib", "attention23")
-TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
-ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
+__all__ = ["ALL_BACKENDS", "ONNX_BACKENDS", "TORCH_BACKENDS", "BenchConfig", "BenchReport",
+           "BenchRow", "CSV_FIELDS", "benchmark", "cuda_available", "time_interleaved",
+           "attention_flops"]
+
 CHUNK_FREE = frozenset({"contrib", "attention23", "sdpa"})  # results do not depend on chunk
-FLOPS_FORMULA = ("per FlashAttention layer: attention 4*B*H*Lq*Lk*D (QK^T and PV, dense: causal "
-                 "not halved) + projections 4*B*E^2*(Lq+Lk) (= 8*B*L*E^2 when Lq = Lk = L); "
-                 "other layers of a custom model are not counted")
 CSV_FIELDS = ("backend", "device", "chunk", "batch", "seq_q", "seq_k", "status", "p50_ms",
               "p90_ms", "p99_ms", "mean_ms", "tokens_per_s", "gflops_per_s", "peak_rss_mb",
               "peak_cuda_mb", "samples", "error")
 
 ProgressFn = Callable[[int, int, str], None]
-Runner = Callable[[], None]
 PathLike = Union[str, Path]
 
 
@@ -116,346 +117,6 @@ class BenchReport:
         return [{k: getattr(r, k) for k in CSV_FIELDS} for r in self.rows]
 
 
-def attention_flops(batch: int, seq_q: int, seq_k: int, embed: int, heads: int,
-                    projections: bool = True) -> float:
-    """FLOPs of one FlashAttention layer (see FLOPS_FORMULA); attention only if not projections."""
-    head_dim = embed // heads
-    flops = 4.0 * batch * heads * seq_q * seq_k * head_dim
-    if projections:
-        flops += 4.0 * batch * embed * embed * (seq_q + seq_k)
-    return flops
-
-
-def environment(threads: int) -> Dict[str, Any]:
-    """Versions, host and date, for the report header."""
-    from importlib import metadata
-
-    def version(name: str) -> str:
-        for dist in (name, f"{name}-gpu"):
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return "not installed"
-
-    from flash_export._version import __version__
-
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "flash_export": __version__, "torch": version("torch"),
-            "onnxruntime": version("onnxruntime"), "threads": threads}
-
-
-# --------------------------------------------------------------------------- timing machinery
-
-
-def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, repeats: int = 1,
-                     on_step: Optional[Callable[[], None]] = None, seed: int = 0,
-                     ) -> Tuple[Dict[str, List[List[float]]], Dict[str, str]]:
-    """Time each runner `iters` times per repeat, each iteration in its own shuffled order.
-
-    A fixed order would put every backend always right after the same one, whose leftovers
-    (another runtime's threads still spinning, caches it filled) it would then always inherit.
-
-    Returns:
-        (samples, errors): samples[name][repeat] is a list of seconds; a runner that raises is
-        dropped and its first error recorded in errors[name].
-    """
-    live = dict(runners)
-    errors: Dict[str, str] = {}
-    samples: Dict[str, List[List[float]]] = {n: [] for n in runners}
-    order_rng = random.Random(seed)
-
-    def call(name: str) -> Optional[float]:
-        try:
-            start = time.perf_counter()
-            live[name]()
-            return time.perf_counter() - start
-        except Exception as exc:  # a backend that cannot run this shape fails alone
-            errors[name] = summary(exc)
-            del live[name]
-            return None
-
-    for _ in range(repeats):
-        for _ in range(warmup):
-            for name in list(live):
-                call(name)
-        for name in live:
-            samples[name].append([])
-        for _ in range(iters):
-            order = list(live)
-            order_rng.shuffle(order)
-            for name in order:
-                t = call(name)
-                if t is not None:
-                    samples[name][-1].append(t)
-            if on_step:
-                on_step()
-    return samples, errors
-
-
-def _make_inputs(batch: int, seq_q: int, seq_k: int, embed: int,
-                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
-    k = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
-    q = rng.standard_normal((batch, seq_q, embed), dtype=np.float32)  # (B, Lq, E)
-    return v, k, q
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything a runner needs; JSON-serialisable so a fresh subprocess can rebuild it."""
-
-    backend: str  # a name from ALL_BACKENDS
-    device: str  # "cpu" or "cuda"
-    batch: int
-    seq_q: int
-    seq_k: int
-    embed: int
-    threads: int
-    dtype: str
-    file: Optional[str] = None  # the .onnx / .pt file for onnxruntime / torchscript backends
-    spec_json: Optional[str] = None  # the ModelSpec for eager / sdpa
-    attention_only: bool = False  # eager/sdpa: skip the projections (benchmarks/ script)
-    trust: bool = False  # load a .pt file of unknown origin
-    expect_sha256: Optional[str] = None  # the .pt's hash as the user knows it
-
-
-def make_runner(job: Job) -> Runner:
-    """Build the session/model of `job` and return a closure running one forward on fixed inputs.
-
-    Raises:
-        FlashExportError (or the backend's own error) when it cannot be built.
-    """
-    v, k, q = _make_inputs(job.batch, job.seq_q, job.seq_k, job.embed)
-    if job.backend in ONNX_BACKENDS:
-        return _ort_runner(job, v, k, q)
-    return _torch_runner(job, v, k, q)
-
-
-def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
-    if job.file is None:
-        raise FlashExportError(f"{job.backend}: no ONNX file")
-    session = ort_session(job.file, provider=job.device, threads=job.threads)
-    elem = np.dtype(feed_dtype(session.get_inputs()[0].type))
-    feed = {"values": v.astype(elem), "keys": k.astype(elem), "queries": q.astype(elem)}
-    names = {i.name for i in session.get_inputs()}
-    if "values" not in names:  # attention-only graphs take q, k, v
-        feed = {"query": feed["queries"], "key": feed["keys"], "value": feed["values"]}
-    if "mask" in names:  # an all-True mask: the cost of the masked path, the result of none
-        feed["mask"] = np.ones((job.batch, 1, job.seq_q, job.seq_k), dtype=np.bool_)
-    output = session.get_outputs()[0].name
-    if job.device != "cuda":
-        def run_cpu() -> None:
-            session.run([output], feed)
-
-        return run_cpu
-    import onnxruntime as ort
-
-    binding = session.io_binding()
-    for name, array in feed.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-    binding.bind_output(output, "cuda")
-
-    def run() -> None:
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run
-
-
-def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
-    import torch
-
-    torch.set_num_threads(job.threads)
-    device = torch.device(job.device)
-    if job.dtype not in EXPORT_DTYPES:
-        raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
-    dtype = getattr(torch, job.dtype)
-    tv, tk, tq = (torch.from_numpy(a).to(device=device, dtype=dtype) for a in (v, k, q))
-    module: Any
-    if job.backend == "torchscript":
-        from flash_export.export import load_torchscript
-
-        if job.file is None:
-            raise FlashExportError("torchscript: no .pt file")
-        module, _ = load_torchscript(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
-        module = module.to(device=device, dtype=dtype)
-    elif job.backend in ("eager", "sdpa"):
-        from flash_export.attention import replace_attention
-        from flash_export.spec import ModelSpec
-
-        if job.spec_json is None:
-            raise FlashExportError(f"{job.backend}: no model spec")
-        module = ModelSpec.from_json(job.spec_json).build()
-        if job.backend == "sdpa":
-            module = replace_attention(module, SdpaAttention)
-        if job.attention_only:
-            module = attention_only(module)
-        module = module.to(device=device, dtype=dtype).eval()
-    else:
-        raise FlashExportError(f"unknown backend {job.backend!r}; choose from {ALL_BACKENDS}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run() -> None:
-        with torch.inference_mode():
-            module(tv, tk, tq)
-        sync()
-
-    return run
-
-
-def attention_only(model: Any) -> Any:
-    """Wrap a FlashAttention so that forward(values, keys, queries, mask) skips the projections.
-
-    The wrapper calls the layer's `attend` on the raw inputs, so an export adapter swapped in by
-    `replace_attention` still applies: the exported graph is the attention alone (what the
-    benchmarks/ comparison times).
-
-    Raises:
-        FlashExportError: `model` is not a plain FlashAttention.
-    """
-    from torch import nn
-
-    from flash_export.attention import FlashAttention
-
-    if not isinstance(model, FlashAttention):
-        raise FlashExportError(f"attention_only needs a FlashAttention, got {type(model).__name__}")
-
-    class AttentionOnly(nn.Module):
-        def __init__(self, attention: FlashAttention) -> None:
-            super().__init__()
-            self.attention = attention
-
-        def forward(self, values: Any, keys: Any, queries: Any, mask: Any = None) -> Any:
-            allowed = self.attention.check_inputs(values, keys, queries, mask)
-            return self.attention.attend(queries, keys, values, allowed)  # (B, Lq, E)
-
-    return AttentionOnly(model).eval()
-
-
-def _sdpa_class() -> type:
-    import torch
-    import torch.nn.functional as F
-
-    from flash_export.attention import FlashAttention, _causal_allowed
-
-    class _Sdpa(FlashAttention):
-        """FlashAttention whose attention is torch's scaled_dot_product_attention."""
-
-        def attend(self, q: Any, k: Any, v: Any, allowed: Any) -> Any:
-            qh, kh, vh = self.split_heads(q), self.split_heads(k), self.split_heads(v)
-            lq, lk = qh.size(2), kh.size(2)
-            mask = allowed
-            if self.causal and (lq != lk or mask is not None):
-                causal = _causal_allowed(0, lq, 0, lk, lq, lk, q.device)  # (Lq, Lk)
-                mask = causal if mask is None else mask & causal
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
-                                               is_causal=self.causal and mask is None)
-            return self.merge_heads(torch.nan_to_num(o))  # (B, Lq, E)
-
-    return _Sdpa
-
-
-class _LazySdpa:
-    """Resolves to the SDPA FlashAttention subclass on first use (keeps torch import lazy)."""
-
-    _cls: Optional[type] = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _LazySdpa._cls is None:
-            _LazySdpa._cls = _sdpa_class()
-        return _LazySdpa._cls(*args, **kwargs)
-
-
-SdpaAttention: Any = _LazySdpa()
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _rss_kb(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_memory_of_one_forward(job: Job) -> Dict[str, Any]:
-    """In this (fresh) process: build, then measure host RSS growth around one forward."""
-    import resource
-
-    cuda = job.device == "cuda"
-    run = make_runner(job)
-    torch_cuda = cuda and job.backend in TORCH_BACKENDS
-    if torch_cuda:
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
-    method = "VmHWM after reset (/proc/self/clear_refs) - VmRSS before"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kb("VmRSS")
-    except OSError:
-        before = None
-    if before is None:
-        method = "getrusage maxrss delta"
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
-    if method.startswith("VmHWM"):
-        after = _rss_kb("VmHWM") or 0
-    else:
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out: Dict[str, Any] = {"peak_rss_mb": max(after - before, 0) / 1024.0, "method": method}
-    if torch_cuda:
-        import torch
-
-        out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
-    return out
-
-
-def measure_memory(job: Job, timeout: float = 600.0) -> Dict[str, Any]:
-    """Peak memory of one forward of `job`, measured in a fresh subprocess.
-
-    Returns:
-        {"peak_rss_mb": float, "method": str, ["peak_cuda_mb": float]} or {"error": str}.
-    """
-    cmd = [sys.executable, "-m", "flash_export.bench", "--memory-worker",
-           json.dumps(dataclasses.asdict(job))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory worker timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return {"error": f"memory worker failed ({proc.returncode}): {tail}"[:300]}
-    result: Dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device (checked only when asked, never at import)."""
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 def _parse_backend(name: str) -> Tuple[str, str]:
     base, _, device = name.partition(":")
     if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
@@ -507,100 +168,130 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         FlashExportError: bad configuration (unknown backend), or a run that would need more
             than `config.max_memory`.
     """
-    from flash_export.spec import ModelSpec, check_memory
+    from flash_export.spec import ModelSpec
 
     config = config or BenchConfig()
-    report_progress = progress or (lambda done, total, label: None)
-    art_backend: Optional[str] = None
-    art_chunk: Optional[int] = None
+    art: Optional[Tuple[str, int]] = None  # the artifact's backend and recorded chunk
     dtype = config.dtype
     if artifact is not None:
-        spec, art_backend, dtype, art_chunk = _read_artifact(Path(artifact), spec, trust,
-                                                             expect_sha256)
+        spec, backend, dtype, chunk = _read_artifact(Path(artifact), spec, trust, expect_sha256)
+        art = (backend, chunk)
     spec = spec or ModelSpec()
     chunks = tuple(config.chunks) if config.chunks else (spec.chunk,)
+    wanted = _wanted_backends(config, art[0] if art else None)
+    report = BenchReport(config=dataclasses.replace(config, chunks=chunks),
+                         spec=json.loads(spec.to_json()),
+                         artifact=str(artifact) if artifact else None,
+                         environment=environment(config.threads), method=_method(config))
+    n_layers = _layers_within_memory(spec, config, len(wanted))
+    run = _Run(config, spec, dtype, trust, expect_sha256, progress or (lambda d, t, label: None))
+    with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
+        plans = _plan(wanted, chunks, spec, dtype, Path(tmp), artifact, art, run.progress)
+        run.total = len(config.seqs) * (config.repeats * config.iters
+                                        + (len(plans) if config.memory else 0))
+        for seq in config.seqs:
+            report.rows.extend(run.one_length(plans, seq, n_layers))
+    return report
+
+
+def _wanted_backends(config: BenchConfig, art_backend: Optional[str]) -> List[Tuple[str, str]]:
+    """(backend, device) pairs: the configured ones, else the artifact's trio, else all."""
     if config.backends:
-        wanted = [_parse_backend(b) for b in config.backends]
-    elif art_backend is not None:
-        wanted = [(art_backend, "cpu"), ("eager", "cpu"), ("sdpa", "cpu")]
-    else:
-        wanted = [(b, "cpu") for b in ALL_BACKENDS]
-        if cuda_available():
-            wanted += [(b, "cuda") for b in ALL_BACKENDS]
+        return [_parse_backend(b) for b in config.backends]
+    if art_backend is not None:
+        return [(art_backend, "cpu"), ("eager", "cpu"), ("sdpa", "cpu")]
+    wanted = [(b, "cpu") for b in ALL_BACKENDS]
+    if cuda_available():
+        wanted += [(b, "cuda") for b in ALL_BACKENDS]
+    return wanted
 
-    report = BenchReport(config=dataclasses.replace(config, chunks=chunks), spec=json.loads(
-        spec.to_json()), artifact=str(artifact) if artifact else None,
-        environment=environment(config.threads))
-    report.method = (
-        f"warmup {config.warmup}, then {config.iters} timed iterations x {config.repeats} "
-        f"repetition(s) per (backend, shape), backends interleaved (order shuffled every "
-        f"iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
-        f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
-        + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
-           "shape)" if config.memory else "not measured"))
-    params = spec.parameter_count()
-    if params is not None:  # known without building: refuse before the first allocation
-        check_memory(_bench_bytes(spec, params, config, len(wanted)), config.max_memory,
-                     "this benchmark")
+
+def _method(config: BenchConfig) -> str:
+    return (f"warmup {config.warmup}, then {config.iters} timed iterations x {config.repeats} "
+            f"repetition(s) per (backend, shape), backends interleaved (order shuffled every "
+            f"iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
+            f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
+            + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
+               "shape)" if config.memory else "not measured"))
+
+
+def _layers_within_memory(spec: Any, config: BenchConfig, backends: int) -> int:
+    """The model's FlashAttention layer count, after refusing a run that would not fit.
+
+    A plain spec's size is known before anything is built; a model factory's after building it.
+    """
     from flash_export.attention import FlashAttention
+    from flash_export.spec import check_memory
 
+    params = spec.parameter_count()
+    if params is not None:
+        check_memory(_bench_bytes(spec, params, config, backends), config.max_memory,
+                     "this benchmark")
     built = spec.build()
-    n_layers = max(1, sum(isinstance(m, FlashAttention) for m in built.modules()))
     if params is None:
         check_memory(_bench_bytes(spec, sum(p.numel() for p in built.parameters()), config,
-                                  len(wanted)), config.max_memory, "this benchmark")
-    del built
+                                  backends), config.max_memory, "this benchmark")
+    return max(1, sum(isinstance(m, FlashAttention) for m in built.modules()))
 
-    with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
-        plans = _plan(wanted, chunks, spec, dtype, Path(tmp), artifact, art_backend, art_chunk,
-                      report_progress)
-        total = len(config.seqs) * (config.repeats * config.iters + (
-            len(plans) if config.memory else 0))
-        done = 0
-        for seq in config.seqs:
-            runners: Dict[str, Runner] = {}
-            rows: Dict[str, BenchRow] = {}
-            for p in plans:
-                row = BenchRow(p.backend, p.device, p.chunk, config.batch, seq, seq,
-                               status=p.status, error=p.error)
-                rows[p.label] = row
-                report.rows.append(row)
-                if p.status != "ok":
-                    continue
+
+@dataclass
+class _Run:
+    """One benchmark's settings and progress, and how it measures one sequence length."""
+
+    config: BenchConfig
+    spec: Any
+    dtype: str
+    trust: bool
+    expect_sha256: Optional[str]
+    progress: ProgressFn
+    total: int = 0
+    done: int = 0
+
+    def job(self, p: "_Plan", seq: int) -> Job:
+        c = self.config
+        is_pt = bool(p.file and p.file.endswith(TORCHSCRIPT_EXTS))
+        return Job(backend=p.backend, device=p.device, batch=c.batch, seq_q=seq, seq_k=seq,
+                   embed=self.spec.embed, threads=c.threads, dtype=self.dtype, file=p.file,
+                   spec_json=p.spec_json, trust=self.trust,
+                   expect_sha256=self.expect_sha256 if is_pt else None)
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.progress(self.done, self.total, label)
+
+    def one_length(self, plans: List["_Plan"], seq: int, n_layers: int) -> List[BenchRow]:
+        """Time every plan interleaved at Lq = Lk = seq, then measure each one's memory."""
+        c = self.config
+        rows: Dict[str, BenchRow] = {}
+        runners: Dict[str, Runner] = {}
+        for p in plans:
+            row = rows[p.label] = BenchRow(p.backend, p.device, p.chunk, c.batch, seq, seq,
+                                           status=p.status, error=p.error)
+            if p.status == "ok":
                 try:
-                    job = _job(p, config, spec, seq, dtype, trust, expect_sha256)
-                    runners[p.label] = make_runner(job)
+                    runners[p.label] = make_runner(self.job(p, seq))
                 except Exception as exc:  # a backend that cannot be built here is one row
                     row.status, row.error = "error", summary(exc)
-
-            def step(seq: int = seq) -> None:
-                nonlocal done
-                done += 1
-                report_progress(done, total, f"timing L={seq}")
-
-            samples, errors = time_interleaved(runners, warmup=config.warmup,
-                                               iters=config.iters, repeats=config.repeats,
-                                               on_step=step)
-            runners.clear()
-            flops = n_layers * attention_flops(config.batch, seq, seq, spec.embed, spec.heads)
-            for label, row in rows.items():
-                if label in errors:
-                    row.status, row.error = "error", errors[label]
-                if row.status == "ok" and label in samples:
-                    _fill_stats(row, samples[label], flops)
-            if config.memory:
-                for p in plans:
-                    row = rows[p.label]
-                    done += 1
-                    report_progress(done, total, f"memory {p.label} L={seq}")
-                    if row.status != "ok":
-                        continue
-                    mem = measure_memory(_job(p, config, spec, seq, dtype, trust, expect_sha256))
-                    row.peak_rss_mb = mem.get("peak_rss_mb")
-                    row.peak_cuda_mb = mem.get("peak_cuda_mb")
-                    if "error" in mem:
-                        row.error = f"memory: {mem['error']}"
-    return report
+        samples, errors = time_interleaved(runners, warmup=c.warmup, iters=c.iters,
+                                           repeats=c.repeats,
+                                           on_step=lambda: self.step(f"timing L={seq}"))
+        runners.clear()
+        flops = n_layers * attention_flops(c.batch, seq, seq, self.spec.embed, self.spec.heads)
+        for label, row in rows.items():
+            if label in errors:
+                row.status, row.error = "error", errors[label]
+            if row.status == "ok" and label in samples:
+                _fill_stats(row, samples[label], flops)
+        for p in plans if c.memory else []:
+            row = rows[p.label]
+            self.step(f"memory {p.label} L={seq}")
+            if row.status == "ok":
+                mem = measure_memory(self.job(p, seq))
+                row.peak_rss_mb = mem.get("peak_rss_mb")
+                row.peak_cuda_mb = mem.get("peak_cuda_mb")
+                if "error" in mem:
+                    row.error = f"memory: {mem['error']}"
+        return list(rows.values())
 
 
 def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
@@ -640,15 +331,6 @@ def _bench_bytes(spec: Any, params: int, config: BenchConfig, backends: int) -> 
         + (64 << 20)
 
 
-def _job(p: _Plan, config: BenchConfig, spec: Any, seq: int, dtype: str, trust: bool,
-         expect_sha256: Optional[str] = None) -> Job:
-    return Job(backend=p.backend, device=p.device, batch=config.batch, seq_q=seq, seq_k=seq,
-               embed=spec.embed, threads=config.threads, dtype=dtype, file=p.file,
-               spec_json=p.spec_json, trust=trust,
-               expect_sha256=expect_sha256 if p.file and p.file.endswith(TORCHSCRIPT_EXTS)
-               else None)
-
-
 def _fill_stats(row: BenchRow, per_repeat: List[List[float]], flops: float) -> None:
     all_s = np.array([t for rep in per_repeat for t in rep], dtype=np.float64)
     if all_s.size == 0:
@@ -665,17 +347,20 @@ def _fill_stats(row: BenchRow, per_repeat: List[List[float]], flops: float) -> N
 
 
 def _plan(wanted: List[Tuple[str, str]], chunks: Tuple[int, ...], spec: Any, dtype: str,
-          tmp: Path, artifact: Optional[PathLike], art_backend: Optional[str],
-          art_chunk: Optional[int], progress: ProgressFn) -> List[_Plan]:
-    """Export what is needed and decide one plan per (backend, device, chunk)."""
+          tmp: Path, artifact: Optional[PathLike], art: Optional[Tuple[str, int]],
+          progress: ProgressFn) -> List[_Plan]:
+    """Export what is needed and decide one plan per (backend, device, chunk).
+
+    `art` is the artifact's (backend, recorded chunk): that backend runs the artifact itself.
+    """
     plans: List[_Plan] = []
     has_cuda: Optional[bool] = None
     exported: Dict[Tuple[str, int], Tuple[Optional[str], Optional[str]]] = {}
     for base, device in wanted:
         if device == "cuda":
             has_cuda = cuda_available() if has_cuda is None else has_cuda
-        if base == art_backend and artifact is not None:
-            plans.append(_Plan(base, device, art_chunk, file=str(artifact)))
+        if art is not None and base == art[0] and artifact is not None:
+            plans.append(_Plan(base, device, art[1], file=str(artifact)))
             continue
         for chunk in (chunks[:1] if base in CHUNK_FREE else chunks):
             s = dataclasses.replace(spec, chunk=chunk)
@@ -713,76 +398,3 @@ def _export(base: str, spec: Any, dtype: str, tmp: Path) -> Tuple[Optional[str],
         return str(out), None
     except Exception as exc:  # one target failing to export is one row, not the whole run
         return None, f"export failed: {summary(exc)}"
-
-
-# --------------------------------------------------------------------------- rendering helpers
-
-
-def write_csv(report: BenchReport, path: PathLike) -> None:
-    """Write the rows as CSV (columns CSV_FIELDS)."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
-        writer.writeheader()
-        for row in report.csv_rows():
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-
-
-def require_matplotlib() -> None:
-    """Raise a one-line FlashExportError when the optional plot extra is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise FlashExportError("--plot needs matplotlib: pip install 'flash-export[plot]'") \
-            from exc
-
-
-def plot_report(report: BenchReport, path: PathLike) -> None:
-    """Save a PNG: p50 latency and peak memory against sequence length, one line per backend."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series: Dict[str, List[BenchRow]] = {}
-    for r in report.rows:
-        label = r.backend + ("" if r.device == "cpu" else f":{r.device}") + (
-            "" if r.chunk is None else f" chunk {r.chunk}")
-        series.setdefault(label, []).append(r)
-    for label, rows in series.items():
-        ok = [r for r in rows if r.p50_ms is not None]
-        if ok:
-            ax_t.plot([r.seq_q for r in ok], [r.p50_ms for r in ok], marker="o", label=label)
-        mem = [r for r in rows if r.peak_rss_mb is not None]
-        if mem:
-            ax_m.plot([r.seq_q for r in mem], [r.peak_rss_mb for r in mem], marker="o",
-                      label=label)
-    ax_t.set(xlabel="sequence length L (Lq = Lk)", ylabel="p50 latency (ms)", xscale="log",
-             yscale="log", title=f"latency, batch {report.config.batch}, "
-                                 f"{report.config.threads} thread(s)")
-    ax_m.set(xlabel="sequence length L (Lq = Lk)", ylabel="peak RSS growth of one forward (MB)",
-             xscale="log", title="memory")
-    ax_t.legend(fontsize=7)
-    ax_t.grid(True, which="both", alpha=0.3)
-    ax_m.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"flash-export bench, E={report.spec.get('embed')} H={report.spec.get('heads')}"
-                 f" {report.config.dtype}, {report.environment.get('date')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
-
-
-def _worker_main(argv: Sequence[str]) -> int:
-    if len(argv) != 2 or argv[0] != "--memory-worker":
-        print("usage: python -m flash_export.bench --memory-worker JOB_JSON", file=sys.stderr)
-        return 2
-    job = Job(**json.loads(argv[1]))
-    print(json.dumps(_peak_memory_of_one_forward(job)), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -401,13 +401,8 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     """Time every backend side by side (interleaved) and measure peak memory per forward."""
     import json as json_module
 
-    from flash_export.bench import (
-        BenchConfig,
-        benchmark,
-        plot_report,
-        require_matplotlib,
-        write_csv,
-    )
+    from flash_export.bench import BenchConfig, benchmark
+    from flash_export.bench_files import plot_report, require_matplotlib, write_csv
 
     if plot_path is not None:
         require_matplotlib()  # fail before the long run, not after

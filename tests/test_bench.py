@@ -55,7 +55,7 @@ def test_time_interleaved_runs_each_once_per_iteration_in_varied_orders_and_drop
 
     samples, errors = time_interleaved({"a": runner("a"), "b": runner("b"), "x": broken},
                                        warmup=1, iters=4, repeats=2)
-    assert errors == {"x": "RuntimeError: cannot run"}
+    assert errors == {"x": "RuntimeError: cannot run second line"}  # one line, whole message
     assert [len(rep) for rep in samples["a"]] == [4, 4] and samples["x"] == []
 
     calls.clear()

@@ -1,0 +1,63 @@
+"""The files a benchmark report is written to: CSV rows and a PNG of latency and memory."""
+
+from typing import Dict, List
+
+from flash_export.bench import CSV_FIELDS, BenchReport, BenchRow, PathLike
+from flash_export.errors import FlashExportError
+
+
+def write_csv(report: BenchReport, path: PathLike) -> None:
+    """Write the rows as CSV (columns CSV_FIELDS)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
+        writer.writeheader()
+        for row in report.csv_rows():
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def require_matplotlib() -> None:
+    """Raise a one-line FlashExportError when the optional plot extra is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise FlashExportError("--plot needs matplotlib: pip install 'flash-export[plot]'") \
+            from exc
+
+
+def plot_report(report: BenchReport, path: PathLike) -> None:
+    """Save a PNG: p50 latency and peak memory against sequence length, one line per backend."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: Dict[str, List[BenchRow]] = {}
+    for r in report.rows:
+        label = r.backend + ("" if r.device == "cpu" else f":{r.device}") + (
+            "" if r.chunk is None else f" chunk {r.chunk}")
+        series.setdefault(label, []).append(r)
+    for label, rows in series.items():
+        ok = [r for r in rows if r.p50_ms is not None]
+        if ok:
+            ax_t.plot([r.seq_q for r in ok], [r.p50_ms for r in ok], marker="o", label=label)
+        mem = [r for r in rows if r.peak_rss_mb is not None]
+        if mem:
+            ax_m.plot([r.seq_q for r in mem], [r.peak_rss_mb for r in mem], marker="o",
+                      label=label)
+    ax_t.set(xlabel="sequence length L (Lq = Lk)", ylabel="p50 latency (ms)", xscale="log",
+             yscale="log", title=f"latency, batch {report.config.batch}, "
+                                 f"{report.config.threads} thread(s)")
+    ax_m.set(xlabel="sequence length L (Lq = Lk)", ylabel="peak RSS growth of one forward (MB)",
+             xscale="log", title="memory")
+    ax_t.legend(fontsize=7)
+    ax_t.grid(True, which="both", alpha=0.3)
+    ax_m.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"flash-export bench, E={report.spec.get('embed')} H={report.spec.get('heads')}"
+                 f" {report.config.dtype}, {report.environment.get('date')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)

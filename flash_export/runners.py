@@ -1,0 +1,298 @@
+"""How each backend runs one forward, in this process or, for peak memory, in a fresh one.
+
+A `Job` names a backend (an onnxruntime target, TorchScript, our eager module or PyTorch SDPA),
+its device, shape, dtype and threads; `make_runner` builds its session or model once and returns a
+closure running one forward on fixed inputs. `measure_memory` runs a job in a fresh subprocess
+(`python -m flash_export.runners --memory-worker`) and measures host RSS growth around one forward
+after the build (Linux: the peak is reset through /proc/self/clear_refs; elsewhere getrusage
+maxrss), and on CUDA torch's peak allocation.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from flash_export.contract import EXPORT_DTYPES, TARGETS, feed_dtype
+from flash_export.errors import FlashExportError
+from flash_export.runtime import ort_session
+from flash_export.timing import Runner
+
+ONNX_BACKENDS = TARGETS
+TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
+ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
+
+
+def _make_inputs(batch: int, seq_q: int, seq_k: int, embed: int,
+                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
+    k = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
+    q = rng.standard_normal((batch, seq_q, embed), dtype=np.float32)  # (B, Lq, E)
+    return v, k, q
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a runner needs; JSON-serialisable so a fresh subprocess can rebuild it."""
+
+    backend: str  # a name from ALL_BACKENDS
+    device: str  # "cpu" or "cuda"
+    batch: int
+    seq_q: int
+    seq_k: int
+    embed: int
+    threads: int
+    dtype: str
+    file: Optional[str] = None  # the .onnx / .pt file for onnxruntime / torchscript backends
+    spec_json: Optional[str] = None  # the ModelSpec for eager / sdpa
+    attention_only: bool = False  # eager/sdpa: skip the projections (benchmarks/ script)
+    trust: bool = False  # load a .pt file of unknown origin
+    expect_sha256: Optional[str] = None  # the .pt's hash as the user knows it
+
+
+def make_runner(job: Job) -> Runner:
+    """Build the session/model of `job` and return a closure running one forward on fixed inputs.
+
+    Raises:
+        FlashExportError (or the backend's own error) when it cannot be built.
+    """
+    v, k, q = _make_inputs(job.batch, job.seq_q, job.seq_k, job.embed)
+    if job.backend in ONNX_BACKENDS:
+        return _ort_runner(job, v, k, q)
+    return _torch_runner(job, v, k, q)
+
+
+def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
+    if job.file is None:
+        raise FlashExportError(f"{job.backend}: no ONNX file")
+    session = ort_session(job.file, provider=job.device, threads=job.threads)
+    elem = np.dtype(feed_dtype(session.get_inputs()[0].type))
+    feed = {"values": v.astype(elem), "keys": k.astype(elem), "queries": q.astype(elem)}
+    names = {i.name for i in session.get_inputs()}
+    if "values" not in names:  # attention-only graphs take q, k, v
+        feed = {"query": feed["queries"], "key": feed["keys"], "value": feed["values"]}
+    if "mask" in names:  # an all-True mask: the cost of the masked path, the result of none
+        feed["mask"] = np.ones((job.batch, 1, job.seq_q, job.seq_k), dtype=np.bool_)
+    output = session.get_outputs()[0].name
+    if job.device != "cuda":
+        def run_cpu() -> None:
+            session.run([output], feed)
+
+        return run_cpu
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+    binding.bind_output(output, "cuda")
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
+
+
+def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
+    import torch
+
+    torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
+    if job.dtype not in EXPORT_DTYPES:
+        raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
+    dtype = getattr(torch, job.dtype)
+    tv, tk, tq = (torch.from_numpy(a).to(device=device, dtype=dtype) for a in (v, k, q))
+    module: Any
+    if job.backend == "torchscript":
+        from flash_export.export import load_torchscript
+
+        if job.file is None:
+            raise FlashExportError("torchscript: no .pt file")
+        module, _ = load_torchscript(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
+        module = module.to(device=device, dtype=dtype)
+    elif job.backend in ("eager", "sdpa"):
+        from flash_export.attention import replace_attention
+        from flash_export.spec import ModelSpec
+
+        if job.spec_json is None:
+            raise FlashExportError(f"{job.backend}: no model spec")
+        module = ModelSpec.from_json(job.spec_json).build()
+        if job.backend == "sdpa":
+            module = replace_attention(module, SdpaAttention)
+        if job.attention_only:
+            module = attention_only(module)
+        module = module.to(device=device, dtype=dtype).eval()
+    else:
+        raise FlashExportError(f"unknown backend {job.backend!r}; choose from {ALL_BACKENDS}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> None:
+        with torch.inference_mode():
+            module(tv, tk, tq)
+        sync()
+
+    return run
+
+
+def attention_only(model: Any) -> Any:
+    """Wrap a FlashAttention so that forward(values, keys, queries, mask) skips the projections.
+
+    The wrapper calls the layer's `attend` on the raw inputs, so an export adapter swapped in by
+    `replace_attention` still applies: the exported graph is the attention alone (what the
+    benchmarks/ comparison times).
+
+    Raises:
+        FlashExportError: `model` is not a plain FlashAttention.
+    """
+    from torch import nn
+
+    from flash_export.attention import FlashAttention
+
+    if not isinstance(model, FlashAttention):
+        raise FlashExportError(f"attention_only needs a FlashAttention, got {type(model).__name__}")
+
+    class AttentionOnly(nn.Module):
+        def __init__(self, attention: FlashAttention) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, values: Any, keys: Any, queries: Any, mask: Any = None) -> Any:
+            allowed = self.attention.check_inputs(values, keys, queries, mask)
+            return self.attention.attend(queries, keys, values, allowed)  # (B, Lq, E)
+
+    return AttentionOnly(model).eval()
+
+
+def _sdpa_class() -> type:
+    import torch
+    import torch.nn.functional as F
+
+    from flash_export.attention import FlashAttention, _causal_allowed
+
+    class _Sdpa(FlashAttention):
+        """FlashAttention whose attention is torch's scaled_dot_product_attention."""
+
+        def attend(self, q: Any, k: Any, v: Any, allowed: Any) -> Any:
+            qh, kh, vh = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+            lq, lk = qh.size(2), kh.size(2)
+            mask = allowed
+            if self.causal and (lq != lk or mask is not None):
+                causal = _causal_allowed(0, lq, 0, lk, lq, lk, q.device)  # (Lq, Lk)
+                mask = causal if mask is None else mask & causal
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
+                                               is_causal=self.causal and mask is None)
+            return self.merge_heads(torch.nan_to_num(o))  # (B, Lq, E)
+
+    return _Sdpa
+
+
+class _LazySdpa:
+    """Resolves to the SDPA FlashAttention subclass on first use (keeps torch import lazy)."""
+
+    _cls: Optional[type] = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _LazySdpa._cls is None:
+            _LazySdpa._cls = _sdpa_class()
+        return _LazySdpa._cls(*args, **kwargs)
+
+
+SdpaAttention: Any = _LazySdpa()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_kb(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _peak_memory_of_one_forward(job: Job) -> Dict[str, Any]:
+    """In this (fresh) process: build, then measure host RSS growth around one forward."""
+    import resource
+
+    cuda = job.device == "cuda"
+    run = make_runner(job)
+    torch_cuda = cuda and job.backend in TORCH_BACKENDS
+    if torch_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    method = "VmHWM after reset (/proc/self/clear_refs) - VmRSS before"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kb("VmRSS")
+    except OSError:
+        before = None
+    if before is None:
+        method = "getrusage maxrss delta"
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    if method.startswith("VmHWM"):
+        after = _rss_kb("VmHWM") or 0
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: Dict[str, Any] = {"peak_rss_mb": max(after - before, 0) / 1024.0, "method": method}
+    if torch_cuda:
+        import torch
+
+        out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
+    return out
+
+
+def measure_memory(job: Job, timeout: float = 600.0) -> Dict[str, Any]:
+    """Peak memory of one forward of `job`, measured in a fresh subprocess.
+
+    Returns:
+        {"peak_rss_mb": float, "method": str, ["peak_cuda_mb": float]} or {"error": str}.
+    """
+    cmd = [sys.executable, "-m", "flash_export.runners", "--memory-worker",
+           json.dumps(dataclasses.asdict(job))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory worker timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {"error": f"memory worker failed ({proc.returncode}): {tail}"[:300]}
+    result: Dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (checked only when asked, never at import)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--memory-worker":
+        print("usage: python -m flash_export.runners --memory-worker JOB_JSON", file=sys.stderr)
+        return 2
+    job = Job(**json.loads(argv[1]))
+    print(json.dumps(_peak_memory_of_one_forward(job)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
