@@ -29,10 +29,10 @@ _EXPORTS = {
 }
 
 # Submodules reachable as attributes after a bare `import flash_export`.
-_SUBMODULES = frozenset({"artifact", "bench", "bench_files", "cli", "contract", "doctor", "errors",
-                         "export", "parity", "runners", "timing",
-                         "onnx_export", "onnx_targets", "runtime", "safety", "spec", "tolerance",
-                         "validate"})
+_SUBMODULES = frozenset({
+    "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract", "doctor",
+    "errors", "export", "onnx_export", "onnx_targets", "parity", "runners", "runtime", "safety",
+    "spec", "timing", "tolerance", "validate"})
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

@@ -3,20 +3,25 @@
 Heavy modules (torch, onnx) are imported inside the commands so `flash-export --help` is instant.
 """
 
-import functools
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, List, Optional
 
 import click
 
 from flash_export._version import __version__
+from flash_export.cli_options import (
+    Progress,
+    artifact_spec,
+    backend_list,
+    int_list,
+    model_options,
+    output_file,
+    trust_options,
+)
 from flash_export.contract import EXPORT_DTYPES, TARGETS
 from flash_export.errors import FlashExportError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Group(click.Group):
@@ -40,44 +45,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Export a chunked FlashAttention model to TorchScript and onnxruntime, check and time it."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-
-
-def model_options(f: F) -> F:
-    """The options every command uses to (re)build the model; they arrive as `spec`."""
-    options = [
-        click.option("--embed", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Embedding size E."),
-        click.option("--heads", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Number of attention heads (must divide E)."),
-        click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Keys per online-softmax step."),
-        click.option("--causal/--no-causal", default=False,
-                     help="Causal attention, bottom-right aligned. Default: off."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the parameter initialisation when --weights is not given."),
-        click.option("--model", "model_factory", metavar="FILE.py:FACTORY", default=None,
-                     help="Build the model with FACTORY(embed_size=, heads=, chunk_size=, "
-                          "causal=) from FILE.py. Default: a single FlashAttention."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="State-dict checkpoint loaded with weights_only=True, strict. "
-                          "Default: none (seeded initialisation)."),
-    ]
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, embed: int, heads: int, chunk: int, causal: bool, seed: int,
-                model_factory: Optional[str], weights: Optional[str], **kwargs: Any) -> Any:
-        from flash_export.spec import ModelSpec  # imports no torch: checked before heavy work
-
-        try:
-            spec = ModelSpec(embed=embed, heads=heads, chunk=chunk, causal=causal, seed=seed,
-                             model=model_factory, weights=weights)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        return f(*args, spec=spec, **kwargs)
-
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper  # type: ignore[return-value]
 
 
 def _report_written(path: Path, started: float) -> None:
@@ -131,141 +98,13 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
             click.echo(f"check: {line}")
 
 
-# --- validate / bench / doctor ------------------------------------------------------------------
-
-_MODEL_OPTION_FIELDS = {"embed": "embed", "heads": "heads", "chunk": "chunk", "causal": "causal",
-                        "seed": "seed", "model_factory": "model", "weights": "weights"}
-
-
-def _int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
-    """Click callback: "1,7,9" -> [1, 7, 9] (positive ints); None stays None."""
-    if value is None:
-        return None
-    try:
-        items = [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not items or any(v < 1 for v in items):
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return items
-
-
-def _backend_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
-    """Click callback: "custom,eager:cuda" -> ["custom", "eager:cuda"], names checked."""
-    if value is None:
-        return None
-    from flash_export.bench import ALL_BACKENDS
-
-    items = [v for v in value.replace(" ", "").split(",") if v]
-    for item in items:
-        base, _, device = item.partition(":")
-        if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
-            raise click.BadParameter(f"unknown backend {item!r}; choose from "
-                                     f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
-    return items or None
-
-
-def _artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
-                   trust: bool = False) -> Any:
-    """The spec to compare against: the artifact's, with the model options given explicitly.
-
-    None means "the artifact's own": the library then reads it and applies the trust rules.
-    """
-    from click.core import ParameterSource
-
-    explicit = {field: getattr(spec, field) for name, field in _MODEL_OPTION_FIELDS.items()
-                if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
-    if artifact is None:
-        return spec
-    from flash_export.artifact import artifact_kind, read_metadata
-
-    meta = read_metadata(artifact)  # data only: no .pt is loaded here
-    if "model_spec" not in meta:
-        return spec  # nothing recorded: the options (explicit or default) describe the model
-    if not explicit:
-        return None
-    from flash_export.spec import recorded, resolve_spec
-
-    base = recorded(meta, artifact, artifact_kind(artifact)).spec
-    try:
-        return resolve_spec(base, explicit, trust=trust, source=artifact)
-    except ValueError as exc:  # explicit options that contradict the recorded ones
-        raise click.UsageError(str(exc)) from None
-
-
-def _output_file(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Any:
-    """Click callback: an output file whose folder exists and is writable, checked up front."""
-    if value is None:
-        return None
-    folder = value.parent if str(value.parent) else Path(".")
-    if not folder.is_dir():
-        raise click.BadParameter(f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise click.BadParameter(f"folder {folder} is not writable")
-    return value
-
-
-def _gibibytes(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Any:
-    """Click callback: GiB -> bytes (None stays None)."""
-    return None if value is None else int(value * 2**30)
-
-
-def trust_options(f: F) -> F:
-    """--trust, --expect-sha256 and --max-memory: how much an artifact is believed and allowed."""
-    options = [
-        click.option("--trust", is_flag=True, default=False,
-                     help="Load a .pt of unknown origin (a .pt is a program) and use the model "
-                          "file and weights the artifact records. Default: off."),
-        click.option("--expect-sha256", metavar="HEX", default=None,
-                     help="The artifact's SHA-256 as its publisher gave it; any other file is "
-                          "refused, a matching one is trusted. Default: none."),
-        click.option("--max-memory", type=click.FloatRange(min=0), default=None,
-                     callback=_gibibytes, metavar="GIB",
-                     help="Refuse runs estimated to need more (GiB), before allocating. "
-                          "Default: half the physical memory."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-class _Progress:
-    """click.progressbar on stderr, (re)created whenever the library reports a new total."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar: Any = None
-        self.item = ""
-
-    def __call__(self, done: int, total: int, item: str) -> None:
-        if total == 0:  # a step of unknown length (an export): one line
-            click.echo(f"{self.label}: {item}", err=True)
-            return
-        if self.bar is None or self.bar.length != total:
-            self.close()
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
-                                         item_show_func=lambda _: self.item)
-            self.bar.__enter__()
-        self.item = item
-        self.bar.update(max(done - self.bar.pos, 0))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
-def _fmt(value: Optional[float], spec: str = ".2e") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 @main.command()
 @model_options
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--seq", callback=_int_list, default=None, metavar="LIST",
+@click.option("--seq", callback=int_list, default=None, metavar="LIST",
               help="Comma-separated sequence lengths; each L runs as Lq=Lk=L and as Lq=L with "
                    "Lk the next length. Default: 1,chunk-1,chunk,chunk+1,3*chunk+5,1024.")
-@click.option("--batch", callback=_int_list, default="1,3", show_default=True, metavar="LIST",
+@click.option("--batch", callback=int_list, default="1,3", show_default=True, metavar="LIST",
               help="Comma-separated batch sizes.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Precision to run in. Default: the artifact's.")
@@ -279,7 +118,7 @@ def _fmt(value: Optional[float], spec: str = ".2e") -> str:
 @click.option("--all-targets", is_flag=True, default=False,
               help="Also export and compare every other ONNX target. Default: off.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=_output_file,
+              default=None, callback=output_file,
               help="Write the full report as JSON. Default: none.")
 @trust_options
 @click.option("-v", "--verbose", is_flag=True, default=False,
@@ -295,53 +134,21 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
     """
     import json as json_module
 
+    from flash_export.cli_render import validation_lines
     from flash_export.validate import validate as run_validate
 
     ctx = click.get_current_context()
-    progress = _Progress("validating")
+    progress = Progress("validating")
     try:
-        report = run_validate(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
+        report = run_validate(artifact, spec=artifact_spec(ctx, spec, artifact, trust),
                               seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
                               provider=provider, all_targets=all_targets, trust=trust,
                               expect_sha256=expect_sha256, max_memory=max_memory,
                               progress=progress)
     finally:
         progress.close()
-    s = report.spec
-    click.echo(f"{report.artifact}: {report.kind}"
-               + (f" target {report.target}" if report.target else "")
-               + f", {report.dtype}, provider {report.provider}")
-    click.echo(f"reference: float64 plain attention of the spec from the {report.spec_source} "
-               f"(embed {s.embed}, heads {s.heads}, chunk {s.chunk}, causal {s.causal}, "
-               f"seed {s.seed}{', model ' + s.model if s.model else ''})")
-    origin = report.provenance
-    click.echo(f"provenance: sha256 {origin.sha256[:16]}..., " + {
-        "trust store": "exported by you here (trust store)",
-        "expected sha256": "the hash you expected (--expect-sha256)",
-        "--trust": "unknown origin, loaded because of --trust",
-        "unverified": "unknown origin: the reference is what the file's own metadata describes "
-                      "(pass --expect-sha256 or your model options to pin it)"}[origin.source])
-    click.echo(f"rule: {report.rule}")
-    bad = [c for c in report.checks if not c.passed]
-    click.echo(f"structural checks: {len(report.checks) - len(bad)}/{len(report.checks)} passed")
-    header = (f"{'backend':<18} {'shape':<34} {'max abs':>9} {'p99 abs':>9} {'max rel':>9} "
-              f"{'bound':>9}  result")
-    click.echo(header)
-    for b in report.backends:
-        if b.load_error:
-            click.echo(f"{b.name:<18} {'(failed to load)':<34} {'':>9} {'':>9} {'':>9} "
-                       f"{'':>9}  FAIL")
-            continue
-        rows = b.cases if verbose else [w for w in [b.worst()] if w is not None]
-        for r in rows:
-            c = r.comparison
-            shape = r.case.label if verbose else f"worst of {len(b.cases)}: {r.case.label}"
-            verdict = "ok" if (b.passed if not verbose else r.passed) else "FAIL"
-            if not verbose:
-                verdict += f" ({len(b.cases) - len(b.failures)}/{len(b.cases)})"
-            click.echo(f"{b.name:<18} {shape:<34} {_fmt(c.max_abs if c else None):>9} "
-                       f"{_fmt(c.p99_abs if c else None):>9} {_fmt(c.max_rel if c else None):>9} "
-                       f"{_fmt(c.bound if c else None):>9}  {verdict}")
+    for line in validation_lines(report, verbose):
+        click.echo(line)
     if json_path is not None:
         json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
@@ -360,14 +167,14 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
 @model_options
 @click.argument("artifact", required=False,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--seq", callback=_int_list, default="128,512,1024", show_default=True,
+@click.option("--seq", callback=int_list, default="128,512,1024", show_default=True,
               metavar="LIST", help="Comma-separated sequence lengths (Lq = Lk = L).")
-@click.option("--chunks", "chunks", callback=_int_list, default=None, metavar="LIST",
+@click.option("--chunks", "chunks", callback=int_list, default=None, metavar="LIST",
               help="Chunk sizes to sweep (speed vs memory); chunk-free backends (contrib, "
                    "attention23, sdpa) run once. Default: the model's --chunk.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size.")
-@click.option("--backends", callback=_backend_list, default=None, metavar="LIST",
+@click.option("--backends", callback=backend_list, default=None, metavar="LIST",
               help="Comma-separated from custom, standard, contrib, attention23, torchscript, "
                    "eager, sdpa (append :cuda for the GPU). Default: all (CUDA ones too when a "
                    "GPU is present); with ARTIFACT: it, eager and sdpa.")
@@ -385,12 +192,12 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory of one forward in a fresh subprocess per row.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=_output_file,
+              default=None, callback=output_file,
               help="Write the full report as JSON. Default: none.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=_output_file, help="Write the rows as CSV. Default: none.")
+              default=None, callback=output_file, help="Write the rows as CSV. Default: none.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=_output_file,
+              default=None, callback=output_file,
               help="Save a PNG of latency and memory vs sequence length "
                    "(needs flash-export[plot]). Default: none.")
 def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
@@ -403,6 +210,7 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
 
     from flash_export.bench import BenchConfig, benchmark
     from flash_export.bench_files import plot_report, require_matplotlib, write_csv
+    from flash_export.cli_render import bench_lines
 
     if plot_path is not None:
         require_matplotlib()  # fail before the long run, not after
@@ -411,32 +219,15 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
                          backends=tuple(backends) if backends else None, warmup=warmup,
                          iters=iters, repeats=repeats, threads=threads, dtype=dtype,
                          memory=memory, max_memory=max_memory)
-    progress = _Progress("benchmarking")
+    progress = Progress("benchmarking")
     try:
-        report = benchmark(artifact, spec=_artifact_spec(ctx, spec, artifact, trust),
+        report = benchmark(artifact, spec=artifact_spec(ctx, spec, artifact, trust),
                            config=config, trust=trust, expect_sha256=expect_sha256,
                            progress=progress)
     finally:
         progress.close()
-    env = report.environment
-    click.echo(f"flash-export bench  {env['date']}  {env['platform']}, {env['cpu_count']} CPUs; "
-               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}")
-    sp = report.spec
-    click.echo(f"model: embed {sp['embed']}, heads {sp['heads']}, causal {sp['causal']}"
-               f"{', ' + sp['model'] if sp.get('model') else ''}; batch {batch}, "
-               f"{report.config.dtype}, threads {threads}")
-    click.echo(f"{'backend':<20} {'chunk':>5} {'L':>6} {'p50 ms':>9} {'p90 ms':>9} "
-               f"{'p99 ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'peak MB':>8}  status")
-    for r in report.rows:
-        name = r.backend + ("" if r.device == "cpu" else f":{r.device}")
-        mem = r.peak_cuda_mb if r.peak_cuda_mb is not None else r.peak_rss_mb
-        status = r.status if r.status == "ok" and not r.error else f"{r.status}: {r.error}"
-        click.echo(f"{name:<20} {'-' if r.chunk is None else r.chunk:>5} {r.seq_q:>6} "
-                   f"{_fmt(r.p50_ms, '.3f'):>9} {_fmt(r.p90_ms, '.3f'):>9} "
-                   f"{_fmt(r.p99_ms, '.3f'):>9} {_fmt(r.tokens_per_s, '.3g'):>9} "
-                   f"{_fmt(r.gflops_per_s, '.3g'):>8} {_fmt(mem, '.1f'):>8}  {status}")
-    click.echo(f"method: {report.method}")
-    click.echo(f"FLOPs: {report.flops_formula}")
+    for line in bench_lines(report):
+        click.echo(line)
     if json_path is not None:
         json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
@@ -450,7 +241,7 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
 
 @main.command()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=_output_file, help="Write the report as JSON. Default: none.")
+              default=None, callback=output_file, help="Write the report as JSON. Default: none.")
 def doctor(json_path: Optional[Path]) -> None:
     """Check the install: versions, the native library, and one run of the custom op."""
     import json as json_module

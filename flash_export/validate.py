@@ -29,12 +29,11 @@ from flash_export.artifact import (
     verify_manifest,
 )
 from flash_export.attention import FlashAttention
-from flash_export.contract import DOMAIN, INT, ONNX_ELEM, OP_NAME, TARGETS
+from flash_export.contract import DOMAIN, EXPORT_DTYPES, INT, ONNX_ELEM, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, FlashExportError
 from flash_export.parity import (
     Backend,
     BackendResult,
-    Case,
     ProgressFn,
     default_seqs,
     one_line,
@@ -43,9 +42,10 @@ from flash_export.parity import (
     sweep,
     torch_backend,
 )
-from flash_export.safety import all_nodes
+from flash_export.safety import all_nodes, check_onnx_file
 from flash_export.spec import (
     ModelSpec,
+    Recorded,
     check_graph_matches_spec,
     check_memory,
     recorded,
@@ -123,20 +123,6 @@ class ValidationReport:
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "backends": [b.to_dict() for b in self.backends],
         }
-
-
-# --------------------------------------------------------------------------- artifact reading
-
-
-def _load_onnx(path: Path) -> Any:
-    """The graph of `path` (external data unread) after the `safety` checks.
-
-    Runs before any onnxruntime session is built, so a hostile external-data reference is
-    rejected before anything opens the file it names.
-    """
-    from flash_export.safety import check_onnx_file
-
-    return check_onnx_file(path)
 
 
 # --------------------------------------------------------------------------- structural checks
@@ -240,109 +226,130 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         RuntimeLibraryError: provider "cuda" without a usable CUDA provider.
     """
     path = Path(artifact)
-    kind = artifact_kind(path)
     if provider not in ("cpu", "cuda"):
         raise FlashExportError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
-    if dtype is not None and dtype not in ("float32", "float16"):
-        raise FlashExportError(f"unsupported dtype {dtype!r}; choose float32 or float16")
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
-    report_progress = progress or (lambda done, total, label: None)
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise FlashExportError(f"unsupported dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
+    art = _Loaded.read(path, trust=trust, expect_sha256=expect_sha256)
+    spec_source = "caller" if spec is not None else "artifact"
+    if spec is None:
+        spec = resolve_spec(art.recorded.spec, {}, trust=trust, source=path)
+    seqs = list(seq) if seq else default_seqs(spec.chunk)
+    art.check_spec(spec)
+    budget = f"validating {path.name}"
+    check_memory(_validate_bytes(spec, spec.parameter_count() or 0, seqs, batch), max_memory,
+                 budget)
+    run_dtype = art.run_dtype(dtype)
+    model = spec.build()
+    if spec.parameter_count() is None:  # a model factory's size is known only now
+        check_memory(_validate_bytes(spec, sum(p.numel() for p in model.parameters()), seqs,
+                                     batch), max_memory, budget)
+    report = ValidationReport(
+        artifact=str(path), kind=art.kind, target=art.recorded.target, dtype=run_dtype,
+        provider=provider, spec=spec, spec_source=spec_source, provenance=art.origin,
+        rule=("atol/rtol" if atol is not None or rtol is not None else
+              "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"),
+        checks=art.structural_checks(spec, model))
+    backends = art.backends(model, run_dtype, provider)
+    masks = [False, True] if art.takes_mask else [False]
+    with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
+        for other in (t for t in TARGETS if all_targets and t != art.recorded.target):
+            (progress or (lambda d, t, label: None))(0, 0, f"exporting {other}")
+            backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
+                                            mask=art.kind == "onnx" and art.takes_mask,
+                                            provider=provider))
+        results = run_cases(model, backends, sweep(seqs, batch, masks), embed=spec.embed,
+                            dtype=run_dtype, atol=atol, rtol=rtol, progress=progress)
+    report.backends = list(results.values())
+    return report
 
-    proto = scripted = None
-    if kind == "onnx":
-        proto = _load_onnx(path)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
-    else:
+
+@dataclass
+class _Loaded:
+    """An artifact as `validate` reads it: its graph or program, metadata and provenance."""
+
+    path: Path
+    kind: str
+    meta: Dict[str, str]
+    recorded: Recorded
+    origin: Provenance
+    proto: Any = None  # the ONNX ModelProto (external data unread)
+    scripted: Any = None  # the loaded TorchScript module
+
+    @classmethod
+    def read(cls, path: Path, *, trust: bool, expect_sha256: Optional[str]) -> "_Loaded":
+        """Read and check `path` as data; a `.pt` is loaded only with provenance."""
+        kind = artifact_kind(path)
+        if not path.is_file():
+            raise ArtifactError(f"artifact not found: {path}")
+        if kind == "onnx":
+            proto = check_onnx_file(path)  # before onnxruntime opens anything it names
+            meta = {p.key: p.value for p in proto.metadata_props}
+            origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
+            return cls(path, kind, meta, recorded(meta, path, kind), origin, proto=proto)
         from flash_export.export import load_torchscript_checked
 
         recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
         scripted, meta, origin = load_torchscript_checked(path, trust=trust,
                                                           expect_sha256=expect_sha256)
-    rec = recorded(meta, path, kind)
-    spec_source = "caller" if spec is not None else "artifact"
-    if spec is None:
-        spec = resolve_spec(rec.spec, {}, trust=trust, source=path)
-    seqs = list(seq) if seq else default_seqs(spec.chunk)
-    cases = sweep(seqs, batch, [False])
-    if proto is not None:
-        check_graph_matches_spec(spec, proto, path, nodes=False)
-    elif scripted is not None:
-        _check_script_matches_spec(spec, scripted, path)
-    check_memory(_validate_bytes(spec, spec.parameter_count() or 0, cases), max_memory,
-                 f"validating {path.name}")
+        return cls(path, kind, meta, recorded(meta, path, kind), origin, scripted=scripted)
 
-    artifact_dtype = _onnx_dtype(proto, meta) if proto is not None else _script_dtype(scripted)
-    run_dtype = dtype or artifact_dtype
-    tdtype = getattr(torch, run_dtype)
-    if proto is not None and dtype is not None and dtype != artifact_dtype:
-        raise ArtifactError(f"{path} is a {artifact_dtype} graph and runs only in "
-                            f"{artifact_dtype}; drop --dtype {dtype} or export with it")
+    def check_spec(self, spec: ModelSpec) -> None:
+        """Refuse a spec the file does not back (`check_graph_matches_spec`), before building."""
+        if self.proto is not None:
+            check_graph_matches_spec(spec, self.proto, self.path, nodes=False)
+            return
+        wanted = spec.parameter_count()
+        held = sum(p.numel() for p in self.scripted.parameters())
+        if wanted is not None and held < wanted:
+            raise ArtifactError(f"{self.path}: the spec (embed {spec.embed}) needs {wanted:,} "
+                                f"parameters, the TorchScript module holds {held:,}")
 
-    model = spec.build()
-    if spec.parameter_count() is None:  # a model factory's size is known only now
-        params = sum(p.numel() for p in model.parameters())
-        check_memory(_validate_bytes(spec, params, cases), max_memory,
-                     f"validating {path.name}")
-    modules = _flash_modules(model)
-    report = ValidationReport(
-        artifact=str(path), kind=kind, target=rec.target, dtype=run_dtype, provider=provider,
-        spec=spec, spec_source=spec_source, provenance=origin,
-        rule=("atol/rtol" if atol is not None or rtol is not None else
-              "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"))
-    report.checks.extend(metadata_checks(meta, spec))
-    report.checks.extend(manifest_checks(path))
-    if proto is not None and (rec.target == "custom"
-                              or any(n.domain == DOMAIN for n in all_nodes(proto))):
-        report.checks.extend(custom_node_checks(proto, modules))
+    def run_dtype(self, asked: Optional[str]) -> str:
+        """The dtype to run in: `asked`, else the artifact's; an ONNX graph runs only in its own."""
+        if self.proto is None:
+            params = list(self.scripted.parameters())
+            own = str(params[0].dtype).replace("torch.", "") if params else "float32"
+            return asked or (own if own in EXPORT_DTYPES else "float32")
+        own = _onnx_dtype(self.proto, self.meta)
+        if asked is not None and asked != own:
+            raise ArtifactError(f"{self.path} is a {own} graph and runs only in {own}; drop "
+                                f"--dtype {asked} or export with it")
+        return own
 
-    backends: List[Backend] = [
-        torch_backend("eager", copy.deepcopy(model).to(tdtype),
-                      "(in memory, rebuilt from the spec)")]
-    if scripted is not None:
-        backends.append(torch_backend("torchscript", scripted.eval().to(tdtype), str(path)))
-        mask_modes: List[bool] = [False, True]
-    else:
-        backends.append(onnx_backend(f"onnx:{rec.target}", path, provider))
-        graph_inputs = {i.name for i in proto.graph.input} if proto is not None else set()
-        mask_modes = [False, True] if "mask" in graph_inputs else [False]
+    @property
+    def takes_mask(self) -> bool:
+        """A .pt always takes a mask; a graph when it has a mask input."""
+        return self.proto is None or "mask" in {i.name for i in self.proto.graph.input}
 
-    with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
-        if all_targets:
-            for other in (t for t in TARGETS if t != rec.target):
-                report_progress(0, 0, f"exporting {other}")
-                backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
-                                                mask=(kind == "onnx" and True in mask_modes),
-                                                provider=provider))
-        results = run_cases(model, backends, sweep(seqs, batch, mask_modes), embed=spec.embed,
-                            dtype=run_dtype, atol=atol, rtol=rtol, progress=report_progress)
-    report.backends = list(results.values())
-    return report
+    def structural_checks(self, spec: ModelSpec, model: nn.Module) -> List[Check]:
+        """Metadata, manifest and custom-node attributes against the spec and its model."""
+        checks = metadata_checks(self.meta, spec) + manifest_checks(self.path)
+        if self.proto is not None and (self.recorded.target == "custom"
+                                       or any(n.domain == DOMAIN for n in all_nodes(self.proto))):
+            checks += custom_node_checks(self.proto, _flash_modules(model))
+        return checks
+
+    def backends(self, model: nn.Module, dtype: str, provider: str) -> List[Backend]:
+        """Eager (rebuilt from the spec) and the artifact itself, in `dtype`."""
+        tdtype = getattr(torch, dtype)
+        eager = torch_backend("eager", copy.deepcopy(model).to(tdtype),
+                              "(in memory, rebuilt from the spec)")
+        if self.scripted is not None:
+            return [eager, torch_backend("torchscript", self.scripted.eval().to(tdtype),
+                                         str(self.path))]
+        return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider)]
 
 
-def _script_dtype(scripted: Any) -> str:
-    params = list(scripted.parameters())
-    name = str(params[0].dtype).replace("torch.", "") if params else "float32"
-    return name if name in ("float32", "float16") else "float32"
-
-
-def _check_script_matches_spec(spec: ModelSpec, scripted: Any, path: Path) -> None:
-    """The .pt counterpart of `check_graph_matches_spec`: its parameters bound the spec."""
-    wanted = spec.parameter_count()
-    held = sum(p.numel() for p in scripted.parameters())
-    if wanted is not None and held < wanted:
-        raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
-                            f"the TorchScript module holds {held:,}")
-
-
-def _validate_bytes(spec: ModelSpec, params: int, cases: Sequence[Case]) -> int:
+def _validate_bytes(spec: ModelSpec, params: int, seqs: Sequence[int],
+                    batch: Sequence[int]) -> int:
     """What a validate run allocates at most, in bytes, from the spec alone.
 
     The model lives in float32, in the run dtype and, per case, in float64 for the reference
     (about 24 bytes per parameter with copies); the plain float64 reference holds a few
     (B, H, Lq, Lk) score tensors, the same-dtype baseline a few more.
     """
+    cases = sweep(seqs, batch, [False])
     scores = max((c.batch * spec.heads * c.seq_q * c.seq_k for c in cases), default=0)
     rows = max((c.batch * (c.seq_q + 2 * c.seq_k) for c in cases), default=0)
     return 24 * params + 48 * scores + 64 * rows * spec.embed + (64 << 20)
