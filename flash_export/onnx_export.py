@@ -240,6 +240,18 @@ def _our_data_files(target: Path) -> List[Path]:
                                                and n.endswith(".data") and "/" not in n)]
 
 
+def _example_args(embed: int, dtype: torch.dtype, mask: bool) -> Tuple[Tensor, ...]:
+    """(values, keys, queries[, mask]) to trace with: distinct sizes, so no dim is merged."""
+    gen = torch.Generator().manual_seed(0)
+    b, lq, lk = _EXAMPLE_BATCH, _EXAMPLE_LQ, _EXAMPLE_LK
+    args: Tuple[Tensor, ...] = (torch.randn(b, lk, embed, generator=gen, dtype=dtype),  # values
+                                torch.randn(b, lk, embed, generator=gen, dtype=dtype),  # keys
+                                torch.randn(b, lq, embed, generator=gen, dtype=dtype))  # queries
+    if mask:
+        args += (torch.rand(b, 1, lq, lk, generator=gen) > 0.2,)  # (B, 1, Lq, Lk)
+    return args
+
+
 def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                 opset: Optional[int] = None, dtype: Optional[str] = None,
                 spec: Optional[ModelSpec] = None, static_shapes: bool = False,
@@ -286,14 +298,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     embed = flash_layers(model)[0].embed_size
     adapted = replace_attention(model, TARGETS[target].adapter).to(torch_dtype).eval()
 
-    gen = torch.Generator().manual_seed(0)
-    b, lq, lk = _EXAMPLE_BATCH, _EXAMPLE_LQ, _EXAMPLE_LK
-    args: Tuple[Tensor, ...] = (torch.randn(b, lk, embed, generator=gen, dtype=torch_dtype),
-                                torch.randn(b, lk, embed, generator=gen, dtype=torch_dtype),
-                                torch.randn(b, lq, embed, generator=gen, dtype=torch_dtype))
-    if mask:
-        args += (torch.rand(b, 1, lq, lk, generator=gen) > 0.2,)
-    proto = _export_program(adapted, args, target, opset, static_shapes)
+    proto = _export_program(adapted, _example_args(embed, torch_dtype, mask), target, opset,
+                            static_shapes)
 
     got = {o.domain or "": o.version for o in proto.opset_import}
     if got.get("") != opset:
@@ -377,7 +383,7 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
     if use_mask and "mask" not in inputs:
         raise ValidationError(f"{path} has no mask input (export with mask=True)")
 
-    def fixed(name: str, axis: int, default: int) -> int:
+    def fixed(name: str, axis: int, default: int) -> int:  # a static dim overrides the default
         dim = inputs[name].shape[axis]
         return dim if isinstance(dim, int) else default
 
