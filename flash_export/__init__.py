@@ -32,7 +32,7 @@ _EXPORTS = {
 _SUBMODULES = frozenset({
     "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract", "doctor",
     "errors", "export", "onnx_export", "onnx_targets", "parity", "runners", "runtime", "safety",
-    "spec", "timing", "tolerance", "validate"})
+    "spec", "timing", "tolerance", "trust", "validate"})
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

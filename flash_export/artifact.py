@@ -1,6 +1,7 @@
-"""Artifact files: kind, metadata, integrity (manifest), provenance (trust store), atomic writes.
+"""Artifact files: kind, metadata and the spec it records, integrity (manifest), atomic writes.
 
 Imports no torch: an artifact is data, and reading what it says must never run what it contains.
+Where confidence in its origin comes from is `trust.py`'s concern.
 
 - **Metadata** is read without loading the artifact as a program: an ONNX graph is parsed after
   the `safety` checks, a TorchScript archive is opened as the zip file it is and only its
@@ -8,10 +9,8 @@ Imports no torch: an artifact is data, and reading what it says must never run w
 - **Manifest** (`<file>.manifest.json`, written beside every export): the SHA-256 of the file and
   of every data file exported with it. It detects corruption and mixed sets; it proves nothing
   about origin, since whoever ships a file can ship a matching manifest.
-- **Trust store**: every export is recorded, by SHA-256, in a folder of the user's own
-  (`$FLASH_EXPORT_TRUST_STORE`, else `$XDG_DATA_HOME/flash-export/trusted`, else
-  `~/.local/share/flash-export/trusted`). Provenance comes from there, from a hash the user
-  states (`expect_sha256`), or from the user's explicit `trust`; never from the artifact itself.
+- **Recorded spec**: parsed, cross-checked between keys, and checked against the graph it
+  describes (`check_graph_matches_spec`) before anything is built from it.
 """
 
 import dataclasses
@@ -20,17 +19,16 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
-from flash_export._version import __version__
+from flash_export.contract import DOMAIN, EXPORT_DTYPES, ONNX_ELEM, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, ExportError, summary
+from flash_export.spec import ModelSpec
 
 PathLike = Union[str, "os.PathLike[str]"]
 MANIFEST_SUFFIX = ".manifest.json"
-TRUST_STORE_ENV = "FLASH_EXPORT_TRUST_STORE"
 METADATA_FILE = "flash_export.json"  # the extra file inside a TorchScript archive
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 # An archive's metadata entry larger than this is not ours (ours is a few hundred bytes).
@@ -115,6 +113,111 @@ def torchscript_metadata(file: BinaryIO, path: PathLike) -> Dict[str, str]:
     return meta
 
 
+# --------------------------------------------------------------------------- what it records
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What an artifact's metadata says about its model, parsed and cross-checked.
+
+    Attributes:
+        spec: the recorded ModelSpec.
+        dtype: the export precision, one of `contract.EXPORT_DTYPES`.
+        target: the ONNX target (None for TorchScript).
+    """
+
+    spec: ModelSpec
+    dtype: str
+    target: Optional[str]
+
+
+def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str) -> Recorded:
+    """Parse an artifact's metadata; every value is checked, none is trusted to be well formed.
+
+    Raises:
+        ArtifactError: no or a malformed spec, an unknown dtype or target, or attention keys
+            (embed, heads, chunk_size, causal) that contradict the recorded spec.
+    """
+    spec = spec_from_metadata(meta, path)
+    expected = {"embed": str(spec.embed), "heads": str(spec.heads), "chunk_size": str(spec.chunk),
+                "causal": str(int(spec.causal))}
+    for key, want in expected.items():
+        if key in meta and meta[key] != want:
+            raise ArtifactError(f"{path}: metadata {key} is {meta[key][:40]!r} but its model_spec "
+                                f"says {want}: the metadata was edited")
+    dtype = meta.get("dtype", "float32")
+    if dtype not in EXPORT_DTYPES:
+        raise ArtifactError(f"{path}: metadata dtype {dtype[:40]!r} is not one of "
+                            f"{', '.join(EXPORT_DTYPES)}")
+    target = None
+    if kind == "onnx":
+        target = meta.get("target", "custom")
+        if target not in TARGETS:
+            raise ArtifactError(f"{path}: metadata target {target[:40]!r} is not one of "
+                                f"{', '.join(TARGETS)}")
+    return Recorded(spec, dtype, target)
+
+
+def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLike[str] | str",
+                             *, nodes: bool = True) -> None:
+    """Check a spec against what an ONNX graph holds, before anything is built from the spec.
+
+    The graph's own facts (the embed of its `queries` input, the size of its float weights and,
+    with `nodes`, its FlashAttention nodes' attributes) bound what the spec may claim, so edited
+    metadata cannot make `validate` or `bench` build a model, allocate memory or label results
+    that the file does not back. (`validate` reports node attributes as structural checks.)
+
+    Raises:
+        ArtifactError: naming the recorded value and what the graph holds.
+    """
+    from flash_export.safety import all_nodes
+
+    graph = model_proto.graph
+    for inp in graph.input:
+        if inp.name == "queries":
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[2].HasField("dim_value") and \
+                    dims[2].dim_value != spec.embed:
+                raise ArtifactError(f"{path}: the spec says embed {spec.embed}, the graph's "
+                                    f"queries input has embed {dims[2].dim_value}")
+    if nodes and spec.model is None:
+        for node in (n for n in all_nodes(model_proto) if n.domain == DOMAIN
+                     and n.op_type == OP_NAME):
+            attrs = {a.name: a for a in node.attribute}
+            for key, want in (("num_heads", spec.heads), ("chunk_size", spec.chunk),
+                              ("causal", int(spec.causal))):
+                if key in attrs and attrs[key].i != want:
+                    raise ArtifactError(f"{path}: the spec says {key} {want}, the graph's "
+                                        f"{OP_NAME} node has {attrs[key].i}")
+    wanted = spec.parameter_count()
+    held = sum(_numel(t.dims) for t in graph.initializer if t.data_type in ONNX_ELEM)
+    if wanted is not None and held < wanted:
+        raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
+                            f"the graph holds {held:,} float weights")
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def spec_from_metadata(meta: Mapping[str, str], path: "os.PathLike[str] | str") -> ModelSpec:
+    """The ModelSpec recorded in an artifact's metadata.
+
+    Raises:
+        ArtifactError: no spec, or one that is malformed or out of range.
+    """
+    text = meta.get("model_spec")
+    if not text:
+        raise ArtifactError(f"{path} records no model_spec: pass the model options explicitly")
+    try:
+        return ModelSpec.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: bad model_spec metadata: {exc}") from exc
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -163,7 +266,7 @@ def write_manifest(artifact: PathLike, entries: Iterable[ManifestEntry]) -> None
     body = json.dumps({"file": Path(artifact).name,
                        "entries": [{"sha256": e.sha256, "data": e.data} for e in _unique(entries)]},
                       indent=1)
-    _write_atomically(target, body + "\n")
+    write_atomically(target, body + "\n")
 
 
 def _unique(entries: Iterable[ManifestEntry]) -> List[ManifestEntry]:
@@ -199,113 +302,11 @@ def verify_manifest(artifact: PathLike) -> ManifestEntry:
     return entry
 
 
-# --------------------------------------------------------------------------- trust store
-
-
-def trust_store() -> Path:
-    """The folder of the user's trust store (it need not exist yet)."""
-    override = os.environ.get(TRUST_STORE_ENV)
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return Path(base) / "flash-export" / "trusted"
-
-
-def _is_hex_digest(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
-def record_trusted(digest: str, path: PathLike) -> None:
-    """Record `digest` (the SHA-256 of a file this user exported as `path`) in the trust store.
-
-    Raises:
-        OSError: the store cannot be written.
-    """
-    if not _is_hex_digest(digest):
-        raise ValueError(f"not a hex SHA-256: {digest!r}")
-    store = trust_store()
-    store.mkdir(parents=True, exist_ok=True, mode=0o700)
-    entry = store / f"{digest}.json"
-    if not entry.exists():
-        _write_atomically(entry, json.dumps({
-            "sha256": digest, "path": str(Path(path).resolve()),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "flash_export_version": __version__}) + "\n")
-
-
-def is_trusted(digest: str) -> bool:
-    """Whether the trust store records `digest`."""
-    return _is_hex_digest(digest) and (trust_store() / f"{digest}.json").is_file()
-
-
-@dataclasses.dataclass(frozen=True)
-class Provenance:
-    """Where confidence in an artifact's origin comes from.
-
-    `source` is "trust store" (exported by this user here, unchanged since), "expected sha256"
-    (the hash the user stated), "--trust" (the user vouched for it) or "unverified".
-    """
-
-    sha256: str
-    source: str
-
-    @property
-    def verified(self) -> bool:
-        """True unless the origin is unknown."""
-        return self.source != "unverified"
-
-
-def provenance(artifact: PathLike, *, expect_sha256: Optional[str] = None, trust: bool = False,
-               digest: Optional[str] = None) -> Provenance:
-    """Establish where `artifact` comes from; the artifact itself never counts as evidence.
-
-    `digest` is the file's SHA-256 when the caller already hashed the bytes it will use.
-
-    Raises:
-        ArtifactError: the file is missing, or `expect_sha256` is given and differs from the
-            file's hash (or is not a SHA-256).
-    """
-    path = Path(artifact)
-    if digest is None:
-        if not path.is_file():
-            raise ArtifactError(f"artifact not found: {path}")
-        digest = sha256_file(path)
-    if expect_sha256 is not None:
-        wanted = expect_sha256.strip().lower()
-        if not _is_hex_digest(wanted):
-            raise ArtifactError(f"--expect-sha256 must be 64 hex digits, got {expect_sha256!r}")
-        if wanted != digest:
-            raise ArtifactError(f"{path} has sha256 {digest}, expected {wanted}: it is not the "
-                                "file you expect")
-        return Provenance(digest, "expected sha256")
-    if is_trusted(digest):
-        return Provenance(digest, "trust store")
-    return Provenance(digest, "--trust" if trust else "unverified")
-
-
-def require_provenance(artifact: PathLike, *, expect_sha256: Optional[str] = None,
-                       trust: bool = False, digest: Optional[str] = None,
-                       why: str = "a .pt file is a program") -> Provenance:
-    """`provenance`, refusing an artifact of unknown origin unless `trust`.
-
-    Raises:
-        ArtifactError: unknown origin without `trust`, or a hash that differs from
-            `expect_sha256`; one line saying what to pass.
-    """
-    found = provenance(artifact, expect_sha256=expect_sha256, trust=trust, digest=digest)
-    if not found.verified:
-        raise ArtifactError(
-            f"{artifact} (sha256 {found.sha256[:16]}...) was not exported by you here (it is not "
-            f"in your trust store {trust_store()}) and {why}: pass --expect-sha256 with the hash "
-            "its publisher gave you, or --trust to load it anyway")
-    return found
-
-
 # --------------------------------------------------------------------------- atomic write
 
 
-def _write_atomically(target: Path, text: str) -> None:
+def write_atomically(target: Path, text: str) -> None:
+    """Write `text` to `target` through a temporary file and a rename (never half a file)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -365,6 +366,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *,
 
 
 def _record_export(digest: str, target: Path) -> None:
+    from flash_export.trust import record_trusted, trust_store
+
     try:
         record_trusted(digest, target)
     except OSError as exc:

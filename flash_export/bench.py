@@ -301,8 +301,14 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
     Raises:
         ArtifactError: unreadable, malformed, contradicting its graph, or untrusted.
     """
-    from flash_export.artifact import artifact_kind, provenance, read_metadata, require_provenance
-    from flash_export.spec import check_graph_matches_spec, recorded, resolve_spec
+    from flash_export.artifact import (
+        artifact_kind,
+        check_graph_matches_spec,
+        read_metadata,
+        recorded,
+    )
+    from flash_export.spec import resolve_spec
+    from flash_export.trust import provenance, require_provenance
 
     kind = artifact_kind(path)
     meta = read_metadata(path)

@@ -104,7 +104,8 @@ def artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
         return spec  # nothing recorded: the options (explicit or default) describe the model
     if not explicit:
         return None
-    from flash_export.spec import recorded, resolve_spec
+    from flash_export.artifact import recorded
+    from flash_export.spec import resolve_spec
 
     base = recorded(meta, artifact, artifact_kind(artifact)).spec
     try:

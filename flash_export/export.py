@@ -11,17 +11,11 @@ import torch
 from torch import nn
 
 from flash_export._version import __version__
-from flash_export.artifact import (
-    METADATA_FILE,
-    Provenance,
-    atomic_write,
-    require_provenance,
-    sha256_file,
-    torchscript_metadata,
-)
+from flash_export.artifact import METADATA_FILE, atomic_write, sha256_file, torchscript_metadata
 from flash_export.attention import FlashAttention
 from flash_export.errors import ArtifactError, ExportError, first_line
 from flash_export.spec import ModelSpec
+from flash_export.trust import Provenance, require_provenance
 
 _JIT_DEPRECATED = r"`torch\.jit\.(script|save|load)` is deprecated"
 

@@ -131,21 +131,6 @@ class ModelSpec:
         return model.eval()
 
 
-def spec_from_metadata(meta: Mapping[str, str], path: "os.PathLike[str] | str") -> ModelSpec:
-    """The ModelSpec recorded in an artifact's metadata.
-
-    Raises:
-        ArtifactError: no spec, or one that is malformed or out of range.
-    """
-    text = meta.get("model_spec")
-    if not text:
-        raise ArtifactError(f"{path} records no model_spec: pass the model options explicitly")
-    try:
-        return ModelSpec.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise ArtifactError(f"{path}: bad model_spec metadata: {exc}") from exc
-
-
 def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: bool,
                  source: "os.PathLike[str] | str") -> ModelSpec:
     """The spec to rebuild: `recorded` (an artifact's) with the caller's `explicit` fields.
@@ -209,102 +194,6 @@ def _load_weights(model: "nn.Module", path: Path) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"weights in {path} do not fit the model: {summary(exc)}") from exc
-
-
-# --------------------------------------------------------------------------- what artifacts record
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What an artifact's metadata says about its model, parsed and cross-checked.
-
-    Attributes:
-        spec: the recorded ModelSpec.
-        dtype: the export precision, one of `contract.EXPORT_DTYPES`.
-        target: the ONNX target (None for TorchScript).
-    """
-
-    spec: ModelSpec
-    dtype: str
-    target: Optional[str]
-
-
-def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str) -> Recorded:
-    """Parse an artifact's metadata; every value is checked, none is trusted to be well formed.
-
-    Raises:
-        ArtifactError: no or a malformed spec, an unknown dtype or target, or attention keys
-            (embed, heads, chunk_size, causal) that contradict the recorded spec.
-    """
-    from flash_export.contract import EXPORT_DTYPES, TARGETS
-
-    spec = spec_from_metadata(meta, path)
-    expected = {"embed": str(spec.embed), "heads": str(spec.heads), "chunk_size": str(spec.chunk),
-                "causal": str(int(spec.causal))}
-    for key, want in expected.items():
-        if key in meta and meta[key] != want:
-            raise ArtifactError(f"{path}: metadata {key} is {meta[key][:40]!r} but its model_spec "
-                                f"says {want}: the metadata was edited")
-    dtype = meta.get("dtype", "float32")
-    if dtype not in EXPORT_DTYPES:
-        raise ArtifactError(f"{path}: metadata dtype {dtype[:40]!r} is not one of "
-                            f"{', '.join(EXPORT_DTYPES)}")
-    target = None
-    if kind == "onnx":
-        target = meta.get("target", "custom")
-        if target not in TARGETS:
-            raise ArtifactError(f"{path}: metadata target {target[:40]!r} is not one of "
-                                f"{', '.join(TARGETS)}")
-    return Recorded(spec, dtype, target)
-
-
-_FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}  # TensorProto enum
-
-
-def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLike[str] | str",
-                             *, nodes: bool = True) -> None:
-    """Check a spec against what an ONNX graph holds, before anything is built from the spec.
-
-    The graph's own facts (the embed of its `queries` input, the size of its float weights and,
-    with `nodes`, its FlashAttention nodes' attributes) bound what the spec may claim, so edited
-    metadata cannot make `validate` or `bench` build a model, allocate memory or label results
-    that the file does not back. (`validate` reports node attributes as structural checks.)
-
-    Raises:
-        ArtifactError: naming the recorded value and what the graph holds.
-    """
-    from flash_export.contract import DOMAIN, OP_NAME
-    from flash_export.safety import all_nodes
-
-    graph = model_proto.graph
-    for inp in graph.input:
-        if inp.name == "queries":
-            dims = inp.type.tensor_type.shape.dim
-            if len(dims) == 3 and dims[2].HasField("dim_value") and \
-                    dims[2].dim_value != spec.embed:
-                raise ArtifactError(f"{path}: the spec says embed {spec.embed}, the graph's "
-                                    f"queries input has embed {dims[2].dim_value}")
-    if nodes and spec.model is None:
-        for node in (n for n in all_nodes(model_proto) if n.domain == DOMAIN
-                     and n.op_type == OP_NAME):
-            attrs = {a.name: a for a in node.attribute}
-            for key, want in (("num_heads", spec.heads), ("chunk_size", spec.chunk),
-                              ("causal", int(spec.causal))):
-                if key in attrs and attrs[key].i != want:
-                    raise ArtifactError(f"{path}: the spec says {key} {want}, the graph's "
-                                        f"{OP_NAME} node has {attrs[key].i}")
-    wanted = spec.parameter_count()
-    held = sum(_numel(t.dims) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
-    if wanted is not None and held < wanted:
-        raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
-                            f"the graph holds {held:,} float weights")
-
-
-def _numel(dims: Any) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def memory_limit() -> int:

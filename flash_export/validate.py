@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from flash_export.artifact import (
-    Provenance,
+    Recorded,
     artifact_kind,
+    check_graph_matches_spec,
     manifest_path,
-    provenance,
     read_manifest,
     read_metadata,
+    recorded,
     verify_manifest,
 )
 from flash_export.attention import FlashAttention
@@ -43,14 +44,8 @@ from flash_export.parity import (
     torch_backend,
 )
 from flash_export.safety import all_nodes, check_onnx_file
-from flash_export.spec import (
-    ModelSpec,
-    Recorded,
-    check_graph_matches_spec,
-    check_memory,
-    recorded,
-    resolve_spec,
-)
+from flash_export.spec import ModelSpec, check_memory, resolve_spec
+from flash_export.trust import Provenance, provenance
 
 DEFAULT_BATCHES = (1, 3)
 PathLike = Union[str, Path]
