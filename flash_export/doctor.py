@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 from flash_export.errors import first_line
-from flash_export.runtime import LIBRARY_DOMAIN
 
-OP_NAME = "FlashAttention"
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
 _REINSTALL = ("reinstall: pip install --force-reinstall --no-deps flash-export (pip builds the "
               "library into the package), or build it with `python custom_ops/build.py --out DIR`"
@@ -168,9 +167,9 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
         err = probe.get("register_error", "")
         hint = ("runtime too old: pip install -U onnxruntime-gpu" if "version" in err.lower()
                 else f"onnxruntime rejected the library; {_REINSTALL}")
-        checks.append(DoctorCheck(f"registers {LIBRARY_DOMAIN}::{OP_NAME}", False, err, hint))
+        checks.append(DoctorCheck(f"registers {DOMAIN}::{OP_NAME}", False, err, hint))
         return
-    checks.append(DoctorCheck(f"registers {LIBRARY_DOMAIN}::{OP_NAME}", True, "session created"))
+    checks.append(DoctorCheck(f"registers {DOMAIN}::{OP_NAME}", True, "session created"))
     if not probe.get("ran"):
         checks.append(DoctorCheck("runs a tiny graph (CPU)", False, probe.get("run_error", ""),
                                   f"the kernel failed on a (1, 5, 8) input; {_REINSTALL}"))
@@ -206,13 +205,13 @@ def _tiny_model() -> Any:
     """X (1, 5, 8) -> FlashAttention(x, x, x), 2 heads, chunk 2: q = k = v, so order is moot."""
     from onnx import TensorProto, helper
 
-    node = helper.make_node(OP_NAME, ["x", "x", "x"], ["y"], domain=LIBRARY_DOMAIN, num_heads=2,
+    node = helper.make_node(OP_NAME, ["x", "x", "x"], ["y"], domain=DOMAIN, num_heads=2,
                             chunk_size=2, causal=0, scale=0.5)
     graph = helper.make_graph(
         [node], "doctor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])])
     return helper.make_model(graph, ir_version=10, opset_imports=[
-        helper.make_opsetid("", 17), helper.make_opsetid(LIBRARY_DOMAIN, 1)])
+        helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
 
 
 def _numpy_attention(x: Any, heads: int, scale: float) -> Any:
