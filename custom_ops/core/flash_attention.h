@@ -55,6 +55,13 @@ struct AttentionParams {
 
 // A query row that sees no key (all masked, causal with Lq > Lk, or Lk == 0) is written as zeros.
 
+// Sizes the kernels refuse (Status::kInvalidArgument, or kUnsupported for the CUDA head dim).
+// Adapters check them first, so that their errors can name the size, the limit and the value.
+constexpr int64_t kCpuMaxHeadDim = int64_t{1} << 20;  // keeps the CPU scratch arithmetic in range
+constexpr int64_t kCudaMaxHeadDim = 512;              // the simple kernel's registers per lane
+constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, tiles of 128 past it
+constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
+
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
 // its work items to this (a few calls per forward: packing a group of heads' keys and values, then
 // one item per (batch, head, query block) of that group), so an adapter can use its runtime's

@@ -186,8 +186,8 @@ bool valid_dtype(DType d) {
 
 // The FMA paths' plan: query blocks of k.bq rows, key blocks of chunk_size keys.
 Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
-  // Bound every size so the scratch arithmetic below cannot overflow.
-  constexpr int64_t kMaxDim = int64_t{1} << 20;
+  // Bound every size so the scratch arithmetic below cannot overflow (the adapter says so first).
+  constexpr int64_t kMaxDim = kCpuMaxHeadDim;
   if (p.head_dim > kMaxDim) return Status::kInvalidArgument;
   const size_t w = static_cast<size_t>(k.width);
   Plan& plan = *out;

@@ -318,6 +318,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
 
 constexpr int kSimpleWarps = 4;
 constexpr int kMaxSimpleHeadDim = 512;
+static_assert(kMaxSimpleHeadDim == kCudaMaxHeadDim, "flash_attention.h states this limit");
 
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
@@ -495,6 +496,8 @@ Status validate(const AttentionParams& p) {
   // Kernels index rows with int and put heads / batch on grid.y / grid.z.
   constexpr int64_t kMaxSeq = std::numeric_limits<int32_t>::max() - 2 * kBlockM;
   constexpr int64_t kMaxGridYZ = 65535;
+  static_assert(kMaxSeq == kCudaMaxSeqLen && kMaxGridYZ == kCudaMaxGridDim,
+                "flash_attention.h states these limits");
   if (p.batch < 0 || p.heads < 0 || p.head_dim <= 0 || p.seq_q < 0 || p.seq_k < 0) {
     return Status::kInvalidArgument;
   }
