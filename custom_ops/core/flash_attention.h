@@ -53,7 +53,11 @@ struct AttentionParams {
   DType dtype = DType::kFloat32;
 };
 
-// A query row that sees no key (all masked, causal with Lq > Lk, or Lk == 0) is written as zeros.
+// Masking decides visibility, values decide numbers. A query row that sees no key (all masked,
+// causal with Lq > Lk, or Lk == 0) is written as zeros. A row that sees at least one key but whose
+// every visible logit is -inf has no defined softmax and is written as NaN, as the float64
+// reference computes it (so is a row with a +inf or NaN logit); the same keys hidden by the mask
+// or the causal rule give zeros.
 
 // Sizes the kernels refuse (Status::kInvalidArgument, or kUnsupported for the CUDA head dim).
 // Adapters check them first, so that their errors can name the size, the limit and the value.
