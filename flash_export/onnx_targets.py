@@ -16,8 +16,9 @@ The node contract (documented once, here): inputs ``query`` (B, Lq, E), ``key`` 
 ``value`` (B, Lk, E) and optionally ``mask`` bool (B, 1, Lq, Lk), True = may attend; output
 (B, Lq, E) in the dtype of ``query``. Attributes: ``num_heads`` (int, H divides E), ``chunk_size``
 (int >= 1, keys per online-softmax step), ``causal`` (int 0/1, bottom-right aligned: query i sees
-key j iff j <= i + Lk - Lq) and ``scale`` (float, multiplies the logits). A query row that sees no
-key gives zeros.
+key j iff j <= i + Lk - Lq) and ``scale`` (float, multiplies the logits). Masking decides
+visibility, values decide numbers: a query row that sees no key gives zeros, a row that sees keys
+whose logits are all -inf gives NaN.
 """
 
 from dataclasses import dataclass
@@ -188,10 +189,23 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
                                                           keepdims=1))
         acc = op.Add(op.Mul(acc, alpha), op.MatMul(p, op.Slice(vh, starts, ends, axis_v)))
         m = m_new
-    # l_sum == 0 exactly when the row saw no key. Test equality, not l_sum > 0, so that a NaN
-    # in l_sum stays NaN instead of turning into a silent zero row.
-    unseen = op.Equal(l_sum, zero)
-    out = op.Where(unseen, zero, op.Div(acc, op.Where(unseen, op.Constant(value_float=1.0), l_sum)))
+    # Rows that saw no key are zeros. l_sum == 0 also when the visible logits were all -inf, whose
+    # softmax is NaN: only if some row's sum is 0 is the visibility of every key worked out (once,
+    # O(Lq x Lk), so the loop carries row state only); such a row that saw a key gives 0/0, NaN.
+    # A NaN in l_sum stays NaN. (With Lk = 0 no row saw a key, and reductions over 0 keys
+    # mis-shape in onnxruntime: the sums say it all.)
+    unseen = op.Equal(l_sum, zero)  # (B, H, Lq, 1)
+    zero_sums = op.ReduceSum(op.Cast(unseen, to=1), keepdims=0)
+    if op.And(op.Greater(zero_sums, zero), op.Greater(lk, op.Constant(value_int=0))):
+        cols = op.Unsqueeze(op.Range(op.Constant(value_int=0), lk, one_i),
+                            op.Constant(value_ints=[0]))  # (1, Lk)
+        in_causal = op.Or(not_causal, op.LessOrEqual(cols, op.Add(rows, offset)))  # (Lq, Lk)
+        visible_keys = op.ReduceSum(op.Cast(op.And(mask, in_causal), to=1),
+                                    op.Constant(value_ints=[-1]), keepdims=1)
+        blank = op.Equal(visible_keys, zero)  # (B|1, 1, Lq, 1)
+    else:
+        blank = unseen  # no row has a zero sum
+    out = op.Where(blank, zero, op.Div(acc, op.Where(blank, op.Constant(value_float=1.0), l_sum)))
     merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]),
                         op.Concat(op.Constant(value_ints=[0, 0]), embed, axis=0))
     return op.CastLike(merged, q)  # (B, Lq, E)
