@@ -205,9 +205,11 @@ inline void softmax_block(const float* s, int64_t bq_pad, int64_t nk, float* m, 
   }
 }
 
-// Whether query row i of head (b, h) may attend to any key (causal rule and mask).
-__attribute__((noinline, cold)) bool row_sees_keys(const AttentionParams& p, int64_t b, int64_t h,
-                                                  int64_t i) {
+// Whether query row i of head (b, h) may attend to any key (causal rule and mask). Out of line:
+// inlined into every work item's output loop it cost the masked paths ~2% (measured), though it
+// runs only for rows whose sum is 0.
+__attribute__((noinline)) bool row_sees_keys(const AttentionParams& p, int64_t b, int64_t h,
+                                             int64_t i) {
   const int64_t end = p.causal ? min64(p.seq_k, i + 1 + p.seq_k - p.seq_q) : p.seq_k;
   if (end <= 0) return false;
   if (p.mask == nullptr) return true;
