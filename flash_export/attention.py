@@ -6,7 +6,9 @@ output `acc` per query row (Dao et al., 2022). The plain path (`reference_attent
 matmul-softmax-matmul in whatever dtype it is given; tests and `validate` run it in float64.
 
 Both cores take (B, H, L, D) tensors and an optional boolean `allowed` mask broadcastable to
-(B, H, Lq, Lk), True where a query may attend to a key. A query row that sees no key gives zeros.
+(B, H, Lq, Lk), True where a query may attend to a key. Masking decides visibility, values decide
+numbers: a query row that sees no key gives zeros; a row that sees keys whose logits are all -inf
+has no defined softmax and gives NaN (as does a +inf or NaN logit).
 """
 
 import copy
@@ -46,7 +48,8 @@ def flash_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tens
         chunk_size: keys per online-softmax step (>= 1).
 
     Returns:
-        (B, H, Lq, D) in the dtype of `q`; rows that see no key are zeros.
+        (B, H, Lq, D) in the dtype of `q`; rows that see no key are zeros, rows whose visible
+        logits are all -inf are NaN.
     """
     out_dtype = q.dtype
     acc_dtype = _compute_dtype(q.dtype)
@@ -87,15 +90,22 @@ def _online_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], 
     m = torch.full(row_shape, -math.inf, dtype=q.dtype, device=q.device)  # (B, H, Lq_blk, 1)
     l_sum = torch.zeros(row_shape, dtype=q.dtype, device=q.device)  # (B, H, Lq_blk, 1)
     acc = torch.zeros_like(q)  # (B, H, Lq_blk, D)
+    # Whether each row has seen a visible key: l_sum == 0 cannot tell a row that saw none (zeros)
+    # from one whose visible logits were all -inf (NaN, as softmax gives it).
+    seen = torch.full(row_shape, k_stop > 0 and allowed is None and not causal,
+                      dtype=torch.bool, device=q.device)  # (B, H, Lq_blk, 1)
     for start in range(0, k_stop, chunk_size):
         end = min(start + chunk_size, k_stop)
         s = torch.matmul(q, k[:, :, start:end].transpose(-2, -1))  # (B, H, Lq_blk, C)
+        visible: Optional[Tensor] = None  # broadcastable to (B, H, Lq_blk, C)
         if allowed is not None:
-            block = allowed if allowed.size(-1) == 1 else allowed[..., start:end]
-            s = s.masked_fill(torch.logical_not(block), -math.inf)
+            visible = allowed if allowed.size(-1) == 1 else allowed[..., start:end]
         if causal:
-            visible = _causal_allowed(q_start, q_start + rows, start, end, lq, lk, q.device)
+            in_causal = _causal_allowed(q_start, q_start + rows, start, end, lq, lk, q.device)
+            visible = in_causal if visible is None else visible & in_causal
+        if visible is not None:
             s = s.masked_fill(torch.logical_not(visible), -math.inf)
+            seen = seen | visible.any(dim=-1, keepdim=True)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, H, Lq_blk, 1)
         # A row that has seen only blocked keys keeps m = -inf; shift it by 0 instead so that
         # exp(-inf - shift) is 0 rather than NaN.
@@ -105,11 +115,11 @@ def _online_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], 
         l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
         acc = acc * alpha + torch.matmul(p, v[:, :, start:end])  # (B, H, Lq_blk, D)
         m = m_new
-    # l_sum == 0 exactly when the row saw no key: those rows are zeros, never 0/0. A NaN that
-    # reached l_sum stays NaN (a comparison like l_sum > 0 would turn it into a silent zero).
-    unseen = l_sum == 0
-    return torch.where(unseen, torch.zeros_like(acc),
-                       acc / torch.where(unseen, torch.ones_like(l_sum), l_sum))
+    # Rows that saw no key are zeros, never 0/0 (nor a NaN gradient through the other branch). A
+    # row that saw keys with all logits -inf has l_sum == 0 and acc == 0: 0/0, NaN. A NaN that
+    # reached l_sum stays NaN.
+    return torch.where(seen, acc / torch.where(seen, l_sum, torch.ones_like(l_sum)),
+                       torch.zeros_like(acc))
 
 
 def reference_attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],

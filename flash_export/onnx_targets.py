@@ -10,14 +10,16 @@ attention as a single call. The ONNX side differs only in the translation of tha
 - ``contrib``: onnxruntime's ``com.microsoft::MultiHeadAttention`` with an additive attention bias,
   and ``attention23``: the ONNX ``Attention`` operator (opset >= 23) with a boolean mask. Both are
   written by rewriting the custom node after export, inside a guard that gives them our
-  semantics for empty sequences, rows that see no key and NaN keys.
+  semantics for empty sequences, rows that see no key and queries or keys holding a NaN or an
+  infinity.
 
 The node contract (documented once, here): inputs ``query`` (B, Lq, E), ``key`` (B, Lk, E),
 ``value`` (B, Lk, E) and optionally ``mask`` bool (B, 1, Lq, Lk), True = may attend; output
 (B, Lq, E) in the dtype of ``query``. Attributes: ``num_heads`` (int, H divides E), ``chunk_size``
 (int >= 1, keys per online-softmax step), ``causal`` (int 0/1, bottom-right aligned: query i sees
-key j iff j <= i + Lk - Lq) and ``scale`` (float, multiplies the logits). A query row that sees no
-key gives zeros.
+key j iff j <= i + Lk - Lq) and ``scale`` (float, multiplies the logits). Masking decides
+visibility, values decide numbers: a query row that sees no key gives zeros, a row that sees keys
+whose logits are all -inf gives NaN.
 """
 
 from dataclasses import dataclass
@@ -188,10 +190,23 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
                                                           keepdims=1))
         acc = op.Add(op.Mul(acc, alpha), op.MatMul(p, op.Slice(vh, starts, ends, axis_v)))
         m = m_new
-    # l_sum == 0 exactly when the row saw no key. Test equality, not l_sum > 0, so that a NaN
-    # in l_sum stays NaN instead of turning into a silent zero row.
-    unseen = op.Equal(l_sum, zero)
-    out = op.Where(unseen, zero, op.Div(acc, op.Where(unseen, op.Constant(value_float=1.0), l_sum)))
+    # Rows that saw no key are zeros. l_sum == 0 also when the visible logits were all -inf, whose
+    # softmax is NaN: only if some row's sum is 0 is the visibility of every key worked out (once,
+    # O(Lq x Lk), so the loop carries row state only); such a row that saw a key gives 0/0, NaN.
+    # A NaN in l_sum stays NaN. (With Lk = 0 no row saw a key, and reductions over 0 keys
+    # mis-shape in onnxruntime: the sums say it all.)
+    unseen = op.Equal(l_sum, zero)  # (B, H, Lq, 1)
+    zero_sums = op.ReduceSum(op.Cast(unseen, to=1), keepdims=0)
+    if op.And(op.Greater(zero_sums, zero), op.Greater(lk, op.Constant(value_int=0))):
+        cols = op.Unsqueeze(op.Range(op.Constant(value_int=0), lk, one_i),
+                            op.Constant(value_ints=[0]))  # (1, Lk)
+        in_causal = op.Or(not_causal, op.LessOrEqual(cols, op.Add(rows, offset)))  # (Lq, Lk)
+        visible_keys = op.ReduceSum(op.Cast(op.And(mask, in_causal), to=1),
+                                    op.Constant(value_ints=[-1]), keepdims=1)
+        blank = op.Equal(visible_keys, zero)  # (B|1, 1, Lq, 1)
+    else:
+        blank = unseen  # no row has a zero sum
+    out = op.Where(blank, zero, op.Div(acc, op.Where(blank, op.Constant(value_float=1.0), l_sum)))
     merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]),
                         op.Concat(op.Constant(value_ints=[0, 0]), embed, axis=0))
     return op.CastLike(merged, q)  # (B, Lq, E)
@@ -204,10 +219,12 @@ def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
 # operators differ from our semantics in three places, which one guard around them fixes:
 # - an empty sequence (B, Lq or Lk = 0): they fail, we give zeros of shape (B, Lq, E);
 # - a query row that sees no key: they average the values, we give zeros;
-# - a NaN key: their mask works by adding a bias to (or replacing) the NaN logit, NaN + bias = NaN,
-#   so the NaN also reached rows masked from that key. The guard zeroes NaN keys and puts NaN back
-#   in exactly the (row, head) pairs that may attend to one. Only a model that has a NaN key pays
-#   for that: an If on "any NaN in the key" keeps the usual path at one IsNaN + ReduceMax.
+# - a NaN or an infinity in the query or the key: their masks work by adding a bias to (or
+#   replacing) the logits of masked keys, so a NaN or +inf logit still reached the rows masked
+#   from it, and a row whose visible logits were all -inf took a masked key's value where we give
+#   NaN. Inputs holding one run an exact matmul-softmax-matmul instead (_exact_inner: O(Lq x Lk)
+#   per head). Only such inputs pay for that: an If on "any NaN or infinity in the query or the
+#   key" keeps the usual path at one Sub + ReduceSum over each.
 
 _FLOAT, _INT64, _BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 # The most negative float16: finite in both export dtypes and far below any logit (-inf would
@@ -282,12 +299,37 @@ def _attention23_inner(g: _Nodes, q: str, k: str, v: str, visible: str,
     return g.add("CastLike", [out, q])
 
 
+def _exact_inner(g: _Nodes, q: str, k: str, v: str, visible: str, seen: str,
+                 attrs: Dict[str, Any]) -> str:
+    """Matmul-softmax-matmul in float32 with our semantics, for inputs holding NaN or infinity.
+
+    Softmax over the visible logits only: NaN where those are all -inf (or one is +inf or NaN),
+    whatever the masked keys hold. `seen` (B|1, 1, Lq, 1) bool: whether the row sees a key.
+    """
+    per_head = g.const([0, 0, int(attrs["num_heads"]), -1], _INT64)
+
+    def heads(x: str, perm: List[int]) -> str:  # (B, L, E) -> float32, per head, permuted
+        return g.add("Transpose", [g.add("Cast", [g.add("Reshape", [x, per_head])], to=_FLOAT)],
+                     perm=perm)
+
+    logits = g.add("Mul", [g.add("MatMul", [heads(q, [0, 2, 1, 3]), heads(k, [0, 2, 3, 1])]),
+                           g.const(float(attrs["scale"]), _FLOAT)])  # (B, H, Lq, Lk)
+    logits = g.add("Where", [visible, logits, g.const(float("-inf"), _FLOAT)])
+    zero = g.const(0.0, _FLOAT)
+    # A row that sees no key would be NaN here too; it gets a finite softmax (zeroed by the guard).
+    probs = g.add("Softmax", [g.add("Where", [seen, logits, zero])], axis=-1)
+    probs = g.add("Where", [visible, probs, zero])  # (B, H, Lq, Lk)
+    out = g.add("MatMul", [probs, heads(v, [0, 2, 1, 3])])  # (B, H, Lq, D)
+    merged = g.add("Reshape", [g.add("Transpose", [out], perm=[0, 2, 1, 3]),
+                               g.const([0, 0, -1], _INT64)])  # (B, Lq, E)
+    return g.add("CastLike", [merged, q])
+
+
 def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,
                    elem_type: int) -> List[onnx.NodeProto]:
     """The nodes that replace one FlashAttention `node`: `inner` inside the guard above."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     q, k, v, mask = node.input
-    heads = int(attrs["num_heads"])
     g = _Nodes(prefix, [0])
 
     lq = g.add("Shape", [q], start=1, end=2)  # (1,)
@@ -312,38 +354,24 @@ def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,
     # Both operators want the mask's last two dims to be exactly (Lq, Lk).
     full = body.add("Concat", [body.const([1, 1], _INT64), lq, lk], axis=0)
     visible = body.add("Expand", [visible, full])  # (B|1, 1, Lq, Lk)
-    nan_k = body.add("IsNaN", [k])  # (B, Lk, E)
-    any_nan = body.add("Greater", [body.add("ReduceMax", [body.add("Cast", [nan_k], to=_FLOAT)],
-                                            keepdims=0), body.const(0.0, _FLOAT)])
+    # (B|1, 1, Lq, 1): whether each row sees any key.
+    seen = body.add("Greater", [body.add("ReduceMax", [body.add("Cast", [visible], to=_FLOAT),
+                                                       body.const([-1], _INT64)], keepdims=1),
+                                body.const(0.0, _FLOAT)])
+    # x - x is NaN exactly where x is a NaN or an infinity, and a sum holding one is NaN.
+    finite_sums = [body.add("ReduceSum", [body.add("Sub", [x, x])], keepdims=0) for x in (q, k)]
+    not_finite = body.add("IsNaN", [body.add("Add", finite_sums)])
     # Each subgraph casts what it reads for itself: onnxruntime warns when an optimisation would
     # rename a value that a subgraph reads from outside.
-
-    clean = body.child()  # a NaN key: run on zeroed keys, then NaN the rows that may see one
-    raw = inner(clean, q, clean.add("Where", [nan_k, clean.like(0.0, k), k]), v, visible, attrs)
-    per_head = clean.const([0, 0, heads, -1], _INT64)
-    nan_k_f = clean.add("Cast", [nan_k], to=_FLOAT)
-    key_nan = clean.add("ReduceMax", [clean.add("Reshape", [nan_k_f, per_head]),
-                                      clean.const([-1], _INT64)], keepdims=0)  # (B, Lk, H)
-    key_nan = clean.add("Unsqueeze", [clean.add("Transpose", [key_nan], perm=[0, 2, 1]),
-                                      clean.const([-1], _INT64)])  # (B, H, Lk, 1)
-    # (B, H, Lq, 1): how many NaN keys each (row, head) may see.
-    hits = clean.add("MatMul", [clean.add("Cast", [visible], to=_FLOAT), key_nan])
-    row_nan = clean.add("Transpose", [clean.add("Greater", [hits, clean.const(0.0, _FLOAT)])],
-                        perm=[0, 2, 1, 3])  # (B, Lq, H, 1)
-    raw_heads = clean.add("Reshape", [raw, per_head])  # (B, Lq, H, D)
-    with_nan = clean.add("Reshape", [clean.add("Where", [row_nan, clean.like(float("nan"), q),
-                                                         raw_heads]),
-                                     clean.const([0, 0, -1], _INT64)])  # (B, Lq, E)
+    exact = body.child()
+    exact_out = _exact_inner(exact, q, k, v, visible, seen, attrs)
     plain = body.child()
     plain_out = inner(plain, q, k, v, visible, attrs)
-    attended = body.if_(any_nan, clean, with_nan, plain, plain_out, elem_type)
+    attended = body.if_(not_finite, exact, exact_out, plain, plain_out, elem_type)
 
     # A row that sees no key: zeros, where the stock operators average the values.
-    seen = body.add("ReduceMax", [body.add("Cast", [visible], to=_FLOAT),
-                                  body.const([-1], _INT64)], keepdims=1)
-    seen = body.add("Greater", [body.add("Squeeze", [seen, body.const([1], _INT64)]),
-                                body.const(0.0, _FLOAT)])  # (B|1, Lq, 1)
-    result = body.add("Where", [seen, attended, body.like(0.0, q)])
+    seen_rows = body.add("Squeeze", [seen, body.const([1], _INT64)])  # (B|1, Lq, 1)
+    result = body.add("Where", [seen_rows, attended, body.like(0.0, q)])
 
     out = g.if_(empty, then, zeros, body, result, elem_type)
     g.nodes.append(onnx.helper.make_node("Identity", [out], list(node.output),

@@ -1,12 +1,19 @@
-"""Helpers for the native-library tests: ctypes view of the core, float64 reference, tolerance."""
+"""Helpers for the native-library tests: ctypes view of the core, float64 reference, tolerance.
+
+torch is imported only by the reference, so that workers measuring the core's memory
+(tests/test_scratch_memory.py) run without it.
+"""
 
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 
@@ -109,9 +116,13 @@ def reference_attention(
     mask: np.ndarray | None = None,
     causal: bool = False,
     scale: float | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: Any = None,
 ) -> np.ndarray:
-    """Matmul-softmax-matmul attention in `dtype`; rows that see no key are zeros. (B, Lq, E)."""
+    """Matmul-softmax-matmul attention in `dtype` (a torch dtype, default float64); rows that see
+    no key are zeros, rows whose visible logits are all -inf are NaN. (B, Lq, E)."""
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
     qt, kt, vt = (_split_heads(torch.from_numpy(np.asarray(x)).to(dtype), num_heads)
                   for x in (q, k, v))
     seq_q, seq_k, head_dim = qt.shape[2], kt.shape[2], qt.shape[3]

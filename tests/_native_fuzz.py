@@ -171,7 +171,7 @@ def _attr_pool(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
                                  "causal": int(rng.integers(0, 2))}
         r = rng.random()
         if r < 0.25:
-            attrs["scale"] = float(rng.choice([0.0, -0.5, 1.0, 2.0]))
+            attrs["scale"] = float(rng.choice([-0.5, 1.0, 2.0]))  # 0 is refused (invalid_case)
         elif r < 0.4:
             attrs["scale"] = float(rng.uniform(0.01, 1.0))
         pool.append(attrs)
@@ -216,9 +216,31 @@ def _bad_dim(rng: np.random.Generator, target: int) -> int:
 
 INVALID_KINDS = (
     "rank", "query_dtype", "kv_dtype", "batch", "embed", "kv_length", "heads_divide",
-    "num_heads", "num_heads_missing", "chunk_size", "causal", "scale", "mask_dtype", "mask_rank",
-    "mask_shape",
+    "num_heads", "num_heads_missing", "chunk_size", "causal", "scale", "attribute_type",
+    "mask_dtype", "mask_rank", "mask_shape",
 )
+ATTRIBUTE_RULES = {
+    "num_heads": "an INT >= 1 (required)",
+    "chunk_size": "an INT >= 1 (default 64)",
+    "causal": "an INT 0 or 1 (default 0)",
+    "scale": "a finite FLOAT other than 0 (default 1/sqrt(head_dim))",
+}
+
+
+def _wrong_typed(rng: np.random.Generator, name: str) -> tuple[Any, str]:
+    """A value of a type other than `name`'s, and how the library's message shows it."""
+    number = int(rng.integers(-3, 70))
+    choices: list[tuple[Any, str]] = [
+        (str(number), f'a STRING ("{number}")'),
+        ([number, 1], f"an INTS ([{number}, 1])"),
+        ([number + 0.5], f"a FLOATS ([{number + 0.5}])"),
+        ([str(number)], "of another type (an empty list, STRINGS, a GRAPH, ...)"),
+    ]
+    if name == "scale":
+        choices.append((number, f"an INT ({number})"))
+    else:
+        choices.append((float(number), f"a FLOAT ({float(number)})"))
+    return choices[int(rng.integers(len(choices)))]
 
 
 def invalid_case(rng: np.random.Generator) -> Case:
@@ -286,19 +308,28 @@ def invalid_case(rng: np.random.Generator) -> Case:
         expected = [f"embed {embed} is not divisible by num_heads {heads}"]
     elif kind == "num_heads":
         attrs["num_heads"] = int(rng.choice([0, -1, -8, -(2**40)]))
-        expected = [f"attribute num_heads is {attrs['num_heads']}, expected an int >= 1"]
+        expected = [f"attribute num_heads is {attrs['num_heads']}, "
+                    f"expected {ATTRIBUTE_RULES['num_heads']}"]
     elif kind == "num_heads_missing":
         del attrs["num_heads"]
-        expected = ["num_heads (int >= 1) is required"]
+        expected = [f"attribute num_heads is missing, expected {ATTRIBUTE_RULES['num_heads']}"]
     elif kind == "chunk_size":
         attrs["chunk_size"] = int(rng.choice([0, -1, -64, -(2**40)]))
-        expected = [f"attribute chunk_size is {attrs['chunk_size']}, expected an int >= 1"]
+        expected = [f"attribute chunk_size is {attrs['chunk_size']}, "
+                    f"expected {ATTRIBUTE_RULES['chunk_size']}"]
     elif kind == "causal":
         attrs["causal"] = int(rng.choice([2, -1, 7, 2**40]))
-        expected = [f"attribute causal is {attrs['causal']}, expected 0 or 1"]
+        expected = [f"attribute causal is {attrs['causal']}, expected {ATTRIBUTE_RULES['causal']}"]
     elif kind == "scale":
-        attrs["scale"] = float(rng.choice([math.inf, -math.inf, math.nan]))
-        expected = ["attribute scale is ", "expected a finite float"]
+        value, shown = [(math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan"), (0.0, "0.0"),
+                        (-0.0, "-0.0")][int(rng.integers(5))]
+        attrs["scale"] = value
+        expected = [f"attribute scale is {shown}, expected {ATTRIBUTE_RULES['scale']}"]
+    elif kind == "attribute_type":
+        # A wrong type is refused, never replaced by the default (make_node(scale=1) is an INT).
+        name = str(rng.choice(list(ATTRIBUTE_RULES)))
+        attrs[name], shown = _wrong_typed(rng, name)
+        expected = [f"attribute {name} is {shown}, expected {ATTRIBUTE_RULES[name]}"]
     elif kind == "mask_dtype":
         bad = str(rng.choice(["float32", "float16", "int32", "uint8", "int64"]))
         rank = int(rng.integers(0, 5))

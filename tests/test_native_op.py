@@ -263,6 +263,64 @@ def test_nan_propagates_only_to_rows_that_see_it() -> None:
     assert np.isfinite(out[0][~nan_rows]).all()
 
 
+def neg_inf_case(case: str, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray | None, bool]:
+    """(q, k, v, mask, causal) of one case whose query rows have -inf logits; 2 heads of D = 8.
+
+    Query element 0 (head 0) of some rows is -inf and every key's element 0 is positive, so those
+    rows' head-0 logits are -inf for every key; key 3's element 0 is negative (a +inf logit) in
+    the cases where a mask hides it. Masking decides visibility, values decide numbers: a row that
+    sees keys whose logits are all -inf is NaN, a row that sees no key is zeros.
+    """
+    rng = np.random.default_rng(4)
+    seq_q, seq_k = 5, {"one-key": 1, "causal": 3}.get(case, 9)
+    q = rng.standard_normal((1, seq_q, 16))
+    k = rng.standard_normal((1, seq_k, 16))
+    v = rng.standard_normal((1, seq_k, 16))
+    k[..., 0] = np.abs(k[..., 0]) + 0.5
+    q[0, 1, 0] = -np.inf
+    mask, causal = None, False
+    if case == "masked-inf-key":
+        k[0, 3, 0] = -1.0  # a +inf logit for the -inf rows, NaN-free for the others
+        q[0, 4, 0] = -np.inf
+        mask = np.ones((seq_q, seq_k), bool)
+        mask[1, 3] = False  # row 1 sees only -inf logits: NaN
+        mask[3, :] = False  # row 3 sees no key: zeros
+        mask[4, :] = False
+        mask[4, 3] = True  # row 4 sees only the +inf logit: NaN
+        mask[2, 5:] = False
+    elif case == "causal":
+        causal = True  # Lq 5 > Lk 3: rows 0-1 see no key, row 3 sees keys 0-1
+        q[0, 0, 0] = -np.inf
+        q[0, 3, 0] = -np.inf
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, causal
+
+
+NEG_INF_CASES = ["one-key", "several-keys", "masked-inf-key", "causal"]
+
+
+def check_neg_inf(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  mask: np.ndarray | None, causal: bool) -> None:
+    reference = reference_attention(q, k, v, 2, mask=mask, causal=causal)
+    nan = np.isnan(reference)
+    assert nan.any(), "the case has no NaN in the reference"
+    assert np.array_equal(np.isnan(out), nan), (
+        f"NaN at {np.argwhere(np.isnan(out)).tolist()}, reference {np.argwhere(nan).tolist()}")
+    zero_rows = (reference == 0).all(-1)
+    assert (out[zero_rows] == 0).all(), "rows that see no key must be zeros"
+    same = reference_attention(q, k, v, 2, mask=mask, causal=causal, dtype=TORCH_TYPES[q.dtype])
+    ok, detail = _tolerance_ok(out, reference, same.astype(np.float64))
+    assert ok, detail
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", NEG_INF_CASES)
+def test_rows_whose_visible_logits_are_all_neg_inf_are_nan(case: str, dtype: Any) -> None:
+    q, k, v, mask, causal = neg_inf_case(case, dtype)
+    out = _run(q, k, v, mask, num_heads=2, causal=int(causal))
+    check_neg_inf(out, q, k, v, mask, causal)
+
+
 def test_large_logits_do_not_overflow() -> None:
     q, k, v = _qkv(1, 50, 70, 64)
     q *= 40.0  # logits of magnitude ~1e4 after the 1/sqrt(D) scale
@@ -289,11 +347,14 @@ INVALID_CASES: dict[str, tuple[str, str]] = {
     "value_length": ("q, k, v[:, :5], num_heads=2",
                      "value has sequence length 5, expected 9 (key's sequence length)"),
     "heads_divide": ("q, k, v, num_heads=3", "embed 32 is not divisible by num_heads 3"),
-    "num_heads_zero": ("q, k, v, num_heads=0", "num_heads is 0, expected an int >= 1"),
-    "num_heads_missing": ("q, k, v", "num_heads (int >= 1) is required"),
-    "chunk_size": ("q, k, v, num_heads=2, chunk_size=0", "chunk_size is 0, expected an int >= 1"),
-    "causal": ("q, k, v, num_heads=2, causal=2", "causal is 2, expected 0 or 1"),
-    "scale": ("q, k, v, num_heads=2, scale=float('inf')", "scale is inf, expected a finite"),
+    "num_heads_zero": ("q, k, v, num_heads=0", "num_heads is 0, expected an INT >= 1"),
+    "num_heads_missing": ("q, k, v", "num_heads is missing, expected an INT >= 1 (required)"),
+    "chunk_size": ("q, k, v, num_heads=2, chunk_size=0", "chunk_size is 0, expected an INT >= 1"),
+    "causal": ("q, k, v, num_heads=2, causal=2", "causal is 2, expected an INT 0 or 1"),
+    "scale": ("q, k, v, num_heads=2, scale=float('inf')", "scale is inf, expected a finite FLOAT"),
+    "scale_int": ("q, k, v, num_heads=2, scale=1", "scale is an INT (1), expected a finite FLOAT"),
+    "causal_float": ("q, k, v, num_heads=2, causal=1.0",
+                     "causal is a FLOAT (1.0), expected an INT 0 or 1"),
     "mask_dtype": ("q, k, v, np.ones((7, 9), np.float32), num_heads=2",
                    "mask has element type float32, expected bool"),
     "mask_rank": ("q, k, v, np.ones((1, 2, 2, 7, 9), bool), num_heads=2",
@@ -383,6 +444,15 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
         out = run_core(lib, q, k, v, 2, threads=2)
         assert (out[0, :, 5] == np.inf).all()
         assert np.isfinite(np.delete(out, 5, axis=2)).all()
+        # Rows whose visible logits are all -inf are NaN, rows that see no key zeros (the AMX
+        # path hands these calls to AVX-512 when packing finds the infinity).
+        from test_native_op import NEG_INF_CASES, check_neg_inf, neg_inf_case
+        for case in NEG_INF_CASES:
+            for dtype in (np.float32, np.float16):
+                q, k, v, mask, causal = neg_inf_case(case, dtype)
+                for chunk in (1, 64):
+                    out = run_core(lib, q, k, v, 2, mask=mask, causal=causal, chunk_size=chunk)
+                    check_neg_inf(out, q, k, v, mask, causal)
         # Causal, a NaN value past the diagonal: the query block that sees only earlier keys
         # (rows 0-95 here: key 107 is visible from row 97) must stay finite.
         q, k, v = _qkv(1, 100, 110, 128, np.float16)

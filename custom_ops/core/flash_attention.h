@@ -53,7 +53,18 @@ struct AttentionParams {
   DType dtype = DType::kFloat32;
 };
 
-// A query row that sees no key (all masked, causal with Lq > Lk, or Lk == 0) is written as zeros.
+// Masking decides visibility, values decide numbers. A query row that sees no key (all masked,
+// causal with Lq > Lk, or Lk == 0) is written as zeros. A row that sees at least one key but whose
+// every visible logit is -inf has no defined softmax and is written as NaN, as the float64
+// reference computes it (so is a row with a +inf or NaN logit); the same keys hidden by the mask
+// or the causal rule give zeros.
+
+// Sizes the kernels refuse (Status::kInvalidArgument, or kUnsupported for the CUDA head dim).
+// Adapters check them first, so that their errors can name the size, the limit and the value.
+constexpr int64_t kCpuMaxHeadDim = int64_t{1} << 20;  // keeps the CPU scratch arithmetic in range
+constexpr int64_t kCudaMaxHeadDim = 512;              // the simple kernel's registers per lane
+constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, tiles of 128 past it
+constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
 
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
 // its work items to this (a few calls per forward: packing a group of heads' keys and values, then

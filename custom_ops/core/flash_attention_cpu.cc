@@ -184,19 +184,25 @@ bool valid_dtype(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
 
-// The FMA paths' plan: query blocks of k.bq rows, key blocks of chunk_size keys.
+// Most keys per online-softmax block on the FMA paths. A block's logits take bc x bq_pad floats
+// of every thread's scratch: without a cap, chunk_size >= Lk made that 384 bytes per key (150 MB
+// at Lk = 400,000, kept by the thread). Blocks of 512 keys already amortise the per-block rescale;
+// a larger chunk_size changes only the float32 rounding, as any chunk size does.
+constexpr int64_t kMaxBlockKeys = 512;
+
+// The FMA paths' plan: query blocks of k.bq rows, key blocks of chunk_size keys (at most
+// kMaxBlockKeys).
 Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
-  // Bound every size so the scratch arithmetic below cannot overflow.
-  constexpr int64_t kMaxDim = int64_t{1} << 20;
-  if (p.head_dim > kMaxDim) return Status::kInvalidArgument;
+  // Bound every size so the scratch arithmetic below cannot overflow (the adapter says so first).
+  if (p.head_dim > kCpuMaxHeadDim) return Status::kInvalidArgument;
   const size_t w = static_cast<size_t>(k.width);
   Plan& plan = *out;
   plan.bq = k.bq;
   plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(k.bq), w));
-  plan.bc = p.chunk_size < p.seq_k ? p.chunk_size : (p.seq_k > 0 ? p.seq_k : 1);
+  plan.bc = p.chunk_size < kMaxBlockKeys ? p.chunk_size : kMaxBlockKeys;
+  if (plan.bc > p.seq_k) plan.bc = p.seq_k > 0 ? p.seq_k : 1;
   plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
   plan.q_blocks = (p.seq_q + plan.bq - 1) / plan.bq;
-  if (plan.bc > kMaxDim * 64) return Status::kInvalidArgument;
   const size_t dim = static_cast<size_t>(p.head_dim), bq_pad = static_cast<size_t>(plan.bq_pad);
   const size_t bc = static_cast<size_t>(plan.bc), d_pad = static_cast<size_t>(plan.d_pad);
   Regions region;

@@ -36,7 +36,7 @@ constexpr int64_t kPackRows = 256;
 struct Plan {
   int64_t bq = 0;         // query rows per work item
   int64_t bq_pad = 0;     // bq rounded up to the vector width
-  int64_t bc = 0;         // keys per online-softmax block (FMA: min(chunk_size, Lk); AMX: 64)
+  int64_t bc = 0;         // keys per online-softmax block (FMA: see fma_plan; AMX: 64)
   int64_t d_pad = 0;      // head_dim rounded up to the vector width
   int64_t q_blocks = 0;   // ceil(Lq / bq)
   // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):

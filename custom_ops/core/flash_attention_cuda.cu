@@ -149,6 +149,9 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   }
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled logits
   float row_sum[2] = {0.0f, 0.0f};            // this thread's share of the running denominator
+  // Whether each row has met a visible key among this thread's columns: a row that did, but whose
+  // every logit was -inf, is NaN (flash_attention.h); one that did not is zeros.
+  bool row_seen[2] = {false, false};
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1;
@@ -213,9 +216,15 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
           if (visible && mask != nullptr) {
             visible = __ldg(mask + row * p.mask_q_stride + col * p.mask_k_stride) != 0;
           }
-          if (!visible) acc_s[n][e] = -INFINITY;
+          if (visible) {
+            row_seen[e / 2] = true;
+          } else {
+            acc_s[n][e] = -INFINITY;
+          }
         }
       }
+    } else {
+      row_seen[0] = row_seen[1] = true;  // every key of the tile is visible to every row
     }
 
     // Online softmax. A quad of lanes shares each row, so row maxima reduce over lanes ^1, ^2.
@@ -282,7 +291,11 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
     float total = row_sum[r];
     total += __shfl_xor_sync(0xffffffffu, total, 1);
     total += __shfl_xor_sync(0xffffffffu, total, 2);
-    inv_sum[r] = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key -> zeros
+    int seen = row_seen[r] ? 1 : 0;
+    seen |= __shfl_xor_sync(0xffffffffu, seen, 1);
+    seen |= __shfl_xor_sync(0xffffffffu, seen, 2);
+    // No visible key: zeros. Visible keys whose logits were all -inf: total 0, and 0 * inf = NaN.
+    inv_sum[r] = seen != 0 ? 1.0f / total : 0.0f;
   }
 #pragma unroll
   for (int d = 0; d < kDTiles; ++d) {
@@ -318,6 +331,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
 
 constexpr int kSimpleWarps = 4;
 constexpr int kMaxSimpleHeadDim = 512;
+static_assert(kMaxSimpleHeadDim == kCudaMaxHeadDim, "flash_attention.h states this limit");
 
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
@@ -356,10 +370,12 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
   float run_max = -INFINITY;
   float run_sum = 0.0f;  // this lane's share; the correction factor is warp-uniform
+  bool lane_seen = false;  // this lane scored a visible key (see the end)
   for (int64_t n0 = 0; n0 < key_end; n0 += 32) {
     const int64_t key = n0 + lane;
     float logit = -INFINITY;
     if (key < key_end && (mask == nullptr || mask[key * p.mask_k_stride] != 0)) {
+      lane_seen = true;
       const T* const k_row = k + key * p.k_row_stride;
       float dot = 0.0f;
       for (int d = 0; d < head_dim; ++d) dot += s_q[d] * Cvt::to_float(k_row[d]);
@@ -386,7 +402,9 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
     }
   }
   const float total = warp_sum(run_sum);
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key -> zeros
+  // No visible key: zeros. Visible keys whose logits were all -inf: total 0, and 0 * inf = NaN
+  // (flash_attention.h).
+  const float inv = __any_sync(0xffffffffu, lane_seen) ? 1.0f / total : 0.0f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
@@ -495,6 +513,8 @@ Status validate(const AttentionParams& p) {
   // Kernels index rows with int and put heads / batch on grid.y / grid.z.
   constexpr int64_t kMaxSeq = std::numeric_limits<int32_t>::max() - 2 * kBlockM;
   constexpr int64_t kMaxGridYZ = 65535;
+  static_assert(kMaxSeq == kCudaMaxSeqLen && kMaxGridYZ == kCudaMaxGridDim,
+                "flash_attention.h states these limits");
   if (p.batch < 0 || p.heads < 0 || p.head_dim <= 0 || p.seq_q < 0 || p.seq_k < 0) {
     return Status::kInvalidArgument;
   }

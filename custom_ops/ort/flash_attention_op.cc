@@ -13,9 +13,11 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <new>
 #include <string>
 
+#include "attributes.h"
 #include "flash_attention.h"
 #include "ort_abi.h"
 
@@ -83,43 +85,58 @@ OrtStatus* no_throw(const Api& api, Fn&& fn) noexcept {
   }
 }
 
-// Reads an optional attribute: any failure to read it (absent, wrong type) keeps `value`.
-template <typename T>
-void read_attribute(const Api& api, const OrtKernelInfo* info, const char* name, T* value,
-                          bool* present) {
-  OrtStatus* status = nullptr;
-  if constexpr (sizeof(T) == sizeof(int64_t)) {
-    status = api.KernelInfoGetAttribute_int64(info, name, value);
-  } else {
-    status = api.KernelInfoGetAttribute_float(info, name, value);
-  }
-  *present = status == nullptr;
-  if (status != nullptr) api.ReleaseStatus(status);
+// Every attribute is checked once, at session creation (kernel creation happens then): a wrong
+// type or an out-of-range value is an error naming the attribute, what it must be and what it is,
+// never a silent default. What each must be:
+constexpr const char* kNumHeadsRule = "an INT >= 1 (required)";
+constexpr const char* kChunkSizeRule = "an INT >= 1 (default 64)";
+constexpr const char* kCausalRule = "an INT 0 or 1 (default 0)";
+// Any finite scale but 0 is well defined and computed alike by every backend, a negative one
+// included (it attends most to the least similar keys). 0 is refused: it would silently average
+// the values whatever the query, and onnxruntime's com.microsoft attention operators read a scale
+// of 0 as "the default", so a graph written for them would mean something else here.
+constexpr const char* kScaleRule = "a finite FLOAT other than 0 (default 1/sqrt(head_dim))";
+
+OrtStatus* attribute_error(const Api& api, const char* name, const std::string& is,
+                           const char* rule) {
+  return invalid(api, std::string("attribute ") + name + " is " + is + ", expected " + rule);
+}
+
+// Reads an INT attribute into *value (left as is when absent and optional); checks its type and
+// that it lies in [low, high].
+OrtStatus* read_int(const Api& api, const OrtKernelInfo* info, const char* name, bool required,
+                    int64_t low, int64_t high, const char* rule, int64_t* value) {
+  const Attribute a = read_attribute(api, info, name);
+  if (a.kind == Attribute::Kind::kAbsent && !required) return nullptr;
+  if (a.kind != Attribute::Kind::kInt) return attribute_error(api, name, describe(a), rule);
+  if (a.i < low || a.i > high) return attribute_error(api, name, a.shown, rule);
+  *value = a.i;
+  return nullptr;
 }
 
 OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtKernelInfo* info,
                                  void** kernel) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
   Attributes a;
-  bool present = false;
-  read_attribute(api, info, "num_heads", &a.num_heads, &present);
-  if (!present) return invalid(api, "attribute num_heads (int >= 1) is required");
-  if (a.num_heads < 1) {
-    return invalid(api, "attribute num_heads is " + std::to_string(a.num_heads) +
-                            ", expected an int >= 1");
+  if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule,
+                              &a.num_heads)) {
+    return s;
   }
-  read_attribute(api, info, "chunk_size", &a.chunk_size, &present);
-  if (a.chunk_size < 1) {
-    return invalid(api, "attribute chunk_size is " + std::to_string(a.chunk_size) +
-                            ", expected an int >= 1");
+  if (OrtStatus* s = read_int(api, info, "chunk_size", false, 1, kMax, kChunkSizeRule,
+                              &a.chunk_size)) {
+    return s;
   }
-  read_attribute(api, info, "causal", &a.causal, &present);
-  if (a.causal != 0 && a.causal != 1) {
-    return invalid(api, "attribute causal is " + std::to_string(a.causal) + ", expected 0 or 1");
-  }
-  read_attribute(api, info, "scale", &a.scale, &a.has_scale);
-  if (a.has_scale && !std::isfinite(a.scale)) {
-    return invalid(api, "attribute scale is " + std::to_string(a.scale) +
-                            ", expected a finite float");
+  if (OrtStatus* s = read_int(api, info, "causal", false, 0, 1, kCausalRule, &a.causal)) return s;
+  const Attribute scale = read_attribute(api, info, "scale");
+  if (scale.kind != Attribute::Kind::kAbsent) {
+    if (scale.kind != Attribute::Kind::kFloat) {
+      return attribute_error(api, "scale", describe(scale), kScaleRule);
+    }
+    if (!std::isfinite(scale.f) || scale.f == 0.0f) {
+      return attribute_error(api, "scale", scale.shown, kScaleRule);
+    }
+    a.scale = scale.f;
+    a.has_scale = true;
   }
   *kernel = new Kernel{table, a};
   return nullptr;
@@ -170,6 +187,8 @@ void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* 
   pool.status = pool.api->KernelContext_ParallelFor(pool.context, fn, total, 0, data);
 }
 
+// The core's status as an error; the adapter checked every size the core refuses first, so the
+// generic messages here are a last resort.
 OrtStatus* core_status(const Api& api, Status status, const char* device) {
   switch (status) {
     case Status::kOk:
@@ -187,6 +206,39 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
       return api.CreateStatus(ORT_RUNTIME_EXCEPTION,
                               (std::string("FlashAttention: ") + device + " kernel failed").c_str());
   }
+}
+
+// The sizes the core refuses (flash_attention.h), checked here so the error says which and why
+// instead of the core's bare status. Checked whether or not the call has work to do: the same
+// graph would fail on the next non-empty input.
+template <bool kCuda>
+OrtStatus* check_core_limits(const Api& api, int64_t batch, int64_t heads, int64_t seq_q,
+                             int64_t seq_k, int64_t embed, int64_t head_dim) {
+  const char* device = kCuda ? "the CUDA kernel" : "the CPU kernel";
+  const int64_t max_head_dim = kCuda ? kCudaMaxHeadDim : kCpuMaxHeadDim;
+  if (head_dim > max_head_dim) {
+    return invalid(api, "head dim " + std::to_string(head_dim) + " (embed " +
+                            std::to_string(embed) + " / num_heads " + std::to_string(heads) +
+                            ") is over " + device + "'s limit, expected at most " +
+                            std::to_string(max_head_dim));
+  }
+  if constexpr (kCuda) {
+    const struct {
+      const char* what;
+      int64_t value, limit;
+    } sizes[] = {{"batch", batch, kCudaMaxGridDim},
+                 {"num_heads", heads, kCudaMaxGridDim},
+                 {"query sequence length", seq_q, kCudaMaxSeqLen},
+                 {"key sequence length", seq_k, kCudaMaxSeqLen}};
+    for (const auto& size : sizes) {
+      if (size.value > size.limit) {
+        return invalid(api, std::string(size.what) + " " + std::to_string(size.value) +
+                                " is over " + device + "'s limit, expected at most " +
+                                std::to_string(size.limit));
+      }
+    }
+  }
+  return nullptr;
 }
 
 template <bool kCuda>
@@ -246,6 +298,10 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
                             std::to_string(a.num_heads));
   }
   const int64_t head_dim = embed / a.num_heads;
+  if (OrtStatus* s =
+          check_core_limits<kCuda>(api, batch, a.num_heads, seq_q, seq_k, embed, head_dim)) {
+    return s;
+  }
 
   // Mask: right-aligned numpy broadcasting onto (B, H, Lq, Lk); broadcast dims get stride 0.
   int64_t mask_strides[4] = {0, 0, 0, 0};

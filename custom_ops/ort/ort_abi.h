@@ -31,6 +31,7 @@ struct OrtKernelContext;
 struct OrtValue;
 struct OrtTensorTypeAndShapeInfo;
 struct OrtShapeInferContext;
+struct OrtAllocator;
 
 struct OrtApiBase {
   const OrtApi* (*GetApi)(uint32_t version);
@@ -113,15 +114,21 @@ enum ApiIndex : size_t {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kGetAllocatorWithDefaultOptions = 78,
   kKernelInfoGetAttribute_float = 85,
   kKernelInfoGetAttribute_int64 = 86,
+  kKernelInfoGetAttribute_string = 87,
   kKernelContext_GetInputCount = 88,
   kKernelContext_GetOutputCount = 89,
   kKernelContext_GetInput = 90,
   kKernelContext_GetOutput = 91,
   kReleaseStatus = 93,
+  kReleaseValue = 96,
   kReleaseTensorTypeAndShapeInfo = 99,
+  kKernelInfoGetAttributeArray_float = 162,
+  kKernelInfoGetAttributeArray_int64 = 163,
   kKernelContext_GetGPUComputeStream = 193,
+  kKernelInfoGetAttribute_tensor = 236,
   kShapeInferContext_GetInputCount = 267,
   kShapeInferContext_GetInputTypeShape = 268,
   kShapeInferContext_SetOutputTypeShape = 270,
@@ -204,6 +211,34 @@ class Api {
     return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(
         kKernelInfoGetAttribute_int64)(info, name, out);
   }
+  // The string and array getters: with out == nullptr they only report *size (the string's
+  // length plus its terminator, the array's element count).
+  OrtStatus* KernelInfoGetAttribute_string(const OrtKernelInfo* info, const char* name, char* out,
+                                           size_t* size) const {
+    return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, char*, size_t*)>(
+        kKernelInfoGetAttribute_string)(info, name, out, size);
+  }
+  OrtStatus* KernelInfoGetAttributeArray_float(const OrtKernelInfo* info, const char* name,
+                                               float* out, size_t* size) const {
+    return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, float*, size_t*)>(
+        kKernelInfoGetAttributeArray_float)(info, name, out, size);
+  }
+  OrtStatus* KernelInfoGetAttributeArray_int64(const OrtKernelInfo* info, const char* name,
+                                               int64_t* out, size_t* size) const {
+    return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*, size_t*)>(
+        kKernelInfoGetAttributeArray_int64)(info, name, out, size);
+  }
+  // *out is a new value: release it with ReleaseValue.
+  OrtStatus* KernelInfoGetAttribute_tensor(const OrtKernelInfo* info, const char* name,
+                                           OrtAllocator* allocator, OrtValue** out) const {
+    return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, OrtAllocator*, OrtValue**)>(
+        kKernelInfoGetAttribute_tensor)(info, name, allocator, out);
+  }
+  // The allocator belongs to onnxruntime: never release it.
+  OrtStatus* GetAllocatorWithDefaultOptions(OrtAllocator** out) const {
+    return fn<OrtStatus* (*)(OrtAllocator**)>(kGetAllocatorWithDefaultOptions)(out);
+  }
+  void ReleaseValue(OrtValue* value) const { fn<void (*)(OrtValue*)>(kReleaseValue)(value); }
   OrtStatus* KernelContext_GetInputCount(const OrtKernelContext* context, size_t* out) const {
     return fn<OrtStatus* (*)(const OrtKernelContext*, size_t*)>(kKernelContext_GetInputCount)(
         context, out);
