@@ -5,7 +5,7 @@ Node: ``com.flash_export::FlashAttention``, version 1. Inputs ``query (B, Lq, E)
 ``mask`` broadcastable to ``(B, num_heads, Lq, Lk)``, True = attend. Output ``(B, Lq, E)`` in
 query's dtype. Attributes (`NODE_ATTRIBUTES`): ``num_heads`` INT >= 1 dividing E (required),
 ``chunk_size`` INT >= 1 (default 64), ``causal`` INT 0 or 1 (default 0), ``scale`` FLOAT, finite
-(default 1/sqrt(E/num_heads)). The native adapter (custom_ops/ort) states the same facts in C++.
+and not 0 (default 1/sqrt(E/num_heads)). The native adapter (custom_ops/ort) states the same facts in C++.
 """
 
 from typing import Dict, Tuple

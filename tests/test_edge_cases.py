@@ -347,7 +347,7 @@ def causal_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path
     model = _causal_model()
     out = {"torchscript": export_torchscript(model, folder / "model.pt")}
     for target in ONNX_TARGETS:
-        if target == "custom" and not library_path().is_file():
+        if target == "custom" and not Path(library_path()).is_file():
             continue
         for dtype in ("float32", "float16"):
             out[f"onnx:{target}:{dtype}"] = export_onnx(

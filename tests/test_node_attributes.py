@@ -140,7 +140,7 @@ def _cases() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, str]]:
-    if not library_path().is_file():
+    if not Path(library_path()).is_file():
         pytest.skip(f"native library not built at {library_path()}")
     code = f"""
         import json, sys

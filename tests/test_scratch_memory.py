@@ -66,7 +66,7 @@ def _measure(chunk_size: int) -> dict[str, float]:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_scratch_does_not_grow_with_key_length() -> None:
-    if not library_path().is_file():
+    if not Path(library_path()).is_file():
         pytest.skip(f"native library not built at {library_path()}")
     blocked = _measure(64)
     whole = _measure(SEQ_K)  # chunk_size >= Lk: one block of every key, before the cap
