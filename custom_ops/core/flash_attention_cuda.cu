@@ -370,12 +370,10 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
   float run_max = -INFINITY;
   float run_sum = 0.0f;  // this lane's share; the correction factor is warp-uniform
-  bool lane_seen = false;  // this lane scored a visible key (see the end)
   for (int64_t n0 = 0; n0 < key_end; n0 += 32) {
     const int64_t key = n0 + lane;
     float logit = -INFINITY;
     if (key < key_end && (mask == nullptr || mask[key * p.mask_k_stride] != 0)) {
-      lane_seen = true;
       const T* const k_row = k + key * p.k_row_stride;
       float dot = 0.0f;
       for (int d = 0; d < head_dim; ++d) dot += s_q[d] * Cvt::to_float(k_row[d]);
@@ -403,8 +401,17 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
   }
   const float total = warp_sum(run_sum);
   // No visible key: zeros. Visible keys whose logits were all -inf: total 0, and 0 * inf = NaN
-  // (flash_attention.h).
-  const float inv = __any_sync(0xffffffffu, lane_seen) ? 1.0f / total : 0.0f;
+  // (flash_attention.h). Only a row without a positive sum looks its keys' visibility up again,
+  // after the loop: a flag carried through it spills registers.
+  bool seen = total > 0.0f;
+  if (!seen) {
+    bool lane_seen = false;
+    for (int64_t key = lane; key < key_end && !lane_seen; key += 32) {
+      lane_seen = mask == nullptr || mask[key * p.mask_k_stride] != 0;
+    }
+    seen = __any_sync(0xffffffffu, lane_seen);
+  }
+  const float inv = seen ? 1.0f / total : 0.0f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
