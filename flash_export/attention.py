@@ -5,6 +5,10 @@ keys in chunks of `chunk_size`, keeping a running max `m`, a running sum `l` and
 output `acc` per query row (Dao et al., 2022). The plain path (`reference_attention_core`) is
 matmul-softmax-matmul in whatever dtype it is given; tests and `validate` run it in float64.
 
+Argument order: the public `forward(values, keys, queries, mask)` keeps the original module's
+order (as do `check_inputs` and `reference_forward`, which mirror it); everything below it takes
+(query, key, value), as the ONNX node and PyTorch's attention functions do.
+
 Both cores take (B, H, L, D) tensors and an optional boolean `allowed` mask broadcastable to
 (B, H, Lq, Lk), True where a query may attend to a key. Masking decides visibility, values decide
 numbers: a query row that sees no key gives zeros; a row that sees keys whose logits are all -inf

@@ -4,8 +4,11 @@ Node: ``com.flash_export::FlashAttention``, version 1. Inputs ``query (B, Lq, E)
 ``key (B, Lk, E)``, ``value (B, Lk, E)`` (float32 or float16, all alike) and an optional bool
 ``mask`` broadcastable to ``(B, num_heads, Lq, Lk)``, True = attend. Output ``(B, Lq, E)`` in
 query's dtype. Attributes (`NODE_ATTRIBUTES`): ``num_heads`` INT >= 1 dividing E (required),
-``chunk_size`` INT >= 1 (default 64), ``causal`` INT 0 or 1 (default 0), ``scale`` FLOAT, finite
-and not 0 (default 1/sqrt(E/num_heads)). The native adapter (custom_ops/ort) states the same facts in C++.
+``chunk_size`` INT >= 1 (default 64), ``causal`` INT 0 or 1 (default 0, bottom-right aligned:
+query i sees key j iff j <= i + Lk - Lq), ``scale`` FLOAT, finite and not 0 (default
+1/sqrt(E/num_heads); it multiplies the logits). Masking decides visibility, values decide numbers:
+a row that sees no key gives zeros; a row that sees keys whose logits are all -inf gives NaN. The
+native adapter (custom_ops/ort) states the same facts in C++.
 """
 
 from typing import Dict, Tuple

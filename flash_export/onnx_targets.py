@@ -13,13 +13,8 @@ attention as a single call. The ONNX side differs only in the translation of tha
   semantics for empty sequences, rows that see no key and queries or keys holding a NaN or an
   infinity.
 
-The node contract (documented once, here): inputs ``query`` (B, Lq, E), ``key`` (B, Lk, E),
-``value`` (B, Lk, E) and optionally ``mask`` bool (B, 1, Lq, Lk), True = may attend; output
-(B, Lq, E) in the dtype of ``query``. Attributes: ``num_heads`` (int, H divides E), ``chunk_size``
-(int >= 1, keys per online-softmax step), ``causal`` (int 0/1, bottom-right aligned: query i sees
-key j iff j <= i + Lk - Lq) and ``scale`` (float, multiplies the logits). Masking decides
-visibility, values decide numbers: a query row that sees no key gives zeros, a row that sees keys
-whose logits are all -inf gives NaN.
+The node's contract (inputs, attributes, semantics) is `flash_export.contract`; the target names
+are `contract.TARGETS`, and `TARGETS` below holds one implementation per name.
 """
 
 from dataclasses import dataclass
@@ -33,17 +28,15 @@ from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
 from onnxscript.values import Opset
 from torch import Tensor
 
+from flash_export import contract
 from flash_export.attention import FlashAttention, flash_attention_core
+from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 from flash_export.errors import ExportError
-from flash_export.runtime import LIBRARY_DOMAIN
-
-DOMAIN_VERSION = 1
-NODE_NAME = "FlashAttention"
 
 # Module-level opsets: onnxscript resolves them by name when it parses the functions below. Typed
 # Any because onnxscript functions are ONNX programs, not Python that mypy can check.
 op: Any = opset18
-fe: Any = Opset(LIBRARY_DOMAIN, DOMAIN_VERSION)
+fe: Any = Opset(DOMAIN, DOMAIN_VERSION)
 
 
 # --- The torch side: two opaque ops (with and without a mask) on (B, L, E) tensors -------------
@@ -325,6 +318,22 @@ def _exact_inner(g: _Nodes, q: str, k: str, v: str, visible: str, seen: str,
     return g.add("CastLike", [merged, q])
 
 
+def _visibility(g: _Nodes, mask: str, lq: str, lk: str, causal: bool) -> str:
+    """The mask (broadcastable to (B, 1, Lq, Lk)) and the causal rule, as (B|1, 1, Lq, Lk)."""
+    visible = mask
+    if causal:
+        zero, one = g.const(0, _INT64), g.const(1, _INT64)
+        rows = g.add("Unsqueeze", [g.add("Range", [zero, g.add("Squeeze", [lq]), one]),
+                                   g.const([1], _INT64)])  # (Lq, 1)
+        cols = g.add("Range", [zero, g.add("Squeeze", [lk]), one])  # (Lk,)
+        # Bottom-right aligned: query i sees key j iff j <= i + Lk - Lq.
+        in_causal = g.add("LessOrEqual", [cols, g.add("Add", [rows, g.add("Sub", [lk, lq])])])
+        visible = g.add("And", [mask, in_causal])
+    # Both operators want the mask's last two dims to be exactly (Lq, Lk).
+    full = g.add("Concat", [g.const([1, 1], _INT64), lq, lk], axis=0)
+    return g.add("Expand", [visible, full])
+
+
 def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,
                    elem_type: int) -> List[onnx.NodeProto]:
     """The nodes that replace one FlashAttention `node`: `inner` inside the guard above."""
@@ -341,19 +350,7 @@ def _guarded_nodes(node: onnx.NodeProto, prefix: str, inner: Inner,
     zeros = then.add("Expand", [then.like(0.0, q), then.add("Shape", [q])])
 
     body = g.child()  # not empty
-    visible = mask  # bool, broadcastable to (B, 1, Lq, Lk)
-    if attrs.get("causal", 0):
-        zero, one = body.const(0, _INT64), body.const(1, _INT64)
-        rows = body.add("Unsqueeze", [body.add("Range", [zero, body.add("Squeeze", [lq]), one]),
-                                      body.const([1], _INT64)])  # (Lq, 1)
-        cols = body.add("Range", [zero, body.add("Squeeze", [lk]), one])  # (Lk,)
-        # Bottom-right aligned: query i sees key j iff j <= i + Lk - Lq.
-        in_causal = body.add("LessOrEqual", [cols, body.add("Add", [rows,
-                                                                   body.add("Sub", [lk, lq])])])
-        visible = body.add("And", [mask, in_causal])
-    # Both operators want the mask's last two dims to be exactly (Lq, Lk).
-    full = body.add("Concat", [body.const([1, 1], _INT64), lq, lk], axis=0)
-    visible = body.add("Expand", [visible, full])  # (B|1, 1, Lq, Lk)
+    visible = _visibility(body, mask, lq, lk, bool(attrs.get("causal", 0)))  # (B|1, 1, Lq, Lk)
     # (B|1, 1, Lq, 1): whether each row sees any key.
     seen = body.add("Greater", [body.add("ReduceMax", [body.add("Cast", [visible], to=_FLOAT),
                                                        body.const([-1], _INT64)], keepdims=1),
@@ -397,11 +394,11 @@ def _guard_rewrite(inner: Inner, opsets: Dict[str, int]) -> Callable[[onnx.Model
         nodes = list(graph.node)
         del graph.node[:]
         for index, node in enumerate(nodes):
-            if node.domain != LIBRARY_DOMAIN or node.op_type != NODE_NAME:
+            if node.domain != DOMAIN or node.op_type != OP_NAME:
                 graph.node.append(node)
                 continue
             graph.node.extend(_guarded_nodes(node, f"fa{index}", inner, elem_type))
-        kept = [o for o in model.opset_import if o.domain != LIBRARY_DOMAIN]
+        kept = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(kept)
         have = {o.domain for o in kept}
@@ -441,10 +438,10 @@ class Target:
 _ops: Tuple[object, object] = (torch.ops.flash_export.onnx_attention.default,
                                torch.ops.flash_export.onnx_attention_masked.default)
 
-TARGETS: Dict[str, Target] = {
+_IMPLEMENTATIONS: Dict[str, Target] = {
     "custom": Target("custom", OnnxAttention,
                      {_ops[0]: _custom_node, _ops[1]: _custom_node_masked}, 18, True,
-                     f"one {LIBRARY_DOMAIN}::{NODE_NAME} node run by the native library"),
+                     f"one {DOMAIN}::{OP_NAME} node run by the native library"),
     "standard": Target("standard", MaskedOnnxAttention, {_ops[1]: _loop_attention}, 18, False,
                        "standard ONNX ops with a Loop over key chunks"),
     "contrib": Target("contrib", MaskedOnnxAttention, {_ops[1]: _custom_node_masked}, 18, False,
@@ -453,3 +450,5 @@ TARGETS: Dict[str, Target] = {
                           False, "the ONNX Attention operator (opset >= 23)",
                           rewrite_as_attention23),
 }
+# One implementation per name in the contract, in its order; a name without one fails at import.
+TARGETS: Dict[str, Target] = {name: _IMPLEMENTATIONS[name] for name in contract.TARGETS}

@@ -26,13 +26,14 @@ import pytest
 import torch
 
 from flash_export.attention import FlashAttention, reference_forward
+from flash_export.contract import TARGETS
 from flash_export.export import export_torchscript, load_torchscript
 from flash_export.onnx_export import export_onnx
 from flash_export.runtime import library_path
 from flash_export.tolerance import compare, max_abs_error
 
 EMBED, HEADS, CHUNK = 32, 4, 8
-ONNX_TARGETS = ("custom", "standard", "contrib", "attention23")
+ONNX_TARGETS = TARGETS  # every target the contract names
 BACKENDS = ("eager", "torchscript") + tuple(f"onnx:{t}" for t in ONNX_TARGETS)
 NEG_INF_CASES = ("neginf-several-keys", "neginf-one-key", "neginf-masked-keys",
                  "neginf-infinite-keys")

@@ -23,10 +23,11 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from flash_export.contract import TARGETS  # every target the contract names
+
 SEED = 20261127
 MUTANTS_PER_TARGET = 1000
 VALIDATED_PER_TARGET = 200
-TARGETS = ("custom", "standard", "contrib", "attention23")
 STRATEGIES = ("bitflip", "overwrite", "truncate", "duplicate")
 BATCH_TIMEOUT_S = 240.0
 MEMORY_LIMIT = 6 * 1024**3  # address space of a worker: a mutated shape fails as bad_alloc
