@@ -224,28 +224,32 @@ def _outputs(path: Path, seed: int = 0) -> np.ndarray:
     return session.run(None, {"values": x, "keys": x.copy(), "queries": x[:, :5].copy()})[0]
 
 
-def test_external_data_export_replaces_the_pair_and_cleans_up(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+OTHER = ModelSpec(embed=32, heads=4, chunk=8, seed=4)
+
+
+@pytest.fixture()
+def external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """SPEC exported with its weights in an external data file (threshold 0), as m.onnx."""
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
-    target = tmp_path / "m.onnx"
-    export_onnx(SPEC.build(), target, target="standard", spec=SPEC)
+    return export_onnx(SPEC.build(), tmp_path / "m.onnx", target="standard", spec=SPEC)
+
+
+def test_external_data_export_replaces_the_pair_and_cleans_up(external: Path,
+                                                              tmp_path: Path) -> None:
+    target = external
     first = {p.name for p in tmp_path.glob("m.onnx.*.data")}
-    other = ModelSpec(embed=32, heads=4, chunk=8, seed=4)
-    export_onnx(other.build(), target, target="standard", spec=other)
+    export_onnx(OTHER.build(), target, target="standard", spec=OTHER)
     second = {p.name for p in tmp_path.glob("m.onnx.*.data")}
     assert len(first) == len(second) == 1 and first != second, (first, second)
     entry = artifact.verify_manifest(target)
     assert set(entry.data) == second  # the manifest covers the data file
 
 
-def test_a_kill_between_the_renames_never_leaves_a_mixed_pair(tmp_path: Path,
+def test_a_kill_between_the_renames_never_leaves_a_mixed_pair(external: Path,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     """The data file moves before the graph; dying right after it must leave the old pair."""
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
-    target = tmp_path / "m.onnx"
-    export_onnx(SPEC.build(), target, target="standard", spec=SPEC)
+    target = external
     before = _outputs(target)
 
     real_replace = os.replace
@@ -259,9 +263,8 @@ def test_a_kill_between_the_renames_never_leaves_a_mixed_pair(tmp_path: Path,
         real_replace(src, dst)
 
     monkeypatch.setattr(artifact.os, "replace", die_after_the_data)
-    other = ModelSpec(embed=32, heads=4, chunk=8, seed=4)
     with pytest.raises(KeyboardInterrupt):
-        export_onnx(other.build(), target, target="standard", spec=other)
+        export_onnx(OTHER.build(), target, target="standard", spec=OTHER)
     monkeypatch.setattr(artifact.os, "replace", real_replace)
     assert moved, "the test did not interrupt the export"
     np.testing.assert_array_equal(_outputs(target), before)  # the old pair, whole
@@ -275,8 +278,7 @@ def test_a_graph_beside_data_it_was_not_exported_with_is_refused(tmp_path: Path,
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = export_onnx(SPEC.build(), tmp_path / "a" / "m.onnx", target="standard", spec=SPEC)
-    other = ModelSpec(embed=32, heads=4, chunk=8, seed=4)
-    b = export_onnx(other.build(), tmp_path / "b" / "m.onnx", target="standard", spec=other)
+    b = export_onnx(OTHER.build(), tmp_path / "b" / "m.onnx", target="standard", spec=OTHER)
     (data_a,) = a.parent.glob("m.onnx.*.data")
     (data_b,) = b.parent.glob("m.onnx.*.data")
     data_a.write_bytes(data_b.read_bytes())  # same size and layout, other weights

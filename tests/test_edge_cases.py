@@ -190,15 +190,18 @@ Result = Tuple[Optional[np.ndarray], str]
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    folder = tmp_path_factory.mktemp("edge")
-    model = _model()
+    return _export_everywhere(_model(), tmp_path_factory.mktemp("edge"), mask=True)
+
+
+def _export_everywhere(model: torch.nn.Module, folder: Path, *, mask: bool) -> Dict[str, Path]:
+    """`model` as TorchScript and as every ONNX target in both dtypes (custom: with a library)."""
     out = {"torchscript": export_torchscript(model, folder / "model.pt")}
     for target in ONNX_TARGETS:
         if target == "custom" and not Path(library_path()).is_file():
             continue
         for dtype in ("float32", "float16"):
             out[f"onnx:{target}:{dtype}"] = export_onnx(
-                model, folder / f"{target}-{dtype}.onnx", target=target, dtype=dtype, mask=True)
+                model, folder / f"{target}-{dtype}.onnx", target=target, dtype=dtype, mask=mask)
     return out
 
 
@@ -344,16 +347,7 @@ def test_causal_nan_key_reaches_only_the_rows_that_see_it(target: str, tmp_path:
 @pytest.fixture(scope="module")
 def causal_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """The causal model (no mask input) as TorchScript and as every ONNX target and dtype."""
-    folder = tmp_path_factory.mktemp("causal")
-    model = _causal_model()
-    out = {"torchscript": export_torchscript(model, folder / "model.pt")}
-    for target in ONNX_TARGETS:
-        if target == "custom" and not Path(library_path()).is_file():
-            continue
-        for dtype in ("float32", "float16"):
-            out[f"onnx:{target}:{dtype}"] = export_onnx(
-                model, folder / f"{target}-{dtype}.onnx", target=target, dtype=dtype)
-    return out
+    return _export_everywhere(_causal_model(), tmp_path_factory.mktemp("causal"), mask=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -242,13 +242,19 @@ def _check_batch(result: Dict[str, Any], target: str, seed_file: Path, expected:
     assert len(result["outcomes"]) == expected, result["stderr"]
 
 
+def _fuzzed(seeds: Dict[str, Path], target: str, mode: str, count: int) -> Dict[str, Any]:
+    """`count` mutants of `target`'s seed file through `mode`, checked for unclean outcomes."""
+    if target not in seeds:
+        pytest.skip(f"{target}: native library not built")
+    result = run_batch(mode, seeds[target], 0, count)
+    _check_batch(result, target, seeds[target], count)
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS, ids=TARGETS)
 def test_mutants_create_session_and_run(seeds: Dict[str, Path], target: str) -> None:
-    if target not in seeds:
-        pytest.skip(f"{target}: native library not built")
-    result = run_batch("session", seeds[target], 0, MUTANTS_PER_TARGET)
-    _check_batch(result, target, seeds[target], MUTANTS_PER_TARGET)
+    result = _fuzzed(seeds, target, "session", MUTANTS_PER_TARGET)
     counts = summarize(result["outcomes"])
     print(f"\n{target}: {MUTANTS_PER_TARGET} mutants in {result['seconds']:.1f}s: "
           f"{json.dumps(counts, sort_keys=True)}")
@@ -259,10 +265,7 @@ def test_mutants_create_session_and_run(seeds: Dict[str, Path], target: str) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS, ids=TARGETS)
 def test_mutants_validate(seeds: Dict[str, Path], target: str) -> None:
-    if target not in seeds:
-        pytest.skip(f"{target}: native library not built")
-    result = run_batch("validate", seeds[target], 0, VALIDATED_PER_TARGET)
-    _check_batch(result, target, seeds[target], VALIDATED_PER_TARGET)
+    result = _fuzzed(seeds, target, "validate", VALIDATED_PER_TARGET)
     print(f"\n{target}: validate on {VALIDATED_PER_TARGET} mutants in {result['seconds']:.1f}s: "
           f"{json.dumps(summarize(result['outcomes']), sort_keys=True)}")
 
