@@ -21,10 +21,11 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from flash_export.contract import DOMAIN, EXPORT_DTYPES, ONNX_ELEM, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, ExportError, summary
+from flash_export.io_spec import IOSpec, attention_io
 from flash_export.spec import ModelSpec
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -121,12 +122,14 @@ class Recorded:
     """What an artifact's metadata says about its model, parsed and cross-checked.
 
     Attributes:
-        spec: the recorded ModelSpec.
+        spec: the recorded ModelSpec; None for an export of a model object no spec describes.
+        chunk: the (first) FlashAttention layer's chunk size.
         dtype: the export precision, one of `contract.EXPORT_DTYPES`.
         target: the ONNX target (None for TorchScript).
     """
 
-    spec: ModelSpec
+    spec: Optional[ModelSpec]
+    chunk: int
     dtype: str
     target: Optional[str]
 
@@ -135,16 +138,21 @@ def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str)
     """Parse an artifact's metadata; every value is checked, none is trusted to be well formed.
 
     Raises:
-        ArtifactError: no or a malformed spec, an unknown dtype or target, or attention keys
-            (embed, heads, chunk_size, causal) that contradict the recorded spec.
+        ArtifactError: a malformed spec, an unknown dtype or target, a missing or bad
+            chunk_size, or attention keys (embed, heads, chunk_size, causal) that contradict
+            the recorded spec.
     """
-    spec = spec_from_metadata(meta, path)
-    expected = {"embed": str(spec.embed), "heads": str(spec.heads), "chunk_size": str(spec.chunk),
-                "causal": str(int(spec.causal))}
-    for key, want in expected.items():
-        if key in meta and meta[key] != want:
-            raise ArtifactError(f"{path}: metadata {key} is {meta[key][:40]!r} but its model_spec "
-                                f"says {want}: the metadata was edited")
+    spec = spec_from_metadata(meta, path) if "model_spec" in meta else None
+    if spec is not None:
+        expected = {"embed": str(spec.embed), "heads": str(spec.heads),
+                    "chunk_size": str(spec.chunk), "causal": str(int(spec.causal))}
+        for key, want in expected.items():
+            if key in meta and meta[key] != want:
+                raise ArtifactError(f"{path}: metadata {key} is {meta[key][:40]!r} but its "
+                                    f"model_spec says {want}: the metadata was edited")
+    text = meta.get("chunk_size", "")
+    if not text.isdigit() or not 1 <= int(text) <= 2**31:
+        raise ArtifactError(f"{path}: metadata chunk_size {text[:40]!r} is not a positive int")
     dtype = meta.get("dtype", "float32")
     if dtype not in EXPORT_DTYPES:
         raise ArtifactError(f"{path}: metadata dtype {dtype[:40]!r} is not one of "
@@ -155,7 +163,25 @@ def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str)
         if target not in TARGETS:
             raise ArtifactError(f"{path}: metadata target {target[:40]!r} is not one of "
                                 f"{', '.join(TARGETS)}")
-    return Recorded(spec, dtype, target)
+    return Recorded(spec, int(text), dtype, target)
+
+
+def base_spec(rec: Recorded, meta: Mapping[str, str],
+              path: "os.PathLike[str] | str") -> ModelSpec:
+    """What explicit model options apply to: the recorded spec, or the attention keys.
+
+    An export of a model object records no spec; the caller completes one with --model.
+
+    Raises:
+        ArtifactError: the attention keys are malformed.
+    """
+    if rec.spec is not None:
+        return rec.spec
+    try:
+        return ModelSpec(embed=int(meta.get("embed", "")), heads=int(meta.get("heads", "")),
+                         chunk=rec.chunk, causal=meta.get("causal") == "1")
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: bad attention metadata: {exc}") from exc
 
 
 def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLike[str] | str",
@@ -201,6 +227,26 @@ def _numel(dims: Any) -> int:
     for d in dims:
         n *= int(d)
     return n
+
+
+def recorded_io(meta: Mapping[str, str], path: "os.PathLike[str] | str",
+                graph_inputs: Sequence[str] = ()) -> IOSpec:
+    """The IOSpec an artifact records; files from before IOSpecs follow the attention contract.
+
+    Raises:
+        ArtifactError: a malformed IOSpec.
+    """
+    text = meta.get("io_spec")
+    if text is None:
+        try:
+            embed = int(meta.get("embed", "0"))
+            return attention_io(embed, mask="mask" in graph_inputs)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: records no io_spec and a bad embed: {exc}") from exc
+    try:
+        return IOSpec.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: bad io_spec metadata: {exc}") from exc
 
 
 def spec_from_metadata(meta: Mapping[str, str], path: "os.PathLike[str] | str") -> ModelSpec:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
-from flash_export.errors import FlashExportError, summary
+from flash_export.errors import ArtifactError, FlashExportError, summary
 from flash_export.runners import (
     ALL_BACKENDS,
     ONNX_BACKENDS,
@@ -317,12 +317,16 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
         provenance(path, expect_sha256=expect_sha256, trust=trust)  # refuses a wrong hash
     else:  # a .pt is a program: refuse it here, before any runner or subprocess loads it
         require_provenance(path, expect_sha256=expect_sha256, trust=trust)
-    spec = spec if spec is not None else resolve_spec(rec.spec, {}, trust=trust, source=path)
+    if spec is None:
+        if rec.spec is None:
+            raise ArtifactError(f"{path} records no model spec (it was exported from a model "
+                                "object): name the model with --model FILE.py:FACTORY")
+        spec = resolve_spec(rec.spec, {}, trust=trust, source=path)
     if kind == "onnx":
         from flash_export.safety import check_onnx_file
 
         check_graph_matches_spec(spec, check_onnx_file(path), path)
-    return spec, rec.target or "torchscript", rec.dtype, rec.spec.chunk
+    return spec, rec.target or "torchscript", rec.dtype, rec.chunk
 
 
 def _bench_bytes(spec: Any, params: int, config: BenchConfig, backends: int) -> int:

@@ -100,14 +100,12 @@ def artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
     from flash_export.artifact import artifact_kind, read_metadata
 
     meta = read_metadata(artifact)  # data only: no .pt is loaded here
-    if "model_spec" not in meta:
-        return spec  # nothing recorded: the options (explicit or default) describe the model
     if not explicit:
         return None
-    from flash_export.artifact import recorded
+    from flash_export.artifact import base_spec, recorded
     from flash_export.spec import resolve_spec
 
-    base = recorded(meta, artifact, artifact_kind(artifact)).spec
+    base = base_spec(recorded(meta, artifact, artifact_kind(artifact)), meta, artifact)
     try:
         return resolve_spec(base, explicit, trust=trust, source=artifact)
     except ValueError as exc:  # explicit options that contradict the recorded ones

@@ -19,12 +19,13 @@ def fmt(value: Optional[float], spec: str = ".2e") -> str:
 def validation_lines(report: Any, verbose: bool) -> List[str]:
     """A ValidationReport as text: header, provenance, rule, then a row per backend (or case)."""
     s = report.spec
+    described = (f"the spec from the {report.spec_source} (embed {s.embed}, heads {s.heads}, "
+                 f"chunk {s.chunk}, causal {s.causal}, seed {s.seed}"
+                 f"{', model ' + s.model if s.model else ''})") if s else "the model passed in"
     lines = [f"{report.artifact}: {report.kind}"
              + (f" target {report.target}" if report.target else "")
              + f", {report.dtype}, provider {report.provider}",
-             f"reference: float64 plain attention of the spec from the {report.spec_source} "
-             f"(embed {s.embed}, heads {s.heads}, chunk {s.chunk}, causal {s.causal}, "
-             f"seed {s.seed}{', model ' + s.model if s.model else ''})",
+             f"reference: float64 plain attention of {described}",
              f"provenance: sha256 {report.provenance.sha256[:16]}..., "
              + _ORIGINS[report.provenance.source],
              f"rule: {report.rule}"]

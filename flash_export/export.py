@@ -1,19 +1,23 @@
 """Export a FlashAttention model to deployable artifacts, one function per artifact kind."""
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flash_export._version import __version__
 from flash_export.artifact import METADATA_FILE, atomic_write, sha256_file, torchscript_metadata
 from flash_export.attention import FlashAttention
-from flash_export.errors import ArtifactError, ExportError, first_line
+from flash_export.errors import ArtifactError, ExportError, first_line, summary
+from flash_export.io_spec import IOSpec, with_float_dtype
+from flash_export.model_io import example_inputs, output_names, resolve_io
 from flash_export.spec import ModelSpec
 from flash_export.trust import Provenance, require_provenance
 
@@ -44,43 +48,107 @@ def flash_layers(model: nn.Module) -> List[FlashAttention]:
     return layers
 
 
-def spec_of(model: nn.Module, spec: Optional[ModelSpec] = None) -> ModelSpec:
-    """The spec recorded for `model`: `spec` when given, else read off a FlashAttention."""
+def spec_of(model: nn.Module, spec: Optional[ModelSpec] = None) -> Optional[ModelSpec]:
+    """The spec recorded for `model`: `spec` when given, else read off a plain FlashAttention.
+
+    None for any other model: its artifact then records no spec, and `validate` needs the model
+    named again (`--model`, or `model=`) to rebuild its reference.
+    """
     if spec is not None:
         return spec
     if isinstance(model, FlashAttention):
         return ModelSpec(embed=model.embed_size, heads=model.heads, chunk=model.chunk_size,
                          causal=model.causal)
-    raise ExportError(f"{type(model).__name__} is not a FlashAttention: pass spec= so the "
-                      "artifact records how to rebuild it")
+    return None
 
 
-def artifact_metadata(spec: ModelSpec, **extra: str) -> Dict[str, str]:
-    """String metadata every artifact carries: versions, attention config and the model spec."""
+def artifact_metadata(spec: Optional[ModelSpec], layer: FlashAttention, io: IOSpec,
+                      **extra: str) -> Dict[str, str]:
+    """String metadata every artifact carries: versions, attention config, spec and IOSpec.
+
+    embed, heads, chunk_size and causal describe the spec's model, or the first FlashAttention
+    layer when there is no spec.
+    """
     meta = {
         "flash_export_version": __version__,
         "torch_version": torch.__version__,
-        "embed": str(spec.embed),
-        "heads": str(spec.heads),
-        "chunk_size": str(spec.chunk),
-        "causal": str(int(spec.causal)),
-        "model_spec": spec.to_json(),
+        "embed": str(spec.embed if spec else layer.embed_size),
+        "heads": str(spec.heads if spec else layer.heads),
+        "chunk_size": str(spec.chunk if spec else layer.chunk_size),
+        "causal": str(int(spec.causal if spec else layer.causal)),
+        "io_spec": io.to_json(),
     }
+    if spec is not None:
+        meta["model_spec"] = spec.to_json()
     meta.update(extra)
     return meta
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What an exporter needs besides the model: its IOSpec, example inputs and metadata."""
+
+    io: IOSpec
+    example: Dict[str, Tensor]
+    meta: Dict[str, str]
+
+
+def prepare(model: nn.Module, runnable: Any, *, spec: Optional[ModelSpec], io: Optional[IOSpec],
+            args: Optional[Sequence[Any]], kwargs: Optional[Mapping[str, Any]], mask: bool,
+            dtype: str, **extra: str) -> Prepared:
+    """Resolve `model`'s inputs and outputs, make example inputs in `dtype`, write metadata.
+
+    `runnable` is what the exporter exports (a copy of `model` in eval mode and `dtype`, or its
+    script): it runs once on the examples to name the outputs.
+
+    Raises:
+        ExportError: no FlashAttention in the model, inputs that cannot be resolved, examples
+            that do not fit the forward, or outputs that differ from the declared ones.
+    """
+    layers = flash_layers(model)
+    resolved = with_float_dtype(resolve_io(model, io=io, args=args, kwargs=kwargs, mask=mask),
+                                dtype)
+    if args is not None or kwargs is not None:
+        bound = inspect.signature(model.forward).bind(*(args or ()), **(kwargs or {}))
+        # Clones: one tensor passed as several inputs would be merged by the exporter.
+        example = {n: t.detach().clone().to(getattr(torch, dtype)) if t.is_floating_point()
+                   else t.detach().clone() for n, t in bound.arguments.items()
+                   if isinstance(t, Tensor)}
+    else:
+        example = example_inputs(resolved)
+    try:
+        with torch.no_grad():
+            structure = runnable(**example)
+    except Exception as exc:  # the user's forward may fail in any way on the examples
+        raise ExportError(f"{type(model).__name__} fails on its example inputs "
+                          f"({', '.join(example)}): {summary(exc)}") from exc
+    names = output_names(structure)
+    if resolved.outputs == ("output",) and names != ("output",):
+        resolved = dataclasses.replace(resolved, outputs=names)
+    elif len(resolved.outputs) != len(names):
+        raise ExportError(f"the model returns {len(names)} outputs, its IOSpec names "
+                          f"{list(resolved.outputs)}")
+    meta = artifact_metadata(spec_of(model, spec), layers[0], resolved, dtype=dtype, **extra)
+    return Prepared(resolved, example, meta)
+
+
 def export_torchscript(model: nn.Module, path: PathLike, *,
-                       spec: Optional[ModelSpec] = None) -> Path:
+                       spec: Optional[ModelSpec] = None, io: Optional[IOSpec] = None,
+                       args: Optional[Sequence[Any]] = None,
+                       kwargs: Optional[Mapping[str, Any]] = None) -> Path:
     """Script `model` (never trace it) and save it as a TorchScript archive.
 
     The archive runs in C++ via `torch::jit::load` and carries `flash_export.json` metadata
-    (flash-export version, embed, heads, chunk size, causal, model spec).
+    (flash-export version, embed, heads, chunk size, causal, model spec, IOSpec).
 
     Args:
-        model: a FlashAttention or a module built from FlashAttention layers.
+        model: any module built with FlashAttention layers, whatever its forward's signature.
         path: the `.pt` file to write (atomically).
         spec: how to rebuild `model`; read off `model` when it is a plain FlashAttention.
+        io: the model's inputs and outputs (see `flash_export.model_io.resolve_io` for the
+            default: the model's io_spec(), the examples, or the attention contract).
+        args: example positional inputs, as `torch.export` takes them.
+        kwargs: example keyword inputs.
 
     Returns:
         The written path.
@@ -90,12 +158,13 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
             be written.
     """
     flash_layers(model)
-    meta = artifact_metadata(spec_of(model, spec), artifact="torchscript")
     try:
         with quiet_jit_deprecation():
             scripted = torch.jit.script(model.eval())
     except Exception as exc:  # TorchScript reports unsupported Python in many exception types
         raise ExportError(f"torch.jit.script failed: {first_line(exc)}") from exc
+    meta = prepare(model, scripted, spec=spec, io=io, args=args, kwargs=kwargs, mask=True,
+                   dtype="float32", artifact="torchscript").meta
 
     def write(tmp: Path) -> None:
         with quiet_jit_deprecation():

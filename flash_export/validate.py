@@ -27,14 +27,17 @@ from flash_export.artifact import (
     read_manifest,
     read_metadata,
     recorded,
+    recorded_io,
     verify_manifest,
 )
 from flash_export.attention import FlashAttention
 from flash_export.contract import DOMAIN, EXPORT_DTYPES, INT, ONNX_ELEM, OP_NAME, TARGETS
-from flash_export.errors import ArtifactError, FlashExportError
+from flash_export.errors import ArtifactError, FlashExportError, ModelError
+from flash_export.io_spec import IOSpec
 from flash_export.parity import (
     Backend,
     BackendResult,
+    Case,
     ProgressFn,
     default_seqs,
     one_line,
@@ -69,7 +72,7 @@ class ValidationReport:
     target: Optional[str]
     dtype: str
     provider: str
-    spec: ModelSpec
+    spec: Optional[ModelSpec]  # None: the caller passed a model object
     spec_source: str  # "artifact" or "caller"
     provenance: Provenance
     rule: str
@@ -112,7 +115,8 @@ class ValidationReport:
         return {
             "artifact": self.artifact, "kind": self.kind, "target": self.target,
             "dtype": self.dtype, "provider": self.provider, "passed": self.passed,
-            "spec": dataclasses.asdict(self.spec), "spec_source": self.spec_source,
+            "spec": dataclasses.asdict(self.spec) if self.spec else None,
+            "spec_source": self.spec_source,
             "provenance": dataclasses.asdict(self.provenance),
             "rule": self.rule,
             "checks": [dataclasses.asdict(c) for c in self.checks],
@@ -181,7 +185,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
              dtype: Optional[str] = None, atol: Optional[float] = None,
              rtol: Optional[float] = None, provider: str = "cpu", all_targets: bool = False,
              trust: bool = False, expect_sha256: Optional[str] = None,
-             max_memory: Optional[int] = None,
+             max_memory: Optional[int] = None, model: Optional[nn.Module] = None,
              progress: Optional[ProgressFn] = None) -> ValidationReport:
     """Check an exported artifact against the float64 reference of the model it came from.
 
@@ -193,8 +197,9 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     Args:
         artifact: a `.onnx` (any target) or `.pt` (TorchScript) file written by flash-export.
         spec: the model to compare against; default: the ModelSpec recorded in the artifact.
-        seq: sequence lengths; each L runs as (Lq=L, Lk=L) and (Lq=L, Lk=the next length).
-            Default: 1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024.
+        seq: sequence lengths; with the attention contract each L runs as (Lq=L, Lk=L) and
+            (Lq=L, Lk=the next length), otherwise every dynamic size but the batch is L (moved
+            into its declared bounds). Default: 1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024.
         batch: batch sizes (default 1 and 3).
         dtype: "float32" or "float16"; default: the artifact's own.
         atol: with `rtol`, replaces the 2x-baseline rule by |a - r| <= atol + rtol * |r|.
@@ -206,6 +211,8 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         expect_sha256: the artifact's SHA-256 as you know it; a different file is refused.
         max_memory: bytes the run may plan to use (default `spec.memory_limit()`); checked
             before the model and the inputs are allocated.
+        model: the model to compare against, as an object (for artifacts exported from a model
+            that no spec describes); it overrides `spec`.
         progress: called as progress(done, total, label) while it runs.
 
     Returns:
@@ -226,19 +233,30 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise FlashExportError(f"unsupported dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
     art = _Loaded.read(path, trust=trust, expect_sha256=expect_sha256)
-    spec_source = "caller" if spec is not None else "artifact"
-    if spec is None:
+    spec_source = "caller" if spec is not None or model is not None else "artifact"
+    if spec is None and model is None:
+        if art.recorded.spec is None:
+            raise ArtifactError(f"{path} records no model spec (it was exported from a model "
+                                "object): name the model with --model FILE.py:FACTORY (and "
+                                "--weights), or pass model= to validate()")
         spec = resolve_spec(art.recorded.spec, {}, trust=trust, source=path)
-    seqs = list(seq) if seq else default_seqs(spec.chunk)
-    art.check_spec(spec)
-    budget = f"validating {path.name}"
-    check_memory(_validate_bytes(spec, spec.parameter_count() or 0, seqs, batch), max_memory,
-                 budget)
+    chunk = spec.chunk if spec is not None else art.recorded.chunk
+    seqs = list(seq) if seq else default_seqs(chunk)
+    cases = sweep(seqs, batch, [False, True] if art.takes_mask else [False], art.io)
+    if spec is not None:
+        art.check_spec(spec)
+        check_memory(_validate_bytes(spec.parameter_count() or 0, spec.heads, spec.embed,
+                                     cases), max_memory, f"validating {path.name}")
     run_dtype = art.run_dtype(dtype)
-    model = spec.build()
-    if spec.parameter_count() is None:  # a model factory's size is known only now
-        check_memory(_validate_bytes(spec, sum(p.numel() for p in model.parameters()), seqs,
-                                     batch), max_memory, budget)
+    if model is None:
+        assert spec is not None
+        model = spec.build()
+    layers = _flash_modules(model)
+    if not layers:
+        raise ModelError(f"{type(model).__name__} contains no FlashAttention layer")
+    check_memory(_validate_bytes(sum(p.numel() for p in model.parameters()), layers[0].heads,
+                                 layers[0].embed_size, cases), max_memory,
+                 f"validating {path.name}")
     report = ValidationReport(
         artifact=str(path), kind=art.kind, target=art.recorded.target, dtype=run_dtype,
         provider=provider, spec=spec, spec_source=spec_source, provenance=art.origin,
@@ -246,15 +264,13 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
               "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"),
         checks=art.structural_checks(spec, model))
     backends = art.backends(model, run_dtype, provider)
-    masks = [False, True] if art.takes_mask else [False]
     with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
         for other in (t for t in TARGETS if all_targets and t != art.recorded.target):
             (progress or (lambda d, t, label: None))(0, 0, f"exporting {other}")
-            backends.append(_export_backend(model, spec, other, Path(tmp), run_dtype,
-                                            mask=art.kind == "onnx" and art.takes_mask,
+            backends.append(_export_backend(model, spec, art.io, other, Path(tmp), run_dtype,
                                             provider=provider))
-        results = run_cases(model, backends, sweep(seqs, batch, masks), embed=spec.embed,
-                            dtype=run_dtype, atol=atol, rtol=rtol, progress=progress)
+        results = run_cases(model, art.io, backends, cases, dtype=run_dtype, atol=atol,
+                            rtol=rtol, progress=progress)
     report.backends = list(results.values())
     return report
 
@@ -268,6 +284,7 @@ class _Loaded:
     meta: Dict[str, str]
     recorded: Recorded
     origin: Provenance
+    io: IOSpec
     proto: Any = None  # the ONNX ModelProto (external data unread)
     scripted: Any = None  # the loaded TorchScript module
 
@@ -281,13 +298,15 @@ class _Loaded:
             proto = check_onnx_file(path)  # before onnxruntime opens anything it names
             meta = {p.key: p.value for p in proto.metadata_props}
             origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
-            return cls(path, kind, meta, recorded(meta, path, kind), origin, proto=proto)
+            io = recorded_io(meta, path, [i.name for i in proto.graph.input])
+            return cls(path, kind, meta, recorded(meta, path, kind), origin, io, proto=proto)
         from flash_export.export import load_torchscript_checked
 
         recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
         scripted, meta, origin = load_torchscript_checked(path, trust=trust,
                                                           expect_sha256=expect_sha256)
-        return cls(path, kind, meta, recorded(meta, path, kind), origin, scripted=scripted)
+        io = recorded_io(meta, path, ["mask"])  # a .pt of the contract takes a mask
+        return cls(path, kind, meta, recorded(meta, path, kind), origin, io, scripted=scripted)
 
     def check_spec(self, spec: ModelSpec) -> None:
         """Refuse a spec the file does not back (`check_graph_matches_spec`), before building."""
@@ -314,12 +333,14 @@ class _Loaded:
 
     @property
     def takes_mask(self) -> bool:
-        """A .pt always takes a mask; a graph when it has a mask input."""
-        return self.proto is None or "mask" in {i.name for i in self.proto.graph.input}
+        """Whether the model takes a mask (attention or padding), so cases mask or not."""
+        return any(t.role != "data" for t in self.io.inputs)
 
-    def structural_checks(self, spec: ModelSpec, model: nn.Module) -> List[Check]:
+    def structural_checks(self, spec: Optional[ModelSpec], model: nn.Module) -> List[Check]:
         """Metadata, manifest and custom-node attributes against the spec and its model."""
-        checks = metadata_checks(self.meta, spec) + manifest_checks(self.path)
+        checks = (metadata_checks(self.meta, spec) if spec else []) + manifest_checks(self.path)
+        if self.proto is not None:
+            checks += dynamic_dim_checks(self.proto, self.io)
         if self.proto is not None and (self.recorded.target == "custom"
                                        or any(n.domain == DOMAIN for n in all_nodes(self.proto))):
             checks += custom_node_checks(self.proto, _flash_modules(model))
@@ -333,21 +354,34 @@ class _Loaded:
         if self.scripted is not None:
             return [eager, torch_backend("torchscript", self.scripted.eval().to(tdtype),
                                          str(self.path))]
-        return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider)]
+        return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider,
+                                    self.io)]
 
 
-def _validate_bytes(spec: ModelSpec, params: int, seqs: Sequence[int],
-                    batch: Sequence[int]) -> int:
-    """What a validate run allocates at most, in bytes, from the spec alone.
+def _validate_bytes(params: int, heads: int, embed: int, cases: Sequence[Case]) -> int:
+    """What a validate run allocates at most, in bytes.
 
-    The model lives in float32, in the run dtype and, per case, in float64 for the reference
-    (about 24 bytes per parameter with copies); the plain float64 reference holds a few
-    (B, H, Lq, Lk) score tensors, the same-dtype baseline a few more.
+    The model lives in float32, in the run dtype and in float64 for the reference (about 24
+    bytes per parameter with copies); the plain float64 reference holds a few (B, H, Lq, Lk)
+    score tensors, the same-dtype baseline a few more.
     """
-    cases = sweep(seqs, batch, [False])
-    scores = max((c.batch * spec.heads * c.seq_q * c.seq_k for c in cases), default=0)
+    scores = max((c.batch * heads * c.seq_q * c.seq_k for c in cases), default=0)
     rows = max((c.batch * (c.seq_q + 2 * c.seq_k) for c in cases), default=0)
-    return 24 * params + 48 * scores + 64 * rows * spec.embed + (64 << 20)
+    return 24 * params + 48 * scores + 64 * rows * embed + (64 << 20)
+
+
+def dynamic_dim_checks(model_proto: Any, io: IOSpec) -> List[Check]:
+    """Each dim the IOSpec declares dynamic must be dynamic in the graph (not specialised)."""
+    graph = {i.name: i for i in model_proto.graph.input}
+    checks = []
+    for t in io.inputs:
+        dims = graph[t.name].type.tensor_type.shape.dim if t.name in graph else []
+        for axis, (want, got) in enumerate(zip(t.dims, dims)):
+            if isinstance(want, str) and not io.is_static(want):
+                ok = not got.HasField("dim_value")
+                checks.append(Check(f"graph.{t.name}.dim{axis}", f"{want} (dynamic)",
+                                    f"{want} (dynamic)" if ok else str(got.dim_value), ok))
+    return checks
 
 
 def manifest_checks(path: Path) -> List[Check]:
@@ -362,18 +396,18 @@ def manifest_checks(path: Path) -> List[Check]:
     return [Check("manifest", f"{manifest_path(path).name} lists this file", "it does", True)]
 
 
-def _export_backend(model: nn.Module, spec: ModelSpec, target: str, tmp: Path, dtype: str, *,
-                    mask: bool, provider: str) -> Backend:
+def _export_backend(model: nn.Module, spec: Optional[ModelSpec], io: IOSpec, target: str,
+                    tmp: Path, dtype: str, *, provider: str) -> Backend:
     name = f"onnx:{target}"
     out = tmp / f"{target}.onnx"
     try:
         from flash_export.onnx_export import export_onnx
 
-        export_onnx(model, out, target=target, dtype=dtype, spec=spec, mask=mask)
+        export_onnx(model, out, target=target, dtype=dtype, spec=spec, io=io)
     except Exception as exc:  # export failures of one target must not stop the others
-        return Backend(name, f"(export to {target} failed)", None, None,
+        return Backend(name, f"(export to {target} failed)", None,
                        load_error=f"export failed: {one_line(exc)}")
-    backend = onnx_backend(name, out, provider)
+    backend = onnx_backend(name, out, provider, io)
     backend.source = f"(exported on the fly: {target}, {dtype})"
     return backend
 

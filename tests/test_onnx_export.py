@@ -85,8 +85,8 @@ def test_matches_pytorch_at_unseen_lengths(exported, models, target, name):
     _maybe_skip(target)
     results = check_onnx_export(models[name], exported(name, target), seq_lengths=UNSEEN,
                                 batch=3)
-    assert [(lq, lk) for lq, lk, _, _ in results] == list(UNSEEN)
-    assert all(err <= bound for _, _, err, bound in results)
+    assert [(r.q_len, r.k_len) for r in results] == list(UNSEEN)
+    assert all(r.max_abs <= r.bound for r in results)
 
 
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
@@ -212,9 +212,18 @@ def test_bad_options_raise_export_error(tmp_path, models, kwargs, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_composite_model_without_spec_is_rejected(tmp_path, models):
-    with pytest.raises(ExportError, match="pass spec="):
-        export_onnx(models["encoder-causal-masked"], tmp_path / "x.onnx")
+def test_composite_model_without_spec_records_none_and_validates_against_the_object(tmp_path,
+                                                                                   models):
+    from flash_export.errors import ArtifactError
+    from flash_export.validate import validate
+
+    model = models["encoder-causal-masked"]
+    path = export_onnx(model, tmp_path / "x.onnx", target="standard")
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert "model_spec" not in meta and meta["embed"] == str(model.first.attention.embed_size)
+    with pytest.raises(ArtifactError, match="records no model spec.*--model"):
+        validate(path, seq=[7], batch=[1])
+    assert validate(path, seq=[7, 9], batch=[1], model=model).passed
 
 
 def test_explicit_lower_opset(tmp_path, models):

@@ -5,6 +5,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -97,9 +98,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_wrapper_of_flash_attention_needs_a_spec(tmp_path):
-    with pytest.raises(ExportError, match="pass spec="):
-        export_torchscript(nn.Sequential(FlashAttention(32, 2, 8)), tmp_path / "x.pt")
+class _Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = FlashAttention(32, 2, 8)
+
+    def forward(self, values, keys, queries, mask: Optional[torch.Tensor] = None):
+        return self.inner(values, keys, queries, mask)
+
+
+def test_wrapper_without_a_spec_records_the_layer_and_no_spec(tmp_path):
+    _, meta = load_torchscript(export_torchscript(_Wrapper(), tmp_path / "x.pt"))
+    assert "model_spec" not in meta
+    assert (meta["embed"], meta["heads"], meta["chunk_size"]) == ("32", "2", "8")
 
 
 @pytest.mark.parametrize("model", [nn.Linear(4, 4), nn.Sequential()], ids=["linear", "empty"])

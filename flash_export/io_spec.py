@@ -1,0 +1,299 @@
+"""What a model takes and gives: names, dtypes, dims and value ranges, recorded in every artifact.
+
+An `IOSpec` declares a model's inputs in forward order (name, dtype, dims, and for integer inputs
+the range of valid values, such as a vocabulary) and its outputs' names. A dim is an int (static)
+or the name of a dynamic size ("batch", "seq", ...); inputs that share a name share the size, and
+`IOSpec.sizes` bounds each name. From it:
+
+- the exporters declare dynamic dims to `torch.export` and name the graph's inputs and outputs;
+- `validate` and `bench` generate valid inputs at any size (`make_feed`);
+- a service checks a request before running it (`check_feed`).
+
+Roles tell generated values apart: ``data`` (normal floats, or integers in [low, high)),
+``padding`` (bool (batch, seq), True = a real token: each row a random length >= 1) and
+``attention`` (bool, True = may attend, about 25% blocked and the first query row of the first
+batch entry fully blocked, a row that sees no key). Imports neither torch nor onnx.
+"""
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+Dim = Union[int, str]
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
+ROLES = ("data", "padding", "attention")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_MAX_INPUTS = 64
+_MAX_RANK = 8
+_MAX_STATIC = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input of a model.
+
+    Attributes:
+        name: the forward parameter's name (also the graph input's name).
+        dtype: one of `DTYPES`.
+        dims: one int (static) or size name (dynamic) per axis.
+        low: integer inputs: the smallest valid value.
+        high: integer inputs: one past the largest valid value (a vocabulary size).
+        role: "data", "padding" or "attention" (see the module docstring).
+    """
+
+    name: str
+    dtype: str
+    dims: Tuple[Dim, ...]
+    low: Optional[int] = None
+    high: Optional[int] = None
+    role: str = "data"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"input name {self.name!r} is not an identifier of <= 64 characters")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"input {self.name}: dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.role not in ROLES:
+            raise ValueError(f"input {self.name}: role {self.role!r} is not one of {ROLES}")
+        if not isinstance(self.dims, tuple) or len(self.dims) > _MAX_RANK:
+            raise ValueError(f"input {self.name}: dims must be a tuple of at most {_MAX_RANK}")
+        for d in self.dims:
+            if isinstance(d, bool) or not (
+                    (isinstance(d, int) and 0 <= d <= _MAX_STATIC)
+                    or (isinstance(d, str) and _NAME.match(d))):
+                raise ValueError(f"input {self.name}: dim {d!r} is neither a size in "
+                                 f"[0, 2**31) nor a size name")
+        integer = self.dtype in ("int64", "int32")
+        for bound in ("low", "high"):
+            value = getattr(self, bound)
+            if value is not None and (not integer or isinstance(value, bool)
+                                      or not isinstance(value, int) or abs(value) > 2**62):
+                raise ValueError(f"input {self.name}: {bound} is for integer inputs only, and "
+                                 f"must be an int, got {value!r}")
+        if integer and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"input {self.name}: an integer input needs low < high (the range "
+                             f"of valid values), got [{self.low}, {self.high})")
+        if self.role != "data" and self.dtype != "bool":
+            raise ValueError(f"input {self.name}: a {self.role} mask is bool, got {self.dtype}")
+        if self.role == "padding" and len(self.dims) != 2:
+            raise ValueError(f"input {self.name}: a padding mask is (batch, seq), got {self.dims}")
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A model's inputs (in forward order), outputs and the bounds of its dynamic sizes.
+
+    Attributes:
+        inputs: one TensorSpec per forward argument the graph takes.
+        outputs: the graph's output names, in the order the model returns them.
+        sizes: size name -> (min, max); max None means unbounded. Every size name an input
+            uses must be here.
+    """
+
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[str, ...] = ("output",)
+    sizes: Dict[str, Tuple[int, Optional[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.inputs or len(self.inputs) > _MAX_INPUTS:
+            raise ValueError(f"a model takes 1 to {_MAX_INPUTS} inputs, got {len(self.inputs)}")
+        names = [t.name for t in self.inputs] + list(self.outputs)
+        if len(set(names)) != len(names):
+            raise ValueError(f"input and output names must be distinct, got {names}")
+        if not self.outputs or not all(isinstance(o, str) and _NAME.match(o)
+                                       for o in self.outputs):
+            raise ValueError(f"output names must be identifiers, got {self.outputs!r}")
+        used = {d for t in self.inputs for d in t.dims if isinstance(d, str)}
+        missing = sorted(used - set(self.sizes))
+        if missing:
+            raise ValueError(f"size names {missing} have no bounds in sizes")
+        for name, bounds in self.sizes.items():
+            low, high = bounds
+            if (not _NAME.match(name) or not isinstance(low, int) or low < 0
+                    or (high is not None and (not isinstance(high, int) or high < low))):
+                raise ValueError(f"size {name!r}: bounds must be (min >= 0, max >= min or "
+                                 f"None), got {bounds!r}")
+
+    @property
+    def dynamic(self) -> Tuple[str, ...]:
+        """The size names, in order of first use."""
+        seen: List[str] = []
+        for t in self.inputs:
+            for d in t.dims:
+                if isinstance(d, str) and d not in seen:
+                    seen.append(d)
+        return tuple(seen)
+
+    def input(self, name: str) -> TensorSpec:
+        """The input called `name` (KeyError when there is none)."""
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def has_input(self, name: str) -> bool:
+        """Whether the model takes an input called `name`."""
+        return any(t.name == name for t in self.inputs)
+
+    def clamp(self, sizes: Mapping[str, int]) -> Dict[str, int]:
+        """`sizes` moved into each size's bounds (names the spec does not use dropped)."""
+        out = {}
+        for name in self.dynamic:
+            low, high = self.sizes[name]
+            value = max(int(sizes.get(name, low)), low)
+            out[name] = value if high is None else min(value, high)
+        return out
+
+    def fixed(self, sizes: Mapping[str, int]) -> "IOSpec":
+        """This spec with the named sizes pinned (min = max): what a static-shape export records.
+
+        The names stay, so inputs still say which dims are the batch and the sequence.
+        """
+        return dataclasses.replace(self, sizes={
+            k: (int(sizes[k]), int(sizes[k])) if k in sizes else v for k, v in self.sizes.items()})
+
+    def is_static(self, name: str) -> bool:
+        """Whether size `name` is pinned to one value."""
+        low, high = self.sizes[name]
+        return high is not None and low == high
+
+    def shape(self, t: TensorSpec, sizes: Mapping[str, int]) -> Tuple[int, ...]:
+        """The concrete shape of input `t` at `sizes`."""
+        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in t.dims)
+
+    def to_json(self) -> str:
+        """Serialise for artifact metadata."""
+        return json.dumps({"inputs": [dataclasses.asdict(t) for t in self.inputs],
+                           "outputs": list(self.outputs),
+                           "sizes": {k: list(v) for k, v in self.sizes.items()}},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IOSpec":
+        """Inverse of `to_json`; every field is checked (the text may come from anywhere).
+
+        Raises:
+            ValueError: malformed JSON, unknown keys, or a field of the wrong type or range.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) - {"inputs", "outputs", "sizes"}:
+            raise ValueError("an io spec is a JSON object with inputs, outputs and sizes")
+        raw_inputs, outputs, sizes = data.get("inputs"), data.get("outputs"), data.get("sizes")
+        if not isinstance(raw_inputs, list) or not isinstance(outputs, list) \
+                or not isinstance(sizes, dict):
+            raise ValueError("io spec inputs and outputs must be lists, sizes an object")
+        inputs = []
+        fields = {f.name for f in dataclasses.fields(TensorSpec)}
+        for item in raw_inputs[:_MAX_INPUTS + 1]:
+            if not isinstance(item, dict) or set(item) - fields \
+                    or not isinstance(item.get("dims"), list):
+                raise ValueError(f"io spec input {str(item)[:60]} is malformed")
+            inputs.append(TensorSpec(**{**item, "dims": tuple(item["dims"])}))
+        bounds = {}
+        for name, pair in sizes.items():
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"size {str(name)[:40]!r}: bounds must be [min, max]")
+            bounds[name] = (pair[0], pair[1])
+        return cls(tuple(inputs), tuple(outputs), bounds)
+
+
+def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
+    """The attention contract: forward(values, keys, queries[, mask]) -> output (B, Lq, E)."""
+    inputs = [TensorSpec("values", "float32", ("batch", "k_len", embed)),
+              TensorSpec("keys", "float32", ("batch", "k_len", embed)),
+              TensorSpec("queries", "float32", ("batch", "q_len", embed))]
+    if mask:
+        inputs.append(TensorSpec("mask", "bool", ("batch", 1, "q_len", "k_len"),
+                                 role="attention"))
+    return IOSpec(tuple(inputs), ("output",),
+                  {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)})
+
+
+def with_float_dtype(io: IOSpec, dtype: str) -> IOSpec:
+    """`io` with every floating-point input in `dtype` (an export's precision)."""
+    return dataclasses.replace(io, inputs=tuple(
+        dataclasses.replace(t, dtype=dtype) if t.dtype.startswith("float") else t
+        for t in io.inputs))
+
+
+def make_feed(io: IOSpec, sizes: Mapping[str, int], seed: int, *,
+              padded: bool = True) -> Dict[str, np.ndarray]:
+    """Valid inputs for every input of `io` at `sizes` (numpy, in each input's dtype).
+
+    Args:
+        io: the model's IOSpec.
+        sizes: a size for every dynamic name (see `IOSpec.clamp`).
+        seed: seed of the values.
+        padded: padding masks hold padded positions (False: every token is real).
+    """
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for t in io.inputs:
+        shape = io.shape(t, sizes)
+        if t.role == "padding":
+            batch, seq = shape
+            lengths = rng.integers(1, seq + 1, size=batch) if padded and seq > 0 else \
+                np.full(batch, seq)
+            feed[t.name] = np.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
+        elif t.role == "attention":
+            allowed = rng.random(shape) > 0.25
+            if allowed.size:
+                allowed.reshape(shape[0], -1, *shape[-2:])[0, :, 0, :] = False
+            feed[t.name] = allowed
+        elif t.dtype in ("int64", "int32"):
+            assert t.low is not None and t.high is not None
+            feed[t.name] = rng.integers(t.low, t.high, size=shape).astype(t.dtype)
+        elif t.dtype == "bool":
+            feed[t.name] = rng.random(shape) > 0.5
+        else:
+            feed[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return feed
+
+
+def check_feed(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
+    """Check a request against `io`: names, dtypes, ranks, static and shared dims, bounds, values.
+
+    Returns:
+        The size of every dynamic name in the request.
+
+    Raises:
+        ValueError: one line naming the input, what it expected and what came.
+    """
+    names = [t.name for t in io.inputs]
+    unknown = sorted(set(feed) - set(names))
+    missing = [n for n in names if n not in feed]
+    if unknown or missing:
+        raise ValueError(f"inputs are {names}; missing {missing}, unknown {unknown}")
+    sizes: Dict[str, int] = {}
+    for t in io.inputs:
+        value = np.asarray(feed[t.name])
+        if value.dtype.name != t.dtype:
+            raise ValueError(f"input {t.name}: dtype {value.dtype.name}, expected {t.dtype}")
+        if value.ndim != len(t.dims):
+            raise ValueError(f"input {t.name}: rank {value.ndim}, expected {len(t.dims)} "
+                             f"{_dims_text(t.dims)}")
+        for axis, (want, got) in enumerate(zip(t.dims, value.shape)):
+            if isinstance(want, int):
+                if got != want:
+                    raise ValueError(f"input {t.name}: dim {axis} is {got}, expected {want}")
+                continue
+            if sizes.setdefault(want, got) != got:
+                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, but another "
+                                 f"input has {want} = {sizes[want]}")
+            low, high = io.sizes[want]
+            if got < low or (high is not None and got > high):
+                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, expected "
+                                 f"{low}..{'' if high is None else high}")
+        if t.low is not None and t.high is not None and value.size and (
+                value.min() < t.low or value.max() >= t.high):
+            raise ValueError(f"input {t.name}: values must be in [{t.low}, {t.high}), got "
+                             f"{value.min()}..{value.max()}")
+    return sizes
+
+
+def _dims_text(dims: Sequence[Dim]) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ")"

@@ -1,0 +1,166 @@
+"""How a PyTorch model meets its IOSpec: which inputs it takes, example tensors, calls, outputs.
+
+A model's IOSpec comes from, in order: the caller (`io=`), the model itself (an `io_spec()`
+method, as the zoo's models have), example inputs (`args=`/`kwargs=`, as `torch.export` takes
+them), or the attention contract for a FlashAttention or a model whose forward is
+(values, keys, queries, mask=None).
+"""
+
+import inspect
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from flash_export.attention import FlashAttention, ReferenceAttention, replace_attention
+from flash_export.errors import ExportError
+from flash_export.io_spec import Dim, IOSpec, TensorSpec, attention_io, make_feed
+
+_TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64",
+                torch.int64: "int64", torch.int32: "int32", torch.bool: "bool"}
+# Example sizes for tracing: distinct and >= 2, so no dim is specialised or merged with another.
+_NAMED_SIZES = {"batch": 2, "q_len": 17, "seq": 17, "k_len": 23}
+_OTHER_SIZES = (19, 29, 31, 37, 41, 43, 47)
+_CONTRACT = ("values", "keys", "queries")
+
+
+def forward_parameters(model: nn.Module) -> List[str]:
+    """The names of `model.forward`'s parameters, in order (no *args/**kwargs)."""
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                 p.KEYWORD_ONLY)]
+
+
+def follows_attention_contract(model: nn.Module) -> bool:
+    """Whether `model.forward` is (values, keys, queries, mask=None), the original module's."""
+    return isinstance(model, FlashAttention) or tuple(forward_parameters(model)[:3]) == _CONTRACT
+
+
+def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
+               args: Optional[Sequence[Any]] = None, kwargs: Optional[Mapping[str, Any]] = None,
+               mask: bool = False) -> IOSpec:
+    """The IOSpec to export `model` with (see the module docstring for the order).
+
+    Raises:
+        ExportError: no way to know the inputs, or example inputs that do not fit the forward.
+    """
+    if io is not None:
+        return io
+    declared = getattr(model, "io_spec", None)
+    if callable(declared):
+        spec = declared()
+        if not isinstance(spec, IOSpec):
+            raise ExportError(f"{type(model).__name__}.io_spec() returned "
+                              f"{type(spec).__name__}, not an IOSpec")
+        return spec
+    if args is not None or kwargs is not None:
+        return derive_io(model, args or (), kwargs or {})
+    if follows_attention_contract(model):
+        layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
+        if not layers:
+            raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
+        return attention_io(layers[0].embed_size, mask=mask)
+    takes = ", ".join(forward_parameters(model))
+    raise ExportError(f"{type(model).__name__}.forward takes ({takes}): pass example inputs "
+                      "(args=/kwargs=) or io=, or give the model an io_spec() method")
+
+
+def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> IOSpec:
+    """An IOSpec from example inputs: names from the forward signature, dims declared by rule.
+
+    The rule: dim 0 of every input is "batch"; dim 1 of a rank-2 or rank-3 input is "seq" (token
+    ids, padding masks, (B, L, E) features); every other dim is static. A bool (batch, seq) input
+    is a padding mask (True = a real token). Integer inputs take values in [0, n) with n the
+    first nn.Embedding's size, else up to the example's largest value. Models that need other
+    dims (images, say) declare an io_spec() or pass io=.
+
+    Raises:
+        ExportError: the examples do not bind to the forward, or one is not a tensor.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ExportError(f"example inputs do not match {type(model).__name__}.forward"
+                          f"({', '.join(forward_parameters(model))}): {exc}") from exc
+    embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    inputs = []
+    for name, value in bound.arguments.items():
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dtype not in _TORCH_NAMES:
+            what = f"tensor of {value.dtype}" if isinstance(value, Tensor) else \
+                type(value).__name__
+            raise ExportError(f"example input {name!r} is a {what}; inputs must be tensors of "
+                              f"{sorted(_TORCH_NAMES.values())}")
+        dims: Tuple[Dim, ...] = tuple(
+            "batch" if axis == 0 else "seq" if axis == 1 and value.dim() in (2, 3) else int(size)
+            for axis, size in enumerate(value.shape))
+        dtype = _TORCH_NAMES[value.dtype]
+        low = high = None
+        if dtype in ("int64", "int32"):
+            low = min(0, int(value.min())) if value.numel() else 0
+            seen = int(value.max()) + 1 if value.numel() else 1
+            high = embeddings[0] if embeddings and embeddings[0] >= seen else seen
+        role = "padding" if dtype == "bool" and value.dim() == 2 else "data"
+        inputs.append(TensorSpec(name, dtype, dims, low, high, role))
+    if not inputs:
+        raise ExportError("the example inputs hold no tensor")
+    sizes: Dict[str, Tuple[int, Optional[int]]] = {
+        d: (1, None) for t in inputs for d in t.dims if isinstance(d, str)}
+    return IOSpec(tuple(inputs), ("output",), sizes)
+
+
+def example_inputs(io: IOSpec, *, seed: int = 0) -> Dict[str, Tensor]:
+    """Tensors for every input of `io` at distinct sizes >= 2 (what the exporters trace with)."""
+    others = iter(_OTHER_SIZES * 4)
+    sizes = io.clamp({name: _NAMED_SIZES.get(name) or next(others) for name in io.dynamic})
+    return {name: torch.from_numpy(array) for name, array in make_feed(io, sizes, seed).items()}
+
+
+def flatten(outputs: Any) -> List[Tensor]:
+    """A model's outputs as a list: a tensor, a tuple/list of tensors, or a dict of them."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [v for v in outputs.values()]
+    if isinstance(outputs, (tuple, list)):
+        return list(outputs)
+    raise ExportError(f"the model returned a {type(outputs).__name__}; expected a tensor, a "
+                      "tuple of tensors or a dict of them")
+
+
+def output_names(outputs: Any) -> Tuple[str, ...]:
+    """Graph output names for what a model returned: "output", output_0.., or the dict's keys."""
+    if isinstance(outputs, Tensor):
+        return ("output",)
+    if isinstance(outputs, dict):
+        return tuple(str(k) for k in outputs)
+    return tuple(f"output_{i}" for i in range(len(flatten(outputs))))
+
+
+def call(model: Any, inputs: Mapping[str, Tensor]) -> List[Tensor]:
+    """Run `model` on named inputs (no grad) and return its outputs as a list."""
+    with torch.no_grad():
+        return flatten(model(**inputs))
+
+
+def reference_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A copy of `model` with every FlashAttention as plain attention, in `dtype`."""
+    return replace_attention(model, ReferenceAttention).to(dtype).eval()
+
+
+def reference_outputs(model: nn.Module, inputs: Mapping[str, Tensor],
+                      dtype: torch.dtype = torch.float64) -> List[Tensor]:
+    """`model` with every FlashAttention as plain attention, in `dtype` (float inputs cast)."""
+    cast = {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
+    return call(reference_model(model, dtype), cast)
+
+
+def dynamic_shapes(io: IOSpec) -> Dict[str, Dict[int, Any]]:
+    """`torch.export` dynamic shapes: one Dim per size name, shared by every input using it."""
+    dims = {}
+    for name in io.dynamic:
+        high = io.sizes[name][1]
+        dims[name] = torch.export.Dim(name) if high is None else torch.export.Dim(name, max=high)
+    return {t.name: {axis: dims[d] for axis, d in enumerate(t.dims) if isinstance(d, str)}
+            for t in io.inputs}
