@@ -92,7 +92,9 @@ class FlashMultiheadAttention(nn.Module):
     `is_causal` is MHA's hint: it needs `attn_mask`; without a `key_padding_mask` the mask is then
     ignored and keys j > i are blocked for query i (top-left aligned, as scaled_dot_product_
     attention does), with one the mask is applied and the hint unused. A query that sees no key
-    (a fully padded sequence) gives zeros before the output projection, as MHA does.
+    (a fully padded sequence) gives zeros before the output projection, as MHA's documented path
+    does on CPU (PyTorch's fused paths differ: NaN from a bare MHA, zeros at every padded position
+    from nn.TransformerEncoder's nested tensors).
 
     Args:
         attention: the FlashAttention holding the q/k/v/output projections.

@@ -181,6 +181,9 @@ MHA_CASES = {
     # The hint without a padding mask: MHA ignores attn_mask (here all False) and applies the
     # top-left causal rule, also when Lq != Lk.
     "causal-hint-drops-mask": (True, True, 7, 63, {"attn_mask_2d_open", "is_causal"}),
+    # ... even an additive one, which is then neither applied nor refused.
+    "causal-hint-drops-additive-mask": (False, True, 65, 65, {"attn_mask_2d_additive",
+                                                              "is_causal"}),
     # With a padding mask MHA applies attn_mask and ignores the hint.
     "causal-hint-with-padding": (False, True, 65, 65, {"attn_mask_2d", "key_padding_mask",
                                                        "is_causal"}),
@@ -205,6 +208,8 @@ def test_multihead_attention_call_forms_match_pytorch(case):
         kwargs["attn_mask"] = torch.rand(lq, lk, generator=g) < 0.3
     if "attn_mask_2d_open" in masks:
         kwargs["attn_mask"] = torch.zeros(lq, lk, dtype=torch.bool)
+    if "attn_mask_2d_additive" in masks:
+        kwargs["attn_mask"] = torch.randn(lq, lk, generator=g)
     if "attn_mask_3d" in masks:
         kwargs["attn_mask"] = torch.rand(b * H, lq, lk, generator=g) < 0.3
     if "is_causal" in masks:
@@ -212,7 +217,7 @@ def test_multihead_attention_call_forms_match_pytorch(case):
     if unbatched:  # B = 1 in either layout
         q, k, v = q.reshape(lq, E), k.reshape(lk, E), v.reshape(lk, E)
         if "key_padding_mask" in kwargs:
-            kwargs["key_padding_mask"] = kwargs["key_padding_mask"][0]
+            kwargs["key_padding_mask"] = _padding(3, lk)[1]  # (Lk,), half padded
     assert_matches_original(mha, converted, q, k, v, **kwargs)
 
 
