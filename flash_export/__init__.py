@@ -16,7 +16,10 @@ _EXPORTS = {
     "reference_attention_core": "flash_export.attention",
     "reference_forward": "flash_export.attention",
     "replace_attention": "flash_export.attention",
+    "FlashMultiheadAttention": "flash_export.convert",
+    "convert": "flash_export.convert",
     "ArtifactError": "flash_export.errors",
+    "ConversionError": "flash_export.errors",
     "ExportError": "flash_export.errors",
     "FlashExportError": "flash_export.errors",
     "ModelError": "flash_export.errors",
@@ -45,8 +48,10 @@ if TYPE_CHECKING:
         reference_forward,
         replace_attention,
     )
+    from flash_export.convert import FlashMultiheadAttention, convert  # noqa: F401
     from flash_export.errors import (  # noqa: F401
         ArtifactError,
+        ConversionError,
         ExportError,
         FlashExportError,
         ModelError,

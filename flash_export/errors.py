@@ -9,6 +9,14 @@ class ModelError(FlashExportError):
     """The model could not be built or its weights could not be loaded."""
 
 
+class ConversionError(FlashExportError):
+    """An nn.MultiheadAttention feature that a FlashAttention-based replacement cannot match.
+
+    Raised by `flash_export.convert` for what it refuses to convert, and by a converted module
+    for a call it cannot compute exactly (attention weights, additive float masks, dropout).
+    """
+
+
 class ExportError(FlashExportError):
     """An artifact could not be exported."""
 
