@@ -16,8 +16,8 @@ _EXPORTS = {
     "reference_attention_core": "flash_export.attention",
     "reference_forward": "flash_export.attention",
     "replace_attention": "flash_export.attention",
-    "FlashMultiheadAttention": "flash_export.convert",
-    "convert": "flash_export.convert",
+    "FlashMultiheadAttention": "flash_export.conversion",
+    "convert": "flash_export.conversion",
     "ArtifactError": "flash_export.errors",
     "ConversionError": "flash_export.errors",
     "ExportError": "flash_export.errors",
@@ -33,9 +33,10 @@ _EXPORTS = {
 
 # Submodules reachable as attributes after a bare `import flash_export`.
 _SUBMODULES = frozenset({
-    "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract", "doctor",
-    "errors", "export", "onnx_export", "onnx_targets", "parity", "runners", "runtime", "safety",
-    "spec", "timing", "tolerance", "trust", "validate"})
+    "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract",
+    "conversion", "doctor", "errors", "export", "io_spec", "model_io", "onnx_export",
+    "onnx_targets", "opsets", "parity", "runners", "runtime", "safety", "spec", "timing",
+    "tolerance", "trust", "validate"})
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
         reference_forward,
         replace_attention,
     )
-    from flash_export.convert import FlashMultiheadAttention, convert  # noqa: F401
+    from flash_export.conversion import FlashMultiheadAttention, convert  # noqa: F401
     from flash_export.errors import (  # noqa: F401
         ArtifactError,
         ConversionError,

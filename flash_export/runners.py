@@ -13,27 +13,19 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
 from flash_export.contract import EXPORT_DTYPES, TARGETS, feed_dtype
 from flash_export.errors import FlashExportError
+from flash_export.io_spec import IOSpec, make_feed
 from flash_export.runtime import ort_session
 from flash_export.timing import Runner
 
 ONNX_BACKENDS = TARGETS
 TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
 ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
-
-
-def _make_inputs(batch: int, seq_q: int, seq_k: int, embed: int,
-                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
-    k = rng.standard_normal((batch, seq_k, embed), dtype=np.float32)  # (B, Lk, E)
-    q = rng.standard_normal((batch, seq_q, embed), dtype=np.float32)  # (B, Lq, E)
-    return v, k, q
 
 
 @dataclass(frozen=True)
@@ -45,7 +37,7 @@ class Job:
     batch: int
     seq_q: int
     seq_k: int
-    embed: int
+    embed: int  # the model's embedding size (reported; the inputs follow the model's IOSpec)
     threads: int
     dtype: str
     file: Optional[str] = None  # the .onnx / .pt file for onnxruntime / torchscript backends
@@ -58,30 +50,42 @@ class Job:
 def make_runner(job: Job) -> Runner:
     """Build the session/model of `job` and return a closure running one forward on fixed inputs.
 
+    Inputs follow the model's IOSpec at the job's sizes (q_len/seq = seq_q, k_len = seq_k),
+    attention masks all True (the cost of the masked path, the result of none) and padding masks
+    without padding.
+
     Raises:
         FlashExportError (or the backend's own error) when it cannot be built.
     """
-    v, k, q = _make_inputs(job.batch, job.seq_q, job.seq_k, job.embed)
     if job.backend in ONNX_BACKENDS:
-        return _ort_runner(job, v, k, q)
-    return _torch_runner(job, v, k, q)
+        return _ort_runner(job)
+    return _torch_runner(job)
 
 
-def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
+def _feed(job: Job, io: IOSpec) -> Dict[str, np.ndarray]:
+    named = {"batch": job.batch, "q_len": job.seq_q, "k_len": job.seq_k}
+    sizes = io.clamp({**{n: job.seq_q for n in io.dynamic}, **named})
+    feed = make_feed(io, sizes, seed=0, padded=False)
+    for t in io.inputs:
+        if t.role == "attention":
+            feed[t.name] = np.ones_like(feed[t.name])
+    return feed
+
+
+def _ort_runner(job: Job) -> Runner:
+    from flash_export.artifact import recorded_io
+
     if job.file is None:
         raise FlashExportError(f"{job.backend}: no ONNX file")
     session = ort_session(job.file, provider=job.device, threads=job.threads)
-    elem = np.dtype(feed_dtype(session.get_inputs()[0].type))
-    feed = {"values": v.astype(elem), "keys": k.astype(elem), "queries": q.astype(elem)}
-    names = {i.name for i in session.get_inputs()}
-    if "values" not in names:  # attention-only graphs take q, k, v
-        feed = {"query": feed["queries"], "key": feed["keys"], "value": feed["values"]}
-    if "mask" in names:  # an all-True mask: the cost of the masked path, the result of none
-        feed["mask"] = np.ones((job.batch, 1, job.seq_q, job.seq_k), dtype=np.bool_)
-    output = session.get_outputs()[0].name
+    graph = {i.name: i for i in session.get_inputs()}
+    io = recorded_io(session.get_modelmeta().custom_metadata_map, job.file, list(graph))
+    feed = {n: a.astype(feed_dtype(graph[n].type)) if a.dtype.kind == "f" else a
+            for n, a in _feed(job, io).items()}
+    outputs = [o.name for o in session.get_outputs()]
     if job.device != "cuda":
         def run_cpu() -> None:
-            session.run([output], feed)
+            session.run(outputs, feed)
 
         return run_cpu
     import onnxruntime as ort
@@ -89,7 +93,8 @@ def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner
     binding = session.io_binding()
     for name, array in feed.items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-    binding.bind_output(output, "cuda")
+    for output in outputs:
+        binding.bind_output(output, "cuda")
 
     def run() -> None:
         session.run_with_iobinding(binding)
@@ -98,7 +103,7 @@ def _ort_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner
     return run
 
 
-def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runner:
+def _torch_runner(job: Job) -> Runner:
     import torch
 
     torch.set_num_threads(job.threads)
@@ -106,17 +111,20 @@ def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runn
     if job.dtype not in EXPORT_DTYPES:
         raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
     dtype = getattr(torch, job.dtype)
-    tv, tk, tq = (torch.from_numpy(a).to(device=device, dtype=dtype) for a in (v, k, q))
     module: Any
     if job.backend == "torchscript":
+        from flash_export.artifact import recorded_io
         from flash_export.export import load_torchscript
 
         if job.file is None:
             raise FlashExportError("torchscript: no .pt file")
-        module, _ = load_torchscript(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
+        module, meta = load_torchscript(job.file, trust=job.trust,
+                                        expect_sha256=job.expect_sha256)
+        io = recorded_io(meta, job.file, ["mask"])
         module = module.to(device=device, dtype=dtype)
     elif job.backend in ("eager", "sdpa"):
         from flash_export.attention import replace_attention
+        from flash_export.model_io import resolve_io
         from flash_export.spec import ModelSpec
 
         if job.spec_json is None:
@@ -126,14 +134,18 @@ def _torch_runner(job: Job, v: np.ndarray, k: np.ndarray, q: np.ndarray) -> Runn
             module = replace_attention(module, SdpaAttention)
         if job.attention_only:
             module = attention_only(module)
+        io = resolve_io(module)
         module = module.to(device=device, dtype=dtype).eval()
     else:
         raise FlashExportError(f"unknown backend {job.backend!r}; choose from {ALL_BACKENDS}")
+    inputs = {n: torch.from_numpy(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
+                                        else None)
+              for n, a in _feed(job, io).items() if io.input(n).role != "attention"}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> None:
         with torch.inference_mode():
-            module(tv, tk, tq)
+            module(**inputs)
         sync()
 
     return run

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import flash_export
 import flash_export.attention
 from flash_export import ConversionError, FlashAttention, convert, replace_attention
-from flash_export.convert import FlashMultiheadAttention
+from flash_export.conversion import FlashMultiheadAttention
 
 LENGTHS = [1, 7, 63, 65]
 E, H = 32, 4
@@ -374,8 +374,8 @@ def test_flash_attention_model_comes_back_as_a_copy():
     assert converted[0].q_proj.weight is not model[0].q_proj.weight
 
 
-def test_flash_export_convert_is_callable_whatever_was_imported_first():
-    code = ("import flash_export.convert, torch\n"
+def test_flash_export_convert_is_the_function_whatever_was_imported_first():
+    code = ("import flash_export.conversion, torch\n"
             "from flash_export import convert\n"
             "m = convert(torch.nn.MultiheadAttention(8, 2), chunk_size=4)\n"
             "print(type(m).__name__, m.attention.chunk_size)\n")

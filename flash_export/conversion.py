@@ -13,8 +13,6 @@ kdim/vdim != embed_dim, add_bias_kv, add_zero_attn and subclasses of MHA; at cal
 
 import copy
 import math
-import sys
-import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -371,18 +369,3 @@ def convert(model: nn.Module, *, chunk_size: int = 64) -> nn.Module:
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False
     return new
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as `convert`.
-
-    `flash_export.convert` names both this module and the function (the package exports the
-    function lazily). Whichever is imported first, Python may leave the package attribute bound
-    to the module, so `from flash_export import convert; convert(model)` must work either way.
-    """
-
-    def __call__(self, model: nn.Module, *, chunk_size: int = 64) -> nn.Module:
-        return convert(model, chunk_size=chunk_size)
-
-
-sys.modules[__name__].__class__ = _CallableModule
