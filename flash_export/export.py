@@ -118,7 +118,7 @@ def prepare(model: nn.Module, runnable: Any, *, spec: Optional[ModelSpec], io: O
         example = example_inputs(resolved)
     try:
         with torch.no_grad():
-            structure = runnable(**example)
+            structure = runnable(**example, **resolved.constants)
     except Exception as exc:  # the user's forward may fail in any way on the examples
         raise ExportError(f"{type(model).__name__} fails on its example inputs "
                           f"({', '.join(example)}): {summary(exc)}") from exc

@@ -10,9 +10,14 @@ or the name of a dynamic size ("batch", "seq", ...); inputs that share a name sh
 - a service checks a request before running it (`check_feed`).
 
 Roles tell generated values apart: ``data`` (normal floats, or integers in [low, high)),
-``padding`` (bool (batch, seq), True = a real token: each row a random length >= 1) and
-``attention`` (bool, True = may attend, about 25% blocked and the first query row of the first
-batch entry fully blocked, a row that sees no key). Imports neither torch nor onnx.
+``padding`` (bool (batch, seq), True = a real token, as Hugging Face's attention_mask: each row
+a random length >= 1), ``key_padding`` (the same with True = padding, as PyTorch's
+key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and the first
+query row of the first batch entry fully blocked, a row that sees no key) and ``causal`` (a
+(seq, seq) causal mask as PyTorch's layers take it: True or -inf above the diagonal, where a
+query may not look). Non-tensor arguments the model was exported with (`is_causal=True`, say)
+are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them again. Imports neither
+torch nor onnx.
 """
 
 import dataclasses
@@ -25,7 +30,8 @@ import numpy as np
 
 Dim = Union[int, str]
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
-ROLES = ("data", "padding", "attention")
+ROLES = ("data", "padding", "key_padding", "attention", "causal")
+Constant = Union[bool, int, float, str, None]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _MAX_INPUTS = 64
 _MAX_RANK = 8
@@ -77,9 +83,11 @@ class TensorSpec:
         if integer and (self.low is None or self.high is None or self.low >= self.high):
             raise ValueError(f"input {self.name}: an integer input needs low < high (the range "
                              f"of valid values), got [{self.low}, {self.high})")
-        if self.role != "data" and self.dtype != "bool":
+        if self.role not in ("data", "causal") and self.dtype != "bool":
             raise ValueError(f"input {self.name}: a {self.role} mask is bool, got {self.dtype}")
-        if self.role == "padding" and len(self.dims) != 2:
+        if self.role == "causal" and (len(self.dims) != 2 or self.dims[0] != self.dims[1]):
+            raise ValueError(f"input {self.name}: a causal mask is (seq, seq), got {self.dims}")
+        if self.role in ("padding", "key_padding") and len(self.dims) != 2:
             raise ValueError(f"input {self.name}: a padding mask is (batch, seq), got {self.dims}")
 
 
@@ -92,11 +100,14 @@ class IOSpec:
         outputs: the graph's output names, in the order the model returns them.
         sizes: size name -> (min, max); max None means unbounded. Every size name an input
             uses must be here.
+        constants: non-tensor forward arguments (name -> bool, int, float, str or None) the
+            graph was exported with.
     """
 
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[str, ...] = ("output",)
     sizes: Dict[str, Tuple[int, Optional[int]]] = field(default_factory=dict)
+    constants: Dict[str, Constant] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.inputs or len(self.inputs) > _MAX_INPUTS:
@@ -107,6 +118,11 @@ class IOSpec:
         if not self.outputs or not all(isinstance(o, str) and _NAME.match(o)
                                        for o in self.outputs):
             raise ValueError(f"output names must be identifiers, got {self.outputs!r}")
+        for name, value in self.constants.items():
+            if not _NAME.match(str(name)) or name in names or (
+                    value is not None and not isinstance(value, (bool, int, float, str))):
+                raise ValueError(f"constant {str(name)[:40]!r}: a distinct identifier with a "
+                                 f"scalar value, got {value!r}")
         used = {d for t in self.inputs for d in t.dims if isinstance(d, str)}
         missing = sorted(used - set(self.sizes))
         if missing:
@@ -169,8 +185,8 @@ class IOSpec:
         """Serialise for artifact metadata."""
         return json.dumps({"inputs": [dataclasses.asdict(t) for t in self.inputs],
                            "outputs": list(self.outputs),
-                           "sizes": {k: list(v) for k, v in self.sizes.items()}},
-                          sort_keys=True)
+                           "sizes": {k: list(v) for k, v in self.sizes.items()},
+                           "constants": self.constants}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "IOSpec":
@@ -180,12 +196,14 @@ class IOSpec:
             ValueError: malformed JSON, unknown keys, or a field of the wrong type or range.
         """
         data = json.loads(text)
-        if not isinstance(data, dict) or set(data) - {"inputs", "outputs", "sizes"}:
-            raise ValueError("an io spec is a JSON object with inputs, outputs and sizes")
+        if not isinstance(data, dict) or set(data) - {"inputs", "outputs", "sizes", "constants"}:
+            raise ValueError("an io spec is a JSON object with inputs, outputs, sizes, constants")
         raw_inputs, outputs, sizes = data.get("inputs"), data.get("outputs"), data.get("sizes")
+        constants = data.get("constants", {})
         if not isinstance(raw_inputs, list) or not isinstance(outputs, list) \
-                or not isinstance(sizes, dict):
-            raise ValueError("io spec inputs and outputs must be lists, sizes an object")
+                or not isinstance(sizes, dict) or not isinstance(constants, dict):
+            raise ValueError("io spec inputs and outputs must be lists, sizes and constants "
+                             "objects")
         inputs = []
         fields = {f.name for f in dataclasses.fields(TensorSpec)}
         for item in raw_inputs[:_MAX_INPUTS + 1]:
@@ -198,7 +216,7 @@ class IOSpec:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise ValueError(f"size {str(name)[:40]!r}: bounds must be [min, max]")
             bounds[name] = (pair[0], pair[1])
-        return cls(tuple(inputs), tuple(outputs), bounds)
+        return cls(tuple(inputs), tuple(outputs), bounds, dict(constants))
 
 
 def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
@@ -234,11 +252,16 @@ def make_feed(io: IOSpec, sizes: Mapping[str, int], seed: int, *,
     feed = {}
     for t in io.inputs:
         shape = io.shape(t, sizes)
-        if t.role == "padding":
+        if t.role in ("padding", "key_padding"):
             batch, seq = shape
             lengths = rng.integers(1, seq + 1, size=batch) if padded and seq > 0 else \
                 np.full(batch, seq)
-            feed[t.name] = np.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
+            real = np.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
+            feed[t.name] = real if t.role == "padding" else ~real
+        elif t.role == "causal":  # PyTorch's convention: True / -inf where a query may not look
+            above = np.triu(np.ones(shape, dtype=np.bool_), k=1)
+            feed[t.name] = above if t.dtype == "bool" else \
+                np.where(above, -np.inf, 0.0).astype(t.dtype)
         elif t.role == "attention":
             allowed = rng.random(shape) > 0.25
             if allowed.size:

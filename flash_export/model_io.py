@@ -14,14 +14,14 @@ from torch import Tensor, nn
 
 from flash_export.attention import FlashAttention, ReferenceAttention, replace_attention
 from flash_export.errors import ExportError
-from flash_export.io_spec import Dim, IOSpec, TensorSpec, attention_io, make_feed
+from flash_export.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io, make_feed
 
 _TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64",
                 torch.int64: "int64", torch.int32: "int32", torch.bool: "bool"}
 # Example sizes for tracing: distinct and >= 2, so no dim is specialised or merged with another.
 _NAMED_SIZES = {"batch": 2, "q_len": 17, "seq": 17, "k_len": 23}
 _OTHER_SIZES = (19, 29, 31, 37, 41, 43, 47)
-_CONTRACT = ("values", "keys", "queries")
+CONTRACT_INPUTS = ("values", "keys", "queries")
 
 
 def forward_parameters(model: nn.Module) -> List[str]:
@@ -33,7 +33,8 @@ def forward_parameters(model: nn.Module) -> List[str]:
 
 def follows_attention_contract(model: nn.Module) -> bool:
     """Whether `model.forward` is (values, keys, queries, mask=None), the original module's."""
-    return isinstance(model, FlashAttention) or tuple(forward_parameters(model)[:3]) == _CONTRACT
+    return isinstance(model, FlashAttention) \
+        or tuple(forward_parameters(model)[:3]) == CONTRACT_INPUTS
 
 
 def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
@@ -68,11 +69,15 @@ def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
 def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> IOSpec:
     """An IOSpec from example inputs: names from the forward signature, dims declared by rule.
 
-    The rule: dim 0 of every input is "batch"; dim 1 of a rank-2 or rank-3 input is "seq" (token
-    ids, padding masks, (B, L, E) features); every other dim is static. A bool (batch, seq) input
-    is a padding mask (True = a real token). Integer inputs take values in [0, n) with n the
-    first nn.Embedding's size, else up to the example's largest value. Models that need other
-    dims (images, say) declare an io_spec() or pass io=.
+    The rule: with a bool (batch, seq) input (a padding mask), every dim of that batch or
+    sequence size is "batch" or "seq" (so seq-first layouts come out right); otherwise dim 0 of
+    every input is "batch" and dim 1 of a rank-2 or rank-3 input is "seq" (token ids, (B, L, E)
+    features). Every other dim is static. A padding mask is True = padding when its name says
+    key_padding (PyTorch's convention), else True = a real token; a square causal mask (True or
+    -inf above the diagonal) stays one at every size. Scalar arguments (`is_causal=True`) are
+    constants of the graph. Integer inputs take values in
+    [0, n) with n the first nn.Embedding's size, else up to the example's largest value. Models
+    that need other dims (images, say) declare an io_spec() or pass io=.
 
     Raises:
         ExportError: the examples do not bind to the forward, or one is not a tensor.
@@ -83,31 +88,82 @@ def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) 
         raise ExportError(f"example inputs do not match {type(model).__name__}.forward"
                           f"({', '.join(forward_parameters(model))}): {exc}") from exc
     embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    inputs = []
+    tensors: Dict[str, Tensor] = {}
+    constants: Dict[str, Constant] = {}
     for name, value in bound.arguments.items():
         if value is None:
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            constants[name] = value  # baked into the graph, passed again to PyTorch calls
             continue
         if not isinstance(value, Tensor) or value.dtype not in _TORCH_NAMES:
             what = f"tensor of {value.dtype}" if isinstance(value, Tensor) else \
                 type(value).__name__
             raise ExportError(f"example input {name!r} is a {what}; inputs must be tensors of "
                               f"{sorted(_TORCH_NAMES.values())}")
-        dims: Tuple[Dim, ...] = tuple(
-            "batch" if axis == 0 else "seq" if axis == 1 and value.dim() in (2, 3) else int(size)
-            for axis, size in enumerate(value.shape))
+        tensors[name] = value
+    # A (batch, seq) padding mask or a (seq, seq) causal mask says which sizes are the batch and
+    # the sequence; other inputs' dims of those sizes are named alike (so seq-first layouts come
+    # out right).
+    pads = [t for t in tensors.values()
+            if t.dtype == torch.bool and t.dim() == 2 and not _is_causal_mask(t)]
+    causal = [t for t in tensors.values() if _is_causal_mask(t)]
+    seq_size = int(pads[0].shape[1]) if pads else int(causal[0].shape[0]) if causal else None
+    batch_size = int(pads[0].shape[0]) if pads else None
+    if seq_size is not None and seq_size == batch_size:
+        seq_size = batch_size = None  # ambiguous: fall back to the positional rule
+    inputs = []
+    for name, value in tensors.items():
+        dims = _name_dims(value, seq_size, batch_size)
         dtype = _TORCH_NAMES[value.dtype]
         low = high = None
         if dtype in ("int64", "int32"):
             low = min(0, int(value.min())) if value.numel() else 0
             seen = int(value.max()) + 1 if value.numel() else 1
             high = embeddings[0] if embeddings and embeddings[0] >= seen else seen
-        role = "padding" if dtype == "bool" and value.dim() == 2 else "data"
+        role = "data"
+        if _is_causal_mask(value):
+            role = "causal"
+        elif dtype == "bool" and value.dim() == 2:  # PyTorch's key_padding_mask: True = padding
+            role = "key_padding" if "key_padding" in name else "padding"
         inputs.append(TensorSpec(name, dtype, dims, low, high, role))
     if not inputs:
         raise ExportError("the example inputs hold no tensor")
     sizes: Dict[str, Tuple[int, Optional[int]]] = {
         d: (1, None) for t in inputs for d in t.dims if isinstance(d, str)}
-    return IOSpec(tuple(inputs), ("output",), sizes)
+    return IOSpec(tuple(inputs), ("output",), sizes, constants)
+
+
+def _name_dims(value: Tensor, seq_size: Optional[int],
+               batch_size: Optional[int]) -> Tuple[Dim, ...]:
+    """Name the batch and sequence dims of one example input (see `derive_io`)."""
+    shape = [int(n) for n in value.shape]
+    if seq_size is None:
+        return tuple("batch" if axis == 0 else "seq" if axis == 1 and value.dim() in (2, 3)
+                     else n for axis, n in enumerate(shape))
+    named: List[Dim] = ["seq" if n == seq_size else n for n in shape]
+    if batch_size is not None:
+        return tuple("batch" if n == batch_size else d for n, d in zip(shape, named))
+    for axis in range(min(2, len(shape))):  # the batch: the first leading dim that is not seq
+        if named[axis] != "seq" and not _is_causal_mask(value):
+            named[axis] = "batch"
+            break
+    return tuple(named)
+
+
+def _is_causal_mask(value: Tensor) -> bool:
+    """Whether `value` is a square causal mask in PyTorch's convention.
+
+    True or -inf above the diagonal, as `nn.Transformer.generate_square_subsequent_mask` makes.
+    """
+    if value.dim() != 2 or value.shape[0] != value.shape[1] or value.shape[0] < 2:
+        return False
+    above = torch.ones(value.shape, dtype=torch.bool).triu(1)
+    if value.dtype == torch.bool:
+        return bool(torch.equal(value, above))
+    if not value.is_floating_point():
+        return False
+    return bool(torch.equal(torch.isneginf(value), above) and (value[~above] == 0).all())
 
 
 def example_inputs(io: IOSpec, *, seed: int = 0) -> Dict[str, Tensor]:
@@ -138,8 +194,8 @@ def output_names(outputs: Any) -> Tuple[str, ...]:
     return tuple(f"output_{i}" for i in range(len(flatten(outputs))))
 
 
-def call(model: Any, inputs: Mapping[str, Tensor]) -> List[Tensor]:
-    """Run `model` on named inputs (no grad) and return its outputs as a list."""
+def call(model: Any, inputs: Mapping[str, Any]) -> List[Tensor]:
+    """Run `model` on named inputs (and constants), no grad; its outputs as a list."""
     with torch.no_grad():
         return flatten(model(**inputs))
 

@@ -26,7 +26,7 @@ from flash_export.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES
 from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, flash_layers, prepare
 from flash_export.io_spec import IOSpec
-from flash_export.model_io import dynamic_shapes
+from flash_export.model_io import CONTRACT_INPUTS, dynamic_shapes
 from flash_export.onnx_targets import TARGETS
 from flash_export.opsets import (  # noqa: F401  (default_opset, runtime_limits: public here too)
     choose_opset,
@@ -73,7 +73,8 @@ def _check_graph(model: onnx.ModelProto, io: IOSpec) -> None:
     if names != expected:
         raise ExportError(f"exported graph inputs are {names}, expected {expected}")
     unused = [n for n in names if n not in _used_names(model.graph)]
-    if unused:
+    if unused and names[:3] == list(CONTRACT_INPUTS):  # other models may ignore an input, e.g. a
+        # causal mask that is_causal=True makes redundant
         raise ExportError(f"exported graph ignores its input(s) {unused}: the model's forward "
                           "does not use them (a FlashAttention whose forward is (values, keys, "
                           "queries, mask=None) needs all three; wrap a self-attention layer in a "
@@ -93,7 +94,7 @@ def _check_graph(model: onnx.ModelProto, io: IOSpec) -> None:
 
 def _export_program(model: nn.Module, example: Dict[str, Tensor], io: IOSpec, target: str,
                     opset: int, static_shapes: bool) -> onnx.ModelProto:
-    dynamic = None if static_shapes else dynamic_shapes(io)
+    dynamic = None if static_shapes else {**dynamic_shapes(io), **{n: None for n in io.constants}}
     # Quiet the exporter's own chatter: "torchvision is not installed", and the version
     # converter announcing its fallback to the onnx C API (which then succeeds).
     loggers = [logging.getLogger(name) for name in
@@ -103,11 +104,14 @@ def _export_program(model: nn.Module, example: Dict[str, Tensor], io: IOSpec, ta
         log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            # The exporter warns once per dim name it renames to itself.
+            # The exporter warns once per dim name it renames to itself, and does not rename
+            # dims when the model takes constants (`_name_dims` does it then).
             warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"# ONNX model has different number of "
+                                    "inputs", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
             program = torch.onnx.export(
-                model, (), kwargs=example, dynamo=True,
+                model, (), kwargs={**example, **io.constants}, dynamo=True,
                 input_names=[t.name for t in io.inputs], output_names=list(io.outputs),
                 dynamic_shapes=dynamic,
                 custom_translation_table=TARGETS[target].translations,  # type: ignore[arg-type]
@@ -123,7 +127,23 @@ def _export_program(model: nn.Module, example: Dict[str, Tensor], io: IOSpec, ta
             log.setLevel(level)
     if program is None:
         raise ExportError(f"torch.onnx.export returned no program for target {target!r}")
-    return program.model_proto
+    return _name_dims(program.model_proto, io)
+
+
+def _name_dims(model: onnx.ModelProto, io: IOSpec) -> onnx.ModelProto:
+    """Give the graph's symbolic dims the IOSpec's size names, everywhere they appear."""
+    renames: Dict[str, str] = {}
+    for value, t in zip(model.graph.input, io.inputs):
+        for got, want in zip(value.type.tensor_type.shape.dim, t.dims):
+            if isinstance(want, str) and got.dim_param and got.dim_param != want:
+                renames.setdefault(got.dim_param, want)
+    if renames:
+        values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+        for value in values:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param in renames:
+                    dim.dim_param = renames[dim.dim_param]
+    return model
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:

@@ -222,10 +222,10 @@ def one_line(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, _RunError) else summary(exc)
 
 
-def torch_backend(name: str, module: Any, source: str) -> Backend:
+def torch_backend(name: str, module: Any, source: str, io: IOSpec) -> Backend:
     """A PyTorch module (eager or TorchScript) already in the dtype it runs in."""
     def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
-        return [o.double().numpy() for o in call(module, inputs)]
+        return [o.double().numpy() for o in call(module, {**inputs, **io.constants})]
 
     return Backend(name, source, run)
 
@@ -308,8 +308,9 @@ def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOS
               atol: Optional[float], rtol: Optional[float]) -> None:
     inputs = make_inputs(case, io, getattr(torch, dtype_name), seed)
     wide = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
-    refs = [r.numpy() for r in call(plain[0], wide)]  # float64: the reference
-    baselines = [b.double().numpy() for b in call(plain[1], inputs)]  # the same, in the dtype
+    refs = [r.numpy() for r in call(plain[0], {**wide, **io.constants})]  # float64: the reference
+    baselines = [b.double().numpy()  # the same, in the dtype
+                 for b in call(plain[1], {**inputs, **io.constants})]
     names = list(io.outputs) if len(io.outputs) == len(refs) else \
         [f"output_{i}" for i in range(len(refs))]
     for b in backends:

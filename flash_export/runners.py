@@ -145,7 +145,7 @@ def _torch_runner(job: Job) -> Runner:
 
     def run() -> None:
         with torch.inference_mode():
-            module(**inputs)
+            module(**inputs, **io.constants)
         sync()
 
     return run

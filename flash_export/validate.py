@@ -350,10 +350,10 @@ class _Loaded:
         """Eager (rebuilt from the spec) and the artifact itself, in `dtype`."""
         tdtype = getattr(torch, dtype)
         eager = torch_backend("eager", copy.deepcopy(model).to(tdtype),
-                              "(in memory, rebuilt from the spec)")
+                              "(in memory, rebuilt from the spec)", self.io)
         if self.scripted is not None:
             return [eager, torch_backend("torchscript", self.scripted.eval().to(tdtype),
-                                         str(self.path))]
+                                         str(self.path), self.io)]
         return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider,
                                     self.io)]
 
