@@ -143,7 +143,7 @@ def recorded(meta: Mapping[str, str], path: "os.PathLike[str] | str", kind: str)
             the recorded spec.
     """
     spec = spec_from_metadata(meta, path) if "model_spec" in meta else None
-    if spec is not None:
+    if spec is not None and spec.model is None:  # a plain FlashAttention: the keys are the spec
         expected = {"embed": str(spec.embed), "heads": str(spec.heads),
                     "chunk_size": str(spec.chunk), "causal": str(int(spec.causal))}
         for key, want in expected.items():
@@ -216,7 +216,14 @@ def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLi
                     raise ArtifactError(f"{path}: the spec says {key} {want}, the graph's "
                                         f"{OP_NAME} node has {attrs[key].i}")
     wanted = spec.parameter_count()
-    held = sum(_numel(t.dims) for t in graph.initializer if t.data_type in ONNX_ELEM)
+    # The exporter merges equal initializers (a model's fresh LayerNorms are all ones, say), so
+    # each counts once per node that reads it.
+    uses: Dict[str, int] = {}
+    for node in all_nodes(model_proto):
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    held = sum(_numel(t.dims) * max(1, uses.get(t.name, 0)) for t in graph.initializer
+               if t.data_type in ONNX_ELEM)
     if wanted is not None and held < wanted:
         raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
                             f"the graph holds {held:,} float weights")

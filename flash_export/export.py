@@ -66,16 +66,16 @@ def artifact_metadata(spec: Optional[ModelSpec], layer: FlashAttention, io: IOSp
                       **extra: str) -> Dict[str, str]:
     """String metadata every artifact carries: versions, attention config, spec and IOSpec.
 
-    embed, heads, chunk_size and causal describe the spec's model, or the first FlashAttention
-    layer when there is no spec.
+    embed, heads, chunk_size and causal describe the model's first FlashAttention layer (for a
+    plain FlashAttention, the spec; a zoo model may fix some, a language model is causal).
     """
     meta = {
         "flash_export_version": __version__,
         "torch_version": torch.__version__,
-        "embed": str(spec.embed if spec else layer.embed_size),
-        "heads": str(spec.heads if spec else layer.heads),
-        "chunk_size": str(spec.chunk if spec else layer.chunk_size),
-        "causal": str(int(spec.causal if spec else layer.causal)),
+        "embed": str(layer.embed_size),
+        "heads": str(layer.heads),
+        "chunk_size": str(layer.chunk_size),
+        "causal": str(int(layer.causal)),
         "io_spec": io.to_json(),
     }
     if spec is not None:

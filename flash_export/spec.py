@@ -35,9 +35,9 @@ class ModelSpec:
         chunk: keys per online-softmax step (default 64).
         causal: bottom-right aligned causal attention.
         seed: seed of the parameter initialisation when `weights` is None, in [-2^63, 2^64).
-        model: optional "FILE.py:FACTORY"; FACTORY(embed_size=, heads=, chunk_size=, causal=)
-            returns a module whose forward is (values, keys, queries, mask=None) -> (B, Lq, E).
-            Importing FILE runs its code.
+        model: optional "FILE.py:FACTORY" or "MODULE:FACTORY" (such as
+            "flash_export.models.gpt:build"); FACTORY(embed_size=, heads=, chunk_size=, causal=)
+            returns a module built with FlashAttention. Importing FILE or MODULE runs its code.
         weights: optional state-dict checkpoint, loaded with weights_only=True and strict=True.
 
     Raises:
@@ -93,14 +93,26 @@ class ModelSpec:
         return self.model is not None or self.weights is not None
 
     def parameter_count(self) -> Optional[int]:
-        """Parameters of the model this spec builds, when known without building it.
+        """Parameters of the model this spec builds, when known without running a factory.
 
-        A plain FlashAttention has four E x E projections with biases; a `model` factory's count
-        is known only once it is built (None).
+        A plain FlashAttention has four E x E projections with biases. A zoo model
+        (`flash_export.models.*`, our own code) is built on PyTorch's meta device, which
+        allocates nothing; any other factory is user code, counted only once it is built (None).
         """
-        if self.model is not None:
+        if self.model is None:
+            return 4 * self.embed * self.embed + 4 * self.embed
+        if not is_zoo_model(self.model):
             return None
-        return 4 * self.embed * self.embed + 4 * self.embed
+        import torch
+
+        factory = _load_factory(self.model)
+        with torch.device("meta"):
+            try:
+                model = factory(embed_size=self.embed, heads=self.heads, chunk_size=self.chunk,
+                                causal=self.causal)
+            except Exception as exc:  # a zoo model refusing its options: say it in one line
+                raise ModelError(f"cannot build the model: {summary(exc)}") from exc
+        return sum(p.numel() for p in model.parameters())
 
     def build(self) -> "nn.Module":
         """Build the model in eval mode (float32, CPU).
@@ -136,7 +148,8 @@ def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: boo
     """The spec to rebuild: `recorded` (an artifact's) with the caller's `explicit` fields.
 
     An artifact is data: a model file or checkpoint it names is imported or loaded only when the
-    user says so, by naming it again (`explicit`) or with `trust`.
+    user says so, by naming it again (`explicit`) or with `trust`. The zoo's models
+    (`flash_export.models.NAME:build`) are flash-export's own code: a spec may name them.
 
     Raises:
         ArtifactError: the spec would import a model file or load weights named only by the
@@ -145,7 +158,8 @@ def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: boo
     """
     spec = dataclasses.replace(recorded, **dict(explicit))
     named_by_artifact = [(f"--{name}", getattr(spec, name)) for name in ("model", "weights")
-                         if getattr(spec, name) is not None and name not in explicit]
+                         if getattr(spec, name) is not None and name not in explicit
+                         and not (name == "model" and is_zoo_model(getattr(spec, name)))]
     if named_by_artifact and not trust:
         what = " and ".join(f"{flag} {value}" for flag, value in named_by_artifact)
         raise ArtifactError(f"{source} asks to rebuild its reference with {what}; flash-export "
@@ -154,10 +168,25 @@ def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: boo
     return spec
 
 
+ZOO_PREFIX = "flash_export.models."
+
+
+def is_zoo_model(model: Optional[str]) -> bool:
+    """Whether `model` names a factory of the zoo shipped inside flash-export."""
+    if not model:
+        return False
+    module, sep, name = model.rpartition(":")
+    return bool(sep) and module.startswith(ZOO_PREFIX) and module.count(".") == 2 \
+        and module.rpartition(".")[2].isidentifier() and name.isidentifier()
+
+
 def _load_factory(spec: str) -> Callable[..., Any]:
     file, sep, name = spec.rpartition(":")
     if not sep or not file or not name:
-        raise ModelError(f"--model must look like FILE.py:FACTORY, got {spec!r}")
+        raise ModelError(f"--model must look like FILE.py:FACTORY or MODULE:FACTORY, "
+                         f"got {spec!r}")
+    if not file.endswith(".py") and "/" not in file and "\\" not in file:
+        return _module_factory(file, name)
     path = Path(file)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
@@ -174,6 +203,18 @@ def _load_factory(spec: str) -> Callable[..., Any]:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelError(f"{path} has no callable {name!r}")
+    return factory
+
+
+def _module_factory(module_name: str, name: str) -> Callable[..., Any]:
+    """FACTORY from an importable module (`flash_export.models.gpt:build`, say)."""
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:  # a missing or failing module: one line
+        raise ModelError(f"cannot import module {module_name}: {summary(exc)}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelError(f"module {module_name} has no callable {name!r}")
     return factory
 
 

@@ -131,10 +131,11 @@ def _flash_modules(model: nn.Module) -> List[FlashAttention]:
     return [m for m in model.modules() if isinstance(m, FlashAttention)]
 
 
-def metadata_checks(meta: Dict[str, str], spec: ModelSpec) -> List[Check]:
-    """The attention config recorded in the metadata against the spec."""
-    expected = {"embed": str(spec.embed), "heads": str(spec.heads),
-                "chunk_size": str(spec.chunk), "causal": str(int(spec.causal))}
+def metadata_checks(meta: Dict[str, str], model: nn.Module) -> List[Check]:
+    """The attention config recorded in the metadata against the rebuilt model's first layer."""
+    layer = _flash_modules(model)[0]
+    expected = {"embed": str(layer.embed_size), "heads": str(layer.heads),
+                "chunk_size": str(layer.chunk_size), "causal": str(int(layer.causal))}
     return [Check(f"metadata.{key}", want, meta.get(key, "(missing)"),
                   meta.get(key) == want) for key, want in expected.items()]
 
@@ -338,7 +339,7 @@ class _Loaded:
 
     def structural_checks(self, spec: Optional[ModelSpec], model: nn.Module) -> List[Check]:
         """Metadata, manifest and custom-node attributes against the spec and its model."""
-        checks = (metadata_checks(self.meta, spec) if spec else []) + manifest_checks(self.path)
+        checks = metadata_checks(self.meta, model) + manifest_checks(self.path)
         if self.proto is not None:
             checks += dynamic_dim_checks(self.proto, self.io)
         if self.proto is not None and (self.recorded.target == "custom"
