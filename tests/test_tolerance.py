@@ -23,7 +23,16 @@ def test_a_non_finite_baseline_cannot_make_everything_pass():
     ref = np.array([1.0, np.nan, 3.0])
     bad = ref + 100.0
     c = compare(bad, ref, baseline_error=np.inf, dtype="float32")
-    assert not c.passed and c.bound == 1e-5
+    assert not c.passed and c.bound == pytest.approx(3e-5)  # the floor, scaled by |ref| = 3
+
+
+def test_the_floor_scales_with_the_output_magnitude_past_one():
+    """A model's logits of magnitude ~100 have rounding steps of 7.6e-6 each (float32)."""
+    small, large = np.array([0.5, -0.25]), np.array([100.0, -40.0])
+    assert compare(small, small, baseline_error=0.0, dtype="float32").bound == 1e-5
+    c = compare(large + 5e-4, large, baseline_error=0.0, dtype="float32")
+    assert c.bound == pytest.approx(1e-3) and c.passed
+    assert not compare(large + 2e-3, large, baseline_error=0.0, dtype="float32").passed
 
 
 def test_nonfinite_output_where_reference_is_finite_fails_even_within_bound():
