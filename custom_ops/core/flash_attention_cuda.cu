@@ -1,4 +1,4 @@
-// CUDA forward of FlashAttention (see flash_attention.h for the contract).
+// CUDA forward of FlashAttention (flash_export.h states the params' contract).
 //
 // Two kernels behind one launcher:
 //   * flash_fwd_mma_kernel: float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows. One CTA of
@@ -567,15 +567,3 @@ Status attention_forward_cuda(const AttentionParams& params, void* stream) {
 }
 
 }  // namespace flash_export
-
-// Framework-free C entry points (ctypes, other languages). The Status travels as its int value.
-extern "C" __attribute__((visibility("default"))) int32_t flash_export_attention_forward_cuda(
-    const flash_export::AttentionParams* params, void* stream) {
-  if (params == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
-  return static_cast<int32_t>(flash_export::attention_forward_cuda(*params, stream));
-}
-
-// sizeof(AttentionParams) as this library was compiled, so bindings can check their mirror.
-extern "C" __attribute__((visibility("default"))) size_t flash_export_params_size(void) {
-  return sizeof(flash_export::AttentionParams);
-}

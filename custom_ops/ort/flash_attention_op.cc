@@ -1,10 +1,6 @@
-// onnxruntime adapter for com.flash_export::FlashAttention (version 1): reads the attributes once
-// per kernel, validates every input, fills AttentionParams and runs the core on the session's
+// onnxruntime adapter for the node flash_attention_op.h describes: reads the attributes once per
+// kernel, validates every input, fills AttentionParams and runs the core on the session's
 // intra-op thread pool (CPU) or on the stream onnxruntime hands out (CUDA).
-//
-// Inputs: query (B, Lq, E), key (B, Lk, E), value (B, Lk, E), optional bool mask broadcastable to
-// (B, num_heads, Lq, Lk). Attributes: num_heads (required), chunk_size (64), causal (0),
-// scale (1/sqrt(E/num_heads)). Output: (B, Lq, E), query's dtype (float32 or float16).
 #include "flash_attention_op.h"
 
 #include <atomic>
@@ -27,7 +23,6 @@ namespace {
 
 using namespace ort_abi;  // NOLINT(build/namespaces): the adapter speaks this ABI throughout
 
-constexpr const char* kOpName = "FlashAttention";
 constexpr size_t kQuery = 0, kKey = 1, kValue = 2, kMask = 3;
 
 struct Attributes {
@@ -86,17 +81,8 @@ OrtStatus* no_throw(const Api& api, Fn&& fn) noexcept {
 }
 
 // Every attribute is checked once, at session creation (kernel creation happens then): a wrong
-// type or an out-of-range value is an error naming the attribute, what it must be and what it is,
-// never a silent default. What each must be:
-constexpr const char* kNumHeadsRule = "an INT >= 1 (required)";
-constexpr const char* kChunkSizeRule = "an INT >= 1 (default 64)";
-constexpr const char* kCausalRule = "an INT 0 or 1 (default 0)";
-// Any finite scale but 0 is well defined and computed alike by every backend, a negative one
-// included (it attends most to the least similar keys). 0 is refused: it would silently average
-// the values whatever the query, and onnxruntime's com.microsoft attention operators read a scale
-// of 0 as "the default", so a graph written for them would mean something else here.
-constexpr const char* kScaleRule = "a finite FLOAT other than 0 (default 1/sqrt(head_dim))";
-
+// type or an out-of-range value is an error naming the attribute, what it must be (its rule in
+// flash_attention_op.h) and what it is, never a silent default.
 OrtStatus* attribute_error(const Api& api, const char* name, const std::string& is,
                            const char* rule) {
   return invalid(api, std::string("attribute ") + name + " is " + is + ", expected " + rule);
@@ -333,7 +319,7 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   OrtValue* out = nullptr;
   if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, out_dims, 3, &out)) return s;
 
-  AttentionParams p;
+  AttentionParams p{};  // no mask until one is set below
   void* data[4] = {nullptr, nullptr, nullptr, nullptr};
   for (size_t i = 0; i < 4; ++i) {
     if (i == kMask && !has_mask) continue;
@@ -449,7 +435,7 @@ OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, s
 }
 OrtMemType default_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int one(const OrtCustomOp*) { return 1; }
-int start_version(const OrtCustomOp*) { return 1; }
+int start_version(const OrtCustomOp*) { return kOpVersion; }
 int end_version(const OrtCustomOp*) { return 2147483647; }
 
 OrtCustomOp make_op(const char* (*provider)(const OrtCustomOp*),

@@ -11,16 +11,12 @@
 #include <cstdint>
 #include <cstring>
 
-#ifndef FLASH_EXPORT_ORT_API_VERSION
-#define FLASH_EXPORT_ORT_API_VERSION 17
-#endif
-
 namespace flash_export {
 namespace ort_abi {
 
-// The lowest OrtApi version that has every function below (KernelContext_ParallelFor and the
-// shape-inference context arrived in 1.17).
-constexpr uint32_t kApiVersion = FLASH_EXPORT_ORT_API_VERSION;
+// The OrtApi version this library asks for, stated here only: the lowest that has every function
+// below (KernelContext_ParallelFor and the shape-inference context arrived in 1.17).
+constexpr uint32_t kApiVersion = 17;
 
 struct OrtApi;  // a table of function pointers, read by index (Api below)
 struct OrtStatus;
