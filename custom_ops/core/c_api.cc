@@ -47,7 +47,7 @@ extern "C" int32_t flash_export_attention_forward_cpu(const FlashExportAttention
 }
 
 extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportAttentionParams* p,
-                                                             int32_t threads) {
+                                                              int32_t threads) {
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
   if (threads <= 1) return flash_export_attention_forward_cpu(p);
   ThreadedFor context{threads};
@@ -57,7 +57,7 @@ extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportA
 
 #ifdef FLASH_EXPORT_WITH_CUDA
 extern "C" int32_t flash_export_attention_forward_cuda(const FlashExportAttentionParams* p,
-                                                      void* stream) {
+                                                       void* stream) {
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
   return static_cast<int32_t>(flash_export::attention_forward_cuda(*p, stream));
 }

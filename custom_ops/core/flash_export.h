@@ -92,7 +92,8 @@ extern "C" {
 FLASH_EXPORT_API size_t flash_export_params_size(void);
 
 /* Serial CPU forward. */
-FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu(const FlashExportAttentionParams* params);
+FLASH_EXPORT_API int32_t
+flash_export_attention_forward_cpu(const FlashExportAttentionParams* params);
 
 /* CPU forward on `threads` std::threads (the caller's thread included); threads <= 1 is serial. */
 FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
@@ -100,8 +101,8 @@ FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
 
 /* CUDA forward on `stream` (a cudaStream_t; 0 is the legacy default stream), asynchronous like any
  * launch. Exported only by a library built with nvcc. */
-FLASH_EXPORT_API int32_t flash_export_attention_forward_cuda(
-    const FlashExportAttentionParams* params, void* stream);
+FLASH_EXPORT_API int32_t
+flash_export_attention_forward_cuda(const FlashExportAttentionParams* params, void* stream);
 
 /* The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable". */
 FLASH_EXPORT_API const char* flash_export_cpu_isa(void);
@@ -113,7 +114,7 @@ FLASH_EXPORT_API const char* flash_export_cpu_isa(void);
 FLASH_EXPORT_API const char* flash_export_build_info(void);
 
 #ifdef __cplusplus
-}  /* extern "C" */
+} /* extern "C" */
 #endif
 
-#endif  /* FLASH_EXPORT_CORE_FLASH_EXPORT_H_ */
+#endif /* FLASH_EXPORT_CORE_FLASH_EXPORT_H_ */

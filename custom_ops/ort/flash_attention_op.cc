@@ -45,21 +45,36 @@ OrtStatus* invalid(const Api& api, const std::string& message) {
 
 const char* type_name(ONNXTensorElementDataType type) {
   switch (static_cast<int>(type)) {
-    case 1: return "float32";
-    case 2: return "uint8";
-    case 3: return "int8";
-    case 4: return "uint16";
-    case 5: return "int16";
-    case 6: return "int32";
-    case 7: return "int64";
-    case 8: return "string";
-    case 9: return "bool";
-    case 10: return "float16";
-    case 11: return "float64";
-    case 12: return "uint32";
-    case 13: return "uint64";
-    case 16: return "bfloat16";
-    default: return "an unsupported element type";
+    case 1:
+      return "float32";
+    case 2:
+      return "uint8";
+    case 3:
+      return "int8";
+    case 4:
+      return "uint16";
+    case 5:
+      return "int16";
+    case 6:
+      return "int32";
+    case 7:
+      return "int64";
+    case 8:
+      return "string";
+    case 9:
+      return "bool";
+    case 10:
+      return "float16";
+    case 11:
+      return "float64";
+    case 12:
+      return "uint32";
+    case 13:
+      return "uint64";
+    case 16:
+      return "bfloat16";
+    default:
+      return "an unsupported element type";
   }
 }
 
@@ -104,12 +119,11 @@ OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtK
                                  void** kernel) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
   Attributes a;
-  if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule,
-                              &a.num_heads)) {
+  if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule, &a.num_heads)) {
     return s;
   }
-  if (OrtStatus* s = read_int(api, info, "chunk_size", false, 1, kMax, kChunkSizeRule,
-                              &a.chunk_size)) {
+  if (OrtStatus* s =
+          read_int(api, info, "chunk_size", false, 1, kMax, kChunkSizeRule, &a.chunk_size)) {
     return s;
   }
   if (OrtStatus* s = read_int(api, info, "causal", false, 0, 1, kCausalRule, &a.causal)) return s;
@@ -189,8 +203,9 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
     case Status::kOutOfMemory:
       return api.CreateStatus(ORT_FAIL, "FlashAttention: out of memory for kernel scratch");
     default:
-      return api.CreateStatus(ORT_RUNTIME_EXCEPTION,
-                              (std::string("FlashAttention: ") + device + " kernel failed").c_str());
+      return api.CreateStatus(
+          ORT_RUNTIME_EXCEPTION,
+          (std::string("FlashAttention: ") + device + " kernel failed").c_str());
   }
 }
 
@@ -229,7 +244,6 @@ OrtStatus* check_core_limits(const Api& api, int64_t batch, int64_t heads, int64
 
 template <bool kCuda>
 OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
-
   size_t input_count = 0;
   if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
   if (input_count < 3 || input_count > 4) {
@@ -253,7 +267,8 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   const TensorInfo& k = t[kKey];
   const TensorInfo& v = t[kValue];
   for (size_t i = 0; i < 3; ++i) {
-    if (t[i].rank != 3) return invalid(api, rank_error(names[i], t[i], "3 (batch, sequence, embed)"));
+    if (t[i].rank != 3)
+      return invalid(api, rank_error(names[i], t[i], "3 (batch, sequence, embed)"));
   }
   if (q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
       q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
@@ -294,8 +309,8 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   if (has_mask) {
     const TensorInfo& m = t[kMask];
     if (m.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
-      return invalid(api, std::string("mask has element type ") + type_name(m.type) +
-                              ", expected bool");
+      return invalid(api,
+                     std::string("mask has element type ") + type_name(m.type) + ", expected bool");
     }
     if (m.rank > 4) return invalid(api, rank_error("mask", m, "at most 4"));
     const int64_t target[4] = {batch, a.num_heads, seq_q, seq_k};

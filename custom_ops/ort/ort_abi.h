@@ -194,8 +194,8 @@ class Api {
         info, dims, count);
   }
   OrtStatus* GetTensorTypeAndShape(const OrtValue* value, OrtTensorTypeAndShapeInfo** out) const {
-    return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(
-        kGetTensorTypeAndShape)(value, out);
+    return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(
+        value, out);
   }
   OrtStatus* KernelInfoGetAttribute_float(const OrtKernelInfo* info, const char* name,
                                           float* out) const {
@@ -253,8 +253,7 @@ class Api {
   void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* info) const {
     fn<void (*)(OrtTensorTypeAndShapeInfo*)>(kReleaseTensorTypeAndShapeInfo)(info);
   }
-  OrtStatus* KernelContext_GetGPUComputeStream(const OrtKernelContext* context,
-                                               void** out) const {
+  OrtStatus* KernelContext_GetGPUComputeStream(const OrtKernelContext* context, void** out) const {
     return fn<OrtStatus* (*)(const OrtKernelContext*, void**)>(kKernelContext_GetGPUComputeStream)(
         context, out);
   }
@@ -269,8 +268,7 @@ class Api {
     return fn<OrtStatus* (*)(const OrtShapeInferContext*, size_t, OrtTensorTypeAndShapeInfo**)>(
         kShapeInferContext_GetInputTypeShape)(context, index, out);
   }
-  OrtStatus* ShapeInferContext_SetOutputTypeShape(const OrtShapeInferContext* context,
-                                                  size_t index,
+  OrtStatus* ShapeInferContext_SetOutputTypeShape(const OrtShapeInferContext* context, size_t index,
                                                   const OrtTensorTypeAndShapeInfo* info) const {
     return fn<OrtStatus* (*)(const OrtShapeInferContext*, size_t,
                              const OrtTensorTypeAndShapeInfo*)>(

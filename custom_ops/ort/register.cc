@@ -25,8 +25,8 @@ void create_domain(const Api& api) {
     status = api.CustomOpDomain_Add(g_domain, flash_attention_cuda_op());
   }
   if (status != nullptr) {
-    g_error = std::string("flash_export: registering ") + kDomain + " failed: " +
-              api.GetErrorMessage(status);
+    g_error = std::string("flash_export: registering ") + kDomain +
+              " failed: " + api.GetErrorMessage(status);
     api.ReleaseStatus(status);
   }
 }
@@ -49,8 +49,7 @@ RegisterCustomOps(flash_export::ort_abi::OrtSessionOptions* options,
     // onnxruntime 1.N serves OrtApi versions up to N.
     const std::string version = std::to_string(flash_export::ort_abi::kApiVersion);
     const std::string message = "flash_export needs onnxruntime >= 1." + version + " (OrtApi " +
-                                version + "); this onnxruntime is " +
-                                api_base->GetVersionString();
+                                version + "); this onnxruntime is " + api_base->GetVersionString();
     return v1 == nullptr ? nullptr
                          : Api(v1).CreateStatus(flash_export::ort_abi::ORT_FAIL, message.c_str());
   }
