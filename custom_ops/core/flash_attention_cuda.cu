@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled logits
   float row_sum[2] = {0.0f, 0.0f};            // this thread's share of the running denominator
   // Whether each row has met a visible key among this thread's columns: a row that did, but whose
-  // every logit was -inf, is NaN (flash_attention.h); one that did not is zeros.
+  // every logit was -inf, is NaN (flash_export.h); one that did not is zeros.
   bool row_seen[2] = {false, false};
 
   for (int tile = 0; tile < num_tiles; ++tile) {
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
   }
   const float total = warp_sum(run_sum);
   // No visible key: zeros. Visible keys whose logits were all -inf: total 0, and 0 * inf = NaN
-  // (flash_attention.h). Only a row without a positive sum looks its keys' visibility up again,
+  // (flash_export.h). Only a row without a positive sum looks its keys' visibility up again,
   // after the loop: a flag carried through it spills registers.
   bool seen = total > 0.0f;
   if (!seen) {
