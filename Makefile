@@ -29,9 +29,18 @@ demo: $(STAMP)
 	$(BIN)/flash-export bench $(OUT)/flash_attention.onnx --seq 256,1024 --iters 10
 	$(BIN)/flash-export doctor
 
-lint: $(STAMP)
+# C++ style: .clang-format (Google, 100 columns), with a pinned clang-format from its PyPI wheel
+# (each release formats a little differently; the wheel needs no system package).
+CLANG_FORMAT := $(BIN)/clang-format
+CXX_SOURCES := $(shell find custom_ops -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+lint: $(STAMP) $(CLANG_FORMAT)
 	$(BIN)/ruff check flash_export tests models examples benchmarks custom_ops setup.py flash_attention.py
 	$(BIN)/mypy
+	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
+
+$(CLANG_FORMAT): | $(STAMP)
+	$(BIN)/python -m pip install -q clang-format==18.1.8
 
 test: lint
 	$(BIN)/python -m pytest -q -rs

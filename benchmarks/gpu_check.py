@@ -1,9 +1,10 @@
 """The one prepared check of the CUDA attention kernel on a lent GPU; writes one JSON report.
 
 Phases, each in its own subprocess so a crash or a poisoned CUDA context loses only that phase:
-  correctness   float16/bfloat16/float32 against a float64 reference (tolerance: max abs error
-                <= max(1e-5, 2 x PyTorch's same-dtype error), no NaN/Inf where the reference is
-                finite, rows that see no key exactly zero, repeated runs bit-identical)
+  correctness   float16/bfloat16/float32 against a float64 reference (flash_export.tolerance's
+                rule: max abs error <= max(the dtype's floor, 2 x PyTorch's same-dtype error), no
+                NaN/Inf where the reference is finite; rows that see no key exactly zero, repeated
+                runs bit-identical)
   benchmark     B=4, H=16, D=64/128, N=1024/4096/16384, float16, causal or not; CUDA events,
                 median of repeats, TFLOP/s beside torch SDPA's flash backend in the same process
   sanitizer     compute-sanitizer memcheck and racecheck on small shapes; the checked process
@@ -13,6 +14,9 @@ plus the environment (device, versions, onnxruntime's providers) and the params 
 
     python benchmarks/gpu_check.py --lib BUILD/libflash_export.so --out OUT/gpu_report.json
     python benchmarks/gpu_check.py --dry-run --lib CPU_BUILD/libflash_export.so   # no GPU needed
+
+flash_export must be importable: installed, or the repository root on PYTHONPATH (gpu_check.sh
+sets it).
 
 --dry-run runs every phase on the CPU through the library's CPU entry point (smaller shapes, no
 compute-sanitizer, perf_counter timing) so all of this Python can be rehearsed without a GPU.
@@ -35,11 +39,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flash_export.native import AttentionParams, NativeLibrary, Strided, attention_params
+from flash_export.runtime import LIBRARY_ENV
 
-import cuda_harness as harness  # noqa: E402  (sibling module, found through the path above)
-
-LIBRARY_ENV = "FLASH_EXPORT_LIBRARY"
 MMA_HEAD_DIMS = (64, 128)
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
@@ -163,8 +165,9 @@ def make_inputs(case: Dict[str, Any], device: Any) -> Tuple[Any, Any, Any, Any]:
     return q, k, v, mask
 
 
-def run_case(lib: harness.NativeLibrary, case: Dict[str, Any], device: Any) -> Dict[str, Any]:
+def run_case(lib: NativeLibrary, case: Dict[str, Any], device: Any) -> Dict[str, Any]:
     """Run one case twice, judge it against the float64 reference; returns the result record."""
+    import cuda_harness as harness  # imports torch (the sanitizer target must not)
     import torch
 
     q, k, v, mask = make_inputs(case, device)
@@ -177,14 +180,14 @@ def run_case(lib: harness.NativeLibrary, case: Dict[str, Any], device: Any) -> D
     ref = harness.reference_attention(q, k, v, heads, mask=mask, causal=causal)
     base = harness.reference_attention(q, k, v, heads, mask=mask, causal=causal,
                                        compute_dtype=q.dtype)
-    verdict = harness.judge(out, ref, base)
+    verdict, baseline_error = harness.compare_to_reference(out, ref, base)
     visible = harness.visible_keys(case["seq_q"], case["seq_k"], causal=causal, mask=mask,
                                    device=device)
     dead = ~torch.broadcast_to(visible, (case["batch"], 1, case["seq_q"], case["seq_k"])).any(-1)
     dead_rows = dead[:, 0]  # (B, Lq): rows that see no key, identical over heads
     zero_ok = bool((out[dead_rows] == 0).all()) if out.numel() else True
     result.update(max_abs=finite_or_none(verdict.max_abs),
-                  baseline_max_abs=finite_or_none(verdict.baseline_max_abs), bound=verdict.bound,
+                  baseline_max_abs=finite_or_none(baseline_error), bound=verdict.bound,
                   nonfinite=verdict.nonfinite, dead_rows=int(dead_rows.sum()),
                   dead_rows_zero=zero_ok, repeat_identical=bool(torch.equal(out, again)),
                   passed=verdict.passed and zero_ok and bool(torch.equal(out, again)))
@@ -196,7 +199,7 @@ def phase_correctness(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     device = torch.device("cpu" if args.dry_run else "cuda")
-    lib = harness.NativeLibrary(args.lib)
+    lib = NativeLibrary(str(args.lib))
     torch.manual_seed(0)
     records: List[Dict[str, Any]] = []
     state: Dict[str, Any] = {"device": str(device), "cases": records, "running": None}
@@ -241,9 +244,10 @@ def time_median_ms(fn: Callable[[], Any], device: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(lib: harness.NativeLibrary, device: Any, backend: Any, batch: int, heads: int,
+def bench_one(lib: NativeLibrary, device: Any, backend: Any, batch: int, heads: int,
               head_dim: int, n: int, causal: bool, repeats: int) -> Dict[str, Any]:
     """Time our kernel and torch SDPA on the same float16 (B, N, H*D) tensors."""
+    import cuda_harness as harness  # imports torch (the sanitizer target must not)
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
@@ -276,7 +280,7 @@ def phase_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     from torch.nn.attention import SDPBackend
 
     device = torch.device("cpu" if args.dry_run else "cuda")
-    lib = harness.NativeLibrary(args.lib)
+    lib = NativeLibrary(str(args.lib))
     batch, heads = (1, 2) if args.dry_run else (4, 16)
     lengths = (64, 256) if args.dry_run else (1024, 4096, 16384)
     backend = SDPBackend.MATH if args.dry_run else SDPBackend.FLASH_ATTENTION
@@ -401,7 +405,7 @@ def phase_sanitize_target(args: argparse.Namespace) -> Dict[str, Any]:
     """Child under compute-sanitizer: small launches of every kernel, raw pointers, no torch."""
     import numpy as np
 
-    lib = harness.NativeLibrary(args.lib)
+    lib = NativeLibrary(str(args.lib))
     mem = DeviceMemory(args.dry_run)
     rng = np.random.default_rng(0)
     results = []
@@ -409,20 +413,12 @@ def phase_sanitize_target(args: argparse.Namespace) -> Dict[str, Any]:
         e = h * d
         q, k, v = (to_bits(rng.standard_normal((b, n, e)), dtype) for n in (lq, lk, lk))
         out = np.zeros_like(q)
-        p = harness.AttentionParams()
-        p.q, p.k, p.v = mem.upload(q), mem.upload(k), mem.upload(v)
-        p.out = mem.upload(out)
-        p.batch, p.heads, p.head_dim, p.seq_q, p.seq_k = b, h, d, lq, lk
-        for prefix, n in (("q", lq), ("k", lk), ("v", lk), ("o", lq)):
-            setattr(p, f"{prefix}_batch_stride", n * e)
-            setattr(p, f"{prefix}_row_stride", e)
-            setattr(p, f"{prefix}_head_stride", d)
-        if use_mask:
-            mask = (rng.random((lq, lk)) > 0.3).astype(np.uint8)  # (Lq, Lk), broadcast over B, H
-            p.mask = mem.upload(mask)
-            p.mask_q_stride, p.mask_k_stride = lk, 1
-        p.chunk_size, p.scale, p.causal = 64, 1.0 / math.sqrt(d), causal
-        p.dtype = {"float32": 0, "float16": 1, "bfloat16": 2}[dtype]
+        mask = None
+        if use_mask:  # (Lq, Lk), broadcast over B and H
+            mask = (rng.random((lq, lk)) > 0.3).astype(np.uint8)
+            mask = Strided.of(np.broadcast_to(mask, (b, h, lq, lk)), mem.upload(mask))
+        p = attention_params(*(Strided.of(x, mem.upload(x)) for x in (q, k, v, out)), h,
+                             dtype=dtype, mask=mask, causal=causal)
         status = lib.forward_cpu(p) if args.dry_run else lib.forward_cuda(p, 0)
         mem.synchronize()
         mem.download(p.out, out)
@@ -485,11 +481,9 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     nvcc = shutil.which("nvcc")
     if nvcc:
         env["nvcc"] = run_child([nvcc, "--version"], 30)["output"].strip().splitlines()[-1]
-    lib = harness.NativeLibrary(args.lib)
-    env["layout"] = {"ctypes_sizeof": ctypes.sizeof(harness.AttentionParams),
-                     "library_sizeof": lib.params_size(), "has_cuda_entry": lib.has_cuda,
-                     "has_cpu_entry": lib.has_cpu}
-    env["layout"]["match"] = env["layout"]["library_sizeof"] == env["layout"]["ctypes_sizeof"]
+    lib = NativeLibrary(str(args.lib))  # raises unless the params layout matches the mirror
+    env["layout"] = {"params_size": ctypes.sizeof(AttentionParams), "match": True,
+                     "has_cuda_entry": lib.has_cuda}
     try:
         import onnxruntime as ort
 

@@ -14,35 +14,28 @@ PY=${PYTHON:-python3}
 DRY=()
 [ -n "${DRY_RUN:-}" ] && DRY=(--dry-run)
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # flash_export, installed or not
 mkdir -p "$OUT" "$BUILD"
 LOG=$OUT/build.log
 : >"$LOG"
 # A PATH nvcc may be a wrapper script; build.py finds the static cudart next to the real one.
 [ -x /usr/local/cuda/bin/nvcc ] && export PATH=/usr/local/cuda/bin:$PATH
 
-has_cuda_entry() {
-  "$PY" -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1]).flash_export_attention_forward_cuda' \
-    "$1" 2>>"$LOG"
+has_cuda_entry() {  # through the binding, which also checks the params layout
+  "$PY" - "$1" 2>>"$LOG" <<'PY'
+import sys
+from flash_export.native import NativeLibrary
+sys.exit(not NativeLibrary(sys.argv[1]).has_cuda)
+PY
 }
 
 t0=$(date +%s)
 LIB=${FLASH_EXPORT_LIBRARY:-}  # set: test that library, build nothing
-if [ -z "$LIB" ] && [ -f custom_ops/build.py ]; then
+if [ -z "$LIB" ]; then
   echo "== custom_ops/build.py --cuda on" | tee -a "$LOG"
   if timeout 150 "$PY" custom_ops/build.py --out "$BUILD/full" --cuda on --verbose >>"$LOG" 2>&1 \
       && has_cuda_entry "$BUILD/full/libflash_export.so"; then
     LIB=$BUILD/full/libflash_export.so
-  fi
-fi
-if [ -z "$LIB" ] && [ -z "${FLASH_EXPORT_LIBRARY:-}" ]; then
-  # The project build failed (or is missing): the kernel alone is enough for every check except
-  # the CPU entry point, which the GPU run does not use.
-  echo "== build.py gave no CUDA library; compiling flash_attention_cuda.cu alone" | tee -a "$LOG"
-  if timeout 150 nvcc -std=c++17 -O3 -Xcompiler -fPIC,-Wall,-Wextra -Werror all-warnings \
-      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-      -shared -cudart static -I custom_ops/core custom_ops/core/flash_attention_cuda.cu \
-      -o "$BUILD/libflash_export_cuda.so" >>"$LOG" 2>&1; then
-    LIB=$BUILD/libflash_export_cuda.so
   fi
 fi
 echo "== build: ${LIB:-FAILED} ($(( $(date +%s) - t0 )) s)" | tee -a "$LOG"

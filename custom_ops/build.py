@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LIBRARY_NAME = "libflash_export.so"
-ORT_API_VERSION = 17  # the OrtApi version the adapter asks for (custom_ops/ort/ort_abi.h)
 
 _ROOT = Path(__file__).resolve().parent
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -134,7 +133,7 @@ def build_library(
         cu_sources = []
     archs = [str(a) for a in cuda_archs]
 
-    defines = [f"-DFLASH_EXPORT_ORT_API_VERSION={ORT_API_VERSION}"]
+    defines: list[str] = []
     if skip_amx:
         defines.append("-DFLASH_EXPORT_NO_AMX")
     if with_cuda:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
-from flash_export.errors import first_line
+from flash_export.errors import RuntimeLibraryError, first_line
 
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
 _REINSTALL = ("reinstall: pip install --force-reinstall --no-deps flash-export (pip builds the "
@@ -264,17 +264,17 @@ def probe(lib: str) -> Dict[str, Any]:
     if not out["has_register"]:
         return out
     step("flash_export_build_info")
-    if hasattr(handle, "flash_export_build_info"):
-        fn = handle.flash_export_build_info
-        fn.restype = ctypes.c_char_p
-        fn.argtypes = []
-        try:
-            out["build_info"] = json.loads(fn().decode())
-        except (ValueError, AttributeError) as exc:
-            out["build_info_error"] = f"flash_export_build_info returned no JSON: {exc}"
-            return out
-    else:
-        out["build_info_error"] = "flash_export_build_info is not exported"
+    from flash_export.native import NativeLibrary
+
+    try:  # checks every C entry point and the params layout too
+        native = NativeLibrary(lib)
+    except RuntimeLibraryError as exc:
+        out["build_info_error"] = str(exc)
+        return out
+    try:
+        out["build_info"] = native.build_info()
+    except (ValueError, TypeError) as exc:  # not JSON, or a null pointer
+        out["build_info_error"] = f"flash_export_build_info returned no JSON: {exc}"
         return out
     step("register")
     import numpy as np

@@ -41,12 +41,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
+from _native_cases import flash_node, model_bytes, reference_attention  # a sibling module
 from onnx import TensorProto, helper
 
-from flash_export.runtime import LIBRARY_DOMAIN as DOMAIN
 from flash_export.runtime import library_path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PREFIX = "FlashAttention: "
 HEAD_DIMS = (1, 2, 8, 16, 24, 64, 128)
@@ -86,15 +84,9 @@ def node_model(dtypes: tuple[str, ...], ranks: Optional[tuple[Optional[int], ...
         shape = None if rank is None else [f"{name}_{i}_{d}" for d in range(rank)]
         inputs.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
-    node = helper.make_node("FlashAttention", list(NAMES[: len(dtypes)]), ["out"], domain=DOMAIN,
-                            **attrs)
     out = helper.make_tensor_value_info(
         "out", helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[0])), None)
-    graph = helper.make_graph([node], "flash", inputs, [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    return model.SerializeToString()
+    return model_bytes([flash_node(list(NAMES[: len(dtypes)]), **attrs)], inputs, [out])
 
 
 def new_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -384,35 +376,6 @@ class SessionCache:
         return found
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: Optional[np.ndarray],
-              causal: bool, scale: Optional[float], dtype: Any) -> np.ndarray:
-    """Matmul-softmax-matmul in torch `dtype`; rows that see no key are zeros. (B, Lq, E) float64.
-
-    The same math as tests/_native_cases.reference_attention, but the mask is broadcast instead of
-    expanded to (B, H, Lq, Lk): thousands of cases spend most of their time here.
-    """
-    import torch
-
-    def split(x: np.ndarray) -> Any:
-        t = torch.from_numpy(x).to(dtype)
-        return t.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # (B, H, L, D)
-
-    qt, kt, vt = split(q), split(k), split(v)
-    seq_q, seq_k, head_dim = qt.shape[2], kt.shape[2], qt.shape[3]
-    logits = (qt @ kt.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim) if scale is None else scale)
-    visible = torch.ones(seq_q, seq_k, dtype=torch.bool).tril(seq_k - seq_q) if causal else None
-    if mask is not None:
-        m = torch.from_numpy(np.asarray(mask))
-        visible = m if visible is None else visible & m
-    if visible is not None:
-        logits = logits.masked_fill(~visible, float("-inf"))  # (B, H, Lq, Lk)
-    probs = torch.softmax(logits, dim=-1)
-    if visible is not None:
-        probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros((), dtype=dtype))
-    out = (probs @ vt).transpose(1, 2).reshape(q.shape)  # (B, Lq, E)
-    return out.to(torch.float64).numpy()
-
-
 def check_valid(case: Case, out: np.ndarray) -> tuple[Optional[str], float]:
     """(None when `out` passes FUZZ_BOUND_FACTOR x the STYLE.md bound, else why not; error / bound).
 
@@ -428,15 +391,15 @@ def check_valid(case: Case, out: np.ndarray) -> tuple[Optional[str], float]:
     q, k, v = case.arrays[:3]
     if out.shape != q.shape or out.dtype != q.dtype:
         return f"output {out.shape}:{out.dtype}, expected {q.shape}:{q.dtype}", math.inf
-    args = (case.attrs["num_heads"], case.arrays[3] if len(case.arrays) > 3 else None,
-            bool(case.attrs["causal"]), case.attrs.get("scale"))
+    heads = case.attrs["num_heads"]
+    options = dict(mask=case.arrays[3] if len(case.arrays) > 3 else None,
+                   causal=bool(case.attrs["causal"]), scale=case.attrs.get("scale"))
     if q.shape[1] == 0 or k.shape[1] == 0:
         reference = np.zeros(q.shape, np.float64)  # no query rows, or rows that see no key
         baseline_error = 0.0
     else:
-        q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
-        reference = attention(q64, k64, v64, *args, dtype=torch.float64)
-        same = attention(q, k, v, *args, dtype=getattr(torch, str(q.dtype)))
+        reference = reference_attention(q, k, v, heads, **options)
+        same = reference_attention(q, k, v, heads, dtype=getattr(torch, str(q.dtype)), **options)
         baseline_error = max_abs_error(same, reference)
         if not math.isfinite(baseline_error):
             return f"the {q.dtype} baseline overflowed: the generator's magnitudes are too big", 0.0
@@ -532,19 +495,12 @@ def two_node_model() -> bytes:
     inputs = [helper.make_tensor_value_info(n, f, ["B", length, "E"])
               for n, length in (("query", "Lq"), ("key", "Lk"), ("value", "Lk"))]
     inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, None))
-    nodes = [
-        helper.make_node("FlashAttention", ["query", "key", "value"], ["plain"], domain=DOMAIN,
-                         num_heads=2, chunk_size=16),
-        helper.make_node("FlashAttention", ["query", "key", "value", "mask"], ["masked_causal"],
-                         domain=DOMAIN, num_heads=2, chunk_size=7, causal=1),
-    ]
+    nodes = [flash_node(["query", "key", "value"], "plain", num_heads=2, chunk_size=16),
+             flash_node(["query", "key", "value", "mask"], "masked_causal", num_heads=2,
+                        chunk_size=7, causal=1)]
     outputs = [helper.make_tensor_value_info(n, f, ["B", "Lq", "E"])
                for n in ("plain", "masked_causal")]
-    graph = helper.make_graph(nodes, "flash2", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    return model.SerializeToString()
+    return model_bytes(nodes, inputs, outputs)
 
 
 def concurrency_feeds() -> list[dict[str, np.ndarray]]:

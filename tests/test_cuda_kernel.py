@@ -1,15 +1,16 @@
 """The CUDA kernel (custom_ops/core/flash_attention_cuda.cu) through its C entry point.
 
-Without nvcc the build tests skip; without a GPU the `cuda` tests skip. Native calls run in a
-subprocess, so a crash fails a test instead of killing the run.
+Without nvcc the build tests skip; without a GPU the `cuda` tests skip (tests/conftest.py). Native
+calls run in a subprocess, so a crash fails a test instead of killing the run. The correctness run
+on a GPU goes through benchmarks/cuda_harness.py, the torch side of the GPU check, which it tests
+at CI size.
 """
 
 from __future__ import annotations
 
-import ctypes
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,13 +19,12 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from flash_export.native import NativeLibrary
+from flash_export.runtime import library_path
+
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "custom_ops" / "core"
 CUDA_SOURCE = CORE / "flash_attention_cuda.cu"
-BENCHMARKS = ROOT / "benchmarks"
-
-sys.path.insert(0, str(BENCHMARKS))
-import cuda_harness  # noqa: E402  (benchmarks/ is not a package)
 
 # Warnings from the host compiler, nvcc's front end and ptxas (spills included) are errors.
 STRICT_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror",
@@ -32,93 +32,73 @@ STRICT_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror"
                 "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 
-def find_nvcc() -> Optional[str]:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
+def _build_module() -> Any:
+    """custom_ops/build.py, loaded by path as setup.py loads it."""
+    path = ROOT / "custom_ops" / "build.py"
+    spec = importlib.util.spec_from_file_location("_fe_native_build", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def run_isolated(script: str, *args: str, timeout: float = 300) -> Any:
-    """Run `script` in a fresh interpreter (benchmarks/ importable); returns its last stdout line
-    parsed as JSON."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS),
-                                                        os.environ.get("PYTHONPATH", "")]))
+def run_isolated(script: str, *args: str, timeout: float = 300,
+                 benchmarks: bool = False) -> Any:
+    """Run `script` in a fresh interpreter; returns its last stdout line parsed as JSON.
+    `benchmarks` puts benchmarks/ on its PYTHONPATH (for cuda_harness)."""
+    path = [str(ROOT), *([str(ROOT / "benchmarks")] if benchmarks else []),
+            os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
     assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def cuda_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The kernel alone as a shared library, built with warnings as errors for sm_80 and sm_90."""
-    nvcc = find_nvcc()
-    if nvcc is None:
+def find_nvcc() -> str:
+    found = _build_module().find_nvcc()
+    if found is None:
         pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin")
-    out = tmp_path_factory.mktemp("cuda") / "libflash_export_cuda.so"
-    cmd = [nvcc, *STRICT_FLAGS, "-shared", "-cudart", "static", f"-I{CORE}", str(CUDA_SOURCE),
-           "-o", str(out)]
+    return str(found)
+
+
+def test_compiles_warning_free_for_sm80_and_sm90(tmp_path: Path) -> None:
+    cmd = [find_nvcc(), *STRICT_FLAGS, f"-I{CORE}", "-c", str(CUDA_SOURCE), "-o",
+           str(tmp_path / "flash_attention_cuda.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stdout}{proc.stderr}"
     assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
-    return out
 
 
-def test_compiles_warning_free_for_sm80_and_sm90(cuda_library: Path) -> None:
-    assert cuda_library.stat().st_size > 0
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A library with the CUDA kernel: FLASH_EXPORT_LIBRARY's when it has one, else built here
+    (warnings as errors, sm_80 and sm_90)."""
+    if Path(library_path()).is_file() and NativeLibrary(library_path()).has_cuda:
+        return library_path()
+    find_nvcc()
+    out = tmp_path_factory.mktemp("cuda")
+    return str(_build_module().build_library(out, cuda="on", werror=True))
 
 
-def test_exports_the_c_entry_points(cuda_library: Path) -> None:
-    lib = cuda_harness.NativeLibrary(cuda_library)
+def test_exports_the_c_entry_points(cuda_library: str) -> None:
+    lib = NativeLibrary(cuda_library)  # checks every entry point and the params size
     assert lib.has_cuda
-    assert lib.params_size() == ctypes.sizeof(cuda_harness.AttentionParams)
-
-
-LAYOUT_PROGRAM = """
-#include <cstddef>
-#include <cstdio>
-#include "flash_attention.h"
-using flash_export::AttentionParams;
-#define F(name) std::printf("\\"%s\\": %zu, ", #name, offsetof(AttentionParams, name));
-int main() {
-  std::printf("{");
-  FIELDS
-  std::printf("\\"sizeof\\": %zu}\\n", sizeof(flash_export::AttentionParams));
-}
-"""
-
-
-def test_ctypes_mirror_matches_the_header(tmp_path: Path) -> None:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to read the header's layout")
-    names = [name for name, _ in cuda_harness.AttentionParams._fields_]
-    source = tmp_path / "layout.cc"
-    source.write_text(LAYOUT_PROGRAM.replace("FIELDS", " ".join(f"F({n})" for n in names)))
-    exe = tmp_path / "layout"
-    subprocess.run([cxx, "-std=c++17", f"-I{CORE}", str(source), "-o", str(exe)], check=True)
-    layout = json.loads(subprocess.run([str(exe)], capture_output=True, text=True,
-                                       check=True).stdout)
-    mirror = {name: getattr(cuda_harness.AttentionParams, name).offset for name in names}
-    assert {n: layout[n] for n in names} == mirror
-    assert layout["sizeof"] == ctypes.sizeof(cuda_harness.AttentionParams)
 
 
 STATUS_SCRIPT = """
 import json, sys
-import cuda_harness as h
+from flash_export.native import AttentionParams, NativeLibrary
 
-lib = h.NativeLibrary(sys.argv[1])
+lib = NativeLibrary(sys.argv[1])
 def status(**fields):
-    p = h.AttentionParams(batch=1, heads=1, head_dim=64, seq_q=4, seq_k=4, chunk_size=64,
-                          scale=1.0, dtype=1)
+    p = AttentionParams(batch=1, heads=1, head_dim=64, seq_q=4, seq_k=4, chunk_size=64,
+                        scale=1.0, dtype=1)
     for name, value in fields.items():
         setattr(p, name, value)
     return lib.forward_cuda(p, 0)
 print(json.dumps({
-    "null_params": int(lib._cuda(None, None)),
+    "null_params": lib.forward_cuda(None, 0),
     "head_dim_0": status(head_dim=0),
     "negative_seq": status(seq_k=-1),
     "chunk_0": status(chunk_size=0),
@@ -129,30 +109,29 @@ print(json.dumps({
 """
 
 
-def test_statuses_before_any_device_work(cuda_library: Path) -> None:
+def test_statuses_before_any_device_work(cuda_library: str) -> None:
     # Validation answers before the device is touched, so this holds with or without a GPU.
-    statuses = run_isolated(STATUS_SCRIPT, str(cuda_library))
+    statuses = run_isolated(STATUS_SCRIPT, cuda_library)
     assert statuses == {"null_params": 1, "head_dim_0": 1, "negative_seq": 1, "chunk_0": 1,
                         "bad_dtype": 2, "empty_query": 0, "null_out": 1}
 
 
 NO_GPU_SCRIPT = """
 import json, sys
-import cuda_harness as h
+from flash_export.native import AttentionParams, NativeLibrary
 
-lib = h.NativeLibrary(sys.argv[1])
-p = h.AttentionParams(batch=1, heads=1, head_dim=64, seq_q=4, seq_k=4, chunk_size=64, scale=1.0,
-                      dtype=1, q=16, k=16, v=16, out=16)
+lib = NativeLibrary(sys.argv[1])
+p = AttentionParams(batch=1, heads=1, head_dim=64, seq_q=4, seq_k=4, chunk_size=64, scale=1.0,
+                    dtype=1, q=16, k=16, v=16, out=16)
 print(json.dumps(lib.forward_cuda(p, 0)))
 """
 
 
-def test_without_a_gpu_reports_a_device_error(cuda_library: Path) -> None:
-    import torch
-
-    if torch.cuda.is_available():
+def test_without_a_gpu_reports_a_device_error(cuda_library: str,
+                                              cuda_unusable: Optional[str]) -> None:
+    if cuda_unusable is None:
         pytest.skip("a GPU is present; this checks the no-GPU answer")
-    assert run_isolated(NO_GPU_SCRIPT, str(cuda_library)) == 3
+    assert run_isolated(NO_GPU_SCRIPT, cuda_library) == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +157,9 @@ CORRECTNESS_SCRIPT = """
 import json, sys
 import torch
 import cuda_harness as h
+from flash_export.native import NativeLibrary
 
-lib = h.NativeLibrary(sys.argv[1])
+lib = NativeLibrary(sys.argv[1])
 torch.manual_seed(0)
 results = {}
 for c in json.loads(sys.argv[2]):
@@ -197,24 +177,16 @@ for c in json.loads(sys.argv[2]):
     ref = h.reference_attention(q, k, v, heads, mask=mask, causal=c["causal"])
     base = h.reference_attention(q, k, v, heads, mask=mask, causal=c["causal"],
                                  compute_dtype=dtype)
-    results[c["id"]] = h.judge(out, ref, base).__dict__
+    verdict, baseline_error = h.compare_to_reference(out, ref, base)
+    results[c["id"]] = dict(verdict.to_dict(), baseline_max_abs=baseline_error)
 print(json.dumps(results))
 """
 
 
 @pytest.fixture(scope="module")
-def gpu_results(request: pytest.FixtureRequest) -> Dict[str, Dict[str, Any]]:
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU available")
-    override = os.environ.get("FLASH_EXPORT_LIBRARY")
-    if override and cuda_harness.NativeLibrary(Path(override)).has_cuda:
-        library = Path(override)
-    else:
-        library = request.getfixturevalue("cuda_library")
+def gpu_results(cuda_library: str) -> Dict[str, Dict[str, Any]]:
     cases = [dict(c, id=case_id(c)) for c in CASES]
-    return run_isolated(CORRECTNESS_SCRIPT, str(library), json.dumps(cases))
+    return run_isolated(CORRECTNESS_SCRIPT, cuda_library, json.dumps(cases), benchmarks=True)
 
 
 @pytest.mark.cuda

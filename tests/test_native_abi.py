@@ -1,12 +1,20 @@
-"""custom_ops/ort/ort_abi.h against the official onnxruntime_c_api.h (compile-time static_asserts).
+"""The library's two ABIs, checked at compile time and against the built library.
 
-The onnxruntime wheels ship no headers, so the official header comes from Debian trixie's
-libonnxruntime-dev, fetched into a scratch folder (cached under /tmp) without touching the system's
-apt configuration. Where it cannot be fetched (no network, no apt) the test skips and says why.
+custom_ops/core/flash_export.h, its own C ABI: valid C and C++, declares exactly the symbols the
+library exports, and flash_export/native.py's ctypes mirror has its params layout field for field.
+
+custom_ops/ort/ort_abi.h, its subset of onnxruntime's, against the official onnxruntime_c_api.h
+(compile-time static_asserts). The onnxruntime wheels ship no headers, so the official header
+comes from Debian trixie's libonnxruntime-dev, fetched into a scratch folder (cached under /tmp)
+without touching the system's apt configuration. Where it cannot be fetched (no network, no apt)
+the test skips and says why.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,7 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from flash_export.native import AttentionParams, NativeLibrary
+from flash_export.runtime import library_path
+
 REPO = Path(__file__).resolve().parents[1]
+C_HEADER = REPO / "custom_ops" / "core" / "flash_export.h"
 CACHE = Path(tempfile.gettempdir()) / "flash_export_ort_headers"
 HEADER_DIR = CACHE / "root" / "usr" / "include" / "onnxruntime"
 
@@ -65,3 +77,65 @@ def test_ort_abi_matches_official_header() -> None:
            str(REPO / "custom_ops" / "ort" / "abi_check.cc")]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def _compiler(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+@pytest.mark.parametrize("language, std", [("c", "-std=c99"), ("c++", "-std=c++17")],
+                         ids=["C99", "C++17"])
+def test_c_header_compiles_alone(language: str, std: str, tmp_path: Path) -> None:
+    source = tmp_path / f"use.{'c' if language == 'c' else 'cc'}"
+    source.write_text('#include "flash_export.h"\nFlashExportAttentionParams params;\n')
+    compiler = _compiler("gcc" if language == "c" else "g++")
+    result = subprocess.run([compiler, std, "-Wall", "-Wextra", "-Werror", "-pedantic",
+                             f"-I{C_HEADER.parent}", "-fsyntax-only", str(source)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+LAYOUT_PROGRAM = """
+#include <stddef.h>
+#include <stdio.h>
+#include "flash_export.h"
+#define F(name) printf("\\"%s\\": %zu, ", #name, offsetof(FlashExportAttentionParams, name));
+int main(void) {
+  printf("{");
+  FIELDS
+  printf("\\"sizeof\\": %zu}\\n", sizeof(FlashExportAttentionParams));
+  return 0;
+}
+"""
+
+
+def test_ctypes_mirror_matches_the_c_header(tmp_path: Path) -> None:
+    names = [name for name, _ in AttentionParams._fields_]
+    source = tmp_path / "layout.c"
+    source.write_text(LAYOUT_PROGRAM.replace("FIELDS", " ".join(f"F({n})" for n in names)))
+    exe = tmp_path / "layout"
+    subprocess.run([_compiler("gcc"), "-std=c99", f"-I{C_HEADER.parent}", str(source), "-o",
+                    str(exe)], check=True)
+    layout = json.loads(subprocess.run([str(exe)], capture_output=True, text=True,
+                                       check=True).stdout)
+    mirror = {name: getattr(AttentionParams, name).offset for name in names}
+    assert {n: layout[n] for n in names} == mirror
+    assert layout["sizeof"] == ctypes.sizeof(AttentionParams)
+
+
+def test_c_header_declares_every_exported_symbol() -> None:
+    """What the library exports is the header's entry points plus onnxruntime's RegisterCustomOps;
+    the CUDA forward only in a build with nvcc."""
+    if not Path(library_path()).is_file():
+        pytest.skip(f"native library not built at {library_path()}")
+    nm = subprocess.run([_compiler("nm"), "-D", "--defined-only", library_path()],
+                        capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines() if line.split()[1:2] == ["T"]}
+    declared = set(re.findall(r"FLASH_EXPORT_API [^;(]*\b(flash_export_\w+)\(",
+                              C_HEADER.read_text()))
+    if not NativeLibrary(library_path()).has_cuda:
+        declared.discard("flash_export_attention_forward_cuda")
+    assert exported == declared | {"RegisterCustomOps"}

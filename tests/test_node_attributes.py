@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _native_cases import flash_node, model_bytes, reference_attention
 from onnx import TensorProto, helper, numpy_helper
 
-from flash_export.runtime import LIBRARY_DOMAIN, library_path
+from flash_export.runtime import library_path
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "FlashAttention: "
@@ -76,8 +77,7 @@ def node_model(attrs: dict[str, Any], embed: int | str = "E") -> bytes:
     """One float32 FlashAttention node with `attrs` as given (any ONNX attribute type)."""
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", f"L{n}", embed])
               for n in ("query", "key", "value")]
-    node = helper.make_node("FlashAttention", ["query", "key", "value"], ["out"],
-                            domain=LIBRARY_DOMAIN)
+    node = flash_node(["query", "key", "value"])
     for name, value in attrs.items():
         if isinstance(value, str) and value == "tensor":
             node.attribute.append(helper.make_attribute(name, _tensor()))
@@ -87,11 +87,7 @@ def node_model(attrs: dict[str, Any], embed: int | str = "E") -> bytes:
         else:
             node.attribute.append(helper.make_attribute(name, value))
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "Lquery", embed])
-    graph = helper.make_graph([node], "flash", inputs, [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(LIBRARY_DOMAIN, 1)])
-    model.ir_version = 10
-    return model.SerializeToString()
+    return model_bytes([node], inputs, [out])
 
 
 def _worker(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
@@ -142,13 +138,13 @@ def _cases() -> dict[str, dict[str, Any]]:
 def results() -> dict[str, dict[str, str]]:
     if not Path(library_path()).is_file():
         pytest.skip(f"native library not built at {library_path()}")
-    code = f"""
-        import json, sys
-        sys.path.insert(0, {str(REPO / 'tests')!r})
+    code = """
+        import json
         from test_node_attributes import _cases, _worker
         print(json.dumps(_worker(_cases())))
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FLASH_EXPORT_LIBRARY": str(library_path())}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "FLASH_EXPORT_LIBRARY": str(library_path())}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, f"worker died ({proc.returncode}):\n{proc.stderr[-2000:]}"
@@ -194,9 +190,6 @@ def test_head_dim_over_the_cpu_limit_is_rejected_at_run(results: dict[str, dict[
 @pytest.mark.parametrize("case", ["negative-scale", "huge-chunk", "defaults"])
 def test_valid_attributes_run(case: str, results: dict[str, dict[str, str]]) -> None:
     """A negative scale is well defined (and allowed), chunk_size has no upper bound."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from _native_cases import reference_attention
-
     result = results[case]
     assert result["stage"] == "ok", result
     attrs = _cases()[case]["attrs"]

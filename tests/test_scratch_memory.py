@@ -37,19 +37,18 @@ def _worker(library: str, chunk_size: int) -> None:
     """One forward at SEQ_K keys; prints peak and residual RSS growth (MiB) as JSON."""
     import numpy as np
 
-    sys.path.insert(0, str(HERE))
-    from _native_cases import load_library, run_core
+    from flash_export.native import NativeLibrary, attention
 
-    lib = load_library(Path(library))
+    lib = NativeLibrary(library)
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, SEQ_Q, 2)).astype(np.float32)
     k = rng.standard_normal((1, SEQ_K, 2)).astype(np.float32)
     v = rng.standard_normal((1, SEQ_K, 2)).astype(np.float32)
-    run_core(lib, q[:, :1], k[:, :1], v[:, :1], 1)  # library set up, output buffers touched
+    attention(lib, q[:, :1], k[:, :1], v[:, :1], 1)  # library set up, output buffers touched
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    out = run_core(lib, q, k, v, 1, chunk_size=chunk_size)
+    out = attention(lib, q, k, v, 1, chunk_size=chunk_size)
     peak = _status_kib("VmHWM")
     after = _status_kib("VmRSS")
     assert np.isfinite(out).all()

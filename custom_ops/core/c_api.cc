@@ -1,28 +1,16 @@
-// extern "C" entry points of libflash_export.so for callers without onnxruntime (ctypes tests,
-// benchmarks) and the build report. Everything else in the library has hidden visibility.
+// Definitions of the entry points flash_export.h declares, all but flash_export_build_info (the
+// onnxruntime adapter's: ort/build_info.cc). The forwards return a Status code; no C++ exception
+// leaves them. Everything else in the library has hidden visibility.
 #include <atomic>
 #include <cstdint>
 #include <exception>
-#include <string>
 #include <thread>
 #include <vector>
 
 #include "flash_attention.h"
-
-#define FLASH_EXPORT_API extern "C" __attribute__((visibility("default")))
-
-#ifndef FLASH_EXPORT_ORT_API_VERSION
-#define FLASH_EXPORT_ORT_API_VERSION 17
-#endif
-#ifndef FLASH_EXPORT_CUDA_ARCHS
-#define FLASH_EXPORT_CUDA_ARCHS ""
-#endif
-#ifndef FLASH_EXPORT_SANITIZER
-#define FLASH_EXPORT_SANITIZER "none"
-#endif
+#include "flash_export.h"
 
 namespace {
-
 
 struct ThreadedFor {
   int32_t threads;
@@ -47,40 +35,19 @@ void threaded_parallel_for(void* context, void (*fn)(void*, size_t), size_t tota
   for (std::thread& t : pool) t.join();
 }
 
-std::string build_info_json() {
-  std::string archs;
-  const std::string list = FLASH_EXPORT_CUDA_ARCHS;
-  size_t start = 0;
-  while (start < list.size()) {
-    size_t end = list.find(',', start);
-    if (end == std::string::npos) end = list.size();
-    if (!archs.empty()) archs += ", ";
-    archs += "\"" + list.substr(start, end - start) + "\"";
-    start = end + 1;
-  }
-#ifdef FLASH_EXPORT_WITH_CUDA
-  const char* cuda = "true";
-#else
-  const char* cuda = "false";
-#endif
-  return std::string("{\"op_domain\": \"com.flash_export\", \"op_version\": 1, ") +
-         "\"ort_api_version\": " + std::to_string(FLASH_EXPORT_ORT_API_VERSION) + ", " +
-         "\"cuda\": " + cuda + ", \"cuda_archs\": [" + archs + "], " +
-         "\"cpu_isa\": \"" + flash_export::cpu_kernel_isa() + "\", " +
-         "\"sanitizer\": \"" + FLASH_EXPORT_SANITIZER + "\"}";
-}
-
 }  // namespace
 
-// Serial CPU forward; returns a flash_export::Status code.
-FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu(const flash_export::AttentionParams* p) {
+// `extern "C"` again on each definition: one whose signature drifted from its declaration would
+// otherwise define a C++ overload quietly, and the symbol would be missing.
+extern "C" size_t flash_export_params_size(void) { return sizeof(FlashExportAttentionParams); }
+
+extern "C" int32_t flash_export_attention_forward_cpu(const FlashExportAttentionParams* p) {
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
   return static_cast<int32_t>(flash_export::attention_forward_cpu(*p, nullptr, nullptr));
 }
 
-// CPU forward on `threads` std::threads (the caller's thread included); threads <= 1 is serial.
-FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
-    const flash_export::AttentionParams* p, int32_t threads) {
+extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportAttentionParams* p,
+                                                              int32_t threads) {
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
   if (threads <= 1) return flash_export_attention_forward_cpu(p);
   ThreadedFor context{threads};
@@ -88,12 +55,12 @@ FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
       flash_export::attention_forward_cpu(*p, &threaded_parallel_for, &context));
 }
 
-// The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable".
-FLASH_EXPORT_API const char* flash_export_cpu_isa(void) { return flash_export::cpu_kernel_isa(); }
-
-// A small JSON object describing this build (op domain, ORT API version, CUDA, CPU ISA,
-// sanitizer). The string lives for the life of the process.
-FLASH_EXPORT_API const char* flash_export_build_info(void) {
-  static const std::string info = build_info_json();
-  return info.c_str();
+#ifdef FLASH_EXPORT_WITH_CUDA
+extern "C" int32_t flash_export_attention_forward_cuda(const FlashExportAttentionParams* p,
+                                                       void* stream) {
+  if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
+  return static_cast<int32_t>(flash_export::attention_forward_cuda(*p, stream));
 }
+#endif
+
+extern "C" const char* flash_export_cpu_isa(void) { return flash_export::cpu_kernel_isa(); }

@@ -1,63 +1,29 @@
-// Framework-free FlashAttention forward: the one kernel core behind every adapter.
+// Framework-free FlashAttention forward: the one kernel core behind every adapter, its C++ API.
 //
 // Knows nothing of torch or onnxruntime. Tensors arrive as raw pointers with element strides;
 // adapters validate shapes, fill AttentionParams and map the returned Status to their own errors.
+// The C entry points over it are declared in flash_export.h and defined in c_api.cc.
 #ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_H_
 #define FLASH_EXPORT_CORE_FLASH_ATTENTION_H_
 
 #include <cstddef>
 #include <cstdint>
 
+#include "flash_export.h"
+
 namespace flash_export {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The C ABI's struct (flash_export.h documents every field and the row semantics); DType is
+// declared there too, as the type of its dtype field.
+using AttentionParams = FlashExportAttentionParams;
 
 enum class Status : int32_t {
-  kOk = 0,
-  kInvalidArgument = 1,  // a size, stride or attribute the core cannot honour
-  kUnsupported = 2,      // a dtype or feature this build does not implement
-  kDeviceError = 3,      // a CUDA launch or runtime error
-  kOutOfMemory = 4,      // scratch memory could not be allocated
+  kOk = FLASH_EXPORT_OK,
+  kInvalidArgument = FLASH_EXPORT_INVALID_ARGUMENT,
+  kUnsupported = FLASH_EXPORT_UNSUPPORTED,
+  kDeviceError = FLASH_EXPORT_DEVICE_ERROR,
+  kOutOfMemory = FLASH_EXPORT_OUT_OF_MEMORY,
 };
-
-// One attention forward. Q is (B, Lq, H*D), K and V are (B, Lk, H*D), O is (B, Lq, H*D), all of
-// `dtype`; element (b, l, h, d) of a tensor X lives at
-//   X + b * x_batch_stride + l * x_row_stride + h * x_head_stride + d   (element units).
-// Accumulation is float32 whatever the input dtype.
-struct AttentionParams {
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  void* out = nullptr;
-
-  int64_t batch = 0;     // B
-  int64_t heads = 0;     // H
-  int64_t head_dim = 0;  // D
-  int64_t seq_q = 0;     // Lq (may be 0: nothing to do)
-  int64_t seq_k = 0;     // Lk (may be 0: every output row is zero)
-
-  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
-  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
-  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
-  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
-
-  // Optional boolean mask (one byte per element, nonzero = attend), broadcast to (B, H, Lq, Lk)
-  // through its strides: a broadcast dimension has stride 0. nullptr means no mask.
-  const uint8_t* mask = nullptr;
-  int64_t mask_batch_stride = 0, mask_head_stride = 0, mask_q_stride = 0, mask_k_stride = 0;
-
-  int64_t chunk_size = 64;  // keys per online-softmax block (>= 1)
-  float scale = 1.0f;       // logits = scale * q . k
-  // Bottom-right aligned causal mask: query i sees key j iff j <= i + (Lk - Lq).
-  bool causal = false;
-  DType dtype = DType::kFloat32;
-};
-
-// Masking decides visibility, values decide numbers. A query row that sees no key (all masked,
-// causal with Lq > Lk, or Lk == 0) is written as zeros. A row that sees at least one key but whose
-// every visible logit is -inf has no defined softmax and is written as NaN, as the float64
-// reference computes it (so is a row with a +inf or NaN logit); the same keys hidden by the mask
-// or the causal rule give zeros.
 
 // Sizes the kernels refuse (Status::kInvalidArgument, or kUnsupported for the CUDA head dim).
 // Adapters check them first, so that their errors can name the size, the limit and the value.

@@ -137,10 +137,10 @@ struct Job {
   const Plan* plan;
   cpu::PackRowsFn pack_rows;
   cpu::RunItemFn run_item;
-  float* packed;          // group heads x head_floats
-  size_t head_floats;     // packed K and V of one head
-  int64_t first_bh;       // first (batch * H + head) of the group
-  int64_t group;          // heads in the group
+  float* packed;       // group heads x head_floats
+  size_t head_floats;  // packed K and V of one head
+  int64_t first_bh;    // first (batch * H + head) of the group
+  int64_t group;       // heads in the group
   std::atomic<bool> out_of_memory{false};
   std::atomic<bool> refused{false};  // a packing item found the call is not this path's
 };
@@ -236,9 +236,9 @@ Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn par
   const size_t seq_k = static_cast<size_t>(p.seq_k);
   const size_t head_floats = plan.head_floats;
   const size_t fit = kPackBudgetBytes / sizeof(float) / (head_floats > 0 ? head_floats : 1);
-  const int64_t group = fit < 1 ? 1
-                       : fit > static_cast<size_t>(bh_total) ? bh_total
-                                                             : static_cast<int64_t>(fit);
+  const int64_t group = fit < 1                               ? 1
+                        : fit > static_cast<size_t>(bh_total) ? bh_total
+                                                              : static_cast<int64_t>(fit);
   float* packed = nullptr;
   size_t packed_capacity = 0;
   if (head_floats > 0) {
@@ -292,8 +292,8 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
   const Kernels& paths = kernels();
   const bool best = paths.best.accepts == nullptr || paths.best.accepts(p);
   bool refused = false;
-  const Status status = forward_with(best ? paths.best : paths.wide, p, parallel_for,
-                                     parallel_context, &refused);
+  const Status status =
+      forward_with(best ? paths.best : paths.wide, p, parallel_for, parallel_context, &refused);
   if (!refused) return status;
   bool again = false;  // the next path down takes every call it is given
   return forward_with(paths.wide, p, parallel_for, parallel_context, &again);

@@ -94,17 +94,14 @@ inline void split(__m512 x, __m512i out[2]) {
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   const __mmask16 special = _mm512_fpclass_ps_mask(x, 0x99);  // NaN or +-inf
   const __m512i bits = _mm512_castps_si512(x);
-  out[0] = _mm512_mask_mov_epi32(_mm512_and_si512(bits, high), nan,
-                                 _mm512_set1_epi32(0x7FC00000));
-  const __m512 rest = _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), x,
-                                          _mm512_castsi512_ps(out[0]));
+  out[0] = _mm512_mask_mov_epi32(_mm512_and_si512(bits, high), nan, _mm512_set1_epi32(0x7FC00000));
+  const __m512 rest =
+      _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), x, _mm512_castsi512_ps(out[0]));
   out[1] = _mm512_and_si512(_mm512_castps_si512(rest), high);
 }
 
 // The bfloat16 halves of 16 parts, packed to 16 uint16.
-inline __m256i to_bf16(__m512i part) {
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(part, 16));
-}
+inline __m256i to_bf16(__m512i part) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(part, 16)); }
 
 // Pair layout of two float32 rows: lane c = bf16(lo[c]) | bf16(hi[c]) << 16, per part.
 inline void store_pairs(__m512 lo, __m512 hi, uint32_t* dst, size_t part_stride) {
@@ -112,8 +109,7 @@ inline void store_pairs(__m512 lo, __m512 hi, uint32_t* dst, size_t part_stride)
   split(lo, a);
   split(hi, b);
   for (int j = 0; j < kParts; ++j) {
-    _mm512_storeu_si512(dst + j * part_stride,
-                        _mm512_or_si512(_mm512_srli_epi32(a[j], 16), b[j]));
+    _mm512_storeu_si512(dst + j * part_stride, _mm512_or_si512(_mm512_srli_epi32(a[j], 16), b[j]));
   }
 }
 
@@ -121,8 +117,8 @@ inline void store_pairs(__m512 lo, __m512 hi, uint32_t* dst, size_t part_stride)
 // `chunks` steps of 32 along k of sum_{i, j < 2} A_i (16 rows x 32 bf16) . B_j (16 pair rows x 48
 // columns). A part i starts a_part elements after part 0, B part j b_part pairs after part 0.
 // Each step loads A's parts once for the three column tiles.
-void tile_product(float* c, int64_t ldc, bool load_c, const uint16_t* a, int64_t lda,
-                  size_t a_part, const uint32_t* b, int64_t ldb, size_t b_part, int64_t chunks) {
+void tile_product(float* c, int64_t ldc, bool load_c, const uint16_t* a, int64_t lda, size_t a_part,
+                  const uint32_t* b, int64_t ldb, size_t b_part, int64_t chunks) {
   if (load_c) {
     _tile_loadd(0, c, ldc);
     _tile_loadd(1, c + 16, ldc);
@@ -140,12 +136,12 @@ void tile_product(float* c, int64_t ldc, bool load_c, const uint16_t* a, int64_t
     _tile_loadd(4, ak + a_part, lda);
     // Column tile T: B's parts into tiles 5-6, then the part products into accumulator T, the
     // small cross term first. (The tile intrinsics take literal register numbers.)
-#define FLASH_EXPORT_COLUMN_STEP(T)              \
-  _tile_loadd(5, bk + 16 * (T), ldb);            \
-  _tile_loadd(6, bk + b_part + 16 * (T), ldb);   \
-  _tile_dpbf16ps(T, 4, 6);                       \
-  _tile_dpbf16ps(T, 4, 5);                       \
-  _tile_dpbf16ps(T, 3, 6);                       \
+#define FLASH_EXPORT_COLUMN_STEP(T)            \
+  _tile_loadd(5, bk + 16 * (T), ldb);          \
+  _tile_loadd(6, bk + b_part + 16 * (T), ldb); \
+  _tile_dpbf16ps(T, 4, 6);                     \
+  _tile_dpbf16ps(T, 4, 5);                     \
+  _tile_dpbf16ps(T, 3, 6);                     \
   _tile_dpbf16ps(T, 3, 5);
     FLASH_EXPORT_COLUMN_STEP(0)
     FLASH_EXPORT_COLUMN_STEP(1)
@@ -255,9 +251,9 @@ bool pack_rows_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_
   const size_t k_part = static_cast<size_t>(k_rows * d_k);
   const size_t v_part = static_cast<size_t>(d_v * k_rows);
   alignas(64) float rows[16 * kMaxHeadDim];  // 16 keys, row stride d_k
-  const __m512i gather_index = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(d_k)));
+  const __m512i gather_index =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(d_k)));
   for (int64_t g = j0; g < end; g += 16) {
     const int64_t count = min64(16, max64(0, p.seq_k - g));
     // Keys: 16 rows as float32, then each row's parts.
@@ -286,8 +282,8 @@ bool pack_rows_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_
   return true;
 }
 
-void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
-                  int64_t q_block, PackedHead kv, float* scratch) {
+void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
+                  PackedHead kv, float* scratch) {
   const int64_t bq = kBq, d_k = plan.d_k, d_v = plan.d_v, k_rows = plan.k_rows;
   const int64_t i0 = q_block * bq;
   const int64_t nq = min64(bq, p.seq_q - i0);
@@ -385,9 +381,9 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
       const __mmask32 kept = static_cast<__mmask32>((uint64_t{1} << (nk - whole)) - 1);
       for (int j = 0; j < kParts; ++j)
         for (int64_t d = 0; d < d_v; ++d)
-          _mm512_storeu_si512(vtail + j * tail_part + d * 32,
-                              _mm512_maskz_loadu_epi16(kept, vt + j * v_part + d * k_rows + j0 +
-                                                                 whole));
+          _mm512_storeu_si512(
+              vtail + j * tail_part + d * 32,
+              _mm512_maskz_loadu_epi16(kept, vt + j * v_part + d * k_rows + j0 + whole));
     }
     for (int64_t dt = 0; dt < d_v; dt += 16) {
       for (int64_t c = 0; c < bq; c += 48) {
@@ -430,8 +426,8 @@ bool amx_usable() {
 }
 
 Kernel kernel_amx() {
-  return Kernel{"amx",          amx::V::kW,     amx::kBq, &amx::pack_rows_amx,
-                &amx::run_item_amx, &amx::plan_amx, &amx::accepts};
+  return Kernel{"amx",          amx::V::kW,   amx::kBq, &amx::pack_rows_amx, &amx::run_item_amx,
+                &amx::plan_amx, &amx::accepts};
 }
 
 }  // namespace cpu

@@ -51,8 +51,8 @@ struct V {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const Reg r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ));
   }
@@ -76,9 +76,7 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_avx2() {
-  return Kernel{"avx2", avx2::V::kW, 96, &avx2::pack_rows, &avx2::run_item};
-}
+Kernel kernel_avx2() { return Kernel{"avx2", avx2::V::kW, 96, &avx2::pack_rows, &avx2::run_item}; }
 
 }  // namespace cpu
 }  // namespace flash_export

@@ -34,19 +34,19 @@ constexpr int64_t kPackRows = 256;
 
 // Sizes shared by every work item of one call; computed once by the dispatcher.
 struct Plan {
-  int64_t bq = 0;         // query rows per work item
-  int64_t bq_pad = 0;     // bq rounded up to the vector width
-  int64_t bc = 0;         // keys per online-softmax block (FMA: see fma_plan; AMX: 64)
-  int64_t d_pad = 0;      // head_dim rounded up to the vector width
-  int64_t q_blocks = 0;   // ceil(Lq / bq)
+  int64_t bq = 0;        // query rows per work item
+  int64_t bq_pad = 0;    // bq rounded up to the vector width
+  int64_t bc = 0;        // keys per online-softmax block (FMA: see fma_plan; AMX: 64)
+  int64_t d_pad = 0;     // head_dim rounded up to the vector width
+  int64_t q_blocks = 0;  // ceil(Lq / bq)
   // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):
-  size_t off_qt = 0;      // (D, bq_pad): scaled query block, transposed
-  size_t off_o = 0;       // (bq, d_pad): float32 output accumulator
-  size_t off_s = 0;       // (bc, bq_pad): logits, then probabilities, transposed
-  size_t off_m = 0;       // (bq_pad): running max (log2 domain)
-  size_t off_l = 0;       // (bq_pad): running sum
-  size_t off_alpha = 0;   // (bq_pad): rescale factor of the current block
-  size_t off_mx = 0;      // (bq_pad): running max including the current block
+  size_t off_qt = 0;     // (D, bq_pad): scaled query block, transposed
+  size_t off_o = 0;      // (bq, d_pad): float32 output accumulator
+  size_t off_s = 0;      // (bc, bq_pad): logits, then probabilities, transposed
+  size_t off_m = 0;      // (bq_pad): running max (log2 domain)
+  size_t off_l = 0;      // (bq_pad): running sum
+  size_t off_alpha = 0;  // (bq_pad): rescale factor of the current block
+  size_t off_mx = 0;     // (bq_pad): running max including the current block
   size_t scratch_floats = 0;
   // Packed keys and values of one head, in floats, and where its values start.
   size_t head_floats = 0;
@@ -90,9 +90,9 @@ using PlanFn = bool (*)(const AttentionParams& p, Plan* plan);
 using AcceptsFn = bool (*)(const AttentionParams& p);
 
 struct Kernel {
-  const char* isa;   // "amx", "avx512", "avx2" or "portable"
-  int width;         // floats per vector
-  int64_t bq;        // query rows per work item
+  const char* isa;  // "amx", "avx512", "avx2" or "portable"
+  int width;        // floats per vector
+  int64_t bq;       // query rows per work item
   PackRowsFn pack_rows;
   RunItemFn run_item;
   PlanFn plan = nullptr;

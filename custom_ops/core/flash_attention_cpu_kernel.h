@@ -7,8 +7,9 @@
 // linker into a copy that executes AVX-512 on a CPU that lacks it.
 //
 // Layout per item (b, h, query block of bq rows), all float32:
-//   Qt (D, bq_pad)   query block * scale * log2(e), transposed so a key row times Qt is a row of S^T
-//   S  (bc, bq_pad)  S^T = K_blk Qt: per key a vector of query columns; the online-softmax max and
+//   Qt (D, bq_pad)   query block * scale * log2(e), transposed so a key row times Qt is a row of
+//   S^T S  (bc, bq_pad)  S^T = K_blk Qt: per key a vector of query columns; the online-softmax max
+//   and
 //                    sum over keys are then vertical vector ops, with no horizontal reductions
 //   O  (bq, d_pad)   O = O * alpha + P V_blk
 // K_blk and V_blk are rows of the head's keys and values packed once per call by pack_rows.

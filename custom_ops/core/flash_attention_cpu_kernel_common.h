@@ -224,7 +224,7 @@ __attribute__((noinline)) bool row_sees_keys(const AttentionParams& p, int64_t b
 // 0 means either that, or visible keys whose every logit was -inf (hidden keys add exactly 0, and
 // any visible finite or NaN logit makes the sum nonzero): only then is the mask looked up, so the
 // rows with a sum pay nothing. The second kind has row 0, and 0 * (1 / 0) makes it NaN, the
-// softmax of all -inf logits (flash_attention.h); a NaN sum stays NaN.
+// softmax of all -inf logits (flash_export.h); a NaN sum stays NaN.
 inline void store_output(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
                          const float* row, float sum) {
   const int64_t base = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;

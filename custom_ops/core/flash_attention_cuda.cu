@@ -1,4 +1,4 @@
-// CUDA forward of FlashAttention (see flash_attention.h for the contract).
+// CUDA forward of FlashAttention (flash_export.h states the params' contract).
 //
 // Two kernels behind one launcher:
 //   * flash_fwd_mma_kernel: float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows. One CTA of
@@ -14,10 +14,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <algorithm>
 #include <limits>
 #include <type_traits>
 
@@ -84,8 +84,8 @@ __device__ void store_zero_tile(T* o, int64_t row_stride, int m0, int seq_q) {
   for (int idx = static_cast<int>(threadIdx.x); idx < kBlockM * kChunks; idx += kMmaThreads) {
     const int row = m0 + idx / kChunks;
     if (row < seq_q) {
-      *reinterpret_cast<uint4*>(o + static_cast<int64_t>(row) * row_stride +
-                                (idx % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(o + static_cast<int64_t>(row) * row_stride + (idx % kChunks) * 8) =
+          make_uint4(0, 0, 0, 0);
     }
   }
 }
@@ -101,9 +101,9 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   constexpr int kDTiles = kHeadDim / 8;   // 8-wide column tiles of O
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* const s_q = reinterpret_cast<T*>(smem_raw);         // (kBlockM, D)
-  T* const s_k = s_q + kBlockM * kHeadDim;                // 2 x (kBlockN, D)
-  T* const s_v = s_k + 2 * kBlockN * kHeadDim;            // 2 x (kBlockN, D)
+  T* const s_q = reinterpret_cast<T*>(smem_raw);  // (kBlockM, D)
+  T* const s_k = s_q + kBlockM * kHeadDim;        // 2 x (kBlockN, D)
+  T* const s_v = s_k + 2 * kBlockN * kHeadDim;    // 2 x (kBlockN, D)
 
   const int seq_q = static_cast<int>(p.seq_q);
   const int seq_k = static_cast<int>(p.seq_k);
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled logits
   float row_sum[2] = {0.0f, 0.0f};            // this thread's share of the running denominator
   // Whether each row has met a visible key among this thread's columns: a row that did, but whose
-  // every logit was -inf, is NaN (flash_attention.h); one that did not is zeros.
+  // every logit was -inf, is NaN (flash_export.h); one that did not is zeros.
   bool row_seen[2] = {false, false};
 
   for (int tile = 0; tile < num_tiles; ++tile) {
@@ -198,8 +198,8 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
 
     // Scale into the log2 domain; mask only tiles that can hold an invisible key.
     const int n0 = tile * kBlockN;
-    const bool needs_mask = mask != nullptr || n0 + kBlockN > seq_k ||
-                            (p.causal && n0 + kBlockN - 1 > m0 + diag);
+    const bool needs_mask =
+        mask != nullptr || n0 + kBlockN > seq_k || (p.causal && n0 + kBlockN - 1 > m0 + diag);
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
@@ -334,8 +334,8 @@ constexpr int kMaxSimpleHeadDim = 512;
 static_assert(kMaxSimpleHeadDim == kCudaMaxHeadDim, "flash_attention.h states this limit");
 
 template <typename T, int kPerLane>
-__global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
-    const AttentionParams p) {
+__global__ void __launch_bounds__(kSimpleWarps * 32)
+    flash_fwd_simple_kernel(const AttentionParams p) {
   using Cvt = Convert<T>;
   extern __shared__ float s_query[];  // (kSimpleWarps, D), log2-scaled
 
@@ -352,10 +352,10 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
   const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
   T* const o =
       static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
-  const uint8_t* const mask = p.mask == nullptr ? nullptr
-                                                : p.mask + b * p.mask_batch_stride +
-                                                      h * p.mask_head_stride +
-                                                      row * p.mask_q_stride;
+  const uint8_t* const mask =
+      p.mask == nullptr
+          ? nullptr
+          : p.mask + b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride;
 
   float* const s_q = s_query + warp * head_dim;
   const float scale_log2 = p.scale * kLog2e;
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) flash_fwd_simple_kernel(
   }
   const float total = warp_sum(run_sum);
   // No visible key: zeros. Visible keys whose logits were all -inf: total 0, and 0 * inf = NaN
-  // (flash_attention.h). Only a row without a positive sum looks its keys' visibility up again,
+  // (flash_export.h). Only a row without a positive sum looks its keys' visibility up again,
   // after the loop: a flag carried through it spills registers.
   bool seen = total > 0.0f;
   if (!seen) {
@@ -494,10 +494,9 @@ bool mma_path_applies(const AttentionParams& p, int device_major) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
-  const int64_t strides[] = {p.q_batch_stride, p.q_row_stride, p.q_head_stride,
-                             p.k_batch_stride, p.k_row_stride, p.k_head_stride,
-                             p.v_batch_stride, p.v_row_stride, p.v_head_stride,
-                             p.o_batch_stride, p.o_row_stride, p.o_head_stride};
+  const int64_t strides[] = {p.q_batch_stride, p.q_row_stride,   p.q_head_stride,  p.k_batch_stride,
+                             p.k_row_stride,   p.k_head_stride,  p.v_batch_stride, p.v_row_stride,
+                             p.v_head_stride,  p.o_batch_stride, p.o_row_stride,   p.o_head_stride};
   for (int64_t s : strides) {
     if (s % 8 != 0) return false;
   }
@@ -567,15 +566,3 @@ Status attention_forward_cuda(const AttentionParams& params, void* stream) {
 }
 
 }  // namespace flash_export
-
-// Framework-free C entry points (ctypes, other languages). The Status travels as its int value.
-extern "C" __attribute__((visibility("default"))) int32_t flash_export_attention_forward_cuda(
-    const flash_export::AttentionParams* params, void* stream) {
-  if (params == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
-  return static_cast<int32_t>(flash_export::attention_forward_cuda(*params, stream));
-}
-
-// sizeof(AttentionParams) as this library was compiled, so bindings can check their mirror.
-extern "C" __attribute__((visibility("default"))) size_t flash_export_params_size(void) {
-  return sizeof(flash_export::AttentionParams);
-}

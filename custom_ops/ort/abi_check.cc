@@ -10,7 +10,7 @@
 
 namespace abi = flash_export::ort_abi;
 
-#define FE_CHECK_INDEX(name)                                               \
+#define FE_CHECK_INDEX(name)                                            \
   static_assert(offsetof(OrtApi, name) / sizeof(void*) == abi::k##name, \
                 "OrtApi index of " #name " differs from ort_abi.h")
 
@@ -49,7 +49,7 @@ FE_CHECK_INDEX(ShapeInferContext_SetOutputTypeShape);
 FE_CHECK_INDEX(SetSymbolicDimensions);
 FE_CHECK_INDEX(KernelContext_ParallelFor);
 
-#define FE_CHECK_FIELD(name)                                                        \
+#define FE_CHECK_FIELD(name)                                                       \
   static_assert(offsetof(::OrtCustomOp, name) == offsetof(abi::OrtCustomOp, name), \
                 "OrtCustomOp::" #name " offset differs from ort_abi.h")
 
@@ -82,19 +82,24 @@ FE_CHECK_FIELD(ReleaseAliasMap);
 static_assert(sizeof(::OrtCustomOp) == sizeof(abi::OrtCustomOp), "OrtCustomOp size differs");
 static_assert(sizeof(::OrtApiBase) == sizeof(abi::OrtApiBase), "OrtApiBase size differs");
 static_assert(offsetof(::OrtApiBase, GetVersionString) ==
-                  offsetof(abi::OrtApiBase, GetVersionString), "OrtApiBase layout differs");
+                  offsetof(abi::OrtApiBase, GetVersionString),
+              "OrtApiBase layout differs");
 
 // Enum values the adapter passes across the boundary.
 static_assert(ORT_INVALID_ARGUMENT == static_cast<int>(abi::ORT_INVALID_ARGUMENT), "OrtErrorCode");
 static_assert(ORT_FAIL == static_cast<int>(abi::ORT_FAIL), "OrtErrorCode");
-static_assert(ORT_RUNTIME_EXCEPTION == static_cast<int>(abi::ORT_RUNTIME_EXCEPTION), "OrtErrorCode");
+static_assert(ORT_RUNTIME_EXCEPTION == static_cast<int>(abi::ORT_RUNTIME_EXCEPTION),
+              "OrtErrorCode");
 static_assert(ORT_NOT_IMPLEMENTED == static_cast<int>(abi::ORT_NOT_IMPLEMENTED), "OrtErrorCode");
 static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT), "element type");
+                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+              "element type");
 static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16), "element type");
+                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+              "element type");
 static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL), "element type");
+                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL),
+              "element type");
 static_assert(INPUT_OUTPUT_OPTIONAL == static_cast<int>(abi::INPUT_OUTPUT_OPTIONAL), "optional");
 static_assert(OrtMemTypeDefault == static_cast<int>(abi::OrtMemTypeDefault), "memory type");
 static_assert(ORT_API_VERSION >= abi::kApiVersion, "official header older than the API we ask");

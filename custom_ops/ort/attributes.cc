@@ -124,14 +124,14 @@ Attribute read_attribute(const Api& api, const OrtKernelInfo* info, const char* 
     return a;
   }
   size_t floats = 0, ints = 0;
-  const bool has_floats = read_list<float>(api, info, name, &Api::KernelInfoGetAttributeArray_float,
-                                           &floats, &a.shown);
+  const bool has_floats =
+      read_list<float>(api, info, name, &Api::KernelInfoGetAttributeArray_float, &floats, &a.shown);
   if (has_floats && floats > 0) {
     a.kind = Kind::kFloats;
     return a;
   }
-  const bool has_ints = read_list<int64_t>(api, info, name, &Api::KernelInfoGetAttributeArray_int64,
-                                           &ints, &a.shown);
+  const bool has_ints =
+      read_list<int64_t>(api, info, name, &Api::KernelInfoGetAttributeArray_int64, &ints, &a.shown);
   if (has_ints && ints > 0) {
     a.kind = Kind::kInts;
     return a;
@@ -155,14 +155,22 @@ Attribute read_attribute(const Api& api, const OrtKernelInfo* info, const char* 
 std::string describe(const Attribute& a) {
   using Kind = Attribute::Kind;
   switch (a.kind) {
-    case Kind::kAbsent: return "missing";
-    case Kind::kInt: return "an INT (" + a.shown + ")";
-    case Kind::kFloat: return "a FLOAT (" + a.shown + ")";
-    case Kind::kString: return "a STRING (" + a.shown + ")";
-    case Kind::kInts: return "an INTS (" + a.shown + ")";
-    case Kind::kFloats: return "a FLOATS (" + a.shown + ")";
-    case Kind::kTensor: return "a TENSOR";
-    case Kind::kOther: break;
+    case Kind::kAbsent:
+      return "missing";
+    case Kind::kInt:
+      return "an INT (" + a.shown + ")";
+    case Kind::kFloat:
+      return "a FLOAT (" + a.shown + ")";
+    case Kind::kString:
+      return "a STRING (" + a.shown + ")";
+    case Kind::kInts:
+      return "an INTS (" + a.shown + ")";
+    case Kind::kFloats:
+      return "a FLOATS (" + a.shown + ")";
+    case Kind::kTensor:
+      return "a TENSOR";
+    case Kind::kOther:
+      break;
   }
   return "of another type (an empty list, STRINGS, a GRAPH, ...)";
 }

@@ -1,10 +1,6 @@
-// onnxruntime adapter for com.flash_export::FlashAttention (version 1): reads the attributes once
-// per kernel, validates every input, fills AttentionParams and runs the core on the session's
+// onnxruntime adapter for the node flash_attention_op.h describes: reads the attributes once per
+// kernel, validates every input, fills AttentionParams and runs the core on the session's
 // intra-op thread pool (CPU) or on the stream onnxruntime hands out (CUDA).
-//
-// Inputs: query (B, Lq, E), key (B, Lk, E), value (B, Lk, E), optional bool mask broadcastable to
-// (B, num_heads, Lq, Lk). Attributes: num_heads (required), chunk_size (64), causal (0),
-// scale (1/sqrt(E/num_heads)). Output: (B, Lq, E), query's dtype (float32 or float16).
 #include "flash_attention_op.h"
 
 #include <atomic>
@@ -27,7 +23,6 @@ namespace {
 
 using namespace ort_abi;  // NOLINT(build/namespaces): the adapter speaks this ABI throughout
 
-constexpr const char* kOpName = "FlashAttention";
 constexpr size_t kQuery = 0, kKey = 1, kValue = 2, kMask = 3;
 
 struct Attributes {
@@ -50,21 +45,36 @@ OrtStatus* invalid(const Api& api, const std::string& message) {
 
 const char* type_name(ONNXTensorElementDataType type) {
   switch (static_cast<int>(type)) {
-    case 1: return "float32";
-    case 2: return "uint8";
-    case 3: return "int8";
-    case 4: return "uint16";
-    case 5: return "int16";
-    case 6: return "int32";
-    case 7: return "int64";
-    case 8: return "string";
-    case 9: return "bool";
-    case 10: return "float16";
-    case 11: return "float64";
-    case 12: return "uint32";
-    case 13: return "uint64";
-    case 16: return "bfloat16";
-    default: return "an unsupported element type";
+    case 1:
+      return "float32";
+    case 2:
+      return "uint8";
+    case 3:
+      return "int8";
+    case 4:
+      return "uint16";
+    case 5:
+      return "int16";
+    case 6:
+      return "int32";
+    case 7:
+      return "int64";
+    case 8:
+      return "string";
+    case 9:
+      return "bool";
+    case 10:
+      return "float16";
+    case 11:
+      return "float64";
+    case 12:
+      return "uint32";
+    case 13:
+      return "uint64";
+    case 16:
+      return "bfloat16";
+    default:
+      return "an unsupported element type";
   }
 }
 
@@ -86,17 +96,8 @@ OrtStatus* no_throw(const Api& api, Fn&& fn) noexcept {
 }
 
 // Every attribute is checked once, at session creation (kernel creation happens then): a wrong
-// type or an out-of-range value is an error naming the attribute, what it must be and what it is,
-// never a silent default. What each must be:
-constexpr const char* kNumHeadsRule = "an INT >= 1 (required)";
-constexpr const char* kChunkSizeRule = "an INT >= 1 (default 64)";
-constexpr const char* kCausalRule = "an INT 0 or 1 (default 0)";
-// Any finite scale but 0 is well defined and computed alike by every backend, a negative one
-// included (it attends most to the least similar keys). 0 is refused: it would silently average
-// the values whatever the query, and onnxruntime's com.microsoft attention operators read a scale
-// of 0 as "the default", so a graph written for them would mean something else here.
-constexpr const char* kScaleRule = "a finite FLOAT other than 0 (default 1/sqrt(head_dim))";
-
+// type or an out-of-range value is an error naming the attribute, what it must be (its rule in
+// flash_attention_op.h) and what it is, never a silent default.
 OrtStatus* attribute_error(const Api& api, const char* name, const std::string& is,
                            const char* rule) {
   return invalid(api, std::string("attribute ") + name + " is " + is + ", expected " + rule);
@@ -118,12 +119,11 @@ OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtK
                                  void** kernel) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
   Attributes a;
-  if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule,
-                              &a.num_heads)) {
+  if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule, &a.num_heads)) {
     return s;
   }
-  if (OrtStatus* s = read_int(api, info, "chunk_size", false, 1, kMax, kChunkSizeRule,
-                              &a.chunk_size)) {
+  if (OrtStatus* s =
+          read_int(api, info, "chunk_size", false, 1, kMax, kChunkSizeRule, &a.chunk_size)) {
     return s;
   }
   if (OrtStatus* s = read_int(api, info, "causal", false, 0, 1, kCausalRule, &a.causal)) return s;
@@ -203,8 +203,9 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
     case Status::kOutOfMemory:
       return api.CreateStatus(ORT_FAIL, "FlashAttention: out of memory for kernel scratch");
     default:
-      return api.CreateStatus(ORT_RUNTIME_EXCEPTION,
-                              (std::string("FlashAttention: ") + device + " kernel failed").c_str());
+      return api.CreateStatus(
+          ORT_RUNTIME_EXCEPTION,
+          (std::string("FlashAttention: ") + device + " kernel failed").c_str());
   }
 }
 
@@ -243,7 +244,6 @@ OrtStatus* check_core_limits(const Api& api, int64_t batch, int64_t heads, int64
 
 template <bool kCuda>
 OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
-
   size_t input_count = 0;
   if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
   if (input_count < 3 || input_count > 4) {
@@ -267,7 +267,8 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   const TensorInfo& k = t[kKey];
   const TensorInfo& v = t[kValue];
   for (size_t i = 0; i < 3; ++i) {
-    if (t[i].rank != 3) return invalid(api, rank_error(names[i], t[i], "3 (batch, sequence, embed)"));
+    if (t[i].rank != 3)
+      return invalid(api, rank_error(names[i], t[i], "3 (batch, sequence, embed)"));
   }
   if (q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
       q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
@@ -308,8 +309,8 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   if (has_mask) {
     const TensorInfo& m = t[kMask];
     if (m.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
-      return invalid(api, std::string("mask has element type ") + type_name(m.type) +
-                              ", expected bool");
+      return invalid(api,
+                     std::string("mask has element type ") + type_name(m.type) + ", expected bool");
     }
     if (m.rank > 4) return invalid(api, rank_error("mask", m, "at most 4"));
     const int64_t target[4] = {batch, a.num_heads, seq_q, seq_k};
@@ -333,7 +334,7 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
   OrtValue* out = nullptr;
   if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, out_dims, 3, &out)) return s;
 
-  AttentionParams p;
+  AttentionParams p{};  // no mask until one is set below
   void* data[4] = {nullptr, nullptr, nullptr, nullptr};
   for (size_t i = 0; i < 4; ++i) {
     if (i == kMask && !has_mask) continue;
@@ -449,7 +450,7 @@ OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, s
 }
 OrtMemType default_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int one(const OrtCustomOp*) { return 1; }
-int start_version(const OrtCustomOp*) { return 1; }
+int start_version(const OrtCustomOp*) { return kOpVersion; }
 int end_version(const OrtCustomOp*) { return 2147483647; }
 
 OrtCustomOp make_op(const char* (*provider)(const OrtCustomOp*),

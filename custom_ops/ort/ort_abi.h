@@ -11,16 +11,12 @@
 #include <cstdint>
 #include <cstring>
 
-#ifndef FLASH_EXPORT_ORT_API_VERSION
-#define FLASH_EXPORT_ORT_API_VERSION 17
-#endif
-
 namespace flash_export {
 namespace ort_abi {
 
-// The lowest OrtApi version that has every function below (KernelContext_ParallelFor and the
-// shape-inference context arrived in 1.17).
-constexpr uint32_t kApiVersion = FLASH_EXPORT_ORT_API_VERSION;
+// The OrtApi version this library asks for, stated here only: the lowest that has every function
+// below (KernelContext_ParallelFor and the shape-inference context arrived in 1.17).
+constexpr uint32_t kApiVersion = 17;
 
 struct OrtApi;  // a table of function pointers, read by index (Api below)
 struct OrtStatus;
@@ -198,8 +194,8 @@ class Api {
         info, dims, count);
   }
   OrtStatus* GetTensorTypeAndShape(const OrtValue* value, OrtTensorTypeAndShapeInfo** out) const {
-    return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(
-        kGetTensorTypeAndShape)(value, out);
+    return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(
+        value, out);
   }
   OrtStatus* KernelInfoGetAttribute_float(const OrtKernelInfo* info, const char* name,
                                           float* out) const {
@@ -257,8 +253,7 @@ class Api {
   void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* info) const {
     fn<void (*)(OrtTensorTypeAndShapeInfo*)>(kReleaseTensorTypeAndShapeInfo)(info);
   }
-  OrtStatus* KernelContext_GetGPUComputeStream(const OrtKernelContext* context,
-                                               void** out) const {
+  OrtStatus* KernelContext_GetGPUComputeStream(const OrtKernelContext* context, void** out) const {
     return fn<OrtStatus* (*)(const OrtKernelContext*, void**)>(kKernelContext_GetGPUComputeStream)(
         context, out);
   }
@@ -273,8 +268,7 @@ class Api {
     return fn<OrtStatus* (*)(const OrtShapeInferContext*, size_t, OrtTensorTypeAndShapeInfo**)>(
         kShapeInferContext_GetInputTypeShape)(context, index, out);
   }
-  OrtStatus* ShapeInferContext_SetOutputTypeShape(const OrtShapeInferContext* context,
-                                                  size_t index,
+  OrtStatus* ShapeInferContext_SetOutputTypeShape(const OrtShapeInferContext* context, size_t index,
                                                   const OrtTensorTypeAndShapeInfo* info) const {
     return fn<OrtStatus* (*)(const OrtShapeInferContext*, size_t,
                              const OrtTensorTypeAndShapeInfo*)>(

@@ -13,8 +13,6 @@ namespace {
 
 using ort_abi::Api;
 
-constexpr const char* kDomain = "com.flash_export";
-
 std::atomic<const ort_abi::OrtApi*> g_api{nullptr};
 std::once_flag g_once;
 ort_abi::OrtCustomOpDomain* g_domain = nullptr;
@@ -27,8 +25,8 @@ void create_domain(const Api& api) {
     status = api.CustomOpDomain_Add(g_domain, flash_attention_cuda_op());
   }
   if (status != nullptr) {
-    g_error = std::string("flash_export: registering ") + kDomain + " failed: " +
-              api.GetErrorMessage(status);
+    g_error = std::string("flash_export: registering ") + kDomain +
+              " failed: " + api.GetErrorMessage(status);
     api.ReleaseStatus(status);
   }
 }
@@ -48,9 +46,10 @@ RegisterCustomOps(flash_export::ort_abi::OrtSessionOptions* options,
   const flash_export::ort_abi::OrtApi* table = api_base->GetApi(flash_export::ort_abi::kApiVersion);
   if (table == nullptr) {
     const flash_export::ort_abi::OrtApi* v1 = api_base->GetApi(1);
-    const std::string message = std::string("flash_export needs onnxruntime >= 1.17 (OrtApi ") +
-                                std::to_string(flash_export::ort_abi::kApiVersion) +
-                                "); this onnxruntime is " + api_base->GetVersionString();
+    // onnxruntime 1.N serves OrtApi versions up to N.
+    const std::string version = std::to_string(flash_export::ort_abi::kApiVersion);
+    const std::string message = "flash_export needs onnxruntime >= 1." + version + " (OrtApi " +
+                                version + "); this onnxruntime is " + api_base->GetVersionString();
     return v1 == nullptr ? nullptr
                          : Api(v1).CreateStatus(flash_export::ort_abi::ORT_FAIL, message.c_str());
   }

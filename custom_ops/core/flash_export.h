@@ -1,0 +1,120 @@
+/* The C ABI of libflash_export.so: every symbol it exports except RegisterCustomOps, whose
+ * signature is onnxruntime's (custom_ops/ort/register.cc). For callers without onnxruntime: C and
+ * C++ programs, and ctypes (flash_export/native.py mirrors this file). Valid C99 and C++17; knows
+ * nothing of torch or onnxruntime.
+ *
+ * FlashExportAttentionParams is the params struct of the kernel core itself (flash_attention.h
+ * names it flash_export::AttentionParams), so there is no second layout to keep in step on this
+ * side. Zero it (`= {0}` in C, `{}` in C++), then fill it.
+ */
+#ifndef FLASH_EXPORT_CORE_FLASH_EXPORT_H_
+#define FLASH_EXPORT_CORE_FLASH_EXPORT_H_
+
+#include <stddef.h>
+#include <stdint.h>
+#ifndef __cplusplus
+#include <stdbool.h>
+#endif
+
+#define FLASH_EXPORT_API __attribute__((visibility("default")))
+
+/* Element types of q, k, v and out. */
+#define FLASH_EXPORT_FLOAT32 0
+#define FLASH_EXPORT_FLOAT16 1
+#define FLASH_EXPORT_BFLOAT16 2
+
+/* What the entry points return. */
+#define FLASH_EXPORT_OK 0
+#define FLASH_EXPORT_INVALID_ARGUMENT 1 /* a size, stride or attribute the core cannot honour */
+#define FLASH_EXPORT_UNSUPPORTED 2      /* a dtype or feature this build does not implement */
+#define FLASH_EXPORT_DEVICE_ERROR 3     /* a CUDA launch or runtime error */
+#define FLASH_EXPORT_OUT_OF_MEMORY 4    /* scratch memory could not be allocated */
+
+#ifdef __cplusplus
+namespace flash_export {
+/* The element type as C++ reads it: the same 32-bit value. */
+enum class DType : int32_t {
+  kFloat32 = FLASH_EXPORT_FLOAT32,
+  kFloat16 = FLASH_EXPORT_FLOAT16,
+  kBFloat16 = FLASH_EXPORT_BFLOAT16,
+};
+}  // namespace flash_export
+typedef flash_export::DType FlashExportDType;
+#else
+typedef int32_t FlashExportDType; /* one of FLASH_EXPORT_FLOAT32, _FLOAT16, _BFLOAT16 */
+#endif
+
+/* One attention forward. Q is (B, Lq, H*D), K and V are (B, Lk, H*D), O is (B, Lq, H*D), all of
+ * `dtype`; element (b, l, h, d) of a tensor X lives at
+ *   X + b * x_batch_stride + l * x_row_stride + h * x_head_stride + d   (element units).
+ * Accumulation is float32 whatever the input dtype.
+ *
+ * Masking decides visibility, values decide numbers. A query row that sees no key (all masked,
+ * causal with Lq > Lk, or Lk == 0) is written as zeros. A row that sees at least one key but whose
+ * every visible logit is -inf has no defined softmax and is written as NaN, as the float64
+ * reference computes it (so is a row with a +inf or NaN logit); the same keys hidden by the mask
+ * or the causal rule give zeros. */
+typedef struct FlashExportAttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+
+  int64_t batch;    /* B */
+  int64_t heads;    /* H */
+  int64_t head_dim; /* D */
+  int64_t seq_q;    /* Lq (may be 0: nothing to do) */
+  int64_t seq_k;    /* Lk (may be 0: every output row is zero) */
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  /* Optional boolean mask (one byte per element, nonzero = attend), broadcast to (B, H, Lq, Lk)
+   * through its strides: a broadcast dimension has stride 0. NULL means no mask. */
+  const uint8_t* mask;
+  int64_t mask_batch_stride, mask_head_stride, mask_q_stride, mask_k_stride;
+
+  int64_t chunk_size; /* keys per online-softmax block (>= 1) */
+  float scale;        /* logits = scale * q . k */
+  /* Bottom-right aligned causal mask: query i sees key j iff j <= i + (Lk - Lq). */
+  bool causal;
+  FlashExportDType dtype;
+} FlashExportAttentionParams;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* sizeof(FlashExportAttentionParams) as this library was compiled: a binding checks its mirror
+ * against it before the first call. */
+FLASH_EXPORT_API size_t flash_export_params_size(void);
+
+/* Serial CPU forward. */
+FLASH_EXPORT_API int32_t
+flash_export_attention_forward_cpu(const FlashExportAttentionParams* params);
+
+/* CPU forward on `threads` std::threads (the caller's thread included); threads <= 1 is serial. */
+FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
+    const FlashExportAttentionParams* params, int32_t threads);
+
+/* CUDA forward on `stream` (a cudaStream_t; 0 is the legacy default stream), asynchronous like any
+ * launch. Exported only by a library built with nvcc. */
+FLASH_EXPORT_API int32_t
+flash_export_attention_forward_cuda(const FlashExportAttentionParams* params, void* stream);
+
+/* The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable". */
+FLASH_EXPORT_API const char* flash_export_cpu_isa(void);
+
+/* A JSON object describing this build: the op it registers in onnxruntime (op_domain, op_name,
+ * op_version), the OrtApi version it asks for (ort_api_version), cuda, cuda_archs, cpu_isa and
+ * sanitizer. Defined by the onnxruntime adapter, which owns those facts (ort/build_info.cc). The
+ * string lives for the life of the process. */
+FLASH_EXPORT_API const char* flash_export_build_info(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FLASH_EXPORT_CORE_FLASH_EXPORT_H_ */
