@@ -21,11 +21,14 @@ import numpy as np
 
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
 from flash_export.errors import ArtifactError, FlashExportError, summary
+from flash_export.io_spec import IOSpec
+from flash_export.model_io import attention_calls, resolve_io
 from flash_export.runners import (
     ALL_BACKENDS,
     ONNX_BACKENDS,
     TORCH_BACKENDS,
     Job,
+    bench_feed,
     cuda_available,
     make_runner,
     measure_memory,
@@ -183,14 +186,17 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
                          spec=json.loads(spec.to_json()),
                          artifact=str(artifact) if artifact else None,
                          environment=environment(config.threads), method=_method(config))
-    n_layers = _layers_within_memory(spec, config, len(wanted))
-    run = _Run(config, spec, dtype, trust, expect_sha256, progress or (lambda d, t, label: None))
+    model = _built_within_memory(spec, config, len(wanted))
+    run = _Run(config, spec, dtype, trust, expect_sha256, progress or (lambda d, t, label: None),
+               model)
+    # A model whose only dynamic size is the batch (a ViT) has one shape: one row set.
+    seqs = config.seqs if set(run.io.dynamic) - {"batch"} else config.seqs[:1]
     with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
         plans = _plan(wanted, chunks, spec, dtype, Path(tmp), artifact, art, run.progress)
-        run.total = len(config.seqs) * (config.repeats * config.iters
-                                        + (len(plans) if config.memory else 0))
-        for seq in config.seqs:
-            report.rows.extend(run.one_length(plans, seq, n_layers))
+        run.total = len(seqs) * (config.repeats * config.iters
+                                 + (len(plans) if config.memory else 0))
+        for seq in seqs:
+            report.rows.extend(run.one_length(plans, seq))
     return report
 
 
@@ -215,12 +221,11 @@ def _method(config: BenchConfig) -> str:
                "shape)" if config.memory else "not measured"))
 
 
-def _layers_within_memory(spec: Any, config: BenchConfig, backends: int) -> int:
-    """The model's FlashAttention layer count, after refusing a run that would not fit.
+def _built_within_memory(spec: Any, config: BenchConfig, backends: int) -> Any:
+    """The model of `spec`, built after refusing a run that would not fit.
 
-    A plain spec's size is known before anything is built; a model factory's after building it.
+    A plain or zoo spec's size is known before anything is built; a user factory's only after.
     """
-    from flash_export.attention import FlashAttention
     from flash_export.spec import check_memory
 
     params = spec.parameter_count()
@@ -231,7 +236,7 @@ def _layers_within_memory(spec: Any, config: BenchConfig, backends: int) -> int:
     if params is None:
         check_memory(_bench_bytes(spec, sum(p.numel() for p in built.parameters()), config,
                                   backends), config.max_memory, "this benchmark")
-    return max(1, sum(isinstance(m, FlashAttention) for m in built.modules()))
+    return built
 
 
 @dataclass
@@ -244,8 +249,25 @@ class _Run:
     trust: bool
     expect_sha256: Optional[str]
     progress: ProgressFn
+    model: Any  # the eager model: what the attention costs at each shape is measured on it
     total: int = 0
     done: int = 0
+
+    @property
+    def io(self) -> IOSpec:
+        """The model's own IOSpec (its shapes decide what one row's length means)."""
+        return resolve_io(self.model)
+
+    def attention_work(self, seq: int) -> Tuple[int, int, float]:
+        """(Lq, Lk) of the first attention call and the FLOPs of all of them, at length seq."""
+        import torch
+
+        io, c = self.io, self.config
+        inputs = {n: torch.from_numpy(a) for n, a in bench_feed(io, c.batch, seq, seq).items()
+                  if io.input(n).role != "attention"}
+        calls = attention_calls(self.model, {**inputs, **io.constants})
+        flops = sum(attention_flops(b, lq, lk, e, h) for b, lq, lk, e, h in calls)
+        return (calls[0][1], calls[0][2], flops) if calls else (seq, seq, 0.0)
 
     def job(self, p: "_Plan", seq: int) -> Job:
         c = self.config
@@ -259,13 +281,17 @@ class _Run:
         self.done += 1
         self.progress(self.done, self.total, label)
 
-    def one_length(self, plans: List["_Plan"], seq: int, n_layers: int) -> List[BenchRow]:
-        """Time every plan interleaved at Lq = Lk = seq, then measure each one's memory."""
+    def one_length(self, plans: List["_Plan"], seq: int) -> List[BenchRow]:
+        """Time every plan interleaved at length seq, then measure each one's memory.
+
+        A row's seq_q/seq_k are the first attention call's lengths (a ViT's token count, say).
+        """
         c = self.config
+        lq, lk, flops = self.attention_work(seq)
         rows: Dict[str, BenchRow] = {}
         runners: Dict[str, Runner] = {}
         for p in plans:
-            row = rows[p.label] = BenchRow(p.backend, p.device, p.chunk, c.batch, seq, seq,
+            row = rows[p.label] = BenchRow(p.backend, p.device, p.chunk, c.batch, lq, lk,
                                            status=p.status, error=p.error)
             if p.status == "ok":
                 try:
@@ -276,7 +302,6 @@ class _Run:
                                            repeats=c.repeats,
                                            on_step=lambda: self.step(f"timing L={seq}"))
         runners.clear()
-        flops = n_layers * attention_flops(c.batch, seq, seq, self.spec.embed, self.spec.heads)
         for label, row in rows.items():
             if label in errors:
                 row.status, row.error = "error", errors[label]

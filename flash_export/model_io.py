@@ -220,3 +220,27 @@ def dynamic_shapes(io: IOSpec) -> Dict[str, Dict[int, Any]]:
         dims[name] = torch.export.Dim(name) if high is None else torch.export.Dim(name, max=high)
     return {t.name: {axis: dims[d] for axis, d in enumerate(t.dims) if isinstance(d, str)}
             for t in io.inputs}
+
+
+def attention_calls(model: nn.Module, inputs: Mapping[str, Any]) -> List[Tuple[int, ...]]:
+    """(B, Lq, Lk, E, H) of every FlashAttention call one forward of `model` makes.
+
+    What a model's attention costs at given inputs (a ViT's token count is not an input size,
+    say), measured with forward pre-hooks on its FlashAttention layers.
+    """
+    calls: List[Tuple[int, ...]] = []
+
+    def record(layer: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        bound = dict(zip(CONTRACT_INPUTS, args), **kwargs)
+        values, queries = bound["values"], bound["queries"]  # (B, Lk, E), (B, Lq, E)
+        calls.append((int(queries.shape[0]), int(queries.shape[1]), int(values.shape[1]),
+                      int(layer.embed_size), int(layer.heads)))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+             if isinstance(m, FlashAttention)]
+    try:
+        call(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls

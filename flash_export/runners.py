@@ -62,9 +62,14 @@ def make_runner(job: Job) -> Runner:
     return _torch_runner(job)
 
 
-def _feed(job: Job, io: IOSpec) -> Dict[str, np.ndarray]:
-    named = {"batch": job.batch, "q_len": job.seq_q, "k_len": job.seq_k}
-    sizes = io.clamp({**{n: job.seq_q for n in io.dynamic}, **named})
+def bench_feed(io: IOSpec, batch: int, seq_q: int, seq_k: int) -> Dict[str, np.ndarray]:
+    """A benchmark's inputs: the IOSpec's, at the batch and lengths given.
+
+    q_len and seq are seq_q, k_len is seq_k, other sizes seq_q; attention masks are all True and
+    padding masks pad nothing.
+    """
+    named = {"batch": batch, "q_len": seq_q, "k_len": seq_k}
+    sizes = io.clamp({**{n: seq_q for n in io.dynamic}, **named})
     feed = make_feed(io, sizes, seed=0, padded=False)
     for t in io.inputs:
         if t.role == "attention":
@@ -81,7 +86,7 @@ def _ort_runner(job: Job) -> Runner:
     graph = {i.name: i for i in session.get_inputs()}
     io = recorded_io(session.get_modelmeta().custom_metadata_map, job.file, list(graph))
     feed = {n: a.astype(feed_dtype(graph[n].type)) if a.dtype.kind == "f" else a
-            for n, a in _feed(job, io).items()}
+            for n, a in bench_feed(io, job.batch, job.seq_q, job.seq_k).items()}
     outputs = [o.name for o in session.get_outputs()]
     if job.device != "cuda":
         def run_cpu() -> None:
@@ -138,9 +143,10 @@ def _torch_runner(job: Job) -> Runner:
         module = module.to(device=device, dtype=dtype).eval()
     else:
         raise FlashExportError(f"unknown backend {job.backend!r}; choose from {ALL_BACKENDS}")
+    feed = bench_feed(io, job.batch, job.seq_q, job.seq_k)
     inputs = {n: torch.from_numpy(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
                                         else None)
-              for n, a in _feed(job, io).items() if io.input(n).role != "attention"}
+              for n, a in feed.items() if io.input(n).role != "attention"}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> None:

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from flash_export.errors import summary
 
 Runner = Callable[[], None]
-FLOPS_FORMULA = ("per FlashAttention layer: attention 4*B*H*Lq*Lk*D (QK^T and PV, dense: causal "
-                 "not halved) + projections 4*B*E^2*(Lq+Lk) (= 8*B*L*E^2 when Lq = Lk = L); "
-                 "other layers of a custom model are not counted")
+FLOPS_FORMULA = ("summed over the FlashAttention calls of one forward (their shapes measured with "
+                 "hooks): attention 4*B*H*Lq*Lk*D (QK^T and PV, dense: causal not halved) + "
+                 "projections 4*B*E^2*(Lq+Lk); a model's other layers are not counted")
 
 
 def attention_flops(batch: int, seq_q: int, seq_k: int, embed: int, heads: int,
