@@ -9,7 +9,6 @@ at a length never seen at export, under the STYLE.md rule.
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
 import onnx
 import pytest
 import torch
