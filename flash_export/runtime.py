@@ -19,6 +19,8 @@ from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line, 
 if TYPE_CHECKING:
     import onnxruntime
 
+    from flash_export.io_spec import IOSpec
+
 LIBRARY_ENV = "FLASH_EXPORT_LIBRARY"
 _LIBRARY_NAME = "libflash_export.so"
 _BUILD_HINT = (f"build it with `python custom_ops/build.py --out DIR` and set {LIBRARY_ENV}="
@@ -158,6 +160,24 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
         raise ArtifactError(f"{path}: a graph input/output name, dim name or metadata string is "
                             f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     return session
+
+
+def session_io(session: Any) -> IOSpec:
+    """The IOSpec of a session's graph, as the exporter recorded it.
+
+    Its inputs (names, dtypes, dims, valid values) and outputs; graphs from before IOSpecs get
+    the attention contract.
+
+    A service checks each request with `flash_export.io_spec.check_feed(io, feed)` before
+    running it.
+
+    Raises:
+        ArtifactError: the recorded IOSpec is malformed.
+    """
+    from flash_export.artifact import recorded_io
+
+    return recorded_io(session.get_modelmeta().custom_metadata_map, "the session's graph",
+                       [i.name for i in session.get_inputs()])
 
 
 def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",
