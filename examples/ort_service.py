@@ -1,12 +1,15 @@
-"""Serve an exported FlashAttention graph over HTTP with onnxruntime only (no torch).
+"""Serve an exported graph over HTTP with onnxruntime and numpy only (no torch).
 
     python examples/ort_service.py model.onnx --port 8000
-    curl -X POST localhost:8000/attend -d '{"values": [[[...]]], "keys": ..., "queries": ...}'
+    curl -X POST localhost:8000/infer -d '{"input_ids": [[1, 2, 3]]}'
 
-POST /attend takes JSON {"values": (B, Lk, E), "keys": (B, Lk, E), "queries": (B, Lq, E)
-[, "mask": bool (B, 1, Lq, Lk)]} as nested lists and answers {"output": (B, Lq, E)}; bad input
-gets a 400 with {"error": "..."}. `--selftest` starts the service on an ephemeral port of
-127.0.0.1, posts one random request, checks the output shape and exits 0 (1 on failure).
+POST /infer takes a JSON object with one nested list per graph input, named as the model's
+forward names them (an attention graph: "values", "keys", "queries" [, "mask"]), and answers one
+nested list per output ({"logits": ...}). Each request is checked against the IOSpec recorded in
+the graph (names, dtypes, ranks, static and shared dims, value ranges such as the vocabulary)
+before it runs; a bad one gets a 400 with {"error": "..."}. POST /attend is the same route under
+its old name. `--selftest` starts the service on an ephemeral port of 127.0.0.1, posts one
+request generated from the IOSpec, checks every output and exits 0 (1 on failure).
 """
 
 import argparse
@@ -20,57 +23,48 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from flash_export.errors import FlashExportError
-from flash_export.runtime import create_session
+from flash_export.io_spec import check_feed, make_feed
+from flash_export.runtime import create_session, session_io
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
 
-
-class AttentionService:
-    """One onnxruntime session; `attend` turns a JSON request into a JSON answer."""
+class GraphService:
+    """One onnxruntime session; `infer` turns a JSON request into a JSON answer."""
 
     def __init__(self, model_path: str, threads: int = 0) -> None:
         self.session = create_session(model_path, intra_op_num_threads=threads)
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.io = session_io(self.session)
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
-    @property
-    def embed(self) -> int:
-        """E, the embedding size the graph was exported with."""
-        return int(self.inputs["queries"].shape[2])
-
-    def attend(self, request: Dict[str, Any]) -> Dict[str, Any]:
+    def infer(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """Run the graph on one request; raises ValueError on a malformed one."""
-        feeds = {}
-        for name, meta in self.inputs.items():
-            if name not in request:
-                raise ValueError(f"missing field {name!r}")
-            array = np.asarray(request[name], dtype=_DTYPES.get(meta.type, np.float32))
-            if array.ndim != len(meta.shape):
-                raise ValueError(f"{name} must have rank {len(meta.shape)}, got {array.ndim}")
-            feeds[name] = array
-        unknown = set(request) - set(self.inputs)
-        if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)}")
+        feed = {}
+        for t in self.io.inputs:
+            if t.name in request:
+                feed[t.name] = np.asarray(request[t.name], dtype=t.dtype)
+        feed.update({n: v for n, v in request.items() if n not in feed})  # named in the error
+        check_feed(self.io, feed)
         try:
-            (output,) = self.session.run(["output"], feeds)
-        except Exception as exc:  # onnxruntime reports bad shapes as its own exception types
-            raise ValueError(str(exc).strip().splitlines()[0]) from exc
-        return {"output": output.astype(np.float32).tolist()}
+            results = self.session.run(self.outputs, feed)
+        except Exception as exc:  # onnxruntime reports what the IOSpec cannot see itself
+            raise ValueError(" ".join(str(exc).split())[:400]) from exc
+        return {n: np.asarray(r, dtype=np.float64 if r.dtype.kind == "f" else r.dtype).tolist()
+                for n, r in zip(self.outputs, results)}
 
 
-def make_handler(service: AttentionService) -> type:
+def make_handler(service: GraphService) -> type:
     """An HTTP handler class bound to `service`."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path != "/attend":
-                self._reply(404, {"error": f"no route {self.path}; POST /attend"})
+            if self.path not in ("/infer", "/attend"):
+                self._reply(404, {"error": f"no route {self.path}; POST /infer"})
                 return
             try:
                 length = int(self.headers.get("Content-Length", "0"))
                 request = json.loads(self.rfile.read(length))
                 if not isinstance(request, dict):
                     raise ValueError("the body must be a JSON object")
-                self._reply(200, service.attend(request))
+                self._reply(200, service.infer(request))
             except (ValueError, TypeError) as exc:
                 self._reply(400, {"error": str(exc)})
 
@@ -88,31 +82,26 @@ def make_handler(service: AttentionService) -> type:
     return Handler
 
 
-def selftest(service: AttentionService) -> int:
-    """Serve on an ephemeral port, post one request, check the answer's shape."""
+def selftest(service: GraphService) -> int:
+    """Serve on an ephemeral port, post one request from the IOSpec, check every output."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(service))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        rng = np.random.default_rng(0)
-        batch, q_len, k_len, embed = 2, 5, 7, service.embed
-        request: Dict[str, List[Any]] = {
-            "values": rng.standard_normal((batch, k_len, embed)).tolist(),
-            "keys": rng.standard_normal((batch, k_len, embed)).tolist(),
-            "queries": rng.standard_normal((batch, q_len, embed)).tolist(),
-        }
-        if "mask" in service.inputs:
-            request["mask"] = (rng.random((batch, 1, q_len, k_len)) > 0.2).tolist()
-        url = f"http://127.0.0.1:{server.server_address[1]}/attend"
+        sizes = service.io.clamp({n: 2 if n == "batch" else 7 for n in service.io.dynamic})
+        request = {n: a.tolist() for n, a in make_feed(service.io, sizes, seed=0).items()}
+        url = f"http://127.0.0.1:{server.server_address[1]}/infer"
         post = urllib.request.Request(url, data=json.dumps(request).encode(),
                                       headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(post, timeout=60) as answer:
-            output = np.asarray(json.loads(answer.read())["output"])
-        if output.shape != (batch, q_len, embed) or not np.isfinite(output).all():
-            print(f"selftest FAILED: output shape {output.shape}, expected "
-                  f"{(batch, q_len, embed)}", file=sys.stderr)
+            outputs = json.loads(answer.read())
+        shapes = {n: list(np.asarray(outputs[n]).shape) for n in service.outputs}
+        if set(outputs) != set(service.outputs) or not all(
+                np.isfinite(np.asarray(outputs[n], dtype=np.float64)).all() for n in outputs):
+            print(f"selftest FAILED: outputs {sorted(outputs)}, expected {service.outputs}, "
+                  "all finite", file=sys.stderr)
             return 1
-        print(f"selftest ok: POST /attend -> output {list(output.shape)}")
+        print(f"selftest ok: POST /infer -> {shapes}")
         return 0
     finally:
         server.shutdown()
@@ -130,14 +119,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="serve on an ephemeral port, post one request, exit")
     args = parser.parse_args(argv)
     try:
-        service = AttentionService(args.model, args.threads)
+        service = GraphService(args.model, args.threads)
     except FlashExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.selftest:
         return selftest(service)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(service))
-    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/attend")
+    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/infer")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

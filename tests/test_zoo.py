@@ -1,0 +1,115 @@
+"""The model zoo end to end: every model exports (custom and standard), validates, benches and
+runs in a service with onnxruntime and numpy only."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+
+from flash_export.bench import BenchConfig, benchmark
+from flash_export.io_spec import IOSpec
+from flash_export.model_io import resolve_io
+from flash_export.models import ZOO
+from flash_export.onnx_export import export_onnx
+from flash_export.runtime import library_path
+from flash_export.spec import ModelSpec
+from flash_export.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("custom", "standard")
+# Small but real: 2 layers, 4 heads of 8, chunk 8 so lengths 7 and 20 cross chunk boundaries.
+SPECS = {name: ModelSpec(embed=32, heads=4, chunk=8, seed=5, model=f"flash_export.models.{name}"
+                         ":build") for name in ZOO}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Dict[Tuple[str, str], Path]:
+    folder = tmp_path_factory.mktemp("zoo")
+    out = {}
+    for name, spec in SPECS.items():
+        for target in TARGETS:
+            if target == "custom" and not Path(library_path()).is_file():
+                continue
+            out[name, target] = export_onnx(spec.build(), folder / f"{name}-{target}.onnx",
+                                            target=target, spec=spec)
+    return out
+
+
+def _artifact(exported: Dict[Tuple[str, str], Path], name: str, target: str) -> Path:
+    if (name, target) not in exported:
+        pytest.skip(f"native library not built at {library_path()}")
+    return exported[name, target]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_declares_its_inputs(name: str) -> None:
+    io = resolve_io(SPECS[name].build())
+    assert isinstance(io, IOSpec) and io.outputs
+    assert IOSpec.from_json(io.to_json()) == io
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_validates(exported, name: str, target: str) -> None:
+    report = validate(_artifact(exported, name, target), seq=[1, 7, 20], batch=[2])
+    assert report.passed, report.failure_lines()
+    assert report.spec == SPECS[name] and report.spec_source == "artifact"
+    outputs = {c.output for b in report.backends for c in b.cases}
+    assert outputs == set(resolve_io(SPECS[name].build()).outputs)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_benches(exported, name: str) -> None:
+    report = benchmark(_artifact(exported, name, "standard"),
+                       config=BenchConfig(seqs=(16,), iters=2, warmup=1, memory=False))
+    rows = {r.backend: r for r in report.rows}
+    assert set(rows) == {"standard", "eager", "sdpa"}
+    assert all(r.status == "ok" and r.p50_ms and r.gflops_per_s for r in rows.values()), rows
+
+
+BLOCK_TORCH = ("import sys\n"
+               "class _Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'onnxscript'):\n"
+               "            raise ImportError(name + ' is blocked: a service has no torch')\n"
+               "sys.meta_path.insert(0, _Block())\n"
+               "import runpy\n"
+               "sys.argv = ['ort_service.py', sys.argv[1], '--selftest']\n"
+               "runpy.run_path(sys.argv[0].replace('ort_service.py', '') + {script!r}, "
+               "run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_graph_runs_in_a_service_without_torch(exported, name: str,
+                                                         target: str) -> None:
+    code = BLOCK_TORCH.format(script=str(ROOT / "examples" / "ort_service.py"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code, str(_artifact(exported, name, target))],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "selftest ok" in run.stdout
+
+
+def test_the_readme_zoo_flow_works_from_another_folder(tmp_path: Path) -> None:
+    """flash-export onnx --model flash_export.models.gpt:build, then validate and bench."""
+    exe = Path(sys.executable).with_name("flash-export")
+    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export.cli"]
+    (tmp_path / "out").mkdir()
+    small = ["--embed", "32", "--heads", "4", "--chunk", "8"]
+    steps = [["onnx", "--model", "flash_export.models.gpt:build", *small, "--target", "standard",
+              "out/gpt.onnx"],
+             ["validate", "out/gpt.onnx", "--seq", "1,7,20", "--batch", "2"],
+             ["bench", "out/gpt.onnx", "--seq", "16", "--iters", "2", "--warmup", "1",
+              "--no-memory"]]
+    outputs = []
+    for step in steps:
+        run = subprocess.run([*cli, *step], capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
+        assert run.returncode == 0, (step, run.stdout[-1500:], run.stderr[-1500:])
+        outputs.append(run.stdout)
+    assert "check: " in outputs[0] and "validation passed" in outputs[1]
+    assert "standard" in outputs[2] and "eager" in outputs[2]
