@@ -35,7 +35,7 @@ CLANG_FORMAT := $(BIN)/clang-format
 CXX_SOURCES := $(shell find custom_ops -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 lint: $(STAMP) $(CLANG_FORMAT)
-	$(BIN)/ruff check flash_export tests models examples benchmarks custom_ops setup.py flash_attention.py
+	$(BIN)/ruff check flash_export tests examples benchmarks custom_ops setup.py flash_attention.py
 	$(BIN)/mypy
 	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
 

@@ -6,14 +6,14 @@ from typing import Union
 import numpy as np
 
 MAGIC = b"FETENSOR"
-_CODES = {np.dtype(np.float32): 0, np.dtype(np.bool_): 1}
+_CODES = {np.dtype(np.float32): 0, np.dtype(np.bool_): 1, np.dtype(np.int64): 2}
 
 
 def write_tensor(path: Union[str, Path], array: np.ndarray) -> None:
-    """Write a float32 or bool array: magic, int64 dtype code, int64 rank, int64 dims, data."""
+    """Write a float32, bool or int64 array: magic, int64 dtype code, rank, dims, data."""
     a = np.ascontiguousarray(array)
     if a.dtype not in _CODES:
-        raise ValueError(f"tensor files hold float32 or bool, got {a.dtype}")
+        raise ValueError(f"tensor files hold float32, bool or int64, got {a.dtype}")
     header = np.array([_CODES[a.dtype], a.ndim, *a.shape], dtype="<i8")
     with open(path, "wb") as f:
         f.write(MAGIC)
@@ -28,6 +28,6 @@ def read_tensor(path: Union[str, Path]) -> np.ndarray:
         raise ValueError(f"{path} is not a flash-export tensor file")
     code, rank = np.frombuffer(data, dtype="<i8", count=2, offset=8)
     dims = np.frombuffer(data, dtype="<i8", count=int(rank), offset=24)
-    dtype = {0: np.float32, 1: np.bool_}[int(code)]
+    dtype = {0: np.float32, 1: np.bool_, 2: np.int64}[int(code)]
     offset = 24 + 8 * int(rank)
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(tuple(int(d) for d in dims))

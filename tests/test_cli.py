@@ -52,11 +52,11 @@ def test_torchscript_command_writes_an_archive_that_rebuilds_exactly(tmp_path):
 def test_model_and_weights_options(tmp_path):
     weights = tmp_path / "w.pt"
     from flash_export import ModelSpec
-    model = ModelSpec(embed=32, heads=2, chunk=8, model=f"{ROOT}/models/encoder.py:build").build()
+    model = ModelSpec(embed=32, heads=2, chunk=8, model="flash_export.models.encoder:build").build()
     torch.save(model.state_dict(), weights)
     result = CliRunner().invoke(main, [
         "torchscript", "--embed", "32", "--heads", "2", "--chunk", "8",
-        "--model", f"{ROOT}/models/encoder.py:build", "--weights", str(weights),
+        "--model", "flash_export.models.encoder:build", "--weights", str(weights),
         str(tmp_path / "enc.pt")])
     assert result.exit_code == 0, result.output
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from flash_export import ModelSpec, export_torchscript
+from flash_export.io_spec import make_feed
+from flash_export.model_io import call, resolve_io
 from flash_export.tensor_io import read_tensor, write_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,8 @@ def cpp_program(tmp_path_factory) -> Path:
 SPECS = {
     "flash-attention": ModelSpec(embed=128, heads=8, chunk=64),
     "causal": ModelSpec(embed=64, heads=4, chunk=16, causal=True, seed=3),
-    "encoder": ModelSpec(embed=64, heads=4, chunk=16, model=str(ROOT / "models/encoder.py:build")),
+    "encoder": ModelSpec(embed=64, heads=4, chunk=16, model="flash_export.models.encoder:build"),
+    "gpt": ModelSpec(embed=64, heads=4, chunk=16, model="flash_export.models.gpt:build"),
 }
 
 
@@ -41,40 +44,41 @@ def test_cpp_loader_matches_python(cpp_program, tmp_path, name, masked):
     spec = SPECS[name]
     model = spec.build()
     pt = export_torchscript(model, tmp_path / "model.pt", spec=spec)
-    g = torch.Generator().manual_seed(7)
-    v, k, q = (torch.randn(2, n, spec.embed, generator=g) for n in (77, 77, 30))
-    mask = torch.rand(2, 1, 30, 77, generator=g) > 0.3
+    io = resolve_io(model, mask=True)
+    sizes = io.clamp({"batch": 2, "seq": 77, "k_len": 77, "q_len": 30})
+    feed = make_feed(io, sizes, seed=7, padded=masked)
     files = []
-    for label, t in (("values", v), ("keys", k), ("queries", q)):
-        write_tensor(tmp_path / f"{label}.bin", t.numpy())
-        files.append(str(tmp_path / f"{label}.bin"))
-    args = [str(cpp_program), str(pt), *files, str(tmp_path / "out.bin")]
-    if masked:
-        write_tensor(tmp_path / "mask.bin", mask.numpy())
-        args.append(str(tmp_path / "mask.bin"))
+    for t in io.inputs:  # in forward order; an optional mask only when masked
+        if t.role == "attention" and not masked:
+            continue
+        write_tensor(tmp_path / f"{t.name}.bin", feed[t.name])
+        files.append(str(tmp_path / f"{t.name}.bin"))
     # One thread on both sides: how a GEMM splits over threads moves the last bits, and the bound
     # below is for the same arithmetic, not for two thread counts.
-    run = subprocess.run(args, capture_output=True, text=True, timeout=120,
+    run = subprocess.run([str(cpp_program), str(pt), str(tmp_path / "out.bin"), *files],
+                         capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.no_grad():
-            expected = model(v, k, q, mask if masked else None).numpy()
+        inputs = {t.name: torch.from_numpy(feed[t.name]) for t in io.inputs
+                  if t.role != "attention" or masked}
+        expected = call(model, inputs)[0].numpy()
     finally:
         torch.set_num_threads(threads)
     got = read_tensor(tmp_path / "out.bin")
     assert got.shape == expected.shape
-    assert float(np.abs(got - expected).max()) <= 1e-6
+    assert float(np.abs(got - expected).max()) <= 1e-6 * max(1.0, float(np.abs(expected).max()))
 
 
 def test_cpp_loader_reports_a_bad_input_file(cpp_program, tmp_path):
     pt = export_torchscript(ModelSpec(embed=32, heads=4, chunk=8).build(), tmp_path / "m.pt",
                             spec=ModelSpec(embed=32, heads=4, chunk=8))
     (tmp_path / "bad.bin").write_bytes(b"not a tensor")
-    run = subprocess.run([str(cpp_program), str(pt), *(str(tmp_path / "bad.bin"),) * 3,
-                          str(tmp_path / "o.bin")], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([str(cpp_program), str(pt), str(tmp_path / "o.bin"),
+                          *(str(tmp_path / "bad.bin"),) * 3], capture_output=True, text=True,
+                         timeout=60)
     assert run.returncode == 1 and "not a flash-export tensor file" in run.stderr
 
 
@@ -82,5 +86,8 @@ def test_tensor_files_round_trip(tmp_path):
     a = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
     write_tensor(tmp_path / "a.bin", a)
     assert np.array_equal(read_tensor(tmp_path / "a.bin"), a)
-    with pytest.raises(ValueError, match="float32 or bool"):
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    write_tensor(tmp_path / "ids.bin", ids)
+    assert np.array_equal(read_tensor(tmp_path / "ids.bin"), ids)
+    with pytest.raises(ValueError, match="float32, bool or int64"):
         write_tensor(tmp_path / "b.bin", a.astype(np.float64))

@@ -1,28 +1,45 @@
-"""The example models in models/: built from FlashAttention, rebuilt exactly from a spec."""
+"""Model factories: the zoo's and a user's own file, built from FlashAttention and rebuilt
+exactly from a spec."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from flash_export import FlashAttention, ModelError, ModelSpec, reference_forward
+from flash_export import FlashAttention, ModelError, ModelSpec
+from flash_export.model_io import reference_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
-ENCODER = f"{ROOT / 'models' / 'encoder.py'}:build"
+ENCODER = "flash_export.models.encoder:build"
+USER_FILE = '''
+from flash_export import FlashAttention
+
+
+def build(embed_size, heads, chunk_size, causal):
+    return FlashAttention(embed_size, heads, chunk_size, causal=causal)
+'''
+
+
+@pytest.fixture()
+def user_factory(tmp_path: Path) -> str:
+    (tmp_path / "mine.py").write_text(USER_FILE)
+    return f"{tmp_path / 'mine.py'}:build"
 
 
 def test_encoder_is_built_from_flash_attention_and_matches_float64_reference():
     model = ModelSpec(embed=64, heads=4, chunk=8, model=ENCODER).build()
     assert sum(isinstance(m, FlashAttention) for m in model.modules()) == 2
     g = torch.Generator().manual_seed(0)
-    v, k, q = (torch.randn(2, n, 64, generator=g) for n in (21, 21, 13))
+    x = torch.randn(2, 21, 64, generator=g)
+    pad = torch.arange(21)[None, :] < torch.tensor([[21], [13]])  # (2, 21), True = real token
     with torch.no_grad():
-        got = model(v, k, q).double()
-    torch.testing.assert_close(got, reference_forward(model, v, k, q), atol=1e-5, rtol=0)
+        got = model(x, pad).double()
+    (ref,) = reference_outputs(model, {"x": x, "padding_mask": pad})
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model", [None, ENCODER], ids=["default", "encoder"])
-def test_same_spec_builds_identical_weights_and_seed_changes_them(model):
+@pytest.mark.parametrize("model", [None, ENCODER, "user"], ids=["default", "zoo", "file"])
+def test_same_spec_builds_identical_weights_and_seed_changes_them(model, user_factory):
+    model = user_factory if model == "user" else model
     a = ModelSpec(embed=32, heads=2, chunk=8, model=model).build().state_dict()
     b = ModelSpec(embed=32, heads=2, chunk=8, model=model).build().state_dict()
     c = ModelSpec(embed=32, heads=2, chunk=8, model=model, seed=1).build().state_dict()
@@ -46,8 +63,16 @@ def test_weights_load_strictly_and_mismatch_is_one_line(tmp_path):
 @pytest.mark.parametrize("model,message", [
     ("nofactory", "FILE.py:FACTORY"),
     ("missing.py:build", "not found"),
-    (f"{ROOT / 'models' / 'encoder.py'}:nope", "no callable"),
-], ids=["syntax", "missing-file", "missing-factory"])
-def test_bad_model_option_is_a_model_error(model, message):
+    ("user:nope", "no callable"),
+    ("flash_export.models.nosuch:build", "cannot import module"),
+    ("flash_export.models.gpt:nope", "has no callable 'nope'"),
+], ids=["syntax", "missing-file", "missing-factory", "missing-module", "missing-zoo-factory"])
+def test_bad_model_option_is_a_model_error(model, message, user_factory):
+    model = model.replace("user", user_factory.rpartition(":")[0])
     with pytest.raises(ModelError, match=message):
         ModelSpec(model=model).build()
+
+
+def test_zoo_models_are_sized_on_the_meta_device_before_any_build():
+    spec = ModelSpec(embed=4096, heads=32, chunk=64, model="flash_export.models.gpt:build")
+    assert spec.parameter_count() > 12 * 4096 * 4096  # counted without allocating ~1 GB

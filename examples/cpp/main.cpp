@@ -1,11 +1,12 @@
-// Loads a flash-export TorchScript archive with torch::jit::load, runs it on tensors read from
-// files and writes the output.
+// Loads a flash-export TorchScript archive with torch::jit::load, runs its forward on tensors read
+// from files (in the forward's argument order) and writes the (first) output.
 //
-//   flash_attention_run MODEL.pt VALUES.bin KEYS.bin QUERIES.bin OUT.bin [MASK.bin]
+//   flash_attention_run MODEL.pt OUT.bin INPUT.bin [INPUT.bin ...]
 //
-// Tensor file format (little-endian), written by flash_export.tensor_io:
-//   8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool), int64 rank, int64 dims[rank],
-//   then the elements in row-major order.
+// An attention model takes VALUES KEYS QUERIES [MASK]; a language model its token ids; any model
+// its forward's tensors, as its IOSpec lists them. Tensor file format (little-endian), written by
+// flash_export.tensor_io: 8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool,
+// 2 = int64), int64 rank, int64 dims[rank], then the elements in row-major order.
 #include <torch/script.h>
 
 #include <cstdint>
@@ -37,8 +38,8 @@ torch::Tensor read_tensor(const std::string& path) {
   for (int64_t d : dims) {
     if (d < 0) throw std::runtime_error(path + ": negative dimension");
   }
-  auto type = dtype == 0 ? torch::kFloat32 : dtype == 1 ? torch::kBool : torch::kUInt8;
-  if (dtype != 0 && dtype != 1) throw std::runtime_error(path + ": unknown dtype code");
+  if (dtype < 0 || dtype > 2) throw std::runtime_error(path + ": unknown dtype code");
+  const auto type = dtype == 0 ? torch::kFloat32 : dtype == 1 ? torch::kBool : torch::kInt64;
   torch::Tensor t = torch::empty(dims, torch::TensorOptions().dtype(type));
   const auto bytes = static_cast<std::streamsize>(t.numel() * t.element_size());
   in.read(static_cast<char*>(t.data_ptr()), bytes);
@@ -60,24 +61,31 @@ void write_tensor(const std::string& path, const torch::Tensor& tensor) {
   if (!out) throw std::runtime_error("writing " + path + " failed");
 }
 
+// The first tensor of what forward returned: a tensor, a tuple or a list of them, or a dict.
+torch::Tensor first_output(const torch::jit::IValue& value) {
+  if (value.isTensor()) return value.toTensor();
+  if (value.isTuple()) return first_output(value.toTupleRef().elements().at(0));
+  if (value.isList()) return first_output(value.toListRef().at(0));
+  if (value.isGenericDict()) return first_output(value.toGenericDict().begin()->value());
+  throw std::runtime_error("the model returned no tensor");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 6 && argc != 7) {
-    std::cerr << "usage: " << argv[0]
-              << " MODEL.pt VALUES.bin KEYS.bin QUERIES.bin OUT.bin [MASK.bin]\n";
+  if (argc < 4) {
+    std::cerr << "usage: " << argv[0] << " MODEL.pt OUT.bin INPUT.bin [INPUT.bin ...]\n";
     return 2;
   }
   try {
     torch::jit::script::Module module = torch::jit::load(argv[1]);
     module.eval();
-    std::vector<torch::jit::IValue> inputs{read_tensor(argv[2]), read_tensor(argv[3]),
-                                           read_tensor(argv[4])};
-    if (argc == 7) inputs.emplace_back(read_tensor(argv[6]));
+    std::vector<torch::jit::IValue> inputs;
+    for (int i = 3; i < argc; ++i) inputs.emplace_back(read_tensor(argv[i]));
     torch::NoGradGuard no_grad;
-    torch::Tensor output = module.forward(inputs).toTensor();
-    write_tensor(argv[5], output);
-    std::cout << "output " << output.sizes() << " -> " << argv[5] << "\n";
+    torch::Tensor output = first_output(module.forward(inputs));
+    write_tensor(argv[2], output);
+    std::cout << "output " << output.sizes() << " -> " << argv[2] << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
