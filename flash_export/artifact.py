@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from flash_export.contract import DOMAIN, EXPORT_DTYPES, ONNX_ELEM, OP_NAME, TARGETS
+from flash_export.contract import DOMAIN, EXPORT_DTYPES, ONNX_FLOATS, OP_NAME, TARGETS
 from flash_export.errors import ArtifactError, ExportError, summary
-from flash_export.io_spec import IOSpec, attention_io
+from flash_export.io_spec import GraphInput, IOSpec, attention_io, io_from_graph
 from flash_export.spec import ModelSpec
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -223,7 +223,7 @@ def check_graph_matches_spec(spec: ModelSpec, model_proto: Any, path: "os.PathLi
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     held = sum(_numel(t.dims) * max(1, uses.get(t.name, 0)) for t in graph.initializer
-               if t.data_type in ONNX_ELEM)
+               if t.data_type in ONNX_FLOATS)
     if wanted is not None and held < wanted:
         raise ArtifactError(f"{path}: the spec (embed {spec.embed}) needs {wanted:,} parameters, "
                             f"the graph holds {held:,} float weights")
@@ -237,19 +237,25 @@ def _numel(dims: Any) -> int:
 
 
 def recorded_io(meta: Mapping[str, str], path: "os.PathLike[str] | str",
-                graph_inputs: Sequence[str] = ()) -> IOSpec:
-    """The IOSpec an artifact records; files from before IOSpecs follow the attention contract.
+                graph_inputs: Optional[Sequence[GraphInput]] = None) -> IOSpec:
+    """The IOSpec an artifact records.
+
+    A graph from before IOSpecs (or from elsewhere) is described by its own inputs
+    (`graph_inputs`: name, dtype, dims); a TorchScript archive from before IOSpecs follows the
+    attention contract.
 
     Raises:
-        ArtifactError: a malformed IOSpec.
+        ArtifactError: a malformed IOSpec, or graph inputs it cannot describe.
     """
     text = meta.get("io_spec")
     if text is None:
         try:
-            embed = int(meta.get("embed", "0"))
-            return attention_io(embed, mask="mask" in graph_inputs)
+            if graph_inputs is not None:
+                return io_from_graph(graph_inputs)
+            return attention_io(int(meta.get("embed", "0")), mask=True)
         except ValueError as exc:
-            raise ArtifactError(f"{path}: records no io_spec and a bad embed: {exc}") from exc
+            raise ArtifactError(f"{path}: records no io_spec, and its inputs do not make one: "
+                                f"{exc}") from exc
     try:
         return IOSpec.from_json(text)
     except (ValueError, TypeError) as exc:

@@ -31,17 +31,20 @@ TARGETS = ("custom", "standard", "contrib", "attention23")
 # Precisions an artifact may be exported in (graph inputs and weights). Our dtype names are
 # torch's and numpy's own (`getattr(torch, name)`, `numpy.dtype(name)`; numpy has no bfloat16).
 EXPORT_DTYPES = ("float32", "float16")
-# ONNX TensorProto element type -> dtype name, for the float types a graph may hold.
-ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+# ONNX TensorProto element type -> dtype name, for the types a model's inputs and weights use.
+ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64",
+             6: "int32", 9: "bool"}
+ONNX_FLOATS = frozenset({1, 10, 11, 16})
 # onnxruntime's NodeArg.type string -> dtype name.
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
-             "tensor(double)": "float64", "tensor(bfloat16)": "bfloat16"}
+             "tensor(double)": "float64", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 def feed_dtype(ort_type: str) -> str:
     """The numpy dtype name to feed a graph input of onnxruntime type `ort_type`.
 
-    float32 for types numpy lacks (bfloat16) or that are not floats.
+    float32 for types numpy lacks (bfloat16) or this table does not know.
     """
     name = ORT_TYPES.get(ort_type, "float32")
     return name if name != "bfloat16" else "float32"

@@ -231,6 +231,43 @@ def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
                   {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)})
 
 
+# (name, dtype name or None, dims): one graph input as onnxruntime or onnx describes it; a dim is
+# an int, a name, or None (unknown).
+GraphInput = Tuple[str, Optional[str], Sequence[Any]]
+
+
+def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
+    """An IOSpec for a graph that records none, from its inputs alone.
+
+    Named dims stay dynamic (unnamed ones get a name of their own); a rank-4 bool input is an
+    attention mask and a rank-2 one a padding mask (True = attend, True = a real token); an
+    integer input's valid values are unknown, so only 0 is generated.
+
+    Raises:
+        ValueError: an input of a dtype an IOSpec cannot describe.
+    """
+    specs = []
+    sizes: Dict[str, Tuple[int, Optional[int]]] = {}
+    for name, dtype, shape in inputs:
+        if dtype not in DTYPES:
+            raise ValueError(f"input {name}: element type {dtype or 'unknown'}")
+        dims: List[Dim] = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+                dims.append(d)
+                continue
+            symbol = d if isinstance(d, str) and _NAME.match(d) else f"{name}_dim{axis}"[:64]
+            sizes.setdefault(symbol, (0 if symbol in ("q_len", "k_len") else 1, None))
+            dims.append(symbol)
+        role = "data"
+        if dtype == "bool":
+            role = "attention" if len(dims) == 4 else "padding" if len(dims) == 2 else "data"
+        integer = dtype in ("int64", "int32")
+        specs.append(TensorSpec(name, dtype, tuple(dims), 0 if integer else None,
+                                1 if integer else None, role))
+    return IOSpec(tuple(specs), ("output",), sizes)
+
+
 def with_float_dtype(io: IOSpec, dtype: str) -> IOSpec:
     """`io` with every floating-point input in `dtype` (an export's precision)."""
     return dataclasses.replace(io, inputs=tuple(

@@ -333,11 +333,11 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
     """
     from flash_export.artifact import recorded_io
     from flash_export.parity import Case, onnx_backend, run_cases
-    from flash_export.runtime import ort_session
+    from flash_export.runtime import ort_session, session_inputs
 
     session = ort_session(path, provider=provider)
     meta = session.get_modelmeta().custom_metadata_map
-    io = recorded_io(meta, path, [i.name for i in session.get_inputs()])
+    io = recorded_io(meta, path, session_inputs(session))
     dtype = next((t.dtype for t in io.inputs if t.dtype in EXPORT_DTYPES), "float32")
     masked = [t.name for t in io.inputs if t.role != "data"]
     use_mask = bool(masked) if mask is None else mask

@@ -20,7 +20,7 @@ import numpy as np
 from flash_export.contract import EXPORT_DTYPES, TARGETS, feed_dtype
 from flash_export.errors import FlashExportError
 from flash_export.io_spec import IOSpec, make_feed
-from flash_export.runtime import ort_session
+from flash_export.runtime import ort_session, session_inputs
 from flash_export.timing import Runner
 
 ONNX_BACKENDS = TARGETS
@@ -84,7 +84,8 @@ def _ort_runner(job: Job) -> Runner:
         raise FlashExportError(f"{job.backend}: no ONNX file")
     session = ort_session(job.file, provider=job.device, threads=job.threads)
     graph = {i.name: i for i in session.get_inputs()}
-    io = recorded_io(session.get_modelmeta().custom_metadata_map, job.file, list(graph))
+    io = recorded_io(session.get_modelmeta().custom_metadata_map, job.file,
+                     session_inputs(session))
     feed = {n: a.astype(feed_dtype(graph[n].type)) if a.dtype.kind == "f" else a
             for n, a in bench_feed(io, job.batch, job.seq_q, job.seq_k).items()}
     outputs = [o.name for o in session.get_outputs()]
@@ -125,7 +126,7 @@ def _torch_runner(job: Job) -> Runner:
             raise FlashExportError("torchscript: no .pt file")
         module, meta = load_torchscript(job.file, trust=job.trust,
                                         expect_sha256=job.expect_sha256)
-        io = recorded_io(meta, job.file, ["mask"])
+        io = recorded_io(meta, job.file)
         module = module.to(device=device, dtype=dtype)
     elif job.backend in ("eager", "sdpa"):
         from flash_export.attention import replace_attention

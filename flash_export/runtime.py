@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from flash_export.contract import DOMAIN as LIBRARY_DOMAIN
 from flash_export.errors import ArtifactError, RuntimeLibraryError, first_line, summary
@@ -177,7 +177,14 @@ def session_io(session: Any) -> IOSpec:
     from flash_export.artifact import recorded_io
 
     return recorded_io(session.get_modelmeta().custom_metadata_map, "the session's graph",
-                       [i.name for i in session.get_inputs()])
+                       session_inputs(session))
+
+
+def session_inputs(session: Any) -> List[Tuple[str, Optional[str], Sequence[Any]]]:
+    """(name, dtype name, dims) of a session's graph inputs (see `io_spec.io_from_graph`)."""
+    from flash_export.contract import ORT_TYPES
+
+    return [(i.name, ORT_TYPES.get(i.type), list(i.shape)) for i in session.get_inputs()]
 
 
 def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",

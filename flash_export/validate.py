@@ -31,9 +31,17 @@ from flash_export.artifact import (
     verify_manifest,
 )
 from flash_export.attention import FlashAttention
-from flash_export.contract import DOMAIN, EXPORT_DTYPES, INT, ONNX_ELEM, OP_NAME, TARGETS
+from flash_export.contract import (
+    DOMAIN,
+    EXPORT_DTYPES,
+    INT,
+    ONNX_ELEM,
+    ONNX_FLOATS,
+    OP_NAME,
+    TARGETS,
+)
 from flash_export.errors import ArtifactError, FlashExportError, ModelError
-from flash_export.io_spec import IOSpec
+from flash_export.io_spec import GraphInput, IOSpec
 from flash_export.parity import (
     Backend,
     BackendResult,
@@ -171,10 +179,22 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
     return checks
 
 
+def graph_inputs(model_proto: Any) -> List[GraphInput]:
+    """(name, dtype name, dims) of a graph's inputs (see `io_spec.io_from_graph`)."""
+    out: List[GraphInput] = []
+    for value in model_proto.graph.input:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor.shape.dim]
+        out.append((value.name, ONNX_ELEM.get(tensor.elem_type), dims))
+    return out
+
+
 def _onnx_dtype(model_proto: Any, meta: Dict[str, str]) -> str:
+    """The precision of a graph: its first floating-point input's (else the metadata's)."""
     for inp in model_proto.graph.input:
-        if inp.name == "queries":
-            return ONNX_ELEM.get(inp.type.tensor_type.elem_type, "float32")
+        if inp.type.tensor_type.elem_type in ONNX_FLOATS:
+            return ONNX_ELEM[inp.type.tensor_type.elem_type]
     return meta.get("dtype", "float32")
 
 
@@ -299,14 +319,14 @@ class _Loaded:
             proto = check_onnx_file(path)  # before onnxruntime opens anything it names
             meta = {p.key: p.value for p in proto.metadata_props}
             origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
-            io = recorded_io(meta, path, [i.name for i in proto.graph.input])
+            io = recorded_io(meta, path, graph_inputs(proto))
             return cls(path, kind, meta, recorded(meta, path, kind), origin, io, proto=proto)
         from flash_export.export import load_torchscript_checked
 
         recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
         scripted, meta, origin = load_torchscript_checked(path, trust=trust,
                                                           expect_sha256=expect_sha256)
-        io = recorded_io(meta, path, ["mask"])  # a .pt of the contract takes a mask
+        io = recorded_io(meta, path)
         return cls(path, kind, meta, recorded(meta, path, kind), origin, io, scripted=scripted)
 
     def check_spec(self, spec: ModelSpec) -> None:

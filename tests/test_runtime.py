@@ -151,4 +151,4 @@ def test_service_selftest_on_a_stock_graph(standard_graph):
                            str(standard_graph), "--selftest"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "selftest ok: POST /attend -> output [2, 5, 16]" in done.stdout
+    assert "selftest ok: POST /infer -> {'output': [2, 7, 16]}" in done.stdout
