@@ -31,9 +31,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from flash_export.errors import summary
-from flash_export.runners import Job, attention_only, make_runner, measure_memory
+from flash_export.runners import Job, attention_only, make_runner
 from flash_export.spec import ModelSpec
-from flash_export.timing import attention_flops, environment, time_interleaved
+from flash_export.timing import attention_flops, environment, measure_memory, time_interleaved
 
 EMBED, HEADS, BATCH = 512, 8, 1
 ONNX_TARGETS = ("custom", "contrib", "attention23", "standard")

@@ -35,8 +35,8 @@ _EXPORTS = {
 _SUBMODULES = frozenset({
     "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract",
     "conversion", "doctor", "errors", "export", "io_spec", "model_io", "onnx_export",
-    "onnx_targets", "opsets", "parity", "runners", "runtime", "safety", "spec", "timing",
-    "tolerance", "trust", "validate"})
+    "onnx_guard", "onnx_targets", "opsets", "parity", "recorded", "runners", "runtime", "safety",
+    "spec", "timing", "tolerance", "trust", "validate"})
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

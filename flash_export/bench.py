@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
-from flash_export.errors import ArtifactError, FlashExportError, summary
+from flash_export.errors import ArtifactError, summary
 from flash_export.io_spec import IOSpec
 from flash_export.model_io import attention_calls, resolve_io
 from flash_export.runners import (
@@ -28,16 +28,19 @@ from flash_export.runners import (
     ONNX_BACKENDS,
     TORCH_BACKENDS,
     Job,
+    Plan,
     bench_feed,
     cuda_available,
     make_runner,
-    measure_memory,
+    parse_backend,
+    plan_backends,
 )
 from flash_export.timing import (
     FLOPS_FORMULA,
     Runner,
     attention_flops,
     environment,
+    measure_memory,
     time_interleaved,
 )
 
@@ -45,7 +48,6 @@ __all__ = ["ALL_BACKENDS", "ONNX_BACKENDS", "TORCH_BACKENDS", "BenchConfig", "Be
            "BenchRow", "CSV_FIELDS", "benchmark", "cuda_available", "time_interleaved",
            "attention_flops"]
 
-CHUNK_FREE = frozenset({"contrib", "attention23", "sdpa"})  # results do not depend on chunk
 CSV_FIELDS = ("backend", "device", "chunk", "batch", "seq_q", "seq_k", "status", "p50_ms",
               "p90_ms", "p99_ms", "mean_ms", "tokens_per_s", "gflops_per_s", "peak_rss_mb",
               "peak_cuda_mb", "samples", "error")
@@ -120,30 +122,6 @@ class BenchReport:
         return [{k: getattr(r, k) for k in CSV_FIELDS} for r in self.rows]
 
 
-def _parse_backend(name: str) -> Tuple[str, str]:
-    base, _, device = name.partition(":")
-    if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
-        raise FlashExportError(f"unknown backend {name!r}; choose from "
-                               f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
-    return base, device or "cpu"
-
-
-@dataclass
-class _Plan:
-    backend: str
-    device: str
-    chunk: Optional[int]
-    file: Optional[str] = None
-    spec_json: Optional[str] = None
-    error: Optional[str] = None
-    status: str = "ok"
-
-    @property
-    def label(self) -> str:
-        suffix = "" if self.device == "cpu" else f":{self.device}"
-        return f"{self.backend}{suffix}" + ("" if self.chunk is None else f"@{self.chunk}")
-
-
 def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None,
               config: Optional[BenchConfig] = None, trust: bool = False,
               expect_sha256: Optional[str] = None,
@@ -192,7 +170,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
     # A model whose only dynamic size is the batch (a ViT) has one shape: one row set.
     seqs = config.seqs if set(run.io.dynamic) - {"batch"} else config.seqs[:1]
     with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
-        plans = _plan(wanted, chunks, spec, dtype, Path(tmp), artifact, art, run.progress)
+        plans = plan_backends(wanted, chunks, spec, dtype, Path(tmp), artifact, art, run.progress)
         run.total = len(seqs) * (config.repeats * config.iters
                                  + (len(plans) if config.memory else 0))
         for seq in seqs:
@@ -203,7 +181,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
 def _wanted_backends(config: BenchConfig, art_backend: Optional[str]) -> List[Tuple[str, str]]:
     """(backend, device) pairs: the configured ones, else the artifact's trio, else all."""
     if config.backends:
-        return [_parse_backend(b) for b in config.backends]
+        return [parse_backend(b) for b in config.backends]
     if art_backend is not None:
         return [(art_backend, "cpu"), ("eager", "cpu"), ("sdpa", "cpu")]
     wanted = [(b, "cpu") for b in ALL_BACKENDS]
@@ -269,7 +247,7 @@ class _Run:
         flops = sum(attention_flops(b, lq, lk, e, h) for b, lq, lk, e, h in calls)
         return (calls[0][1], calls[0][2], flops) if calls else (seq, seq, 0.0)
 
-    def job(self, p: "_Plan", seq: int) -> Job:
+    def job(self, p: "Plan", seq: int) -> Job:
         c = self.config
         is_pt = bool(p.file and p.file.endswith(TORCHSCRIPT_EXTS))
         return Job(backend=p.backend, device=p.device, batch=c.batch, seq_q=seq, seq_k=seq,
@@ -281,7 +259,7 @@ class _Run:
         self.done += 1
         self.progress(self.done, self.total, label)
 
-    def one_length(self, plans: List["_Plan"], seq: int) -> List[BenchRow]:
+    def one_length(self, plans: List["Plan"], seq: int) -> List[BenchRow]:
         """Time every plan interleaved at length seq, then measure each one's memory.
 
         A row's seq_q/seq_k are the first attention call's lengths (a ViT's token count, say).
@@ -326,12 +304,8 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
     Raises:
         ArtifactError: unreadable, malformed, contradicting its graph, or untrusted.
     """
-    from flash_export.artifact import (
-        artifact_kind,
-        check_graph_matches_spec,
-        read_metadata,
-        recorded,
-    )
+    from flash_export.artifact import artifact_kind, read_metadata
+    from flash_export.recorded import check_graph_matches_spec, recorded
     from flash_export.spec import resolve_spec
     from flash_export.trust import provenance, require_provenance
 
@@ -379,57 +353,3 @@ def _fill_stats(row: BenchRow, per_repeat: List[List[float]], flops: float) -> N
     row.flops = flops
     row.gflops_per_s = flops / p50 / 1e9
     row.repeat_medians_ms = [float(np.median(rep)) * 1e3 for rep in per_repeat if rep]
-
-
-def _plan(wanted: List[Tuple[str, str]], chunks: Tuple[int, ...], spec: Any, dtype: str,
-          tmp: Path, artifact: Optional[PathLike], art: Optional[Tuple[str, int]],
-          progress: ProgressFn) -> List[_Plan]:
-    """Export what is needed and decide one plan per (backend, device, chunk).
-
-    `art` is the artifact's (backend, recorded chunk): that backend runs the artifact itself.
-    """
-    plans: List[_Plan] = []
-    has_cuda: Optional[bool] = None
-    exported: Dict[Tuple[str, int], Tuple[Optional[str], Optional[str]]] = {}
-    for base, device in wanted:
-        if device == "cuda":
-            has_cuda = cuda_available() if has_cuda is None else has_cuda
-        if art is not None and base == art[0] and artifact is not None:
-            plans.append(_Plan(base, device, art[1], file=str(artifact)))
-            continue
-        for chunk in (chunks[:1] if base in CHUNK_FREE else chunks):
-            s = dataclasses.replace(spec, chunk=chunk)
-            plan = _Plan(base, device, None if base in CHUNK_FREE else chunk,
-                         spec_json=s.to_json())
-            plans.append(plan)
-            if device == "cuda" and not has_cuda:
-                plan.status, plan.error = "skipped", "no CUDA device"
-                continue
-            if base in ("eager", "sdpa"):
-                continue
-            key = (base, chunk)
-            if key not in exported:
-                progress(0, 0, f"exporting {base} chunk {chunk}")
-                exported[key] = _export(base, s, dtype, tmp)
-            plan.file, plan.error = exported[key]
-            if plan.error:
-                plan.status = "error"
-    return plans
-
-
-def _export(base: str, spec: Any, dtype: str, tmp: Path) -> Tuple[Optional[str], Optional[str]]:
-    try:
-        model = spec.build()
-        if base == "torchscript":
-            from flash_export.export import export_torchscript
-
-            out = tmp / f"torchscript_c{spec.chunk}.pt"
-            export_torchscript(model, out, spec=spec)
-        else:
-            from flash_export.onnx_export import export_onnx
-
-            out = tmp / f"{base}_c{spec.chunk}_{dtype}.onnx"
-            export_onnx(model, out, target=base, dtype=dtype, spec=spec)
-        return str(out), None
-    except Exception as exc:  # one target failing to export is one row, not the whole run
-        return None, f"export failed: {summary(exc)}"

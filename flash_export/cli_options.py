@@ -102,7 +102,7 @@ def artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
     meta = read_metadata(artifact)  # data only: no .pt is loaded here
     if not explicit:
         return None
-    from flash_export.artifact import base_spec, recorded
+    from flash_export.recorded import base_spec, recorded
     from flash_export.spec import resolve_spec
 
     base = base_spec(recorded(meta, artifact, artifact_kind(artifact)), meta, artifact)

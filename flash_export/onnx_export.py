@@ -331,8 +331,8 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
         ValidationError: an output breaks the tolerance rule, or onnxruntime fails to load or
             run the file.
     """
-    from flash_export.artifact import recorded_io
     from flash_export.parity import Case, onnx_backend, run_cases
+    from flash_export.recorded import recorded_io
     from flash_export.runtime import ort_session, session_inputs
 
     session = ort_session(path, provider=provider)

@@ -9,16 +9,15 @@ maxrss), and on CUDA torch's peak allocation.
 """
 
 import dataclasses
-import json
-import subprocess
-import sys
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from flash_export.contract import EXPORT_DTYPES, TARGETS, feed_dtype
-from flash_export.errors import FlashExportError
+from flash_export.errors import FlashExportError, summary
 from flash_export.io_spec import IOSpec, make_feed
 from flash_export.runtime import ort_session, session_inputs
 from flash_export.timing import Runner
@@ -26,6 +25,10 @@ from flash_export.timing import Runner
 ONNX_BACKENDS = TARGETS
 TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
 ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
+CHUNK_FREE = frozenset({"contrib", "attention23", "sdpa"})  # results do not depend on chunk
+# Called as progress(done, total, label).
+ProgressFn = Callable[[int, int, str], None]
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def bench_feed(io: IOSpec, batch: int, seq_q: int, seq_k: int) -> Dict[str, np.n
 
 
 def _ort_runner(job: Job) -> Runner:
-    from flash_export.artifact import recorded_io
+    from flash_export.recorded import recorded_io
 
     if job.file is None:
         raise FlashExportError(f"{job.backend}: no ONNX file")
@@ -119,8 +122,8 @@ def _torch_runner(job: Job) -> Runner:
     dtype = getattr(torch, job.dtype)
     module: Any
     if job.backend == "torchscript":
-        from flash_export.artifact import recorded_io
         from flash_export.export import load_torchscript
+        from flash_export.recorded import recorded_io
 
         if job.file is None:
             raise FlashExportError("torchscript: no .pt file")
@@ -224,76 +227,6 @@ class _LazySdpa:
 SdpaAttention: Any = _LazySdpa()
 
 
-# --------------------------------------------------------------------------- memory
-
-
-def _rss_kb(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_memory_of_one_forward(job: Job) -> Dict[str, Any]:
-    """In this (fresh) process: build, then measure host RSS growth around one forward."""
-    import resource
-
-    cuda = job.device == "cuda"
-    run = make_runner(job)
-    torch_cuda = cuda and job.backend in TORCH_BACKENDS
-    if torch_cuda:
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
-    method = "VmHWM after reset (/proc/self/clear_refs) - VmRSS before"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kb("VmRSS")
-    except OSError:
-        before = None
-    if before is None:
-        method = "getrusage maxrss delta"
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
-    if method.startswith("VmHWM"):
-        after = _rss_kb("VmHWM") or 0
-    else:
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out: Dict[str, Any] = {"peak_rss_mb": max(after - before, 0) / 1024.0, "method": method}
-    if torch_cuda:
-        import torch
-
-        out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
-    return out
-
-
-def measure_memory(job: Job, timeout: float = 600.0) -> Dict[str, Any]:
-    """Peak memory of one forward of `job`, measured in a fresh subprocess.
-
-    Returns:
-        {"peak_rss_mb": float, "method": str, ["peak_cuda_mb": float]} or {"error": str}.
-    """
-    cmd = [sys.executable, "-m", "flash_export.runners", "--memory-worker",
-           json.dumps(dataclasses.asdict(job))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory worker timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return {"error": f"memory worker failed ({proc.returncode}): {tail}"[:300]}
-    result: Dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device (checked only when asked, never at import)."""
     try:
@@ -304,14 +237,91 @@ def cuda_available() -> bool:
         return False
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    if len(argv) != 2 or argv[0] != "--memory-worker":
-        print("usage: python -m flash_export.runners --memory-worker JOB_JSON", file=sys.stderr)
-        return 2
-    job = Job(**json.loads(argv[1]))
-    print(json.dumps(_peak_memory_of_one_forward(job)), flush=True)
-    return 0
+# --------------------------------------------------------------------------- plans
 
 
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+def parse_backend(name: str) -> Tuple[str, str]:
+    """"custom:cuda" -> ("custom", "cuda"); the device defaults to cpu.
+
+    Raises:
+        FlashExportError: an unknown backend or device.
+    """
+    base, _, device = name.partition(":")
+    if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
+        raise FlashExportError(f"unknown backend {name!r}; choose from "
+                               f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
+    return base, device or "cpu"
+
+
+@dataclass
+class Plan:
+    """One (backend, device, chunk) of a benchmark and the file it runs, or why it cannot."""
+
+    backend: str
+    device: str
+    chunk: Optional[int]
+    file: Optional[str] = None
+    spec_json: Optional[str] = None
+    error: Optional[str] = None
+    status: str = "ok"
+
+    @property
+    def label(self) -> str:
+        """custom, custom:cuda, custom@64 ..."""
+        suffix = "" if self.device == "cpu" else f":{self.device}"
+        return f"{self.backend}{suffix}" + ("" if self.chunk is None else f"@{self.chunk}")
+
+
+def plan_backends(wanted: List[Tuple[str, str]], chunks: Tuple[int, ...], spec: Any,
+                  dtype: str, tmp: Path, artifact: Optional[PathLike],
+                  art: Optional[Tuple[str, int]], progress: ProgressFn) -> List[Plan]:
+    """Export what is needed and decide one plan per (backend, device, chunk).
+
+    `art` is the artifact's (backend, recorded chunk): that backend runs the artifact itself.
+    """
+    plans: List[Plan] = []
+    has_cuda: Optional[bool] = None
+    exported: Dict[Tuple[str, int], Tuple[Optional[str], Optional[str]]] = {}
+    for base, device in wanted:
+        if device == "cuda":
+            has_cuda = cuda_available() if has_cuda is None else has_cuda
+        if art is not None and base == art[0] and artifact is not None:
+            plans.append(Plan(base, device, art[1], file=str(artifact)))
+            continue
+        for chunk in (chunks[:1] if base in CHUNK_FREE else chunks):
+            s = dataclasses.replace(spec, chunk=chunk)
+            plan = Plan(base, device, None if base in CHUNK_FREE else chunk,
+                        spec_json=s.to_json())
+            plans.append(plan)
+            if device == "cuda" and not has_cuda:
+                plan.status, plan.error = "skipped", "no CUDA device"
+                continue
+            if base in ("eager", "sdpa"):
+                continue
+            key = (base, chunk)
+            if key not in exported:
+                progress(0, 0, f"exporting {base} chunk {chunk}")
+                exported[key] = _export_backend(base, s, dtype, tmp)
+            plan.file, plan.error = exported[key]
+            if plan.error:
+                plan.status = "error"
+    return plans
+
+
+def _export_backend(base: str, spec: Any, dtype: str,
+                    tmp: Path) -> Tuple[Optional[str], Optional[str]]:
+    try:
+        model = spec.build()
+        if base == "torchscript":
+            from flash_export.export import export_torchscript
+
+            out = tmp / f"torchscript_c{spec.chunk}.pt"
+            export_torchscript(model, out, spec=spec)
+        else:
+            from flash_export.onnx_export import export_onnx
+
+            out = tmp / f"{base}_c{spec.chunk}_{dtype}.onnx"
+            export_onnx(model, out, target=base, dtype=dtype, spec=spec)
+        return str(out), None
+    except Exception as exc:  # one target failing to export is one row, not the whole run
+        return None, f"export failed: {summary(exc)}"

@@ -174,7 +174,7 @@ def session_io(session: Any) -> IOSpec:
     Raises:
         ArtifactError: the recorded IOSpec is malformed.
     """
-    from flash_export.artifact import recorded_io
+    from flash_export.recorded import recorded_io
 
     return recorded_io(session.get_modelmeta().custom_metadata_map, "the session's graph",
                        session_inputs(session))

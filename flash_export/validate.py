@@ -10,7 +10,6 @@ plain computation in the artifact's dtype).
 import copy
 import dataclasses
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,28 +19,26 @@ import torch
 from torch import nn
 
 from flash_export.artifact import (
-    Recorded,
     artifact_kind,
-    check_graph_matches_spec,
-    manifest_path,
-    read_manifest,
     read_metadata,
-    recorded,
-    recorded_io,
-    verify_manifest,
 )
-from flash_export.attention import FlashAttention
+from flash_export.checks import (
+    Check,
+    custom_node_checks,
+    dynamic_dim_checks,
+    flash_modules,
+    graph_inputs,
+    manifest_checks,
+    metadata_checks,
+    onnx_dtype,
+)
 from flash_export.contract import (
     DOMAIN,
     EXPORT_DTYPES,
-    INT,
-    ONNX_ELEM,
-    ONNX_FLOATS,
-    OP_NAME,
     TARGETS,
 )
 from flash_export.errors import ArtifactError, FlashExportError, ModelError
-from flash_export.io_spec import GraphInput, IOSpec
+from flash_export.io_spec import IOSpec
 from flash_export.parity import (
     Backend,
     BackendResult,
@@ -54,22 +51,13 @@ from flash_export.parity import (
     sweep,
     torch_backend,
 )
+from flash_export.recorded import Recorded, check_graph_matches_spec, recorded, recorded_io
 from flash_export.safety import all_nodes, check_onnx_file
 from flash_export.spec import ModelSpec, check_memory, resolve_spec
 from flash_export.trust import Provenance, provenance
 
 DEFAULT_BATCHES = (1, 3)
 PathLike = Union[str, Path]
-
-@dataclass(frozen=True)
-class Check:
-    """One structural check: a property of the artifact against what the spec implies."""
-
-    name: str
-    expected: str
-    got: str
-    passed: bool
-
 
 @dataclass
 class ValidationReport:
@@ -130,72 +118,6 @@ class ValidationReport:
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "backends": [b.to_dict() for b in self.backends],
         }
-
-
-# --------------------------------------------------------------------------- structural checks
-
-
-def _flash_modules(model: nn.Module) -> List[FlashAttention]:
-    return [m for m in model.modules() if isinstance(m, FlashAttention)]
-
-
-def metadata_checks(meta: Dict[str, str], model: nn.Module) -> List[Check]:
-    """The attention config recorded in the metadata against the rebuilt model's first layer."""
-    layer = _flash_modules(model)[0]
-    expected = {"embed": str(layer.embed_size), "heads": str(layer.heads),
-                "chunk_size": str(layer.chunk_size), "causal": str(int(layer.causal))}
-    return [Check(f"metadata.{key}", want, meta.get(key, "(missing)"),
-                  meta.get(key) == want) for key, want in expected.items()]
-
-
-def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[Check]:
-    """Each com.flash_export::FlashAttention node's attributes against the module it came from.
-
-    Nodes and FlashAttention modules are paired in order (the exporter emits them in forward
-    order), so a wrong `chunk_size` fails even though results barely depend on it.
-    """
-    from onnx import helper
-
-    nodes = [n for n in all_nodes(model_proto) if n.domain == DOMAIN and n.op_type == OP_NAME]
-    checks = [Check("graph.FlashAttention_nodes", str(len(modules)), str(len(nodes)),
-                    len(nodes) == len(modules))]
-    for i, (node, fa) in enumerate(zip(nodes, modules)):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        want: Dict[str, Any] = {"num_heads": fa.heads, "chunk_size": fa.chunk_size,
-                                "causal": int(fa.causal), "scale": fa.scale}
-        for key, value in want.items():
-            got = attrs.get(key)
-            if key == "scale":
-                ok = got is not None and math.isclose(float(got), value, rel_tol=1e-6)
-                shown = "(missing)" if got is None else f"{float(got):.7g}"
-                checks.append(Check(f"node[{i}].{key}", f"{value:.7g}", shown, ok))
-            else:  # strictly an INT: a FLOAT 1.0 is not the op's causal=1
-                kind = next(a.type for a in node.attribute if a.name == key) if got is not None \
-                    else None
-                ok = kind == helper.AttributeProto.INT and got == int(value)
-                shown = "(missing)" if got is None else (
-                    str(got) if kind == helper.AttributeProto.INT else f"{got!r} (not an {INT})")
-                checks.append(Check(f"node[{i}].{key}", str(int(value)), shown, ok))
-    return checks
-
-
-def graph_inputs(model_proto: Any) -> List[GraphInput]:
-    """(name, dtype name, dims) of a graph's inputs (see `io_spec.io_from_graph`)."""
-    out: List[GraphInput] = []
-    for value in model_proto.graph.input:
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in tensor.shape.dim]
-        out.append((value.name, ONNX_ELEM.get(tensor.elem_type), dims))
-    return out
-
-
-def _onnx_dtype(model_proto: Any, meta: Dict[str, str]) -> str:
-    """The precision of a graph: its first floating-point input's (else the metadata's)."""
-    for inp in model_proto.graph.input:
-        if inp.type.tensor_type.elem_type in ONNX_FLOATS:
-            return ONNX_ELEM[inp.type.tensor_type.elem_type]
-    return meta.get("dtype", "float32")
 
 
 # --------------------------------------------------------------------------- validate
@@ -272,7 +194,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     if model is None:
         assert spec is not None
         model = spec.build()
-    layers = _flash_modules(model)
+    layers = flash_modules(model)
     if not layers:
         raise ModelError(f"{type(model).__name__} contains no FlashAttention layer")
     check_memory(_validate_bytes(sum(p.numel() for p in model.parameters()), layers[0].heads,
@@ -346,7 +268,7 @@ class _Loaded:
             params = list(self.scripted.parameters())
             own = str(params[0].dtype).replace("torch.", "") if params else "float32"
             return asked or (own if own in EXPORT_DTYPES else "float32")
-        own = _onnx_dtype(self.proto, self.meta)
+        own = onnx_dtype(self.proto, self.meta)
         if asked is not None and asked != own:
             raise ArtifactError(f"{self.path} is a {own} graph and runs only in {own}; drop "
                                 f"--dtype {asked} or export with it")
@@ -364,7 +286,7 @@ class _Loaded:
             checks += dynamic_dim_checks(self.proto, self.io)
         if self.proto is not None and (self.recorded.target == "custom"
                                        or any(n.domain == DOMAIN for n in all_nodes(self.proto))):
-            checks += custom_node_checks(self.proto, _flash_modules(model))
+            checks += custom_node_checks(self.proto, flash_modules(model))
         return checks
 
     def backends(self, model: nn.Module, dtype: str, provider: str) -> List[Backend]:
@@ -389,32 +311,6 @@ def _validate_bytes(params: int, heads: int, embed: int, cases: Sequence[Case]) 
     scores = max((c.batch * heads * c.seq_q * c.seq_k for c in cases), default=0)
     rows = max((c.batch * (c.seq_q + 2 * c.seq_k) for c in cases), default=0)
     return 24 * params + 48 * scores + 64 * rows * embed + (64 << 20)
-
-
-def dynamic_dim_checks(model_proto: Any, io: IOSpec) -> List[Check]:
-    """Each dim the IOSpec declares dynamic must be dynamic in the graph (not specialised)."""
-    graph = {i.name: i for i in model_proto.graph.input}
-    checks = []
-    for t in io.inputs:
-        dims = graph[t.name].type.tensor_type.shape.dim if t.name in graph else []
-        for axis, (want, got) in enumerate(zip(t.dims, dims)):
-            if isinstance(want, str) and not io.is_static(want):
-                ok = not got.HasField("dim_value")
-                checks.append(Check(f"graph.{t.name}.dim{axis}", f"{want} (dynamic)",
-                                    f"{want} (dynamic)" if ok else str(got.dim_value), ok))
-    return checks
-
-
-def manifest_checks(path: Path) -> List[Check]:
-    """The manifest beside `path`, when there is one: the file and its data must match it."""
-    if not read_manifest(path):
-        return []
-    try:
-        verify_manifest(path)
-    except ArtifactError:
-        return [Check("manifest", f"{manifest_path(path).name} lists this file", "it differs",
-                      False)]
-    return [Check("manifest", f"{manifest_path(path).name} lists this file", "it does", True)]
 
 
 def _export_backend(model: nn.Module, spec: Optional[ModelSpec], io: IOSpec, target: str,

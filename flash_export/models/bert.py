@@ -5,11 +5,10 @@ padding, a final LayerNorm. The mask follows Hugging Face's `attention_mask`: Tr
 real token.
 """
 
-import torch
 from torch import Tensor, nn
 
 from flash_export.io_spec import IOSpec, TensorSpec
-from flash_export.models.blocks import Block
+from flash_export.models.blocks import Block, TokenEmbedding
 
 
 class Bert(nn.Module):
@@ -18,10 +17,7 @@ class Bert(nn.Module):
     def __init__(self, embed_size: int = 128, heads: int = 8, chunk_size: int = 64, *,
                  layers: int = 2, vocab_size: int = 1024, max_len: int = 1024) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
-        self.max_len = max_len
-        self.tokens = nn.Embedding(vocab_size, embed_size)
-        self.positions = nn.Embedding(max_len, embed_size)
+        self.embed = TokenEmbedding(vocab_size, max_len, embed_size)
         self.embed_norm = nn.LayerNorm(embed_size)
         self.blocks = nn.ModuleList(Block(embed_size, heads, chunk_size)
                                     for _ in range(layers))
@@ -29,8 +25,7 @@ class Bert(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids: (B, L) int64; attention_mask: (B, L) bool, True = a real token."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
-        x = self.embed_norm(self.tokens(input_ids) + self.positions(positions))  # (B, L, E)
+        x = self.embed_norm(self.embed(input_ids))  # (B, L, E)
         allowed = attention_mask[:, None, None, :]  # (B, 1, 1, L): keys that are real tokens
         for block in self.blocks:
             x = block(x, allowed)  # (B, L, E)
@@ -38,9 +33,9 @@ class Bert(nn.Module):
 
     def io_spec(self) -> IOSpec:
         """Token ids and their padding mask, at most max_len of them; hidden states out."""
-        return IOSpec((TensorSpec("input_ids", "int64", ("batch", "seq"), 0, self.vocab_size),
+        return IOSpec((self.embed.ids_spec(),
                        TensorSpec("attention_mask", "bool", ("batch", "seq"), role="padding")),
-                      ("last_hidden_state",), {"batch": (1, None), "seq": (1, self.max_len)})
+                      ("last_hidden_state",), self.embed.sizes())
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = False,

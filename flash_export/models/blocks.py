@@ -1,10 +1,12 @@
-"""The Transformer block every zoo model stacks: attention and an MLP, each with a residual."""
+"""What the zoo's models share: the Transformer block they stack and a token embedding."""
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from flash_export.attention import FlashAttention
+from flash_export.io_spec import TensorSpec
 
 
 class Block(nn.Module):
@@ -32,3 +34,32 @@ class Block(nn.Module):
         h = self.norm1(x)  # (B, L, E)
         x = x + self.attention(h, h, h, allowed)  # (B, L, E)
         return x + self.mlp(self.norm2(x))  # (B, L, E)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids -> token + learned position embeddings (so sequences are at most max_len).
+
+    Args:
+        vocab_size: the number of token ids.
+        max_len: the longest sequence.
+        embed_size: E.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, embed_size: int) -> None:
+        super().__init__()
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.tokens = nn.Embedding(vocab_size, embed_size)
+        self.positions = nn.Embedding(max_len, embed_size)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids: (B, L) int64 -> (B, L, E)."""
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
+        return self.tokens(input_ids) + self.positions(positions)  # (B, L, E)
+
+    def ids_spec(self) -> TensorSpec:
+        """The token ids input: (batch, seq) int64 in the vocabulary."""
+        return TensorSpec("input_ids", "int64", ("batch", "seq"), 0, self.vocab_size)
+
+    def sizes(self) -> Dict[str, Tuple[int, Optional[int]]]:
+        """Any batch, and sequences of 1 to max_len tokens."""
+        return {"batch": (1, None), "seq": (1, self.max_len)}

@@ -4,11 +4,10 @@ Learned positions (so sequences are at most `max_len` long), causal FlashAttenti
 final LayerNorm and an output projection tied to the token embedding.
 """
 
-import torch
 from torch import Tensor, nn
 
-from flash_export.io_spec import IOSpec, TensorSpec
-from flash_export.models.blocks import Block
+from flash_export.io_spec import IOSpec
+from flash_export.models.blocks import Block, TokenEmbedding
 
 
 class GPT(nn.Module):
@@ -17,26 +16,21 @@ class GPT(nn.Module):
     def __init__(self, embed_size: int = 128, heads: int = 8, chunk_size: int = 64, *,
                  layers: int = 2, vocab_size: int = 1024, max_len: int = 1024) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
-        self.max_len = max_len
-        self.tokens = nn.Embedding(vocab_size, embed_size)
-        self.positions = nn.Embedding(max_len, embed_size)
+        self.embed = TokenEmbedding(vocab_size, max_len, embed_size)
         self.blocks = nn.ModuleList(Block(embed_size, heads, chunk_size, causal=True)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(embed_size)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids: (B, L) int64 -> logits (B, L, vocab_size), float."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
-        x = self.tokens(input_ids) + self.positions(positions)  # (B, L, E)
+        x = self.embed(input_ids)  # (B, L, E)
         for block in self.blocks:
             x = block(x)  # (B, L, E)
-        return self.norm(x) @ self.tokens.weight.t()  # (B, L, V), tied weights
+        return self.norm(x) @ self.embed.tokens.weight.t()  # (B, L, V), tied weights
 
     def io_spec(self) -> IOSpec:
         """Token ids in the vocabulary, at most max_len of them; logits out."""
-        return IOSpec((TensorSpec("input_ids", "int64", ("batch", "seq"), 0, self.vocab_size),),
-                      ("logits",), {"batch": (1, None), "seq": (1, self.max_len)})
+        return IOSpec((self.embed.ids_spec(),), ("logits",), self.embed.sizes())
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = True,
