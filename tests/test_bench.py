@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -72,12 +73,13 @@ def test_time_interleaved_runs_each_once_per_iteration_in_varied_orders_and_drop
 
 
 def _compare_attention():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import compare_attention  # benchmarks/ is not a package
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return compare_attention
+    """The benchmark script as a module, loaded by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_attention",
+                                                  BENCHMARKS / "compare_attention.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_compare_attention_gives_short_lengths_proportionally_more_iterations():
