@@ -117,3 +117,42 @@ def test_example_inputs_that_do_not_match_the_forward_are_named(tmp_path: Path) 
 def test_a_model_without_flash_attention_after_conversion_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="contains no FlashAttention layer"):
         export_onnx(_encoder(True), tmp_path / "x.onnx", args=(_src(2, 17, True, 0),))
+
+
+class _TwoHeads(nn.Module):
+    """A model with several outputs, returned as a dict: they are named after its keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = convert(_encoder(True))
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor) -> Dict[str, Any]:
+        hidden = self.encoder(src, src_key_padding_mask=src_key_padding_mask)  # (B, L, E)
+        return {"hidden": hidden, "scores": self.head(hidden[:, 0])}  # (B, L, E), (B, 3)
+
+
+def test_several_outputs_are_named_exported_and_each_validated(tmp_path: Path) -> None:
+    from flash_export.validate import validate
+
+    model = _TwoHeads().eval()
+    path = export_onnx(model, tmp_path / "two.onnx", target="standard",
+                       args=(_src(2, 17, True, 0), _padding(2, 17)))
+    session = create_session(path)
+    assert [o.name for o in session.get_outputs()] == ["hidden", "scores"]
+    report = validate(path, model=model, seq=[1, 20], batch=[3])
+    assert report.passed, report.failure_lines()
+    assert {c.output for b in report.backends for c in b.cases} == {"hidden", "scores"}
+
+
+def test_a_zoo_model_validates_as_torchscript_too(tmp_path: Path) -> None:
+    from flash_export.export import export_torchscript
+    from flash_export.spec import ModelSpec
+    from flash_export.validate import validate
+
+    spec = ModelSpec(embed=32, heads=4, chunk=8, model="flash_export.models.bert:build")
+    path = export_torchscript(spec.build(), tmp_path / "bert.pt", spec=spec)
+    report = validate(path, seq=[1, 9, 20], batch=[2])
+    assert report.passed, report.failure_lines()
+    assert [b.name for b in report.backends] == ["eager", "torchscript"]
+    assert {c.case.mask for c in report.backends[1].cases} == {False, True}  # padded and not
