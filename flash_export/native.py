@@ -70,6 +70,7 @@ _SIGNATURES: Dict[str, Tuple[list, Any]] = {
     "flash_export_attention_forward_cpu_threads": ([_PARAMS, ctypes.c_int32], ctypes.c_int32),
     "flash_export_attention_forward_cuda": ([_PARAMS, ctypes.c_void_p], ctypes.c_int32),
     "flash_export_cpu_isa": ([], ctypes.c_char_p),
+    "flash_export_cpu_isa_error": ([], ctypes.c_char_p),
     "flash_export_build_info": ([], ctypes.c_char_p),
 }
 _CUDA_FORWARD = "flash_export_attention_forward_cuda"
@@ -96,6 +97,9 @@ class NativeLibrary:
                                           "flash-export library, or one of another version")
             fn.argtypes, fn.restype = argtypes, restype
             self._fns[name] = fn
+        setting: Optional[bytes] = self._fns["flash_export_cpu_isa_error"]()
+        if setting:
+            raise RuntimeLibraryError(setting.decode())
         size = int(self._fns["flash_export_params_size"]())
         if size != ctypes.sizeof(AttentionParams):
             raise RuntimeLibraryError(

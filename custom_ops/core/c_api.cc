@@ -64,3 +64,7 @@ extern "C" int32_t flash_export_attention_forward_cuda(const FlashExportAttentio
 #endif
 
 extern "C" const char* flash_export_cpu_isa(void) { return flash_export::cpu_kernel_isa(); }
+
+extern "C" const char* flash_export_cpu_isa_error(void) {
+  return flash_export::cpu_isa_setting_error();
+}

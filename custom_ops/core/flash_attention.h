@@ -47,6 +47,11 @@ Status attention_forward_cpu(const AttentionParams& params, ParallelForFn parall
 // AMX tile unit, the rest on AVX-512), "avx512", "avx2" or "portable".
 const char* cpu_kernel_isa();
 
+// nullptr when FLASH_EXPORT_CPU_ISA is unset, empty or names a path ("portable", "avx2",
+// "avx512", "amx"); otherwise why the setting is refused. A forced path this CPU cannot run is
+// not an error: the kernel falls back to the best path it can.
+const char* cpu_isa_setting_error();
+
 // CUDA forward (defined in flash_attention_cuda.cu when built with nvcc; float16 and bfloat16,
 // float32 where the build supports it). `stream` is a cudaStream_t; the kernel launches only there.
 Status attention_forward_cuda(const AttentionParams& params, void* stream);

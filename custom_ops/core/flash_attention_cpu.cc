@@ -8,6 +8,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <string>
 #include <utility>
 
 #include "flash_attention.h"
@@ -278,6 +279,19 @@ Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn par
 }  // namespace
 
 const char* cpu_kernel_isa() { return kernels().best.isa; }
+
+const char* cpu_isa_setting_error() {
+  static const std::string message = [] {
+    const char* forced = std::getenv("FLASH_EXPORT_CPU_ISA");
+    if (forced == nullptr || forced[0] == '\0') return std::string();
+    for (const char* known : {"portable", "avx2", "avx512", "amx"}) {
+      if (std::strcmp(forced, known) == 0) return std::string();
+    }
+    return "FLASH_EXPORT_CPU_ISA=" + std::string(forced) +
+           " names no CPU kernel path: use portable, avx2, avx512 or amx, or unset it";
+  }();
+  return message.empty() ? nullptr : message.c_str();
+}
 
 Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
                              void* parallel_context) {

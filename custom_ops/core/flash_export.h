@@ -107,6 +107,11 @@ flash_export_attention_forward_cuda(const FlashExportAttentionParams* params, vo
 /* The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable". */
 FLASH_EXPORT_API const char* flash_export_cpu_isa(void);
 
+/* NULL when FLASH_EXPORT_CPU_ISA is unset, empty or names a path ("portable", "avx2", "avx512",
+ * "amx"); otherwise a message saying why the setting is refused. onnxruntime sessions then refuse
+ * to register the op with that message; callers of the forwards above should check it first. */
+FLASH_EXPORT_API const char* flash_export_cpu_isa_error(void);
+
 /* A JSON object describing this build: the op it registers in onnxruntime (op_domain, op_name,
  * op_version), the OrtApi version it asks for (ort_api_version), cuda, cuda_archs, cpu_isa and
  * sanitizer. Defined by the onnxruntime adapter, which owns those facts (ort/build_info.cc). The

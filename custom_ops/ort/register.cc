@@ -4,6 +4,7 @@
 #include <mutex>
 #include <string>
 
+#include "flash_attention.h"
 #include "flash_attention_op.h"
 #include "ort_abi.h"
 
@@ -19,6 +20,10 @@ ort_abi::OrtCustomOpDomain* g_domain = nullptr;
 std::string g_error;  // set when creating the domain failed; reported on every call
 
 void create_domain(const Api& api) {
+  if (const char* setting = cpu_isa_setting_error()) {  // a typo must not pass silently
+    g_error = std::string("flash_export: ") + setting;
+    return;
+  }
   ort_abi::OrtStatus* status = api.CreateCustomOpDomain(kDomain, &g_domain);
   if (status == nullptr) status = api.CustomOpDomain_Add(g_domain, flash_attention_cpu_op());
   if (status == nullptr && flash_attention_cuda_op() != nullptr) {
