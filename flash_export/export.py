@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from flash_export._version import __version__
-from flash_export.artifact import METADATA_FILE, atomic_write, sha256_file, torchscript_metadata
+from flash_export.artifact import (
+    METADATA_FILE,
+    atomic_write,
+    require_kind,
+    sha256_file,
+    torchscript_metadata,
+)
 from flash_export.attention import FlashAttention
 from flash_export.errors import ArtifactError, ExportError, first_line, summary
 from flash_export.io_spec import IOSpec, with_float_dtype
@@ -78,8 +84,8 @@ def artifact_metadata(spec: Optional[ModelSpec], layer: FlashAttention, io: IOSp
         "causal": str(int(layer.causal)),
         "io_spec": io.to_json(),
     }
-    if spec is not None:
-        meta["model_spec"] = spec.to_json()
+    if spec is not None:  # paths absolute, with hashes: `validate` works from any folder
+        meta["model_spec"] = spec.pinned().to_json()
     meta.update(extra)
     return meta
 
@@ -154,9 +160,10 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
         The written path.
 
     Raises:
-        ExportError: the model holds no FlashAttention, cannot be scripted, or the file cannot
-            be written.
+        ExportError: `path` does not end in .pt (.pth, .ts), the model holds no FlashAttention,
+            cannot be scripted, or the file cannot be written.
     """
+    require_kind(path, "torchscript")
     flash_layers(model)
     try:
         with quiet_jit_deprecation():

@@ -8,11 +8,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
+from flash_export.artifact import sha256_file
 from flash_export.errors import ArtifactError, FlashExportError, ModelError, summary
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 # torch.manual_seed accepts exactly this range.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class ModelSpec:
             "flash_export.models.gpt:build"); FACTORY(embed_size=, heads=, chunk_size=, causal=)
             returns a module built with FlashAttention. Importing FILE or MODULE runs its code.
         weights: optional state-dict checkpoint, loaded with weights_only=True and strict=True.
+        model_sha256: the SHA-256 the model file had at export (see `pinned`); building refuses
+            a file that changed since. None: not checked.
+        weights_sha256: the same for the checkpoint.
 
     Raises:
         ValueError: a field of the wrong type or out of range, naming it.
@@ -51,6 +57,8 @@ class ModelSpec:
     seed: int = 0
     model: Optional[str] = None
     weights: Optional[str] = None
+    model_sha256: Optional[str] = None
+    weights_sha256: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("embed", "heads", "chunk", "seed"):
@@ -59,9 +67,13 @@ class ModelSpec:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be true or false, got {self.causal!r}")
-        for name in ("model", "weights"):
+        for name in ("model", "weights", "model_sha256", "weights_sha256"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("model_sha256", "weights_sha256"):
+            digest = getattr(self, name)
+            if digest is not None and not _SHA256.fullmatch(digest):
+                raise ValueError(f"{name} must be 64 lowercase hex digits, got {digest!r}")
         for name in ("embed", "heads", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,6 +98,30 @@ class ModelSpec:
         if not isinstance(data, dict):
             raise ValueError(f"a model spec is a JSON object, got {type(data).__name__}")
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def pinned(self) -> "ModelSpec":
+        """This spec as an artifact records it: file paths absolute, with their SHA-256.
+
+        A path typed relative to the export's folder would not resolve from another folder,
+        and a hash tells a changed file from the one the artifact came from.
+
+        Raises:
+            ModelError: the model file or checkpoint is missing.
+        """
+        model, model_sha = self.model, self.model_sha256
+        file, name = _model_file(self.model) if self.model else (None, "")
+        if file is not None:
+            if not file.is_file():
+                raise ModelError(f"model file not found: {file}")
+            model, model_sha = f"{file.resolve()}:{name}", sha256_file(file)
+        weights, weights_sha = self.weights, self.weights_sha256
+        if self.weights:
+            path = Path(self.weights)
+            if not path.is_file():
+                raise ModelError(f"weights file not found: {path}")
+            weights, weights_sha = str(path.resolve()), sha256_file(path)
+        return dataclasses.replace(self, model=model, model_sha256=model_sha, weights=weights,
+                                   weights_sha256=weights_sha)
 
     @property
     def runs_code(self) -> bool:
@@ -125,7 +161,7 @@ class ModelSpec:
 
         from flash_export.attention import FlashAttention
 
-        factory = _load_factory(self.model) if self.model else None
+        factory = _load_factory(self.model, self.model_sha256) if self.model else None
         with torch.random.fork_rng(devices=[]):
             try:
                 torch.manual_seed(self.seed)
@@ -139,7 +175,7 @@ class ModelSpec:
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.model} returned {type(model).__name__}, not an nn.Module")
         if self.weights:
-            _load_weights(model, Path(self.weights))
+            _load_weights(model, Path(self.weights), self.weights_sha256)
         return model.eval()
 
 
@@ -156,7 +192,11 @@ def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: boo
             artifact, without `trust`; the message says what to pass.
         ValueError: an explicit field of the wrong type or out of range.
     """
-    spec = dataclasses.replace(recorded, **dict(explicit))
+    explicit = dict(explicit)
+    for name in ("model", "weights"):  # a file named again is the user's: its hash is not pinned
+        if name in explicit:
+            explicit[f"{name}_sha256"] = None
+    spec = _located(dataclasses.replace(recorded, **explicit), set(explicit), Path(source).parent)
     named_by_artifact = [(f"--{name}", getattr(spec, name)) for name in ("model", "weights")
                          if getattr(spec, name) is not None and name not in explicit
                          and not (name == "model" and is_zoo_model(getattr(spec, name)))]
@@ -166,6 +206,21 @@ def resolve_spec(recorded: ModelSpec, explicit: Mapping[str, Any], *, trust: boo
                             "imports model files and loads checkpoints only when you name them: "
                             f"pass {what} yourself, or --trust to use what the artifact records")
     return spec
+
+
+def _located(spec: ModelSpec, explicit: "set[str]", folder: Path) -> ModelSpec:
+    """`spec` with each recorded file missing where recorded looked up beside the artifact.
+
+    That finds a folder shipped whole; the recorded SHA-256 still decides whether a file is used.
+    """
+    model, weights = spec.model, spec.weights
+    file, name = _model_file(model) if model and "model" not in explicit else (None, "")
+    if file is not None and not file.is_file() and (folder / file.name).is_file():
+        model = f"{folder / file.name}:{name}"
+    if weights and "weights" not in explicit and not Path(weights).is_file() \
+            and (folder / Path(weights).name).is_file():
+        weights = str(folder / Path(weights).name)
+    return dataclasses.replace(spec, model=model, weights=weights)
 
 
 ZOO_PREFIX = "flash_export.models."
@@ -180,16 +235,39 @@ def is_zoo_model(model: Optional[str]) -> bool:
         and module.rpartition(".")[2].isidentifier() and name.isidentifier()
 
 
-def _load_factory(spec: str) -> Callable[..., Any]:
+def _model_file(spec: str) -> "tuple[Optional[Path], str]":
+    """(FILE, FACTORY) of "FILE.py:FACTORY"; (None, FACTORY) of "MODULE:FACTORY".
+
+    Raises:
+        ModelError: neither form.
+    """
     file, sep, name = spec.rpartition(":")
     if not sep or not file or not name:
         raise ModelError(f"--model must look like FILE.py:FACTORY or MODULE:FACTORY, "
                          f"got {spec!r}")
     if not file.endswith(".py") and "/" not in file and "\\" not in file:
-        return _module_factory(file, name)
-    path = Path(file)
+        return None, name
+    return Path(file), name
+
+
+def _check_pinned(path: Path, sha256: Optional[str], what: str) -> None:
+    """Refuse a file whose bytes are not the ones an artifact recorded."""
+    if sha256 is None:
+        return
+    found = sha256_file(path)
+    if found != sha256:
+        raise ModelError(f"{what} {path} is not the file the artifact was exported from "
+                         f"(sha256 {found[:16]}..., recorded {sha256[:16]}...): pass the "
+                         "right one, or name this one yourself")
+
+
+def _load_factory(spec: str, sha256: Optional[str] = None) -> Callable[..., Any]:
+    path, name = _model_file(spec)
+    if path is None:
+        return _module_factory(spec.rpartition(":")[0], name)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    _check_pinned(path, sha256, "model file")
     module_name = f"_flash_export_model_{abs(hash(path.resolve()))}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
@@ -218,11 +296,12 @@ def _module_factory(module_name: str, name: str) -> Callable[..., Any]:
     return factory
 
 
-def _load_weights(model: "nn.Module", path: Path) -> None:
+def _load_weights(model: "nn.Module", path: Path, sha256: Optional[str] = None) -> None:
     import torch
 
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
+    _check_pinned(path, sha256, "checkpoint")
     try:
         state: Dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe file
