@@ -46,6 +46,25 @@ def artifact_kind(path: PathLike) -> str:
     raise ArtifactError(f"{path}: expected a .onnx or .pt artifact, got suffix {suffix!r}")
 
 
+def require_kind(path: PathLike, kind: str) -> None:
+    """Refuse to write a `kind` ("onnx" or "torchscript") artifact under another kind's suffix.
+
+    Readers tell an artifact's kind from its suffix, so an ONNX file named `.pt` would be
+    read as TorchScript.
+
+    Raises:
+        ExportError: the suffix is not one of `kind`'s.
+    """
+    try:
+        found = artifact_kind(path)
+    except ArtifactError:
+        found = ""
+    if found != kind:
+        wanted = ".onnx" if kind == "onnx" else " or ".join(TORCHSCRIPT_SUFFIXES)
+        what = "an ONNX model" if kind == "onnx" else "a TorchScript archive"
+        raise ExportError(f"{path}: {what} must be written to a file ending in {wanted}")
+
+
 def sha256_file(path: Union[PathLike, BinaryIO]) -> str:
     """Hex SHA-256 of a file's bytes (a path, or an open binary file read from where it is)."""
     digest = hashlib.sha256()

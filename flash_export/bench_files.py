@@ -1,20 +1,23 @@
 """The files a benchmark report is written to: CSV rows and a PNG of latency and memory."""
 
-from typing import Dict, List
+import io
+from typing import Any, Dict, List
 
 from flash_export.bench import CSV_FIELDS, BenchReport, BenchRow, PathLike
 from flash_export.errors import FlashExportError
+from flash_export.install import pip_install_line
 
 
-def write_csv(report: BenchReport, path: PathLike) -> None:
-    """Write the rows as CSV (columns CSV_FIELDS)."""
+def csv_text(report: BenchReport) -> str:
+    """The rows as CSV text (columns CSV_FIELDS)."""
     import csv
 
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
-        writer.writeheader()
-        for row in report.csv_rows():
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_FIELDS))
+    writer.writeheader()
+    for row in report.csv_rows():
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def require_matplotlib() -> None:
@@ -22,17 +25,26 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise FlashExportError("--plot needs matplotlib: pip install 'flash-export[plot]'") \
-            from exc
+        raise FlashExportError(f"--plot needs matplotlib: {pip_install_line('plot')}") from exc
 
 
 def plot_report(report: BenchReport, path: PathLike) -> None:
     """Save a PNG: p50 latency and peak memory against sequence length, one line per backend."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def figure(report: BenchReport) -> Any:
+    """The matplotlib figure `plot_report` saves; its x axes are labelled with the lengths run."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: Dict[str, List[BenchRow]] = {}
@@ -53,11 +65,14 @@ def plot_report(report: BenchReport, path: PathLike) -> None:
                                  f"{report.config.threads} thread(s)")
     ax_m.set(xlabel="sequence length L (Lq = Lk)", ylabel="peak RSS growth of one forward (MB)",
              xscale="log", title="memory")
+    lengths = sorted({r.seq_q for r in report.rows})
+    for ax in (ax_t, ax_m):  # a log axis would label 6x10^2, 10^3, 2x10^3: name the lengths run
+        ax.xaxis.set_major_locator(ticker.FixedLocator(lengths))
+        ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(n) for n in lengths]))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
-    ax_t.grid(True, which="both", alpha=0.3)
-    ax_m.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"flash-export bench, E={report.spec.get('embed')} H={report.spec.get('heads')}"
                  f" {report.config.dtype}, {report.environment.get('date')}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig

@@ -3,7 +3,6 @@
 Heavy modules (torch, onnx) are imported inside the commands so `flash-export --help` is instant.
 """
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional
@@ -12,9 +11,12 @@ import click
 
 from flash_export._version import __version__
 from flash_export.cli_options import (
-    Progress,
+    Console,
+    artifact_file,
     artifact_spec,
     backend_list,
+    common_options,
+    debugging,
     int_list,
     model_options,
     output_file,
@@ -31,40 +33,43 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FlashExportError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debugging(ctx):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flash-export")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors. Default: off.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
-    """Export a chunked FlashAttention model to TorchScript and onnxruntime, check and time it."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
+@common_options
+def main() -> None:
+    """Export a chunked FlashAttention model to TorchScript and onnxruntime, check and time it.
+
+    --debug, --quiet and --verbose work before or after the command's name.
+    """
 
 
-def _report_written(path: Path, started: float) -> None:
+def _report_written(console: Console, path: Path, started: float) -> None:
     size = path.stat().st_size
-    click.echo(f"wrote {path} ({size / 1e6:.2f} MB) in {time.perf_counter() - started:.2f} s")
+    console.info(f"wrote {path} ({size / 1e6:.2f} MB) in {time.perf_counter() - started:.2f} s")
 
 
 @main.command()
+@common_options
 @model_options
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
+                callback=artifact_file("torchscript"))
 def torchscript(spec: Any, out: Path) -> None:
     """Script the model and save it as a TorchScript archive OUT.pt (loads in C++)."""
     from flash_export.export import export_torchscript
 
     started = time.perf_counter()
     model = spec.build()
-    _report_written(export_torchscript(model, out, spec=spec), started)
+    _report_written(Console(), export_torchscript(model, out, spec=spec), started)
 
 
 @main.command()
+@common_options
 @model_options
 @click.option("--target", type=click.Choice(TARGETS),
               default="custom", show_default=True,
@@ -82,24 +87,27 @@ def torchscript(spec: Any, out: Path) -> None:
               help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the file in onnxruntime against PyTorch at two lengths after writing.")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
+                callback=artifact_file("onnx"))
 def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes: bool,
          with_mask: bool, check: bool, out: Path) -> None:
     """Export the model to ONNX file OUT.onnx, then check it in onnxruntime."""
     from flash_export.onnx_export import check_onnx_export, export_onnx
 
+    console = Console()
     started = time.perf_counter()
     model = spec.build()
     path = export_onnx(model, out, target=target, opset=opset, dtype=dtype, spec=spec,
                        static_shapes=static_shapes, mask=with_mask)
-    _report_written(path, started)
+    _report_written(console, path, started)
     if check:
         for line in check_onnx_export(model, path, mask=with_mask):
-            click.echo(f"check: {line}")
+            console.info(f"check: {line}")
 
 
 @main.command()
-@model_options
+@common_options
+@model_options(artifact=True)
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--seq", callback=int_list, default=None, metavar="LIST",
               help="Comma-separated sequence lengths; each L runs as Lq=Lk=L and as Lq=L with "
@@ -119,18 +127,17 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
               help="Also export and compare every other ONNX target. Default: off.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, callback=output_file,
-              help="Write the full report as JSON. Default: none.")
+              help="Write the full report as JSON (- for stdout). Default: none.")
 @trust_options
-@click.option("-v", "--verbose", is_flag=True, default=False,
-              help="One row per backend and shape. Default: a row per backend.")
 def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[int],
              dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
              all_targets: bool, json_path: Optional[Path], trust: bool,
-             expect_sha256: Optional[str], max_memory: Optional[int], verbose: bool) -> None:
+             expect_sha256: Optional[str], max_memory: Optional[int]) -> None:
     """Check ARTIFACT (.onnx of any target, or .pt) against the float64 PyTorch reference.
 
     The reference is rebuilt from the model spec recorded in ARTIFACT; model options given
-    explicitly override it. Exit 0 when everything passes, 1 on any mismatch.
+    explicitly override it. Exit 0 when everything passes, 1 on any mismatch. --verbose adds a
+    row per backend and shape.
     """
     import json as json_module
 
@@ -138,7 +145,8 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
     from flash_export.validate import validate as run_validate
 
     ctx = click.get_current_context()
-    progress = Progress("validating")
+    console = Console(ctx)
+    progress = console.progress("validating")
     try:
         report = run_validate(artifact, spec=artifact_spec(ctx, spec, artifact, trust),
                               seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
@@ -147,24 +155,24 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
                               progress=progress)
     finally:
         progress.close()
-    for line in validation_lines(report, verbose):
-        click.echo(line)
+    for line in validation_lines(report, console.verbosity > 0):
+        console.info(line)
     if json_path is not None:
-        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
-        click.echo(f"wrote {json_path}")
+        console.write(json_path, json_module.dumps(report.to_dict(), indent=2))
     if not report.passed:
         lines = report.failure_lines()
         for line in lines[:20]:
-            click.echo(f"FAIL {line}")
+            console.result(f"FAIL {line}")
         if len(lines) > 20:
-            click.echo(f"... {len(lines) - 20} more failures (see --json)")
-        click.echo("validation FAILED")
+            console.result(f"... {len(lines) - 20} more failures (see --json)")
+        console.result("validation FAILED")
         ctx.exit(1)
-    click.echo("validation passed")
+    console.result("validation passed")
 
 
 @main.command()
-@model_options
+@common_options
+@model_options(artifact=True)
 @click.argument("artifact", required=False,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--seq", callback=int_list, default="128,512,1024", show_default=True,
@@ -193,13 +201,14 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
               help="Measure peak memory of one forward in a fresh subprocess per row.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, callback=output_file,
-              help="Write the full report as JSON. Default: none.")
+              help="Write the full report as JSON (- for stdout). Default: none.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=output_file, help="Write the rows as CSV. Default: none.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, callback=output_file,
+              help="Write the rows as CSV (- for stdout). Default: none.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, callback=artifact_file("png"),
               help="Save a PNG of latency and memory vs sequence length "
-                   "(needs flash-export[plot]). Default: none.")
+                   "(needs matplotlib, the plot extra). Default: none.")
 def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
           batch: int, backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
           threads: int, dtype: str, trust: bool, expect_sha256: Optional[str],
@@ -209,9 +218,11 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     import json as json_module
 
     from flash_export.bench import BenchConfig, benchmark
-    from flash_export.bench_files import plot_report, require_matplotlib, write_csv
+    from flash_export.bench_files import csv_text, plot_report, require_matplotlib
     from flash_export.cli_render import bench_lines
 
+    if json_path == csv_path and json_path is not None:
+        raise click.UsageError("--json and --csv name the same output")
     if plot_path is not None:
         require_matplotlib()  # fail before the long run, not after
     ctx = click.get_current_context()
@@ -219,7 +230,8 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
                          backends=tuple(backends) if backends else None, warmup=warmup,
                          iters=iters, repeats=repeats, threads=threads, dtype=dtype,
                          memory=memory, max_memory=max_memory)
-    progress = Progress("benchmarking")
+    console = Console(ctx)
+    progress = console.progress("benchmarking")
     try:
         report = benchmark(artifact, spec=artifact_spec(ctx, spec, artifact, trust),
                            config=config, trust=trust, expect_sha256=expect_sha256,
@@ -227,54 +239,41 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     finally:
         progress.close()
     for line in bench_lines(report):
-        click.echo(line)
+        console.result(line)
     if json_path is not None:
-        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
-        click.echo(f"wrote {json_path}")
+        console.write(json_path, json_module.dumps(report.to_dict(), indent=2))
     if csv_path is not None:
-        write_csv(report, csv_path)
-        click.echo(f"wrote {csv_path}")
+        console.write(csv_path, csv_text(report))
     if plot_path is not None:
         plot_report(report, plot_path)
-        click.echo(f"wrote {plot_path}")
+        console.info(f"wrote {plot_path}")
 
 
 @main.command()
+@common_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, callback=output_file, help="Write the report as JSON. Default: none.")
+              default=None, callback=output_file,
+              help="Write the report as JSON (- for stdout). Default: none.")
 def doctor(json_path: Optional[Path]) -> None:
-    """Check the install: versions, the native library, and one run of the custom op."""
+    """Check the install: versions, the native library, and one run of the custom op.
+
+    --quiet prints only the failed checks and their hints.
+    """
     import json as json_module
 
+    from flash_export.cli_render import doctor_lines
     from flash_export.doctor import diagnose
 
+    console = Console()
     report = diagnose()
-    for name, version in report.versions.items():
-        click.echo(f"{name:<14} {version}")
-    click.echo(f"{'providers':<14} {', '.join(report.providers) or '-'}"
-               + ("" if report.cuda_provider_usable is None else
-                  f" (CUDA usable here: {'yes' if report.cuda_provider_usable else 'no'})"))
-    click.echo(f"{'library':<14} {report.library_path} (from {report.library_source})")
-    if report.build_info:
-        info = report.build_info
-        archs = ", ".join(str(a) for a in info.get("cuda_archs", [])) or "-"
-        click.echo(f"{'build':<14} ORT API {info.get('ort_api_version')} (runtime serves "
-                   f"{report.runtime_api_version}), CUDA {'yes' if info.get('cuda') else 'no'} "
-                   f"(archs {archs}), CPU kernel {info.get('cpu_isa')}")
-    for check in report.checks:
-        click.echo(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-        if not check.ok and check.hint:
-            click.echo(f"       hint: {check.hint}")
+    for line, failed in doctor_lines(report):
+        (console.result if failed else console.info)(line)
     if json_path is not None:
-        json_path.write_text(json_module.dumps(report.to_dict(), indent=2))
+        console.write(json_path, json_module.dumps(report.to_dict(), indent=2))
     if not report.ok:
         click.get_current_context().exit(1)
 
 
-def run() -> None:
-    """Console-script entry point."""
-    main(prog_name="flash-export")
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog_name="flash-export"))
+def run(prog_name: str = "flash-export") -> None:
+    """Console-script entry point (and `python -m flash_export`'s)."""
+    main(prog_name=prog_name)

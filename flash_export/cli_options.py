@@ -3,6 +3,7 @@
 Everything here parses and checks what the user typed; nothing imports torch.
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -11,46 +12,147 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
+from flash_export.spec import ModelSpec  # torch-free
+
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Shared by a command's context and its group's (click shares `meta` down the chain), so each of
+# these options works before the subcommand and after it.
+_DEBUG, _VERBOSITY = "flash_export.debug", "flash_export.verbosity"
+_STDOUT_TAKEN = "flash_export.stdout"
+STDOUT = Path("-")  # `--json -`, `--csv -`: the report goes to standard output
 
-def model_options(f: F) -> F:
-    """The options every command uses to (re)build the model; they arrive as `spec`."""
+
+def _set_verbosity(level: int) -> Callable[..., None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if not value:
+            return
+        if ctx.meta.get(_VERBOSITY, level) != level:
+            raise click.UsageError("--quiet and --verbose exclude each other")
+        ctx.meta[_VERBOSITY] = level
+
+    return callback
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_DEBUG] = True
+
+
+def common_options(f: F) -> F:
+    """--debug, -q/--quiet and -v/--verbose: accepted by the group and by every command."""
     options = [
-        click.option("--embed", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Embedding size E."),
-        click.option("--heads", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Number of attention heads (must divide E)."),
-        click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Keys per online-softmax step."),
+        click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
+                     help="Show full tracebacks on errors. Default: off."),
+        click.option("-q", "--quiet", is_flag=True, expose_value=False,
+                     callback=_set_verbosity(-1),
+                     help="Print only results and errors: no progress, no 'wrote' lines."),
+        click.option("-v", "--verbose", is_flag=True, expose_value=False,
+                     callback=_set_verbosity(1),
+                     help="Print each step as it happens, and per-case detail."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def debugging(ctx: click.Context) -> bool:
+    """Whether --debug was given anywhere on the command line."""
+    return bool(ctx.meta.get(_DEBUG))
+
+
+class Console:
+    """Where a command's lines go: by the chosen verbosity.
+
+    When a report takes stdout (`--json -`), every line goes to stderr, so stdout stays the
+    report alone.
+    """
+
+    def __init__(self, ctx: Optional[click.Context] = None) -> None:
+        ctx = ctx or click.get_current_context()
+        self.verbosity: int = ctx.meta.get(_VERBOSITY, 0)
+        self.to_stderr: bool = bool(ctx.meta.get(_STDOUT_TAKEN))
+
+    def result(self, line: str) -> None:
+        """A line the command exists to print (a verdict, a table): always shown."""
+        click.echo(line, err=self.to_stderr)
+
+    def info(self, line: str) -> None:
+        """A line about what was done ("wrote ..."): hidden by --quiet."""
+        if self.verbosity >= 0:
+            click.echo(line, err=self.to_stderr)
+
+    def detail(self, line: str) -> None:
+        """A line of detail: shown with --verbose."""
+        if self.verbosity > 0:
+            click.echo(line, err=self.to_stderr)
+
+    def progress(self, label: str) -> "Progress":
+        """A progress callback for the library: a bar, lines with --verbose, none with --quiet."""
+        return Progress(label, mode={-1: "off", 0: "bar", 1: "lines"}[self.verbosity])
+
+    def write(self, path: Path, text: str) -> None:
+        """Write a text report to `path`, or to stdout for STDOUT."""
+        if path == STDOUT:
+            click.echo(text, nl=not text.endswith("\n"))
+        else:
+            path.write_text(text)
+            self.info(f"wrote {path}")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+_HELP = {"embed": "Embedding size E.", "heads": "Number of attention heads (must divide E).",
+         "chunk": "Keys per online-softmax step.",
+         "seed": "Seed of the parameter initialisation when --weights is not given."}
+
+
+def model_options(f: Optional[F] = None, *, artifact: bool = False) -> Any:
+    """The options every command uses to (re)build the model; they arrive as `spec`.
+
+    With `artifact`, the command reads an artifact whose recorded spec fills every option not
+    given, so the help says so instead of showing the defaults of a fresh export.
+    """
+    def default(name: str) -> str:
+        value = _DEFAULTS[name]
+        return f" Default: the artifact's ({value} without one)." if artifact else ""
+
+    def numeric(name: str, minimum: Optional[int]) -> Any:
+        kind = click.INT if minimum is None else click.IntRange(min=minimum)
+        return click.option(f"--{name}", type=kind, default=_DEFAULTS[name],
+                            show_default=not artifact, help=_HELP[name] + default(name))
+
+    options = [
+        numeric("embed", 1), numeric("heads", 1), numeric("chunk", 1),
         click.option("--causal/--no-causal", default=False,
-                     help="Causal attention, bottom-right aligned. Default: off."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the parameter initialisation when --weights is not given."),
+                     help="Causal attention, bottom-right aligned. Default: "
+                          + ("the artifact's (off without one)." if artifact else "off.")),
+        numeric("seed", None),
         click.option("--model", "model_factory", metavar="FILE.py:FACTORY", default=None,
                      help="Build the model with FACTORY(embed_size=, heads=, chunk_size=, "
-                          "causal=) from FILE.py. Default: a single FlashAttention."),
+                          "causal=) from FILE.py (or MODULE:FACTORY). Default: "
+                          + ("the artifact's; " if artifact else "") + "a single FlashAttention."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="State-dict checkpoint loaded with weights_only=True, strict. "
-                          "Default: none (seeded initialisation)."),
+                     help="State-dict checkpoint loaded with weights_only=True, strict. Default: "
+                          + ("the artifact's; " if artifact else "")
+                          + "none (seeded initialisation)."),
     ]
 
-    @functools.wraps(f)
-    def wrapper(*args: Any, embed: int, heads: int, chunk: int, causal: bool, seed: int,
-                model_factory: Optional[str], weights: Optional[str], **kwargs: Any) -> Any:
-        from flash_export.spec import ModelSpec  # imports no torch: checked before heavy work
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, embed: int, heads: int, chunk: int, causal: bool, seed: int,
+                    model_factory: Optional[str], weights: Optional[str], **kwargs: Any) -> Any:
+            try:  # no torch yet: a bad combination is a usage error before the heavy imports
+                spec = ModelSpec(embed=embed, heads=heads, chunk=chunk, causal=causal, seed=seed,
+                                 model=model_factory, weights=weights)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+            return func(*args, spec=spec, **kwargs)
 
-        try:
-            spec = ModelSpec(embed=embed, heads=heads, chunk=chunk, causal=causal, seed=seed,
-                             model=model_factory, weights=weights)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        return f(*args, spec=spec, **kwargs)
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper  # type: ignore[return-value]
 
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper  # type: ignore[return-value]
-
+    return decorate(f) if f is not None else decorate
 
 
 _MODEL_OPTION_FIELDS = {"embed": "embed", "heads": "heads", "chunk": "chunk", "causal": "causal",
@@ -113,15 +215,44 @@ def artifact_spec(ctx: click.Context, spec: Any, artifact: Optional[Path],
 
 
 def output_file(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Any:
-    """Click callback: an output file whose folder exists and is writable, checked up front."""
+    """Click callback: an output file whose folder exists and is writable, checked up front.
+
+    "-" is standard output (STDOUT); the command's own lines then go to standard error.
+    """
     if value is None:
         return None
+    if value == STDOUT:
+        ctx.meta[_STDOUT_TAKEN] = True
+        return STDOUT
     folder = value.parent if str(value.parent) else Path(".")
     if not folder.is_dir():
         raise click.BadParameter(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise click.BadParameter(f"folder {folder} is not writable")
     return value
+
+
+def artifact_file(kind: str) -> Callable[..., Any]:
+    """Click callback for an export's OUT: an output_file whose suffix fits `kind`.
+
+    `kind` is an artifact kind ("onnx", "torchscript"), or "png" for a picture.
+    """
+    def check(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Any:
+        if value == STDOUT:
+            raise click.BadParameter("this is written to a file, not to standard output")
+        if value is not None and kind == "png" and value.suffix.lower() != ".png":
+            raise click.BadParameter(f"{value}: a PNG image must be written to a .png file")
+        if value is not None and kind != "png":
+            from flash_export.artifact import require_kind
+            from flash_export.errors import ExportError
+
+            try:
+                require_kind(value, kind)
+            except ExportError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return output_file(ctx, param, value)
+
+    return check
 
 
 def _gibibytes(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Any:
@@ -149,17 +280,25 @@ def trust_options(f: F) -> F:
 
 
 class Progress:
-    """click.progressbar on stderr, (re)created whenever the library reports a new total."""
+    """The library's progress on stderr: a click.progressbar (by default), a line per step.
 
-    def __init__(self, label: str) -> None:
+    The bar is (re)created whenever the library reports a new total; --verbose prints a line per
+    step instead, --quiet nothing.
+    """
+
+    def __init__(self, label: str, mode: str = "bar") -> None:
         self.label = label
+        self.mode = mode  # "bar", "lines" (one per step) or "off"
         self.bar: Any = None
         self.item = ""
 
     def __call__(self, done: int, total: int, item: str) -> None:
         """Report `done` of `total` (0: a step of unknown length, printed as one line)."""
-        if total == 0:  # a step of unknown length (an export): one line
-            click.echo(f"{self.label}: {item}", err=True)
+        if self.mode == "off":
+            return
+        if total == 0 or self.mode == "lines":  # a step of unknown length (an export): a line
+            count = f" [{done}/{total}]" if total else ""
+            click.echo(f"{self.label}{count}: {item}", err=True)
             return
         if self.bar is None or self.bar.length != total:
             self.close()

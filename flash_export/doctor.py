@@ -19,11 +19,20 @@ from typing import Any, Dict, List, Optional
 
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 from flash_export.errors import RuntimeLibraryError, first_line
+from flash_export.install import pip_install_line, reinstall_line
 
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
-_REINSTALL = ("reinstall: pip install --force-reinstall --no-deps flash-export (pip builds the "
-              "library into the package), or build it with `python custom_ops/build.py --out DIR`"
-              " and set FLASH_EXPORT_LIBRARY=DIR/libflash_export.so")
+
+
+def _reinstall() -> str:
+    return f"reinstall: {reinstall_line()}"
+
+
+def _unless_setting(error: str, otherwise: str) -> str:
+    """The hint for a library error: fix FLASH_EXPORT_CPU_ISA when that is what it names."""
+    if "FLASH_EXPORT_CPU_ISA" in error:
+        return "set FLASH_EXPORT_CPU_ISA to one of the paths the error names, or unset it"
+    return otherwise
 
 
 @dataclass(frozen=True)
@@ -107,13 +116,14 @@ def diagnose(timeout: float = 120.0) -> DoctorReport:
     checks = report.checks
     if not ort_version:
         checks.append(DoctorCheck("onnxruntime", False, "onnxruntime is not importable",
-                                  "pip install onnxruntime-gpu (Linux x86_64) or onnxruntime"))
+                                  f"{pip_install_line('cpu')}, or for CUDA "
+                                  f"{pip_install_line('gpu')}"))
         return report
     if not lib.is_file():
-        hint = _REINSTALL
+        hint = _reinstall()
         if from_env:
             hint = (f"{LIBRARY_ENV}={os.environ[LIBRARY_ENV]} points at a missing file: fix it "
-                    f"or unset it to use the packaged library; or {_REINSTALL}")
+                    f"or unset it to use the packaged library; or {_reinstall()}")
         checks.append(DoctorCheck("library found", False, f"no file at {lib}", hint))
         return report
     checks.append(DoctorCheck("library found", True, f"{lib} ({lib.stat().st_size / 1e6:.1f} MB)"))
@@ -126,26 +136,28 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
     checks = report.checks
     if "crash" in probe:
         checks.append(DoctorCheck(f"native probe ({probe.get('step', 'start')})", False,
-                                  probe["crash"], f"the library crashed the process; {_REINSTALL}"))
+                                  probe["crash"],
+                                  f"the library crashed the process; {_reinstall()}"))
         return
     if not probe.get("loaded"):
         checks.append(DoctorCheck("library loads (ctypes)", False,
                                   f"not a loadable shared library: {probe.get('load_error')}",
-                                  f"{lib} is corrupt or built for another platform; {_REINSTALL}"))
+                                  f"{lib} is corrupt or built for another platform; "
+                                  f"{_reinstall()}"))
         return
     checks.append(DoctorCheck("library loads (ctypes)", True, "dlopen ok"))
     if not probe.get("has_register"):
         checks.append(DoctorCheck(
             "RegisterCustomOps exported", False, f"{lib} does not export RegisterCustomOps",
             "not an onnxruntime custom-op library (symbol not exported): point "
-            f"FLASH_EXPORT_LIBRARY at libflash_export.so or {_REINSTALL}"))
+            f"FLASH_EXPORT_LIBRARY at libflash_export.so or {_reinstall()}"))
         return
     checks.append(DoctorCheck("RegisterCustomOps exported", True, "symbol found"))
     info = probe.get("build_info")
     if info is None:
-        checks.append(DoctorCheck(
-            "build info", False, probe.get("build_info_error") or "flash_export_build_info "
-            "not exported", f"not a flash-export library or an outdated one; {_REINSTALL}"))
+        error = probe.get("build_info_error") or "flash_export_build_info not exported"
+        checks.append(DoctorCheck("build info", False, error, _unless_setting(
+            error, f"not a flash-export library or an outdated one; {_reinstall()}")))
         return
     report.build_info = info
     cuda = info.get("cuda")
@@ -166,13 +178,13 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
     if not probe.get("registered"):
         err = probe.get("register_error", "")
         hint = ("runtime too old: pip install -U onnxruntime-gpu" if "version" in err.lower()
-                else f"onnxruntime rejected the library; {_REINSTALL}")
+                else _unless_setting(err, f"onnxruntime rejected the library; {_reinstall()}"))
         checks.append(DoctorCheck(f"registers {DOMAIN}::{OP_NAME}", False, err, hint))
         return
     checks.append(DoctorCheck(f"registers {DOMAIN}::{OP_NAME}", True, "session created"))
     if not probe.get("ran"):
         checks.append(DoctorCheck("runs a tiny graph (CPU)", False, probe.get("run_error", ""),
-                                  f"the kernel failed on a (1, 5, 8) input; {_REINSTALL}"))
+                                  f"the kernel failed on a (1, 5, 8) input; {_reinstall()}"))
         return
     err = float(probe.get("max_abs_error", math.inf))
     checks.append(DoctorCheck(

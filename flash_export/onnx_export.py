@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from flash_export.artifact import atomic_write, sha256_file
+from flash_export.artifact import atomic_write, require_kind, sha256_file
 from flash_export.attention import replace_attention
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES
 from flash_export.errors import ExportError, ValidationError, summary
@@ -245,9 +245,10 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
         The written path.
 
     Raises:
-        ExportError: a bad option, a model the exporter cannot convert, a graph that fails the
-            checks, or a file that cannot be written.
+        ExportError: a bad option, a `path` not ending in .onnx, a model the exporter cannot
+            convert, a graph that fails the checks, or a file that cannot be written.
     """
+    require_kind(path, "onnx")
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; choose one of {sorted(TARGETS)}")
     dtype_name = "float32" if dtype is None else dtype

@@ -44,6 +44,9 @@ class Comparison:
     bound: float  # the max_abs allowed (or the atol in use)
     passed: bool
     rule: str  # "2x-baseline" or "atol/rtol"
+    # The worst element's error as a fraction of what the rule allows it (passes when <= 1;
+    # infinite for a NaN, or for any error where nothing is allowed).
+    used: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready view."""
@@ -98,6 +101,7 @@ def compare(actual: Any, reference: Any, *, baseline_error: float, dtype: str,
         rt = 0.0 if rtol is None else rtol
         ok = a.size == 0 or bool(np.all(np.abs(a - r) <= at + rt * np.abs(r)))
         bound, rule = at, "atol/rtol"
+        used = _fraction(diff, at + rt * np.abs(r)) if a.size else 0.0
     else:
         # A non-finite baseline would make any error pass: fall back to the floor.
         baseline = baseline_error if np.isfinite(baseline_error) else 0.0
@@ -105,5 +109,13 @@ def compare(actual: Any, reference: Any, *, baseline_error: float, dtype: str,
         bound = tolerance_bound(baseline, dtype, float(finite.max()) if finite.size else 1.0)
         ok = stats[0] <= bound
         rule = "2x-baseline"
+        used = _fraction(np.array(stats[0]), np.array(bound))
     return Comparison(*stats, worst_index=worst, nonfinite=nonfinite, bound=bound,
-                      passed=bool(ok and nonfinite == 0), rule=rule)
+                      passed=bool(ok and nonfinite == 0), rule=rule, used=used)
+
+
+def _fraction(error: Any, allowed: Any) -> float:
+    """max(error / allowed), with 0/0 = 0 and x/0 = inf for x > 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(error == 0, 0.0, error / allowed)
+    return float(np.max(np.where(np.isnan(ratio), np.inf, ratio)))

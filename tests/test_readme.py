@@ -1,5 +1,6 @@
 """The original README's example keeps working verbatim, and our README's Python blocks run."""
 
+import os
 import re
 import subprocess
 import sys
@@ -117,3 +118,24 @@ def test_the_serving_example_runs_with_exactly_the_stated_dependencies(demo_fold
              "sys.meta_path.insert(0, _Block())\n")
     serving = next(b for b in _runtime_blocks() if "create_session" in b and "torch" not in b)
     _run(guard + serving, demo_folder)
+
+
+# --------------------------------------------------------------------------- command-line blocks
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_command_line_section_runs_verbatim_in_a_new_folder(tmp_path):
+    """The `## Command line` blocks as a new user types them, checkpoint example included."""
+    section = _section((ROOT / "README.md").read_text(), "Command line")
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 2 and any("--weights ckpt.pt" in b for b in blocks)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for block in blocks:
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=900)
+        assert run.returncode == 0, block + run.stdout[-2000:] + run.stderr[-2000:]
+    assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "out" / "trained.onnx").is_file()

@@ -1,0 +1,5 @@
+"""`python -m flash_export`: the flash-export command line."""
+
+from flash_export.cli import run
+
+run("python -m flash_export")
