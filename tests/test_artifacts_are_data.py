@@ -385,7 +385,7 @@ def test_bench_refuses_a_chunk_its_graph_does_not_have(custom_exported: Path,
     ("doctor", "--json")])
 def test_an_output_into_a_missing_folder_is_a_usage_error_before_any_work(
         exported: Path, tmp_path: Path, command: str, option: str) -> None:
-    out = tmp_path / "missing" / "report.out"
+    out = tmp_path / "missing" / ("report.png" if option == "--plot" else "report.out")
     args = [] if command == "doctor" else [exported, *(QUICK if command == "validate"
                                                        else BENCH)]
     result = _invoke(command, *args, option, out)
