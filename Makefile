@@ -28,6 +28,8 @@ define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
+	@echo "pip install -e '.[$(1)]': dependencies, then building $$($(BIN)/python \
+	  custom_ops/build.py --describe --cuda $${FLASH_EXPORT_CUDA:-auto}); about 1 min, quiet" >&2
 	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]'
 endef
 
