@@ -4,24 +4,45 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(shell find custom_ops -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name 'build.py')
 OUT ?= out
 
+# torch comes from PyTorch's CPU index: from PyPI alone, pip takes a multi-GB CUDA build. Set it
+# empty where pip already finds a CPU torch (.ci/run does: its machines serve one from disk and
+# have no network, where an unreachable index costs a minute of retries).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# onnxruntime-gpu on Linux x86_64 (it runs on the CPU too; the CUDA tests need it), else onnxruntime.
+ORT ?= $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),gpu,cpu)
+DEMO_EXTRAS := export,$(ORT)
+TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
+
 .PHONY: install demo test lint clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-# torch is pinned and installed first: pip then takes the CPU wheel from this machine's disk
-# instead of resolving a multi-GB CUDA build. The build environment itself needs no torch.
-$(STAMP): $(SOURCES)
+# $(1): the extras. torch is installed first and alone, so only it comes from TORCH_INDEX; the
+# build environment itself needs no torch.
+define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[dev,plot]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
+	@echo "pip install -e '.[$(1)]': dependencies, then building $$($(BIN)/python \
+	  custom_ops/build.py --describe --cuda $${FLASH_EXPORT_CUDA:-auto}); about 1 min, quiet" >&2
+	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]'
+endef
 
-demo: $(STAMP)
+$(DEMO_STAMP): $(SOURCES)
+	$(call install,$(DEMO_EXTRAS))
+	touch $@
+
+# A test install holds everything the demo needs.
+$(TEST_STAMP): $(SOURCES)
+	$(call install,$(TEST_EXTRAS))
+	touch $@ $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	mkdir -p $(OUT)
 	$(BIN)/flash-export onnx --chunk 64 $(OUT)/flash_attention.onnx
 	$(BIN)/flash-export validate $(OUT)/flash_attention.onnx
@@ -34,12 +55,12 @@ demo: $(STAMP)
 CLANG_FORMAT := $(BIN)/clang-format
 CXX_SOURCES := $(shell find custom_ops -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-lint: $(STAMP) $(CLANG_FORMAT)
+lint: $(TEST_STAMP) $(CLANG_FORMAT)
 	$(BIN)/ruff check flash_export tests examples benchmarks custom_ops setup.py flash_attention.py
 	$(BIN)/mypy
 	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
 
-$(CLANG_FORMAT): | $(STAMP)
+$(CLANG_FORMAT): | $(TEST_STAMP)
 	$(BIN)/python -m pip install -q clang-format==18.1.8
 
 test: lint

@@ -7,7 +7,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
@@ -53,6 +54,23 @@ class BinaryDistribution(Distribution):
         return True
 
 
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel py3-none-<platform>: the library is loaded by path and uses no Python ABI,
+    so one wheel serves every CPython the package supports.
+
+    `auditwheel repair --plat manylinux_2_34_x86_64` (.ci/wheel) then gives the platform tag an
+    index accepts. 2.34 is the floor of a build on glibc >= 2.34: glibc 2.34 moved libpthread and
+    libdl into libc under new symbol versions, and the library calls them (pthread_once through
+    std::call_once; with CUDA, the static CUDA runtime's pthread, dl, sem and shm calls). A lower
+    floor (torch's and onnxruntime's 2.28) needs a build on an older glibc, e.g. in the
+    manylinux_2_28 image with the CUDA toolkit.
+    """
+
+    def get_tag(self) -> tuple:
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
 setup(
     name="flash-export",
     version=_version(),
@@ -60,26 +78,29 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
-    packages=["flash_export"],
+    # torch 2.13, the export side, needs Python >= 3.10.
+    python_requires=">=3.10",
+    packages=find_packages(include=["flash_export", "flash_export.*"]),
     py_modules=["flash_attention"],
     package_data={"flash_export": ["_native/*.so", "py.typed"]},
+    # The light install runs exported graphs: numpy, onnx (for the checks before a file loads)
+    # and click. onnxruntime is an extra: its CPU and GPU builds are two distributions of one
+    # import name, and forcing either would fight an existing install of the other.
     install_requires=[
-        # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
-        "torch>=2.8,<=2.13.0",
         "onnx>=1.21,<1.24",
-        "onnxscript>=0.5",
         "click>=8.1",
         "numpy>=1.24",
-        'onnxruntime-gpu>=1.20; sys_platform == "linux" and platform_machine == "x86_64"',
-        'onnxruntime>=1.20; sys_platform != "linux" or platform_machine != "x86_64"',
-        "psutil>=5.9",
     ],
     extras_require={
+        "cpu": ["onnxruntime>=1.20"],
+        "gpu": ["onnxruntime-gpu>=1.20"],
+        # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
+        "export": ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10"],
+        # psutil: the native fuzz tests measure RSS with it.
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
-    cmdclass={"build_py": BuildPyWithNative},
+    cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},
     distclass=BinaryDistribution,
 )

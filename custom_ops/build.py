@@ -9,7 +9,8 @@ Every ``core/*.cc`` and ``ort/*.cc`` is compiled with g++ (``$CXX`` overrides it
 loads and runs on a CPU without them (the kernel picks its path at run time); a compiler that
 does not know the AMX flags builds the library without the AMX path. With CUDA, every
 ``core/*.cu`` is compiled with nvcc and the CUDA runtime is linked statically, so the library
-loads where no CUDA is installed.
+loads where no CUDA is installed. ``--describe`` prints which compilers a build would use and
+builds nothing (the Makefile prints it before pip's quiet install).
 """
 
 from __future__ import annotations
@@ -75,6 +76,36 @@ def _cuda_lib_dir(nvcc: Path) -> Path:
     raise BuildError(f"libcudart_static.a not found under {', '.join(map(str, homes))}")
 
 
+def _sources() -> tuple[list[Path], list[Path]]:
+    """The C++ and the CUDA sources of the library."""
+    cc_sources = sorted((_ROOT / "core").glob("*.cc")) + sorted((_ROOT / "ort").glob("*.cc"))
+    return cc_sources, sorted((_ROOT / "core").glob("*.cu"))
+
+
+def _cuda_compiler(cuda: str, cu_sources: list[Path]) -> Path | None:
+    """nvcc when the build compiles CUDA, else None; raises when ``cuda="on"`` cannot be met."""
+    if cuda not in ("auto", "on", "off"):
+        raise BuildError(f"cuda must be 'auto', 'on' or 'off', got {cuda!r}")
+    nvcc = find_nvcc() if cuda != "off" else None
+    if cuda == "on" and nvcc is None:
+        raise BuildError("--cuda on: nvcc not found on PATH or in /usr/local/cuda/bin")
+    if cuda == "on" and not cu_sources:
+        raise BuildError(f"--cuda on: no .cu sources in {_ROOT / 'core'}")
+    return nvcc if cu_sources else None
+
+
+def describe_build(cuda: str = "auto",
+                   cuda_archs: tuple[str, ...] | list[str] = ("80", "90")) -> str:
+    """The library and the compilers ``build_library`` would use, with file counts, in one line."""
+    cc_sources, cu_sources = _sources()
+    nvcc = _cuda_compiler(cuda, cu_sources)
+    line = f"{LIBRARY_NAME} with {os.environ.get('CXX', 'g++')} ({len(cc_sources)} files)"
+    if nvcc is not None:
+        archs = ", ".join(f"sm_{a}" for a in cuda_archs)
+        line += f" and {nvcc} ({len(cu_sources)} file{'s' * (len(cu_sources) > 1)}: {archs})"
+    return line
+
+
 def _run(cmd: list[str], verbose: bool) -> None:
     if verbose:
         print(" ".join(cmd), flush=True)
@@ -111,24 +142,18 @@ def build_library(
     Raises:
         BuildError: A tool is missing or a compile or link step failed.
     """
-    if cuda not in ("auto", "on", "off"):
-        raise BuildError(f"cuda must be 'auto', 'on' or 'off', got {cuda!r}")
     out_dir = Path(out_dir)
+    cc_sources, cu_sources = _sources()
+    nvcc = _cuda_compiler(cuda, cu_sources)
+    if verbose:
+        print(f"building {describe_build(cuda, cuda_archs)}", file=sys.stderr, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
-    cc_sources = sorted((_ROOT / "core").glob("*.cc")) + sorted((_ROOT / "ort").glob("*.cc"))
     amx_sources = [s for s in cc_sources if s.name.endswith("_amx.cc")]
     skip_amx = bool(amx_sources) and not (_X86 and _compiler_accepts(cxx, _ISA_FLAGS["_amx.cc"]))
     if skip_amx:
         cc_sources = [s for s in cc_sources if s not in amx_sources]
-    cu_sources = sorted((_ROOT / "core").glob("*.cu"))
-
-    nvcc = find_nvcc() if cuda != "off" else None
-    if cuda == "on" and nvcc is None:
-        raise BuildError("--cuda on: nvcc not found on PATH or in /usr/local/cuda/bin")
-    if cuda == "on" and not cu_sources:
-        raise BuildError(f"--cuda on: no .cu sources in {_ROOT / 'core'}")
-    with_cuda = nvcc is not None and bool(cu_sources)
+    with_cuda = nvcc is not None
     if not with_cuda:
         cu_sources = []
     archs = [str(a) for a in cuda_archs]
@@ -204,16 +229,24 @@ def build_library(
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Build libflash_export.so.")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, help="output folder (required unless --describe)")
     parser.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
                         help="build the CUDA kernel (default: auto, when nvcc is found)")
     parser.add_argument("--cuda-archs", default="80,90", help="SM versions (default: 80,90)")
     parser.add_argument("--sanitize", action="store_true", help="ASan + UBSan (default: off)")
     parser.add_argument("--werror", action="store_true", help="warnings are errors (default: off)")
     parser.add_argument("--verbose", action="store_true", help="print commands (default: off)")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the compilers a build would use, build nothing (default: off)")
     args = parser.parse_args(argv)
+    if args.out is None and not args.describe:
+        parser.error("--out is required")
+    archs = tuple(args.cuda_archs.split(","))
     try:
-        path = build_library(args.out, cuda=args.cuda, cuda_archs=tuple(args.cuda_archs.split(",")),
+        if args.describe:
+            print(describe_build(args.cuda, archs))
+            return 0
+        path = build_library(args.out, cuda=args.cuda, cuda_archs=archs,
                              sanitize=args.sanitize, werror=args.werror, verbose=args.verbose)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
