@@ -24,6 +24,7 @@ from flash_export.cli_options import (
 )
 from flash_export.contract import EXPORT_DTYPES, TARGETS
 from flash_export.errors import FlashExportError
+from flash_export.install import EXPORT_MODULES
 
 
 class _Group(click.Group):
@@ -36,6 +37,14 @@ class _Group(click.Group):
             if debugging(ctx):
                 raise
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except ImportError as exc:  # a light install (no export extra) running an export command
+            if debugging(ctx) or (exc.name or "").partition(".")[0] not in EXPORT_MODULES:
+                raise
+            from flash_export.install import export_extra_hint
+
+            click.echo(f"error: {ctx.invoked_subcommand or 'this command'} needs {exc.name}, "
+                       f"which this install lacks: {export_extra_hint()}", err=True)
             ctx.exit(1)
 
 

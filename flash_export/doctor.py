@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +23,21 @@ from flash_export.errors import RuntimeLibraryError, first_line
 from flash_export.install import pip_install_line, reinstall_line
 
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
+
+
+def _upgrade_onnxruntime(minimum: str = "") -> str:
+    """The pip line that upgrades the onnxruntime distribution installed (CPU or GPU build)."""
+    installed = next((d for d in _DIST_NAMES["onnxruntime"] if _has_distribution(d)),
+                     "onnxruntime")
+    return f"pip install -U '{installed}{minimum}'"
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _reinstall() -> str:
@@ -71,8 +87,6 @@ class DoctorReport:
 
 
 def _version(module: str) -> str:
-    from importlib import metadata
-
     for dist in _DIST_NAMES.get(module, (module,)):
         try:
             return metadata.version(dist) + ("" if dist == module else f" ({dist})")
@@ -170,14 +184,14 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
         checks.append(DoctorCheck(
             "onnxruntime new enough", False, f"the library asks for ORT API {wanted}, "
             f"onnxruntime {report.versions['onnxruntime']} serves API {have}",
-            f"runtime too old: pip install -U 'onnxruntime-gpu>=1.{wanted}' (or 'onnxruntime>="
-            f"1.{wanted}'), or rebuild the library against this onnxruntime"))
+            f"runtime too old: {_upgrade_onnxruntime(f'>=1.{wanted}')}, or rebuild the library "
+            "against this onnxruntime"))
         return
     checks.append(DoctorCheck("onnxruntime new enough", True,
                               f"needs API {wanted}, runtime serves {have}"))
     if not probe.get("registered"):
         err = probe.get("register_error", "")
-        hint = ("runtime too old: pip install -U onnxruntime-gpu" if "version" in err.lower()
+        hint = (f"runtime too old: {_upgrade_onnxruntime()}" if "version" in err.lower()
                 else _unless_setting(err, f"onnxruntime rejected the library; {_reinstall()}"))
         checks.append(DoctorCheck(f"registers {DOMAIN}::{OP_NAME}", False, err, hint))
         return

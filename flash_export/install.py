@@ -14,6 +14,10 @@ from typing import List, Optional
 from urllib.parse import unquote, urlparse
 
 DISTRIBUTION = "flash-export"
+# What the `export` extra brings, as imported; a light install (running graphs) has neither.
+EXPORT_MODULES = ("torch", "onnxscript")
+# PyTorch's index of CPU builds: from PyPI alone, pip takes a multi-GB CUDA torch.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 @dataclass(frozen=True)
@@ -97,3 +101,8 @@ def reinstall_line() -> str:
         return ("from the source tree: python custom_ops/build.py --out DIR, then "
                 "FLASH_EXPORT_LIBRARY=DIR/libflash_export.so")
     return f"pip install --force-reinstall --no-deps {source.requirement()}"
+
+
+def export_extra_hint() -> str:
+    """How to add the exporters (the `export` extra) to this install, with the CPU torch."""
+    return f"{pip_install_line('export')} --extra-index-url {TORCH_CPU_INDEX}"

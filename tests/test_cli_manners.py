@@ -309,3 +309,18 @@ def test_a_spec_records_absolute_paths_and_hashes(tmp_path, monkeypatch):
     assert spec.model_sha256 is not None and len(spec.model_sha256) == 64
     with pytest.raises(ValueError, match="64 lowercase hex"):
         ModelSpec(model_sha256="abc")
+
+
+def test_an_export_command_without_torch_says_how_to_add_the_export_extra(tmp_path):
+    """A light install (flash-export[cpu]) has no torch: one line naming the fix, no traceback."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from flash_export.cli import run\n"
+            "sys.argv = ['flash-export', 'onnx', 'x.onnx']\n"
+            "run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: onnx needs torch, which this install lacks: pip install")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
