@@ -156,9 +156,41 @@ def recorded_io(meta: Mapping[str, str], path: "os.PathLike[str] | str",
             raise ArtifactError(f"{path}: records no io_spec, and its inputs do not make one: "
                                 f"{exc}") from exc
     try:
-        return IOSpec.from_json(text)
+        io = IOSpec.from_json(text)
     except (ValueError, TypeError) as exc:
         raise ArtifactError(f"{path}: bad io_spec metadata: {exc}") from exc
+    if graph_inputs is not None:
+        _check_io_matches_graph(io, graph_inputs, path)
+    return io
+
+
+def _check_io_matches_graph(io: IOSpec, graph_inputs: Sequence[GraphInput],
+                            path: "os.PathLike[str] | str") -> None:
+    """The recorded IOSpec describes the graph's inputs: names, dtypes, ranks, static sizes.
+
+    Feeds are built from the IOSpec, so an edited one would feed the graph (and the reference)
+    inputs the file never took.
+
+    Raises:
+        ArtifactError: an input the graph lacks or does not declare, or disagrees on.
+    """
+    graph = {name: (dtype, tuple(shape)) for name, dtype, shape in graph_inputs}
+    recorded_names = {t.name for t in io.inputs}
+    for name in graph:
+        if name not in recorded_names:
+            raise ArtifactError(f"{path}: the graph takes input {name!r}, the io_spec does not")
+    for t in io.inputs:
+        if t.name not in graph:
+            raise ArtifactError(f"{path}: the io_spec names input {t.name!r}, the graph has none")
+        dtype, shape = graph[t.name]
+        if dtype != t.dtype or len(shape) != len(t.dims):
+            raise ArtifactError(f"{path}: the io_spec says {t.name} is {t.dtype} of rank "
+                                f"{len(t.dims)}, the graph's is {dtype} of rank {len(shape)}")
+        for axis, (want, held) in enumerate(zip(t.dims, shape)):
+            if isinstance(want, int) and isinstance(held, int) and not isinstance(held, bool) \
+                    and held >= 0 and want != held:
+                raise ArtifactError(f"{path}: the io_spec says {t.name} has size {want} on axis "
+                                    f"{axis}, the graph's has {held}")
 
 
 def spec_from_metadata(meta: Mapping[str, str], path: "os.PathLike[str] | str") -> ModelSpec:

@@ -8,11 +8,12 @@ renames of an external-data export, and the error paths that used to end in trac
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import numpy as np
 import onnx
@@ -438,3 +439,24 @@ def test_a_forged_pt_is_refused_by_validate_even_with_a_matching_manifest(
     result = _invoke("validate", forged, *QUICK)
     assert result.exit_code == 1 and "not exported by you here" in result.output
     assert calls == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["dims"].__setitem__(2, 72), "has size 72 on axis 2, the graph's has"),
+    (lambda t: t.__setitem__("name", "vals"), "the graph takes input 'values', the io_spec"),
+    (lambda t: t.__setitem__("dtype", "float16"), "values is float16 of rank 3, the graph's"),
+    (lambda t: t["dims"].append(1), "of rank 4, the graph's is float32 of rank 3"),
+], ids=["static-size", "name", "dtype", "rank"])
+def test_an_io_spec_that_disagrees_with_the_graph_is_refused(
+        exported: Path, tmp_path: Path, edit: Any, message: str) -> None:
+    """Feeds are built from the recorded IOSpec: an edited one (found by the model fuzzer: a
+    bit flip turning 32 into 72) fed the reference inputs the graph never took."""
+    meta = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    io = json.loads(meta["io_spec"])
+    values = next(t for t in io["inputs"] if t["name"] == "values")
+    edit(values)
+    bad = _edit_metadata(exported, tmp_path / "io.onnx", io_spec=json.dumps(io))
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        validate(bad, seq=[7], batch=[1])
+    result = _invoke("validate", bad, *QUICK)
+    assert result.exit_code == 1 and message in result.output
