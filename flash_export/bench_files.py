@@ -30,9 +30,9 @@ def require_matplotlib() -> None:
 
 def plot_report(report: BenchReport, path: PathLike) -> None:
     """Save a PNG: p50 latency and peak memory against sequence length, one line per backend."""
+    fig = figure(report)  # first: it says in one line when matplotlib is missing
     import matplotlib.pyplot as plt
 
-    fig = figure(report)
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 

@@ -240,43 +240,30 @@ class FlashMultiheadAttention(nn.Module):
     def _check_ranks(self, query: Tensor, key: Tensor, value: Tensor,
                      key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> bool:
         """MHA's rank checks (F._mha_shape_check) with its messages; True when batched."""
-        if query.dim() == 3:
-            if key.dim() != 3 or value.dim() != 3:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
-                    f"{key.dim()}-D and {value.dim()}-D tensors respectively")
-            if key_padding_mask is not None and key_padding_mask.dim() != 2:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D "
-                    f"but found {key_padding_mask.dim()}-D tensor instead")
-            if attn_mask is not None and attn_mask.dim() != 2 and attn_mask.dim() != 3:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
-                    f"but found {attn_mask.dim()}-D tensor instead")
-            return True
-        if query.dim() == 2:
-            if key.dim() != 2 or value.dim() != 2:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but found "
-                    f"{key.dim()}-D and {value.dim()}-D tensors respectively")
-            if key_padding_mask is not None and key_padding_mask.dim() != 1:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D "
-                    f"but found {key_padding_mask.dim()}-D tensor instead")
-            if attn_mask is not None:
-                if attn_mask.dim() != 2 and attn_mask.dim() != 3:
-                    raise AssertionError(
-                        "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or "
-                        f"3-D but found {attn_mask.dim()}-D tensor instead")
-                if attn_mask.dim() == 3 and (attn_mask.size(0) != self.num_heads
-                                             or attn_mask.size(1) != query.size(0)
-                                             or attn_mask.size(2) != key.size(0)):
-                    raise AssertionError(
-                        f"Expected `attn_mask` shape to be ({self.num_heads}, {query.size(0)}, "
-                        f"{key.size(0)}) but got {attn_mask.shape}")
-            return False
-        raise AssertionError("query should be unbatched 2D or batched 3D tensor but received "
-                             f"{query.dim()}-D query tensor")
+        rank = query.dim()
+        if rank != 2 and rank != 3:
+            raise AssertionError("query should be unbatched 2D or batched 3D tensor but received "
+                                 f"{rank}-D query tensor")
+        kind = "batched (3-D)" if rank == 3 else "unbatched (2-D)"
+        if key.dim() != rank or value.dim() != rank:
+            raise AssertionError(
+                f"For {kind} `query`, expected `key` and `value` to be {rank}-D but found "
+                f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+            raise AssertionError(
+                f"For {kind} `query`, expected `key_padding_mask` to be `None` or {rank - 1}-D "
+                f"but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() != 2 and attn_mask.dim() != 3:
+            raise AssertionError(
+                f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                f"{attn_mask.dim()}-D tensor instead")
+        if rank == 2 and attn_mask is not None and attn_mask.dim() == 3 and (
+                attn_mask.size(0) != self.num_heads or attn_mask.size(1) != query.size(0)
+                or attn_mask.size(2) != key.size(0)):
+            raise AssertionError(
+                f"Expected `attn_mask` shape to be ({self.num_heads}, {query.size(0)}, "
+                f"{key.size(0)}) but got {attn_mask.shape}")
+        return rank == 3
 
     def _check_mask_shapes(self, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                            bsz: int, tgt_len: int, src_len: int) -> None:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 from flash_export.errors import RuntimeLibraryError, first_line
@@ -27,17 +27,8 @@ _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
 
 def _upgrade_onnxruntime(minimum: str = "") -> str:
     """The pip line that upgrades the onnxruntime distribution installed (CPU or GPU build)."""
-    installed = next((d for d in _DIST_NAMES["onnxruntime"] if _has_distribution(d)),
-                     "onnxruntime")
-    return f"pip install -U '{installed}{minimum}'"
-
-
-def _has_distribution(name: str) -> bool:
-    try:
-        metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+    installed = _distribution("onnxruntime")
+    return f"pip install -U '{installed[0] if installed else 'onnxruntime'}{minimum}'"
 
 
 def _reinstall() -> str:
@@ -86,13 +77,21 @@ class DoctorReport:
         return d
 
 
-def _version(module: str) -> str:
+def _distribution(module: str) -> Optional[Tuple[str, str]]:
+    """(distribution, version) installed for `module`; None when none is."""
     for dist in _DIST_NAMES.get(module, (module,)):
         try:
-            return metadata.version(dist) + ("" if dist == module else f" ({dist})")
+            return dist, metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    return "not installed"
+    return None
+
+
+def _version(module: str) -> str:
+    found = _distribution(module)
+    if found is None:
+        return "not installed"
+    return found[1] + ("" if found[0] == module else f" ({found[0]})")
 
 
 def runtime_api_version(ort_version: str) -> Optional[int]:

@@ -483,6 +483,8 @@ MHA_ERRORS = {
     "query-rank": ((1, 2, 5, E), {}),
     "embed": ((2, 5, E + 1), {}),
     "unbatched-3d-mask": ((5, E), {"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)}),
+    "unbatched-key_padding_mask-rank": ((5, E), {"key_padding_mask": torch.zeros(1, 5).bool()}),
+    "unbatched-attn_mask-rank": ((5, E), {"attn_mask": torch.zeros(1, 1, 5, 5, dtype=torch.bool)}),
 }
 
 
