@@ -62,7 +62,7 @@ class BenchConfig:
 
     seqs: Tuple[int, ...] = (128, 512, 1024)
     chunks: Optional[Tuple[int, ...]] = None  # None: the spec's chunk
-    batch: int = 1
+    batches: Tuple[int, ...] = (1,)  # a row set per batch size (services batch short inputs)
     backends: Optional[Tuple[str, ...]] = None  # None: every backend this machine can run
     warmup: int = 3
     iters: int = 20
@@ -126,7 +126,7 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
               config: Optional[BenchConfig] = None, trust: bool = False,
               expect_sha256: Optional[str] = None,
               progress: Optional[ProgressFn] = None) -> BenchReport:
-    """Time and measure the backends of `config` on one model, interleaved, per sequence length.
+    """Time and measure the backends of `config` on one model, interleaved, per batch and length.
 
     Args:
         artifact: an optional `.onnx` or `.pt` file: it is timed as its own backend (its target,
@@ -141,8 +141,8 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
         progress: called as progress(done, total, label).
 
     Returns:
-        A BenchReport with one row per (backend, chunk, sequence length); backends that cannot
-        run here are rows with status "skipped" or "error", never exceptions.
+        A BenchReport with one row per (backend, chunk, batch, sequence length); backends that
+        cannot run here are rows with status "skipped" or "error", never exceptions.
 
     Raises:
         ArtifactError: an unreadable, malformed or untrusted artifact.
@@ -171,10 +171,11 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
     seqs = config.seqs if set(run.io.dynamic) - {"batch"} else config.seqs[:1]
     with tempfile.TemporaryDirectory(prefix="flash_export_bench_") as tmp:
         plans = plan_backends(wanted, chunks, spec, dtype, Path(tmp), artifact, art, run.progress)
-        run.total = len(seqs) * (config.repeats * config.iters
-                                 + (len(plans) if config.memory else 0))
-        for seq in seqs:
-            report.rows.extend(run.one_length(plans, seq))
+        shapes = [(b, seq) for b in config.batches for seq in seqs]
+        run.total = len(shapes) * (config.repeats * config.iters
+                                   + (len(plans) if config.memory else 0))
+        for batch, seq in shapes:
+            report.rows.extend(run.one_shape(plans, batch, seq))
     return report
 
 
@@ -236,21 +237,21 @@ class _Run:
         """The model's own IOSpec (its shapes decide what one row's length means)."""
         return resolve_io(self.model)
 
-    def attention_work(self, seq: int) -> Tuple[int, int, float]:
-        """(Lq, Lk) of the first attention call and the FLOPs of all of them, at length seq."""
+    def attention_work(self, batch: int, seq: int) -> Tuple[int, int, float]:
+        """(Lq, Lk) of the first attention call and the FLOPs of all of them, at (batch, seq)."""
         import torch
 
-        io, c = self.io, self.config
-        inputs = {n: torch.from_numpy(a) for n, a in bench_feed(io, c.batch, seq, seq).items()
+        io = self.io
+        inputs = {n: torch.from_numpy(a) for n, a in bench_feed(io, batch, seq, seq).items()
                   if io.input(n).role != "attention"}
         calls = attention_calls(self.model, {**inputs, **io.constants})
         flops = sum(attention_flops(b, lq, lk, e, h) for b, lq, lk, e, h in calls)
         return (calls[0][1], calls[0][2], flops) if calls else (seq, seq, 0.0)
 
-    def job(self, p: "Plan", seq: int) -> Job:
+    def job(self, p: "Plan", batch: int, seq: int) -> Job:
         c = self.config
         is_pt = bool(p.file and p.file.endswith(TORCHSCRIPT_EXTS))
-        return Job(backend=p.backend, device=p.device, batch=c.batch, seq_q=seq, seq_k=seq,
+        return Job(backend=p.backend, device=p.device, batch=batch, seq_q=seq, seq_k=seq,
                    embed=self.spec.embed, threads=c.threads, dtype=self.dtype, file=p.file,
                    spec_json=p.spec_json, trust=self.trust,
                    expect_sha256=self.expect_sha256 if is_pt else None)
@@ -259,26 +260,26 @@ class _Run:
         self.done += 1
         self.progress(self.done, self.total, label)
 
-    def one_length(self, plans: List["Plan"], seq: int) -> List[BenchRow]:
-        """Time every plan interleaved at length seq, then measure each one's memory.
+    def one_shape(self, plans: List["Plan"], batch: int, seq: int) -> List[BenchRow]:
+        """Time every plan interleaved at (batch, length seq), then measure each one's memory.
 
         A row's seq_q/seq_k are the first attention call's lengths (a ViT's token count, say).
         """
         c = self.config
-        lq, lk, flops = self.attention_work(seq)
+        lq, lk, flops = self.attention_work(batch, seq)
         rows: Dict[str, BenchRow] = {}
         runners: Dict[str, Runner] = {}
         for p in plans:
-            row = rows[p.label] = BenchRow(p.backend, p.device, p.chunk, c.batch, lq, lk,
+            row = rows[p.label] = BenchRow(p.backend, p.device, p.chunk, batch, lq, lk,
                                            status=p.status, error=p.error)
             if p.status == "ok":
                 try:
-                    runners[p.label] = make_runner(self.job(p, seq))
+                    runners[p.label] = make_runner(self.job(p, batch, seq))
                 except Exception as exc:  # a backend that cannot be built here is one row
                     row.status, row.error = "error", summary(exc)
         samples, errors = time_interleaved(runners, warmup=c.warmup, iters=c.iters,
                                            repeats=c.repeats,
-                                           on_step=lambda: self.step(f"timing L={seq}"))
+                                           on_step=lambda: self.step(f"timing B={batch} L={seq}"))
         runners.clear()
         for label, row in rows.items():
             if label in errors:
@@ -287,9 +288,9 @@ class _Run:
                 _fill_stats(row, samples[label], flops)
         for p in plans if c.memory else []:
             row = rows[p.label]
-            self.step(f"memory {p.label} L={seq}")
+            self.step(f"memory {p.label} B={batch} L={seq}")
             if row.status == "ok":
-                mem = measure_memory(self.job(p, seq))
+                mem = measure_memory(self.job(p, batch, seq))
                 row.peak_rss_mb = mem.get("peak_rss_mb")
                 row.peak_cuda_mb = mem.get("peak_cuda_mb")
                 if "error" in mem:
@@ -335,8 +336,9 @@ def _bench_bytes(spec: Any, params: int, config: BenchConfig, backends: int) -> 
     attention (sdpa, contrib, attention23) holds.
     """
     longest = max(config.seqs, default=0)
-    scores = config.batch * spec.heads * longest * longest
-    return 4 * params * (backends + 4) + 12 * scores + 64 * config.batch * longest * spec.embed \
+    batch = max(config.batches, default=1)
+    scores = batch * spec.heads * longest * longest
+    return 4 * params * (backends + 4) + 12 * scores + 64 * batch * longest * spec.embed \
         + (64 << 20)
 
 

@@ -29,7 +29,7 @@ def require_matplotlib() -> None:
 
 
 def plot_report(report: BenchReport, path: PathLike) -> None:
-    """Save a PNG: p50 latency and peak memory against sequence length, one line per backend."""
+    """Save a PNG: p50 latency and peak memory against length, a line per backend and batch."""
     fig = figure(report)  # first: it says in one line when matplotlib is missing
     import matplotlib.pyplot as plt
 
@@ -50,7 +50,8 @@ def figure(report: BenchReport) -> Any:
     series: Dict[str, List[BenchRow]] = {}
     for r in report.rows:
         label = r.backend + ("" if r.device == "cpu" else f":{r.device}") + (
-            "" if r.chunk is None else f" chunk {r.chunk}")
+            "" if r.chunk is None else f" chunk {r.chunk}") + (
+            f" B={r.batch}" if len(report.config.batches) > 1 else "")
         series.setdefault(label, []).append(r)
     for label, rows in series.items():
         ok = [r for r in rows if r.p50_ms is not None]
@@ -61,7 +62,7 @@ def figure(report: BenchReport) -> Any:
             ax_m.plot([r.seq_q for r in mem], [r.peak_rss_mb for r in mem], marker="o",
                       label=label)
     ax_t.set(xlabel="sequence length L (Lq = Lk)", ylabel="p50 latency (ms)", xscale="log",
-             yscale="log", title=f"latency, batch {report.config.batch}, "
+             yscale="log", title=f"latency, batch {','.join(map(str, report.config.batches))}, "
                                  f"{report.config.threads} thread(s)")
     ax_m.set(xlabel="sequence length L (Lq = Lk)", ylabel="peak RSS growth of one forward (MB)",
              xscale="log", title="memory")

@@ -189,8 +189,8 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
 @click.option("--chunks", "chunks", callback=int_list, default=None, metavar="LIST",
               help="Chunk sizes to sweep (speed vs memory); chunk-free backends (contrib, "
                    "attention23, sdpa) run once. Default: the model's --chunk.")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Batch size.")
+@click.option("--batch", callback=int_list, default="1", show_default=True, metavar="LIST",
+              help="Comma-separated batch sizes; every batch runs every --seq length.")
 @click.option("--backends", callback=backend_list, default=None, metavar="LIST",
               help="Comma-separated from custom, standard, contrib, attention23, torchscript, "
                    "eager, sdpa (append :cuda for the GPU). Default: all (CUDA ones too when a "
@@ -219,7 +219,7 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
               help="Save a PNG of latency and memory vs sequence length "
                    "(needs matplotlib, the plot extra). Default: none.")
 def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
-          batch: int, backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
+          batch: List[int], backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
           threads: int, dtype: str, trust: bool, expect_sha256: Optional[str],
           max_memory: Optional[int], memory: bool, json_path: Optional[Path],
           csv_path: Optional[Path], plot_path: Optional[Path]) -> None:
@@ -235,9 +235,9 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     if plot_path is not None:
         require_matplotlib()  # fail before the long run, not after
     ctx = click.get_current_context()
-    config = BenchConfig(seqs=tuple(seq), chunks=tuple(chunks) if chunks else None, batch=batch,
-                         backends=tuple(backends) if backends else None, warmup=warmup,
-                         iters=iters, repeats=repeats, threads=threads, dtype=dtype,
+    config = BenchConfig(seqs=tuple(seq), chunks=tuple(chunks) if chunks else None,
+                         batches=tuple(batch), backends=tuple(backends) if backends else None,
+                         warmup=warmup, iters=iters, repeats=repeats, threads=threads, dtype=dtype,
                          memory=memory, max_memory=max_memory)
     console = Console(ctx)
     progress = console.progress("benchmarking")

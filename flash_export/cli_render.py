@@ -64,20 +64,21 @@ def _percent(value: Optional[float]) -> str:
 
 
 def bench_lines(report: Any) -> List[str]:
-    """A BenchReport as text: environment, model, a row per (backend, chunk, length), method."""
+    """A BenchReport as text: environment, model, a row per (backend, chunk, batch, length)."""
     env, sp, cfg = report.environment, report.spec, report.config
     lines = [f"flash-export bench  {env['date']}  {env['platform']}, {env['cpu_count']} CPUs; "
              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}",
              f"model: embed {sp['embed']}, heads {sp['heads']}, causal {sp['causal']}"
-             f"{', ' + sp['model'] if sp.get('model') else ''}; batch {cfg.batch}, "
+             f"{', ' + sp['model'] if sp.get('model') else ''}; "
              f"{cfg.dtype}, threads {cfg.threads}",
-             f"{'backend':<20} {'chunk':>5} {'L':>6} {'p50 ms':>9} {'p90 ms':>9} "
+             f"{'backend':<20} {'chunk':>5} {'B':>4} {'L':>6} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'peak MB':>8}  status"]
     for r in report.rows:
         name = r.backend + ("" if r.device == "cpu" else f":{r.device}")
         mem = r.peak_cuda_mb if r.peak_cuda_mb is not None else r.peak_rss_mb
         status = r.status if r.status == "ok" and not r.error else f"{r.status}: {r.error}"
-        lines.append(f"{name:<20} {'-' if r.chunk is None else r.chunk:>5} {r.seq_q:>6} "
+        lines.append(f"{name:<20} {'-' if r.chunk is None else r.chunk:>5} {r.batch:>4} "
+                     f"{r.seq_q:>6} "
                      f"{fmt(r.p50_ms, '.3f'):>9} {fmt(r.p90_ms, '.3f'):>9} "
                      f"{fmt(r.p99_ms, '.3f'):>9} {fmt(r.tokens_per_s, '.3g'):>9} "
                      f"{fmt(r.gflops_per_s, '.3g'):>8} {fmt(mem, '.1f'):>8}  {status}")

@@ -163,6 +163,29 @@ def test_chunk_sweep_runs_chunk_free_backends_once():
     assert "not measured" in report.method
 
 
+@pytest.mark.skipif(not HAVE_ONNX_EXPORT, reason="needs the export extra (onnxscript)")
+def test_batch_sweep_times_every_length_at_every_batch():
+    from flash_export.spec import ModelSpec
+
+    report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
+                       config=BenchConfig(seqs=(5, 12), batches=(1, 3),
+                                          backends=("custom", "eager"), warmup=0, iters=2,
+                                          memory=False))
+    shapes = sorted((r.backend, r.batch, r.seq_q) for r in report.rows)
+    assert shapes == sorted((b, n, s) for b in ("custom", "eager") for n in (1, 3)
+                            for s in (5, 12))
+    assert all(r.status == "ok" for r in report.rows), [r.error for r in report.rows]
+    flops = {(r.backend, r.batch, r.seq_q): r.flops for r in report.rows}
+    for backend in ("custom", "eager"):  # the batch reaches the model: 3x the attention work
+        assert flops[backend, 3, 12] == pytest.approx(3 * flops[backend, 1, 12])
+    lines = CliRunner().invoke(main, ["bench", *TINY, "--seq", "6", "--batch", "1,2", "--iters",
+                                      "1", "--warmup", "0", "--no-memory", "--backends",
+                                      "eager"])
+    assert lines.exit_code == 0, lines.output
+    rows = [line.split() for line in lines.output.splitlines() if line.startswith("eager ")]
+    assert [(r[2], r[3]) for r in rows] == [("1", "6"), ("2", "6")]
+
+
 @pytest.mark.skipif(cuda_available(), reason="checks the no-GPU path")
 def test_cuda_backend_is_skipped_cleanly_without_gpu():
     result = CliRunner().invoke(main, ["bench", *TINY, "--seq", "8", "--iters", "1",
