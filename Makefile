@@ -63,8 +63,10 @@ lint: $(TEST_STAMP) $(CLANG_FORMAT)
 $(CLANG_FORMAT): | $(TEST_STAMP)
 	$(BIN)/python -m pip install -q clang-format==18.1.8
 
+# Two pytest workers, a test file each at a time (module fixtures are built once): on CI's two
+# cores the suite's subprocess-, compile- and I/O-bound files overlap.
 test: lint
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info

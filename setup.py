@@ -98,7 +98,7 @@ setup(
         "export": ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"],
         "plot": ["matplotlib>=3.7"],
         # psutil: the native fuzz tests measure RSS with it.
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},
