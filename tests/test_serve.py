@@ -5,6 +5,7 @@ fixture's context manager whatever happens, so a failing test cannot leave Ray r
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -57,23 +58,19 @@ class Running:
     banner: str
 
 
-@pytest.fixture(scope="module")
-def server(graph):
-    """`flash-export serve` as a user runs it, in its own process; stopped by SIGTERM."""
-    port = _free_port()
+@contextlib.contextmanager
+def _serving(args: list, cwd=None):
+    """Run `flash-export serve ARGS` until the block ends, then SIGTERM it: it must exit 0 and
+    leave no Ray process behind (any left are killed, and the test fails)."""
     exe = Path(sys.executable).with_name("flash-export")
     cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export"]
-    process = subprocess.Popen(
-        [*cli, "serve", str(graph), "--replicas", "2", "--port", str(port),
-         "--max-body-mib", str(LIMITS.max_body_bytes / 2**20), "--max-batch",
-         str(LIMITS.max_batch), "--max-length", str(LIMITS.max_length), "--body-timeout",
-         str(LIMITS.body_timeout_s), "--batch-size", "4", "--max-ongoing", "128"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen([*cli, "serve", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
     family = []
     try:
         banner = _wait_for_banner(process, timeout=180)
         family = psutil.Process(process.pid).children(recursive=True)
-        yield Running(port, process, banner)
+        yield process, banner
     finally:
         family = family or _descendants(process.pid)
         process.send_signal(signal.SIGTERM)
@@ -87,6 +84,18 @@ def server(graph):
                 process.kill()
     assert process.returncode == 0, process.stderr.read()[-3000:] if process.stderr else ""
     assert not left, f"Ray processes outlived `flash-export serve`: {left}"
+
+
+@pytest.fixture(scope="module")
+def server(graph):
+    """`flash-export serve` as a user runs it, in its own process; stopped by SIGTERM."""
+    port = _free_port()
+    with _serving([str(graph), "--replicas", "2", "--port", str(port),
+                   "--max-body-mib", str(LIMITS.max_body_bytes / 2**20), "--max-batch",
+                   str(LIMITS.max_batch), "--max-length", str(LIMITS.max_length),
+                   "--body-timeout", str(LIMITS.body_timeout_s), "--batch-size", "4",
+                   "--max-ongoing", "128"]) as (process, banner):
+        yield Running(port, process, banner)
 
 
 def _descendants(pid: int) -> list:
@@ -455,3 +464,4 @@ def test_nan_in_binary_input_is_refused_and_non_finite_outputs_are_valid_json(se
     got = client.infer(NAME, _inputs(feed, False), outputs=[
         httpclient.InferRequestedOutput("output", binary_data=False)]).as_numpy("output")
     assert np.array_equal(got, want, equal_nan=True)
+

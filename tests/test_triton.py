@@ -135,3 +135,28 @@ def test_the_cli_writes_the_repository_and_prints_the_tritonserver_command(graph
     assert done.stdout.splitlines()[-1] == (f"tritonserver --model-repository="
                                             f"{(tmp_path / 'r3').resolve()}")
     assert "kind: KIND_GPU" in (tmp_path / "r3" / "std" / "config.pbtxt").read_text()
+
+
+def test_the_readme_triton_example_runs_verbatim(tmp_path):
+    import re
+
+    from flash_export import FlashAttention
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Serving: `flash-export serve`"):]
+    section = section[:section.index("\n## ", 10)]
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                if "flash-export triton" in b]
+    (printed,) = [b for b in re.findall(r"```text\n(.*?)```", section, flags=re.S)
+                  if b.startswith("tritonserver")]
+    (tmp_path / "out").mkdir()
+    onnx_export.export_onnx(FlashAttention(128, 8, 64).eval(),
+                            tmp_path / "out" / "flash_attention.onnx")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == printed.strip()
+    config = _parse(tmp_path / "triton_repo" / "flash_attention" / "config.pbtxt")
+    assert list(config.model_operations.op_library_filename) == [
+        "/models/flash_attention/libflash_export.so"]
