@@ -5,13 +5,11 @@ fixture's context manager whatever happens, so a failing test cannot leave Ray r
 """
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's o
 
 ray = pytest.importorskip("ray", reason="the serve extra (ray[serve]) is not installed")
 httpclient = pytest.importorskip("tritonclient.http",
-                                 reason="tritonclient[http] (serve extra) is not installed")
+                                 reason="tritonclient[http] (dev extra) is not installed")
+
+from _serving import serving  # noqa: E402  (a sibling module)
 
 from flash_export.oip import Limits  # noqa: E402
 from flash_export.runtime import create_session  # noqa: E402
@@ -58,65 +58,16 @@ class Running:
     banner: str
 
 
-@contextlib.contextmanager
-def _serving(args: list, cwd=None):
-    """Run `flash-export serve ARGS` until the block ends, then SIGTERM it: it must exit 0 and
-    leave no Ray process behind (any left are killed, and the test fails)."""
-    exe = Path(sys.executable).with_name("flash-export")
-    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export"]
-    process = subprocess.Popen([*cli, "serve", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
-    family = []
-    try:
-        banner = _wait_for_banner(process, timeout=180)
-        family = psutil.Process(process.pid).children(recursive=True)
-        yield process, banner
-    finally:
-        family = family or _descendants(process.pid)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        finally:
-            left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            for p in left:
-                p.kill()
-            if process.poll() is None:
-                process.kill()
-    assert process.returncode == 0, process.stderr.read()[-3000:] if process.stderr else ""
-    assert not left, f"Ray processes outlived `flash-export serve`: {left}"
-
-
 @pytest.fixture(scope="module")
 def server(graph):
     """`flash-export serve` as a user runs it, in its own process; stopped by SIGTERM."""
     port = _free_port()
-    with _serving([str(graph), "--replicas", "2", "--port", str(port),
+    with serving([str(graph), "--replicas", "2", "--port", str(port),
                    "--max-body-mib", str(LIMITS.max_body_bytes / 2**20), "--max-batch",
                    str(LIMITS.max_batch), "--max-length", str(LIMITS.max_length),
                    "--body-timeout", str(LIMITS.body_timeout_s), "--batch-size", "4",
                    "--max-ongoing", "128"]) as (process, banner):
         yield Running(port, process, banner)
-
-
-def _descendants(pid: int) -> list:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _wait_for_banner(process: subprocess.Popen, timeout: float) -> str:
-    assert process.stdout is not None
-    found: list = []
-    reader = threading.Thread(target=lambda: found.append(process.stdout.readline()),
-                              daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found or not found[0].startswith("serving"):
-        process.kill()
-        raise AssertionError(f"no start-up line in {timeout} s: {found} "
-                             f"{process.stderr.read()[-3000:] if process.stderr else ''}")
-    return found[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ray", reason="the serve extra (ray[serve]) is not installed")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http] (dev extra) is not installed")
 
-from test_serve import _serving  # noqa: E402  (a sibling module)
+from _serving import serving  # noqa: E402  (a sibling module)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
 
@@ -36,7 +36,7 @@ def test_the_readme_serve_example_runs_verbatim(tmp_path):
     printed = re.search(r"prints `(serving .*?)`", section, flags=re.S).group(1)
     (tmp_path / "out").mkdir()
     export_onnx(FlashAttention(128, 8, 64).eval(), tmp_path / "out" / "flash_attention.onnx")
-    with _serving(command.split()[2:], cwd=tmp_path) as (_, banner):
+    with serving(command.split()[2:], cwd=tmp_path) as (_, banner):
         assert banner.strip() == " ".join(printed.split())
         run = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
