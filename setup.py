@@ -97,8 +97,13 @@ setup(
         # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
         "export": ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"],
         "plot": ["matplotlib>=3.7"],
-        # psutil: the native fuzz tests measure RSS with it.
-        "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9"],
+        # `flash-export serve`. Pinned: Serve's proxy and replica internals (how a request body
+        # is streamed, which the limits rely on) change between releases.
+        "serve": ["ray[serve]==2.60.0"],
+        # psutil: the native fuzz and serve tests measure RSS with it; tritonclient: the serve
+        # tests' client and Triton's config schema (model_config_pb2).
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9",
+                "tritonclient[http]==2.73.0"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},

@@ -33,6 +33,14 @@ class ValidationError(FlashExportError):
     """An artifact's outputs do not match the reference."""
 
 
+class RequestError(FlashExportError):
+    """A served request that cannot be answered: `status` is the HTTP status to reply with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of `exc`'s message, or its type name when the message is empty."""
     text = str(exc).strip()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -25,7 +26,7 @@ from flash_export.install import InstallSource, install_source, pip_install_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
-COMMANDS = ["torchscript", "onnx", "validate", "bench", "doctor"]
+COMMANDS = ["torchscript", "onnx", "validate", "bench", "doctor", "serve", "triton"]
 
 
 def _invoke(*args: str):
@@ -324,3 +325,33 @@ def test_an_export_command_without_torch_says_how_to_add_the_export_extra(tmp_pa
     assert proc.stderr.startswith("error: onnx needs torch, which this install lacks: pip install")
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in proc.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "triton"])
+def test_every_serving_option_states_its_default(command):
+    for param in main.commands[command].params:
+        if isinstance(param, click.Option) and param.name not in ("help", "debug", "quiet",
+                                                                    "verbose"):
+            assert param.show_default or "Default" in (param.help or ""), param.name
+
+
+def test_serve_without_ray_says_how_to_install_the_serve_extra(tiny_onnx):
+    block = ("import sys\n"
+             "class _Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'ray':\n"
+             "            raise ImportError(name + ' is blocked', name=name)\n"
+             "sys.meta_path.insert(0, _Block())\n"
+             "from flash_export.cli import run\n"
+             f"sys.argv = ['flash-export', 'serve', {str(tiny_onnx)!r}]\n"
+             "run()\n")
+    done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == ("error: serve needs Ray Serve (ray is missing): pip install "
+                                   "'flash-export[serve]' (Ray Serve)")
+
+
+def test_serve_refuses_a_bad_model_name_as_a_usage_error(tiny_onnx):
+    result = _invoke("serve", str(tiny_onnx), "--name", "a/b")
+    assert result.exit_code == 2 and "model name 'a/b'" in result.stderr

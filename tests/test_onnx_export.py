@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _service_check import SERVICE_CHECK  # a sibling module
 
 from flash_export import onnx_export
 from flash_export.attention import FlashAttention
@@ -281,19 +282,10 @@ def test_large_model_goes_to_external_data(tmp_path, models, monkeypatch, reuse_
     check_onnx_export(models["default"], path, seq_lengths=((5, 9),))
 
 
-def test_service_selftest(exported):
+def test_a_masked_graph_answers_an_oip_request_without_torch(exported):
     path = exported("masked", "standard")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['ort_service.py', {str(path)!r}, '--selftest']\n"
-            "try:\n"
-            f"    runpy.run_path({str(ROOT / 'examples' / 'ort_service.py')!r}, "
-            "run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    code = e.code\n"
-            "assert 'torch' not in sys.modules, 'the service imported torch'\n"
-            "sys.exit(code)\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", SERVICE_CHECK, str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "selftest ok" in done.stdout
+    assert "service ok {'output': [2, 7, 128]}" in done.stdout

@@ -95,11 +95,20 @@ def _installed_extras(lines: List[str]) -> Set[str]:
     return set(spec.split(","))
 
 
-def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_and_plot(
+def test_the_serve_extra_pins_ray_serve_and_dev_pins_the_triton_client(metadata):
+    pins = {Requirement(r).name: (str(Requirement(r).specifier), Requirement(r).extras)
+            for r in metadata.get_all("Requires-Dist")}
+    assert _requirements(metadata)["serve"] == {"ray"}
+    assert pins["ray"] == ("==2.60.0", {"serve"}), pins["ray"]
+    assert pins["tritonclient"] == ("==2.73.0", {"http"}), pins["tritonclient"]
+    assert "tritonclient" in _requirements(metadata)["dev"]
+
+
+def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve(
         tmp_path, metadata):
     demo = _installed_extras(_make_dry_run("demo", tmp_path))
     assert demo in ({"export", "cpu"}, {"export", "gpu"}), demo
-    assert _installed_extras(_make_dry_run("test", tmp_path)) == demo | {"dev", "plot"}
+    assert _installed_extras(_make_dry_run("test", tmp_path)) == demo | {"dev", "plot", "serve"}
     assert demo <= set(metadata.get_all("Provides-Extra"))
 
 

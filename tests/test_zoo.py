@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
+from _service_check import SERVICE_CHECK  # a sibling module
 
 from flash_export.bench import BenchConfig, benchmark
 from flash_export.io_spec import IOSpec
@@ -70,28 +71,16 @@ def test_every_zoo_model_benches(exported, name: str) -> None:
     assert all(r.status == "ok" and r.p50_ms and r.gflops_per_s for r in rows.values()), rows
 
 
-BLOCK_TORCH = ("import sys\n"
-               "class _Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] in ('torch', 'onnxscript'):\n"
-               "            raise ImportError(name + ' is blocked: a service has no torch')\n"
-               "sys.meta_path.insert(0, _Block())\n"
-               "import runpy\n"
-               "sys.argv = ['ort_service.py', sys.argv[1], '--selftest']\n"
-               "runpy.run_path(sys.argv[0].replace('ort_service.py', '') + {script!r}, "
-               "run_name='__main__')\n")
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", ZOO)
 def test_every_zoo_graph_runs_in_a_service_without_torch(exported, name: str,
                                                          target: str) -> None:
-    code = BLOCK_TORCH.format(script=str(ROOT / "examples" / "ort_service.py"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", code, str(_artifact(exported, name, target))],
+    run = subprocess.run([sys.executable, "-c", SERVICE_CHECK,
+                          str(_artifact(exported, name, target))],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "selftest ok" in run.stdout
+    assert "service ok" in run.stdout
 
 
 def test_the_readme_zoo_flow_works_from_another_folder(tmp_path: Path) -> None:

@@ -1,0 +1,517 @@
+"""The Open Inference Protocol (KServe v2 REST) for one exported graph. Imports no torch, no Ray.
+
+The wire format Triton, KServe, Seldon and OpenVINO Model Server speak, so `tritonclient.http`
+and KServe clients work unchanged against `flash-export serve`:
+
+- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``, ``GET /v2/models/{name}``
+  (inputs and outputs with datatypes and shapes, -1 for a dynamic dim) and ``.../ready``;
+- ``POST /v2/models/{name}/infer``: JSON tensors (``data`` flat in row-major order, or nested),
+  and the binary tensor data extension (an ``Inference-Header-Content-Length`` header: the first
+  that many bytes are the JSON header, the rest the inputs' raw little-endian bytes in order,
+  each sized by its ``binary_data_size`` parameter). Outputs come back as binary data when the
+  request asks (``binary_data`` on an output, or ``binary_data_output`` on the request).
+
+Every request is checked against the graph's recorded IOSpec (names, datatypes, shapes, shared
+dims, value ranges) and against `Limits` (body bytes, batch, every other dynamic size) before
+anything runs; a bad one raises `RequestError` with the HTTP status to answer and one line for
+the protocol's ``{"error": ...}`` body. JSON cannot hold NaN or infinities: an input holding one
+is refused (NaN or Infinity is not JSON; a binary input with one is refused alike), and an output
+holding one is written as the string "NaN", "Infinity" or "-Infinity" (numpy and JavaScript parse
+those spellings, so `tritonclient`'s ``as_numpy`` reads them back) or, exactly, as binary data.
+
+`OIPModel.run_many` runs several checked requests, merging those whose shapes differ only in the
+batch dim into one onnxruntime call (what dynamic batching does in `flash_export.serve`).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from flash_export._version import __version__
+from flash_export.contract import ORT_TYPES
+from flash_export.errors import RequestError, summary
+from flash_export.io_spec import IOSpec, check_feed
+
+# dtype name <-> the protocol's datatype names.
+DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64",
+             "int32": "INT32", "bool": "BOOL"}
+HEADER_LENGTH = "inference-header-content-length"  # HTTP headers are case-insensitive
+EXTENSIONS = ("binary_tensor_data",)
+_MAX_INT_DIGITS = 19  # int64's range; a longer JSON integer is refused before Python converts it
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask; each bound is checked before the work it protects.
+
+    Attributes:
+        max_body_bytes: the request body (JSON and binary together), by Content-Length and as
+            read; 413 past it.
+        max_batch: the batch dim of a request (the dynamic size named "batch").
+        max_length: every other dynamic size (sequence lengths), also capped by the graph's own
+            bounds.
+        body_timeout_s: the whole body must arrive within this; 408 otherwise (a Content-Length
+            larger than what is sent).
+    """
+
+    max_body_bytes: int = 16 * 2**20
+    max_batch: int = 64
+    max_length: int = 4096
+    body_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024 or self.max_batch < 1 or self.max_length < 1 \
+                or not self.body_timeout_s > 0:
+            raise ValueError(f"limits must be positive (body >= 1024 bytes), got {self}")
+
+
+@dataclass
+class InferRequest:
+    """A checked inference request.
+
+    Attributes:
+        id: the request's "id", echoed back (None when it had none).
+        feed: input name -> array in the graph's dtype and shape.
+        outputs: the outputs to answer, in order.
+        binary: output name -> whether it goes back as binary data.
+    """
+
+    id: Optional[str]
+    feed: Dict[str, np.ndarray]
+    outputs: Tuple[str, ...]
+    binary: Dict[str, bool]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A graph output as the protocol describes it (dtype name, dims with -1 when dynamic)."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+
+def error_body(message: str) -> bytes:
+    """The protocol's error answer, ``{"error": message}``, as bytes."""
+    return json.dumps({"error": message}).encode()
+
+
+def json_body(value: Any) -> bytes:
+    """Strict JSON bytes (no NaN or Infinity: `allow_nan=False`)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+
+
+class OIPModel:
+    """One graph behind the protocol: its metadata, request checks, runs and answers.
+
+    Args:
+        name: the model name in URLs.
+        session: an onnxruntime session (see `flash_export.runtime.create_session`).
+        io: the graph's IOSpec (`flash_export.runtime.session_io(session)`).
+        limits: request bounds.
+    """
+
+    def __init__(self, name: str, session: Any, io: IOSpec, limits: Limits = Limits()) -> None:
+        self.name = name
+        self.session = session
+        self.io = io
+        self.limits = limits
+        self.outputs = tuple(_output_spec(o) for o in session.get_outputs())
+        self.sizes = _size_bounds(io, limits)
+        self.batch_name = batch_dim(io)
+
+    # ------------------------------------------------------------------ metadata
+
+    def metadata(self) -> Dict[str, Any]:
+        """``GET /v2/models/{name}``: inputs and outputs with datatypes and shapes (-1: dynamic)."""
+        return {"name": self.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                "inputs": [{"name": t.name, "datatype": DATATYPES[t.dtype],
+                            "shape": [d if isinstance(d, int) else -1 for d in t.dims]}
+                           for t in self.io.inputs],
+                "outputs": [{"name": o.name, "datatype": DATATYPES[o.dtype],
+                             "shape": list(o.shape)} for o in self.outputs]}
+
+    @staticmethod
+    def server_metadata() -> Dict[str, Any]:
+        """``GET /v2``: the server's name, version and protocol extensions."""
+        return {"name": "flash-export", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    # ------------------------------------------------------------------ requests
+
+    def parse(self, body: bytes, header_length: Optional[str] = None) -> InferRequest:
+        """Check an infer request's body against the IOSpec and the limits, then decode it.
+
+        Args:
+            body: the whole HTTP body.
+            header_length: the ``Inference-Header-Content-Length`` header, if sent.
+
+        Raises:
+            RequestError: 413 over the body limit; 400 for anything malformed or out of bounds,
+                naming the input, what it expected and what came.
+        """
+        if len(body) > self.limits.max_body_bytes:
+            raise RequestError(413, f"the body is {len(body)} bytes, over the limit of "
+                                    f"{self.limits.max_body_bytes}")
+        split = len(body)
+        if header_length is not None:
+            text = header_length.strip()
+            if not text.isdigit() or len(text) > 12 or int(text) > len(body):
+                raise RequestError(400, f"Inference-Header-Content-Length {text[:20]!r} is not "
+                                        f"a byte count within the {len(body)}-byte body")
+            split = int(text)
+        header = _load_json(body[:split])
+        if not isinstance(header, dict):
+            raise RequestError(400, "the inference header must be a JSON object")
+        unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs"})
+        if unknown:
+            raise RequestError(400, f"unknown request fields {unknown[:8]}")
+        request_id = header.get("id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(400, "the request id must be a string")
+        parameters = _parameters(header.get("parameters"), "the request")
+        inputs = header.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise RequestError(400, "inputs must be a non-empty list of tensors")
+        declared = self._declared(inputs)
+        feed = self._decode(declared, memoryview(body)[split:])
+        try:
+            check_feed(self.io, feed)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+        outputs, binary = self._requested(header.get("outputs"), parameters)
+        return InferRequest(request_id, feed, outputs, binary)
+
+    def _declared(self, inputs: List[Any]) -> List[Tuple[Dict[str, Any], Tuple[int, ...]]]:
+        """Each input tensor with its shape, checked against the spec and limits before decoding.
+
+        Shapes and names are bounded here so no data is converted for a request that would be
+        refused anyway.
+        """
+        names = [t.name for t in self.io.inputs]
+        seen: Dict[str, int] = {}
+        sizes: Dict[str, int] = {}
+        out: List[Tuple[Dict[str, Any], Tuple[int, ...]]] = []
+        for tensor in inputs[:len(names) + 1]:
+            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+                raise RequestError(400, "each input is an object with a name, shape, datatype "
+                                        "and data")
+            name = tensor["name"]
+            if name not in names:
+                raise RequestError(400, f"unknown input {name[:64]!r}; inputs are {names}")
+            if name in seen:
+                raise RequestError(400, f"input {name} is given twice")
+            extra = sorted(set(tensor) - {"name", "shape", "datatype", "parameters", "data"})
+            if extra:
+                raise RequestError(400, f"input {name}: unknown fields {extra[:8]}")
+            spec = self.io.input(name)
+            datatype = tensor.get("datatype")
+            if datatype != DATATYPES[spec.dtype]:
+                raise RequestError(400, f"input {name}: datatype {str(datatype)[:16]!r}, expected "
+                                        f"{DATATYPES[spec.dtype]}")
+            shape = tensor.get("shape")
+            if not isinstance(shape, list) or len(shape) != len(spec.dims) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise RequestError(400, f"input {name}: shape {str(shape)[:80]} is not "
+                                        f"{len(spec.dims)} sizes >= 0 "
+                                        f"({', '.join(str(d) for d in spec.dims)})")
+            for axis, (want, got) in enumerate(zip(spec.dims, shape)):
+                if isinstance(want, int):
+                    if got != want:
+                        raise RequestError(400, f"input {name}: dim {axis} is {got}, expected "
+                                                f"{want}")
+                    continue
+                low, high = self.sizes[want]
+                if not low <= got <= high:
+                    raise RequestError(400, f"input {name}: dim {axis} ({want}) is {got}, "
+                                            f"expected {low}..{high}")
+                if sizes.setdefault(want, got) != got:
+                    raise RequestError(400, f"input {name}: dim {axis} ({want}) is {got}, but "
+                                            f"another input has {want} = {sizes[want]}")
+            seen[name] = len(out)
+            out.append((tensor, tuple(shape)))
+        missing = [n for n in names if n not in seen]
+        if missing or len(out) != len(names):
+            raise RequestError(400, f"inputs are {names}; missing {missing}")
+        return out
+
+    def _decode(self, declared: List[Tuple[Dict[str, Any], Tuple[int, ...]]],
+                binary: memoryview) -> Dict[str, np.ndarray]:
+        """The arrays of the declared inputs, from JSON data or the binary section."""
+        feed = {}
+        offset = 0
+        for tensor, shape in declared:
+            spec = self.io.input(tensor["name"])
+            params = _parameters(tensor.get("parameters"), f"input {spec.name}")
+            count = math.prod(shape)
+            if "binary_data_size" in params:
+                if "data" in tensor:
+                    raise RequestError(400, f"input {spec.name}: both data and binary_data_size")
+                size = params["binary_data_size"]
+                itemsize = np.dtype(spec.dtype).itemsize
+                if not isinstance(size, int) or isinstance(size, bool) \
+                        or size != count * itemsize:
+                    raise RequestError(400, f"input {spec.name}: binary_data_size {size!r}, "
+                                            f"expected {count * itemsize} for shape "
+                                            f"{list(shape)}")
+                if offset + size > len(binary):
+                    raise RequestError(400, f"input {spec.name}: the binary section holds "
+                                            f"{len(binary) - offset} more bytes, expected {size}")
+                chunk = binary[offset:offset + size]
+                offset += size
+                value = np.frombuffer(chunk, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+                if spec.dtype == "bool" and value.size and \
+                        np.frombuffer(chunk, dtype=np.uint8).max() > 1:
+                    raise RequestError(400, f"input {spec.name}: BOOL bytes must be 0 or 1")
+                value = value.astype(spec.dtype).reshape(shape)  # native order, own copy
+            elif "data" in tensor:
+                value = _from_json_data(spec.name, spec.dtype, shape, tensor["data"])
+            else:
+                raise RequestError(400, f"input {spec.name}: no data and no binary_data_size")
+            if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
+                raise RequestError(400, f"input {spec.name}: holds NaN or an infinity; inputs "
+                                        "must be finite")
+            feed[spec.name] = value
+        if offset != len(binary):
+            raise RequestError(400, f"the binary section is {len(binary)} bytes, the inputs "
+                                    f"declare {offset}")
+        return feed
+
+    def _requested(self, outputs: Any, parameters: Dict[str, Any]
+                   ) -> Tuple[Tuple[str, ...], Dict[str, bool]]:
+        names = [o.name for o in self.outputs]
+        default = parameters.get("binary_data_output", False)
+        if not isinstance(default, bool):
+            raise RequestError(400, "binary_data_output must be true or false")
+        if outputs is None:
+            return tuple(names), {n: default for n in names}
+        if not isinstance(outputs, list) or not outputs or len(outputs) > len(names):
+            raise RequestError(400, f"outputs must list some of {names}")
+        chosen: Dict[str, bool] = {}
+        for item in outputs:
+            if not isinstance(item, dict) or item.get("name") not in names \
+                    or set(item) - {"name", "parameters"}:
+                raise RequestError(400, f"requested output {str(item)[:80]}: outputs are "
+                                        f"{names}")
+            flag = _parameters(item.get("parameters"), f"output {item['name']}").get(
+                "binary_data", default)
+            if not isinstance(flag, bool):
+                raise RequestError(400, f"output {item['name']}: binary_data must be true or "
+                                        "false")
+            chosen[item["name"]] = flag
+        return tuple(chosen), chosen
+
+    # ------------------------------------------------------------------ runs and answers
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Run the graph on one checked feed: output name -> array.
+
+        Raises:
+            RequestError: 400 with onnxruntime's one-line reason (what the IOSpec cannot see).
+        """
+        try:
+            results = self.session.run([o.name for o in self.outputs], dict(feed))
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise RequestError(400, f"the graph refused the request: {summary(exc)}") from None
+        return {o.name: r for o, r in zip(self.outputs, results)}
+
+    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]
+                 ) -> List[Union[Dict[str, np.ndarray], RequestError]]:
+        """Run several checked feeds, merging along the batch dim those whose shapes allow.
+
+        Feeds merge when the graph's inputs all lead with the same dynamic batch dim and every
+        other dim matches, up to `Limits.max_batch` rows per run; each answer is sliced back out.
+        A feed that fails gets its RequestError in its place; the others still run.
+        """
+        answers: List[Any] = [None] * len(feeds)
+        for group in self._groups(feeds):
+            if len(group) > 1:
+                merged = {t.name: np.concatenate([feeds[i][t.name] for i in group])
+                          for t in self.io.inputs}  # (sum of batches, ...)
+                try:
+                    results = self.run(merged)
+                except RequestError:
+                    group_ok = False
+                else:
+                    group_ok = True
+                    start = 0
+                    for i in group:
+                        rows = len(feeds[i][self.io.inputs[0].name])
+                        answers[i] = {n: r[start:start + rows] for n, r in results.items()}
+                        start += rows
+                if group_ok:
+                    continue
+            for i in group:  # one at a time: alone, or to find which request the graph refused
+                try:
+                    answers[i] = self.run(feeds[i])
+                except RequestError as exc:
+                    answers[i] = exc
+        return answers
+
+    def _groups(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> List[List[int]]:
+        if self.batch_name is None or self.io.is_static(self.batch_name):
+            return [[i] for i in range(len(feeds))]
+        high = self.sizes[self.batch_name][1]
+        open_groups: Dict[Any, Tuple[List[int], int]] = {}
+        groups: List[List[int]] = []
+        for i, feed in enumerate(feeds):
+            key = tuple(feed[t.name].shape[1:] for t in self.io.inputs)
+            rows = feed[self.io.inputs[0].name].shape[0]
+            members, total = open_groups.get(key, ([], 0))
+            if members and total + rows > high:
+                groups.append(members)
+                members, total = [], 0
+            members.append(i)
+            open_groups[key] = (members, total + rows)
+        groups.extend(members for members, _ in open_groups.values())
+        return groups
+
+    def answer(self, request: InferRequest, results: Mapping[str, np.ndarray]
+               ) -> Tuple[Dict[str, str], bytes]:
+        """The infer response: (extra HTTP headers, body).
+
+        JSON outputs are flat in row-major order with non-finite floats as strings; binary ones
+        follow the JSON header, whose length goes in Inference-Header-Content-Length.
+        """
+        tensors = []
+        blobs = []
+        for name in request.outputs:
+            value = np.ascontiguousarray(results[name])  # (output's shape)
+            tensor: Dict[str, Any] = {"name": name, "datatype": _datatype(value.dtype),
+                                      "shape": list(value.shape)}
+            if request.binary[name]:
+                raw = value.astype(value.dtype.newbyteorder("<")).tobytes()
+                tensor["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                tensor["data"] = _json_data(value)
+            tensors.append(tensor)
+        reply: Dict[str, Any] = {"model_name": self.name, "model_version": "1",
+                                 "outputs": tensors}
+        if request.id is not None:
+            reply["id"] = request.id
+        header = json_body(reply)
+        if not blobs:
+            return {"content-type": "application/json"}, header
+        return ({"content-type": "application/octet-stream",
+                 HEADER_LENGTH: str(len(header))}, header + b"".join(blobs))
+
+
+def model_name(artifact: Union[str, "os.PathLike[str]"], name: Optional[str] = None) -> str:
+    """The model's name in URLs and repositories: `name`, or the artifact's file stem.
+
+    Raises:
+        ValueError: a name that is not 1-64 characters of letters, digits, '_', '-' and '.'.
+    """
+    chosen = name if name is not None else Path(artifact).stem
+    if not chosen or len(chosen) > 64 or chosen.startswith(".") or not all(
+            c.isascii() and (c.isalnum() or c in "_-.") for c in chosen):
+        raise ValueError(f"model name {chosen[:80]!r}: use 1-64 letters, digits, '_', '-' or '.'")
+    return chosen
+
+
+def _output_spec(arg: Any) -> OutputSpec:
+    dtype = ORT_TYPES.get(arg.type)
+    if dtype not in DATATYPES:
+        raise RequestError(500, f"output {arg.name}: type {arg.type} has no protocol datatype")
+    return OutputSpec(arg.name, dtype, tuple(d if isinstance(d, int) and d >= 0 else -1
+                                             for d in arg.shape))
+
+
+def _datatype(dtype: np.dtype) -> str:
+    return DATATYPES[np.dtype(dtype).name]
+
+
+def batch_dim(io: IOSpec) -> Optional[str]:
+    """The dynamic size every input leads with and uses nowhere else, if there is one."""
+    first = {t.dims[0] if t.dims else None for t in io.inputs}
+    if len(first) != 1:
+        return None
+    (name,) = first
+    if not isinstance(name, str) or any(name in t.dims[1:] for t in io.inputs):
+        return None
+    return name
+
+
+def _size_bounds(io: IOSpec, limits: Limits) -> Dict[str, Tuple[int, int]]:
+    """Each dynamic size's (min, max): the graph's own bounds capped by the limits."""
+    out = {}
+    batch = batch_dim(io)
+    for name, (low, high) in io.sizes.items():
+        cap = limits.max_batch if name in (batch, "batch") else limits.max_length
+        out[name] = (low, cap if high is None else min(high, cap))
+    return out
+
+
+def _parameters(value: Any, what: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(400, f"{what}: parameters must be a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (send finite numbers)")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _load_json(raw: Union[bytes, memoryview]) -> Any:
+    """Strict JSON: no NaN/Infinity, no integers past int64's digits, bounded nesting."""
+    try:
+        return json.loads(bytes(raw), parse_constant=_reject_constant, parse_int=_bounded_int)
+    except RecursionError:
+        raise RequestError(400, "the JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise RequestError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+
+
+def _from_json_data(name: str, dtype: str, shape: Tuple[int, ...], data: Any) -> np.ndarray:
+    """An input's JSON ``data`` (flat or nested, row-major) as an array of `dtype` and `shape`."""
+    if not isinstance(data, list):
+        raise RequestError(400, f"input {name}: data must be a list")
+    try:
+        value = np.asarray(data)
+    except (ValueError, TypeError):  # ragged nesting
+        raise RequestError(400, f"input {name}: data is ragged (nested lists of unequal "
+                                "lengths)") from None
+    kinds = {"bool": "b", "int64": "i", "int32": "i"}.get(dtype, "if")
+    if value.size == 0 and math.prod(shape) == 0:
+        return np.zeros(shape, dtype=dtype)
+    if value.dtype.kind not in kinds:
+        raise RequestError(400, f"input {name}: data holds {_kind_text(value.dtype)}, expected "
+                                f"{DATATYPES[dtype]} values")
+    if value.size != math.prod(shape):
+        raise RequestError(400, f"input {name}: data holds {value.size} values, shape "
+                                f"{list(shape)} needs {math.prod(shape)}")
+    if dtype == "int32" and value.size and (value.min() < -2**31 or value.max() >= 2**31):
+        raise RequestError(400, f"input {name}: values out of INT32's range")
+    with np.errstate(over="ignore"):  # an overflow becomes an infinity, refused by the caller
+        return value.astype(dtype).reshape(shape)
+
+
+def _kind_text(dtype: np.dtype) -> str:
+    return {"b": "booleans", "i": "integers", "u": "integers past int64", "f": "floats",
+            "U": "strings", "O": "mixed values"}.get(dtype.kind, dtype.name)
+
+
+def _json_data(value: np.ndarray) -> List[Any]:
+    """A tensor as a flat JSON list; non-finite floats as "NaN", "Infinity", "-Infinity"."""
+    if value.dtype.kind != "f":
+        return value.ravel().tolist()
+    flat = value.astype(np.float64).ravel()  # (N,) float16/32 print as their exact float64
+    data: List[Any] = flat.tolist()
+    if not np.isfinite(flat).all():
+        for i in np.flatnonzero(~np.isfinite(flat)).tolist():
+            data[i] = "NaN" if math.isnan(data[i]) else ("Infinity" if data[i] > 0
+                                                         else "-Infinity")
+    return data

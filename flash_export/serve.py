@@ -1,0 +1,275 @@
+"""`flash-export serve`: an exported graph on Ray Serve, speaking the Open Inference Protocol.
+
+Each replica holds one onnxruntime session with our library (`flash_export.runtime`); requests
+are checked and answered by `flash_export.oip`, and concurrent ones are merged into one run by
+Ray Serve's batching (`serve.batch`) where their shapes allow. Ray Serve's proxy (uvicorn) reads
+the HTTP request and streams its body to a replica, which enforces the limits as it reads: a
+Content-Length over the limit is refused before a byte of the body is read, a body that grows
+past it (chunked, or a Content-Length that lies low) is cut off at the limit, and one that does
+not arrive in time (a Content-Length that lies high) gets 408. Needs the serve extra
+(`pip install 'flash-export[serve]'`).
+
+    with Server("model.onnx", ServeConfig(replicas=2)) as server:
+        print(server.url)  # http://127.0.0.1:8000/v2/models/model
+"""
+
+import asyncio
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from flash_export.errors import FlashExportError, RequestError, first_line
+from flash_export.oip import HEADER_LENGTH, Limits, OIPModel, error_body, json_body, model_name
+
+SERVE_EXTRA_HINT = "pip install 'flash-export[serve]' (Ray Serve)"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How to serve a graph.
+
+    Attributes:
+        replicas: Ray Serve replicas, each with its own onnxruntime session.
+        threads: onnxruntime intra-op threads per replica (0: onnxruntime decides).
+        address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one.
+        host: the address the HTTP proxy binds.
+        port: the HTTP port.
+        name: the model name in URLs; None: the artifact's file stem.
+        limits: request bounds (`flash_export.oip.Limits`).
+        max_batch_size: requests merged into one run by dynamic batching (1: no batching).
+        batch_wait_s: how long a replica waits for more requests to batch.
+        max_ongoing_requests: requests a replica takes at once; further ones queue.
+        max_queued_requests: requests the proxy queues before answering 503.
+        request_timeout_s: end to end, past it the proxy answers 408.
+        health_check_period_s: how often Ray Serve checks each replica (a dead one is replaced).
+        replica_cpus: CPUs Ray reserves per replica.
+    """
+
+    replicas: int = 1
+    threads: int = 0
+    address: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    name: Optional[str] = None
+    limits: Limits = field(default_factory=Limits)
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.002
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 256
+    request_timeout_s: float = 60.0
+    health_check_period_s: float = 10.0
+    replica_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.threads < 0 or not 0 <= self.port <= 65535 \
+                or self.max_batch_size < 1 or self.batch_wait_s < 0 \
+                or self.max_ongoing_requests < self.max_batch_size \
+                or self.max_queued_requests < 1 or not self.request_timeout_s > 0 \
+                or not self.health_check_period_s > 0 or self.replica_cpus < 0:
+            raise ValueError(f"invalid serve settings: {self}")
+
+
+class OIPDeployment:
+    """A Ray Serve replica: one onnxruntime session, the OIP routes, batching, limits."""
+
+    def __init__(self, artifact: str, name: str, threads: int, limits: Limits,
+                 max_batch_size: int, batch_wait_s: float) -> None:
+        from ray import serve
+
+        from flash_export.runtime import create_session, session_io
+
+        options: Dict[str, Any] = {"config_entries": {"session.intra_op.allow_spinning": "0"}}
+        if threads:
+            options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        session = create_session(artifact, **options)
+        self.model = OIPModel(name, session, session_io(session), limits)
+        self.prefix = f"/v2/models/{name}"
+        # Bound per replica: serve.batch keeps its queue on the function it wraps.
+        self._batched = serve.batch(max_batch_size=max_batch_size,
+                                    batch_wait_timeout_s=batch_wait_s)(self._run_batch)
+
+    async def _run_batch(self, feeds: List[Any]) -> List[Any]:
+        # onnxruntime blocks: a worker thread keeps the replica answering health checks.
+        return await asyncio.to_thread(self.model.run_many, feeds)
+
+    async def __call__(self, request: Any) -> Any:
+        """Route one HTTP request (a starlette Request) to its OIP answer."""
+        from starlette.responses import Response
+
+        try:
+            status, headers, body = await self._route(request)
+        except RequestError as exc:
+            status, headers, body = exc.status, {}, error_body(str(exc))
+        except Exception as exc:  # anything unforeseen is still a protocol answer, not a drop
+            status, headers, body = 500, {}, error_body(f"internal error: {first_line(exc)}")
+        headers.setdefault("content-type", "application/json")
+        return Response(body, status_code=status, headers=headers)
+
+    async def _route(self, request: Any) -> Any:
+        path = request.url.path.rstrip("/") or "/"
+        method = request.method
+        get = {"/v2/health/live": {}, "/v2/health/ready": {},
+               "/v2": self.model.server_metadata(), self.prefix: self.model.metadata(),
+               f"{self.prefix}/versions/1": self.model.metadata(), f"{self.prefix}/ready": {},
+               f"{self.prefix}/versions/1/ready": {}}
+        infer = (f"{self.prefix}/infer", f"{self.prefix}/versions/1/infer")
+        if path in get:
+            if method not in ("GET", "HEAD"):
+                raise RequestError(405, f"{path} takes GET, not {method}")
+            return 200, {}, json_body(get[path])
+        if path not in infer:
+            raise RequestError(404, f"no route {path[:100]}; this server has model "
+                                    f"{self.model.name!r} ({self.prefix}/infer)")
+        if method != "POST":
+            raise RequestError(405, f"{path} takes POST, not {method}")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise RequestError(415, f"Content-Encoding {encoding[:20]!r} is not supported; "
+                                    "send the body uncompressed")
+        body = await self._read_body(request)
+        parsed = self.model.parse(body, request.headers.get(HEADER_LENGTH))
+        answer = await self._batched(parsed.feed)
+        if isinstance(answer, RequestError):
+            raise answer
+        headers, reply = self.model.answer(parsed, answer)
+        return 200, headers, reply
+
+    async def _read_body(self, request: Any) -> bytes:
+        """The body, within `Limits.max_body_bytes` and `Limits.body_timeout_s`."""
+        limits = self.model.limits
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            text = declared.strip()
+            if not text.isdigit() or len(text) > 18:
+                raise RequestError(400, f"Content-Length {text[:20]!r} is not a byte count")
+            if int(text) > limits.max_body_bytes:
+                raise RequestError(413, f"Content-Length {text} is over the limit of "
+                                        f"{limits.max_body_bytes} bytes")
+
+        async def read() -> bytes:
+            chunks = []
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise RequestError(413, f"the body passed the limit of "
+                                            f"{limits.max_body_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {limits.body_timeout_s:g} "
+                                    "s (a Content-Length larger than the body sent?)") from None
+
+
+class Server:
+    """A running `flash-export serve`: Ray (local or joined), Serve's proxy and the replicas.
+
+    A context manager; `stop()` (also on exit, and on a failed start) deletes the application
+    and, when this process started Ray, shuts Serve and Ray down.
+
+    Args:
+        artifact: the exported .onnx file.
+        config: how to serve it.
+
+    Raises:
+        ArtifactError, RuntimeLibraryError: the graph cannot be opened here (checked before Ray
+            starts).
+        FlashExportError: Ray Serve is not installed, or the application failed to start.
+        ValueError: a bad model name.
+    """
+
+    def __init__(self, artifact: Union[str, os.PathLike], config: ServeConfig = ServeConfig()
+                 ) -> None:
+        self.artifact = Path(artifact).resolve()
+        self.config = config
+        self.name = model_name(artifact, config.name)
+        self.started_ray = False
+        self.running = False
+        try:
+            import ray  # noqa: F401  (fail before any work when the extra is missing)
+            from ray import serve  # noqa: F401
+        except ImportError as exc:
+            raise FlashExportError(f"serve needs Ray Serve ({exc.name} is missing): "
+                                   f"{SERVE_EXTRA_HINT}") from None
+        from flash_export.runtime import create_session, session_io
+
+        # The replicas open the same file; opening it here first reports a bad artifact as one
+        # line before a cluster starts.
+        session = create_session(self.artifact)
+        OIPModel(self.name, session, session_io(session), config.limits)
+
+    @property
+    def url(self) -> str:
+        """The model's base URL."""
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.config.port}/v2/models/{self.name}"
+
+    def start(self) -> "Server":
+        """Start (or join) Ray, Serve's proxy and the replicas; returns when all are ready."""
+        import ray
+        from ray import serve
+
+        config = self.config
+        try:
+            if not ray.is_initialized():
+                if config.address is None:
+                    cpus = max(os.cpu_count() or 1,
+                               int(config.replicas * config.replica_cpus + 0.999))
+                    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                             log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(address=config.address, log_to_driver=False,
+                             configure_logging=False)
+                self.started_ray = True
+            serve.start(http_options={"host": config.host, "port": config.port,
+                                      "request_timeout_s": config.request_timeout_s})
+            deployment = serve.deployment(
+                name=self.name, num_replicas=config.replicas,
+                max_ongoing_requests=config.max_ongoing_requests,
+                max_queued_requests=config.max_queued_requests,
+                health_check_period_s=config.health_check_period_s,
+                ray_actor_options={"num_cpus": config.replica_cpus})(OIPDeployment)
+            app = deployment.bind(str(self.artifact), self.name, config.threads, config.limits,
+                                  config.max_batch_size, config.batch_wait_s)
+            self.running = True
+            serve.run(app, name=self.name, route_prefix="/", blocking=False)
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, Exception) and not isinstance(exc, FlashExportError):
+                raise FlashExportError(f"Ray Serve could not start {self.name}: "
+                                       f"{first_line(exc)}") from exc
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Delete the application; shut Serve and Ray down when this process started Ray."""
+        import ray
+        from ray import serve
+
+        try:
+            if self.running and ray.is_initialized():
+                if self.started_ray:
+                    serve.shutdown()
+                else:
+                    serve.delete(self.name)
+        finally:
+            self.running = False
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def with_limits(config: ServeConfig, **limits: Any) -> ServeConfig:
+    """`config` with some `Limits` fields replaced."""
+    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, **limits))

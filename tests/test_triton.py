@@ -1,0 +1,162 @@
+"""`flash-export triton`: the model repository, parsed with Triton's own config schema.
+
+Triton does not install here, so the repository is checked field by field with
+`tritonclient`'s `model_config_pb2`, and its graph is run the way Triton's onnxruntime backend
+runs it: onnxruntime with the library at config.pbtxt's op_library_filename registered.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from flash_export import onnx_export
+from flash_export.cli import main
+from flash_export.errors import ExportError
+from flash_export.runtime import create_session
+from flash_export.triton import TritonConfig, write_repository
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="tritonclient (dev extra) is not installed")
+text_format = pytest.importorskip("google.protobuf.text_format")
+
+E = 16
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    from flash_export import FlashAttention
+
+    folder = tmp_path_factory.mktemp("triton")
+    model = FlashAttention(E, 2, 4).eval()
+    return {"custom": onnx_export.export_onnx(model, folder / "att.onnx", mask=True),
+            "standard": onnx_export.export_onnx(model, folder / "std.onnx", target="standard"),
+            "static": onnx_export.export_onnx(model, folder / "fixed.onnx", static_shapes=True)}
+
+
+def _parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _feed(batch=2, q_len=3, k_len=5):
+    rng = np.random.default_rng(0)
+    return {"values": rng.standard_normal((batch, k_len, E)).astype(np.float32),
+            "keys": rng.standard_normal((batch, k_len, E)).astype(np.float32),
+            "queries": rng.standard_normal((batch, q_len, E)).astype(np.float32),
+            "mask": rng.random((batch, 1, q_len, k_len)) > 0.3}
+
+
+def test_the_repository_holds_what_triton_needs_and_runs_as_its_backend_would(graphs, tmp_path):
+    written = write_repository(graphs["custom"], tmp_path / "repo")
+    folder = tmp_path / "repo" / "att"
+    assert written == folder / "config.pbtxt"
+    config = _parse(written)
+    t = model_config_pb2.DataType
+    assert config.name == "att" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 8
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("values", t.TYPE_FP32, [-1, E]), ("keys", t.TYPE_FP32, [-1, E]),
+        ("queries", t.TYPE_FP32, [-1, E]), ("mask", t.TYPE_BOOL, [1, -1, -1])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("output", t.TYPE_FP32, [-1, E])]
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (1, model_config_pb2.ModelInstanceGroup.Kind.KIND_CPU)]
+    (library,) = config.model_operations.op_library_filename
+    assert library == str((folder / "libflash_export.so").resolve())
+    assert sorted(p.name for p in folder.rglob("*")) == ["1", "config.pbtxt",
+                                                         "libflash_export.so", "model.onnx"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library)  # what the backend does with op_library_filename
+    served = ort.InferenceSession(str(folder / "1" / "model.onnx"), so)
+    feed = _feed()
+    assert np.array_equal(served.run(None, feed)[0],
+                          create_session(graphs["custom"]).run(None, feed)[0])
+
+
+def test_gpu_instances_and_a_repository_seen_from_a_container(graphs, tmp_path):
+    config = _parse(write_repository(graphs["custom"], tmp_path, TritonConfig(
+        name="flash", device="gpu", instances=2, max_batch_size=32, server_repo="/models")))
+    assert config.name == "flash" and config.max_batch_size == 32
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (2, model_config_pb2.ModelInstanceGroup.Kind.KIND_GPU)]
+    assert list(config.model_operations.op_library_filename) == [
+        "/models/flash/libflash_export.so"]
+
+
+def test_a_stock_graph_needs_no_library_and_a_static_one_no_batching(graphs, tmp_path):
+    stock = _parse(write_repository(graphs["standard"], tmp_path))
+    assert not stock.HasField("model_operations")
+    assert not (tmp_path / "std" / "libflash_export.so").exists()
+    fixed = _parse(write_repository(graphs["static"], tmp_path))
+    assert fixed.max_batch_size == 0 and not fixed.HasField("dynamic_batching")
+    assert [list(i.dims) for i in fixed.input][0][0] > 0  # the batch dim stays in dims
+
+
+def test_external_data_travels_with_the_graph(tmp_path, monkeypatch):
+    from flash_export import FlashAttention
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+    graph = onnx_export.export_onnx(FlashAttention(E, 2, 4).eval(), tmp_path / "big.onnx",
+                                    target="standard")
+    (data,) = tmp_path.glob("big.onnx.*.data")
+    write_repository(graph, tmp_path / "repo")
+    version = tmp_path / "repo" / "big" / "1"
+    assert (version / data.name).read_bytes() == data.read_bytes()
+    feed = {k: v for k, v in _feed().items() if k != "mask"}
+    got = ort.InferenceSession(str(version / "model.onnx")).run(None, feed)[0]
+    assert np.array_equal(got, create_session(graph).run(None, feed)[0])
+
+
+def test_an_existing_model_folder_is_not_overwritten(graphs, tmp_path):
+    write_repository(graphs["custom"], tmp_path)
+    with pytest.raises(ExportError, match="exists"):
+        write_repository(graphs["custom"], tmp_path)
+
+
+def test_the_cli_writes_the_repository_and_prints_the_tritonserver_command(graphs, tmp_path):
+    run = CliRunner().invoke(main, ["triton", str(graphs["custom"]), str(tmp_path / "repo"),
+                                    "--server-repo", "/models"])
+    assert run.exit_code == 0, run.output
+    assert run.output.splitlines()[-1] == "tritonserver --model-repository=/models"
+    bad = CliRunner().invoke(main, ["triton", str(graphs["custom"]), str(tmp_path / "r2"),
+                                    "--server-repo", "models"])
+    assert bad.exit_code == 2 and "absolute path" in bad.output
+    exe = Path(sys.executable).with_name("flash-export")
+    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export"]
+    done = subprocess.run([*cli, "triton", str(graphs["standard"]), str(tmp_path / "r3"),
+                           "--device", "gpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (f"tritonserver --model-repository="
+                                            f"{(tmp_path / 'r3').resolve()}")
+    assert "kind: KIND_GPU" in (tmp_path / "r3" / "std" / "config.pbtxt").read_text()
+
+
+def test_the_readme_triton_example_runs_verbatim(tmp_path):
+    import re
+
+    from flash_export import FlashAttention
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Serving: `flash-export serve`"):]
+    section = section[:section.index("\n## ", 10)]
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                if "flash-export triton" in b]
+    (printed,) = [b for b in re.findall(r"```text\n(.*?)```", section, flags=re.S)
+                  if b.startswith("tritonserver")]
+    (tmp_path / "out").mkdir()
+    onnx_export.export_onnx(FlashAttention(128, 8, 64).eval(),
+                            tmp_path / "out" / "flash_attention.onnx")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == printed.strip()
+    config = _parse(tmp_path / "triton_repo" / "flash_attention" / "config.pbtxt")
+    assert list(config.model_operations.op_library_filename) == [
+        "/models/flash_attention/libflash_export.so"]
