@@ -14,16 +14,13 @@ and KServe clients work unchanged against `flash-export serve`:
 Every request is checked against the graph's recorded IOSpec (names, datatypes, shapes, shared
 dims, value ranges) and against `Limits` (body bytes, batch, every other dynamic size) before
 anything runs; a bad one raises `RequestError` with the HTTP status to answer and one line for
-the protocol's ``{"error": ...}`` body. JSON cannot hold NaN or infinities: an input holding one
-is refused (NaN or Infinity is not JSON; a binary input with one is refused alike), and an output
-holding one is written as the string "NaN", "Infinity" or "-Infinity" (numpy and JavaScript parse
-those spellings, so `tritonclient`'s ``as_numpy`` reads them back) or, exactly, as binary data.
+the protocol's ``{"error": ...}`` body. Tensors are read and written by `flash_export.oip_wire`
+(strict JSON: a non-finite input is refused, a non-finite output written as a string).
 
 `OIPModel.run_many` runs several checked requests, merging those whose shapes differ only in the
 batch dim into one onnxruntime call (what dynamic batching does in `flash_export.serve`).
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -36,13 +33,22 @@ from flash_export._version import __version__
 from flash_export.contract import ORT_TYPES
 from flash_export.errors import RequestError, summary
 from flash_export.io_spec import IOSpec, check_feed
+from flash_export.oip_wire import (
+    DATATYPES,
+    HEADER_LENGTH,
+    error_body,
+    from_binary,
+    from_json_data,
+    json_body,
+    json_data,
+    load_json,
+    to_binary,
+)
 
-# dtype name <-> the protocol's datatype names.
-DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64",
-             "int32": "INT32", "bool": "BOOL"}
-HEADER_LENGTH = "inference-header-content-length"  # HTTP headers are case-insensitive
+__all__ = ["DATATYPES", "EXTENSIONS", "HEADER_LENGTH", "InferRequest", "Limits", "OIPModel",
+           "OutputSpec", "batch_dim", "error_body", "json_body", "model_name"]
+
 EXTENSIONS = ("binary_tensor_data",)
-_MAX_INT_DIGITS = 19  # int64's range; a longer JSON integer is refused before Python converts it
 
 
 @dataclass(frozen=True)
@@ -94,16 +100,6 @@ class OutputSpec:
     name: str
     dtype: str
     shape: Tuple[int, ...]
-
-
-def error_body(message: str) -> bytes:
-    """The protocol's error answer, ``{"error": message}``, as bytes."""
-    return json.dumps({"error": message}).encode()
-
-
-def json_body(value: Any) -> bytes:
-    """Strict JSON bytes (no NaN or Infinity: `allow_nan=False`)."""
-    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
 
 
 class OIPModel:
@@ -164,7 +160,7 @@ class OIPModel:
                 raise RequestError(400, f"Inference-Header-Content-Length {text[:20]!r} is not "
                                         f"a byte count within the {len(body)}-byte body")
             split = int(text)
-        header = _load_json(body[:split])
+        header = load_json(body[:split])
         if not isinstance(header, dict):
             raise RequestError(400, "the inference header must be a JSON object")
         unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs"})
@@ -261,15 +257,11 @@ class OIPModel:
                 if offset + size > len(binary):
                     raise RequestError(400, f"input {spec.name}: the binary section holds "
                                             f"{len(binary) - offset} more bytes, expected {size}")
-                chunk = binary[offset:offset + size]
+                value = from_binary(spec.name, spec.dtype, shape,
+                                    binary[offset:offset + size])
                 offset += size
-                value = np.frombuffer(chunk, dtype=np.dtype(spec.dtype).newbyteorder("<"))
-                if spec.dtype == "bool" and value.size and \
-                        np.frombuffer(chunk, dtype=np.uint8).max() > 1:
-                    raise RequestError(400, f"input {spec.name}: BOOL bytes must be 0 or 1")
-                value = value.astype(spec.dtype).reshape(shape)  # native order, own copy
             elif "data" in tensor:
-                value = _from_json_data(spec.name, spec.dtype, shape, tensor["data"])
+                value = from_json_data(spec.name, spec.dtype, shape, tensor["data"])
             else:
                 raise RequestError(400, f"input {spec.name}: no data and no binary_data_size")
             if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
@@ -384,11 +376,11 @@ class OIPModel:
             tensor: Dict[str, Any] = {"name": name, "datatype": _datatype(value.dtype),
                                       "shape": list(value.shape)}
             if request.binary[name]:
-                raw = value.astype(value.dtype.newbyteorder("<")).tobytes()
+                raw = to_binary(value)
                 tensor["parameters"] = {"binary_data_size": len(raw)}
                 blobs.append(raw)
             else:
-                tensor["data"] = _json_data(value)
+                tensor["data"] = json_data(value)
             tensors.append(tensor)
         reply: Dict[str, Any] = {"model_name": self.name, "model_version": "1",
                                  "outputs": tensors}
@@ -453,65 +445,3 @@ def _parameters(value: Any, what: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise RequestError(400, f"{what}: parameters must be a JSON object")
     return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (send finite numbers)")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text)} digits is out of range")
-    return int(text)
-
-
-def _load_json(raw: Union[bytes, memoryview]) -> Any:
-    """Strict JSON: no NaN/Infinity, no integers past int64's digits, bounded nesting."""
-    try:
-        return json.loads(bytes(raw), parse_constant=_reject_constant, parse_int=_bounded_int)
-    except RecursionError:
-        raise RequestError(400, "the JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise RequestError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
-
-
-def _from_json_data(name: str, dtype: str, shape: Tuple[int, ...], data: Any) -> np.ndarray:
-    """An input's JSON ``data`` (flat or nested, row-major) as an array of `dtype` and `shape`."""
-    if not isinstance(data, list):
-        raise RequestError(400, f"input {name}: data must be a list")
-    try:
-        value = np.asarray(data)
-    except (ValueError, TypeError):  # ragged nesting
-        raise RequestError(400, f"input {name}: data is ragged (nested lists of unequal "
-                                "lengths)") from None
-    kinds = {"bool": "b", "int64": "i", "int32": "i"}.get(dtype, "if")
-    if value.size == 0 and math.prod(shape) == 0:
-        return np.zeros(shape, dtype=dtype)
-    if value.dtype.kind not in kinds:
-        raise RequestError(400, f"input {name}: data holds {_kind_text(value.dtype)}, expected "
-                                f"{DATATYPES[dtype]} values")
-    if value.size != math.prod(shape):
-        raise RequestError(400, f"input {name}: data holds {value.size} values, shape "
-                                f"{list(shape)} needs {math.prod(shape)}")
-    if dtype == "int32" and value.size and (value.min() < -2**31 or value.max() >= 2**31):
-        raise RequestError(400, f"input {name}: values out of INT32's range")
-    with np.errstate(over="ignore"):  # an overflow becomes an infinity, refused by the caller
-        return value.astype(dtype).reshape(shape)
-
-
-def _kind_text(dtype: np.dtype) -> str:
-    return {"b": "booleans", "i": "integers", "u": "integers past int64", "f": "floats",
-            "U": "strings", "O": "mixed values"}.get(dtype.kind, dtype.name)
-
-
-def _json_data(value: np.ndarray) -> List[Any]:
-    """A tensor as a flat JSON list; non-finite floats as "NaN", "Infinity", "-Infinity"."""
-    if value.dtype.kind != "f":
-        return value.ravel().tolist()
-    flat = value.astype(np.float64).ravel()  # (N,) float16/32 print as their exact float64
-    data: List[Any] = flat.tolist()
-    if not np.isfinite(flat).all():
-        for i in np.flatnonzero(~np.isfinite(flat)).tolist():
-            data[i] = "NaN" if math.isnan(data[i]) else ("Infinity" if data[i] > 0
-                                                         else "-Infinity")
-    return data
