@@ -1,4 +1,4 @@
-"""flash_export::attention in PyTorch: eager, TorchScript, torch.compile and torch.export see one op.
+"""flash_export::attention: eager, TorchScript, torch.compile and torch.export see one op.
 
 The CPU kernel is the native core (through its C entry point); every result is judged against
 the float64 reference by the tolerance rule. The libtorch shim's registration and its interplay

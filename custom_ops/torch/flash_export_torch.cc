@@ -63,8 +63,7 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const a
   }
   const int64_t batch = query.size(0), seq_q = query.size(1), embed = query.size(2);
   const int64_t seq_k = key.size(1);
-  TORCH_CHECK(key.sizes() == at::IntArrayRef({batch, seq_k, embed}) &&
-                  value.sizes() == key.sizes(),
+  TORCH_CHECK(key.sizes() == at::IntArrayRef({batch, seq_k, embed}) && value.sizes() == key.sizes(),
               kName, ": key and value must be (B, Lk, E) = (", batch, ", ", seq_k, ", ", embed,
               ") for query ", query.sizes(), ", got ", key.sizes(), " and ", value.sizes());
   TORCH_CHECK(num_heads >= 1 && embed % num_heads == 0, kName,
@@ -106,8 +105,8 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const a
     const int64_t offset = 4 - mask->dim();
     for (int64_t i = 0; i < mask->dim(); ++i) {
       TORCH_CHECK(mask->size(i) == 1 || mask->size(i) == target[offset + i], kName,
-                  ": mask of shape ", mask->sizes(), " does not broadcast to (B, H, Lq, Lk) = ",
-                  at::IntArrayRef(target));
+                  ": mask of shape ", mask->sizes(),
+                  " does not broadcast to (B, H, Lq, Lk) = ", at::IntArrayRef(target));
     }
     allowed = mask->expand(target);
     p.mask = static_cast<const uint8_t*>(allowed.data_ptr());

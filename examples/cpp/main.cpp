@@ -80,7 +80,8 @@ torch::Tensor first_output(const torch::jit::IValue& value) {
 }  // namespace
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 int main(int argc, char** argv) {
