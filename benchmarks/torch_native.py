@@ -14,10 +14,16 @@ the median sample, and the median over iterations of its sample divided by the r
 backend's sample in the same iteration (torchscript and custom).
 
     python benchmarks/torch_native.py --embed 128 --heads 8 --seq 256,1024 --threads 2
+
+`--omp-wait-policy passive` starts the workers with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP
+threads then sleep at barriers instead of spinning, as onnxruntime's threads do here (spinning
+off). On a machine shared with other work, spinning threads that lose their core make every torch
+backend many times slower; the table says which setting it ran with.
 """
 
 import argparse
 import multiprocessing as mp
+import os
 import platform
 import random
 import tempfile
@@ -116,14 +122,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=15, help="iterations (blocks per backend)")
     parser.add_argument("--block", type=int, default=5, help="timed calls per block")
+    parser.add_argument("--omp-wait-policy", choices=["default", "passive"], default="default")
     args = parser.parse_args()
+    if args.omp_wait_policy == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # the workers are spawned with it
     spec = ModelSpec(embed=args.embed, heads=args.heads, chunk=args.chunk)
     env = environment(args.threads)
     print(f"benchmarks/torch_native.py  {env['date']}  {platform.platform()}, "
           f"{env['cpu_count']} CPUs; torch {env['torch']}, onnxruntime {env['onnxruntime']}")
     print(f"model: embed {spec.embed}, heads {spec.heads}, chunk {spec.chunk}; batch 1, float32, "
           f"threads {args.threads}; {args.iters} iterations x blocks of {args.block} calls "
-          "(+1 untimed), backends shuffled per iteration, one worker process each")
+          "(+1 untimed), backends shuffled per iteration, one worker process each; "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     with tempfile.TemporaryDirectory(prefix="torch_native_") as tmp:
         files = export_all(spec, Path(tmp))
         for seq in (int(s) for s in args.seq.split(",")):

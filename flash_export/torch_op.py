@@ -47,11 +47,6 @@ _lock = threading.Lock()
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it unregisters
 
 
-def defined() -> bool:
-    """Whether `flash_export::attention` exists in this process (registered here or by the shim)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, "CPU") or _has_schema()
-
-
 def _has_schema() -> bool:
     try:
         torch._C._dispatch_find_schema_or_throw(QUALNAME, "")

@@ -151,6 +151,15 @@ def test_torchscript_native_archive_records_its_needs_and_validates(tmp_path):
         (False, False), (False, True), (True, False), (True, True)}
 
 
+def test_bench_exports_and_times_torchscript_native_on_the_fly():
+    from flash_export.bench import BenchConfig, benchmark
+
+    report = benchmark(spec=ModelSpec(embed=32, heads=4, chunk=8), config=BenchConfig(
+        seqs=(9,), backends=("torchscript-native", "native"), iters=2, warmup=1, memory=False))
+    assert [(r.backend, r.status) for r in report.rows] == [("torchscript-native", "ok"),
+                                                            ("native", "ok")], report.rows
+
+
 def test_the_shim_declares_the_python_schema_character_for_character():
     source = (ROOT / "custom_ops" / "torch" / "flash_export_torch.cc").read_text()
     declared = re.search(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", source).group(1)
@@ -193,3 +202,17 @@ torch.ops.load_library({str(shim_library)!r})
     assert run.returncode != 0
     assert "flash_export::attention" in run.stderr and "multiple times" in run.stderr
 
+
+
+def test_a_missing_native_library_fails_registration_with_a_typed_error(tmp_path):
+    run = subprocess.run([sys.executable, "-c", """
+from flash_export import FlashAttention, RuntimeLibraryError
+try:
+    FlashAttention(32, 4, 8, attention="native")
+except RuntimeLibraryError as exc:
+    print("refused:", exc)
+"""], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLASH_EXPORT_LIBRARY": str(tmp_path / "missing.so")})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("refused: cannot load the native library") and \
+        "missing.so" in run.stdout
