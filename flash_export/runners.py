@@ -25,8 +25,6 @@ from flash_export.timing import Runner
 
 ONNX_BACKENDS = TARGETS
 TORCH_BACKENDS = ("torchscript", "eager", "sdpa", "native", "torchscript-native", "pt2")
-# Backends that run an exported file: the file's suffix says which.
-_FILE_BACKENDS = {"torchscript": "torchscript", "torchscript-native": "torchscript", "pt2": "pt2"}
 ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
 CHUNK_FREE = frozenset({"contrib", "attention23", "sdpa"})  # results do not depend on chunk
 # Called as progress(done, total, label).

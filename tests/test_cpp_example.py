@@ -150,3 +150,11 @@ def test_cpp_runs_the_pt2_package_with_the_shim(cpp_program, shim_library, pt2_p
                          timeout=120)
     assert run.returncode == 0, run.stderr
     _check_against_float64(spec.build(), tensors, read_tensor(tmp_path / "out.bin"))
+
+
+def test_cpp_reports_a_library_it_cannot_load(cpp_program, tmp_path):
+    _, files = _attention_files(tmp_path, 1, 3, 3, 32, False)
+    run = subprocess.run([str(cpp_program), "--library", str(tmp_path / "missing.so"),
+                          str(tmp_path / "m.pt2"), str(tmp_path / "out.bin"), *files],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "cannot load" in run.stderr and "missing.so" in run.stderr

@@ -77,12 +77,12 @@ torch::Tensor first_output(const torch::jit::IValue& value) {
   throw std::runtime_error("the model returned no tensor");
 }
 
-}  // namespace
-
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
