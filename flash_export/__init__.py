@@ -28,6 +28,8 @@ _EXPORTS = {
     "export_torchscript": "flash_export.export",
     "load_torchscript": "flash_export.export",
     "export_onnx": "flash_export.onnx_export",
+    "export_pt2": "flash_export.pt2_export",
+    "load_pt2": "flash_export.pt2_export",
     "ModelSpec": "flash_export.spec",
 }
 
@@ -35,8 +37,8 @@ _EXPORTS = {
 _SUBMODULES = frozenset({
     "artifact", "bench", "bench_files", "cli", "cli_options", "cli_render", "contract",
     "conversion", "doctor", "errors", "export", "io_spec", "model_io", "onnx_export",
-    "onnx_guard", "onnx_targets", "opsets", "parity", "recorded", "runners", "runtime", "safety",
-    "spec", "timing", "tolerance", "trust", "validate"})
+    "onnx_guard", "onnx_targets", "opsets", "parity", "pt2_export", "recorded", "runners",
+    "runtime", "safety", "spec", "timing", "tolerance", "torch_op", "trust", "validate"})
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     )
     from flash_export.export import export_torchscript, load_torchscript  # noqa: F401
     from flash_export.onnx_export import export_onnx  # noqa: F401
+    from flash_export.pt2_export import export_pt2, load_pt2  # noqa: F401
     from flash_export.spec import ModelSpec  # noqa: F401
 
 

@@ -4,8 +4,8 @@ Imports no torch: an artifact is data, and reading what it says must never run w
 Where confidence in its origin comes from is `trust.py`'s concern.
 
 - **Metadata** is read without loading the artifact as a program: an ONNX graph is parsed after
-  the `safety` checks, a TorchScript archive is opened as the zip file it is and only its
-  `flash_export.json` entry is read.
+  the `safety` checks, a TorchScript archive or a `.pt2` package (AOTInductor) is opened as the
+  zip file it is and only its `extra/flash_export.json` entry is read.
 - **Manifest** (`<file>.manifest.json`, written beside every export): the SHA-256 of the file and
   of every data file exported with it. It detects corruption and mixed sets; it proves nothing
   about origin, since whoever ships a file can ship a matching manifest.
@@ -28,12 +28,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 MANIFEST_SUFFIX = ".manifest.json"
 METADATA_FILE = "flash_export.json"  # the extra file inside a TorchScript archive
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
+PT2_SUFFIX = ".pt2"  # an AOTInductor package (torch._inductor.aoti_compile_and_package)
+# What each kind is written as, for error messages.
+_KIND_FILES = {"onnx": ("an ONNX model", ".onnx"),
+               "torchscript": ("a TorchScript archive", " or ".join(TORCHSCRIPT_SUFFIXES)),
+               "pt2": ("an AOTInductor package", PT2_SUFFIX)}
 # An archive's metadata entry larger than this is not ours (ours is a few hundred bytes).
 _MAX_METADATA_BYTES = 1 << 20
 
 
 def artifact_kind(path: PathLike) -> str:
-    """'onnx' or 'torchscript' from the file suffix.
+    """'onnx', 'torchscript' or 'pt2' from the file suffix.
 
     Raises:
         ArtifactError: any other suffix.
@@ -43,11 +48,13 @@ def artifact_kind(path: PathLike) -> str:
         return "onnx"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
-    raise ArtifactError(f"{path}: expected a .onnx or .pt artifact, got suffix {suffix!r}")
+    if suffix == PT2_SUFFIX:
+        return "pt2"
+    raise ArtifactError(f"{path}: expected a .onnx, .pt or .pt2 artifact, got suffix {suffix!r}")
 
 
 def require_kind(path: PathLike, kind: str) -> None:
-    """Refuse to write a `kind` ("onnx" or "torchscript") artifact under another kind's suffix.
+    """Refuse to write a `kind` ("onnx", "torchscript", "pt2") artifact under another suffix.
 
     Readers tell an artifact's kind from its suffix, so an ONNX file named `.pt` would be
     read as TorchScript.
@@ -60,8 +67,7 @@ def require_kind(path: PathLike, kind: str) -> None:
     except ArtifactError:
         found = ""
     if found != kind:
-        wanted = ".onnx" if kind == "onnx" else " or ".join(TORCHSCRIPT_SUFFIXES)
-        what = "an ONNX model" if kind == "onnx" else "a TorchScript archive"
+        what, wanted = _KIND_FILES[kind]
         raise ExportError(f"{path}: {what} must be written to a file ending in {wanted}")
 
 
@@ -85,7 +91,8 @@ def read_metadata(artifact: PathLike) -> Dict[str, str]:
     """The flash-export metadata of an artifact, read as data (nothing is executed or unpickled).
 
     Returns:
-        The ONNX `metadata_props`, or the TorchScript archive's `flash_export.json`, as strings.
+        The ONNX `metadata_props`, or the `flash_export.json` of a TorchScript archive or a
+        `.pt2` package, as strings.
 
     Raises:
         ArtifactError: missing, unreadable, or not a flash-export artifact.
@@ -102,7 +109,9 @@ def read_metadata(artifact: PathLike) -> Dict[str, str]:
 
 
 def torchscript_metadata(file: BinaryIO, path: PathLike) -> Dict[str, str]:
-    """The `flash_export.json` entry of the TorchScript archive open as `file` (named `path`).
+    """The `flash_export.json` entry of the archive open as `file` (named `path`).
+
+    A TorchScript archive and a `.pt2` package alike: both are zip files with an `extra/` folder.
 
     Raises:
         ArtifactError: not a zip archive, or no single small flash-export metadata entry.
@@ -119,7 +128,9 @@ def torchscript_metadata(file: BinaryIO, path: PathLike) -> Dict[str, str]:
                                     f"{entries[0].file_size} bytes: not written by flash-export")
             text = archive.read(entries[0]).decode("utf-8")
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a TorchScript archive: {summary(exc)}") from exc
+        what = "a .pt2 package" if str(path).lower().endswith(PT2_SUFFIX) else \
+            "a TorchScript archive"
+        raise ArtifactError(f"{path} is not {what}: {summary(exc)}") from exc
     try:
         meta = json.loads(text)
     except ValueError as exc:

@@ -22,6 +22,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+# How FlashAttention.attend computes (its `attention` argument).
+ATTENTION_KINDS = ("chunk", "native")
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision inputs accumulate in float32; float32/float64 keep their own precision.
@@ -170,6 +173,11 @@ class FlashAttention(nn.Module):
         causal: block keys after each query, bottom-right aligned (query i sees keys
             j <= i + Lk - Lq), as FlashAttention 2 does.
         bias: whether the four projections have biases.
+        attention: how `attend` computes: "chunk" (the default), the chunk loop below in
+            plain PyTorch, scriptable and loadable by any libtorch; or "native", the registered
+            operator `flash_export::attention` (`flash_export.torch_op`: our C++ kernel core,
+            inference only), which `torch.export` and AOTInductor see as one op and a C++
+            process runs through the libtorch shim (custom_ops/torch).
     """
 
     embed_size: torch.jit.Final[int]
@@ -178,11 +186,14 @@ class FlashAttention(nn.Module):
     chunk_size: torch.jit.Final[int]
     causal: torch.jit.Final[bool]
     scale: torch.jit.Final[float]
-    __jit_unused_properties__ = ["has_bias"]
+    native: torch.jit.Final[bool]
+    __jit_unused_properties__ = ["has_bias", "attention"]
 
     def __init__(self, embed_size: int, heads: int, chunk_size: int = 64, *,
-                 causal: bool = False, bias: bool = True) -> None:
+                 causal: bool = False, bias: bool = True, attention: str = "chunk") -> None:
         super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
         if embed_size < 1 or embed_size % heads != 0:
@@ -196,6 +207,11 @@ class FlashAttention(nn.Module):
         self.chunk_size = chunk_size
         self.causal = causal
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.native = attention == "native"
+        if self.native:
+            from flash_export.torch_op import register
+
+            register()
         self.q_proj = nn.Linear(embed_size, embed_size, bias=bias)
         self.k_proj = nn.Linear(embed_size, embed_size, bias=bias)
         self.v_proj = nn.Linear(embed_size, embed_size, bias=bias)
@@ -206,9 +222,15 @@ class FlashAttention(nn.Module):
         """Whether the projections carry biases."""
         return self.q_proj.bias is not None
 
+    @property
+    def attention(self) -> str:
+        """"native" when `attend` runs the registered operator, else "chunk"."""
+        return "native" if self.native else "chunk"
+
     def extra_repr(self) -> str:  # noqa: D102
         return (f"embed_size={self.embed_size}, heads={self.heads}, "
-                f"chunk_size={self.chunk_size}, causal={self.causal}")
+                f"chunk_size={self.chunk_size}, causal={self.causal}"
+                + (", attention=native" if self.native else ""))
 
     def forward(self, values: Tensor, keys: Tensor, queries: Tensor,
                 mask: Optional[Tensor] = None) -> Tensor:
@@ -237,6 +259,10 @@ class FlashAttention(nn.Module):
         Export adapters and the float64 reference override this one method, so every
         implementation shares the projections and the input checks above.
         """
+        if self.native:  # a constant: TorchScript compiles this branch only for native modules
+            return torch.ops.flash_export.attention(q, k, v, allowed, self.heads,
+                                                    self.chunk_size, self.causal,
+                                                    self.scale)  # (B, Lq, E)
         o = flash_attention_core(self.split_heads(q), self.split_heads(k), self.split_heads(v),
                                  allowed, self.causal, self.scale, self.chunk_size)
         return self.merge_heads(o)
@@ -347,6 +373,29 @@ def replace_attention(model: nn.Module, cls: type, **kwargs: object) -> nn.Modul
         for attr, sub in list(parent.named_children()):
             if isinstance(sub, FlashAttention):
                 setattr(parent, attr, convert(sub))
+    return model
+
+
+def with_attention(model: nn.Module, attention: str) -> nn.Module:
+    """A copy of `model` whose FlashAttention layers compute with `attention`.
+
+    Args:
+        model: a FlashAttention or a module built from FlashAttention layers.
+        attention: "chunk" (the PyTorch chunk loop) or "native" (the registered operator).
+
+    Raises:
+        ValueError: an unknown `attention`.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if attention == "native":
+        from flash_export.torch_op import register
+
+        register()
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, FlashAttention):
+            layer.native = attention == "native"  # type: ignore[misc]  # before scripting
     return model
 
 

@@ -2,8 +2,10 @@
 
 Backends (``--backends``): ``custom``, ``standard``, ``contrib``, ``attention23`` (onnxruntime, the
 ONNX targets exported on the fly into a temp dir unless an artifact is given), ``torchscript``,
-``eager`` (our module) and ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention`` with the
-same projections). A ``:cuda`` suffix runs one on the GPU (CUDA provider / CUDA tensors).
+``eager`` (our module), ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention`` with the
+same projections) and the native operator `flash_export::attention` three ways: ``native`` (our
+module with attention="native"), ``torchscript-native`` and ``pt2`` (an AOTInductor package). A
+``:cuda`` suffix runs one on the GPU (CUDA provider / CUDA tensors).
 
 `benchmark` plans one runner per (backend, chunk) (`runners`), times them interleaved per
 sequence length (`timing.time_interleaved`) and measures each one's peak memory in a fresh
@@ -19,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from flash_export.artifact import PT2_SUFFIX
 from flash_export.artifact import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
 from flash_export.errors import ArtifactError, summary
 from flash_export.io_spec import IOSpec
@@ -129,10 +132,10 @@ def benchmark(artifact: Optional[PathLike] = None, *, spec: Optional[Any] = None
     """Time and measure the backends of `config` on one model, interleaved, per batch and length.
 
     Args:
-        artifact: an optional `.onnx` or `.pt` file: it is timed as its own backend (its target,
-            or torchscript) instead of an on-the-fly export; default backends then are it, eager
-            and sdpa. Its metadata is data: checked against its graph, and a model file or
-            weights it names are used only with `trust`.
+        artifact: an optional `.onnx`, `.pt` or `.pt2` file: it is timed as its own backend
+            (its target, torchscript, torchscript-native or pt2) instead of an on-the-fly export;
+            default backends then are it, eager and sdpa. Its metadata is data: checked against
+            its graph, and a model file or weights it names are used only with `trust`.
         spec: the ModelSpec of the model; default: the artifact's, else ModelSpec().
         config: what to measure (BenchConfig defaults when None).
         trust: load a `.pt` artifact of unknown origin, and use the model file and weights the
@@ -250,7 +253,7 @@ class _Run:
 
     def job(self, p: "Plan", batch: int, seq: int) -> Job:
         c = self.config
-        is_pt = bool(p.file and p.file.endswith(TORCHSCRIPT_EXTS))
+        is_pt = bool(p.file and p.file.endswith((*TORCHSCRIPT_EXTS, PT2_SUFFIX)))
         return Job(backend=p.backend, device=p.device, batch=batch, seq_q=seq, seq_k=seq,
                    embed=self.spec.embed, threads=c.threads, dtype=self.dtype, file=p.file,
                    spec_json=p.spec_json, trust=self.trust,
@@ -315,7 +318,7 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
     rec = recorded(meta, path, kind)
     if kind == "onnx":
         provenance(path, expect_sha256=expect_sha256, trust=trust)  # refuses a wrong hash
-    else:  # a .pt is a program: refuse it here, before any runner or subprocess loads it
+    else:  # a .pt(2) is a program: refuse it here, before any runner or subprocess loads it
         require_provenance(path, expect_sha256=expect_sha256, trust=trust)
     if spec is None:
         if rec.spec is None:
@@ -326,7 +329,9 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
         from flash_export.safety import check_onnx_file
 
         check_graph_matches_spec(spec, check_onnx_file(path), path)
-    return spec, rec.target or "torchscript", rec.dtype, rec.chunk
+    backend = rec.target or ("pt2" if kind == "pt2" else "torchscript-native"
+                             if meta.get("attention") == "native" else "torchscript")
+    return spec, backend, rec.dtype, rec.chunk
 
 
 def _bench_bytes(spec: Any, params: int, config: BenchConfig, backends: int) -> int:

@@ -68,13 +68,39 @@ def _report_written(console: Console, path: Path, started: float) -> None:
 @model_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
                 callback=artifact_file("torchscript"))
-def torchscript(spec: Any, out: Path) -> None:
+@click.option("--attention", type=click.Choice(["chunk", "native"]), default="chunk",
+              show_default=True,
+              help="chunk: the PyTorch chunk loop, loads in any libtorch; native: calls "
+                   "flash_export::attention (our kernel), C++ must load the libtorch shim "
+                   "(custom_ops/torch).")
+def torchscript(spec: Any, attention: str, out: Path) -> None:
     """Script the model and save it as a TorchScript archive OUT.pt (loads in C++)."""
     from flash_export.export import export_torchscript
 
     started = time.perf_counter()
     model = spec.build()
-    _report_written(Console(), export_torchscript(model, out, spec=spec), started)
+    _report_written(Console(), export_torchscript(model, out, spec=spec, attention=attention),
+                    started)
+
+
+@main.command()
+@common_options
+@model_options
+@click.option("--mask", "with_mask", is_flag=True, default=False,
+              help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
+                callback=artifact_file("pt2"))
+def pt2(spec: Any, with_mask: bool, out: Path) -> None:
+    """Compile the model to an AOTInductor package OUT.pt2 (torch.export, dynamic sizes).
+
+    Its attention is flash_export::attention: in C++, load the libtorch shim (custom_ops/torch)
+    before AOTIModelPackageLoader. Compiling takes tens of seconds (g++).
+    """
+    from flash_export.pt2_export import export_pt2
+
+    started = time.perf_counter()
+    model = spec.build()
+    _report_written(Console(), export_pt2(model, out, spec=spec, mask=with_mask), started)
 
 
 @main.command()
@@ -142,7 +168,7 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
              dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
              all_targets: bool, json_path: Optional[Path], trust: bool,
              expect_sha256: Optional[str], max_memory: Optional[int]) -> None:
-    """Check ARTIFACT (.onnx of any target, or .pt) against the float64 PyTorch reference.
+    """Check ARTIFACT (.onnx of any target, .pt or .pt2) against the float64 PyTorch reference.
 
     The reference is rebuilt from the model spec recorded in ARTIFACT; model options given
     explicitly override it. Exit 0 when everything passes, 1 on any mismatch. --verbose adds a
@@ -193,8 +219,9 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
               help="Comma-separated batch sizes; every batch runs every --seq length.")
 @click.option("--backends", callback=backend_list, default=None, metavar="LIST",
               help="Comma-separated from custom, standard, contrib, attention23, torchscript, "
-                   "eager, sdpa (append :cuda for the GPU). Default: all (CUDA ones too when a "
-                   "GPU is present); with ARTIFACT: it, eager and sdpa.")
+                   "eager, sdpa, native, torchscript-native, pt2 (append :cuda for the GPU). "
+                   "Default: all (CUDA ones too when a GPU is present); with ARTIFACT: it, "
+                   "eager and sdpa.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Untimed iterations per backend and shape.")
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True,

@@ -235,7 +235,7 @@ def output_file(ctx: click.Context, param: click.Parameter, value: Optional[Path
 def artifact_file(kind: str) -> Callable[..., Any]:
     """Click callback for an export's OUT: an output_file whose suffix fits `kind`.
 
-    `kind` is an artifact kind ("onnx", "torchscript"), or "png" for a picture.
+    `kind` is an artifact kind ("onnx", "torchscript", "pt2"), or "png" for a picture.
     """
     def check(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Any:
         if value == STDOUT:
@@ -264,8 +264,8 @@ def trust_options(f: F) -> F:
     """--trust, --expect-sha256 and --max-memory: how much an artifact is believed and allowed."""
     options = [
         click.option("--trust", is_flag=True, default=False,
-                     help="Load a .pt of unknown origin (a .pt is a program) and use the model "
-                          "file and weights the artifact records. Default: off."),
+                     help="Load a .pt or .pt2 of unknown origin (each is a program) and use the "
+                          "model file and weights the artifact records. Default: off."),
         click.option("--expect-sha256", metavar="HEX", default=None,
                      help="The artifact's SHA-256 as its publisher gave it; any other file is "
                           "refused, a matching one is trusted. Default: none."),

@@ -48,3 +48,13 @@ def feed_dtype(ort_type: str) -> str:
     """
     name = ORT_TYPES.get(ort_type, "float32")
     return name if name != "bfloat16" else "float32"
+
+
+# The same kernel as a PyTorch operator (flash_export/torch_op.py in Python, the libtorch shim in
+# custom_ops/torch for C++): inputs, attributes and semantics as the node's above, its schema in
+# torch_op.SCHEMA. Artifacts that call it (TorchScript with attention="native", `.pt2` packages)
+# record metadata "attention": "native" and what their loader needs ("requires").
+TORCH_OP = "flash_export::attention"
+TORCH_SHIM = "libflash_export_torch.so"
+NATIVE_REQUIRES = (f"{TORCH_OP}: in C++ load {TORCH_SHIM} (custom_ops/torch) before the model; "
+                   "in Python import flash_export")

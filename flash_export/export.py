@@ -20,7 +20,8 @@ from flash_export.artifact import (
     sha256_file,
     torchscript_metadata,
 )
-from flash_export.attention import FlashAttention
+from flash_export.attention import ATTENTION_KINDS, FlashAttention, with_attention
+from flash_export.contract import NATIVE_REQUIRES
 from flash_export.errors import ArtifactError, ExportError, first_line, summary
 from flash_export.io_spec import IOSpec, with_float_dtype
 from flash_export.model_io import example_inputs, output_names, resolve_io
@@ -138,10 +139,29 @@ def prepare(model: nn.Module, runnable: Any, *, spec: Optional[ModelSpec], io: O
     return Prepared(resolved, example, meta)
 
 
+def attention_as(model: nn.Module, attention: str) -> nn.Module:
+    """`model` with every FlashAttention layer computing with `attention` (a copy if it changes).
+
+    Raises:
+        ExportError: an unknown `attention`, or no FlashAttention layer in `model`.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise ExportError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if all(layer.attention == attention for layer in flash_layers(model)):
+        return model
+    return with_attention(model, attention)
+
+
+def native_metadata() -> Dict[str, str]:
+    """The metadata of an artifact that calls the registered operator: what its loader needs."""
+    return {"attention": "native", "requires": NATIVE_REQUIRES}
+
+
 def export_torchscript(model: nn.Module, path: PathLike, *,
                        spec: Optional[ModelSpec] = None, io: Optional[IOSpec] = None,
                        args: Optional[Sequence[Any]] = None,
-                       kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+                       kwargs: Optional[Mapping[str, Any]] = None,
+                       attention: str = "chunk") -> Path:
     """Script `model` (never trace it) and save it as a TorchScript archive.
 
     The archive runs in C++ via `torch::jit::load` and carries `flash_export.json` metadata
@@ -155,23 +175,28 @@ def export_torchscript(model: nn.Module, path: PathLike, *,
             default: the model's io_spec(), the examples, or the attention contract).
         args: example positional inputs, as `torch.export` takes them.
         kwargs: example keyword inputs.
+        attention: "chunk" (default): the attention is the PyTorch chunk loop and any libtorch
+            loads the archive; "native": it calls the registered operator
+            `flash_export::attention` (our kernel core), and a C++ process must load the libtorch
+            shim (custom_ops/torch) first; the metadata records that ("attention", "requires").
 
     Returns:
         The written path.
 
     Raises:
-        ExportError: `path` does not end in .pt (.pth, .ts), the model holds no FlashAttention,
-            cannot be scripted, or the file cannot be written.
+        ExportError: `path` does not end in .pt (.pth, .ts), an unknown `attention`, the model
+            holds no FlashAttention, cannot be scripted, or the file cannot be written.
     """
     require_kind(path, "torchscript")
-    flash_layers(model)
+    runnable = attention_as(model, attention)
+    extra = native_metadata() if attention == "native" else {}
     try:
         with quiet_jit_deprecation():
-            scripted = torch.jit.script(model.eval())
+            scripted = torch.jit.script(runnable.eval())
     except Exception as exc:  # TorchScript reports unsupported Python in many exception types
         raise ExportError(f"torch.jit.script failed: {first_line(exc)}") from exc
     meta = prepare(model, scripted, spec=spec, io=io, args=args, kwargs=kwargs, mask=True,
-                   dtype="float32", artifact="torchscript").meta
+                   dtype="float32", artifact="torchscript", **extra).meta
 
     def write(tmp: Path) -> None:
         with quiet_jit_deprecation():
@@ -214,6 +239,10 @@ def load_torchscript_checked(path: PathLike, *, trust: bool = False,
         f.seek(0)
         meta = torchscript_metadata(f, path)
         f.seek(0)
+        if meta.get("attention") == "native":  # it calls flash_export::attention
+            from flash_export.torch_op import register
+
+            register()
         try:
             with quiet_jit_deprecation():
                 module = torch.jit.load(f, map_location="cpu")

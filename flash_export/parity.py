@@ -230,6 +230,23 @@ def torch_backend(name: str, module: Any, source: str, io: IOSpec) -> Backend:
     return Backend(name, source, run)
 
 
+def pt2_backend(name: str, compiled: Any, source: str, io: IOSpec) -> Backend:
+    """A loaded AOTInductor package (`pt2_export.load_pt2`), called with the inputs by name.
+
+    A package takes every input it was exported with: an attention mask the case leaves out is
+    fed all True (which must equal no mask), as for ONNX graphs.
+    """
+    def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+        feed = dict(inputs)
+        sizes = _sizes_of(io, feed)
+        for t in io.inputs:
+            if t.name not in feed:
+                feed[t.name] = torch.ones(io.shape(t, sizes), dtype=torch.bool)
+        return [o.double().numpy() for o in call(compiled, {**feed, **io.constants})]
+
+    return Backend(name, source, run)
+
+
 def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,
                  session: Any = None) -> Backend:
     """An ONNX file in onnxruntime (`runtime.ort_session`, or the `session` given).
@@ -269,7 +286,7 @@ def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,
     return Backend(name, str(path), run)
 
 
-def _sizes_of(io: IOSpec, feed: Mapping[str, np.ndarray]) -> Dict[str, int]:
+def _sizes_of(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
     sizes: Dict[str, int] = {}
     for t in io.inputs:
         if t.name in feed:

@@ -1,6 +1,7 @@
 """How each backend runs one forward, in this process or, for peak memory, in a fresh one.
 
-A `Job` names a backend (an onnxruntime target, TorchScript, our eager module or PyTorch SDPA),
+A `Job` names a backend (an onnxruntime target, TorchScript, our eager module or PyTorch SDPA, and
+the native operator's three: `native` (eager), `torchscript-native` and `pt2` (AOTInductor)),
 its device, shape, dtype and threads; `make_runner` builds its session or model once and returns a
 closure running one forward on fixed inputs. `measure_memory` runs a job in a fresh subprocess
 (`python -m flash_export.runners --memory-worker`) and measures host RSS growth around one forward
@@ -23,7 +24,7 @@ from flash_export.runtime import ort_session, session_inputs
 from flash_export.timing import Runner
 
 ONNX_BACKENDS = TARGETS
-TORCH_BACKENDS = ("torchscript", "eager", "sdpa")
+TORCH_BACKENDS = ("torchscript", "eager", "sdpa", "native", "torchscript-native", "pt2")
 ALL_BACKENDS = ONNX_BACKENDS + TORCH_BACKENDS
 CHUNK_FREE = frozenset({"contrib", "attention23", "sdpa"})  # results do not depend on chunk
 # Called as progress(done, total, label).
@@ -43,11 +44,11 @@ class Job:
     embed: int  # the model's embedding size (reported; the inputs follow the model's IOSpec)
     threads: int
     dtype: str
-    file: Optional[str] = None  # the .onnx / .pt file for onnxruntime / torchscript backends
+    file: Optional[str] = None  # the .onnx / .pt / .pt2 file of a backend that runs a file
     spec_json: Optional[str] = None  # the ModelSpec for eager / sdpa
     attention_only: bool = False  # eager/sdpa: skip the projections (benchmarks/ script)
     trust: bool = False  # load a .pt file of unknown origin
-    expect_sha256: Optional[str] = None  # the .pt's hash as the user knows it
+    expect_sha256: Optional[str] = None  # the .pt's (.pt2's) hash as the user knows it
 
 
 def make_runner(job: Job) -> Runner:
@@ -121,17 +122,28 @@ def _torch_runner(job: Job) -> Runner:
         raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
     dtype = getattr(torch, job.dtype)
     module: Any
-    if job.backend == "torchscript":
+    if job.backend in ("torchscript", "torchscript-native"):
         from flash_export.export import load_torchscript
         from flash_export.recorded import recorded_io
 
         if job.file is None:
-            raise FlashExportError("torchscript: no .pt file")
+            raise FlashExportError(f"{job.backend}: no .pt file")
         module, meta = load_torchscript(job.file, trust=job.trust,
                                         expect_sha256=job.expect_sha256)
         io = recorded_io(meta, job.file)
         module = module.to(device=device, dtype=dtype)
-    elif job.backend in ("eager", "sdpa"):
+    elif job.backend == "pt2":
+        from flash_export.pt2_export import load_pt2
+        from flash_export.recorded import recorded_io
+
+        if job.file is None:
+            raise FlashExportError("pt2: no .pt2 file")
+        if job.device != "cpu" or job.dtype != "float32":
+            raise FlashExportError("pt2: a package runs where and as it was compiled: cpu, "
+                                   "float32")
+        module, meta, _ = load_pt2(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
+        io = recorded_io(meta, job.file)
+    elif job.backend in ("eager", "sdpa", "native"):
         from flash_export.attention import replace_attention
         from flash_export.model_io import resolve_io
         from flash_export.spec import ModelSpec
@@ -141,6 +153,10 @@ def _torch_runner(job: Job) -> Runner:
         module = ModelSpec.from_json(job.spec_json).build()
         if job.backend == "sdpa":
             module = replace_attention(module, SdpaAttention)
+        elif job.backend == "native":
+            from flash_export.attention import with_attention
+
+            module = with_attention(module, "native")
         if job.attention_only:
             module = attention_only(module)
         io = resolve_io(module)
@@ -150,7 +166,10 @@ def _torch_runner(job: Job) -> Runner:
     feed = bench_feed(io, job.batch, job.seq_q, job.seq_k)
     inputs = {n: torch.from_numpy(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
                                         else None)
-              for n, a in feed.items() if io.input(n).role != "attention"}
+              for n, a in feed.items()
+              # A package takes every input it was exported with (the mask all True here);
+              # modules take no mask, the cost of the unmasked path.
+              if io.input(n).role != "attention" or job.backend == "pt2"}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> None:
@@ -296,7 +315,7 @@ def plan_backends(wanted: List[Tuple[str, str]], chunks: Tuple[int, ...], spec: 
             if device == "cuda" and not has_cuda:
                 plan.status, plan.error = "skipped", "no CUDA device"
                 continue
-            if base in ("eager", "sdpa"):
+            if base in ("eager", "sdpa", "native"):
                 continue
             key = (base, chunk)
             if key not in exported:
@@ -312,11 +331,17 @@ def _export_backend(base: str, spec: Any, dtype: str,
                     tmp: Path) -> Tuple[Optional[str], Optional[str]]:
     try:
         model = spec.build()
-        if base == "torchscript":
+        if base in ("torchscript", "torchscript-native"):
             from flash_export.export import export_torchscript
 
-            out = tmp / f"torchscript_c{spec.chunk}.pt"
-            export_torchscript(model, out, spec=spec)
+            out = tmp / f"{base}_c{spec.chunk}.pt"
+            export_torchscript(model, out, spec=spec,
+                               attention="native" if base == "torchscript-native" else "chunk")
+        elif base == "pt2":
+            from flash_export.pt2_export import export_pt2
+
+            out = tmp / f"pt2_c{spec.chunk}.pt2"
+            export_pt2(model, out, spec=spec)
         else:
             from flash_export.onnx_export import export_onnx
 

@@ -47,6 +47,7 @@ from flash_export.parity import (
     default_seqs,
     one_line,
     onnx_backend,
+    pt2_backend,
     run_cases,
     sweep,
     torch_backend,
@@ -64,7 +65,7 @@ class ValidationReport:
     """Everything `validate` found; `passed` is the verdict."""
 
     artifact: str
-    kind: str  # "onnx" or "torchscript"
+    kind: str  # "onnx", "torchscript" or "pt2"
     target: Optional[str]
     dtype: str
     provider: str
@@ -138,7 +139,8 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
     `trust` (see `flash_export.artifact`).
 
     Args:
-        artifact: a `.onnx` (any target) or `.pt` (TorchScript) file written by flash-export.
+        artifact: a `.onnx` (any target), `.pt` (TorchScript, chunk or native attention) or
+            `.pt2` (AOTInductor package) file written by flash-export.
         spec: the model to compare against; default: the ModelSpec recorded in the artifact.
         seq: sequence lengths; with the attention contract each L runs as (Lq=L, Lk=L) and
             (Lq=L, Lk=the next length), otherwise every dynamic size but the batch is L (moved
@@ -149,8 +151,8 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         rtol: see `atol` (either alone counts the other as 0).
         provider: onnxruntime execution provider, "cpu" or "cuda".
         all_targets: also export and compare every other ONNX target (into a temp dir).
-        trust: load a `.pt` of unknown origin, and use the model file and weights the artifact
-            records.
+        trust: load a `.pt` or `.pt2` of unknown origin, and use the model file and weights the
+            artifact records.
         expect_sha256: the artifact's SHA-256 as you know it; a different file is refused.
         max_memory: bytes the run may plan to use (default `spec.memory_limit()`); checked
             before the model and the inputs are allocated.
@@ -230,6 +232,7 @@ class _Loaded:
     io: IOSpec
     proto: Any = None  # the ONNX ModelProto (external data unread)
     scripted: Any = None  # the loaded TorchScript module
+    compiled: Any = None  # the loaded .pt2 package
 
     @classmethod
     def read(cls, path: Path, *, trust: bool, expect_sha256: Optional[str]) -> "_Loaded":
@@ -243,9 +246,16 @@ class _Loaded:
             origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
             io = recorded_io(meta, path, graph_inputs(proto))
             return cls(path, kind, meta, recorded(meta, path, kind), origin, io, proto=proto)
+        recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
+        if kind == "pt2":
+            from flash_export.pt2_export import load_pt2
+
+            compiled, meta, origin = load_pt2(path, trust=trust, expect_sha256=expect_sha256)
+            io = recorded_io(meta, path)
+            return cls(path, kind, meta, recorded(meta, path, kind), origin, io,
+                       compiled=compiled)
         from flash_export.export import load_torchscript_checked
 
-        recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
         scripted, meta, origin = load_torchscript_checked(path, trust=trust,
                                                           expect_sha256=expect_sha256)
         io = recorded_io(meta, path)
@@ -256,6 +266,8 @@ class _Loaded:
         if self.proto is not None:
             check_graph_matches_spec(spec, self.proto, self.path, nodes=False)
             return
+        if self.compiled is not None:  # its weights are inside a compiled library: no count
+            return
         wanted = spec.parameter_count()
         held = sum(p.numel() for p in self.scripted.parameters())
         if wanted is not None and held < wanted:
@@ -263,7 +275,12 @@ class _Loaded:
                                 f"parameters, the TorchScript module holds {held:,}")
 
     def run_dtype(self, asked: Optional[str]) -> str:
-        """The dtype to run in: `asked`, else the artifact's; an ONNX graph runs only in its own."""
+        """The dtype to run in: `asked`, else the artifact's; a graph or package only in its own."""
+        if self.compiled is not None:
+            if asked not in (None, "float32"):
+                raise ArtifactError(f"{self.path} is a float32 package and runs only in float32; "
+                                    f"drop --dtype {asked}")
+            return "float32"
         if self.proto is None:
             params = list(self.scripted.parameters())
             own = str(params[0].dtype).replace("torch.", "") if params else "float32"
@@ -294,8 +311,12 @@ class _Loaded:
         tdtype = getattr(torch, dtype)
         eager = torch_backend("eager", copy.deepcopy(model).to(tdtype),
                               "(in memory, rebuilt from the spec)", self.io)
+        if self.compiled is not None:
+            return [eager, pt2_backend("pt2", self.compiled, str(self.path), self.io)]
         if self.scripted is not None:
-            return [eager, torch_backend("torchscript", self.scripted.eval().to(tdtype),
+            name = ("torchscript-native" if self.meta.get("attention") == "native"
+                    else "torchscript")
+            return [eager, torch_backend(name, self.scripted.eval().to(tdtype),
                                          str(self.path), self.io)]
         return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider,
                                     self.io)]

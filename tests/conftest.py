@@ -6,10 +6,15 @@ this folder on sys.path. A subprocess that needs them gets it on PYTHONPATH.
 
 import functools
 import os
+import shutil
+import subprocess
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -44,3 +49,43 @@ def pytest_runtest_setup(item):
 def cuda_unusable() -> Optional[str]:
     """Why no CUDA test can run here, or None: for the tests of the no-GPU behaviour."""
     return _cuda_unusable()
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory) -> Path:
+    """examples/cpp built once per session against the installed torch, with the libtorch shim
+    (custom_ops/torch) over the installed native library: flash_attention_run and
+    shim/libflash_export_torch.so."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    import torch
+
+    from flash_export.runtime import library_path
+
+    build = tmp_path_factory.mktemp("cpp-build")
+    subprocess.run(["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build),
+                    f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                    f"-DFLASH_EXPORT_LIBRARY={library_path()}", "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    return build
+
+
+@pytest.fixture(scope="session")
+def shim_library(cpp_build) -> Path:
+    """The libtorch shim that registers flash_export::attention in a C++ process."""
+    return cpp_build / "shim" / "libflash_export_torch.so"
+
+
+@pytest.fixture(scope="session")
+def pt2_package(tmp_path_factory):
+    """(path, spec) of one .pt2 package per session: AOTInductor compiles take tens of seconds.
+
+    Causal with a mask input, so one package covers masks, causal and Lq != Lk.
+    """
+    from flash_export import ModelSpec
+    from flash_export.pt2_export import export_pt2
+
+    spec = ModelSpec(embed=32, heads=4, chunk=8, causal=True, seed=11)
+    path = tmp_path_factory.mktemp("pt2") / "attention.pt2"
+    return export_pt2(spec.build(), path, spec=spec, mask=True), spec

@@ -113,6 +113,8 @@ def test_compare_attention_times_two_custom_variants_in_one_loop(tmp_path, capsy
 
 def _backends():
     names = ["eager", "sdpa", "torchscript"]
+    if Path(library_path()).is_file():  # the native operator's kernel
+        names.append("native")
     if HAVE_ONNX_EXPORT:
         names.append("standard")
         if Path(library_path()).is_file():

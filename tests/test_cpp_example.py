@@ -1,4 +1,5 @@
-"""The C++ program in examples/cpp loads our TorchScript archives and matches Python."""
+"""The C++ program in examples/cpp loads our TorchScript archives and .pt2 packages (with the
+libtorch shim for the native kernel) and matches Python."""
 
 import os
 import shutil
@@ -20,14 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is 
 
 
 @pytest.fixture(scope="session")
-def cpp_program(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("cpp-build")
-    prefix = torch.utils.cmake_prefix_path
-    subprocess.run(["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build),
-                    f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release"],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
-    return build / "flash_attention_run"
+def cpp_program(cpp_build) -> Path:
+    return cpp_build / "flash_attention_run"
 
 
 SPECS = {
@@ -91,3 +86,75 @@ def test_tensor_files_round_trip(tmp_path):
     assert np.array_equal(read_tensor(tmp_path / "ids.bin"), ids)
     with pytest.raises(ValueError, match="float32, bool or int64"):
         write_tensor(tmp_path / "b.bin", a.astype(np.float64))
+
+
+# --------------------------------------------------------------------------- the native kernel
+
+def _attention_files(tmp_path, b, lq, lk, embed, masked):
+    """values, keys, queries (and a mask) as tensor files, in forward order."""
+    g = torch.Generator().manual_seed(lq * 1000 + lk)
+    tensors = {"values": torch.randn(b, lk, embed, generator=g),
+               "keys": torch.randn(b, lk, embed, generator=g),
+               "queries": torch.randn(b, lq, embed, generator=g)}
+    if masked:
+        mask = torch.rand(b, 1, lq, lk, generator=g) > 0.25
+        mask[0, 0, 0] = False  # a row that sees no key
+        tensors["mask"] = mask
+    for name, t in tensors.items():
+        write_tensor(tmp_path / f"{name}.bin", t.numpy())
+    return tensors, [str(tmp_path / f"{name}.bin") for name in tensors]
+
+
+def _check_against_float64(model, tensors, got):
+    from helpers import assert_matches_reference
+
+    from flash_export import reference_forward
+
+    args = [tensors[n] for n in ("values", "keys", "queries")] + [tensors.get("mask")]
+    reference = reference_forward(model, *args)
+    baseline = reference_forward(model, *args, dtype=torch.float32)
+    assert_matches_reference(torch.tensor(got), reference, baseline)
+
+
+@pytest.mark.parametrize("causal,masked,lq,lk", [(True, True, 37, 90), (False, False, 65, 7)],
+                         ids=["causal-mask-37x90", "full-65x7"])
+def test_cpp_runs_a_torchscript_native_archive_with_the_shim(cpp_program, shim_library, tmp_path,
+                                                             causal, masked, lq, lk):
+    spec = ModelSpec(embed=64, heads=4, chunk=16, causal=causal, seed=5)
+    model = spec.build()
+    pt = export_torchscript(model, tmp_path / "native.pt", spec=spec, attention="native")
+    tensors, files = _attention_files(tmp_path, 2, lq, lk, 64, masked)
+    run = subprocess.run([str(cpp_program), "--library", str(shim_library), str(pt),
+                          str(tmp_path / "out.bin"), *files], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    _check_against_float64(model, tensors, read_tensor(tmp_path / "out.bin"))
+
+
+def test_cpp_without_the_shim_names_the_missing_op(cpp_program, tmp_path):
+    spec = ModelSpec(embed=32, heads=4, chunk=8)
+    pt = export_torchscript(spec.build(), tmp_path / "native.pt", spec=spec, attention="native")
+    _, files = _attention_files(tmp_path, 1, 5, 5, 32, False)
+    run = subprocess.run([str(cpp_program), str(pt), str(tmp_path / "out.bin"), *files],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "flash_export::attention" in run.stderr
+
+
+@pytest.mark.parametrize("lq,lk", [(29, 71), (100, 100)], ids=["29x71", "100x100"])
+def test_cpp_runs_the_pt2_package_with_the_shim(cpp_program, shim_library, pt2_package, tmp_path,
+                                                lq, lk):
+    path, spec = pt2_package  # causal, with a mask input; exported at other lengths
+    tensors, files = _attention_files(tmp_path, 3, lq, lk, spec.embed, True)
+    run = subprocess.run([str(cpp_program), "--library", str(shim_library), str(path),
+                          str(tmp_path / "out.bin"), *files], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    _check_against_float64(spec.build(), tensors, read_tensor(tmp_path / "out.bin"))
+
+
+def test_cpp_reports_a_library_it_cannot_load(cpp_program, tmp_path):
+    _, files = _attention_files(tmp_path, 1, 3, 3, 32, False)
+    run = subprocess.run([str(cpp_program), "--library", str(tmp_path / "missing.so"),
+                          str(tmp_path / "m.pt2"), str(tmp_path / "out.bin"), *files],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "cannot load" in run.stderr and "missing.so" in run.stderr

@@ -139,3 +139,21 @@ def test_command_line_section_runs_verbatim_in_a_new_folder(tmp_path):
                              text=True, cwd=tmp_path, env=env, timeout=900)
         assert run.returncode == 0, block + run.stdout[-2000:] + run.stderr[-2000:]
     assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "out" / "trained.onnx").is_file()
+
+
+def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
+    """Its Python block, then its commands: a zoo model compiled to .pt2 from the CLI (a real
+    subprocess of the entry point) and validated at lengths it was not exported at."""
+    section = _section((ROOT / "README.md").read_text(), "Which artifact? TorchScript, native, "
+                       "`.pt2` or ONNX")
+    (python,) = _python_blocks(section)
+    assert _run(python, tmp_path).strip() == "torch.Size([2, 40, 128])"
+    (commands,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert "flash-export pt2 --model flash_export.models." in commands
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=900)
+    assert run.returncode == 0, commands + run.stdout[-2000:] + run.stderr[-2000:]
+    assert "validation passed" in run.stdout
+    assert (tmp_path / "out" / "encoder.pt2").is_file()
+    assert (tmp_path / "out" / "fa_native.pt").is_file()

@@ -1,12 +1,19 @@
-// Loads a flash-export TorchScript archive with torch::jit::load, runs its forward on tensors read
-// from files (in the forward's argument order) and writes the (first) output.
+// Loads a flash-export TorchScript archive with torch::jit::load, or a .pt2 package with
+// torch::inductor::AOTIModelPackageLoader, runs it on tensors read from files (in the forward's
+// argument order) and writes the (first) output.
 //
-//   flash_attention_run MODEL.pt OUT.bin INPUT.bin [INPUT.bin ...]
+//   flash_attention_run [--library LIB.so] MODEL.pt|MODEL.pt2 OUT.bin INPUT.bin [INPUT.bin ...]
+//
+// --library loads a library before the model (dlopen, RTLD_GLOBAL): the libtorch shim
+// libflash_export_torch.so (custom_ops/torch) that registers flash_export::attention, which
+// TorchScript-native artifacts and .pt2 packages call. A portable .pt needs nothing.
 //
 // An attention model takes VALUES KEYS QUERIES [MASK]; a language model its token ids; any model
 // its forward's tensors, as its IOSpec lists them. Tensor file format (little-endian), written by
 // flash_export.tensor_io: 8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool,
 // 2 = int64), int64 rank, int64 dims[rank], then the elements in row-major order.
+#include <dlfcn.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
 #include <cstdint>
@@ -70,22 +77,44 @@ torch::Tensor first_output(const torch::jit::IValue& value) {
   throw std::runtime_error("the model returned no tensor");
 }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 4) {
-    std::cerr << "usage: " << argv[0] << " MODEL.pt OUT.bin INPUT.bin [INPUT.bin ...]\n";
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string library;
+  if (args.size() >= 2 && args[0] == "--library") {
+    library = args[1];
+    args.erase(args.begin(), args.begin() + 2);
+  }
+  if (args.size() < 3) {
+    std::cerr << "usage: " << argv[0]
+              << " [--library LIB.so] MODEL.pt|MODEL.pt2 OUT.bin INPUT.bin [INPUT.bin ...]\n";
     return 2;
   }
   try {
-    torch::jit::script::Module module = torch::jit::load(argv[1]);
-    module.eval();
-    std::vector<torch::jit::IValue> inputs;
-    for (int i = 3; i < argc; ++i) inputs.emplace_back(read_tensor(argv[i]));
+    if (!library.empty() && dlopen(library.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      throw std::runtime_error(std::string("cannot load ") + library + ": " + dlerror());
+    }
+    std::vector<torch::Tensor> tensors;
+    for (size_t i = 2; i < args.size(); ++i) tensors.push_back(read_tensor(args[i]));
     torch::NoGradGuard no_grad;
-    torch::Tensor output = first_output(module.forward(inputs));
-    write_tensor(argv[2], output);
-    std::cout << "output " << output.sizes() << " -> " << argv[2] << "\n";
+    torch::Tensor output;
+    if (ends_with(args[0], ".pt2")) {
+      // The package's inputs are the exported forward's tensors, flattened in order.
+      torch::inductor::AOTIModelPackageLoader loader(args[0]);
+      output = loader.run(tensors).at(0);
+    } else {
+      torch::jit::script::Module module = torch::jit::load(args[0]);
+      module.eval();
+      output = first_output(module.forward({tensors.begin(), tensors.end()}));
+    }
+    write_tensor(args[1], output);
+    std::cout << "output " << output.sizes() << " -> " << args[1] << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -1,0 +1,132 @@
+"""AOTInductor packages: `torch.export` with the registered operator, compiled to a `.pt2`.
+
+PyTorch's supported path to C++ since TorchScript's deprecation: `torch.export` (dynamic batch
+and lengths) -> `torch._inductor.aoti_compile_and_package` -> a `.pt2` zip holding a compiled
+shared library, loaded in C++ by `torch::inductor::AOTIModelPackageLoader` and in Python by
+`torch._inductor.aoti_load_package`. A chunk loop over a symbolic length does not export, so the
+attention is the operator `flash_export::attention` (`flash_export.torch_op`): a C++ process loads
+the libtorch shim (custom_ops/torch) first, which the metadata records. The package is compiled
+for this machine's CPU (its vector ISA is in the metadata as AOTI_CPU_ISA).
+
+The metadata is written twice, as the same dict: into the package's `extra/flash_export.json`
+(read as data, like a TorchScript archive's, by `artifact.read_metadata`) and as AOTInductor
+metadata, which a C++ program reads with `AOTIModelPackageLoader::get_metadata()`.
+"""
+
+import contextlib
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from flash_export.artifact import METADATA_FILE, atomic_write, require_kind, sha256_file
+from flash_export.errors import ArtifactError, ExportError, first_line, summary
+from flash_export.export import PathLike, attention_as, native_metadata, prepare
+from flash_export.io_spec import IOSpec
+from flash_export.model_io import dynamic_shapes
+from flash_export.spec import ModelSpec
+from flash_export.trust import Provenance, require_provenance
+
+
+def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = None,
+               io: Optional[IOSpec] = None, mask: bool = False,
+               args: Optional[Sequence[Any]] = None,
+               kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+    """Export `model` with `torch.export` and compile it to an AOTInductor package.
+
+    Every dynamic size of the IOSpec (batch, q_len, k_len, seq ...) stays dynamic within its
+    bounds; the attention is `flash_export::attention`. Float32.
+
+    Args:
+        model: any module built with FlashAttention layers. It is not modified.
+        path: the `.pt2` file to write (atomically, with a manifest beside it).
+        spec: how to rebuild `model`; read off `model` when it is a plain FlashAttention.
+        io: the model's inputs and outputs (see `flash_export.model_io.resolve_io`).
+        mask: the attention contract only: add the ``mask`` input (then required).
+        args: example positional inputs, as `torch.export` takes them.
+        kwargs: example keyword inputs.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ExportError: `path` does not end in .pt2, the model holds no FlashAttention,
+            `torch.export` or the compile fails, or the file cannot be written.
+        RuntimeLibraryError: the native library cannot be loaded.
+    """
+    require_kind(path, "pt2")
+    native = attention_as(model, "native").eval()
+    prepared = prepare(model, native, spec=spec, io=io, args=args, kwargs=kwargs, mask=mask,
+                       dtype="float32", artifact="pt2", **native_metadata())
+    constants = prepared.io.constants
+    try:
+        with _quiet():
+            program = torch.export.export(
+                native, (), kwargs={**prepared.example, **constants},
+                dynamic_shapes={**dynamic_shapes(prepared.io), **{n: None for n in constants}})
+    except Exception as exc:  # torch.export raises many types (constraint violations, ...)
+        raise ExportError(f"torch.export failed: {summary(exc)}") from exc
+    meta = prepared.meta
+
+    def write(tmp: Path) -> None:
+        try:
+            with _quiet():
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(tmp),
+                    inductor_configs={"aot_inductor.metadata": dict(meta)})
+        except Exception as exc:  # inductor and the C++ compiler fail in many ways
+            raise ExportError(f"AOTInductor compile failed: {summary(exc)}") from exc
+        with zipfile.ZipFile(tmp, "a") as archive:  # the folder the package's files live in
+            root = archive.namelist()[0].split("/", 1)[0]
+            archive.writestr(f"{root}/extra/{METADATA_FILE}", json.dumps(meta))
+
+    try:
+        return atomic_write(path, write)
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # torch's own pytree deprecation, raised from inside export and the package writer.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        yield
+
+
+def load_pt2(path: PathLike, *, trust: bool = False, expect_sha256: Optional[str] = None,
+             ) -> Tuple[Any, Dict[str, str], Provenance]:
+    """Load a `.pt2` package written by `export_pt2`: (callable, metadata, provenance).
+
+    A package holds a compiled shared library, a program: it is loaded only when its SHA-256 is
+    in the user's trust store, equals `expect_sha256`, or `trust` is set. The callable takes the
+    model's inputs by name (`compiled(**inputs)`) and returns its outputs.
+
+    Raises:
+        ArtifactError: the file is missing, of unknown origin (without `trust`), not the
+            expected file, unreadable, or has no flash-export metadata.
+        RuntimeLibraryError: the native library (the operator's kernel) cannot be loaded.
+    """
+    from flash_export.artifact import torchscript_metadata
+    from flash_export.torch_op import register
+
+    if not Path(path).is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    # One open file for the hash, the metadata and the load: the bytes judged are the bytes run.
+    with open(path, "rb") as f:
+        origin = require_provenance(path, expect_sha256=expect_sha256, trust=trust,
+                                    digest=sha256_file(f),
+                                    why="a .pt2 package holds a compiled library, a program")
+        f.seek(0)
+        meta = torchscript_metadata(f, path)
+        register()  # the package calls flash_export::attention
+        f.seek(0)
+        try:
+            compiled = torch._inductor.aoti_load_package(f)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ArtifactError(f"cannot load .pt2 package {path}: {first_line(exc)}") from exc
+    return compiled, meta, origin

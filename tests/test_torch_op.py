@@ -1,0 +1,218 @@
+"""flash_export::attention: eager, TorchScript, torch.compile and torch.export see one op.
+
+The CPU kernel is the native core (through its C entry point); every result is judged against
+the float64 reference by the tolerance rule. The libtorch shim's registration and its interplay
+with the Python one run in subprocesses (a process can define the schema once).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_matches_reference, core_reference
+
+from flash_export import FlashAttention, ModelSpec, reference_forward
+from flash_export.attention import with_attention
+from flash_export.export import export_torchscript, load_torchscript, quiet_jit_deprecation
+from flash_export.torch_op import SCHEMA, register
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inputs(b, lq, lk, e, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, n, e, generator=g).to(dtype) for n in (lk, lk, lq))
+
+
+def _mask(b, lq, lk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, 1, lq, lk, generator=g) > 0.25
+    mask[0, 0, 0] = False  # a row that sees no key: zeros
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,lq,lk", [(1, 1, 1), (2, 7, 63), (3, 65, 7), (1, 129, 129)],
+                         ids=["1x1", "7x63", "65x7", "129x129"])
+def test_native_module_matches_float64_reference(b, lq, lk, causal, masked):
+    model = FlashAttention(64, 4, 16, causal=causal).eval()
+    native = with_attention(model, "native")
+    values, keys, queries = _inputs(b, lq, lk, 64)
+    mask = _mask(b, lq, lk) if masked else None
+    with torch.no_grad():
+        got = native(values, keys, queries, mask)
+        baseline = reference_forward(model, values, keys, queries, mask, dtype=torch.float32)
+    assert_matches_reference(got, reference_forward(model, values, keys, queries, mask), baseline)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_op_runs_half_precisions_within_the_rule(dtype):
+    v, k, q = _inputs(2, 33, 70, 32, dtype=dtype)
+    mask = _mask(2, 33, 70)
+    got = torch.ops.flash_export.attention(q, k, v, mask, 4, 16, True, 0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+
+    def heads(x):  # (B, L, E) -> (B, H, L, D)
+        return x.view(x.size(0), x.size(1), 4, 8).transpose(1, 2)
+
+    def ref(dt):
+        o = core_reference(heads(q), heads(k), heads(v), mask, True, 0.5, dt)
+        return o.transpose(1, 2).reshape(q.shape)  # (B, Lq, E)
+
+    assert_matches_reference(got, ref(torch.float64), ref(dtype))
+
+
+def test_op_reads_strided_inputs_and_broadcast_masks():
+    register()
+    base = torch.randn(2, 9, 2, 32)
+    q = base[:, :, 0]  # (B, L, E) with a row stride of 2E
+    k, v = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
+    mask = torch.rand(12) > 0.3  # rank 1: broadcast to (B, H, Lq, Lk)
+    got = torch.ops.flash_export.attention(q, k, v, mask, 4, 5, False, 0.3)
+    want = torch.ops.flash_export.attention(q.contiguous(), k, v,
+                                            mask.expand(2, 4, 9, 12).contiguous(), 4, 5, False,
+                                            0.3)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case,message", [
+    ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 7, 32), None, 4),
+     r"key and value must be \(B, Lk, E\)"),
+    ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32), None, 5),
+     r"num_heads must be >= 1 and divide E = 32, got 5"),
+    ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32),
+      torch.ones(2, 1, 5, 7, dtype=torch.bool), 4), r"does not broadcast to \(B, H, Lq, Lk\)"),
+    ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32),
+      torch.ones(2, 1, 5, 6), 4), r"mask must be bool"),
+    ((torch.randn(2, 5, 32).double(), torch.randn(2, 6, 32).double(),
+      torch.randn(2, 6, 32).double(), None, 4), r"runs float32, float16 or bfloat16, got "
+                                                r"torch.float64"),
+], ids=["lengths", "heads", "mask-shape", "mask-dtype", "float64"])
+def test_op_refuses_what_the_kernel_cannot_honour(case, message):
+    register()
+    q, k, v, mask, heads = case
+    with pytest.raises(ValueError, match=message):
+        torch.ops.flash_export.attention(q, k, v, mask, heads, 8, False, 1.0)
+
+
+def test_backward_is_refused_with_a_clear_error():
+    native = FlashAttention(32, 4, 8, attention="native")
+    values, keys, queries = _inputs(2, 5, 6, 32)
+    out = native(values, keys, queries)  # the forward runs with grad on
+    with pytest.raises(RuntimeError, match="has no backward: it is an inference kernel"):
+        out.sum().backward()
+
+
+def test_default_module_stays_the_pure_chunk_loop_when_scripted():
+    model = FlashAttention(32, 4, 8)
+    assert model.attention == "chunk" and "native" not in repr(model)
+    with quiet_jit_deprecation():
+        portable = torch.jit.script(model)
+        native = torch.jit.script(with_attention(model, "native"))
+    assert "flash_export::attention" not in str(portable.inlined_graph)
+    assert "flash_export::attention" in str(native.inlined_graph)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FlashAttention(32, 4, 8, attention="fast")
+
+
+def test_torch_export_and_compile_see_one_op_with_dynamic_lengths():
+    model = FlashAttention(32, 4, 8, causal=True, attention="native").eval()
+    values, keys, queries = _inputs(2, 5, 6, 32)
+    batch, lq, lk = (torch.export.Dim(n) for n in ("batch", "q_len", "k_len"))
+    program = torch.export.export(model, (values, keys, queries), dynamic_shapes=(
+        {0: batch, 1: lk}, {0: batch, 1: lk}, {0: batch, 1: lq}))
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.flash_export.attention.default in ops
+    values, keys, queries = _inputs(3, 17, 40, 32, seed=5)  # lengths not seen at export
+    with torch.no_grad():
+        assert torch.equal(program.module()(values, keys, queries),
+                           model(values, keys, queries))
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+        assert torch.equal(compiled(values, keys, queries), model(values, keys, queries))
+
+
+def test_torchscript_native_archive_records_its_needs_and_validates(tmp_path):
+    from flash_export.validate import validate
+
+    spec = ModelSpec(embed=32, heads=4, chunk=8, causal=True)
+    path = export_torchscript(spec.build(), tmp_path / "native.pt", spec=spec, attention="native")
+    module, meta = load_torchscript(path)
+    assert meta["attention"] == "native" and "libflash_export_torch.so" in meta["requires"]
+    assert "flash_export::attention" in str(module.inlined_graph)
+    report = validate(path, seq=[1, 9, 30], batch=[2])
+    assert report.passed, report.failure_lines()
+    assert [b.name for b in report.backends] == ["eager", "torchscript-native"]
+    assert {(c.case.seq_q != c.case.seq_k, c.case.mask) for c in report.backends[1].cases} == {
+        (False, False), (False, True), (True, False), (True, True)}
+
+
+def test_bench_exports_and_times_torchscript_native_on_the_fly():
+    from flash_export.bench import BenchConfig, benchmark
+
+    report = benchmark(spec=ModelSpec(embed=32, heads=4, chunk=8), config=BenchConfig(
+        seqs=(9,), backends=("torchscript-native", "native"), iters=2, warmup=1, memory=False))
+    assert [(r.backend, r.status) for r in report.rows] == [("torchscript-native", "ok"),
+                                                            ("native", "ok")], report.rows
+
+
+def test_the_shim_declares_the_python_schema_character_for_character():
+    source = (ROOT / "custom_ops" / "torch" / "flash_export_torch.cc").read_text()
+    declared = re.search(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", source).group(1)
+    assert "".join(re.findall(r"\"([^\"]*)\"", declared)) == SCHEMA
+
+
+# --------------------------------------------------------------------------- Python and the shim
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_python_keeps_a_shim_loaded_first_and_adds_only_fake_and_autograd(shim_library):
+    run = _python(f"""
+import torch
+torch.ops.load_library({str(shim_library)!r})
+from flash_export.torch_op import register
+from flash_export import FlashAttention
+register()
+m = FlashAttention(32, 4, 8, causal=True, attention="native").eval()
+x = torch.randn(2, 9, 32)
+ep = torch.export.export(m, (x, x, x[:, :5]))  # the fake kernel is Python's
+with torch.no_grad():
+    ref = FlashAttention(32, 4, 8, causal=True).eval()
+    ref.load_state_dict(m.state_dict())
+    print(float((m(x, x, x[:, :5]) - ref(x, x, x[:, :5])).abs().max()))
+""")
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 1e-5
+
+
+def test_the_shim_refuses_to_load_after_the_python_registration(shim_library):
+    run = _python(f"""
+import torch
+from flash_export.torch_op import register
+register()
+torch.ops.load_library({str(shim_library)!r})
+""")
+    assert run.returncode != 0
+    assert "flash_export::attention" in run.stderr and "multiple times" in run.stderr
+
+
+
+def test_a_missing_native_library_fails_registration_with_a_typed_error(tmp_path):
+    run = subprocess.run([sys.executable, "-c", """
+from flash_export import FlashAttention, RuntimeLibraryError
+try:
+    FlashAttention(32, 4, 8, attention="native")
+except RuntimeLibraryError as exc:
+    print("refused:", exc)
+"""], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLASH_EXPORT_LIBRARY": str(tmp_path / "missing.so")})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("refused: cannot load the native library") and \
+        "missing.so" in run.stdout
