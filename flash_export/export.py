@@ -28,14 +28,15 @@ from flash_export.model_io import example_inputs, output_names, resolve_io
 from flash_export.spec import ModelSpec
 from flash_export.trust import Provenance, require_provenance
 
-_JIT_DEPRECATED = r"`torch\.jit\.(script|save|load)` is deprecated"
+# torch.jit.script_method: warned from inside AOTInductor's compile (pt2_export).
+_JIT_DEPRECATED = r"`torch\.jit\.(script|script_method|save|load)` is deprecated"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 @contextlib.contextmanager
 def quiet_jit_deprecation() -> Iterator[None]:
-    """Silence exactly torch's DeprecationWarnings for torch.jit.script/save/load."""
+    """Silence exactly torch's DeprecationWarnings for torch.jit.script/script_method/save/load."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=DeprecationWarning)
         yield

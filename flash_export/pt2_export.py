@@ -25,7 +25,13 @@ from torch import nn
 
 from flash_export.artifact import METADATA_FILE, atomic_write, require_kind, sha256_file
 from flash_export.errors import ArtifactError, ExportError, first_line, summary
-from flash_export.export import PathLike, attention_as, native_metadata, prepare
+from flash_export.export import (
+    PathLike,
+    attention_as,
+    native_metadata,
+    prepare,
+    quiet_jit_deprecation,
+)
 from flash_export.io_spec import IOSpec
 from flash_export.model_io import dynamic_shapes
 from flash_export.spec import ModelSpec
@@ -92,8 +98,8 @@ def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    # torch's own pytree deprecation, raised from inside export and the package writer.
-    with warnings.catch_warnings():
+    # torch's own pytree and torch.jit deprecations, raised from inside export and the compile.
+    with warnings.catch_warnings(), quiet_jit_deprecation():
         warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
         yield
 
