@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "flash_export.h"
 
@@ -40,8 +41,16 @@ using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t inde
                                void* data);
 
 // CPU forward. parallel_for may be nullptr: the work then runs serially on the calling thread.
+// `threads` is how many items parallel_for may run at once, for the plan (0: unknown, taken as the
+// machine's hardware threads); results do not depend on it.
 Status attention_forward_cpu(const AttentionParams& params, ParallelForFn parallel_for,
-                             void* parallel_context);
+                             void* parallel_context, int threads = 0);
+
+// The plan the CPU forward would run `params` with on `threads` threads (as above), as a JSON
+// object: the kernel path (isa), the regime ("rows", "heads" or "shared"), the query block (bq,
+// q_blocks), the key block (bc), one head's packed bytes, and for the shared regime the packing
+// groups and heads per group; {"error": ...} for a call with nothing to plan.
+std::string describe_cpu_plan(const AttentionParams& params, int threads);
 
 // Human-readable name of the vector path the CPU kernel picked at run time: "amx" (float16 on the
 // AMX tile unit, the rest on AVX-512), "avx512", "avx2" or "portable".
