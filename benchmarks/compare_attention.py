@@ -9,6 +9,7 @@ and, each in its own interleaved loop, 2 threads against 1 and the peak RSS of o
     python benchmarks/compare_attention.py --threads 2            # the whole matrix (long)
     python benchmarks/compare_attention.py --threads 2 --quick    # a reduced matrix (a minute)
     python benchmarks/compare_attention.py --dims 64 --lengths 256 --batches 8 --no-extras
+    python benchmarks/compare_attention.py --baseline-library OLD/libflash_export.so  # A/B
 
 Timing (`flash_export.timing.time_blocks`): a sample is one untimed call, then a block of
 back-to-back calls of one backend (about --target-ms long), per-call time = block time / calls;
@@ -20,11 +21,15 @@ anchor's time divided by custom's in the same repetition (median over repetition
 faster); `best` = the fastest anchor's time / custom's, per repetition, then the median: the
 figure the summary grid shows. At D = 64 custom float16 runs in the same loop (f16/f32: its time
 divided by float32's; <= 1: float16 no slower), and in the D = 64, N = 256, B = 8 cells a float32
-matmul does too (custom's GFLOP/s over the matmul's, `of sgemm`).
+matmul does too (custom's GFLOP/s over the matmul's, `of sgemm`). With --baseline-library, the
+custom op built from another library (an older build) runs in the same loop too: `base/new` is
+its time over custom's (> 1: this build is faster), and a second summary grid gives its own
+fastest-anchor figure, measured beside this build's.
 """
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import tempfile
@@ -102,6 +107,7 @@ class Matrix:
         self.files: Dict[Tuple[str, int, bool, str], Tuple[Optional[str], str]] = {}
         self.grid: Dict[Tuple[int, int, int, bool], float] = {}  # (D, N, B, causal) -> best
         self.f16: Dict[Tuple[int, int, int, bool], float] = {}
+        self.base_grid: Dict[Tuple[int, int, int, bool], float] = {}  # the baseline's best
 
     def spec(self, dim: int, causal: bool) -> ModelSpec:
         return ModelSpec(embed=HEADS * dim, heads=HEADS, chunk=self.args.chunk, causal=causal)
@@ -122,6 +128,8 @@ class Matrix:
         names = ("custom",) + ANCHORS + extra
         for name in names:
             backend, dtype = ("custom", "float16") if name == "custom_f16" else (name, "float32")
+            if name == "base":
+                backend = "custom"
             if name == "sgemm":
                 runners[name] = sgemm_runner(self.args.threads)
                 continue
@@ -138,7 +146,8 @@ class Matrix:
                       embed=HEADS * dim, threads=self.args.threads, dtype=dtype, file=path,
                       spec_json=spec.to_json(), attention_only=True)
             try:
-                runners[name] = make_runner(job)
+                runners[name] = (baseline_runner(job, self.args.baseline_library)
+                                 if name == "base" else make_runner(job))
             except Exception as exc:  # a backend that cannot run here is one cell
                 errors[name] = summary(exc)
         return runners, errors
@@ -149,6 +158,8 @@ class Matrix:
             extra += ("custom_f16",)
         if (dim, seq_q, seq_k, batch) == (64, 256, 256, 8):
             extra += ("sgemm",)
+        if self.args.baseline_library:
+            extra += ("base",)
         runners, errors = self.runners(dim, seq_q, seq_k, batch, causal, extra)
         samples, run_errors = time_blocks(runners, repeats=self.args.repeats,
                                           target_s=self.args.target_ms / 1e3)
@@ -167,6 +178,10 @@ class Matrix:
         best = median(best_anchor_ratios(samples, ANCHORS))
         self.grid[(dim, seq_q, batch, causal)] = best
         cells.append(f"best x{best:5.2f}")
+        if samples.get("base"):
+            cells.append(f"base/new x{median(paired_ratios(samples['base'], custom)):5.2f}")
+            self.base_grid[(dim, seq_q, batch, causal)] = median(
+                best_anchor_ratios(samples, ANCHORS, custom="base"))
         if samples.get("custom_f16"):
             r16 = median(paired_ratios(samples["custom_f16"], custom))
             self.f16[(dim, seq_q, batch, causal)] = r16
@@ -181,15 +196,34 @@ class Matrix:
             print(f"      {name}: {err}")
 
 
+def baseline_runner(job: Job, library: str) -> Callable[[], None]:
+    """make_runner(job) with the custom op from `library`: its session registers that file."""
+    from flash_export.runtime import LIBRARY_ENV
+
+    saved = os.environ.get(LIBRARY_ENV)
+    os.environ[LIBRARY_ENV] = library
+    try:
+        return make_runner(job)
+    finally:
+        if saved is None:
+            del os.environ[LIBRARY_ENV]
+        else:
+            os.environ[LIBRARY_ENV] = saved
+
+
 def print_grid(matrix: Matrix, dims: List[int], lengths: List[int], batches: List[int]) -> None:
     """The summary: fastest anchor's time / custom's per cell (> 1: custom is faster)."""
-    for causal in (False, True):
-        print(f"\n## best anchor / custom, causal={causal} (columns N/B)")
-        cols = [(n, b) for n in lengths for b in batches]
-        print(f"{'D':>4}  " + "  ".join(f"{f'{n}/{b}':>9}" for n, b in cols))
-        for d in dims:
-            vals = [matrix.grid.get((d, n, b, causal), float("nan")) for n, b in cols]
-            print(f"{d:>4}  " + "  ".join(f"{v:9.2f}" for v in vals))
+    grids = [("custom", matrix.grid)]
+    if matrix.base_grid:
+        grids.append(("baseline library (same run)", matrix.base_grid))
+    for label, grid in grids:
+        for causal in (False, True):
+            print(f"\n## best anchor / {label}, causal={causal} (columns N/B)")
+            cols = [(n, b) for n in lengths for b in batches]
+            print(f"{'D':>4}  " + "  ".join(f"{f'{n}/{b}':>9}" for n, b in cols))
+            for d in dims:
+                vals = [grid.get((d, n, b, causal), float("nan")) for n, b in cols]
+                print(f"{d:>4}  " + "  ".join(f"{v:9.2f}" for v in vals))
 
 
 def threads_side_by_side(n: int, args: argparse.Namespace, matrix: Matrix) -> None:
@@ -245,6 +279,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--target-ms", type=float, default=30.0,
                         help="length of one timed block of calls (default 30)")
     parser.add_argument("--chunk", type=int, default=64, help="chunk size (default 64)")
+    parser.add_argument("--baseline-library", default=None,
+                        help="another libflash_export.so whose custom op runs in the same loop "
+                             "(default: none)")
     parser.add_argument("--no-f16", action="store_true",
                         help="skip custom float16 at D = 64 (default: off)")
     parser.add_argument("--no-extras", action="store_true",

@@ -143,24 +143,26 @@ def test_compare_attention_ratios_pair_samples_of_the_same_repetition():
 @pytest.mark.skipif(not (HAVE_ONNX_EXPORT and Path(library_path()).is_file()),
                     reason="needs the ONNX exporter and the native library")
 def test_compare_attention_prints_the_matrix_with_ratios(capsys):
-    """The script's reduced form: one head dim, one length, two batches, decode, float16 and the
-    sgemm anchor (D = 64, N = 256, B = 8 is the cell that carries it)."""
+    """The script's reduced form: one head dim, one length, one batch, decode, float16, the sgemm
+    anchor (D = 64, N = 256, B = 8 is the cell that carries it) and a baseline library (here the
+    same build) timed in the same loop."""
     ca = _compare_attention()
     assert ca.main(["--dims", "64", "--lengths", "256", "--batches", "8", "--decode", "64",
                     "--causal", "0", "--repeats", "2", "--target-ms", "1", "--threads", "1",
-                    "--no-extras"]) == 0
+                    "--no-extras", "--baseline-library", str(library_path())]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()
             if line.startswith("  64 ") and "custom" not in line and len(line.split()) > 4]
     assert [r[1:4] for r in rows] == [["256", "256", "8"], ["1", "64", "8"]]
     for r in rows:
         cells = " ".join(r)
-        for anchor in ("sdpa", "contrib", "attention23", "best", "f16/f32"):
+        for anchor in ("sdpa", "contrib", "attention23", "best", "f16/f32", "base/new"):
             assert anchor in cells, cells
         best = re.search(r"best x\s*([0-9.]+)", cells)
         assert best is not None and float(best.group(1)) > 0, cells
     assert "of sgemm" in " ".join(rows[0]) and "of sgemm" not in " ".join(rows[1])
     assert "## best anchor / custom, causal=False (columns N/B)" in out
+    assert "## best anchor / baseline library (same run), causal=False (columns N/B)" in out
     grid = out.split("## best anchor / custom, causal=False")[1].splitlines()
     assert grid[2].split()[0] == "64" and float(grid[2].split()[1]) > 0
 

@@ -34,9 +34,10 @@ constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, t
 constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
 
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
-// its work items to this (a few calls per forward: packing a group of heads' keys and values, then
-// one item per (batch, head, query block) of that group), so an adapter can use its runtime's
-// thread pool. `context` is the adapter's own pointer, passed back untouched.
+// its work items to this (one call per forward, an item per (batch, head), for decode and for
+// many small heads; otherwise two calls per group of heads: packing the group's keys and values,
+// then an item per (batch, head, query block) of it), so an adapter can use its runtime's thread
+// pool. `context` is the adapter's own pointer, passed back untouched.
 using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t index), size_t total,
                                void* data);
 

@@ -303,8 +303,14 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
         for (int64_t d = dim; d < d_pad; ++d) krow[d] = vrow[d] = 0.0f;
       }
     }
-    // S^T: a dot product per (key, query row); the padding columns are zero.
+    // S^T: a dot product per (key, query row); the padding columns are zero. Rows read in place
+    // sit H*D apart: ask for the keys and values a few rows ahead (pack_rows says why).
+    constexpr int64_t kAhead = 8;
     for (int64_t jj = 0; jj < nk; ++jj) {
+      if (in_place && jj + kAhead < nk) {
+        prefetch_row(reinterpret_cast<const char*>(kb + (jj + kAhead) * ldk), dim * 4);
+        prefetch_row(reinterpret_cast<const char*>(vb + (jj + kAhead) * ldv), dim * 4);
+      }
       const float* krow = kb + jj * ldk;
       float* srow = s + jj * bq_pad;
       for (int64_t r = 0; r < bq_pad; r += W) V::store(srow + r, V::zero());
