@@ -251,6 +251,37 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   }
 }
 
+// O rows [0, nq) = O * alpha + P V_blk for float16 values read in place (rows ldv elements
+// apart, the head dim a whole number of vectors): NV vectors of head dim at a time, per row.
+template <int NV>
+inline void pv_rows_half(const float* pt, int64_t bq_pad, const uint16_t* v, int64_t ldv,
+                         int64_t nk, const float* alpha, float* o, int64_t d_pad, int64_t nq,
+                         int64_t c0) {
+  for (int64_t r = 0; r < nq; ++r) {
+    typename V::Reg acc[NV];
+    for (int c = 0; c < NV; ++c) acc[c] = V::zero();
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const typename V::Reg pr = V::set1(pt[jj * bq_pad + r]);
+      const uint16_t* vrow = v + jj * ldv + c0;
+      for (int c = 0; c < NV; ++c) acc[c] = V::fmadd(pr, V::load_half(vrow + c * V::kW), acc[c]);
+    }
+    const typename V::Reg a = V::set1(alpha[r]);
+    for (int c = 0; c < NV; ++c) {
+      float* out = o + r * d_pad + c0 + c * V::kW;
+      V::store(out, V::fmadd(V::load(out), a, acc[c]));
+    }
+  }
+}
+
+inline void pv_block_half(const float* pt, int64_t bq_pad, const uint16_t* v, int64_t ldv,
+                          int64_t nk, const float* alpha, float* o, int64_t d_pad, int64_t nq) {
+  constexpr int W = V::kW;
+  int64_t c0 = 0;
+  for (; c0 + 4 * W <= d_pad; c0 += 4 * W)
+    pv_rows_half<4>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c0);
+  for (; c0 < d_pad; c0 += W) pv_rows_half<1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c0);
+}
+
 // Rows regime: all Lq (<= kRowsMaxQueries) query rows of head (b, h) against its keys, read from
 // the caller's tensors: in place when they are float32 rows of whole vectors, else converted a
 // block at a time into scratch. Per (query, key) one dot product along the head dim (Lq lanes of
@@ -281,6 +312,11 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   init_softmax_state(bq_pad, m, l);
 
   const bool in_place = p.dtype == DType::kFloat32 && dim == d_pad;
+  // float16 rows of whole vectors are read in place too, converted as they are loaded: a copy per
+  // block made float16 decode 1.8x slower than float32 (compare_attention, 2026-11-30).
+  const bool half_in_place = V::kW > 1 && p.dtype == DType::kFloat16 && dim == d_pad;
+  const uint16_t* k_half = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v_half = static_cast<const uint16_t*>(p.v);
   const int64_t k_base = b * p.k_batch_stride + h * p.k_head_stride;
   const int64_t v_base = b * p.v_batch_stride + h * p.v_head_stride;
   const int64_t k_end = visible_keys_end(p, 0, nq);
@@ -294,7 +330,7 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
       vb = static_cast<const float*>(p.v) + v_base + j0 * p.v_row_stride;
       ldk = p.k_row_stride;
       ldv = p.v_row_stride;
-    } else {
+    } else if (!half_in_place) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         float* krow = kbuf + jj * d_pad;
         float* vrow = vbuf + jj * d_pad;
@@ -310,8 +346,15 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
       if (in_place && jj + kAhead < nk) {
         prefetch_row(reinterpret_cast<const char*>(kb + (jj + kAhead) * ldk), dim * 4);
         prefetch_row(reinterpret_cast<const char*>(vb + (jj + kAhead) * ldv), dim * 4);
+      } else if (half_in_place && jj + kAhead < nk) {
+        const int64_t row = j0 + jj + kAhead;
+        prefetch_row(reinterpret_cast<const char*>(k_half + k_base + row * p.k_row_stride),
+                     dim * 2);
+        prefetch_row(reinterpret_cast<const char*>(v_half + v_base + row * p.v_row_stride),
+                     dim * 2);
       }
       const float* krow = kb + jj * ldk;
+      const uint16_t* krow_half = k_half + k_base + (j0 + jj) * p.k_row_stride;
       float* srow = s + jj * bq_pad;
       for (int64_t r = 0; r < bq_pad; r += W) V::store(srow + r, V::zero());
       for (int64_t r = 0; r < nq; ++r) {
@@ -320,8 +363,13 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
         for (int64_t d0 = 0; d0 < d_pad; d0 += kDotChunk) {  // partials: s_tile says why
           const int64_t d1 = min64(d_pad, d0 + kDotChunk);
           typename V::Reg acc = V::zero();
-          for (int64_t d = d0; d < d1; d += W)
-            acc = V::fmadd(V::loadu(krow + d), V::load(qrow + d), acc);
+          if (half_in_place) {
+            for (int64_t d = d0; d < d1; d += W)
+              acc = V::fmadd(V::load_half(krow_half + d), V::load(qrow + d), acc);
+          } else {
+            for (int64_t d = d0; d < d1; d += W)
+              acc = V::fmadd(V::loadu(krow + d), V::load(qrow + d), acc);
+          }
           dot += V::reduce_add(acc);
         }
         srow[r] = dot;
@@ -333,7 +381,12 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
                   [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
                     V::store(s + jj * bq_pad + c, pj);
                   });
-    pv_block(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, nq);
+    if (half_in_place) {
+      pv_block_half(s, bq_pad, v_half + v_base + j0 * p.v_row_stride, p.v_row_stride, nk, alpha, o,
+                    d_pad, nq);
+    } else {
+      pv_block(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, nq);
+    }
   }
   for (int64_t r = 0; r < nq; ++r) store_output(p, b, h, r, o + r * d_pad, l[r]);
 }
