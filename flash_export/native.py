@@ -63,17 +63,20 @@ class NativeError(RuntimeError):
 
 
 _PARAMS = ctypes.POINTER(AttentionParams)
-# name -> (argtypes, restype); every one but the CUDA forward must be exported.
+# name -> (argtypes, restype); every one but those in _OPTIONAL must be exported.
 _SIGNATURES: Dict[str, Tuple[list, Any]] = {
     "flash_export_params_size": ([], ctypes.c_size_t),
     "flash_export_attention_forward_cpu": ([_PARAMS], ctypes.c_int32),
     "flash_export_attention_forward_cpu_threads": ([_PARAMS, ctypes.c_int32], ctypes.c_int32),
     "flash_export_attention_forward_cuda": ([_PARAMS, ctypes.c_void_p], ctypes.c_int32),
     "flash_export_cpu_isa": ([], ctypes.c_char_p),
+    "flash_export_cpu_plan": ([_PARAMS, ctypes.c_int32], ctypes.c_char_p),
     "flash_export_cpu_isa_error": ([], ctypes.c_char_p),
     "flash_export_build_info": ([], ctypes.c_char_p),
 }
 _CUDA_FORWARD = "flash_export_attention_forward_cuda"
+_CPU_PLAN = "flash_export_cpu_plan"
+_OPTIONAL = (_CUDA_FORWARD, _CPU_PLAN)
 
 
 class NativeLibrary:
@@ -91,8 +94,8 @@ class NativeLibrary:
         for name, (argtypes, restype) in _SIGNATURES.items():
             fn = getattr(handle, name, None)
             if fn is None:
-                if name == _CUDA_FORWARD:
-                    continue  # a library built without nvcc
+                if name in _OPTIONAL:
+                    continue  # a library built without nvcc, or older than the plan query
                 raise RuntimeLibraryError(f"{self.path} does not export {name}: not a "
                                           "flash-export library, or one of another version")
             fn.argtypes, fn.restype = argtypes, restype
@@ -120,6 +123,20 @@ class NativeLibrary:
         """The CPU kernel's vector path on this machine: "amx", "avx512", "avx2" or "portable"."""
         isa: bytes = self._fns["flash_export_cpu_isa"]()
         return isa.decode()
+
+    def cpu_plan(self, params: AttentionParams, threads: int = 1) -> Dict[str, Any]:
+        """How the CPU forward would cut the work of `params`: flash_export_cpu_plan's JSON.
+
+        `threads` is the caller's thread count (0: this machine's hardware threads).
+
+        Raises:
+            RuntimeLibraryError: a library older than that entry point.
+        """
+        if _CPU_PLAN not in self._fns:
+            raise RuntimeLibraryError(f"{self.path} does not export {_CPU_PLAN}: a library "
+                                      "older than this binding")
+        plan: Dict[str, Any] = json.loads(self._fns[_CPU_PLAN](ctypes.byref(params), threads))
+        return plan
 
     def forward_cpu(self, params: Optional[AttentionParams], threads: int = 1) -> int:
         """The CPU forward, serial or on `threads` threads; returns its status (0: ok)."""

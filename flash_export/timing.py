@@ -107,6 +107,55 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
     return samples, errors
 
 
+def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = 0.02,
+                max_block: int = 64, seed: int = 0,
+                ) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+    """Per-call seconds of each runner, from blocks of back-to-back calls, interleaved.
+
+    A single call timed right after another runtime's call pays for that runtime's threads still
+    spinning (PyTorch's OpenMP pool), which makes a short kernel look several times slower than
+    it is. So every sample here is one untimed call, then a block of calls of the same runner
+    timed together (per-call time = block time / block size); every repetition runs the runners'
+    blocks in its own shuffled order. The block size is set once per runner, from the fastest of
+    two calls, so that a block lasts about `target_s` (1 to max_block calls).
+
+    Returns:
+        (samples, errors): samples[name][repeat] is seconds per call; a runner that raises is
+        dropped and its first error recorded in errors[name].
+    """
+    live = dict(runners)
+    errors: Dict[str, str] = {}
+    samples: Dict[str, List[float]] = {n: [] for n in runners}
+    blocks: Dict[str, int] = {}
+    order_rng = random.Random(seed)
+
+    def calls(name: str, count: int) -> Optional[float]:
+        try:
+            start = time.perf_counter()
+            for _ in range(count):
+                live[name]()
+            return time.perf_counter() - start
+        except Exception as exc:  # a backend that cannot run this shape fails alone
+            errors[name] = summary(exc)
+            del live[name]
+            return None
+
+    for name in list(live):
+        first, second = calls(name, 1), calls(name, 1) if name in live else None
+        if first is not None and second is not None:
+            blocks[name] = max(1, min(max_block, int(target_s / max(min(first, second), 1e-7))))
+    for _ in range(repeats):
+        order = list(live)
+        order_rng.shuffle(order)
+        for name in order:
+            if calls(name, 1) is None:  # untimed: the caches and threads are this runner's
+                continue
+            t = calls(name, blocks[name])
+            if t is not None:
+                samples[name].append(t / blocks[name])
+    return samples, errors
+
+
 # --------------------------------------------------------------------------- memory
 
 

@@ -1,9 +1,9 @@
 """flash-export bench: interleaved timing, complete JSON/CSV reports, chunk sweep, the plot."""
 
-import argparse
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +21,7 @@ from flash_export.bench import (
 )
 from flash_export.cli import main
 from flash_export.runtime import library_path
+from flash_export.timing import time_blocks
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
@@ -82,33 +83,88 @@ def _compare_attention():
     return module
 
 
-def test_compare_attention_gives_short_lengths_proportionally_more_iterations():
-    ca = _compare_attention()
-    assert [ca.iters_for(n, 5) for n in (128, 512, 1024, 2048, 8192)] == [80, 20, 10, 5, 5]
+def test_time_blocks_times_blocks_after_an_untimed_call_in_shuffled_orders():
+    calls = []
+    clock = {"t": 0.0}
+
+    def runner(name, cost):
+        def run():
+            calls.append(name)
+            clock["t"] += cost
+        return run
+
+    def broken():
+        raise RuntimeError("cannot run")
+
+    import flash_export.timing as timing
+
+    real = timing.time.perf_counter
+    timing.time.perf_counter = lambda: clock["t"]  # a fake clock: each call advances it
+    try:
+        samples, errors = time_blocks({"a": runner("a", 0.001), "b": runner("b", 0.004),
+                                       "x": broken}, repeats=20, target_s=0.01, seed=1)
+    finally:
+        timing.time.perf_counter = real
+    assert errors["x"] == "RuntimeError: cannot run" and samples["x"] == []
+    # per-call seconds, from blocks of 10 (a) and 2 (b) calls sized to ~10 ms
+    assert samples["a"] == pytest.approx([0.001] * 20) and samples["b"] == pytest.approx(
+        [0.004] * 20)
+    runs, i = [], 2 * 2  # the two calibration calls of a and b come first
+    while i < len(calls):  # each sample: one untimed call + the block, all of one runner
+        name = calls[i]
+        size = 1 + (10 if name == "a" else 2)
+        assert calls[i:i + size] == [name] * size
+        runs.append(name)
+        i += size
+    pairs = [tuple(runs[j:j + 2]) for j in range(0, len(runs), 2)]
+    assert all(sorted(p) == ["a", "b"] for p in pairs)  # each runner once per repetition
+    assert {("a", "b"), ("b", "a")} <= set(pairs)  # in shuffled orders
 
 
-def test_compare_attention_ratios_pair_samples_of_the_same_iteration():
+def _compare_attention():
+    """The benchmark script as a module, loaded by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_attention",
+                                                  BENCHMARKS / "compare_attention.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_attention_ratios_pair_samples_of_the_same_repetition():
     ca = _compare_attention()
-    # a slow spell in iteration 2 hits both: paired ratios 1, 1, 1 (medians alone would say 10)
-    assert ca.paired_ratio([[1.0, 10.0, 10.0]], [[1.0, 10.0, 10.0]]) == 1.0
-    assert ca.paired_ratio([[1.0, 10.0, 10.0]], [[1.0, 1.0, 20.0]]) == 1.0  # 1, 10, 0.5
-    assert ca.paired_ratio([[2.0, 3.0], [9.0]], [[1.0, 1.0], [3.0]]) == 3.0  # 2, 3, 3
+    # a slow spell in repetition 2 hits both: paired ratios 1, 1, 1 (medians alone would say 10)
+    assert ca.paired_ratios([1.0, 10.0, 10.0], [1.0, 10.0, 10.0]) == [1.0, 1.0, 1.0]
+    # best anchor per repetition: the fastest of the anchors, over custom's time
+    samples = {"custom": [1.0, 2.0], "sdpa": [2.0, 3.0], "contrib": [1.5, 5.0]}
+    assert ca.best_anchor_ratios(samples, ("sdpa", "contrib", "attention23")) == [1.5, 1.5]
 
 
 @pytest.mark.skipif(not (HAVE_ONNX_EXPORT and Path(library_path()).is_file()),
                     reason="needs the ONNX exporter and the native library")
-def test_compare_attention_times_two_custom_variants_in_one_loop(tmp_path, capsys):
+def test_compare_attention_prints_the_matrix_with_ratios(capsys):
+    """The script's reduced form: one head dim, one length, one batch, decode, float16, the sgemm
+    anchor (D = 64, N = 256, B = 8 is the cell that carries it) and a baseline library (here the
+    same build) timed in the same loop."""
     ca = _compare_attention()
-    args = argparse.Namespace(chunk=16, iters=2, repeats=1)
-    ca.custom_side_by_side("float16 vs float32", ("float32", False, "float32", 1),
-                           ("float16", False, "float16", 1), [64, 512], args, tmp_path)
+    assert ca.main(["--dims", "64", "--lengths", "256", "--batches", "8", "--decode", "64",
+                    "--causal", "0", "--repeats", "2", "--target-ms", "1", "--threads", "1",
+                    "--no-extras", "--baseline-library", str(library_path())]) == 0
     out = capsys.readouterr().out
-    assert "## custom op: float16 vs float32, timed side by side" in out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in rows] == ["64", "512"]
-    for _, t32, t16, ratio in rows:
-        assert t32.endswith("ms") and t16.endswith("ms") and ratio.startswith("x")
-        assert float(t32[:-2]) > 0 and float(t16[:-2]) > 0 and float(ratio[1:]) > 0
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith("  64 ") and "custom" not in line and len(line.split()) > 4]
+    assert [r[1:4] for r in rows] == [["256", "256", "8"], ["1", "64", "8"]]
+    for r in rows:
+        cells = " ".join(r)
+        for anchor in ("sdpa", "contrib", "attention23", "best", "f16/f32", "base/new"):
+            assert anchor in cells, cells
+        best = re.search(r"best x\s*([0-9.]+)", cells)
+        assert best is not None and float(best.group(1)) > 0, cells
+    assert "of sgemm" in " ".join(rows[0]) and "of sgemm" not in " ".join(rows[1])
+    assert "## best anchor / custom, causal=False (columns N/B)" in out
+    assert "## best anchor / baseline library (same run), causal=False (columns N/B)" in out
+    grid = out.split("## best anchor / custom, causal=False")[1].splitlines()
+    assert grid[2].split()[0] == "64" and float(grid[2].split()[1]) > 0
 
 
 def _backends():

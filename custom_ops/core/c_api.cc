@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -43,7 +44,7 @@ extern "C" size_t flash_export_params_size(void) { return sizeof(FlashExportAtte
 
 extern "C" int32_t flash_export_attention_forward_cpu(const FlashExportAttentionParams* p) {
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
-  return static_cast<int32_t>(flash_export::attention_forward_cpu(*p, nullptr, nullptr));
+  return static_cast<int32_t>(flash_export::attention_forward_cpu(*p, nullptr, nullptr, 1));
 }
 
 extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportAttentionParams* p,
@@ -52,7 +53,18 @@ extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportA
   if (threads <= 1) return flash_export_attention_forward_cpu(p);
   ThreadedFor context{threads};
   return static_cast<int32_t>(
-      flash_export::attention_forward_cpu(*p, &threaded_parallel_for, &context));
+      flash_export::attention_forward_cpu(*p, &threaded_parallel_for, &context, threads));
+}
+
+extern "C" const char* flash_export_cpu_plan(const FlashExportAttentionParams* p, int32_t threads) {
+  thread_local std::string plan;
+  try {
+    plan = p == nullptr ? std::string("{\"error\": \"params is NULL\"}")
+                        : flash_export::describe_cpu_plan(*p, threads);
+  } catch (const std::exception&) {  // std::bad_alloc: no exception leaves a C entry point
+    return "{\"error\": \"out of memory\"}";
+  }
+  return plan.c_str();
 }
 
 #ifdef FLASH_EXPORT_WITH_CUDA

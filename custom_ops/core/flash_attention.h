@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "flash_export.h"
 
@@ -33,15 +34,24 @@ constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, t
 constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
 
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
-// its work items to this (a few calls per forward: packing a group of heads' keys and values, then
-// one item per (batch, head, query block) of that group), so an adapter can use its runtime's
-// thread pool. `context` is the adapter's own pointer, passed back untouched.
+// its work items to this (one call per forward, an item per (batch, head), for decode and for
+// many small heads; otherwise two calls per group of heads: packing the group's keys and values,
+// then an item per (batch, head, query block) of it), so an adapter can use its runtime's thread
+// pool. `context` is the adapter's own pointer, passed back untouched.
 using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t index), size_t total,
                                void* data);
 
 // CPU forward. parallel_for may be nullptr: the work then runs serially on the calling thread.
+// `threads` is how many items parallel_for may run at once, for the plan (0: unknown, taken as the
+// machine's hardware threads); results do not depend on it.
 Status attention_forward_cpu(const AttentionParams& params, ParallelForFn parallel_for,
-                             void* parallel_context);
+                             void* parallel_context, int threads = 0);
+
+// The plan the CPU forward would run `params` with on `threads` threads (as above), as a JSON
+// object: the kernel path (isa), the regime ("rows", "heads" or "shared"), the query block (bq,
+// q_blocks), the key block (bc), one head's packed bytes, and for the shared regime the packing
+// groups and heads per group; {"error": ...} for a call with nothing to plan.
+std::string describe_cpu_plan(const AttentionParams& params, int threads);
 
 // Human-readable name of the vector path the CPU kernel picked at run time: "amx" (float16 on the
 // AMX tile unit, the rest on AVX-512), "avx512", "avx2" or "portable".

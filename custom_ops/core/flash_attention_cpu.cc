@@ -1,6 +1,7 @@
 // CPU FlashAttention: validates the params, picks the kernel for this CPU once per process (AMX,
-// AVX-512, AVX2 or portable), and, group of heads by group, hands the caller's parallel_for first
-// the packing of the group's keys and values, then one work item per (batch, head, query block).
+// AVX-512, AVX2 or portable) and, per call, a plan from (B, H, Lq, Lk, D, dtype, threads): the
+// regime (cpu::Regime: rows for decode, heads for many small heads, shared for the rest), the
+// query block and the packing groups; then hands the caller's parallel_for the work items.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "flash_attention.h"
@@ -132,12 +134,19 @@ PackCache& pack_cache() {
   return cache;
 }
 
+// The calling thread's scratch: every item kind takes its floats from this one buffer.
+float* thread_scratch(size_t floats) {
+  thread_local Scratch scratch;
+  return scratch.get(floats);
+}
+
 // One call's state; each parallel_for runs one phase (pack or attend) over one group of heads.
 struct Job {
   const AttentionParams* params;
   const Plan* plan;
   cpu::PackRowsFn pack_rows;
   cpu::RunItemFn run_item;
+  cpu::RunRowsFn run_rows;
   float* packed;       // group heads x head_floats
   size_t head_floats;  // packed K and V of one head
   int64_t first_bh;    // first (batch * H + head) of the group
@@ -163,8 +172,7 @@ void run_job_item(void* data, size_t index) {
   Job& job = *static_cast<Job*>(data);
   const AttentionParams& p = *job.params;
   const Plan& plan = *job.plan;
-  thread_local Scratch scratch;
-  float* buffer = scratch.get(plan.scratch_floats);
+  float* buffer = thread_scratch(plan.scratch_floats);
   if (buffer == nullptr) {
     job.out_of_memory.store(true, std::memory_order_relaxed);
     return;
@@ -181,6 +189,46 @@ void run_job_item(void* data, size_t index) {
   job.run_item(p, plan, bh / p.heads, bh % p.heads, q_block, kv, buffer);
 }
 
+// Heads regime: item `index` is head (b, h) = index / H, index % H; it packs the head's keys and
+// values into its own thread's scratch, after the item scratch, then runs every query block.
+void run_head_item(void* data, size_t index) {
+  Job& job = *static_cast<Job*>(data);
+  const AttentionParams& p = *job.params;
+  const Plan& plan = *job.plan;
+  float* buffer = thread_scratch(plan.scratch_floats + plan.head_floats);
+  if (buffer == nullptr) {
+    job.out_of_memory.store(true, std::memory_order_relaxed);
+    return;
+  }
+  const int64_t b = static_cast<int64_t>(index) / p.heads,
+                h = static_cast<int64_t>(index) % p.heads;
+  float* head = buffer + plan.scratch_floats;  // scratch_floats is a multiple of 16: aligned
+  for (int64_t j0 = 0; j0 < p.seq_k; j0 += kPackRows) {
+    const int64_t n = p.seq_k - j0 < kPackRows ? p.seq_k - j0 : kPackRows;
+    if (!job.pack_rows(p, plan, b, h, j0, n, head)) {
+      job.refused.store(true, std::memory_order_relaxed);
+      return;
+    }
+  }
+  const cpu::PackedHead kv{head, head + plan.v_offset};
+  for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
+    job.run_item(p, plan, b, h, q_block, kv, buffer);
+  }
+}
+
+// Rows regime: item `index` is head (b, h), read in place.
+void run_rows_item(void* data, size_t index) {
+  Job& job = *static_cast<Job*>(data);
+  const AttentionParams& p = *job.params;
+  float* buffer = thread_scratch(job.plan->scratch_floats);
+  if (buffer == nullptr) {
+    job.out_of_memory.store(true, std::memory_order_relaxed);
+    return;
+  }
+  job.run_rows(p, *job.plan, static_cast<int64_t>(index) / p.heads,
+               static_cast<int64_t>(index) % p.heads, buffer);
+}
+
 bool valid_dtype(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
@@ -191,15 +239,35 @@ bool valid_dtype(DType d) {
 // a larger chunk_size changes only the float32 rounding, as any chunk size does.
 constexpr int64_t kMaxBlockKeys = 512;
 
-// The FMA paths' plan: query blocks of k.bq rows, key blocks of chunk_size keys (at most
-// kMaxBlockKeys).
-Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
+// The regime for a call on kernel k (cpu::Regime); `threads` is how many threads the caller's
+// parallel_for may run at once (0: unknown, taken as this machine's hardware threads).
+cpu::Regime choose_regime(const AttentionParams& p, const Kernel& k, size_t head_floats,
+                          int threads) {
+  if (k.run_rows != nullptr && p.seq_q <= cpu::kRowsMaxQueries) return cpu::Regime::kRows;
+  const int64_t workers =
+      threads > 0 ? threads : static_cast<int64_t>(std::thread::hardware_concurrency());
+  const bool fits = head_floats * sizeof(float) <= cpu::kHeadPackBytes;
+  if (fits && p.batch * p.heads >= 2 * (workers > 0 ? workers : 1)) return cpu::Regime::kHeads;
+  return cpu::Regime::kShared;
+}
+
+// The FMA paths' plan. Query blocks of at most k.bq rows, as even as the vector width allows
+// (Lq = 128 takes two blocks of 64, not 96 and a padded 32); key blocks of chunk_size keys (at
+// most kMaxBlockKeys). The rows regime takes every query row in one block of Lq rows.
+Status fma_plan(const AttentionParams& p, const Kernel& k, bool rows, Plan* out) {
   // Bound every size so the scratch arithmetic below cannot overflow (the adapter says so first).
   if (p.head_dim > kCpuMaxHeadDim) return Status::kInvalidArgument;
   const size_t w = static_cast<size_t>(k.width);
   Plan& plan = *out;
-  plan.bq = k.bq;
-  plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(k.bq), w));
+  if (rows) {
+    plan.bq = p.seq_q;
+  } else {
+    const int64_t blocks = (p.seq_q + k.bq - 1) / k.bq;
+    plan.bq =
+        static_cast<int64_t>(round_up(static_cast<size_t>((p.seq_q + blocks - 1) / blocks), w));
+    if (plan.bq > k.bq) plan.bq = k.bq;
+  }
+  plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(plan.bq), w));
   plan.bc = p.chunk_size < kMaxBlockKeys ? p.chunk_size : kMaxBlockKeys;
   if (plan.bc > p.seq_k) plan.bc = p.seq_k > 0 ? p.seq_k : 1;
   plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
@@ -207,14 +275,19 @@ Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
   const size_t dim = static_cast<size_t>(p.head_dim), bq_pad = static_cast<size_t>(plan.bq_pad);
   const size_t bc = static_cast<size_t>(plan.bc), d_pad = static_cast<size_t>(plan.d_pad);
   Regions region;
-  plan.off_qt = region.take(dim * bq_pad);
+  plan.off_qt = region.take(rows ? static_cast<size_t>(plan.bq) * d_pad : dim * bq_pad);
   plan.off_o = region.take(static_cast<size_t>(plan.bq) * d_pad);
   plan.off_s = region.take(bc * bq_pad);
   plan.off_m = region.take(bq_pad);
   plan.off_l = region.take(bq_pad);
   plan.off_alpha = region.take(bq_pad);
   plan.off_mx = region.take(bq_pad);
+  if (rows) {
+    plan.off_kb = region.take(bc * d_pad);
+    plan.off_vb = region.take(bc * d_pad);
+  }
   plan.scratch_floats = region.end;
+  if (rows) return Status::kOk;  // nothing packed
   const size_t seq_k = static_cast<size_t>(p.seq_k);
   if (seq_k > (SIZE_MAX / sizeof(float) / 2) / (dim + d_pad)) return Status::kOutOfMemory;
   plan.head_floats = round_up(seq_k * (dim + d_pad), 16);
@@ -222,38 +295,48 @@ Status fma_plan(const AttentionParams& p, const Kernel& k, Plan* out) {
   return Status::kOk;
 }
 
-// One forward on kernel k (params already validated); *refused is set when k's packing handed the
-// call back, in which case some outputs may be written and the caller reruns it elsewhere.
-Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn parallel_for,
-                    void* parallel_context, bool* refused) {
+// The whole plan of one call on kernel k: Plan, regime, and for the shared regime the heads per
+// packing group.
+struct CallPlan {
   Plan plan;
+  int64_t group = 0;  // heads per group (shared regime)
+};
+
+Status make_plan(const Kernel& k, const AttentionParams& p, int threads, CallPlan* out) {
+  Plan& plan = out->plan;
+  const bool rows = k.run_rows != nullptr && p.seq_q <= cpu::kRowsMaxQueries;
   if (k.plan != nullptr) {
     if (!k.plan(p, &plan)) return Status::kOutOfMemory;
   } else {
-    const Status planned = fma_plan(p, k, &plan);
+    const Status planned = fma_plan(p, k, rows, &plan);
     if (planned != Status::kOk) return planned;
   }
+  plan.regime = choose_regime(p, k, plan.head_floats, threads);
   const int64_t bh_total = p.batch * p.heads;
-  const size_t seq_k = static_cast<size_t>(p.seq_k);
   const size_t head_floats = plan.head_floats;
   const size_t fit = kPackBudgetBytes / sizeof(float) / (head_floats > 0 ? head_floats : 1);
-  const int64_t group = fit < 1                               ? 1
-                        : fit > static_cast<size_t>(bh_total) ? bh_total
-                                                              : static_cast<int64_t>(fit);
-  float* packed = nullptr;
-  size_t packed_capacity = 0;
-  if (head_floats > 0) {
-    packed = pack_cache().acquire(static_cast<size_t>(group) * head_floats, &packed_capacity);
-    if (packed == nullptr) return Status::kOutOfMemory;
-  }
+  out->group = fit < 1                               ? 1
+               : fit > static_cast<size_t>(bh_total) ? bh_total
+                                                     : static_cast<int64_t>(fit);
+  return Status::kOk;
+}
 
+// One forward on kernel k (params already validated); *refused is set when k's packing handed the
+// call back, in which case some outputs may be written and the caller reruns it elsewhere.
+Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn parallel_for,
+                    void* parallel_context, int threads, bool* refused) {
+  CallPlan call;
+  const Status planned = make_plan(k, p, threads, &call);
+  if (planned != Status::kOk) return planned;
+  const Plan& plan = call.plan;
   Job job;
   job.params = &p;
   job.plan = &plan;
   job.pack_rows = k.pack_rows;
   job.run_item = k.run_item;
-  job.packed = packed;
-  job.head_floats = head_floats;
+  job.run_rows = k.run_rows;
+  job.packed = nullptr;
+  job.head_floats = plan.head_floats;
   auto run = [&](void (*fn)(void*, size_t), size_t total) {
     if (total == 0) return;
     if (parallel_for != nullptr) {
@@ -262,6 +345,22 @@ Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn par
       for (size_t i = 0; i < total; ++i) fn(&job, i);
     }
   };
+  const int64_t bh_total = p.batch * p.heads;
+  if (plan.regime != cpu::Regime::kShared) {
+    run(plan.regime == cpu::Regime::kRows ? &run_rows_item : &run_head_item,
+        static_cast<size_t>(bh_total));
+    *refused = job.refused.load();
+    return job.out_of_memory.load() ? Status::kOutOfMemory : Status::kOk;
+  }
+
+  const size_t seq_k = static_cast<size_t>(p.seq_k);
+  const size_t head_floats = plan.head_floats;
+  const int64_t group = call.group;
+  size_t packed_capacity = 0;
+  if (head_floats > 0) {
+    job.packed = pack_cache().acquire(static_cast<size_t>(group) * head_floats, &packed_capacity);
+    if (job.packed == nullptr) return Status::kOutOfMemory;
+  }
   const size_t pack_chunks = (seq_k + kPackRows - 1) / kPackRows;
   for (int64_t g = 0; g < bh_total; g += group) {
     job.first_bh = g;
@@ -271,9 +370,28 @@ Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn par
     if (job.refused.load()) break;
     run(&run_job_item, heads_in_group * static_cast<size_t>(plan.q_blocks));
   }
-  if (packed != nullptr) pack_cache().release(packed, packed_capacity);
+  if (job.packed != nullptr) pack_cache().release(job.packed, packed_capacity);
   *refused = job.refused.load();
   return job.out_of_memory.load() ? Status::kOutOfMemory : Status::kOk;
+}
+
+// The kernel that takes a call: this CPU's best path unless it refuses the call.
+const Kernel& kernel_for(const AttentionParams& p) {
+  const Kernels& paths = kernels();
+  const bool best = paths.best.accepts == nullptr || paths.best.accepts(p);
+  return best ? paths.best : paths.wide;
+}
+
+const char* regime_name(cpu::Regime r) {
+  switch (r) {
+    case cpu::Regime::kRows:
+      return "rows";
+    case cpu::Regime::kHeads:
+      return "heads";
+    case cpu::Regime::kShared:
+      return "shared";
+  }
+  return "?";
 }
 
 }  // namespace
@@ -294,7 +412,7 @@ const char* cpu_isa_setting_error() {
 }
 
 Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
-                             void* parallel_context) {
+                             void* parallel_context, int threads) {
   if (p.batch < 0 || p.heads < 0 || p.head_dim < 0 || p.seq_q < 0 || p.seq_k < 0 ||
       p.chunk_size < 1 || !valid_dtype(p.dtype)) {
     return Status::kInvalidArgument;
@@ -303,14 +421,35 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
   if (p.q == nullptr || p.out == nullptr || (p.seq_k > 0 && (p.k == nullptr || p.v == nullptr))) {
     return Status::kInvalidArgument;
   }
-  const Kernels& paths = kernels();
-  const bool best = paths.best.accepts == nullptr || paths.best.accepts(p);
   bool refused = false;
   const Status status =
-      forward_with(best ? paths.best : paths.wide, p, parallel_for, parallel_context, &refused);
+      forward_with(kernel_for(p), p, parallel_for, parallel_context, threads, &refused);
   if (!refused) return status;
   bool again = false;  // the next path down takes every call it is given
-  return forward_with(paths.wide, p, parallel_for, parallel_context, &again);
+  return forward_with(kernels().wide, p, parallel_for, parallel_context, threads, &again);
+}
+
+std::string describe_cpu_plan(const AttentionParams& p, int threads) {
+  if (p.batch <= 0 || p.heads <= 0 || p.head_dim <= 0 || p.seq_q <= 0 || p.seq_k < 0 ||
+      p.chunk_size < 1 || !valid_dtype(p.dtype)) {
+    return "{\"error\": \"nothing to plan: an empty or invalid call\"}";
+  }
+  const Kernel& k = kernel_for(p);
+  CallPlan call;
+  if (make_plan(k, p, threads, &call) != Status::kOk) {
+    return "{\"error\": \"the sizes overflow the plan\"}";
+  }
+  const Plan& plan = call.plan;
+  const int64_t bh = p.batch * p.heads;
+  const bool shared = plan.regime == cpu::Regime::kShared;
+  const int64_t groups = shared ? (bh + call.group - 1) / call.group : 0;
+  return std::string("{\"isa\": \"") + k.isa + "\", \"regime\": \"" + regime_name(plan.regime) +
+         "\", \"bq\": " + std::to_string(plan.bq) +
+         ", \"q_blocks\": " + std::to_string(plan.q_blocks) +
+         ", \"bc\": " + std::to_string(plan.bc) +
+         ", \"head_bytes\": " + std::to_string(plan.head_floats * sizeof(float)) +
+         ", \"groups\": " + std::to_string(groups) +
+         ", \"heads_per_group\": " + std::to_string(shared ? call.group : 0) + "}";
 }
 
 }  // namespace flash_export

@@ -177,9 +177,10 @@ bool holds_infinity(const void* data, int64_t base, int64_t row_stride, int64_t 
   return found != 0;
 }
 
-// float16 heads of up to kMaxHeadDim; the rest goes to the AVX-512 FMA path.
+// float16 heads of up to kMaxHeadDim, more query rows than the rows regime takes (decode runs on
+// the AVX-512 FMA path: no query block to fill the tiles); the rest goes to the AVX-512 FMA path.
 bool accepts(const AttentionParams& p) {
-  return p.dtype == DType::kFloat16 && p.head_dim <= kMaxHeadDim;
+  return p.dtype == DType::kFloat16 && p.head_dim <= kMaxHeadDim && p.seq_q > kRowsMaxQueries;
 }
 
 bool plan_amx(const AttentionParams& p, Plan* out) {
@@ -307,7 +308,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
   const size_t q_part = static_cast<size_t>(d_k / 2 * bq);
   const size_t p_part = static_cast<size_t>(kBc / 2 * bq);
   const size_t tail_part = static_cast<size_t>(d_v * 32);
-  const __m512 qscale = _mm512_set1_ps(p.scale * kLog2e);
+  const __m512 qscale = _mm512_set1_ps(p.scale);  // scaled logits: softmax_block adds log2(e)
 
   // The query as it came (its parts are then exact), transposed; its parts in pair layout.
   load_query(p, plan, b, h, i0, nq, d_k, 1.0f, qt, row);
@@ -330,7 +331,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
       for (int64_t c = 0; c < bq; c += 48)
         tile_product(s + kt * bq + c, ldb, false, kp + (j0 + kt) * d_k, d_k * 2, k_part, qv + c,
                      ldb, q_part, d_k / 32);
-    // Scaled into the log2 domain, the block max taken on the way; again if keys were hidden.
+    // Scaled, the block max taken on the way; again if keys were hidden.
     {
       constexpr int kVecs = kBq / 16;  // a row of S^T in registers: independent max chains
       __m512 mx[kVecs];
@@ -350,7 +351,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
     // paired with zero); the pair rows up to nk32 are zero.
     const __m512 zero = _mm512_setzero_ps();
     __m512 even = zero;
-    softmax_block(s, bq, nk, m, l, alpha, m_blk, [&](int64_t jj, int64_t c, __m512 pj) {
+    softmax_block(s, bq, nk, m, l, alpha, m_blk, kLog2e, [&](int64_t jj, int64_t c, __m512 pj) {
       if ((jj & 1) == 0) {
         even = pj;
         if (jj + 1 == nk) store_pairs(pj, zero, pv + jj / 2 * bq + c, p_part);

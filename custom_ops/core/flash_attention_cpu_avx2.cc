@@ -32,6 +32,13 @@ struct V {
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
+  static float reduce_add(Reg a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   static Reg zero_where_equal(Reg a, Reg b) {
@@ -76,7 +83,10 @@ struct V {
 namespace flash_export {
 namespace cpu {
 
-Kernel kernel_avx2() { return Kernel{"avx2", avx2::V::kW, 96, &avx2::pack_rows, &avx2::run_item}; }
+Kernel kernel_avx2() {
+  return Kernel{"avx2",          avx2::V::kW, 96,      &avx2::pack_rows,
+                &avx2::run_item, nullptr,     nullptr, &avx2::run_rows};
+}
 
 }  // namespace cpu
 }  // namespace flash_export

@@ -32,21 +32,40 @@ struct Regions {
 // item starts on a multiple of it.
 constexpr int64_t kPackRows = 256;
 
+// Calls of at most this many query rows (decode) run in the rows regime on the FMA paths: one item
+// per (batch, head), keys and values read in place, a dot product per (query, key) along the head
+// dim. A query block of a vector's width would spend 15 of 16 lanes of every product on padding.
+constexpr int64_t kRowsMaxQueries = 8;
+
+// How one call's work is cut (flash_attention_cpu.cc chooses, per call):
+//   kRows    Lq <= kRowsMaxQueries: one item per (batch, head), nothing packed.
+//   kHeads   enough heads to fill the threads and one head's packed keys and values fit
+//            kHeadPackBytes: one item per (batch, head), which packs that head into its own
+//            thread's scratch and runs all its query blocks; one parallel_for, no shared buffer.
+//   kShared  otherwise (long keys, or a few heads): heads in groups whose packed keys and values
+//            fit a shared buffer; per group one parallel_for packs, one runs every (head, query
+//            block) item, the threads walking one head's blocks together.
+enum class Regime : int { kRows = 0, kHeads = 1, kShared = 2 };
+constexpr size_t kHeadPackBytes = size_t{1} << 20;
+
 // Sizes shared by every work item of one call; computed once by the dispatcher.
 struct Plan {
+  Regime regime = Regime::kShared;
   int64_t bq = 0;        // query rows per work item
   int64_t bq_pad = 0;    // bq rounded up to the vector width
   int64_t bc = 0;        // keys per online-softmax block (FMA: see fma_plan; AMX: 64)
   int64_t d_pad = 0;     // head_dim rounded up to the vector width
   int64_t q_blocks = 0;  // ceil(Lq / bq)
   // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):
-  size_t off_qt = 0;     // (D, bq_pad): scaled query block, transposed
+  size_t off_qt = 0;     // (D, bq_pad): query block, transposed (rows regime: (bq, d_pad))
   size_t off_o = 0;      // (bq, d_pad): float32 output accumulator
   size_t off_s = 0;      // (bc, bq_pad): logits, then probabilities, transposed
-  size_t off_m = 0;      // (bq_pad): running max (log2 domain)
+  size_t off_m = 0;      // (bq_pad): running max of the scaled logits
   size_t off_l = 0;      // (bq_pad): running sum
   size_t off_alpha = 0;  // (bq_pad): rescale factor of the current block
   size_t off_mx = 0;     // (bq_pad): running max including the current block
+  size_t off_kb = 0;     // rows regime: (bc, d_pad) keys of a block, when not read in place
+  size_t off_vb = 0;     // rows regime: (bc, d_pad) values of a block, likewise
   size_t scratch_floats = 0;
   // Packed keys and values of one head, in floats, and where its values start.
   size_t head_floats = 0;
@@ -83,6 +102,11 @@ using PackRowsFn = bool (*)(const AttentionParams& p, const Plan& plan, int64_t 
 using RunItemFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                            int64_t q_block, PackedHead kv, float* scratch);
 
+// One (batch, head) of the rows regime (FMA paths), keys and values read from the caller's
+// tensors; `scratch` as for RunItemFn.
+using RunRowsFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
+                           float* scratch);
+
 // Fills a kernel's own Plan for `p` (AMX); false when the sizes overflow. Null for the FMA paths,
 // whose plan the dispatcher computes.
 using PlanFn = bool (*)(const AttentionParams& p, Plan* plan);
@@ -96,7 +120,8 @@ struct Kernel {
   PackRowsFn pack_rows;
   RunItemFn run_item;
   PlanFn plan = nullptr;
-  AcceptsFn accepts = nullptr;  // calls it refuses go to the next path down
+  AcceptsFn accepts = nullptr;   // calls it refuses go to the next path down
+  RunRowsFn run_rows = nullptr;  // the rows regime; null: the kernel never gets one (AMX)
 };
 
 Kernel kernel_portable();

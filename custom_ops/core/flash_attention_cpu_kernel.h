@@ -7,9 +7,9 @@
 // linker into a copy that executes AVX-512 on a CPU that lacks it.
 //
 // Layout per item (b, h, query block of bq rows), all float32:
-//   Qt (D, bq_pad)   query block * scale * log2(e), transposed so a key row times Qt is a row of
-//   S^T S  (bc, bq_pad)  S^T = K_blk Qt: per key a vector of query columns; the online-softmax max
-//   and
+//   Qt (D, bq_pad)   query block (times logit_scale's factor), transposed so a key row times Qt is
+//   a row of S^T S  (bc, bq_pad)  S^T = K_blk Qt: per key a vector of query columns; the
+//   online-softmax max and
 //                    sum over keys are then vertical vector ops, with no horizontal reductions
 //   O  (bq, d_pad)   O = O * alpha + P V_blk
 // K_blk and V_blk are rows of the head's keys and values packed once per call by pack_rows.
@@ -26,6 +26,12 @@ namespace cpu {
 namespace FLASH_EXPORT_ISA_NAMESPACE {
 namespace {
 
+// Head dims per partial dot product: longer dot products are summed as partials of this many
+// terms (each a running FMA sum from zero) added together, which roughly halves the float32
+// error of the logits at D = 128-256 (the part of the gap to PyTorch's own error that remained
+// at D = 224 and 256 on flash-attention's grid).
+constexpr int64_t kDotChunk = 16;
+
 // S[jj, c0 + c*W ...] = sum_d K[jj, d] * Qt[d, ...] for keys jj in [j0, j0 + R), and the running
 // column max mx[c0 + c*W ...] taken over those keys while they are still in registers.
 template <int R, int C>
@@ -35,34 +41,43 @@ inline void s_tile(const float* k, int64_t ldk, const float* qt, int64_t bq_pad,
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
   const float* krow = k + j0 * ldk;
-  for (int64_t d = 0; d < dim; ++d) {
-    typename V::Reg q[C];
-    for (int c = 0; c < C; ++c) q[c] = V::load(qt + d * bq_pad + c0 + c * V::kW);
-    for (int r = 0; r < R; ++r) {
-      const typename V::Reg kv = V::set1(krow[r * ldk + d]);
-      for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(kv, q[c], acc[r][c]);
+  for (int64_t d0 = 0; d0 < dim; d0 += kDotChunk) {
+    if (d0 > 0)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+    const int64_t d1 = min64(dim, d0 + kDotChunk);
+    for (int64_t d = d0; d < d1; ++d) {
+      typename V::Reg q[C];
+      for (int c = 0; c < C; ++c) q[c] = V::load(qt + d * bq_pad + c0 + c * V::kW);
+      for (int r = 0; r < R; ++r) {
+        const typename V::Reg kv = V::set1(krow[r * ldk + d]);
+        for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(kv, q[c], acc[r][c]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        float* out = s + (j0 + r) * bq_pad + c0 + c * V::kW;
+        if (d0 > 0) acc[r][c] = V::add(V::load(out), acc[r][c]);
+        V::store(out, acc[r][c]);
+      }
   }
   for (int c = 0; c < C; ++c) {
     typename V::Reg m = V::load(mx + c0 + c * V::kW);
-    for (int r = 0; r < R; ++r) {
-      V::store(s + (j0 + r) * bq_pad + c0 + c * V::kW, acc[r][c]);
-      m = V::max(acc[r][c], m);
-    }
+    for (int r = 0; r < R; ++r) m = V::max(acc[r][c], m);
     V::store(mx + c0 + c * V::kW, m);
   }
 }
 
-// O[r0.., c0..] = O * alpha + sum_jj P^T[jj, r] * V[jj, c0..] for rows r in [r0, r0 + R).
+// O[r0.., c0..] = O * alpha + sum_jj P^T[jj, r] * V[jj, c0..] for rows r in [r0, r0 + R). The
+// block's sum starts from zero and joins O at the end: float32 sums of one block of keys, then of
+// one term per block, err less than one running sum over every key (at Lk = 2048 that was most
+// of the gap to PyTorch's own float32 error).
 template <int R, int C>
 inline void pv_tile(const float* pt, int64_t bq_pad, const float* v, int64_t ldv, int64_t nk,
                     const float* alpha, float* o, int64_t d_pad, int64_t r0, int64_t c0) {
   typename V::Reg acc[R][C];
-  for (int r = 0; r < R; ++r) {
-    const typename V::Reg a = V::set1(alpha[r0 + r]);
-    for (int c = 0; c < C; ++c)
-      acc[r][c] = V::mul(V::load(o + (r0 + r) * d_pad + c0 + c * V::kW), a);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
   for (int64_t jj = 0; jj < nk; ++jj) {
     typename V::Reg vv[C];
     for (int c = 0; c < C; ++c) vv[c] = V::loadu(v + jj * ldv + c0 + c * V::kW);
@@ -72,8 +87,13 @@ inline void pv_tile(const float* pt, int64_t bq_pad, const float* v, int64_t ldv
       for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(pr, vv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) V::store(o + (r0 + r) * d_pad + c0 + c * V::kW, acc[r][c]);
+  for (int r = 0; r < R; ++r) {
+    const typename V::Reg a = V::set1(alpha[r0 + r]);
+    for (int c = 0; c < C; ++c) {
+      float* out = o + (r0 + r) * d_pad + c0 + c * V::kW;
+      V::store(out, V::fmadd(V::load(out), a, acc[r][c]));
+    }
+  }
 }
 
 inline void prefetch_row(const char* row, int64_t bytes) {
@@ -109,10 +129,55 @@ bool pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
   return true;
 }
 
-void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
-              PackedHead kv, float* scratch) {
+// O rows [r0, r0 + R) and columns [c0, c0 + C vectors) of every query row in [0, nq) by R rows,
+// the last rows one at a time.
+template <int R, int C>
+inline void pv_rows(const float* pt, int64_t bq_pad, const float* v, int64_t ldv, int64_t nk,
+                    const float* alpha, float* o, int64_t d_pad, int64_t nq, int64_t c0) {
+  int64_t r = 0;
+  for (; r + R <= nq; r += R) pv_tile<R, C>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, r, c0);
+  for (; r < nq; ++r) pv_tile<1, C>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, r, c0);
+}
+
+// Rows per O tile when only C vectors of head dim are left: as many as the accumulators the
+// full tile uses (kOR x kOC), at most 12. A head of one or two vectors (D = 16 and 32 on AVX-512)
+// then still keeps a dozen FMA chains going instead of kOR.
+template <int C>
+constexpr int pv_tile_rows() {
+  return V::kOR * V::kOC / C < 12 ? V::kOR * V::kOC / C : 12;
+}
+
+// O = O * alpha + P V_blk for query rows [0, nq), every column of the head: full tiles of kOC
+// vectors, then the rest in one narrower tile of more rows.
+inline void pv_block(const float* pt, int64_t bq_pad, const float* v, int64_t ldv, int64_t nk,
+                     const float* alpha, float* o, int64_t d_pad, int64_t nq) {
   constexpr int W = V::kW;
-  const int64_t dim = p.head_dim;
+  const int64_t nvec = d_pad / W;
+  int64_t c = 0;
+  for (; c + V::kOC <= nvec; c += V::kOC)
+    pv_rows<V::kOR, V::kOC>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+  switch (nvec - c) {
+    case 0:
+      break;
+    case 1:
+      pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+      break;
+    case 2:
+      pv_rows<pv_tile_rows<2>(), 2>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+      break;
+    default:  // kOC is 4 on every path: 3 vectors at most
+      for (; c < nvec; ++c)
+        pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+  }
+}
+
+// One (batch, head, query block) item. DIM is the head dim when the caller specialised it (16,
+// 32, 64, 128: the dot products' trip counts are then constants), 0 for any other.
+template <int DIM>
+void run_item_dim(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
+                  PackedHead kv, float* scratch) {
+  constexpr int W = V::kW;
+  const int64_t dim = DIM > 0 ? DIM : p.head_dim;
   const int64_t bq_pad = plan.bq_pad;
   const int64_t d_pad = plan.d_pad;
   const int64_t i0 = q_block * plan.bq;
@@ -126,8 +191,9 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
   float* alpha = scratch + plan.off_alpha;
   float* m_blk = scratch + plan.off_mx;
 
-  // The query in the log2 domain, so the softmax uses exp2; o is free until it is zeroed below.
-  load_query(p, plan, b, h, i0, nq, dim, p.scale * kLog2e, qt, o);
+  // The query as it came (times 1, -1 or 0: logit_scale says why); o is free until zeroed below.
+  const LogitScale ls = logit_scale(p.scale);
+  load_query(p, plan, b, h, i0, nq, dim, ls.query_factor, qt, o);
   std::memset(o, 0, sizeof(float) * static_cast<size_t>(plan.bq * d_pad));
   init_softmax_state(bq_pad, m, l);
 
@@ -137,7 +203,6 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
     const float* kb = kv.k + j0 * dim;
     const int64_t ldk = dim;
     const float* vb = kv.v + j0 * d_pad;
-    const int64_t ldv = d_pad;
 
     // S^T = K_blk Qt, register-blocked; m_blk starts at the running max and takes in the block.
     for (int64_t c = 0; c < bq_pad; c += W) V::store(m_blk + c, V::load(m + c));
@@ -159,31 +224,171 @@ void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
     }
     // Masked logits: the max taken during the product may include hidden keys; take it again.
     if (hide_keys(p, plan, b, h, i0, nq, j0, nk, s)) block_max(s, bq_pad, nk, m, m_blk);
-    softmax_block(s, bq_pad, nk, m, l, alpha, m_blk,  // P^T in place of S^T
+    softmax_block(s, bq_pad, nk, m, l, alpha, m_blk, ls.exponent_factor,  // P^T over S^T
                   [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
                     V::store(s + jj * bq_pad + c, pj);
                   });
-
     // O = O * alpha + P V_blk, register-blocked over valid rows only.
-    {
-      const int64_t nvec = d_pad / W;
-      int64_t r = 0;
-      for (; r + V::kOR <= nq; r += V::kOR) {
-        int64_t c = 0;
-        for (; c + V::kOC <= nvec; c += V::kOC)
-          pv_tile<V::kOR, V::kOC>(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, r, c * W);
-        for (; c < nvec; ++c) pv_tile<V::kOR, 1>(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, r, c * W);
-      }
-      for (; r < nq; ++r) {
-        int64_t c = 0;
-        for (; c + V::kOC <= nvec; c += V::kOC)
-          pv_tile<1, V::kOC>(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, r, c * W);
-        for (; c < nvec; ++c) pv_tile<1, 1>(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, r, c * W);
-      }
-    }
+    pv_block(s, bq_pad, vb, d_pad, nk, alpha, o, d_pad, nq);
   }
 
   for (int64_t r = 0; r < nq; ++r) store_output(p, b, h, i0 + r, o + r * d_pad, l[r]);
+}
+
+void run_item(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t q_block,
+              PackedHead kv, float* scratch) {
+  switch (p.head_dim) {
+    case 16:
+      return run_item_dim<16>(p, plan, b, h, q_block, kv, scratch);
+    case 32:
+      return run_item_dim<32>(p, plan, b, h, q_block, kv, scratch);
+    case 64:
+      return run_item_dim<64>(p, plan, b, h, q_block, kv, scratch);
+    case 128:
+      return run_item_dim<128>(p, plan, b, h, q_block, kv, scratch);
+    default:
+      return run_item_dim<0>(p, plan, b, h, q_block, kv, scratch);
+  }
+}
+
+// O rows [0, nq) = O * alpha + P V_blk for float16 values read in place (rows ldv elements
+// apart, the head dim a whole number of vectors): NV vectors of head dim at a time, per row.
+template <int NV>
+inline void pv_rows_half(const float* pt, int64_t bq_pad, const uint16_t* v, int64_t ldv,
+                         int64_t nk, const float* alpha, float* o, int64_t d_pad, int64_t nq,
+                         int64_t c0) {
+  for (int64_t r = 0; r < nq; ++r) {
+    typename V::Reg acc[NV];
+    for (int c = 0; c < NV; ++c) acc[c] = V::zero();
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const typename V::Reg pr = V::set1(pt[jj * bq_pad + r]);
+      const uint16_t* vrow = v + jj * ldv + c0;
+      for (int c = 0; c < NV; ++c) acc[c] = V::fmadd(pr, V::load_half(vrow + c * V::kW), acc[c]);
+    }
+    const typename V::Reg a = V::set1(alpha[r]);
+    for (int c = 0; c < NV; ++c) {
+      float* out = o + r * d_pad + c0 + c * V::kW;
+      V::store(out, V::fmadd(V::load(out), a, acc[c]));
+    }
+  }
+}
+
+inline void pv_block_half(const float* pt, int64_t bq_pad, const uint16_t* v, int64_t ldv,
+                          int64_t nk, const float* alpha, float* o, int64_t d_pad, int64_t nq) {
+  constexpr int W = V::kW;
+  int64_t c0 = 0;
+  for (; c0 + 4 * W <= d_pad; c0 += 4 * W)
+    pv_rows_half<4>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c0);
+  for (; c0 < d_pad; c0 += W) pv_rows_half<1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c0);
+}
+
+// Rows regime: all Lq (<= kRowsMaxQueries) query rows of head (b, h) against its keys, read from
+// the caller's tensors: in place when they are float32 rows of whole vectors, else converted a
+// block at a time into scratch. Per (query, key) one dot product along the head dim (Lq lanes of
+// a transposed query block would leave the rest of every vector idle); S^T then has the tiled
+// path's layout, so the mask, the softmax and P V are shared with it.
+void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, float* scratch) {
+  constexpr int W = V::kW;
+  const int64_t dim = p.head_dim, d_pad = plan.d_pad, bq_pad = plan.bq_pad, nq = p.seq_q;
+  float* q = scratch + plan.off_qt;  // (nq, d_pad), padding zero
+  float* o = scratch + plan.off_o;   // (nq, d_pad)
+  float* s = scratch + plan.off_s;   // (bc, bq_pad)
+  float* m = scratch + plan.off_m;
+  float* l = scratch + plan.off_l;
+  float* alpha = scratch + plan.off_alpha;
+  float* m_blk = scratch + plan.off_mx;
+  float* kbuf = scratch + plan.off_kb;
+  float* vbuf = scratch + plan.off_vb;
+
+  const LogitScale ls = logit_scale(p.scale);
+  for (int64_t r = 0; r < nq; ++r) {
+    float* row = q + r * d_pad;
+    convert_row(p.q, b * p.q_batch_stride + r * p.q_row_stride + h * p.q_head_stride, p.dtype, row,
+                dim);
+    for (int64_t d = 0; d < dim; ++d) row[d] *= ls.query_factor;
+    for (int64_t d = dim; d < d_pad; ++d) row[d] = 0.0f;
+  }
+  std::memset(o, 0, sizeof(float) * static_cast<size_t>(nq * d_pad));
+  init_softmax_state(bq_pad, m, l);
+
+  const bool in_place = p.dtype == DType::kFloat32 && dim == d_pad;
+  // float16 rows of whole vectors are read in place too, converted as they are loaded: a copy per
+  // block made float16 decode 1.8x slower than float32 (compare_attention, 2026-11-30).
+  const bool half_in_place = V::kW > 1 && p.dtype == DType::kFloat16 && dim == d_pad;
+  const uint16_t* k_half = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v_half = static_cast<const uint16_t*>(p.v);
+  const int64_t k_base = b * p.k_batch_stride + h * p.k_head_stride;
+  const int64_t v_base = b * p.v_batch_stride + h * p.v_head_stride;
+  const int64_t k_end = visible_keys_end(p, 0, nq);
+  for (int64_t j0 = 0; j0 < k_end; j0 += plan.bc) {
+    const int64_t nk = min64(plan.bc, k_end - j0);
+    const float* kb = kbuf;
+    const float* vb = vbuf;
+    int64_t ldk = d_pad, ldv = d_pad;
+    if (in_place) {
+      kb = static_cast<const float*>(p.k) + k_base + j0 * p.k_row_stride;
+      vb = static_cast<const float*>(p.v) + v_base + j0 * p.v_row_stride;
+      ldk = p.k_row_stride;
+      ldv = p.v_row_stride;
+    } else if (!half_in_place) {
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        float* krow = kbuf + jj * d_pad;
+        float* vrow = vbuf + jj * d_pad;
+        convert_row(p.k, k_base + (j0 + jj) * p.k_row_stride, p.dtype, krow, dim);
+        convert_row(p.v, v_base + (j0 + jj) * p.v_row_stride, p.dtype, vrow, dim);
+        for (int64_t d = dim; d < d_pad; ++d) krow[d] = vrow[d] = 0.0f;
+      }
+    }
+    // S^T: a dot product per (key, query row); the padding columns are zero. Rows read in place
+    // sit H*D apart: ask for the keys and values a few rows ahead (pack_rows says why).
+    constexpr int64_t kAhead = 8;
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      if (in_place && jj + kAhead < nk) {
+        prefetch_row(reinterpret_cast<const char*>(kb + (jj + kAhead) * ldk), dim * 4);
+        prefetch_row(reinterpret_cast<const char*>(vb + (jj + kAhead) * ldv), dim * 4);
+      } else if (half_in_place && jj + kAhead < nk) {
+        const int64_t row = j0 + jj + kAhead;
+        prefetch_row(reinterpret_cast<const char*>(k_half + k_base + row * p.k_row_stride),
+                     dim * 2);
+        prefetch_row(reinterpret_cast<const char*>(v_half + v_base + row * p.v_row_stride),
+                     dim * 2);
+      }
+      const float* krow = kb + jj * ldk;
+      const uint16_t* krow_half = k_half + k_base + (j0 + jj) * p.k_row_stride;
+      float* srow = s + jj * bq_pad;
+      for (int64_t r = 0; r < bq_pad; r += W) V::store(srow + r, V::zero());
+      for (int64_t r = 0; r < nq; ++r) {
+        const float* qrow = q + r * d_pad;
+        float dot = 0.0f;
+        for (int64_t d0 = 0; d0 < d_pad; d0 += kDotChunk) {  // partials: s_tile says why
+          const int64_t d1 = min64(d_pad, d0 + kDotChunk);
+          typename V::Reg acc = V::zero();
+          if (half_in_place) {
+            for (int64_t d = d0; d < d1; d += W)
+              acc = V::fmadd(V::load_half(krow_half + d), V::load(qrow + d), acc);
+          } else {
+            for (int64_t d = d0; d < d1; d += W)
+              acc = V::fmadd(V::loadu(krow + d), V::load(qrow + d), acc);
+          }
+          dot += V::reduce_add(acc);
+        }
+        srow[r] = dot;
+      }
+    }
+    hide_keys(p, plan, b, h, 0, nq, j0, nk, s);
+    block_max(s, bq_pad, nk, m, m_blk);
+    softmax_block(s, bq_pad, nk, m, l, alpha, m_blk, ls.exponent_factor,
+                  [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
+                    V::store(s + jj * bq_pad + c, pj);
+                  });
+    if (half_in_place) {
+      pv_block_half(s, bq_pad, v_half + v_base + j0 * p.v_row_stride, p.v_row_stride, nk, alpha, o,
+                    d_pad, nq);
+    } else {
+      pv_block(s, bq_pad, vb, ldv, nk, alpha, o, d_pad, nq);
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) store_output(p, b, h, r, o + r * d_pad, l[r]);
 }
 
 }  // namespace

@@ -99,25 +99,26 @@ inline void convert_row(const void* src, int64_t src_offset, DType dtype, float*
   for (; i < n; ++i) dst[i] = bf16_to_float(s[i]);
 }
 
-// dst[0..n) = dtype(src[0..n) * factor).
-inline void store_row(const float* src, float factor, void* dst, int64_t dst_offset, DType dtype,
+// dst[0..n) = dtype(src[0..n) / divisor). A division, not a multiplication by the reciprocal:
+// that rounds twice, up to one more float32 step of the output, a third of PyTorch's own error.
+inline void store_row(const float* src, float divisor, void* dst, int64_t dst_offset, DType dtype,
                       int64_t n) {
   int64_t i = 0;
-  const typename V::Reg f = V::set1(factor);
+  const typename V::Reg f = V::set1(divisor);
   if (dtype == DType::kFloat32) {
     float* d = static_cast<float*>(dst) + dst_offset;
-    for (; i + V::kW <= n; i += V::kW) V::storeu(d + i, V::mul(V::load(src + i), f));
-    for (; i < n; ++i) d[i] = src[i] * factor;
+    for (; i + V::kW <= n; i += V::kW) V::storeu(d + i, V::div(V::load(src + i), f));
+    for (; i < n; ++i) d[i] = src[i] / divisor;
     return;
   }
   uint16_t* d = static_cast<uint16_t*>(dst) + dst_offset;
   if (dtype == DType::kFloat16) {
     if (V::kW > 1)
-      for (; i + V::kW <= n; i += V::kW) V::store_half(d + i, V::mul(V::load(src + i), f));
-    for (; i < n; ++i) d[i] = float_to_half(src[i] * factor);
+      for (; i + V::kW <= n; i += V::kW) V::store_half(d + i, V::div(V::load(src + i), f));
+    for (; i < n; ++i) d[i] = float_to_half(src[i] / divisor);
     return;
   }
-  for (; i < n; ++i) d[i] = float_to_bf16(src[i] * factor);
+  for (; i < n; ++i) d[i] = float_to_bf16(src[i] / divisor);
 }
 
 inline void zero_row(void* dst, int64_t dst_offset, DType dtype, int64_t n) {
@@ -180,13 +181,37 @@ inline void block_max(const float* s, int64_t bq_pad, int64_t nk, const float* m
   }
 }
 
+// How the logits reach the exponent. The FMA paths multiply the query by `query_factor` (1, -1
+// or 0: exact) and the softmax takes exp2((s - max) * exponent_factor) with exponent_factor =
+// |scale| * log2(e): the scale and the base-2 conversion multiply s - max, after the
+// subtraction, so their rounding is relative to that difference, small for the keys that carry
+// the weight. Folding scale * log2(e) into the query (as this code once did) rounds every query
+// element and then the logits at their own magnitude, |s| * 2^-24 in every exponent. With that,
+// the sums split into partials (s_tile, pv_tile) and a division at the output (store_row),
+// flash-attention's float32 grid went from 29-31 of 240 cases over 2x PyTorch's own float32
+// error (up to 3.75x) to none (tests/test_cpu_kernel_plan.py). A negative scale flips the query's
+// sign so that the max is still the max; scale 0 makes every visible logit 0 (the query is zeroed),
+// and the exponent then takes plain log2(e).
+struct LogitScale {
+  float query_factor;
+  float exponent_factor;
+};
+
+inline LogitScale logit_scale(float scale) {
+  if (scale > 0.0f) return {1.0f, scale * kLog2e};
+  if (scale < 0.0f) return {-1.0f, -scale * kLog2e};
+  return {0.0f, kLog2e};
+}
+
 // Online softmax over one key block, one vector of query columns at a time: hands put(jj, c, p)
-// the probabilities exp2(s - max) of key jj for query columns [c, c + W), keys in order within a
-// column; sets alpha (the rescale factor of the earlier blocks) and moves l and m on.
+// the probabilities exp2((s - max) * exponent_factor) of key jj for query columns [c, c + W),
+// keys in order within a column; sets alpha (the rescale factor of the earlier blocks) and moves
+// l and m on (m in the units of s).
 template <typename Put>
 inline void softmax_block(const float* s, int64_t bq_pad, int64_t nk, float* m, float* l,
-                          float* alpha, const float* m_blk, Put put) {
+                          float* alpha, const float* m_blk, float exponent_factor, Put put) {
   const typename V::Reg neg_inf = V::set1(-__builtin_inff());
+  const typename V::Reg log2e = V::set1(exponent_factor);
   for (int64_t c = 0; c < bq_pad; c += V::kW) {
     const typename V::Reg m_old = V::load(m + c);
     const typename V::Reg mx = V::load(m_blk + c);
@@ -194,11 +219,12 @@ inline void softmax_block(const float* s, int64_t bq_pad, int64_t nk, float* m, 
     const typename V::Reg m_use = V::zero_where_equal(mx, neg_inf);
     typename V::Reg sum = V::zero();
     for (int64_t jj = 0; jj < nk; ++jj) {
-      const typename V::Reg pj = V::exp2(V::sub(V::load(s + jj * bq_pad + c), m_use));
+      const typename V::Reg pj =
+          V::exp2(V::mul(V::sub(V::load(s + jj * bq_pad + c), m_use), log2e));
       put(jj, c, pj);
       sum = V::add(sum, pj);
     }
-    const typename V::Reg a = V::exp2(V::sub(m_old, m_use));
+    const typename V::Reg a = V::exp2(V::mul(V::sub(m_old, m_use), log2e));
     V::store(alpha + c, a);
     V::store(l + c, V::fmadd(V::load(l + c), a, sum));
     V::store(m + c, mx);
@@ -223,15 +249,15 @@ __attribute__((noinline)) bool row_sees_keys(const AttentionParams& p, int64_t b
 // Output row i of head (b, h): row / sum, or zeros for a row that sees no key. A sum of exactly
 // 0 means either that, or visible keys whose every logit was -inf (hidden keys add exactly 0, and
 // any visible finite or NaN logit makes the sum nonzero): only then is the mask looked up, so the
-// rows with a sum pay nothing. The second kind has row 0, and 0 * (1 / 0) makes it NaN, the
-// softmax of all -inf logits (flash_export.h); a NaN sum stays NaN.
+// rows with a sum pay nothing. The second kind has row 0, and 0 / 0 makes it NaN, the softmax of
+// all -inf logits (flash_export.h); a NaN sum stays NaN.
 inline void store_output(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
                          const float* row, float sum) {
   const int64_t base = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   if (sum == 0.0f && !row_sees_keys(p, b, h, i)) {
     zero_row(p.out, base, p.dtype, p.head_dim);
   } else {
-    store_row(row, 1.0f / sum, p.out, base, p.dtype, p.head_dim);
+    store_row(row, sum, p.out, base, p.dtype, p.head_dim);
   }
 }
 

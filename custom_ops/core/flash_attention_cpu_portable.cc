@@ -23,6 +23,8 @@ struct V {
   static Reg add(Reg a, Reg b) { return a + b; }
   static Reg sub(Reg a, Reg b) { return a - b; }
   static Reg mul(Reg a, Reg b) { return a * b; }
+  static Reg div(Reg a, Reg b) { return a / b; }
+  static float reduce_add(Reg a) { return a; }
   static Reg fmadd(Reg a, Reg b, Reg c) { return a * b + c; }
   // Keeps the second operand when the first is NaN, like the x86 max instructions (NaN still
   // reaches the output through exp2 and the sum).
@@ -45,7 +47,8 @@ namespace flash_export {
 namespace cpu {
 
 Kernel kernel_portable() {
-  return Kernel{"portable", portable::V::kW, 32, &portable::pack_rows, &portable::run_item};
+  return Kernel{"portable",          portable::V::kW, 32,      &portable::pack_rows,
+                &portable::run_item, nullptr,         nullptr, &portable::run_rows};
 }
 
 }  // namespace cpu

@@ -104,6 +104,17 @@ FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
 FLASH_EXPORT_API int32_t
 flash_export_attention_forward_cuda(const FlashExportAttentionParams* params, void* stream);
 
+/* How the CPU forward would cut the work of `params` on `threads` threads (0: this machine's
+ * hardware threads), as a JSON object: the kernel path ("isa"), the regime ("rows": decode, one
+ * item per batch and head, nothing packed; "heads": one item per batch and head, each packing its
+ * own head; "shared": heads packed in groups into a shared buffer, items per head and query
+ * block), the query block ("bq", "q_blocks"), the key block ("bc"), one head's packed bytes
+ * ("head_bytes") and, for "shared", "groups" and "heads_per_group". For tests and diagnostics;
+ * runs nothing. The string stays valid until this thread's next call. Added after the first
+ * release of this header (additive: nothing above changed). */
+FLASH_EXPORT_API const char* flash_export_cpu_plan(const FlashExportAttentionParams* params,
+                                                   int32_t threads);
+
 /* The vector path the CPU kernel runs on this machine: "amx", "avx512", "avx2" or "portable". */
 FLASH_EXPORT_API const char* flash_export_cpu_isa(void);
 
