@@ -74,20 +74,10 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
         (samples, errors): samples[name][repeat] is a list of seconds; a runner that raises is
         dropped and its first error recorded in errors[name].
     """
-    live = dict(runners)
-    errors: Dict[str, str] = {}
+    timer = _Timer(runners)
+    live, call = timer.live, timer.seconds
     samples: Dict[str, List[List[float]]] = {n: [] for n in runners}
     order_rng = random.Random(seed)
-
-    def call(name: str) -> Optional[float]:
-        try:
-            start = time.perf_counter()
-            live[name]()
-            return time.perf_counter() - start
-        except Exception as exc:  # a backend that cannot run this shape fails alone
-            errors[name] = summary(exc)
-            del live[name]
-            return None
 
     for _ in range(repeats):
         for _ in range(warmup):
@@ -104,7 +94,7 @@ def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, rep
                     samples[name][-1].append(t)
             if on_step:
                 on_step()
-    return samples, errors
+    return samples, timer.errors
 
 
 def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = 0.02,
@@ -123,22 +113,11 @@ def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = 0
         (samples, errors): samples[name][repeat] is seconds per call; a runner that raises is
         dropped and its first error recorded in errors[name].
     """
-    live = dict(runners)
-    errors: Dict[str, str] = {}
+    timer = _Timer(runners)
+    live, calls = timer.live, timer.seconds
     samples: Dict[str, List[float]] = {n: [] for n in runners}
     blocks: Dict[str, int] = {}
     order_rng = random.Random(seed)
-
-    def calls(name: str, count: int) -> Optional[float]:
-        try:
-            start = time.perf_counter()
-            for _ in range(count):
-                live[name]()
-            return time.perf_counter() - start
-        except Exception as exc:  # a backend that cannot run this shape fails alone
-            errors[name] = summary(exc)
-            del live[name]
-            return None
 
     for name in list(live):
         first, second = calls(name, 1), calls(name, 1) if name in live else None
@@ -153,7 +132,27 @@ def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = 0
             t = calls(name, blocks[name])
             if t is not None:
                 samples[name].append(t / blocks[name])
-    return samples, errors
+    return samples, timer.errors
+
+
+class _Timer:
+    """Times runners by name; one that raises is dropped from `live`, its first error kept."""
+
+    def __init__(self, runners: Dict[str, Runner]) -> None:
+        self.live = dict(runners)
+        self.errors: Dict[str, str] = {}
+
+    def seconds(self, name: str, count: int = 1) -> Optional[float]:
+        """Wall seconds of `count` back-to-back calls of runner `name`; None once it failed."""
+        try:
+            start = time.perf_counter()
+            for _ in range(count):
+                self.live[name]()
+            return time.perf_counter() - start
+        except Exception as exc:  # a backend that cannot run this shape fails alone
+            self.errors[name] = summary(exc)
+            del self.live[name]
+            return None
 
 
 # --------------------------------------------------------------------------- memory
