@@ -121,16 +121,6 @@ def test_time_blocks_times_blocks_after_an_untimed_call_in_shuffled_orders():
     assert {("a", "b"), ("b", "a")} <= set(pairs)  # in shuffled orders
 
 
-def _compare_attention():
-    """The benchmark script as a module, loaded by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("compare_attention",
-                                                  BENCHMARKS / "compare_attention.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_attention_ratios_pair_samples_of_the_same_repetition():
     ca = _compare_attention()
     # a slow spell in repetition 2 hits both: paired ratios 1, 1, 1 (medians alone would say 10)
