@@ -66,7 +66,7 @@ $(CLANG_FORMAT): | $(TEST_STAMP)
 # Two pytest workers, a test file each at a time (module fixtures are built once): on CI's two
 # cores the suite's subprocess-, compile- and I/O-bound files overlap.
 test: lint
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info
