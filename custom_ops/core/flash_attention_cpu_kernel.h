@@ -129,14 +129,25 @@ bool pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
   return true;
 }
 
-// O rows [r0, r0 + R) and columns [c0, c0 + C vectors) of every query row in [0, nq) by R rows,
-// the last rows one at a time.
+// Keys [0, n) of a block that rows [0, r1) may see when row r sees the block's keys jj < r + 1 +
+// `seen` (causal; kAllKeys: every key): past them every row's probability is exactly 0, and
+// skipping them changes no sum.
+constexpr int64_t kAllKeys = INT64_MAX / 4;
+inline int64_t keys_seen(int64_t nk, int64_t r1, int64_t seen) {
+  return max64(0, min64(nk, r1 + seen));
+}
+
+// O columns [c0, c0 + C vectors) of every query row in [0, nq) by R rows, the last rows one at a
+// time; a tile of rows stops at the last key its last row sees (keys_seen).
 template <int R, int C>
 inline void pv_rows(const float* pt, int64_t bq_pad, const float* v, int64_t ldv, int64_t nk,
-                    const float* alpha, float* o, int64_t d_pad, int64_t nq, int64_t c0) {
+                    const float* alpha, float* o, int64_t d_pad, int64_t nq, int64_t c0,
+                    int64_t seen) {
   int64_t r = 0;
-  for (; r + R <= nq; r += R) pv_tile<R, C>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, r, c0);
-  for (; r < nq; ++r) pv_tile<1, C>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, r, c0);
+  for (; r + R <= nq; r += R)
+    pv_tile<R, C>(pt, bq_pad, v, ldv, keys_seen(nk, r + R, seen), alpha, o, d_pad, r, c0);
+  for (; r < nq; ++r)
+    pv_tile<1, C>(pt, bq_pad, v, ldv, keys_seen(nk, r + 1, seen), alpha, o, d_pad, r, c0);
 }
 
 // Rows per O tile when only C vectors of head dim are left: as many as the accumulators the
@@ -150,24 +161,25 @@ constexpr int pv_tile_rows() {
 // O = O * alpha + P V_blk for query rows [0, nq), every column of the head: full tiles of kOC
 // vectors, then the rest in one narrower tile of more rows.
 inline void pv_block(const float* pt, int64_t bq_pad, const float* v, int64_t ldv, int64_t nk,
-                     const float* alpha, float* o, int64_t d_pad, int64_t nq) {
+                     const float* alpha, float* o, int64_t d_pad, int64_t nq,
+                     int64_t seen = kAllKeys) {
   constexpr int W = V::kW;
   const int64_t nvec = d_pad / W;
   int64_t c = 0;
   for (; c + V::kOC <= nvec; c += V::kOC)
-    pv_rows<V::kOR, V::kOC>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+    pv_rows<V::kOR, V::kOC>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W, seen);
   switch (nvec - c) {
     case 0:
       break;
     case 1:
-      pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+      pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W, seen);
       break;
     case 2:
-      pv_rows<pv_tile_rows<2>(), 2>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+      pv_rows<pv_tile_rows<2>(), 2>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W, seen);
       break;
     default:  // kOC is 4 on every path: 3 vectors at most
       for (; c < nvec; ++c)
-        pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W);
+        pv_rows<pv_tile_rows<1>(), 1>(pt, bq_pad, v, ldv, nk, alpha, o, d_pad, nq, c * W, seen);
   }
 }
 
@@ -198,19 +210,24 @@ void run_item_dim(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
   init_softmax_state(bq_pad, m, l);
 
   const int64_t k_end = visible_keys_end(p, i0, nq);
+  const int64_t diag = p.seq_k - p.seq_q;  // query i sees key j iff j <= i + diag (causal)
   for (int64_t j0 = 0; j0 < k_end; j0 += plan.bc) {
     const int64_t nk = min64(plan.bc, k_end - j0);
     const float* kb = kv.k + j0 * dim;
     const int64_t ldk = dim;
     const float* vb = kv.v + j0 * d_pad;
 
+    // Causal: row r sees the block's keys jj < r + 1 + seen.
+    const int64_t seen = p.causal ? i0 + diag - j0 : kAllKeys;
     // S^T = K_blk Qt, register-blocked; m_blk starts at the running max and takes in the block.
     for (int64_t c = 0; c < bq_pad; c += W) V::store(m_blk + c, V::load(m + c));
     {
       const int64_t nvec = bq_pad / W;
       int64_t jj = 0;
       for (; jj + V::kSR <= nk; jj += V::kSR) {
-        int64_t c = 0;
+        // Vectors of query columns that none of these keys is visible to are left out: hide_keys
+        // sets them to -inf and block_max takes the max again (a causal cut).
+        int64_t c = p.causal ? min64(nvec, max64(0, jj - seen) / W) : 0;
         for (; c + V::kSC <= nvec; c += V::kSC)
           s_tile<V::kSR, V::kSC>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
         for (; c < nvec; ++c) s_tile<V::kSR, 1>(kb, ldk, qt, bq_pad, dim, s, m_blk, jj, c * W);
@@ -229,7 +246,7 @@ void run_item_dim(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
                     V::store(s + jj * bq_pad + c, pj);
                   });
     // O = O * alpha + P V_blk, register-blocked over valid rows only.
-    pv_block(s, bq_pad, vb, d_pad, nk, alpha, o, d_pad, nq);
+    pv_block(s, bq_pad, vb, d_pad, nk, alpha, o, d_pad, nq, seen);
   }
 
   for (int64_t r = 0; r < nq; ++r) store_output(p, b, h, i0 + r, o + r * d_pad, l[r]);
