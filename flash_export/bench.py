@@ -7,8 +7,9 @@ same projections) and the native operator `flash_export::attention` three ways: 
 module with attention="native"), ``torchscript-native`` and ``pt2`` (an AOTInductor package). A
 ``:cuda`` suffix runs one on the GPU (CUDA provider / CUDA tensors).
 
-`benchmark` plans one runner per (backend, chunk) (`runners`), times them interleaved per
-sequence length (`timing.time_interleaved`) and measures each one's peak memory in a fresh
+`benchmark` plans one runner per (backend, chunk) (`runners`), times them per shape in blocks of
+back-to-back calls after an untimed one, the backends' blocks interleaved in shuffled orders
+(`timing.time_interleaved`), and measures each one's peak memory in a fresh
 subprocess; it returns plain dataclasses, which the CLI renders.
 """
 
@@ -39,7 +40,9 @@ from flash_export.runners import (
     plan_backends,
 )
 from flash_export.timing import (
+    BLOCK_TARGET_S,
     FLOPS_FORMULA,
+    MAX_BLOCK,
     Runner,
     attention_flops,
     environment,
@@ -53,7 +56,7 @@ __all__ = ["ALL_BACKENDS", "ONNX_BACKENDS", "TORCH_BACKENDS", "BenchConfig", "Be
 
 CSV_FIELDS = ("backend", "device", "chunk", "batch", "seq_q", "seq_k", "status", "p50_ms",
               "p90_ms", "p99_ms", "mean_ms", "tokens_per_s", "gflops_per_s", "peak_rss_mb",
-              "peak_cuda_mb", "samples", "error")
+              "peak_cuda_mb", "samples", "block", "error")
 
 ProgressFn = Callable[[int, int, str], None]
 PathLike = Union[str, Path]
@@ -68,8 +71,9 @@ class BenchConfig:
     batches: Tuple[int, ...] = (1,)  # a row set per batch size (services batch short inputs)
     backends: Optional[Tuple[str, ...]] = None  # None: every backend this machine can run
     warmup: int = 3
-    iters: int = 20
+    iters: int = 20  # timed samples per repetition, each one block
     repeats: int = 1
+    block: Optional[int] = None  # calls per timed block; None: sized per backend (~20 ms)
     threads: int = 1
     dtype: str = "float32"
     memory: bool = True
@@ -97,7 +101,8 @@ class BenchRow:
     flops: Optional[float] = None
     peak_rss_mb: Optional[float] = None
     peak_cuda_mb: Optional[float] = None
-    samples: int = 0
+    samples: int = 0  # timed blocks; the percentiles are over their per-call means
+    block: Optional[int] = None  # calls per timed block
     repeat_medians_ms: List[float] = field(default_factory=list)
 
 
@@ -195,9 +200,15 @@ def _wanted_backends(config: BenchConfig, art_backend: Optional[str]) -> List[Tu
 
 
 def _method(config: BenchConfig) -> str:
-    return (f"warmup {config.warmup}, then {config.iters} timed iterations x {config.repeats} "
-            f"repetition(s) per (backend, shape), backends interleaved (order shuffled every "
-            f"iteration); percentiles over all timed iterations; torch.set_num_threads = ORT "
+    block = (f"{config.block} call(s)" if config.block else
+             f"auto-sized per backend and shape from the faster of two calls to last about "
+             f"{BLOCK_TARGET_S * 1e3:.0f} ms (1-{MAX_BLOCK} calls; each row's block says how many)")
+    return (f"per (backend, shape) and repetition: {config.warmup} untimed warm-up call(s), then "
+            f"{config.iters} timed samples, x {config.repeats} repetition(s); a sample is one "
+            f"untimed call, then a block of back-to-back calls of the same backend, timed "
+            f"together: block time / block size; block: {block}; every iteration runs the "
+            f"blocks of all backends in its own shuffled order; p50/p90/p99 and mean are over "
+            f"these block means; torch.set_num_threads = ORT "
             f"intra_op_num_threads = {config.threads} (ORT thread spinning off); peak memory: "
             + ("host RSS growth of one forward after the build, fresh subprocess per (backend, "
                "shape)" if config.memory else "not measured"))
@@ -264,7 +275,7 @@ class _Run:
         self.progress(self.done, self.total, label)
 
     def one_shape(self, plans: List["Plan"], batch: int, seq: int) -> List[BenchRow]:
-        """Time every plan interleaved at (batch, length seq), then measure each one's memory.
+        """Time every plan at (batch, length seq) in interleaved blocks, then measure memory.
 
         A row's seq_q/seq_k are the first attention call's lengths (a ViT's token count, say).
         """
@@ -280,15 +291,16 @@ class _Run:
                     runners[p.label] = make_runner(self.job(p, batch, seq))
                 except Exception as exc:  # a backend that cannot be built here is one row
                     row.status, row.error = "error", summary(exc)
-        samples, errors = time_interleaved(runners, warmup=c.warmup, iters=c.iters,
-                                           repeats=c.repeats,
-                                           on_step=lambda: self.step(f"timing B={batch} L={seq}"))
+        timed = time_interleaved(runners, warmup=c.warmup, iters=c.iters, repeats=c.repeats,
+                                 block=c.block,
+                                 on_step=lambda: self.step(f"timing B={batch} L={seq}"))
         runners.clear()
         for label, row in rows.items():
-            if label in errors:
-                row.status, row.error = "error", errors[label]
-            if row.status == "ok" and label in samples:
-                _fill_stats(row, samples[label], flops)
+            if label in timed.errors:
+                row.status, row.error = "error", timed.errors[label]
+            if row.status == "ok" and label in timed.samples:
+                row.block = timed.blocks.get(label)
+                _fill_stats(row, timed.samples[label], flops)
         for p in plans if c.memory else []:
             row = rows[p.label]
             self.step(f"memory {p.label} B={batch} L={seq}")

@@ -15,6 +15,7 @@ from flash_export.cli_options import (
     artifact_file,
     artifact_spec,
     backend_list,
+    block_size,
     common_options,
     debugging,
     int_list,
@@ -25,6 +26,7 @@ from flash_export.cli_options import (
 from flash_export.contract import EXPORT_DTYPES, TARGETS
 from flash_export.errors import FlashExportError
 from flash_export.install import EXPORT_MODULES
+from flash_export.timing import BLOCK_TARGET_S, MAX_BLOCK
 
 
 class _Group(click.Group):
@@ -223,11 +225,18 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
                    "Default: all (CUDA ones too when a GPU is present); with ARTIFACT: it, "
                    "eager and sdpa.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Untimed iterations per backend and shape.")
+              help="Untimed warm-up calls per backend and shape, before each repetition.")
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Timed iterations per backend and shape.")
+              help="Timed samples per backend, shape and repetition. A sample is one untimed "
+                   "call, then a block of back-to-back calls timed together (per-call time = "
+                   "block time / block size); every iteration runs all backends' blocks in a "
+                   "shuffled order, and the percentiles are over the block means.")
+@click.option("--block", callback=block_size, default="auto", show_default=True, metavar="N|auto",
+              help="Calls per timed block: auto sizes each backend's block per shape, from the "
+                   f"faster of two calls, to last about {BLOCK_TARGET_S * 1e3:.0f} ms (1 to "
+                   f"{MAX_BLOCK} calls).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Repetitions of warmup + timed iterations.")
+              help="Repetitions of warm-up + timed samples (blocks keep their size).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch.set_num_threads and onnxruntime intra_op_num_threads.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
@@ -246,11 +255,11 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
               help="Save a PNG of latency and memory vs sequence length "
                    "(needs matplotlib, the plot extra). Default: none.")
 def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[List[int]],
-          batch: List[int], backends: Optional[List[str]], warmup: int, iters: int, repeats: int,
-          threads: int, dtype: str, trust: bool, expect_sha256: Optional[str],
-          max_memory: Optional[int], memory: bool, json_path: Optional[Path],
-          csv_path: Optional[Path], plot_path: Optional[Path]) -> None:
-    """Time every backend side by side (interleaved) and measure peak memory per forward."""
+          batch: List[int], backends: Optional[List[str]], warmup: int, iters: int,
+          block: Optional[int], repeats: int, threads: int, dtype: str, trust: bool,
+          expect_sha256: Optional[str], max_memory: Optional[int], memory: bool,
+          json_path: Optional[Path], csv_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """Time every backend side by side (interleaved blocks) and measure peak memory per forward."""
     import json as json_module
 
     from flash_export.bench import BenchConfig, benchmark
@@ -264,8 +273,8 @@ def bench(spec: Any, artifact: Optional[Path], seq: List[int], chunks: Optional[
     ctx = click.get_current_context()
     config = BenchConfig(seqs=tuple(seq), chunks=tuple(chunks) if chunks else None,
                          batches=tuple(batch), backends=tuple(backends) if backends else None,
-                         warmup=warmup, iters=iters, repeats=repeats, threads=threads, dtype=dtype,
-                         memory=memory, max_memory=max_memory)
+                         warmup=warmup, iters=iters, repeats=repeats, block=block,
+                         threads=threads, dtype=dtype, memory=memory, max_memory=max_memory)
     console = Console(ctx)
     progress = console.progress("benchmarking")
     try:

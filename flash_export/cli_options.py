@@ -172,6 +172,19 @@ def int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -
     return items
 
 
+def block_size(ctx: click.Context, param: click.Parameter, value: str) -> Optional[int]:
+    """Click callback: "auto" -> None (sized per backend), "8" -> 8 (a positive int)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or auto, got {value!r}") from None
+    if size < 1:
+        raise click.BadParameter(f"expected a positive integer or auto, got {value!r}")
+    return size
+
+
 def backend_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
     """Click callback: "custom,eager:cuda" -> ["custom", "eager:cuda"], names checked."""
     if value is None:

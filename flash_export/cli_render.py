@@ -72,7 +72,7 @@ def bench_lines(report: Any) -> List[str]:
              f"{', ' + sp['model'] if sp.get('model') else ''}; "
              f"{cfg.dtype}, threads {cfg.threads}",
              f"{'backend':<20} {'chunk':>5} {'B':>4} {'L':>6} {'p50 ms':>9} {'p90 ms':>9} "
-             f"{'p99 ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'peak MB':>8}  status"]
+             f"{'p99 ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'peak MB':>8} {'block':>5}  status"]
     for r in report.rows:
         name = r.backend + ("" if r.device == "cpu" else f":{r.device}")
         mem = r.peak_cuda_mb if r.peak_cuda_mb is not None else r.peak_rss_mb
@@ -81,7 +81,8 @@ def bench_lines(report: Any) -> List[str]:
                      f"{r.seq_q:>6} "
                      f"{fmt(r.p50_ms, '.3f'):>9} {fmt(r.p90_ms, '.3f'):>9} "
                      f"{fmt(r.p99_ms, '.3f'):>9} {fmt(r.tokens_per_s, '.3g'):>9} "
-                     f"{fmt(r.gflops_per_s, '.3g'):>8} {fmt(mem, '.1f'):>8}  {status}")
+                     f"{fmt(r.gflops_per_s, '.3g'):>8} {fmt(mem, '.1f'):>8} "
+                     f"{fmt(r.block, 'd'):>5}  {status}")
     return lines + [f"method: {report.method}", f"FLOPs: {report.flops_formula}"]
 
 

@@ -4,9 +4,11 @@ Peak memory of one forward is measured in a fresh subprocess (`python -m flash_e
 --memory-worker`): host RSS growth around one forward after the build, the peak reset through
 /proc/self/clear_refs on Linux (elsewhere getrusage maxrss); on CUDA, torch's peak allocation.
 
-Timing is interleaved: every iteration runs each backend once, in an order shuffled per iteration
-(seeded, so a rerun repeats it), so machine noise hits all alike and no backend always runs right
-after the same other one. Imports no torch.
+Timing is interleaved in blocks: every iteration runs, for each backend in an order shuffled per
+iteration (seeded, so a rerun repeats it), one untimed call and then a timed block of back-to-back
+calls; a sample is the block's time over its size. Machine noise hits all alike, no backend always
+runs right after the same other one, and no timed call pays for the previous backend's threads
+still spinning. Imports no torch.
 """
 
 import dataclasses
@@ -18,7 +20,17 @@ import random
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from flash_export.errors import summary
 
@@ -29,6 +41,8 @@ Runner = Callable[[], None]
 FLOPS_FORMULA = ("summed over the FlashAttention calls of one forward (their shapes measured with "
                  "hooks): attention 4*B*H*Lq*Lk*D (QK^T and PV, dense: causal not halved) + "
                  "projections 4*B*E^2*(Lq+Lk); a model's other layers are not counted")
+BLOCK_TARGET_S = 0.02  # an auto-sized block lasts about this long
+MAX_BLOCK = 64  # calls in an auto-sized block at most
 
 
 def attention_flops(batch: int, seq_q: int, seq_k: int, embed: int, heads: int,
@@ -62,77 +76,94 @@ def environment(threads: int) -> Dict[str, Any]:
             "onnxruntime": version("onnxruntime"), "threads": threads}
 
 
-def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, repeats: int = 1,
-                     on_step: Optional[Callable[[], None]] = None, seed: int = 0,
-                     ) -> Tuple[Dict[str, List[List[float]]], Dict[str, str]]:
-    """Time each runner `iters` times per repeat, each iteration in its own shuffled order.
+class Timings(NamedTuple):
+    """What `time_interleaved` measured: per-call seconds, the errors and each block's size."""
 
-    A fixed order would put every backend always right after the same one, whose leftovers
-    (another runtime's threads still spinning, caches it filled) it would then always inherit.
+    samples: Dict[str, List[List[float]]]  # [name][repeat]: seconds per call, one per block
+    errors: Dict[str, str]  # a runner that raised: its first error, one line
+    blocks: Dict[str, int]  # calls per timed block, per runner that ran
+
+
+def time_interleaved(runners: Dict[str, Runner], *, warmup: int, iters: int, repeats: int = 1,
+                     block: Optional[int] = None, target_s: float = BLOCK_TARGET_S,
+                     max_block: int = MAX_BLOCK, on_step: Optional[Callable[[], None]] = None,
+                     seed: int = 0) -> Timings:
+    """Per-call seconds of each runner, from blocks of back-to-back calls, interleaved.
+
+    A single call timed right after another runtime's call pays for that runtime's threads still
+    spinning (PyTorch's OpenMP pool), which makes a short kernel look several times slower than
+    it is and a long one relatively faster. So every sample here is one untimed call, then a block
+    of calls of the same runner timed together (sample = block time / block size), and every
+    iteration runs the runners' blocks in its own shuffled order (seeded: a rerun repeats it), so
+    no runner always follows the same other one. Each repetition starts with `warmup` untimed
+    calls per runner.
+
+    Args:
+        runners: name -> a call of one backend.
+        warmup: untimed calls per runner at the start of each repetition.
+        iters: timed samples (blocks) per runner and repetition.
+        repeats: repetitions of warm-up + timed samples; blocks keep their size across them.
+        block: calls per block, the same for every runner; None: sized once per runner, after
+            the first repetition's warm-up, from the faster of two calls, so that a block lasts
+            about `target_s` seconds (1 to `max_block` calls).
+        target_s: how long an auto-sized block lasts, about.
+        max_block: most calls in an auto-sized block.
+        on_step: called after every iteration (all runners' blocks), for progress.
+        seed: of the shuffled orders.
 
     Returns:
-        (samples, errors): samples[name][repeat] is a list of seconds; a runner that raises is
-        dropped and its first error recorded in errors[name].
+        Timings: samples[name][repeat] holds `iters` per-call times (block means); a runner that
+        raises is dropped and its first error recorded in errors[name].
     """
     timer = _Timer(runners)
-    live, call = timer.live, timer.seconds
+    live, calls = timer.live, timer.seconds
     samples: Dict[str, List[List[float]]] = {n: [] for n in runners}
+    blocks: Dict[str, int] = {}
     order_rng = random.Random(seed)
 
     for _ in range(repeats):
         for _ in range(warmup):
             for name in list(live):
-                call(name)
+                calls(name, 1)
+        for name in list(live):
+            if name in blocks:
+                continue
+            if block is not None:
+                blocks[name] = block
+                continue
+            first = calls(name, 1)
+            second = calls(name, 1) if first is not None else None
+            if first is not None and second is not None:
+                fastest = max(min(first, second), 1e-7)
+                blocks[name] = max(1, min(max_block, int(target_s / fastest)))
         for name in live:
             samples[name].append([])
         for _ in range(iters):
             order = list(live)
             order_rng.shuffle(order)
             for name in order:
-                t = call(name)
+                if calls(name, 1) is None:  # untimed: the caches and threads are this runner's
+                    continue
+                t = calls(name, blocks[name])
                 if t is not None:
-                    samples[name][-1].append(t)
+                    samples[name][-1].append(t / blocks[name])
             if on_step:
                 on_step()
-    return samples, timer.errors
+    return Timings(samples, timer.errors, {n: b for n, b in blocks.items() if n in live})
 
 
-def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = 0.02,
-                max_block: int = 64, seed: int = 0,
+def time_blocks(runners: Dict[str, Runner], *, repeats: int, target_s: float = BLOCK_TARGET_S,
+                max_block: int = MAX_BLOCK, seed: int = 0,
                 ) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
-    """Per-call seconds of each runner, from blocks of back-to-back calls, interleaved.
-
-    A single call timed right after another runtime's call pays for that runtime's threads still
-    spinning (PyTorch's OpenMP pool), which makes a short kernel look several times slower than
-    it is. So every sample here is one untimed call, then a block of calls of the same runner
-    timed together (per-call time = block time / block size); every repetition runs the runners'
-    blocks in its own shuffled order. The block size is set once per runner, from the fastest of
-    two calls, so that a block lasts about `target_s` (1 to max_block calls).
+    """`time_interleaved` with no warm-up and auto-sized blocks, one sample per repetition.
 
     Returns:
         (samples, errors): samples[name][repeat] is seconds per call; a runner that raises is
         dropped and its first error recorded in errors[name].
     """
-    timer = _Timer(runners)
-    live, calls = timer.live, timer.seconds
-    samples: Dict[str, List[float]] = {n: [] for n in runners}
-    blocks: Dict[str, int] = {}
-    order_rng = random.Random(seed)
-
-    for name in list(live):
-        first, second = calls(name, 1), calls(name, 1) if name in live else None
-        if first is not None and second is not None:
-            blocks[name] = max(1, min(max_block, int(target_s / max(min(first, second), 1e-7))))
-    for _ in range(repeats):
-        order = list(live)
-        order_rng.shuffle(order)
-        for name in order:
-            if calls(name, 1) is None:  # untimed: the caches and threads are this runner's
-                continue
-            t = calls(name, blocks[name])
-            if t is not None:
-                samples[name].append(t / blocks[name])
-    return samples, timer.errors
+    timed = time_interleaved(runners, warmup=0, iters=repeats, target_s=target_s,
+                             max_block=max_block, seed=seed)
+    return {n: [t for rep in reps for t in rep] for n, reps in timed.samples.items()}, timed.errors
 
 
 class _Timer:

@@ -46,31 +46,79 @@ def test_attention_flops_formula():
     assert attention_flops(1, 3, 5, 8, 2, projections=False) == 4 * 2 * 3 * 5 * 4
 
 
-def test_time_interleaved_runs_each_once_per_iteration_in_varied_orders_and_drops_failures():
-    calls = []
+class _FakeClock:
+    """perf_counter for flash_export.timing: each call of a runner advances it by the runner's
+    cost, plus a penalty when another runner ran just before (the other runtime's threads still
+    spinning), so a sample that includes a first call shows it."""
 
-    def runner(name):
-        return lambda: calls.append(name)
+    PENALTY = 2.0 ** -4  # seconds; all times here are powers of 2: the sums are exact
+
+    def __init__(self, monkeypatch):
+        import flash_export.timing as timing
+
+        self.t, self.calls = 0.0, []
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: self.t)
+
+    def runner(self, name, cost):
+        def run():
+            if self.calls and self.calls[-1] != name:
+                self.t += self.PENALTY
+            self.calls.append(name)
+            self.t += cost
+        return run
+
+
+def _runs(calls, sizes, start):
+    """Split calls[start:] into the runs of one name, checking each is 1 untimed + a block."""
+    runs, i = [], start
+    while i < len(calls):
+        name = calls[i]
+        size = 1 + sizes[name]
+        assert calls[i:i + size] == [name] * size, (i, calls[i:i + size])
+        runs.append(name)
+        i += size
+    return runs
+
+
+def test_time_interleaved_samples_are_block_means_after_an_untimed_call_in_shuffled_orders(
+        monkeypatch):
+    clock = _FakeClock(monkeypatch)
 
     def broken():
         raise RuntimeError("cannot run\nsecond line")
 
-    samples, errors = time_interleaved({"a": runner("a"), "b": runner("b"), "x": broken},
-                                       warmup=1, iters=4, repeats=2)
-    assert errors == {"x": "RuntimeError: cannot run second line"}  # one line, whole message
-    assert [len(rep) for rep in samples["a"]] == [4, 4] and samples["x"] == []
-
-    calls.clear()
     names = ["a", "b", "c"]
-    time_interleaved({n: runner(n) for n in names}, warmup=0, iters=30, seed=3)
-    orders = [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
-    assert all(sorted(o) == names for o in orders)  # each backend once per iteration
-    # every backend follows every other one at some point: no fixed predecessor
-    follows = {(o[i], o[i + 1]) for o in orders for i in range(2)}
+    costs = {"a": 2.0 ** -10, "b": 2.0 ** -8, "c": 2.0 ** -9}
+    timed = time_interleaved({**{n: clock.runner(n, costs[n]) for n in names}, "x": broken},
+                             warmup=1, iters=12, repeats=2, target_s=2.0 ** -7, seed=3)
+    assert timed.errors == {"x": "RuntimeError: cannot run second line"}  # one line, whole
+    assert timed.samples["x"] == [] and "x" not in timed.blocks
+    # auto-sized from the faster of two calls (the first pays the penalty) to ~8 ms
+    assert timed.blocks == {"a": 8, "b": 2, "c": 4}
+    # each sample is the block's mean: the untimed call before it took the penalty
+    for n in names:
+        assert [len(rep) for rep in timed.samples[n]] == [12, 12]
+        assert [t for rep in timed.samples[n] for t in rep] == pytest.approx([costs[n]] * 24)
+    calls = clock.calls
+    assert calls[:3 + 6] == names + ["a", "a", "b", "b", "c", "c"]  # warm-up, calibration
+    end = 9 + 12 * (3 + 8 + 2 + 4)  # 12 iterations: per runner 1 untimed call + its block
+    first = _runs(calls[:end], timed.blocks, 9)
+    assert calls[end:end + 3] == names  # repetition 2: warm-up only, blocks keep their size
+    iterations = [tuple(r[i:i + 3]) for r in (first, _runs(calls, timed.blocks, end + 3))
+                  for i in range(0, len(r), 3)]
+    assert len(iterations) == 24 and all(sorted(o) == names for o in iterations)
+    # every runner's block follows every other one's at some point: no fixed predecessor
+    follows = {(o[i], o[i + 1]) for o in iterations for i in range(2)}
     assert follows == {(x, y) for x in names for y in names if x != y}
-    calls.clear()
-    time_interleaved({n: runner(n) for n in names}, warmup=0, iters=30, seed=3)
-    assert [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)] == orders  # seeded
+
+    clock.calls.clear()  # seeded: a rerun repeats the orders; a fixed block size is used as is
+    again = time_interleaved({n: clock.runner(n, costs[n]) for n in names}, warmup=0, iters=12,
+                             repeats=2, block=3, seed=3)
+    assert again.blocks == dict.fromkeys(names, 3)
+    assert [tuple(r[i:i + 3]) for r in [_runs(clock.calls, again.blocks, 0)]
+            for i in range(0, len(r), 3)] == iterations
+    assert [t for n in names for rep in again.samples[n] for t in rep] == pytest.approx(
+        [costs[n] for n in names for _ in range(24)])
 
 
 def _compare_attention():
@@ -189,6 +237,8 @@ def test_cli_writes_complete_json_csv_and_png(tmp_path):
         for key in ("p50_ms", "p90_ms", "p99_ms", "tokens_per_s", "gflops_per_s", "peak_rss_mb"):
             assert r[key] is not None and r[key] >= 0, (key, r)
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["samples"] == 3
+        assert 1 <= r["block"] <= 64, r  # auto-sized: a tiny model's block has many calls
+    assert "block time / block size; block: auto-sized" in data["method"]
     with open(out_csv, newline="") as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == CSV_FIELDS and len(table) == len(rows)
@@ -234,6 +284,21 @@ def test_batch_sweep_times_every_length_at_every_batch():
     assert [(r[2], r[3]) for r in rows] == [("1", "6"), ("2", "6")]
 
 
+def test_cli_block_option_sets_the_calls_per_timed_sample(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", *TINY, "--seq", "6", "--iters", "2", "--warmup",
+                                       "0", "--block", "5", "--no-memory", "--backends",
+                                       "eager,sdpa", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["config"]["block"] == 5 and "block: 5 call(s)" in data["method"]
+    # the sizes the timing used, per row: 2 samples of 5 calls each
+    assert [(r["backend"], r["block"], r["samples"]) for r in data["rows"]] == [
+        ("eager", 5, 2), ("sdpa", 5, 2)]
+    assert [line.split()[-2] for line in result.output.splitlines()
+            if line.startswith(("eager ", "sdpa "))] == ["5", "5"]  # the table's block column
+
+
 @pytest.mark.skipif(cuda_available(), reason="checks the no-GPU path")
 def test_cuda_backend_is_skipped_cleanly_without_gpu():
     result = CliRunner().invoke(main, ["bench", *TINY, "--seq", "8", "--iters", "1",
@@ -244,8 +309,9 @@ def test_cuda_backend_is_skipped_cleanly_without_gpu():
 
 
 @pytest.mark.parametrize("args", [
-    ["--backends", "eager,tpu"], ["--seq", "0"], ["--iters", "0"],
-], ids=["unknown-backend", "zero-seq", "zero-iters"])
+    ["--backends", "eager,tpu"], ["--seq", "0"], ["--iters", "0"], ["--block", "0"],
+    ["--block", "many"],
+], ids=["unknown-backend", "zero-seq", "zero-iters", "zero-block", "word-block"])
 def test_bad_usage_exits_2(args):
     result = CliRunner().invoke(main, ["bench", *TINY, *args])
     assert result.exit_code == 2, result.output
