@@ -14,8 +14,8 @@ _EXPORTS = {
     "ReferenceAttention": "flash_export.attention",
     "flash_attention_core": "flash_export.attention",
     "reference_attention_core": "flash_export.attention",
-    "reference_forward": "flash_export.attention",
-    "replace_attention": "flash_export.attention",
+    "reference_forward": "flash_export.attention_swap",
+    "replace_attention": "flash_export.attention_swap",
     "FlashMultiheadAttention": "flash_export.conversion",
     "convert": "flash_export.conversion",
     "ArtifactError": "flash_export.errors",
@@ -48,9 +48,8 @@ if TYPE_CHECKING:
         ReferenceAttention,
         flash_attention_core,
         reference_attention_core,
-        reference_forward,
-        replace_attention,
     )
+    from flash_export.attention_swap import reference_forward, replace_attention  # noqa: F401
     from flash_export.conversion import FlashMultiheadAttention, convert  # noqa: F401
     from flash_export.errors import (  # noqa: F401
         ArtifactError,

@@ -23,6 +23,7 @@ from flash_export.cli_options import (
     output_file,
     trust_options,
 )
+from flash_export.cli_serve import serve, triton
 from flash_export.contract import EXPORT_DTYPES, TARGETS
 from flash_export.errors import FlashExportError
 from flash_export.install import EXPORT_MODULES
@@ -319,112 +320,8 @@ def doctor(json_path: Optional[Path]) -> None:
         click.get_current_context().exit(1)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@main.command()
-@common_options
-@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Ray Serve replicas, each with its own onnxruntime session.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="onnxruntime intra-op threads per replica (0: onnxruntime decides).")
-@click.option("--address", default=None,
-              help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001). Default: start a "
-                   "local one.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the HTTP proxy binds (0.0.0.0: every interface).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="HTTP port.")
-@click.option("--name", default=None,
-              help="Model name in URLs. Default: the artifact's file stem.")
-@click.option("--max-body-mib", type=click.FloatRange(min=0.001), default=16.0,
-              show_default=True, help="Largest request body (MiB); 413 past it.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Largest batch dim of one request.")
-@click.option("--max-length", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Largest sequence length (every dynamic size but the batch), within the "
-                   "graph's own bounds.")
-@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=10.0,
-              show_default=True, help="Seconds a request body may take to arrive; 408 past it.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Dynamic batching: concurrent requests merged into one run (1: off).")
-@click.option("--max-ongoing", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests one replica holds at once (reading, queued or running).")
-def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], host: str,
-          port: int, name: Optional[str], max_body_mib: float, max_batch: int, max_length: int,
-          body_timeout: float, batch_size: int, max_ongoing: int) -> None:
-    """Serve ARTIFACT (.onnx) on Ray Serve with the Open Inference Protocol until Ctrl-C.
-
-    Needs the serve extra: pip install 'flash-export[serve]'.
-    """
-    import signal
-
-    from flash_export.oip import Limits
-    from flash_export.serve import ServeConfig, Server
-
-    try:
-        config = ServeConfig(
-            replicas=replicas, threads=threads, address=address, host=host, port=port,
-            name=name, max_batch_size=batch_size,
-            max_ongoing_requests=max(max_ongoing, batch_size),
-            limits=Limits(max_body_bytes=int(max_body_mib * 2**20), max_batch=max_batch,
-                          max_length=max_length, body_timeout_s=body_timeout))
-        server = Server(artifact, config)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    console = Console()
-    try:
-        server.start()
-        # SIGTERM (a service manager's stop) unwinds like Ctrl-C, through the `finally` below;
-        # set after Ray's start, which installs a SIGTERM handler of its own that aborts.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, _interrupt)
-        console.result(f"serving {server.name} ({replicas} replica{'s' * (replicas > 1)}) at "
-                       f"{server.url} (POST {server.url}/infer); Ctrl-C stops")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    console.info("stopped")
-
-
-@main.command()
-@common_options
-@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("repo_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", default=None,
-              help="Model name in the repository. Default: the artifact's file stem.")
-@click.option("--max-batch-size", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Triton's max_batch_size with dynamic batching (0: off; off anyway when "
-                   "the graph has no leading batch dim).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="Instance group kind: KIND_CPU or KIND_GPU.")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Model instances per device.")
-@click.option("--server-repo", default=None, metavar="ABS_PATH",
-              help="Where Triton sees REPO_DIR (a container's /models); the library path in "
-                   "config.pbtxt is built from it. Default: REPO_DIR's absolute path.")
-def triton(artifact: Path, repo_dir: Path, name: Optional[str], max_batch_size: int,
-           device: str, instances: int, server_repo: Optional[str]) -> None:
-    """Write a Triton Inference Server model repository for ARTIFACT (.onnx) into REPO_DIR."""
-    from flash_export.triton import TritonConfig, server_command, write_repository
-
-    try:
-        config = TritonConfig(name=name, max_batch_size=max_batch_size, device=device,
-                              instances=instances, server_repo=server_repo)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        written = write_repository(artifact, repo_dir, config)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    console = Console()
-    console.info(f"wrote {written.parent}")
-    console.result(" ".join(server_command(repo_dir, config)))
+main.add_command(serve)
+main.add_command(triton)
 
 
 def run(prog_name: str = "flash-export") -> None:

@@ -20,7 +20,8 @@ from flash_export.artifact import (
     sha256_file,
     torchscript_metadata,
 )
-from flash_export.attention import ATTENTION_KINDS, FlashAttention, with_attention
+from flash_export.attention import ATTENTION_KINDS, FlashAttention
+from flash_export.attention_swap import with_attention
 from flash_export.contract import NATIVE_REQUIRES
 from flash_export.errors import ArtifactError, ExportError, first_line, summary
 from flash_export.io_spec import IOSpec, with_float_dtype

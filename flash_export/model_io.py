@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from flash_export.attention import FlashAttention, ReferenceAttention, replace_attention
+from flash_export.attention import FlashAttention, ReferenceAttention
+from flash_export.attention_swap import replace_attention
 from flash_export.errors import ExportError
 from flash_export.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io, make_feed
 

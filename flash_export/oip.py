@@ -17,15 +17,15 @@ anything runs; a bad one raises `RequestError` with the HTTP status to answer an
 the protocol's ``{"error": ...}`` body. Tensors are read and written by `flash_export.oip_wire`
 (strict JSON: a non-finite input is refused, a non-finite output written as a string).
 
-`OIPModel.run_many` runs several checked requests, merging those whose shapes differ only in the
-batch dim into one onnxruntime call (what dynamic batching does in `flash_export.serve`).
+`flash_export.oip_batch.run_many` runs several checked requests, merging those whose shapes
+differ only in the batch dim into one onnxruntime call (dynamic batching in `flash_export.serve`).
 """
 
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -310,57 +310,6 @@ class OIPModel:
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise RequestError(400, f"the graph refused the request: {summary(exc)}") from None
         return {o.name: r for o, r in zip(self.outputs, results)}
-
-    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]
-                 ) -> List[Union[Dict[str, np.ndarray], RequestError]]:
-        """Run several checked feeds, merging along the batch dim those whose shapes allow.
-
-        Feeds merge when the graph's inputs all lead with the same dynamic batch dim and every
-        other dim matches, up to `Limits.max_batch` rows per run; each answer is sliced back out.
-        A feed that fails gets its RequestError in its place; the others still run.
-        """
-        answers: List[Any] = [None] * len(feeds)
-        for group in self._groups(feeds):
-            if len(group) > 1:
-                merged = {t.name: np.concatenate([feeds[i][t.name] for i in group])
-                          for t in self.io.inputs}  # (sum of batches, ...)
-                try:
-                    results = self.run(merged)
-                except RequestError:
-                    group_ok = False
-                else:
-                    group_ok = True
-                    start = 0
-                    for i in group:
-                        rows = len(feeds[i][self.io.inputs[0].name])
-                        answers[i] = {n: r[start:start + rows] for n, r in results.items()}
-                        start += rows
-                if group_ok:
-                    continue
-            for i in group:  # one at a time: alone, or to find which request the graph refused
-                try:
-                    answers[i] = self.run(feeds[i])
-                except RequestError as exc:
-                    answers[i] = exc
-        return answers
-
-    def _groups(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> List[List[int]]:
-        if self.batch_name is None or self.io.is_static(self.batch_name):
-            return [[i] for i in range(len(feeds))]
-        high = self.sizes[self.batch_name][1]
-        open_groups: Dict[Any, Tuple[List[int], int]] = {}
-        groups: List[List[int]] = []
-        for i, feed in enumerate(feeds):
-            key = tuple(feed[t.name].shape[1:] for t in self.io.inputs)
-            rows = feed[self.io.inputs[0].name].shape[0]
-            members, total = open_groups.get(key, ([], 0))
-            if members and total + rows > high:
-                groups.append(members)
-                members, total = [], 0
-            members.append(i)
-            open_groups[key] = (members, total + rows)
-        groups.extend(members for members, _ in open_groups.values())
-        return groups
 
     def answer(self, request: InferRequest, results: Mapping[str, np.ndarray]
                ) -> Tuple[Dict[str, str], bytes]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from flash_export.artifact import atomic_write, require_kind, sha256_file
-from flash_export.attention import replace_attention
+from flash_export.attention_swap import replace_attention
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES
 from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, flash_layers, prepare

@@ -144,7 +144,7 @@ def _torch_runner(job: Job) -> Runner:
         module, meta, _ = load_pt2(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
         io = recorded_io(meta, job.file)
     elif job.backend in ("eager", "sdpa", "native"):
-        from flash_export.attention import replace_attention
+        from flash_export.attention_swap import replace_attention
         from flash_export.model_io import resolve_io
         from flash_export.spec import ModelSpec
 
@@ -154,7 +154,7 @@ def _torch_runner(job: Job) -> Runner:
         if job.backend == "sdpa":
             module = replace_attention(module, SdpaAttention)
         elif job.backend == "native":
-            from flash_export.attention import with_attention
+            from flash_export.attention_swap import with_attention
 
             module = with_attention(module, "native")
         if job.attention_only:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from flash_export.errors import FlashExportError, RequestError, first_line
 from flash_export.oip import HEADER_LENGTH, Limits, OIPModel, error_body, json_body, model_name
+from flash_export.oip_batch import run_many
 
 SERVE_EXTRA_HINT = "pip install 'flash-export[serve]' (Ray Serve)"
 
@@ -92,7 +93,7 @@ class OIPDeployment:
 
     async def _run_batch(self, feeds: List[Any]) -> List[Any]:
         # onnxruntime blocks: a worker thread keeps the replica answering health checks.
-        return await asyncio.to_thread(self.model.run_many, feeds)
+        return await asyncio.to_thread(run_many, self.model, feeds)
 
     async def __call__(self, request: Any) -> Any:
         """Route one HTTP request (a starlette Request) to its OIP answer."""

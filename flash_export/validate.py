@@ -2,7 +2,7 @@
 
 The reference is never built from the artifact's own weights: it is the model described by the
 `ModelSpec` recorded in the artifact (or the one the caller passes), run with plain attention in
-float64 (`attention.reference_forward`). Every backend is judged by the one tolerance rule in
+float64 (`attention_swap.reference_forward`). Every backend is judged by the one tolerance rule in
 `tolerance.compare`: its max abs error may be at most max(floor, 2 x the error of PyTorch's own
 plain computation in the artifact's dtype).
 """

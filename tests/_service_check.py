@@ -16,6 +16,7 @@ class _Block:
 sys.meta_path.insert(0, _Block())
 import numpy as np
 from flash_export.io_spec import make_feed
+from flash_export.oip_batch import run_many
 from flash_export.oip import DATATYPES, OIPModel
 from flash_export.runtime import create_session, session_io
 
@@ -27,7 +28,7 @@ body = json.dumps({'inputs': [{'name': n, 'datatype': DATATYPES[a.dtype.name],
                                'shape': list(a.shape), 'data': a.ravel().tolist()}
                               for n, a in feed.items()]}).encode()
 request = model.parse(body)
-(results,) = model.run_many([request.feed])
+(results,) = run_many(model, [request.feed])
 headers, reply = model.answer(request, results)
 answer = json.loads(reply)
 for out, want in zip(answer['outputs'], session.run(None, feed)):

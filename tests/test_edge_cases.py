@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from flash_export.attention import FlashAttention, reference_forward
+from flash_export.attention import FlashAttention
+from flash_export.attention_swap import reference_forward
 from flash_export.contract import TARGETS
 from flash_export.export import export_torchscript, load_torchscript
 from flash_export.onnx_export import export_onnx

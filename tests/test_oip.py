@@ -8,6 +8,7 @@ import pytest
 
 from flash_export.errors import RequestError
 from flash_export.oip import DATATYPES, HEADER_LENGTH, Limits, OIPModel
+from flash_export.oip_batch import run_many
 from flash_export.runtime import create_session, session_io
 
 E = 16
@@ -91,7 +92,7 @@ def test_json_and_binary_requests_answer_what_onnxruntime_computes(model, sessio
 
 def test_requests_of_one_shape_merge_into_one_run_up_to_the_batch_limit(model, session):
     feeds = [_feed(i, batch=1 + i % 2) for i in range(5)] + [_feed(9, q_len=4)]
-    answers = model.run_many(feeds)
+    answers = run_many(model, feeds)
     # batches 1, 2, 1 fill a run of 4 rows (max_batch); 2 + 1 the next; q_len 4 runs alone
     assert [r["queries"][0] for r in model.session.runs] == [4, 3, 1]
     for feed, answer in zip(feeds, answers):
@@ -101,7 +102,7 @@ def test_requests_of_one_shape_merge_into_one_run_up_to_the_batch_limit(model, s
 def test_a_request_the_graph_refuses_does_not_sink_its_batch(model, session):
     good, bad = _feed(1), _feed(2)
     bad["values"] = bad["values"][:, :, :-1].copy()  # (1, 5, 15): the graph refuses it
-    answers = model.run_many([good, bad])
+    answers = run_many(model, [good, bad])
     assert np.array_equal(answers[0]["output"], session.run(["output"], good)[0])
     assert isinstance(answers[1], RequestError) and answers[1].status == 400
 

@@ -16,7 +16,7 @@ import torch
 from helpers import assert_matches_reference, core_reference
 
 from flash_export import FlashAttention, ModelSpec, reference_forward
-from flash_export.attention import with_attention
+from flash_export.attention_swap import with_attention
 from flash_export.export import export_torchscript, load_torchscript, quiet_jit_deprecation
 from flash_export.torch_op import SCHEMA, register
 
