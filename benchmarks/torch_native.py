@@ -101,7 +101,7 @@ def measure(spec, files: Dict[str, str], seq: int, threads: int, iters: int,
             conn = workers[backend][1]
             conn.send(block)
             samples[backend].append(conn.recv())
-            time.sleep(0.005)  # let the last worker's pool threads stop spinning
+            time.sleep(0.05)  # past libgomp's spin: the last worker's threads sleep
     for proc, conn in workers.values():
         if proc.is_alive():
             conn.send(None)

@@ -68,6 +68,8 @@ _SIGNATURES: Dict[str, Tuple[list, Any]] = {
     "flash_export_params_size": ([], ctypes.c_size_t),
     "flash_export_attention_forward_cpu": ([_PARAMS], ctypes.c_int32),
     "flash_export_attention_forward_cpu_threads": ([_PARAMS, ctypes.c_int32], ctypes.c_int32),
+    "flash_export_attention_forward_cpu_openmp": ([_PARAMS, ctypes.c_void_p, ctypes.c_int32],
+                                                  ctypes.c_int32),
     "flash_export_attention_forward_cuda": ([_PARAMS, ctypes.c_void_p], ctypes.c_int32),
     "flash_export_cpu_isa": ([], ctypes.c_char_p),
     "flash_export_cpu_plan": ([_PARAMS, ctypes.c_int32], ctypes.c_char_p),
@@ -76,7 +78,8 @@ _SIGNATURES: Dict[str, Tuple[list, Any]] = {
 }
 _CUDA_FORWARD = "flash_export_attention_forward_cuda"
 _CPU_PLAN = "flash_export_cpu_plan"
-_OPTIONAL = (_CUDA_FORWARD, _CPU_PLAN)
+_OPENMP_FORWARD = "flash_export_attention_forward_cpu_openmp"
+_OPTIONAL = (_CUDA_FORWARD, _CPU_PLAN, _OPENMP_FORWARD)
 
 
 class NativeLibrary:
@@ -95,7 +98,7 @@ class NativeLibrary:
             fn = getattr(handle, name, None)
             if fn is None:
                 if name in _OPTIONAL:
-                    continue  # a library built without nvcc, or older than the plan query
+                    continue  # a library built without nvcc, or older than the entry point
                 raise RuntimeLibraryError(f"{self.path} does not export {name}: not a "
                                           "flash-export library, or one of another version")
             fn.argtypes, fn.restype = argtypes, restype
@@ -144,6 +147,19 @@ class NativeLibrary:
         if threads <= 1:
             return int(self._fns["flash_export_attention_forward_cpu"](pointer))
         return int(self._fns["flash_export_attention_forward_cpu_threads"](pointer, threads))
+
+    def forward_cpu_openmp(self, params: Optional[AttentionParams], gomp_parallel: Optional[int],
+                           threads: int) -> int:
+        """The CPU forward on the calling thread's OpenMP team; returns its status (0: ok).
+
+        `gomp_parallel` is the address of `GOMP_parallel` in the OpenMP runtime the host framework
+        runs on (None, or a library older than that entry point: `threads` std::threads, as
+        `forward_cpu`), `threads` the framework's team size.
+        """
+        if gomp_parallel is None or _OPENMP_FORWARD not in self._fns:
+            return self.forward_cpu(params, threads)
+        pointer = None if params is None else ctypes.byref(params)
+        return int(self._fns[_OPENMP_FORWARD](pointer, ctypes.c_void_p(gomp_parallel), threads))
 
     def forward_cuda(self, params: Optional[AttentionParams], stream: int = 0) -> int:
         """The CUDA forward on `stream` (a cudaStream_t as an int; 0: the legacy default stream).
@@ -235,7 +251,7 @@ def attention_params(q: Strided, k: Strided, v: Strided, out: Strided, num_heads
 def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
               mask: Optional[np.ndarray] = None, causal: bool = False,
               scale: Optional[float] = None, chunk_size: int = 64, threads: int = 1,
-              dtype: Optional[str] = None) -> np.ndarray:
+              dtype: Optional[str] = None, gomp_parallel: Optional[int] = None) -> np.ndarray:
     """Run the CPU core on numpy arrays.
 
     Args:
@@ -251,6 +267,8 @@ def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, n
         threads: CPU threads (the caller's included); 1 runs the serial entry point.
         dtype: the element type; default q's. "bfloat16" with uint16 arrays of bfloat16 bits
             (numpy has no bfloat16).
+        gomp_parallel: the address of an OpenMP runtime's `GOMP_parallel`: run on that
+            runtime's team of `threads` (`NativeLibrary.forward_cpu_openmp`).
 
     Returns:
         (B, Lq, E) of q's dtype, NaN wherever the kernel wrote nothing.
@@ -269,5 +287,9 @@ def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, n
     p = attention_params(Strided.of(q), Strided.of(k), Strided.of(v), Strided.of(out), num_heads,
                          dtype=dtype, mask=None if broadcast is None else Strided.of(broadcast),
                          causal=causal, scale=scale, chunk_size=chunk_size)
-    check(lib.forward_cpu(p, threads), "flash_export_attention_forward_cpu")
+    if gomp_parallel is not None:
+        check(lib.forward_cpu_openmp(p, gomp_parallel, threads),
+              "flash_export_attention_forward_cpu_openmp")
+    else:
+        check(lib.forward_cpu(p, threads), "flash_export_attention_forward_cpu")
     return out

@@ -2,8 +2,9 @@
 
 Eager PyTorch, TorchScript, `torch.compile` and `torch.export` all see the same operator, whose
 CPU kernel is our kernel core (custom_ops/core) called through its public C entry point
-(`flash_export_attention_forward_cpu_threads`, via the ctypes binding `flash_export.native`), on
-`torch.get_num_threads()` threads. Its contract is the ONNX node's (`flash_export.contract`):
+(`flash_export_attention_forward_cpu_openmp`, via the ctypes binding `flash_export.native`), on
+torch's own OpenMP team of `torch.get_num_threads()` threads. Its contract is the ONNX node's
+(`flash_export.contract`):
 
     attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int num_heads,
               int chunk_size, bool causal, float scale) -> Tensor
@@ -16,7 +17,8 @@ Who registers what, so nothing is registered twice:
   native artifacts) defines the schema and the ctypes CPU kernel, then a fake (meta)
   implementation for tracing and an autograd kernel that refuses a backward. It is idempotent.
 - In a C++ process, the libtorch shim (custom_ops/torch, `libflash_export_torch.so`) defines
-  the same schema with TORCH_LIBRARY and a CPU kernel calling the same C entry point; loading it
+  the same schema with TORCH_LIBRARY and a CPU kernel calling the same core (its items on
+  ATen's intra-op pool, through `flash_export_attention_forward_cpu_pool`); loading it
   is what lets `torch::jit::load` and `AOTIModelPackageLoader` resolve the op.
 - A Python process that loaded the shim before `register()` keeps the shim's definition and
   kernel; `register()` then adds only the fake and autograd kernels. The shim refuses to load
@@ -24,8 +26,10 @@ Who registers what, so nothing is registered twice:
   needs it.
 """
 
+import ctypes
 import functools
 import threading
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
@@ -143,9 +147,31 @@ def _cpu_kernel(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor
                               dtype=_DTYPES[query.dtype],
                               mask=None if allowed is None else _strided(allowed),
                               causal=causal, scale=scale, chunk_size=chunk_size)
-    check(_native().forward_cpu(params, torch.get_num_threads()),
-          "flash_export_attention_forward_cpu_threads")
+    check(_native().forward_cpu_openmp(params, _torch_openmp(), torch.get_num_threads()),
+          "flash_export_attention_forward_cpu_openmp")
     return out
+
+
+@functools.cache
+def _torch_openmp() -> Optional[int]:
+    """Address of `GOMP_parallel` in the OpenMP runtime torch's CPU ops run on, or None.
+
+    The kernel's work items then run on the team that just ran the projections, whose threads
+    are still spinning for more work; threads of its own would contend with them for the cores
+    (on 2 cores that cost 1.3-1.8x the attention's time). None where torch does not thread with
+    OpenMP or its runtime cannot be found: the kernel then starts threads of its own.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for path in sorted(lib_dir.glob("libtorch_cpu.*")):
+        try:
+            # Looked up from libtorch_cpu's handle: the runtime among its own dependencies.
+            entry = ctypes.CDLL(str(path)).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(entry, ctypes.c_void_p).value
+    return None
 
 
 def _strided(t: Tensor) -> Any:

@@ -9,11 +9,13 @@ inputs and the per-ISA kernels are exercised in subprocesses only.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from _native_cases import check_output as _check
 from _native_cases import flash_node, model_bytes, reference_attention
 from onnx import TensorProto, helper
 
-from flash_export.native import NativeLibrary, attention
+from flash_export.native import NativeLibrary, Strided, attention, attention_params
 from flash_export.runtime import library_path
 from flash_export.tolerance import max_abs_error
 
@@ -363,7 +365,7 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
     result = _subprocess("""
         import json, os
         import numpy as np
-        from flash_export.native import NativeLibrary, attention
+        from flash_export.native import NativeLibrary, Strided, attention, attention_params
         from flash_export.runtime import library_path
         from test_native_op import _check, _qkv
         lib = NativeLibrary(library_path())
@@ -444,7 +446,7 @@ def test_bfloat16_core_matches_reference(isa: str) -> None:
         import torch
         from _native_cases import reference_attention
         from helpers import assert_matches_reference
-        from flash_export.native import NativeLibrary, attention
+        from flash_export.native import NativeLibrary, Strided, attention, attention_params
         from flash_export.runtime import library_path
         lib = NativeLibrary(library_path())
         torch.manual_seed(0)
@@ -485,3 +487,50 @@ def test_core_matches_onnxruntime_bitwise() -> None:
     q, k, v = _qkv(2, 70, 90, 64)
     core = attention(NativeLibrary(library_path()), q, k, v, 2, causal=True, threads=2)
     assert np.array_equal(core, _run(q, k, v, num_heads=2, causal=1, threads=2))
+
+
+def test_openmp_forward_runs_every_item_on_the_team_it_is_given() -> None:
+    """flash_export_attention_forward_cpu_openmp hands its work to the `GOMP_parallel` it is
+    passed, with a team of at most `threads`, and matches the serial forward bitwise. The runtime
+    here is a stand-in with GOMP_parallel's signature that records each region and runs its team
+    on Python threads (ctypes releases the GIL, so the members run the C items in parallel)."""
+    regions: list[tuple[int, int]] = []
+    region_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+    def gomp_parallel(fn: int, data: int, num_threads: int, flags: int) -> None:
+        regions.append((num_threads, flags))
+        member = region_fn(fn)
+        team = [threading.Thread(target=member, args=(data,)) for _ in range(num_threads - 1)]
+        for t in team:
+            t.start()
+        member(data)
+        for t in team:
+            t.join()
+
+    address = ctypes.cast(gomp_parallel, ctypes.c_void_p).value
+    lib = NativeLibrary(library_path())
+    # decode ("rows"), one item per head ("heads"), and two packing groups ("shared": four
+    # regions, packing then attending per group)
+    cases = [((8, 1, 1024, 512), 8, False, "rows"), ((2, 70, 90, 128), 2, True, "heads"),
+             ((1, 40, 5500, 192), 3, False, "shared")]
+    for (b, lq, lk, e), h, causal, regime in cases:
+        q, k, v = _qkv(b, lq, lk, e)
+        serial = attention(lib, q, k, v, h, causal=causal)
+        before = len(regions)
+        team = attention(lib, q, k, v, h, causal=causal, threads=2, gomp_parallel=address)
+        assert np.array_equal(serial, team), regime
+        ran = regions[before:]
+        # a team of `threads`, or of one where a region has a single item
+        assert ran and all(n in (1, 2) and flags == 0 for n, flags in ran), (regime, ran)
+        assert ran[0][0] == 2, (regime, ran)
+        if regime == "shared":
+            params = attention_params(*(Strided.of(x) for x in (q, k, v, np.empty_like(q))), h,
+                                      dtype="float32")
+            plan = lib.cpu_plan(params, 2)
+            assert plan["regime"] == "shared" and plan["groups"] >= 2, plan
+            assert len(ran) == 2 * plan["groups"]
+    # No runtime: the forward starts threads of its own, same result
+    q, k, v = _qkv(2, 70, 90, 128)
+    assert np.array_equal(attention(lib, q, k, v, 2, threads=2, gomp_parallel=0),
+                          attention(lib, q, k, v, 2))

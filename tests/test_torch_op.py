@@ -192,6 +192,60 @@ with torch.no_grad():
     assert float(run.stdout) < 1e-5
 
 
+_TEAM_RUN = """
+import sys, torch
+{load}
+from flash_export.torch_op import register
+register()
+torch.set_num_threads(2)
+a = torch.randn(256, 256)
+a @ a  # torch's OpenMP team of 2 exists from here on
+q = torch.randn(2, 1536, 256)  # (B, L, E): H = 4, D = 64, about 50 ms a call
+op = lambda: torch.ops.flash_export.attention(q, q, q, None, 4, 64, False, 0.125)
+op()
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(10):
+    op()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc/PID/task")
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1],
+                    reason="torch here does not thread with OpenMP")
+@pytest.mark.parametrize("kernel", ["python", "shim"])
+def test_the_op_runs_on_torchs_threads_and_starts_none_of_its_own(kernel, request):
+    """Both CPU kernels (the Python registration's, and the shim's in a C++ or shim-first
+    process) run their work items on torch's intra-op OpenMP team: after torch's own parallel
+    work, ten 2-thread calls start no thread. The threads are watched from this process through
+    /proc, while the other one computes. (Threads of the kernel's own, one more per call, contend
+    with torch's still-spinning ones: 1.3-1.8x the op's time on 2 cores.)"""
+    load = ""
+    if kernel == "shim":
+        load = f"torch.ops.load_library({str(request.getfixturevalue('shim_library'))!r})"
+    child = subprocess.Popen([sys.executable, "-c", _TEAM_RUN.format(load=load)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        tasks = Path(f"/proc/{child.pid}/task")
+        before = {p.name for p in tasks.iterdir()}
+        seen, looks = set(before), 0
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        while child.poll() is None:
+            try:
+                seen.update(p.name for p in tasks.iterdir())
+            except FileNotFoundError:  # exiting
+                break
+            looks += 1
+        assert child.wait(timeout=120) == 0
+    finally:
+        child.kill()
+    assert looks > 100  # the calls were watched
+    assert seen == before, f"{len(seen - before)} threads started during the calls"
+
+
 def test_the_shim_refuses_to_load_after_the_python_registration(shim_library):
     run = _python(f"""
 import torch

@@ -36,6 +36,34 @@ void threaded_parallel_for(void* context, void (*fn)(void*, size_t), size_t tota
   for (std::thread& t : pool) t.join();
 }
 
+// parallel_for on the host's OpenMP team: one GOMP_parallel region per call, whose threads pull
+// item indices from a counter (no OpenMP thread numbering needed, so any team size works).
+using GompParallel = void (*)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+
+struct OpenMpFor {
+  GompParallel parallel;
+  unsigned threads;
+};
+
+struct OpenMpRegion {
+  void (*fn)(void*, size_t);
+  size_t total;
+  void* data;
+  std::atomic<size_t> next;
+};
+
+void openmp_region(void* region) {
+  OpenMpRegion& r = *static_cast<OpenMpRegion*>(region);
+  for (size_t i = r.next.fetch_add(1); i < r.total; i = r.next.fetch_add(1)) r.fn(r.data, i);
+}
+
+void openmp_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* data) {
+  const OpenMpFor& omp = *static_cast<OpenMpFor*>(context);
+  OpenMpRegion region{fn, total, data, {0}};
+  const unsigned team = total < omp.threads ? static_cast<unsigned>(total) : omp.threads;
+  omp.parallel(&openmp_region, &region, team, 0);
+}
+
 }  // namespace
 
 // `extern "C"` again on each definition: one whose signature drifted from its declaration would
@@ -54,6 +82,25 @@ extern "C" int32_t flash_export_attention_forward_cpu_threads(const FlashExportA
   ThreadedFor context{threads};
   return static_cast<int32_t>(
       flash_export::attention_forward_cpu(*p, &threaded_parallel_for, &context, threads));
+}
+
+extern "C" int32_t flash_export_attention_forward_cpu_pool(const FlashExportAttentionParams* p,
+                                                           FlashExportParallelFor parallel_for,
+                                                           void* context, int32_t threads) {
+  if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
+  return static_cast<int32_t>(
+      flash_export::attention_forward_cpu(*p, parallel_for, context, threads < 1 ? 1 : threads));
+}
+
+extern "C" int32_t flash_export_attention_forward_cpu_openmp(const FlashExportAttentionParams* p,
+                                                             void* gomp_parallel,
+                                                             int32_t threads) {
+  if (gomp_parallel == nullptr) return flash_export_attention_forward_cpu_threads(p, threads);
+  if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
+  if (threads <= 1) return flash_export_attention_forward_cpu(p);
+  OpenMpFor context{reinterpret_cast<GompParallel>(gomp_parallel), static_cast<unsigned>(threads)};
+  return static_cast<int32_t>(
+      flash_export::attention_forward_cpu(*p, &openmp_parallel_for, &context, threads));
 }
 
 extern "C" const char* flash_export_cpu_plan(const FlashExportAttentionParams* p, int32_t threads) {

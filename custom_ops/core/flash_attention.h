@@ -33,13 +33,13 @@ constexpr int64_t kCudaMaxHeadDim = 512;              // the simple kernel's reg
 constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, tiles of 128 past it
 constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
 
-// Runs fn(data, i) for every i in [0, total) and returns when all have run; the CPU kernel hands
-// its work items to this (one call per forward, an item per (batch, head), for decode and for
-// many small heads; otherwise two calls per group of heads: packing the group's keys and values,
-// then an item per (batch, head, query block) of it), so an adapter can use its runtime's thread
-// pool. `context` is the adapter's own pointer, passed back untouched.
-using ParallelForFn = void (*)(void* context, void (*fn)(void* data, size_t index), size_t total,
-                               void* data);
+// Runs fn(data, i) for every i in [0, total) and returns when all have run; the C ABI's type
+// (flash_export.h). The CPU kernel hands its work items to this (one call per forward, an item per
+// (batch, head), for decode and for many small heads; otherwise two calls per group of heads:
+// packing the group's keys and values, then an item per (batch, head, query block) of it), so an
+// adapter can use its runtime's thread pool. `context` is the adapter's own pointer, passed back
+// untouched.
+using ParallelForFn = FlashExportParallelFor;
 
 // CPU forward. parallel_for may be nullptr: the work then runs serially on the calling thread.
 // `threads` is how many items parallel_for may run at once, for the plan (0: unknown, taken as the

@@ -99,6 +99,31 @@ flash_export_attention_forward_cpu(const FlashExportAttentionParams* params);
 FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_threads(
     const FlashExportAttentionParams* params, int32_t threads);
 
+/* Runs fn(data, i) for every i in [0, total) and returns when all have run: a host framework's
+ * thread pool, handed to the forward below. `context` is the host's pointer, passed back
+ * untouched. fn does not throw and may run on any thread, in any order. */
+typedef void (*FlashExportParallelFor)(void* context, void (*fn)(void* data, size_t index),
+                                       size_t total, void* data);
+
+/* CPU forward whose work items run on the host's thread pool: `parallel_for` is called one or more
+ * times per forward (NULL: serial on the calling thread); `threads` is how many items it runs at
+ * once, for the plan. A framework that just ran its own parallel work (the projections before the
+ * attention) keeps its threads awake for a while: running the items on those threads, instead of
+ * starting others, is what keeps them from contending. Added after the first release of this
+ * header (additive). */
+FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_pool(
+    const FlashExportAttentionParams* params, FlashExportParallelFor parallel_for, void* context,
+    int32_t threads);
+
+/* CPU forward on the calling thread's OpenMP team, for a host that cannot pass a C function
+ * (PyTorch from Python): `gomp_parallel` is the address of the `GOMP_parallel` entry point,
+ * void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags), of the
+ * OpenMP runtime the host runs on (GNU libgomp, or LLVM libomp's GNU-compatible entry), and
+ * `threads` the team size the host uses. NULL gomp_parallel runs on std::threads like the
+ * `_threads` forward. Added after the first release of this header (additive). */
+FLASH_EXPORT_API int32_t flash_export_attention_forward_cpu_openmp(
+    const FlashExportAttentionParams* params, void* gomp_parallel, int32_t threads);
+
 /* CUDA forward on `stream` (a cudaStream_t; 0 is the legacy default stream), asynchronous like any
  * launch. Exported only by a library built with nvcc. */
 FLASH_EXPORT_API int32_t

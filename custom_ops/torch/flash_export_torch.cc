@@ -1,8 +1,9 @@
 // The libtorch shim: registers flash_export::attention for C++ processes (torch::jit::load of a
 // TorchScript-native artifact, AOTIModelPackageLoader of a .pt2 package). Its CPU kernel is an
-// adapter over the kernel core's public C entry point (flash_export.h), the one the ctypes binding
-// behind the Python registration (flash_export/torch_op.py) calls: it validates every dimension,
-// fills the params struct and maps the status to an error. The schema string is the Python one,
+// adapter over the kernel core's public C ABI (flash_export.h), the one the ctypes binding behind
+// the Python registration (flash_export/torch_op.py) calls: it validates every dimension, fills
+// the params struct, runs the core's items on ATen's intra-op pool and maps the status to an
+// error. The schema string is the Python one,
 // character for character (a test compares them).
 //
 // Load it before the model: link it (with --no-as-needed) or dlopen it with RTLD_GLOBAL. A Python
@@ -12,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -49,6 +52,31 @@ const char* status_name(int32_t status) {
     default:
       return "?";
   }
+}
+
+#ifdef _OPENMP
+// The core's parallel_for on ATen's intra-op pool: the team that just ran the projections, whose
+// threads are still spinning for work, runs the items (threads of the kernel's own would contend
+// with them). One task per thread, each pulling item indices from a counter, so uneven items
+// (causal rows) balance. ATen's OpenMP parallel_for is header code: it needs this file compiled
+// with OpenMP (CMakeLists.txt), or it runs serially.
+void aten_parallel_for(void*, void (*fn)(void*, size_t), size_t total, void* data) {
+  std::atomic<size_t> next{0};
+  const int64_t team = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(total));
+  at::parallel_for(0, team, 1, [&](int64_t, int64_t) {
+    for (size_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) fn(data, i);
+  });
+}
+#endif
+
+// The forward on ATen's pool where this build has one, else on threads of the kernel's own.
+int32_t forward(const FlashExportAttentionParams& p) {
+  const int32_t threads = static_cast<int32_t>(at::get_num_threads());
+#ifdef _OPENMP
+  return flash_export_attention_forward_cpu_pool(&p, &aten_parallel_for, nullptr, threads);
+#else
+  return flash_export_attention_forward_cpu_threads(&p, threads);
+#endif
 }
 
 // query (B, Lq, E), key and value (B, Lk, E); mask bool broadcastable to (B, H, Lq, Lk).
@@ -119,10 +147,9 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const a
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   p.dtype = static_cast<FlashExportDType>(dtype_code(query.scalar_type()));
-  const int32_t status =
-      flash_export_attention_forward_cpu_threads(&p, static_cast<int32_t>(at::get_num_threads()));
-  TORCH_CHECK(status == FLASH_EXPORT_OK, kName, ": flash_export_attention_forward_cpu_threads ",
-              "returned status ", status, " (", status_name(status), ")");
+  const int32_t status = forward(p);
+  TORCH_CHECK(status == FLASH_EXPORT_OK, kName, ": the CPU forward returned status ", status,
+              " (", status_name(status), ")");
   return out;
 }
 
