@@ -96,10 +96,6 @@ inline void pv_tile(const float* pt, int64_t bq_pad, const float* v, int64_t ldv
   }
 }
 
-inline void prefetch_row(const char* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
-}
-
 // Keys and values [j0, j0 + n) of head (b, h) as float32 rows: K at dst (ld D), V after all Lk
 // keys (ld d_pad, padding zeroed). The FMA paths take every call: always true.
 bool pack_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t j0,
