@@ -15,6 +15,10 @@ backend's sample in the same iteration (torchscript and custom).
 
     python benchmarks/torch_native.py --embed 128 --heads 8 --seq 256,1024 --threads 2
 
+After every block the parent pauses `--settle-ms` (default 5) untimed. Longer pauses let this
+virtual machine's idle cores sleep, which onnxruntime's pool (spinning off) pays for on its next
+call (50 ms made the custom graph 1.5-1.8x slower here).
+
 `--omp-wait-policy passive` starts the workers with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP
 threads then sleep at barriers instead of spinning, as onnxruntime's threads do here (spinning
 off). On a machine shared with other work, spinning threads that lose their core make every torch
@@ -73,8 +77,8 @@ def export_all(spec, out: Path) -> Dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-def measure(spec, files: Dict[str, str], seq: int, threads: int, iters: int,
-            block: int) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+def measure(spec, files: Dict[str, str], seq: int, threads: int, iters: int, block: int,
+            settle: float = 0.005) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
     """Per backend, one sample (seconds per call) per iteration; a string when it failed."""
     ctx = mp.get_context("spawn")
     workers = {}
@@ -101,7 +105,7 @@ def measure(spec, files: Dict[str, str], seq: int, threads: int, iters: int,
             conn = workers[backend][1]
             conn.send(block)
             samples[backend].append(conn.recv())
-            time.sleep(0.05)  # past libgomp's spin: the last worker's threads sleep
+            time.sleep(settle)  # untimed: the last worker's threads stop spinning
     for proc, conn in workers.values():
         if proc.is_alive():
             conn.send(None)
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=15, help="iterations (blocks per backend)")
     parser.add_argument("--block", type=int, default=5, help="timed calls per block")
+    parser.add_argument("--settle-ms", type=float, default=5.0,
+                        help="untimed pause after every block (default 5)")
     parser.add_argument("--omp-wait-policy", choices=["default", "passive"], default="default")
     args = parser.parse_args()
     if args.omp_wait_policy == "passive":
@@ -137,7 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="torch_native_") as tmp:
         files = export_all(spec, Path(tmp))
         for seq in (int(s) for s in args.seq.split(",")):
-            samples, failed = measure(spec, files, seq, args.threads, args.iters, args.block)
+            samples, failed = measure(spec, files, seq, args.threads, args.iters, args.block,
+                                      args.settle_ms / 1e3)
             print(f"L = {seq}")
             print(f"  {'backend':<20}{'median ms':>10}{'vs torchscript':>16}{'vs custom':>11}")
             for backend in BACKENDS:

@@ -3,8 +3,7 @@
 // adapter over the kernel core's public C ABI (flash_export.h), the one the ctypes binding behind
 // the Python registration (flash_export/torch_op.py) calls: it validates every dimension, fills
 // the params struct, runs the core's items on ATen's intra-op pool and maps the status to an
-// error. The schema string is the Python one,
-// character for character (a test compares them).
+// error. The schema string is the Python one, character for character (a test compares them).
 //
 // Load it before the model: link it (with --no-as-needed) or dlopen it with RTLD_GLOBAL. A Python
 // process never needs it: `import flash_export` registers the op there, and this library then
