@@ -93,8 +93,7 @@ extern "C" int32_t flash_export_attention_forward_cpu_pool(const FlashExportAtte
 }
 
 extern "C" int32_t flash_export_attention_forward_cpu_openmp(const FlashExportAttentionParams* p,
-                                                             void* gomp_parallel,
-                                                             int32_t threads) {
+                                                             void* gomp_parallel, int32_t threads) {
   if (gomp_parallel == nullptr) return flash_export_attention_forward_cpu_threads(p, threads);
   if (p == nullptr) return static_cast<int32_t>(flash_export::Status::kInvalidArgument);
   if (threads <= 1) return flash_export_attention_forward_cpu(p);

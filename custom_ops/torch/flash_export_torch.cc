@@ -147,8 +147,8 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const a
   p.causal = causal;
   p.dtype = static_cast<FlashExportDType>(dtype_code(query.scalar_type()));
   const int32_t status = forward(p);
-  TORCH_CHECK(status == FLASH_EXPORT_OK, kName, ": the CPU forward returned status ", status,
-              " (", status_name(status), ")");
+  TORCH_CHECK(status == FLASH_EXPORT_OK, kName, ": the CPU forward returned status ", status, " (",
+              status_name(status), ")");
   return out;
 }
 
