@@ -1,12 +1,14 @@
 """`flash-export doctor`: is this install able to run the custom op, and if not, why.
 
 The native steps (load the library with ctypes, read its build info, register it in onnxruntime
-and run one tiny `com.flash_export::FlashAttention` graph) run in a fresh subprocess, so a broken
-library that crashes is reported as a failed check instead of killing the doctor.
+and run one tiny `com.flash_export::FlashAttention` graph; where torch is installed, also the
+PyTorch operator `flash_export::attention` on the same input) run in a fresh subprocess, so a
+broken library that crashes is reported as a failed check instead of killing the doctor.
 """
 
 import ctypes
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -204,6 +206,19 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
         "runs a tiny graph (CPU)", err <= 1e-4, f"max abs error {err:.2e} vs numpy attention",
         "" if err <= 1e-4 else "the kernel gives wrong results: please report a bug"))
     report.cuda_provider_usable = probe.get("cuda_provider_usable")
+    op = probe.get("torch_op")
+    if op is not None:  # torch is installed
+        name = "torch op flash_export::attention"
+        if "error" in op:
+            checks.append(DoctorCheck(name, False, op["error"], _unless_setting(
+                op["error"], "the PyTorch operator failed on a (1, 5, 8) input (onnxruntime is "
+                f"unaffected); {_reinstall()}")))
+            return
+        op_err = float(op.get("max_abs_error", math.inf))
+        checks.append(DoctorCheck(
+            name, op_err <= 1e-4, f"max abs error {op_err:.2e} vs numpy attention; runs on "
+            f"{op.get('threads')}",
+            "" if op_err <= 1e-4 else "the operator gives wrong results: please report a bug"))
 
 
 def _run_probe(lib: Path, timeout: float) -> Dict[str, Any]:
@@ -328,7 +343,29 @@ def probe(lib: str) -> Dict[str, Any]:
     out["max_abs_error"] = float(np.abs(y - _numpy_attention(x, 2, 0.5)).max())
     step("cuda provider")
     out["cuda_provider_usable"] = _cuda_usable()
+    if importlib.util.find_spec("torch") is not None:
+        step("torch op")
+        out["torch_op"] = _torch_op(x)
     return out
+
+
+def _torch_op(x: Any) -> Dict[str, Any]:
+    """flash_export::attention on x (as the tiny graph: q = k = v, 2 heads, chunk 2, scale 0.5)."""
+    import numpy as np
+
+    try:
+        import torch
+
+        from flash_export.torch_op import register, thread_pool
+
+        register()
+        t = torch.from_numpy(x)
+        with torch.inference_mode():
+            y = torch.ops.flash_export.attention(t, t, t, None, 2, 2, False, 0.5).numpy()
+        return {"max_abs_error": float(np.abs(y - _numpy_attention(x, 2, 0.5)).max()),
+                "threads": thread_pool()}
+    except Exception as exc:  # torch and the ctypes binding raise many kinds: one line each
+        return {"error": first_line(exc)}
 
 
 if __name__ == "__main__":

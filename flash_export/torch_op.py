@@ -152,6 +152,14 @@ def _cpu_kernel(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor
     return out
 
 
+def thread_pool() -> str:
+    """Where the CPU kernel's work items run in this process, in words (for `doctor`)."""
+    if _torch_openmp() is not None:
+        return "torch's OpenMP team"
+    backend = torch.__config__.parallel_info().split("parallel backend:")[-1].strip()
+    return f"threads of its own (torch's parallel backend: {backend or 'unknown'})"
+
+
 @functools.cache
 def _torch_openmp() -> Optional[int]:
     """Address of `GOMP_parallel` in the OpenMP runtime torch's CPU ops run on, or None.

@@ -53,7 +53,7 @@ def test_healthy_install_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for text in ("flash-export", "torch", "onnx", "onnxruntime", "providers", "library",
                  "ORT API", "CPU kernel", "[ok] registers com.flash_export::FlashAttention",
-                 "[ok] runs a tiny graph"):
+                 "[ok] runs a tiny graph", "[ok] torch op flash_export::attention"):
         assert text in proc.stdout
     data = json.loads(out.read_text())
     assert data["ok"] is True and data["build_info"]["op_domain"] == "com.flash_export"
@@ -102,6 +102,26 @@ def test_interpret_probe_failures(probe, failed, hint):
     assert not report.ok
     bad = [c for c in report.checks if not c.ok]
     assert bad[-1].name == failed and hint in bad[-1].hint
+
+
+def test_the_torch_op_check_says_where_the_kernel_runs_and_fails_on_an_error():
+    healthy = {"loaded": True, "has_register": True, "registered": True, "ran": True,
+               "max_abs_error": 1e-7,
+               "build_info": {"ort_api_version": 16, "cuda": False, "cpu_isa": "avx2"}}
+    report = _report()
+    _interpret(report, {**healthy, "torch_op": {"max_abs_error": 2e-7,
+                                                 "threads": "torch's OpenMP team"}},
+               Path(report.library_path))
+    assert report.ok and "runs on torch's OpenMP team" in report.checks[-1].detail
+    report = _report()
+    _interpret(report, {**healthy, "torch_op": {"error": "RuntimeLibraryError: no symbol"}},
+               Path(report.library_path))
+    assert not report.ok
+    assert report.checks[-1].name == "torch op flash_export::attention"
+    assert "onnxruntime is unaffected" in report.checks[-1].hint
+    report = _report()
+    _interpret(report, healthy, Path(report.library_path))  # no torch: no such check
+    assert report.ok and "torch op" not in " ".join(c.name for c in report.checks)
 
 
 def test_cli_doctor_in_process_runs():
