@@ -117,6 +117,11 @@ class NativeLibrary:
         """Whether the library exports the CUDA forward (it was built with nvcc)."""
         return _CUDA_FORWARD in self._fns
 
+    @property
+    def has_openmp_forward(self) -> bool:
+        """Whether the library exports the forward on a host's OpenMP team (newer builds)."""
+        return _OPENMP_FORWARD in self._fns
+
     def build_info(self) -> Dict[str, Any]:
         """The library's build report (flash_export_build_info) as a dict."""
         info: Dict[str, Any] = json.loads(self._fns["flash_export_build_info"]())
@@ -156,7 +161,7 @@ class NativeLibrary:
         runs on (None, or a library older than that entry point: `threads` std::threads, as
         `forward_cpu`), `threads` the framework's team size.
         """
-        if gomp_parallel is None or _OPENMP_FORWARD not in self._fns:
+        if gomp_parallel is None or not self.has_openmp_forward:
             return self.forward_cpu(params, threads)
         pointer = None if params is None else ctypes.byref(params)
         return int(self._fns[_OPENMP_FORWARD](pointer, ctypes.c_void_p(gomp_parallel), threads))

@@ -154,8 +154,10 @@ def _cpu_kernel(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor
 
 def thread_pool() -> str:
     """Where the CPU kernel's work items run in this process, in words (for `doctor`)."""
-    if _torch_openmp() is not None:
+    if _torch_openmp() is not None and _native().has_openmp_forward:
         return "torch's OpenMP team"
+    if not _native().has_openmp_forward:
+        return "threads of its own (the library predates the OpenMP entry point)"
     backend = torch.__config__.parallel_info().split("parallel backend:")[-1].strip()
     return f"threads of its own (torch's parallel backend: {backend or 'unknown'})"
 
