@@ -219,7 +219,7 @@ def test_the_op_runs_on_torchs_threads_and_starts_none_of_its_own(kernel, reques
     process) run their work items on torch's intra-op OpenMP team: after torch's own parallel
     work, ten 2-thread calls start no thread. The threads are watched from this process through
     /proc, while the other one computes. (Threads of the kernel's own, one more per call, contend
-    with torch's still-spinning ones: 1.3-1.8x the op's time on 2 cores.)"""
+    with torch's still-spinning ones: the whole forward took 1.3-1.6x as long on 2 cores.)"""
     load = ""
     if kernel == "shim":
         load = f"torch.ops.load_library({str(request.getfixturevalue('shim_library'))!r})"

@@ -290,17 +290,11 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
   const int64_t nq = min64(bq, p.seq_q - i0);
   const int64_t ldb = bq * 4;  // bytes per row of S^T, O^T and the pair layouts
 
-  float* qt = scratch + plan.off_qt;
+  const auto [qt, row, s, m, l, alpha, m_blk] = item_scratch(plan, scratch);
   uint32_t* qv = reinterpret_cast<uint32_t*>(scratch + plan.off_qv);
-  float* s = scratch + plan.off_s;
   uint32_t* pv = reinterpret_cast<uint32_t*>(scratch + plan.off_pv);
   uint16_t* vtail = reinterpret_cast<uint16_t*>(scratch + plan.off_vtail);
   float* ot = scratch + plan.off_ot;
-  float* row = scratch + plan.off_o;
-  float* m = scratch + plan.off_m;
-  float* l = scratch + plan.off_l;
-  float* alpha = scratch + plan.off_alpha;
-  float* m_blk = scratch + plan.off_mx;
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(kv.k);
   const uint16_t* vt = reinterpret_cast<const uint16_t*>(kv.v);
   const size_t k_part = static_cast<size_t>(k_rows * d_k);

@@ -191,13 +191,8 @@ void run_item_dim(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
   const int64_t i0 = q_block * plan.bq;
   const int64_t nq = min64(plan.bq, p.seq_q - i0);
 
-  float* qt = scratch + plan.off_qt;
-  float* o = scratch + plan.off_o;
-  float* s = scratch + plan.off_s;
-  float* m = scratch + plan.off_m;
-  float* l = scratch + plan.off_l;
-  float* alpha = scratch + plan.off_alpha;
-  float* m_blk = scratch + plan.off_mx;
+  // (Lambdas below take s by init-capture: C++17 cannot capture a structured binding.)
+  const auto [qt, o, s, m, l, alpha, m_blk] = item_scratch(plan, scratch);
 
   // The query as it came (times 1, -1 or 0: logit_scale says why); o is free until zeroed below.
   const LogitScale ls = logit_scale(p.scale);
@@ -238,8 +233,8 @@ void run_item_dim(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
     // Masked logits: the max taken during the product may include hidden keys; take it again.
     if (hide_keys(p, plan, b, h, i0, nq, j0, nk, s)) block_max(s, bq_pad, nk, m, m_blk);
     softmax_block(s, bq_pad, nk, m, l, alpha, m_blk, ls.exponent_factor,  // P^T over S^T
-                  [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
-                    V::store(s + jj * bq_pad + c, pj);
+                  [pt = s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
+                    V::store(pt + jj * bq_pad + c, pj);
                   });
     // O = O * alpha + P V_blk, register-blocked over valid rows only.
     pv_block(s, bq_pad, vb, d_pad, nk, alpha, o, d_pad, nq, seen);
@@ -303,13 +298,8 @@ inline void pv_block_half(const float* pt, int64_t bq_pad, const uint16_t* v, in
 void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, float* scratch) {
   constexpr int W = V::kW;
   const int64_t dim = p.head_dim, d_pad = plan.d_pad, bq_pad = plan.bq_pad, nq = p.seq_q;
-  float* q = scratch + plan.off_qt;  // (nq, d_pad), padding zero
-  float* o = scratch + plan.off_o;   // (nq, d_pad)
-  float* s = scratch + plan.off_s;   // (bc, bq_pad)
-  float* m = scratch + plan.off_m;
-  float* l = scratch + plan.off_l;
-  float* alpha = scratch + plan.off_alpha;
-  float* m_blk = scratch + plan.off_mx;
+  // q (nq, d_pad), padding zero; o (nq, d_pad); s (bc, bq_pad)
+  const auto [q, o, s, m, l, alpha, m_blk] = item_scratch(plan, scratch);
   float* kbuf = scratch + plan.off_kb;
   float* vbuf = scratch + plan.off_vb;
 
@@ -391,8 +381,8 @@ void run_rows(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, 
     hide_keys(p, plan, b, h, 0, nq, j0, nk, s);
     block_max(s, bq_pad, nk, m, m_blk);
     softmax_block(s, bq_pad, nk, m, l, alpha, m_blk, ls.exponent_factor,
-                  [s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
-                    V::store(s + jj * bq_pad + c, pj);
+                  [pt = s, bq_pad](int64_t jj, int64_t c, typename V::Reg pj) {
+                    V::store(pt + jj * bq_pad + c, pj);
                   });
     if (half_in_place) {
       pv_block_half(s, bq_pad, v_half + v_base + j0 * p.v_row_stride, p.v_row_stride, nk, alpha, o,

@@ -127,6 +127,24 @@ inline void zero_row(void* dst, int64_t dst_offset, DType dtype, int64_t n) {
               static_cast<size_t>(n) * elem);
 }
 
+// The float32 scratch regions every work item uses, at the Plan's offsets (the Plan documents
+// each region's layout on each path).
+struct ItemScratch {
+  float* qt;     // the query block
+  float* o;      // the output accumulator (AMX: one output row)
+  float* s;      // logits, then probabilities
+  float* m;      // running max
+  float* l;      // running sum
+  float* alpha;  // the current block's rescale factor
+  float* m_blk;  // running max including the current block
+};
+
+inline ItemScratch item_scratch(const Plan& plan, float* scratch) {
+  return {scratch + plan.off_qt, scratch + plan.off_o, scratch + plan.off_s,
+          scratch + plan.off_m,  scratch + plan.off_l, scratch + plan.off_alpha,
+          scratch + plan.off_mx};
+}
+
 // Asks for the cache lines of `bytes` bytes at `row`. The caller's rows sit a whole E apart, too
 // far for the hardware prefetchers: asking for rows a few ahead overlaps their cache misses
 // instead of queueing them one row at a time.
