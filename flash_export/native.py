@@ -331,8 +331,8 @@ def attention_params(lib: NativeLibrary, q: Strided, k: Strided, v: Strided,
         num_heads: H.
         dtype: the element type of the tensors whose `Strided.dtype` is None: "float32",
             "float16" or "bfloat16".
-        mask: optional bool, broadcastable (numpy rules) to (B, H, Lq, Lk), any strides;
-            nonzero = attend.
+        mask: optional bool (where its `Strided.dtype` is None too), broadcastable (numpy
+            rules) to (B, H, Lq, Lk), any strides; True = attend.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
         scale: logit scale, finite and not 0 in float32; default 1/sqrt(D).
         chunk_size: keys per online-softmax block (the CPU kernel's; CUDA ignores it).
@@ -344,7 +344,7 @@ def attention_params(lib: NativeLibrary, q: Strided, k: Strided, v: Strided,
     """
     options = AttentionOptions(num_heads, chunk_size, 0.0 if scale is None else scale,
                                scale is not None, causal, _codes("", device)[3])
-    dims, described = _descriptors((q, k, v, mask, out), (dtype, dtype, dtype, None, dtype),
+    dims, described = _descriptors((q, k, v, mask, out), (dtype, dtype, dtype, "bool", dtype),
                                    device)
     dq, dk, dv, dmask, dout = described
     params = lib.fill_params(dq, dk, dv, dmask, dout, options)

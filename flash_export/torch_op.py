@@ -51,6 +51,8 @@ QUALNAME = TORCH_OP
 SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int num_heads, "
           "int chunk_size, bool causal, float scale) -> Tensor")
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the scale rule's range (custom_ops scale_is_valid)
+
 _lock = threading.Lock()
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it unregisters
 
@@ -185,6 +187,11 @@ def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask:
             value of another element type than query's, a query type the kernel does not run, a
             mask that is not bool, a scale that is not finite or 0 in float32.
     """
+    # In the filler's order: the attributes, devices, then element types
+    if isinstance(scale, (int, float)) and not (  # a symbolic scale is checked when it runs
+            math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX
+            and ctypes.c_float(scale).value != 0.0):
+        raise ValueError(f"{QUALNAME}: scale is {scale:g}, expected a finite float32 other than 0")
     named = (("key", key), ("value", value), ("mask", mask))
     for name, t in named:
         if t is not None and t.device != query.device:
@@ -199,9 +206,6 @@ def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask:
                              f"{_type_name(query)} (query's element type)")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"{QUALNAME}: mask has element type {_type_name(mask)}, expected bool")
-    rounded = ctypes.c_float(scale).value
-    if not (math.isfinite(scale) and math.isfinite(rounded) and rounded != 0.0):
-        raise ValueError(f"{QUALNAME}: scale is {scale:g}, expected a finite float32 other than 0")
 
 
 def _type_name(t: Tensor) -> str:
