@@ -8,9 +8,10 @@ reading the wrong fields.
     lib = NativeLibrary(library_path())
     out = attention(lib, q, k, v, num_heads=2, causal=True)   # numpy (B, L, E) -> (B, Lq, E)
 
-The params of a call are filled by the library itself (`flash_export_attention_params`, the one
-params filler every adapter calls), from descriptions of the tensors (`Strided`): it checks the
-call against the op's contract first, so a wrong size, element type or device is refused with a
+The params of a call are filled by the library itself (`flash_export_attention_params_v2`, the
+one params filler every adapter calls), from descriptions of the tensors (`Strided`): it checks the
+call against the op's contract (v2: grouped heads, head-major layouts, seqlens_k, window, bias,
+softcap; `flash_export.contract`) first, so a wrong size, element type or device is refused with a
 message instead of read past a buffer.
 """
 
@@ -30,7 +31,7 @@ from flash_export.errors import RuntimeLibraryError
 DTYPE_CODES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
 # FlashExportTensor's element type codes: the kernels' and the mask's; any other name is
 # FLASH_EXPORT_OTHER_TYPE.
-_ELEMENT_CODES: Dict[str, int] = {**DTYPE_CODES, "bool": 3}
+_ELEMENT_CODES: Dict[str, int] = {**DTYPE_CODES, "bool": 3, "int32": 5}
 _OTHER_TYPE = 4
 # FLASH_EXPORT_DEVICE_CPU / _CUDA by device type ("cuda:1" is a cuda); any other is _OTHER.
 _DEVICE_CODES: Dict[str, int] = {"cpu": 0, "cuda": 1}
@@ -64,6 +65,13 @@ class AttentionParams(ctypes.Structure):
         ("mask_q_stride", ctypes.c_int64), ("mask_k_stride", ctypes.c_int64),
         ("chunk_size", ctypes.c_int64), ("scale", ctypes.c_float), ("causal", ctypes.c_bool),
         ("dtype", ctypes.c_int32),
+        # contract v2 (each zero keeps the v1 behaviour)
+        ("kv_heads", ctypes.c_int64), ("head_dim_v", ctypes.c_int64),
+        ("seqlens_k", ctypes.c_void_p), ("window_size", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+        ("bias_batch_stride", ctypes.c_int64), ("bias_head_stride", ctypes.c_int64),
+        ("bias_q_stride", ctypes.c_int64), ("bias_k_stride", ctypes.c_int64),
+        ("softcap", ctypes.c_float),
     ]
 
 
@@ -86,7 +94,17 @@ class AttentionOptions(ctypes.Structure):
         ("num_heads", ctypes.c_int64), ("chunk_size", ctypes.c_int64), ("scale", ctypes.c_double),
         ("has_scale", ctypes.c_bool), ("causal", ctypes.c_bool), ("device", ctypes.c_int32),
         ("dtypes", ctypes.c_uint32),
+        # contract v2 (each zero keeps the v1 behaviour)
+        ("kv_num_heads", ctypes.c_int64), ("window_size", ctypes.c_int64),
+        ("softcap", ctypes.c_double), ("output_layout", ctypes.c_int32),
     ]
+
+
+class AttentionInputs(ctypes.Structure):
+    """Mirror of FlashExportAttentionInputs: the tensors of one call, NULL where absent."""
+
+    _fields_ = [(name, ctypes.POINTER(TensorDescriptor)) for name in
+                ("query", "key", "value", "mask", "seqlens_k", "bias", "out")]
 
 
 class NativeError(RuntimeError):
@@ -105,9 +123,10 @@ _SIGNATURES: Dict[str, Tuple[list, Any]] = {
     "flash_export_params_size": ([], ctypes.c_size_t),
     "flash_export_tensor_size": ([], ctypes.c_size_t),
     "flash_export_options_size": ([], ctypes.c_size_t),
-    "flash_export_attention_params": ([_TENSOR, _TENSOR, _TENSOR, _TENSOR, _TENSOR,
-                                       ctypes.POINTER(AttentionOptions), _PARAMS,
-                                       ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
+    "flash_export_inputs_size": ([], ctypes.c_size_t),
+    "flash_export_attention_params_v2": ([ctypes.POINTER(AttentionInputs),
+                                          ctypes.POINTER(AttentionOptions), _PARAMS,
+                                          ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
     "flash_export_attention_forward_cpu": ([_PARAMS], ctypes.c_int32),
     "flash_export_attention_forward_cpu_threads": ([_PARAMS, ctypes.c_int32], ctypes.c_int32),
     "flash_export_attention_forward_cpu_openmp": ([_PARAMS, ctypes.c_void_p, ctypes.c_int32],
@@ -150,7 +169,8 @@ class NativeLibrary:
             raise RuntimeLibraryError(setting.decode())
         for entry, mirror in (("flash_export_params_size", AttentionParams),
                               ("flash_export_tensor_size", TensorDescriptor),
-                              ("flash_export_options_size", AttentionOptions)):
+                              ("flash_export_options_size", AttentionOptions),
+                              ("flash_export_inputs_size", AttentionInputs)):
             size = int(self._fns[entry]())
             if size != ctypes.sizeof(mirror):
                 raise RuntimeLibraryError(
@@ -191,21 +211,16 @@ class NativeLibrary:
         plan: Dict[str, Any] = json.loads(self._fns[_CPU_PLAN](ctypes.byref(params), threads))
         return plan
 
-    def fill_params(self, query: TensorDescriptor, key: TensorDescriptor, value: TensorDescriptor,
-                    mask: Optional[TensorDescriptor], out: Optional[TensorDescriptor],
-                    options: AttentionOptions) -> AttentionParams:
-        """flash_export_attention_params: check a call against the op's contract, fill its params.
+    def fill_params(self, inputs: AttentionInputs, options: AttentionOptions) -> AttentionParams:
+        """flash_export_attention_params_v2: check a call against the op's contract, fill params.
 
         Raises:
             ValueError: the call breaks the contract; the library's message names the argument,
                 what it must be and what it is.
         """
         params = AttentionParams()
-        args = (ctypes.byref(query), ctypes.byref(key), ctypes.byref(value),
-                None if mask is None else ctypes.byref(mask),
-                None if out is None else ctypes.byref(out), ctypes.byref(options),
-                ctypes.byref(params))
-        fill = self._fns["flash_export_attention_params"]
+        args = (ctypes.byref(inputs), ctypes.byref(options), ctypes.byref(params))
+        fill = self._fns["flash_export_attention_params_v2"]
         if fill(*args, None, 0) != 0:  # no message buffer on the way that succeeds
             error = ctypes.create_string_buffer(_ERROR_SIZE)
             fill(*args, error, _ERROR_SIZE)  # the same checks again, to read their message
@@ -318,64 +333,91 @@ def attention_params(lib: NativeLibrary, q: Strided, k: Strided, v: Strided,
                      out: Optional[Strided], num_heads: int, *, dtype: Optional[str] = None,
                      mask: Optional[Strided] = None, causal: bool = False,
                      scale: Optional[float] = None, chunk_size: int = 64,
-                     device: str = "cpu") -> AttentionParams:
-    """The params of one forward, checked and filled by the library (flash_export_attention_params).
+                     device: str = "cpu", kv_num_heads: Optional[int] = None,
+                     seqlens_k: Optional[Strided] = None, bias: Optional[Strided] = None,
+                     window_size: int = 0, softcap: float = 0.0,
+                     output_layout: int = 0) -> AttentionParams:
+    """The params of one forward, checked and filled by the library (the op's contract v2).
+
+    Each of q, k, v and out says its layout by its rank: 3 is (B, L, heads * D), 4 is head-major
+    (B, heads, L, D); its last dimension contiguous, every other stride free.
 
     Args:
         lib: the loaded library.
-        q: (B, Lq, H*D), its last dimension contiguous (as for k, v and out).
-        k: (B, Lk, H*D), q's element type and device.
-        v: (B, Lk, H*D).
-        out: (B, Lq, H*D) of q's element type; None: set `params.out` to a contiguous one after
-            this call.
+        q: (B, Lq, H*D) or (B, H, Lq, D).
+        k: (B, Lk, H_kv*D) or (B, H_kv, Lk, D), q's element type and device.
+        v: (B, Lk, H_kv*Dv) or (B, H_kv, Lk, Dv).
+        out: the output, (B, Lq, H*Dv) (output_layout 0) or (B, H, Lq, Dv) (1), of q's element
+            type; None: set `params.out` to a contiguous one after this call.
         num_heads: H.
         dtype: the element type of the tensors whose `Strided.dtype` is None: "float32",
-            "float16" or "bfloat16".
-        mask: optional bool (where its `Strided.dtype` is None too), broadcastable (numpy
-            rules) to (B, H, Lq, Lk), any strides; True = attend.
-        causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
+            "float16" or "bfloat16" (seqlens_k's default is "int32", the mask's "bool").
+        mask: optional bool, broadcastable (numpy rules) to (B, H, Lq, Lk), any strides; True =
+            attend.
+        causal: causal mask, bottom-right aligned to each sequence's keys (query i sees key j iff
+            j <= i + L_b - Lq).
         scale: logit scale, finite and not 0 in float32; default 1/sqrt(D).
         chunk_size: keys per online-softmax block (the CPU kernel's; CUDA ignores it).
         device: the forward's device, "cpu" or "cuda", and the device of the tensors whose
             `Strided.device` is None.
+        kv_num_heads: H_kv, dividing H (grouped-query attention); None: H.
+        seqlens_k: optional int32 (B,): sequence b has keys [0, seqlens_k[b]] (onnxruntime
+            GroupQueryAttention's convention); None: every sequence has all Lk.
+        bias: optional additive logit bias of q's type, broadcastable to (B, H, Lq, Lk).
+        window_size: > 0: a query at position p sees key j only if |p - j| < window_size.
+        softcap: > 0: logits become softcap * tanh(logits / softcap) before the bias.
+        output_layout: 0 for (B, Lq, H*Dv), 1 for (B, H, Lq, Dv).
 
     Raises:
         ValueError: the call breaks the op's contract (the library's message says how).
     """
     options = AttentionOptions(num_heads, chunk_size, 0.0 if scale is None else scale,
-                               scale is not None, causal, _codes("", device)[3])
-    dims, described = _descriptors((q, k, v, mask, out), (dtype, dtype, dtype, "bool", dtype),
+                               scale is not None, causal, _codes("", device)[3], 0,
+                               kv_num_heads or 0, window_size, softcap, output_layout)
+    tensors = (q, k, v, mask, seqlens_k, bias, out)
+    dims, described = _descriptors(tensors, (dtype, dtype, dtype, "bool", "int32", dtype, dtype),
                                    device)
-    dq, dk, dv, dmask, dout = described
-    params = lib.fill_params(dq, dk, dv, dmask, dout, options)
-    del dims  # read by the library, which keeps no pointer into it
+    inputs = AttentionInputs(*(None if d is None else ctypes.pointer(d) for d in described))
+    params = lib.fill_params(inputs, options)
+    del dims, described  # read by the library, which keeps no pointer into them
     return params
 
 
 def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
               mask: Optional[np.ndarray] = None, causal: bool = False,
               scale: Optional[float] = None, chunk_size: int = 64, threads: int = 1,
-              dtype: Optional[str] = None, gomp_parallel: Optional[int] = None) -> np.ndarray:
-    """Run the CPU core on numpy arrays.
+              dtype: Optional[str] = None, gomp_parallel: Optional[int] = None,
+              kv_num_heads: Optional[int] = None, seqlens_k: Optional[np.ndarray] = None,
+              bias: Optional[np.ndarray] = None, window_size: int = 0, softcap: float = 0.0,
+              output_layout: int = 0) -> np.ndarray:
+    """Run the CPU core on numpy arrays (the op's contract v2; `attention_params` states it).
 
     Args:
         lib: the loaded library.
-        q: (B, Lq, E) queries.
-        k: (B, Lk, E) keys, q's dtype.
-        v: (B, Lk, E) values, q's dtype.
-        num_heads: H; E must be divisible by it.
+        q: (B, Lq, H*D) or head-major (B, H, Lq, D) queries, any strides (the last is made
+            contiguous).
+        k: (B, Lk, H_kv*D) or (B, H_kv, Lk, D) keys, q's dtype.
+        v: (B, Lk, H_kv*Dv) or (B, H_kv, Lk, Dv) values, q's dtype.
+        num_heads: H.
         mask: optional bool, broadcastable to (B, H, Lq, Lk); True = attend.
         causal: bottom-right aligned causal mask.
-        scale: logit scale, finite and not 0; default 1/sqrt(E / H).
+        scale: logit scale, finite and not 0; default 1/sqrt(D).
         chunk_size: keys per online-softmax block.
         threads: CPU threads (the caller's included); 1 runs the serial entry point.
         dtype: the element type; default q's. "bfloat16" with uint16 arrays of bfloat16 bits
             (numpy has no bfloat16).
         gomp_parallel: the address of an OpenMP runtime's `GOMP_parallel`: run on that
             runtime's team of `threads` (`NativeLibrary.forward_cpu_openmp`).
+        kv_num_heads: H_kv (grouped-query attention); None: H.
+        seqlens_k: optional int32 (B,), onnxruntime GroupQueryAttention's: sequence b has keys
+            [0, seqlens_k[b]].
+        bias: optional additive logit bias of q's dtype, broadcastable to (B, H, Lq, Lk).
+        window_size: sliding window (0: none).
+        softcap: logit softcap (0: none).
+        output_layout: 0 for a (B, Lq, H*Dv) output, 1 for (B, H, Lq, Dv).
 
     Returns:
-        (B, Lq, E) of q's dtype, NaN wherever the kernel wrote nothing.
+        The output in `output_layout`, of q's dtype, NaN wherever the kernel wrote nothing.
 
     Raises:
         ValueError: arrays or attributes the op's contract refuses (sizes, element types that
@@ -383,17 +425,31 @@ def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, n
             checked by the library before anything runs.
         NativeError: the kernel returned a status other than ok.
     """
-    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    def rows(x: np.ndarray) -> np.ndarray:  # the last dimension contiguous, other strides kept
+        return x if x.ndim == 0 or x.strides[-1] == x.itemsize else np.ascontiguousarray(x)
+
+    q, k, v = (rows(x) for x in (q, k, v))
     # numpy has no bfloat16: uint16 words are bfloat16 where the call says so
-    q_, k_, v_ = (Strided.of(x, dtype="bfloat16" if dtype == "bfloat16" and x.dtype == np.uint16
-                             else None) for x in (q, k, v))
+    as_bf16 = dtype == "bfloat16"
+    q_, k_, v_ = (Strided.of(x, dtype="bfloat16" if as_bf16 and x.dtype == np.uint16 else None)
+                  for x in (q, k, v))
     if dtype is not None and q_.dtype != dtype:
         raise ValueError(f"dtype {dtype!r} does not describe q, a {q_.dtype} array")
+    bias_ = None
+    if bias is not None:
+        bias = np.asarray(bias)
+        bias_ = Strided.of(bias, dtype="bfloat16" if as_bf16 and bias.dtype == np.uint16
+                           else None)
+    seqlens_ = None if seqlens_k is None else Strided.of(np.ascontiguousarray(seqlens_k))
     p = attention_params(lib, q_, k_, v_, None, num_heads,
                          mask=None if mask is None else Strided.of(np.asarray(mask)),
-                         causal=causal, scale=scale, chunk_size=chunk_size)
-    out = np.full_like(q, _BFLOAT16_NAN if q_.dtype == "bfloat16" else np.nan)
-    p.out = out.ctypes.data  # (B, Lq, E), contiguous as the params say
+                         causal=causal, scale=scale, chunk_size=chunk_size,
+                         kv_num_heads=kv_num_heads, seqlens_k=seqlens_, bias=bias_,
+                         window_size=window_size, softcap=softcap, output_layout=output_layout)
+    shape = ((p.batch, p.heads, p.seq_q, p.head_dim_v) if output_layout == 1
+             else (p.batch, p.seq_q, p.heads * p.head_dim_v))
+    out = np.full(shape, _BFLOAT16_NAN if q_.dtype == "bfloat16" else np.nan, dtype=q.dtype)
+    p.out = out.ctypes.data  # contiguous in output_layout, as the params say
     if gomp_parallel is not None:
         check(lib.forward_cpu_openmp(p, gomp_parallel, threads),
               "flash_export_attention_forward_cpu_openmp")

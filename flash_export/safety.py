@@ -20,7 +20,14 @@ from typing import Any, Dict, Iterator, Union
 import onnx
 
 from flash_export.artifact import sha256_file
-from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
+from flash_export.contract import (
+    DOMAIN,
+    NODE_ATTRIBUTES,
+    NODE_INPUTS,
+    OP_NAME,
+    V2_ATTRIBUTES,
+    V2_INPUTS,
+)
 from flash_export.errors import ArtifactError, summary
 
 # metadata_props key: JSON {data file name: SHA-256}, written by the exporter.
@@ -236,12 +243,19 @@ def all_nodes(model: Any) -> Iterator[Any]:
 def check_custom_nodes(model: Any, model_file: PathLike) -> int:
     """Check the attribute names and types of every com.flash_export::FlashAttention node.
 
+    A model that imports the domain at version 1 may use none of version 2's attributes and
+    inputs (`flash_export.contract`): the library serves every version with one kernel, so only
+    this check holds a version-1 model to version 1's meaning.
+
     Returns:
         How many such nodes the model has.
 
     Raises:
-        ArtifactError: an unknown, repeated or wrong-typed attribute, or a missing required one.
+        ArtifactError: an unknown, repeated or wrong-typed attribute, a missing required one, more
+            inputs than the op has, or a version-2 attribute or input in a version-1 model.
     """
+    versions = [o.version for o in model.opset_import if o.domain == DOMAIN]
+    version = versions[0] if versions else None
     count = 0
     for node in all_nodes(model):
         if node.domain != DOMAIN or node.op_type != OP_NAME:
@@ -264,6 +278,15 @@ def check_custom_nodes(model: Any, model_file: PathLike) -> int:
         missing = [n for n, (_, required) in NODE_ATTRIBUTES.items() if required and n not in seen]
         if missing:
             raise ArtifactError(f"{what} lacks required attribute {missing[0]!r}")
+        if len(node.input) > len(NODE_INPUTS):
+            raise ArtifactError(f"{what} has {len(node.input)} inputs, expected at most "
+                                f"{len(NODE_INPUTS)} ({', '.join(NODE_INPUTS)})")
+        if version == 1:
+            used = [n for n in NODE_ATTRIBUTES if n in seen and n in V2_ATTRIBUTES]
+            used += [n for n, i in zip(NODE_INPUTS, node.input) if i and n in V2_INPUTS]
+            if used:
+                raise ArtifactError(f"{what} uses {used[0]!r}, which came with version 2 of "
+                                    f"{DOMAIN}; the model imports version 1")
     return count
 
 

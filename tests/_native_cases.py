@@ -69,3 +69,87 @@ def check_output(actual: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray
     reference = reference_attention(q, k, v, num_heads, **kwargs)
     same = reference_attention(q, k, v, num_heads, dtype=getattr(torch, q.dtype.name), **kwargs)
     assert_matches_reference(*(torch.from_numpy(x) for x in (actual, reference, same)))
+
+
+def heads_first(x: np.ndarray, heads: int) -> Any:
+    """A (B, L, heads*D) or (B, heads, L, D) array as a (B, heads, L, D) float64 torch tensor."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float64)
+    if t.dim() == 4:
+        return t
+    # (B, L, heads*D) -> (B, heads, L, D)
+    return t.reshape(t.size(0), t.size(1), heads, t.size(2) // heads).transpose(1, 2)
+
+
+def reference_v2(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
+                 kv_num_heads: int | None = None, mask: np.ndarray | None = None,
+                 causal: bool = False, scale: float | None = None,
+                 seqlens_k: np.ndarray | None = None, bias: np.ndarray | None = None,
+                 window_size: int = 0, softcap: float = 0.0, output_layout: int = 0,
+                 dtype: Any = None) -> np.ndarray:
+    """The op's contract v2 written out plainly (flash_export.h): the float64 reference.
+
+    Every key/value head repeated for its G query heads (as transformers' `repeat_kv` does), the
+    visibility of each (query, key) built explicitly (L_b from seqlens_k, the causal rule and the
+    window at each sequence's bottom-right positions, the mask), logits scaled, capped, biased,
+    softmax over the visible keys, rows that see none zero. Keys past L_b are never read (their
+    values are zeroed before the product, so NaN padding in a cache cannot leak). Computed in
+    `dtype` (a torch dtype, default float64), returned as float64 in `output_layout`.
+    """
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
+    kv_heads = kv_num_heads or num_heads
+    group = num_heads // kv_heads
+    qh = heads_first(q, num_heads)  # (B, H, Lq, D)
+    kh = heads_first(k, kv_heads).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    vh = heads_first(v, kv_heads).repeat_interleave(group, dim=1)  # (B, H, Lk, Dv)
+    batch, _, seq_q, head_dim = qh.shape
+    seq_k = kh.size(2)
+    lengths = (torch.full((batch,), seq_k) if seqlens_k is None
+               else torch.from_numpy(np.asarray(seqlens_k, np.int64)) + 1)  # (B,)
+    keys = torch.arange(seq_k).view(1, 1, seq_k)  # (1, 1, Lk)
+    pos = (torch.arange(seq_q).view(1, seq_q, 1) + (lengths - seq_q).view(batch, 1, 1))
+    visible = (keys < lengths.view(batch, 1, 1)).expand(batch, seq_q, seq_k)  # (B, Lq, Lk)
+    if causal:
+        visible = visible & (keys <= pos)
+    if window_size > 0:
+        visible = visible & ((pos - keys).abs() < window_size)
+    visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
+    if mask is not None:
+        visible = visible & torch.from_numpy(np.asarray(mask, dtype=np.bool_))
+    real = (keys < lengths.view(batch, 1, 1)).view(batch, 1, seq_k, 1)  # keys read at all
+    vh = torch.where(real, vh, torch.zeros_like(vh))
+    kh = torch.where(real, kh, torch.zeros_like(kh))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qh, kh, vh = qh.to(dtype), kh.to(dtype), vh.to(dtype)
+    s = torch.matmul(qh, kh.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + torch.from_numpy(np.asarray(bias)).to(dtype)
+    visible = visible.expand(s.shape)
+    s = s.masked_fill(~visible, -math.inf)
+    any_visible = visible.any(dim=-1, keepdim=True)
+    p = torch.softmax(torch.where(any_visible, s, torch.zeros_like(s)), dim=-1)
+    p = torch.where(visible, p, torch.zeros_like(p))
+    out = torch.matmul(p, vh).to(torch.float64)  # (B, H, Lq, Dv)
+    if output_layout == 0:
+        out = out.transpose(1, 2).reshape(batch, seq_q, num_heads * vh.size(3))
+    return out.numpy()
+
+
+def check_output_v2(actual: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    num_heads: int, **kwargs: Any) -> None:
+    """check_output for the op's contract v2: `actual` against reference_v2 under the tolerance
+    rule, the baseline being reference_v2 in q's dtype. `kwargs` are reference_v2's."""
+    import torch
+    from helpers import assert_matches_reference
+
+    reference = reference_v2(q, k, v, num_heads, **kwargs)
+    assert actual.dtype == q.dtype and actual.shape == reference.shape, (actual.shape,
+                                                                          reference.shape)
+    same = reference_v2(q, k, v, num_heads, dtype=getattr(torch, q.dtype.name), **kwargs)
+    assert_matches_reference(*(torch.from_numpy(np.asarray(x)) for x in (actual, reference,
+                                                                          same)))

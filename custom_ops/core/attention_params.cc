@@ -6,8 +6,10 @@
 // descriptors; a refusal is one line naming the argument, what it must be and what it is.
 #include <cmath>
 #include <cstdarg>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 
 #include "flash_attention.h"
@@ -119,9 +121,23 @@ int32_t check_options(const Options& o, const Refuse& refuse) {
     if (const char* setting = cpu_isa_setting_error()) return refuse("%s", setting);
   }
   if (o.num_heads < 1) return refuse("num_heads is %lld, expected at least 1", ll(o.num_heads));
+  if (o.kv_num_heads < 0 || (o.kv_num_heads > 0 && o.num_heads % o.kv_num_heads != 0)) {
+    return refuse("kv_num_heads is %lld, expected a divisor of num_heads %lld", ll(o.kv_num_heads),
+                  ll(o.num_heads));
+  }
   if (o.chunk_size < 1) return refuse("chunk_size is %lld, expected at least 1", ll(o.chunk_size));
   if (o.has_scale && !scale_is_valid(o.scale)) {
     return refuse("scale is %g, expected a finite float32 other than 0", o.scale);
+  }
+  if (o.window_size < 0) {
+    return refuse("window_size is %lld, expected at least 0 (0: no window)", ll(o.window_size));
+  }
+  if (!softcap_is_valid(o.softcap)) {
+    return refuse("softcap is %g, expected a finite float32 of at least 0 (0: none)", o.softcap);
+  }
+  if (o.output_layout != FLASH_EXPORT_LAYOUT_ROWS && o.output_layout != FLASH_EXPORT_LAYOUT_HEADS) {
+    return refuse("output_layout is %d, expected 0 (B, Lq, H*Dv) or 1 (B, H, Lq, Dv)",
+                  o.output_layout);
   }
   if ((o.dtypes & ~kKernelTypes) != 0) {
     return refuse(
@@ -132,83 +148,142 @@ int32_t check_options(const Options& o, const Refuse& refuse) {
   return kOk;
 }
 
+// The tensors of a call, in the order messages and descriptors checks walk them.
+enum Slot { kQuery = 0, kKey, kValue, kMask, kSeqlens, kBias, kOut, kSlots };
+const char* const kNames[kSlots] = {"query", "key", "value", "mask", "seqlens_k", "bias", "out"};
+
 // Descriptors that can be read, then every tensor on the forward's device: query first,
 // then the others on query's.
-int32_t check_descriptors(const Tensor* const tensors[5], const char* const names[5],
-                          int32_t device, const Refuse& refuse) {
-  for (int i = 0; i < 5; ++i) {
+int32_t check_descriptors(const Tensor* const tensors[kSlots], int32_t device,
+                          const Refuse& refuse) {
+  for (int i = 0; i < kSlots; ++i) {
     const Tensor* t = tensors[i];
-    if (t != nullptr && t->rank < 0) return refuse("%s has rank %d", names[i], t->rank);
+    if (t != nullptr && t->rank < 0) return refuse("%s has rank %d", kNames[i], t->rank);
     if (t != nullptr && t->rank > 0 && t->sizes == nullptr) {
-      return refuse("%s has rank %d and no sizes (NULL)", names[i], t->rank);
+      return refuse("%s has rank %d and no sizes (NULL)", kNames[i], t->rank);
     }
   }
-  const Tensor& q = *tensors[0];
+  const Tensor& q = *tensors[kQuery];
   if (q.device != device) {
     return refuse("query is on %s, expected %s (the forward's device)", device_name(q),
                   core_device_name(device));
   }
-  for (int i = 1; i < 5; ++i) {
+  for (int i = 1; i < kSlots; ++i) {
     if (tensors[i] != nullptr && tensors[i]->device != device) {
-      return refuse("%s is on %s, expected %s (query's device)", names[i], device_name(*tensors[i]),
-                    device_name(q));
+      return refuse("%s is on %s, expected %s (query's device)", kNames[i],
+                    device_name(*tensors[i]), device_name(q));
     }
   }
   return kOk;
 }
 
-// Ranks and sizes of query, key and value, and their element types (admitted, one for all).
-int32_t check_qkv(const Tensor* const t[3], const char* const names[3], uint32_t admitted,
-                  const Refuse& refuse) {
-  for (int i = 0; i < 3; ++i) {
-    if (t[i]->rank != 3) {
-      return refuse("%s has rank %d, expected 3 (batch, sequence, embed)", names[i], t[i]->rank);
-    }
-    for (int32_t d = 0; d < 3; ++d) {
-      if (t[i]->sizes[d] < 0) {
-        return refuse("%s dimension %d is %lld, expected at least 0", names[i], d,
-                      ll(t[i]->sizes[d]));
-      }
+// One of query, key and value as the kernels read it: (B, L, heads, dim) with its strides,
+// whichever layout its rank says.
+struct Operand {
+  int64_t batch = 0, length = 0, heads = 0, dim = 0;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0, last_stride = 1;
+};
+
+// Reads one of query, key and value: rank 3 is (B, L, heads * dim), dim from `heads` (the
+// attribute); rank 4 is (B, heads, L, dim), its dimension 1 checked against `heads`.
+int32_t read_operand(const Tensor& t, const char* name, int64_t heads, const char* heads_name,
+                     Operand* out, const Refuse& refuse) {
+  if (t.rank != 3 && t.rank != 4) {
+    return refuse(
+        "%s has rank %d, expected 3 (batch, sequence, heads * head dim) or 4 (batch, heads, "
+        "sequence, head dim)",
+        name, t.rank);
+  }
+  for (int32_t d = 0; d < t.rank; ++d) {
+    if (t.sizes[d] < 0) {
+      return refuse("%s dimension %d is %lld, expected at least 0", name, d, ll(t.sizes[d]));
     }
   }
-  const Tensor& q = *t[0];
+  Operand& o = *out;
+  o.batch = t.sizes[0];
+  o.batch_stride = stride_of(t, 0);
+  o.heads = heads;
+  if (t.rank == 3) {
+    if (t.sizes[2] % heads != 0) {
+      return refuse("%s has embed %lld, not divisible by %s %lld", name, ll(t.sizes[2]), heads_name,
+                    ll(heads));
+    }
+    o.length = t.sizes[1];
+    o.dim = t.sizes[2] / heads;
+    o.row_stride = stride_of(t, 1);
+    o.head_stride = o.dim * stride_of(t, 2);
+    o.last_stride = stride_of(t, 2);
+  } else {
+    if (t.sizes[1] != heads) {
+      return refuse("%s has %lld heads (dimension 1), expected %lld (%s)", name, ll(t.sizes[1]),
+                    ll(heads), heads_name);
+    }
+    o.length = t.sizes[2];
+    o.dim = t.sizes[3];
+    o.head_stride = stride_of(t, 1);
+    o.row_stride = stride_of(t, 2);
+    o.last_stride = stride_of(t, 3);
+  }
+  // The kernels read each row's D elements of a head in a run; every other stride is free.
+  if (o.dim > 1 && o.last_stride != 1 && !empty(t)) {
+    return refuse(
+        "%s's last dimension has stride %lld, expected 1 (each head's elements of a row in a "
+        "run)",
+        name, ll(o.last_stride));
+  }
+  return kOk;
+}
+
+// Element types of query, key and value: admitted, one for all.
+int32_t check_types(const Tensor* const t[kSlots], uint32_t admitted, const Refuse& refuse) {
+  const Tensor& q = *t[kQuery];
   if (q.dtype < 0 || q.dtype > 31 || ((admitted >> q.dtype) & 1u) == 0) {
     char expected[64];
     admitted_names(admitted, expected, sizeof(expected));
     return refuse("query has element type %s, expected %s", type_name(q), expected);
   }
-  for (int i = 1; i < 3; ++i) {
+  for (int i = kKey; i <= kValue; ++i) {
     if (t[i]->dtype != q.dtype) {
-      return refuse("%s has element type %s, expected %s (query's element type)", names[i],
+      return refuse("%s has element type %s, expected %s (query's element type)", kNames[i],
                     type_name(*t[i]), type_name(q));
     }
-    if (t[i]->sizes[0] != q.sizes[0]) {
-      return refuse("%s has batch %lld, expected %lld (query's batch)", names[i],
-                    ll(t[i]->sizes[0]), ll(q.sizes[0]));
-    }
-    if (t[i]->sizes[2] != q.sizes[2]) {
-      return refuse("%s has embed %lld, expected %lld (query's embed)", names[i],
-                    ll(t[i]->sizes[2]), ll(q.sizes[2]));
-    }
-  }
-  if (t[2]->sizes[1] != t[1]->sizes[1]) {
-    return refuse("value has sequence length %lld, expected %lld (key's sequence length)",
-                  ll(t[2]->sizes[1]), ll(t[1]->sizes[1]));
   }
   return kOk;
 }
 
-// The sizes the forward's kernel refuses (flash_attention.h), named with their limit.
-int32_t check_limits(const AttentionParams& p, int64_t embed, int32_t device,
-                     const Refuse& refuse) {
+// Query, key and value against each other: batch, sequence lengths and head dims.
+int32_t check_operands(const Operand ops[3], const Refuse& refuse) {
+  const Operand &q = ops[0], &k = ops[1], &v = ops[2];
+  for (int i = 1; i < 3; ++i) {
+    if (ops[i].batch != q.batch) {
+      return refuse("%s has batch %lld, expected %lld (query's batch)", kNames[i], ll(ops[i].batch),
+                    ll(q.batch));
+    }
+  }
+  if (k.dim != q.dim) {
+    return refuse("key has head dim %lld, expected %lld (query's head dim)", ll(k.dim), ll(q.dim));
+  }
+  if (v.length != k.length) {
+    return refuse("value has sequence length %lld, expected %lld (key's sequence length)",
+                  ll(v.length), ll(k.length));
+  }
+  return kOk;
+}
+
+// The sizes and features the forward's kernel refuses (flash_attention.h), named with their limit.
+int32_t check_limits(const AttentionParams& p, int32_t device, const Refuse& refuse) {
   const bool cuda = device == FLASH_EXPORT_DEVICE_CUDA;
   const char* kernel = cuda ? "the CUDA kernel" : "the CPU kernel";
   const int64_t max_head_dim = cuda ? kCudaMaxHeadDim : kCpuMaxHeadDim;
-  if (p.head_dim > max_head_dim) {
-    return refuse(
-        "head dim %lld (embed %lld / num_heads %lld) is over %s's limit, expected at "
-        "most %lld",
-        ll(p.head_dim), ll(embed), ll(p.heads), kernel, ll(max_head_dim));
+  const struct {
+    const char* what;
+    int64_t value;
+  } dims[] = {{"head dim", p.head_dim}, {"value head dim", p.head_dim_v}};
+  for (const auto& dim : dims) {
+    if (dim.value > max_head_dim) {
+      return refuse("%s %lld is over %s's limit, expected at most %lld", dim.what, ll(dim.value),
+                    kernel, ll(max_head_dim));
+    }
   }
   if (!cuda) return kOk;
   const struct {
@@ -224,130 +299,229 @@ int32_t check_limits(const AttentionParams& p, int64_t embed, int32_t device,
                     kernel, ll(size.limit));
     }
   }
-  return kOk;
-}
-
-// The kernels read each row's E elements in a run; batch and row strides are free.
-int32_t check_rows(const Tensor& t, const char* name, const Refuse& refuse) {
-  const int64_t stride = stride_of(t, 2);
-  if (t.sizes[2] > 1 && stride != 1 && !empty(t)) {
-    return refuse(
-        "%s's last dimension has stride %lld, expected 1 (each row's E elements in a "
-        "run)",
-        name, ll(stride));
+  // Contract v2 features the CUDA kernels do not implement: refused by name, never ignored.
+  const char* missing = p.seqlens_k != nullptr       ? "seqlens_k"
+                        : p.bias != nullptr          ? "bias"
+                        : p.window_size > 0          ? "window_size"
+                        : p.softcap > 0.0f           ? "softcap"
+                        : p.head_dim_v != p.head_dim ? "a value head dim other than the key's"
+                                                     : nullptr;
+  if (missing != nullptr) {
+    return refuse("%s is not supported by the CUDA kernel of this build; run the call on the CPU",
+                  missing);
   }
   return kOk;
 }
 
-int32_t check_out(const Tensor& out, const Tensor& q, const Refuse& refuse) {
-  if (out.rank != 3) {
-    return refuse("out has rank %d, expected 3 (batch, sequence, embed)", out.rank);
+// The output's shape in `layout`, as message text and sizes.
+void output_shape(const AttentionParams& p, int32_t layout, int64_t shape[4], int32_t* rank) {
+  if (layout == FLASH_EXPORT_LAYOUT_HEADS) {
+    *rank = 4;
+    shape[0] = p.batch, shape[1] = p.heads, shape[2] = p.seq_q, shape[3] = p.head_dim_v;
+  } else {
+    *rank = 3;
+    shape[0] = p.batch, shape[1] = p.seq_q, shape[2] = p.heads * p.head_dim_v, shape[3] = 0;
   }
+}
+
+// `out` against the output's shape and type; its strides then place the rows.
+int32_t check_out(const Tensor& out, const Tensor& q, const AttentionParams& p, int32_t layout,
+                  const Refuse& refuse) {
+  int64_t shape[4];
+  int32_t rank = 0;
+  output_shape(p, layout, shape, &rank);
   if (out.dtype != q.dtype) {
     return refuse("out has element type %s, expected %s (query's element type)", type_name(out),
                   type_name(q));
   }
-  for (int32_t d = 0; d < 3; ++d) {
-    if (out.sizes[d] != q.sizes[d]) {
-      return refuse("out has sizes (%lld, %lld, %lld), expected (%lld, %lld, %lld) (query's)",
-                    ll(out.sizes[0]), ll(out.sizes[1]), ll(out.sizes[2]), ll(q.sizes[0]),
-                    ll(q.sizes[1]), ll(q.sizes[2]));
+  bool same = out.rank == rank;
+  for (int32_t d = 0; same && d < rank; ++d) same = out.sizes[d] == shape[d];
+  if (!same) {
+    char got[96] = "", want[96] = "";
+    for (int32_t d = 0, used = 0; d < out.rank && d < 8; ++d) {
+      used +=
+          std::snprintf(got + used, sizeof(got) - used, "%s%lld", d ? ", " : "", ll(out.sizes[d]));
+      if (used >= static_cast<int32_t>(sizeof(got))) break;
     }
+    for (int32_t d = 0, used = 0; d < rank; ++d) {
+      used +=
+          std::snprintf(want + used, sizeof(want) - used, "%s%lld", d ? ", " : "", ll(shape[d]));
+    }
+    return refuse("out has sizes (%s), expected (%s) (the output in output_layout %d)", got, want,
+                  layout);
   }
-  return check_rows(out, "out", refuse);
+  const int64_t last = stride_of(out, rank - 1);
+  if (p.head_dim_v > 1 && last != 1 && !empty(out)) {
+    return refuse(
+        "out's last dimension has stride %lld, expected 1 (each head's elements of a "
+        "row in a run)",
+        ll(last));
+  }
+  return kOk;
 }
 
-// The mask's right-aligned numpy broadcast onto (B, H, Lq, Lk): its strides there, 0 for every
-// dimension it broadcasts over.
-int32_t check_mask(const Tensor& m, const int64_t target[4], int64_t strides[4],
-                   const Refuse& refuse) {
-  if (m.dtype != FLASH_EXPORT_BOOL) {
-    return refuse("mask has element type %s, expected bool", type_name(m));
-  }
-  if (m.rank > 4) return refuse("mask has rank %d, expected at most 4", m.rank);
+// The right-aligned numpy broadcast of the mask or the bias onto (B, H, Lq, Lk): its strides
+// there, 0 for every dimension it broadcasts over.
+int32_t check_broadcast(const Tensor& m, const char* name, const int64_t target[4],
+                        int64_t strides[4], const Refuse& refuse) {
+  if (m.rank > 4) return refuse("%s has rank %d, expected at most 4", name, m.rank);
   static const char* const kTargetNames[4] = {"batch", "num_heads", "Lq", "Lk"};
   for (int32_t i = 0; i < m.rank; ++i) {
-    const int32_t axis = m.rank - 1 - i;  // mask axis, counted from the left
+    const int32_t axis = m.rank - 1 - i;  // axis of the tensor, counted from the left
     const int32_t dim = 3 - i;            // target axis it aligns with
     const int64_t n = m.sizes[axis];
     if (n != 1 && n != target[dim]) {
       return refuse(
-          "mask dimension %d is %lld, expected 1 or %lld (%s) to broadcast to (B, "
+          "%s dimension %d is %lld, expected 1 or %lld (%s) to broadcast to (B, "
           "num_heads, Lq, Lk)",
-          axis, ll(n), ll(target[dim]), kTargetNames[dim]);
+          name, axis, ll(n), ll(target[dim]), kTargetNames[dim]);
     }
     strides[dim] = n == 1 ? 0 : stride_of(m, axis);
   }
   return kOk;
 }
 
+// seqlens_k: int32 (B,), contiguous; on the CPU each value in [-1, Lk - 1] (read here, so that
+// no forward reads past a key tensor; a CUDA forward's values are on the device).
+int32_t check_seqlens(const Tensor& s, const AttentionParams& p, int32_t device,
+                      const Refuse& refuse) {
+  if (s.dtype != FLASH_EXPORT_INT32) {
+    return refuse("seqlens_k has element type %s, expected int32", type_name(s));
+  }
+  if (s.rank != 1 || s.sizes[0] != p.batch) {
+    const long long n = s.rank >= 1 ? ll(s.sizes[0]) : -1;
+    if (s.rank != 1) return refuse("seqlens_k has rank %d, expected 1 (batch,)", s.rank);
+    return refuse("seqlens_k has %lld values, expected %lld (query's batch)", n, ll(p.batch));
+  }
+  if (p.batch > 1 && stride_of(s, 0) != 1) {
+    return refuse("seqlens_k has stride %lld, expected 1 (contiguous)", ll(stride_of(s, 0)));
+  }
+  if (device != FLASH_EXPORT_DEVICE_CPU) return kOk;
+  const int32_t* values = static_cast<const int32_t*>(s.data);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (values[b] < -1 || values[b] > p.seq_k - 1) {
+      return refuse(
+          "seqlens_k[%lld] is %d, expected -1 to %lld (the valid keys of a sequence minus "
+          "one, below key's sequence length %lld)",
+          ll(b), values[b], ll(p.seq_k - 1), ll(p.seq_k));
+    }
+  }
+  return kOk;
+}
+
 // Pointers, strides and attributes of a call that passed every check.
-void set_layout(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* out,
-                const Options& o, AttentionParams& p) {
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.q_batch_stride = stride_of(q, 0);
-  p.q_row_stride = stride_of(q, 1);
-  p.k_batch_stride = stride_of(k, 0);
-  p.k_row_stride = stride_of(k, 1);
-  p.v_batch_stride = stride_of(v, 0);
-  p.v_row_stride = stride_of(v, 1);
-  const int64_t embed = p.heads * p.head_dim;
-  if (out != nullptr) {
+void set_layout(const Operand ops[3], const Tensor* const t[kSlots], const Options& o,
+                AttentionParams& p) {
+  const Operand &q = ops[0], &k = ops[1], &v = ops[2];
+  p.q = t[kQuery]->data;
+  p.k = t[kKey]->data;
+  p.v = t[kValue]->data;
+  p.q_batch_stride = q.batch_stride, p.q_row_stride = q.row_stride, p.q_head_stride = q.head_stride;
+  p.k_batch_stride = k.batch_stride, p.k_row_stride = k.row_stride, p.k_head_stride = k.head_stride;
+  p.v_batch_stride = v.batch_stride, p.v_row_stride = v.row_stride, p.v_head_stride = v.head_stride;
+  const bool heads_first = o.output_layout == FLASH_EXPORT_LAYOUT_HEADS;
+  if (const Tensor* out = t[kOut]) {
     p.out = out->data;
     p.o_batch_stride = stride_of(*out, 0);
-    p.o_row_stride = stride_of(*out, 1);
-  } else {  // the contiguous (B, Lq, E) output the caller allocates next
-    p.o_batch_stride = p.seq_q * embed;
-    p.o_row_stride = embed;
+    if (heads_first) {
+      p.o_head_stride = stride_of(*out, 1);
+      p.o_row_stride = stride_of(*out, 2);
+    } else {
+      p.o_row_stride = stride_of(*out, 1);
+      p.o_head_stride = p.head_dim_v * stride_of(*out, 2);
+    }
+  } else if (heads_first) {  // the contiguous (B, H, Lq, Dv) output the caller allocates next
+    p.o_batch_stride = p.heads * p.seq_q * p.head_dim_v;
+    p.o_head_stride = p.seq_q * p.head_dim_v;
+    p.o_row_stride = p.head_dim_v;
+  } else {  // the contiguous (B, Lq, H*Dv) output the caller allocates next
+    p.o_batch_stride = p.seq_q * p.heads * p.head_dim_v;
+    p.o_row_stride = p.heads * p.head_dim_v;
+    p.o_head_stride = p.head_dim_v;
   }
-  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = p.head_dim;
   p.chunk_size = o.chunk_size;
   p.scale = o.has_scale
                 ? static_cast<float>(o.scale)
                 : (p.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : 1.0f);
   p.causal = o.causal;
-  p.dtype = static_cast<DType>(q.dtype);
+  p.dtype = static_cast<DType>(t[kQuery]->dtype);
+  p.window_size = o.window_size;
+  p.softcap = static_cast<float>(o.softcap);
 }
 
-int32_t fill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* mask,
-             const Tensor* out, const Options& o, AttentionParams& p, const Refuse& refuse) {
-  const Tensor* const tensors[5] = {&q, &k, &v, mask, out};
-  const char* const names[5] = {"query", "key", "value", "mask", "out"};
+int32_t fill(const Tensor* const t[kSlots], const Options& o, AttentionParams& p,
+             const Refuse& refuse) {
   if (int32_t s = check_options(o, refuse)) return s;
-  if (int32_t s = check_descriptors(tensors, names, o.device, refuse)) return s;
-  if (int32_t s = check_qkv(tensors, names, o.dtypes == 0 ? kKernelTypes : o.dtypes, refuse)) {
+  if (int32_t s = check_descriptors(t, o.device, refuse)) return s;
+  const int64_t kv_heads = o.kv_num_heads > 0 ? o.kv_num_heads : o.num_heads;
+  Operand ops[3];
+  if (int32_t s = read_operand(*t[kQuery], "query", o.num_heads, "num_heads", &ops[0], refuse)) {
     return s;
   }
-  const int64_t embed = q.sizes[2];
-  if (embed % o.num_heads != 0) {
-    return refuse("embed %lld is not divisible by num_heads %lld", ll(embed), ll(o.num_heads));
-  }
-  p.batch = q.sizes[0];
+  const char* kv_name = o.kv_num_heads > 0 ? "kv_num_heads" : "num_heads";
+  if (int32_t s = read_operand(*t[kKey], "key", kv_heads, kv_name, &ops[1], refuse)) return s;
+  if (int32_t s = read_operand(*t[kValue], "value", kv_heads, kv_name, &ops[2], refuse)) return s;
+  if (int32_t s = check_types(t, o.dtypes == 0 ? kKernelTypes : o.dtypes, refuse)) return s;
+  if (int32_t s = check_operands(ops, refuse)) return s;
+  p.batch = ops[0].batch;
   p.heads = o.num_heads;
-  p.head_dim = embed / o.num_heads;
-  p.seq_q = q.sizes[1];
-  p.seq_k = k.sizes[1];
-  if (int32_t s = check_limits(p, embed, o.device, refuse)) return s;
-  for (int i = 0; i < 3; ++i) {
-    if (int32_t s = check_rows(*tensors[i], names[i], refuse)) return s;
+  p.kv_heads = kv_heads;
+  p.head_dim = ops[0].dim;
+  p.head_dim_v = ops[2].dim;
+  p.seq_q = ops[0].length;
+  p.seq_k = ops[1].length;
+  if (const Tensor* s = t[kSeqlens]) p.seqlens_k = static_cast<const int32_t*>(s->data);
+  if (const Tensor* b = t[kBias]) p.bias = b->data;
+  p.window_size = o.window_size;
+  p.softcap = static_cast<float>(o.softcap);
+  if (int32_t s = check_limits(p, o.device, refuse)) return s;
+  if (const Tensor* out = t[kOut]) {
+    if (int32_t s = check_out(*out, *t[kQuery], p, o.output_layout, refuse)) return s;
   }
-  if (out != nullptr) {
-    if (int32_t s = check_out(*out, q, refuse)) return s;
-  }
-  if (mask != nullptr) {
-    const int64_t target[4] = {p.batch, p.heads, p.seq_q, p.seq_k};
+  const int64_t target[4] = {p.batch, p.heads, p.seq_q, p.seq_k};
+  if (const Tensor* m = t[kMask]) {
+    if (m->dtype != FLASH_EXPORT_BOOL) {
+      return refuse("mask has element type %s, expected bool", type_name(*m));
+    }
     int64_t strides[4] = {0, 0, 0, 0};
-    if (int32_t s = check_mask(*mask, target, strides, refuse)) return s;
-    p.mask = static_cast<const uint8_t*>(mask->data);
+    if (int32_t s = check_broadcast(*m, "mask", target, strides, refuse)) return s;
+    p.mask = static_cast<const uint8_t*>(m->data);
     p.mask_batch_stride = strides[0];
     p.mask_head_stride = strides[1];
     p.mask_q_stride = strides[2];
     p.mask_k_stride = strides[3];
   }
-  set_layout(q, k, v, out, o, p);
+  if (const Tensor* s = t[kSeqlens]) {
+    if (int32_t r = check_seqlens(*s, p, o.device, refuse)) return r;
+  }
+  if (const Tensor* b = t[kBias]) {
+    if (b->dtype != t[kQuery]->dtype) {
+      return refuse("bias has element type %s, expected %s (query's element type)", type_name(*b),
+                    type_name(*t[kQuery]));
+    }
+    int64_t strides[4] = {0, 0, 0, 0};
+    if (int32_t s = check_broadcast(*b, "bias", target, strides, refuse)) return s;
+    p.bias_batch_stride = strides[0];
+    p.bias_head_stride = strides[1];
+    p.bias_q_stride = strides[2];
+    p.bias_k_stride = strides[3];
+  }
+  set_layout(ops, t, o, p);
   return kOk;
+}
+
+// The filler behind both entry points: *params zeroed, filled, and zeroed again on a refusal.
+int32_t fill_params(const FlashExportAttentionInputs& in, const Options& options,
+                    AttentionParams* params, const Refuse& refuse) {
+  *params = FlashExportAttentionParams{};
+  if (in.query == nullptr || in.key == nullptr || in.value == nullptr) {
+    return refuse("query, key, value and options must not be NULL");
+  }
+  const Tensor* const tensors[kSlots] = {in.query,     in.key,  in.value, in.mask,
+                                         in.seqlens_k, in.bias, in.out};
+  const int32_t status = fill(tensors, options, *params, refuse);
+  if (status != kOk) *params = FlashExportAttentionParams{};
+  return status;
 }
 
 }  // namespace
@@ -358,11 +532,30 @@ bool scale_is_valid(double scale) {
   return static_cast<float>(scale) != 0.0f;
 }
 
+bool softcap_is_valid(double softcap) {
+  return std::isfinite(softcap) && softcap >= 0.0 && softcap <= std::numeric_limits<float>::max();
+}
+
 }  // namespace flash_export
 
 extern "C" size_t flash_export_tensor_size(void) { return sizeof(FlashExportTensor); }
 
 extern "C" size_t flash_export_options_size(void) { return sizeof(FlashExportAttentionOptions); }
+
+extern "C" size_t flash_export_inputs_size(void) { return sizeof(FlashExportAttentionInputs); }
+
+extern "C" int32_t flash_export_attention_params_v2(const FlashExportAttentionInputs* inputs,
+                                                    const FlashExportAttentionOptions* options,
+                                                    FlashExportAttentionParams* params, char* error,
+                                                    size_t error_size) {
+  const flash_export::Refuse refuse(error, error_size);
+  if (params == nullptr) return refuse("params is NULL");
+  *params = FlashExportAttentionParams{};
+  if (inputs == nullptr || options == nullptr) {
+    return refuse("query, key, value and options must not be NULL");
+  }
+  return flash_export::fill_params(*inputs, *options, params, refuse);
+}
 
 extern "C" int32_t flash_export_attention_params(
     const FlashExportTensor* query, const FlashExportTensor* key, const FlashExportTensor* value,
@@ -372,11 +565,12 @@ extern "C" int32_t flash_export_attention_params(
   const flash_export::Refuse refuse(error, error_size);
   if (params == nullptr) return refuse("params is NULL");
   *params = FlashExportAttentionParams{};
-  if (query == nullptr || key == nullptr || value == nullptr || options == nullptr) {
-    return refuse("query, key, value and options must not be NULL");
-  }
-  const int32_t status =
-      flash_export::fill(*query, *key, *value, mask, out, *options, *params, refuse);
-  if (status != FLASH_EXPORT_OK) *params = FlashExportAttentionParams{};
-  return status;
+  if (options == nullptr) return refuse("query, key, value and options must not be NULL");
+  // Only the v1 fields are read: a caller built against the v1 header passes a smaller struct.
+  FlashExportAttentionOptions v1{};
+  std::memcpy(&v1, options, offsetof(FlashExportAttentionOptions, kv_num_heads));
+  FlashExportAttentionInputs inputs{};
+  inputs.query = query, inputs.key = key, inputs.value = value, inputs.mask = mask;
+  inputs.out = out;
+  return flash_export::fill_params(inputs, v1, params, refuse);
 }

@@ -29,6 +29,8 @@ enum class Status : int32_t {
 
 // Sizes the kernels refuse (Status::kInvalidArgument, or kUnsupported for the CUDA head dim).
 // Adapters check them first, so that their errors can name the size, the limit and the value.
+// The CUDA kernels also refuse (kUnsupported) seqlens_k, bias, window_size, softcap and a value
+// head dim other than the key's: the params filler names them on a CUDA forward.
 constexpr int64_t kCpuMaxHeadDim = int64_t{1} << 20;  // keeps the CPU scratch arithmetic in range
 constexpr int64_t kCudaMaxHeadDim = 512;              // the simple kernel's registers per lane
 constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, tiles of 128 past it
@@ -38,6 +40,29 @@ constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on
 // type), finite and not 0. flash_export_attention_params and the onnxruntime node's attribute
 // check both ask this.
 bool scale_is_valid(double scale);
+
+// Whether `softcap` is a logit cap the op admits: finite, at least 0 (0: none), within float32.
+bool softcap_is_valid(double softcap);
+
+// The contract v2 fields of a params struct, their zeros read as the v1 behaviour (host and, under
+// nvcc, device functions).
+#ifdef __CUDACC__
+#define FLASH_EXPORT_HOST_DEVICE __host__ __device__
+#else
+#define FLASH_EXPORT_HOST_DEVICE
+#endif
+FLASH_EXPORT_HOST_DEVICE inline int64_t kv_heads_of(const AttentionParams& p) {
+  return p.kv_heads > 0 ? p.kv_heads : p.heads;
+}
+FLASH_EXPORT_HOST_DEVICE inline int64_t head_dim_v_of(const AttentionParams& p) {
+  return p.head_dim_v > 0 ? p.head_dim_v : p.head_dim;
+}
+// Whether a call uses none of contract v2's features beyond layouts (kernels that implement only
+// the v1 semantics take such calls).
+inline bool is_v1_call(const AttentionParams& p) {
+  return kv_heads_of(p) == p.heads && head_dim_v_of(p) == p.head_dim && p.seqlens_k == nullptr &&
+         p.window_size <= 0 && p.bias == nullptr && p.softcap <= 0.0f;
+}
 
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the C ABI's type
 // (flash_export.h). The CPU kernel hands its work items to this (one call per forward, an item per

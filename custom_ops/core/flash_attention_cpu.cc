@@ -155,15 +155,27 @@ struct Job {
   std::atomic<bool> refused{false};  // a packing item found the call is not this path's
 };
 
+// Packs keys [j0, j0 + kPackRows) of key/value head (b, h), clipped to the keys some row reads
+// (cpu::keys_read: past L_b nothing is read, before a window nothing is needed). False when the
+// kernel's packing handed the call back.
+bool pack_chunk(const Job& job, int64_t b, int64_t h, int64_t j0, float* dst) {
+  const AttentionParams& p = *job.params;
+  const cpu::KeySpan span = cpu::keys_read(p, b);
+  const int64_t begin = j0 > span.begin ? j0 : span.begin;
+  const int64_t end = j0 + kPackRows < span.end ? j0 + kPackRows : span.end;
+  if (end <= begin) return true;
+  return job.pack_rows(p, *job.plan, b, h, begin, end - begin, dst);
+}
+
 void pack_job_item(void* data, size_t index) {
   Job& job = *static_cast<Job*>(data);
   const AttentionParams& p = *job.params;
+  const int64_t kv_heads = kv_heads_of(p);
   const int64_t local = static_cast<int64_t>(index) % job.group;
   const int64_t j0 = static_cast<int64_t>(index) / job.group * kPackRows;
   const int64_t bh = job.first_bh + local;
-  const int64_t n = p.seq_k - j0 < kPackRows ? p.seq_k - j0 : kPackRows;
-  if (!job.pack_rows(p, *job.plan, bh / p.heads, bh % p.heads, j0, n,
-                     job.packed + static_cast<size_t>(local) * job.head_floats)) {
+  if (!pack_chunk(job, bh / kv_heads, bh % kv_heads, j0,
+                  job.packed + static_cast<size_t>(local) * job.head_floats)) {
     job.refused.store(true, std::memory_order_relaxed);
   }
 }
@@ -186,11 +198,13 @@ void run_job_item(void* data, size_t index) {
   const int64_t bh = job.first_bh + local;
   const float* head = job.packed + static_cast<size_t>(local) * job.head_floats;
   const cpu::PackedHead kv{head, head + plan.v_offset};
-  job.run_item(p, plan, bh / p.heads, bh % p.heads, q_block, kv, buffer);
+  const int64_t kv_heads = kv_heads_of(p);
+  job.run_item(p, plan, bh / kv_heads, bh % kv_heads, q_block, kv, buffer);
 }
 
-// Heads regime: item `index` is head (b, h) = index / H, index % H; it packs the head's keys and
-// values into its own thread's scratch, after the item scratch, then runs every query block.
+// Heads regime: item `index` is key/value head (b, h) = index / H_kv, index % H_kv; it packs the
+// head's keys and values into its own thread's scratch, after the item scratch, then runs every
+// block of its rows.
 void run_head_item(void* data, size_t index) {
   Job& job = *static_cast<Job*>(data);
   const AttentionParams& p = *job.params;
@@ -200,12 +214,12 @@ void run_head_item(void* data, size_t index) {
     job.out_of_memory.store(true, std::memory_order_relaxed);
     return;
   }
-  const int64_t b = static_cast<int64_t>(index) / p.heads,
-                h = static_cast<int64_t>(index) % p.heads;
+  const int64_t kv_heads = kv_heads_of(p);
+  const int64_t b = static_cast<int64_t>(index) / kv_heads,
+                h = static_cast<int64_t>(index) % kv_heads;
   float* head = buffer + plan.scratch_floats;  // scratch_floats is a multiple of 16: aligned
   for (int64_t j0 = 0; j0 < p.seq_k; j0 += kPackRows) {
-    const int64_t n = p.seq_k - j0 < kPackRows ? p.seq_k - j0 : kPackRows;
-    if (!job.pack_rows(p, plan, b, h, j0, n, head)) {
+    if (!pack_chunk(job, b, h, j0, head)) {
       job.refused.store(true, std::memory_order_relaxed);
       return;
     }
@@ -216,7 +230,7 @@ void run_head_item(void* data, size_t index) {
   }
 }
 
-// Rows regime: item `index` is head (b, h), read in place.
+// Rows regime: item `index` is key/value head (b, h), read in place.
 void run_rows_item(void* data, size_t index) {
   Job& job = *static_cast<Job*>(data);
   const AttentionParams& p = *job.params;
@@ -225,8 +239,9 @@ void run_rows_item(void* data, size_t index) {
     job.out_of_memory.store(true, std::memory_order_relaxed);
     return;
   }
-  job.run_rows(p, *job.plan, static_cast<int64_t>(index) / p.heads,
-               static_cast<int64_t>(index) % p.heads, buffer);
+  const int64_t kv_heads = kv_heads_of(p);
+  job.run_rows(p, *job.plan, static_cast<int64_t>(index) / kv_heads,
+               static_cast<int64_t>(index) % kv_heads, buffer);
 }
 
 bool valid_dtype(DType d) {
@@ -247,50 +262,62 @@ constexpr int64_t kCausalBlockRows = 48;
 
 // The regime for a call on kernel k (cpu::Regime); `threads` is how many threads the caller's
 // parallel_for may run at once (0: unknown, taken as this machine's hardware threads).
+bool takes_rows(const AttentionParams& p, const Kernel& k) {
+  return k.run_rows != nullptr && cpu::rows_per_kv_head(p) <= cpu::kRowsMaxQueries;
+}
+
 cpu::Regime choose_regime(const AttentionParams& p, const Kernel& k, size_t head_floats,
                           int threads) {
-  if (k.run_rows != nullptr && p.seq_q <= cpu::kRowsMaxQueries) return cpu::Regime::kRows;
+  if (takes_rows(p, k)) return cpu::Regime::kRows;
   const int64_t workers =
       threads > 0 ? threads : static_cast<int64_t>(std::thread::hardware_concurrency());
   const bool fits = head_floats * sizeof(float) <= cpu::kHeadPackBytes;
-  if (fits && p.batch * p.heads >= 2 * (workers > 0 ? workers : 1)) return cpu::Regime::kHeads;
+  if (fits && p.batch * kv_heads_of(p) >= 2 * (workers > 0 ? workers : 1)) {
+    return cpu::Regime::kHeads;
+  }
   return cpu::Regime::kShared;
 }
 
-// The FMA paths' plan. Query blocks of at most k.bq rows, as even as the vector width allows
-// (Lq = 128 takes two blocks of 64, not 96 and a padded 32); key blocks of chunk_size keys (at
-// most kMaxBlockKeys). The rows regime takes every query row in one block of Lq rows.
+// The FMA paths' plan. Blocks of at most k.bq rows (of the G x Lq rows of a key/value head), as
+// even as the vector width allows (Lq = 128 takes two blocks of 64, not 96 and a padded 32); key
+// blocks of chunk_size keys (at most kMaxBlockKeys). The rows regime takes every row in one block.
 Status fma_plan(const AttentionParams& p, const Kernel& k, bool rows, Plan* out) {
   // Bound every size so the scratch arithmetic below cannot overflow (the adapter says so first).
-  if (p.head_dim > kCpuMaxHeadDim) return Status::kInvalidArgument;
+  if (p.head_dim > kCpuMaxHeadDim || head_dim_v_of(p) > kCpuMaxHeadDim) {
+    return Status::kInvalidArgument;
+  }
   const size_t w = static_cast<size_t>(k.width);
+  const int64_t total = cpu::rows_per_kv_head(p);
   Plan& plan = *out;
   if (rows) {
-    plan.bq = p.seq_q;
+    plan.bq = total;
   } else {
     const int64_t most = p.causal && kCausalBlockRows < k.bq ? kCausalBlockRows : k.bq;
-    const int64_t blocks = (p.seq_q + most - 1) / most;
-    plan.bq =
-        static_cast<int64_t>(round_up(static_cast<size_t>((p.seq_q + blocks - 1) / blocks), w));
+    const int64_t blocks = (total + most - 1) / most;
+    plan.bq = static_cast<int64_t>(round_up(static_cast<size_t>((total + blocks - 1) / blocks), w));
     if (plan.bq > most) plan.bq = most;
   }
   plan.bq_pad = static_cast<int64_t>(round_up(static_cast<size_t>(plan.bq), w));
   plan.bc = p.chunk_size < kMaxBlockKeys ? p.chunk_size : kMaxBlockKeys;
   if (plan.bc > p.seq_k) plan.bc = p.seq_k > 0 ? p.seq_k : 1;
-  plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
-  plan.q_blocks = (p.seq_q + plan.bq - 1) / plan.bq;
+  plan.d_pad = static_cast<int64_t>(round_up(static_cast<size_t>(head_dim_v_of(p)), w));
+  plan.dk_pad = static_cast<int64_t>(round_up(static_cast<size_t>(p.head_dim), w));
+  plan.q_blocks = (total + plan.bq - 1) / plan.bq;
   const size_t dim = static_cast<size_t>(p.head_dim), bq_pad = static_cast<size_t>(plan.bq_pad);
   const size_t bc = static_cast<size_t>(plan.bc), d_pad = static_cast<size_t>(plan.d_pad);
+  const size_t dk_pad = static_cast<size_t>(plan.dk_pad);
   Regions region;
-  plan.off_qt = region.take(rows ? static_cast<size_t>(plan.bq) * d_pad : dim * bq_pad);
+  plan.off_qt = region.take(rows ? static_cast<size_t>(plan.bq) * dk_pad : dim * bq_pad);
   plan.off_o = region.take(static_cast<size_t>(plan.bq) * d_pad);
   plan.off_s = region.take(bc * bq_pad);
   plan.off_m = region.take(bq_pad);
   plan.off_l = region.take(bq_pad);
   plan.off_alpha = region.take(bq_pad);
   plan.off_mx = region.take(bq_pad);
+  plan.off_rows = region.take(4 * bq_pad);  // (2, bq_pad) int64
+  plan.off_btmp = region.take(bc);
   if (rows) {
-    plan.off_kb = region.take(bc * d_pad);
+    plan.off_kb = region.take(bc * dk_pad);
     plan.off_vb = region.take(bc * d_pad);
   }
   plan.scratch_floats = region.end;
@@ -311,7 +338,7 @@ struct CallPlan {
 
 Status make_plan(const Kernel& k, const AttentionParams& p, int threads, CallPlan* out) {
   Plan& plan = out->plan;
-  const bool rows = k.run_rows != nullptr && p.seq_q <= cpu::kRowsMaxQueries;
+  const bool rows = takes_rows(p, k);
   if (k.plan != nullptr) {
     if (!k.plan(p, &plan)) return Status::kOutOfMemory;
   } else {
@@ -319,7 +346,7 @@ Status make_plan(const Kernel& k, const AttentionParams& p, int threads, CallPla
     if (planned != Status::kOk) return planned;
   }
   plan.regime = choose_regime(p, k, plan.head_floats, threads);
-  const int64_t bh_total = p.batch * p.heads;
+  const int64_t bh_total = p.batch * kv_heads_of(p);
   const size_t head_floats = plan.head_floats;
   const size_t fit = kPackBudgetBytes / sizeof(float) / (head_floats > 0 ? head_floats : 1);
   out->group = fit < 1                               ? 1
@@ -352,7 +379,7 @@ Status forward_with(const Kernel& k, const AttentionParams& p, ParallelForFn par
       for (size_t i = 0; i < total; ++i) fn(&job, i);
     }
   };
-  const int64_t bh_total = p.batch * p.heads;
+  const int64_t bh_total = p.batch * kv_heads_of(p);  // the items' (batch, key/value head) pairs
   if (plan.regime != cpu::Regime::kShared) {
     run(plan.regime == cpu::Regime::kRows ? &run_rows_item : &run_head_item,
         static_cast<size_t>(bh_total));
@@ -418,13 +445,23 @@ const char* cpu_isa_setting_error() {
   return message.empty() ? nullptr : message.c_str();
 }
 
-Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
-                             void* parallel_context, int threads) {
+// Whether the params are ones the kernels can run (the filler checked them with messages; this
+// guards hand-filled params).
+bool valid_params(const AttentionParams& p) {
   if (p.batch < 0 || p.heads < 0 || p.head_dim < 0 || p.seq_q < 0 || p.seq_k < 0 ||
       p.chunk_size < 1 || !valid_dtype(p.dtype)) {
-    return Status::kInvalidArgument;
+    return false;
   }
-  if (p.batch == 0 || p.heads == 0 || p.seq_q == 0 || p.head_dim == 0) return Status::kOk;
+  if (p.kv_heads < 0 || p.head_dim_v < 0 || p.window_size < 0 || !(p.softcap >= 0.0f)) {
+    return false;
+  }
+  return p.heads == 0 || p.heads % kv_heads_of(p) == 0;
+}
+
+Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_for,
+                             void* parallel_context, int threads) {
+  if (!valid_params(p)) return Status::kInvalidArgument;
+  if (p.batch == 0 || p.heads == 0 || p.seq_q == 0 || head_dim_v_of(p) == 0) return Status::kOk;
   if (p.q == nullptr || p.out == nullptr || (p.seq_k > 0 && (p.k == nullptr || p.v == nullptr))) {
     return Status::kInvalidArgument;
   }
@@ -437,8 +474,7 @@ Status attention_forward_cpu(const AttentionParams& p, ParallelForFn parallel_fo
 }
 
 std::string describe_cpu_plan(const AttentionParams& p, int threads) {
-  if (p.batch <= 0 || p.heads <= 0 || p.head_dim <= 0 || p.seq_q <= 0 || p.seq_k < 0 ||
-      p.chunk_size < 1 || !valid_dtype(p.dtype)) {
+  if (!valid_params(p) || p.batch <= 0 || p.heads <= 0 || p.head_dim <= 0 || p.seq_q <= 0) {
     return "{\"error\": \"nothing to plan: an empty or invalid call\"}";
   }
   const Kernel& k = kernel_for(p);
@@ -447,7 +483,7 @@ std::string describe_cpu_plan(const AttentionParams& p, int threads) {
     return "{\"error\": \"the sizes overflow the plan\"}";
   }
   const Plan& plan = call.plan;
-  const int64_t bh = p.batch * p.heads;
+  const int64_t bh = p.batch * kv_heads_of(p);
   const bool shared = plan.regime == cpu::Regime::kShared;
   const int64_t groups = shared ? (bh + call.group - 1) / call.group : 0;
   return std::string("{\"isa\": \"") + k.isa + "\", \"regime\": \"" + regime_name(plan.regime) +
@@ -456,7 +492,9 @@ std::string describe_cpu_plan(const AttentionParams& p, int threads) {
          ", \"bc\": " + std::to_string(plan.bc) +
          ", \"head_bytes\": " + std::to_string(plan.head_floats * sizeof(float)) +
          ", \"groups\": " + std::to_string(groups) +
-         ", \"heads_per_group\": " + std::to_string(shared ? call.group : 0) + "}";
+         ", \"heads_per_group\": " + std::to_string(shared ? call.group : 0) +
+         ", \"kv_heads\": " + std::to_string(kv_heads_of(p)) +
+         ", \"rows_per_kv_head\": " + std::to_string(cpu::rows_per_kv_head(p)) + "}";
 }
 
 }  // namespace flash_export

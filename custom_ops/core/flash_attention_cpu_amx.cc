@@ -178,9 +178,12 @@ bool holds_infinity(const void* data, int64_t base, int64_t row_stride, int64_t 
 }
 
 // float16 heads of up to kMaxHeadDim, more query rows than the rows regime takes (decode runs on
-// the AVX-512 FMA path: no query block to fill the tiles); the rest goes to the AVX-512 FMA path.
+// the AVX-512 FMA path: no query block to fill the tiles), and none of contract v2's features
+// but its layouts (grouped heads, seqlens_k, windows, bias, softcap and Dv != D run on the AVX-512
+// FMA path, which implements them); the rest goes to the AVX-512 FMA path.
 bool accepts(const AttentionParams& p) {
-  return p.dtype == DType::kFloat16 && p.head_dim <= kMaxHeadDim && p.seq_q > kRowsMaxQueries;
+  return p.dtype == DType::kFloat16 && p.head_dim <= kMaxHeadDim && p.seq_q > kRowsMaxQueries &&
+         is_v1_call(p);
 }
 
 bool plan_amx(const AttentionParams& p, Plan* out) {
@@ -206,6 +209,7 @@ bool plan_amx(const AttentionParams& p, Plan* out) {
   plan.off_l = region.take(bq);
   plan.off_alpha = region.take(bq);
   plan.off_mx = region.take(bq);
+  plan.off_rows = region.take(4 * bq);  // (2, bq) int64 row offsets
   plan.scratch_floats = region.end;
   // Packed head (bfloat16 elements): parts x k_rows x d_k of K, then parts x d_v x k_rows of V^T.
   const size_t seq_k = static_cast<size_t>(p.seq_k);
@@ -287,10 +291,14 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
                   PackedHead kv, float* scratch) {
   const int64_t bq = kBq, d_k = plan.d_k, d_v = plan.d_v, k_rows = plan.k_rows;
   const int64_t i0 = q_block * bq;
-  const int64_t nq = min64(bq, p.seq_q - i0);
+  // accepts() takes v1 calls only: the rows are head h's query rows [i0, i0 + nq).
+  const RowBlock rb = row_block(p, b, h, i0, min64(bq, p.seq_q - i0));
+  const int64_t nq = rb.n;
   const int64_t ldb = bq * 4;  // bytes per row of S^T, O^T and the pair layouts
 
   const auto [qt, row, s, m, l, alpha, m_blk] = item_scratch(plan, scratch);
+  int64_t* rows = item_rows(plan, scratch);
+  row_offsets(p, plan, rb, rows);
   uint32_t* qv = reinterpret_cast<uint32_t*>(scratch + plan.off_qv);
   uint32_t* pv = reinterpret_cast<uint32_t*>(scratch + plan.off_pv);
   uint16_t* vtail = reinterpret_cast<uint16_t*>(scratch + plan.off_vtail);
@@ -305,7 +313,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
   const __m512 qscale = _mm512_set1_ps(p.scale);  // scaled logits: softmax_block adds log2(e)
 
   // The query as it came (its parts are then exact), transposed; its parts in pair layout.
-  load_query(p, plan, b, h, i0, nq, d_k, 1.0f, qt, row);
+  load_query(p, plan, rb, d_k, 1.0f, qt, row);
   for (int64_t r = 0; r < d_k / 2; ++r)
     for (int64_t c = 0; c < bq; c += 16)
       store_pairs(_mm512_load_ps(qt + 2 * r * bq + c), _mm512_load_ps(qt + (2 * r + 1) * bq + c),
@@ -315,9 +323,9 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
 
   static const TileConfig config = tile_config();
   _tile_loadconfig(&config);
-  const int64_t k_end = visible_keys_end(p, i0, nq);
-  for (int64_t j0 = 0; j0 < k_end; j0 += kBc) {
-    const int64_t nk = min64(kBc, k_end - j0);
+  const KeyRange keys = visible_keys(p, rb);  // begins at 0: no window in a v1 call
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBc) {
+    const int64_t nk = min64(kBc, keys.end - j0);
     const int64_t nk16 = (nk + 15) / 16 * 16, nk32 = (nk + 31) / 32 * 32;
 
     // S^T = K_blk Qt, 16 keys x 48 queries at a time.
@@ -339,7 +347,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
       }
       for (int v = 0; v < kVecs; ++v) _mm512_store_ps(m_blk + 16 * v, mx[v]);
     }
-    if (hide_keys(p, plan, b, h, i0, nq, j0, nk, s)) block_max(s, bq, nk, m, m_blk);
+    if (hide_keys(p, plan, rb, rows, j0, nk, s)) block_max(s, bq, nk, m, m_blk);
 
     // The softmax writes P^T's parts straight into pair layout over keys (an odd last key is
     // paired with zero); the pair rows up to nk32 are zero.
@@ -396,7 +404,7 @@ void run_item_amx(const AttentionParams& p, const Plan& plan, int64_t b, int64_t
 
   for (int64_t r = 0; r < nq; ++r) {
     for (int64_t d = 0; d < p.head_dim; ++d) row[d] = ot[d * bq + r];
-    store_output(p, b, h, i0 + r, row, l[r]);
+    store_output(p, rb, rows, r, row, l[r]);
   }
 }
 

@@ -26,19 +26,52 @@ struct Regions {
   }
 };
 
+// Work is cut per key/value head: the G = H / H_kv query heads that share one are its rows, row
+// t being query t / G of head kvh * G + t % G (query-major, so the rows of one query position are
+// adjacent and every causal and window cut stays a prefix or a suffix of a block's rows).
+inline int64_t group_of(const AttentionParams& p) { return p.heads / kv_heads_of(p); }
+inline int64_t rows_per_kv_head(const AttentionParams& p) { return p.seq_q * group_of(p); }
+
+// L_b: the keys batch entry b has (seqlens_k[b] + 1, clamped into [0, Lk]; Lk without seqlens_k).
+inline int64_t keys_of(const AttentionParams& p, int64_t b) {
+  if (p.seqlens_k == nullptr) return p.seq_k;
+  const int64_t n = int64_t{p.seqlens_k[b]} + 1;
+  return n < 0 ? 0 : n > p.seq_k ? p.seq_k : n;
+}
+
+// The window as the kernels use it: 0 for none, else at most one past every distance a call can
+// have (so that position arithmetic never overflows, whatever the attribute said).
+inline int64_t window_of(const AttentionParams& p) {
+  const int64_t cap = p.seq_k + 2 * p.seq_q + 1;
+  return p.window_size <= 0 ? 0 : p.window_size < cap ? p.window_size : cap;
+}
+
+// Keys [begin, end) of batch entry b that some query row sees: everything past L_b is never
+// read, and a window leaves out the keys before the first query's.
+struct KeySpan {
+  int64_t begin, end;
+};
+inline KeySpan keys_read(const AttentionParams& p, int64_t b) {
+  const int64_t end = keys_of(p, b), w = window_of(p);
+  const int64_t begin = w > 0 ? end - p.seq_q - w + 1 : 0;  // query 0 sits at L_b - Lq
+  return {begin < 0 ? 0 : begin > end ? end : begin, end};
+}
+
 }  // namespace
 
 // Keys per packing item: enough work to be worth a dispatch slot, small enough to spread. Every
 // item starts on a multiple of it.
 constexpr int64_t kPackRows = 256;
 
-// Calls of at most this many query rows (decode) run in the rows regime on the FMA paths: one item
-// per (batch, head), keys and values read in place, a dot product per (query, key) along the head
-// dim. A query block of a vector's width would spend 15 of 16 lanes of every product on padding.
+// Calls of at most this many rows per key/value head (G x Lq: decode) run in the rows regime on
+// the FMA paths: one item per (batch, key/value head), keys and values read in place, a dot
+// product per (row, key) along the head dim. A query block of a vector's width would spend 15 of
+// 16 lanes of every product on padding.
 constexpr int64_t kRowsMaxQueries = 8;
 
-// How one call's work is cut (flash_attention_cpu.cc chooses, per call):
-//   kRows    Lq <= kRowsMaxQueries: one item per (batch, head), nothing packed.
+// How one call's work is cut (flash_attention_cpu.cc chooses, per call); a "head" here is a
+// key/value head with its G query heads' rows:
+//   kRows    G x Lq <= kRowsMaxQueries: one item per (batch, head), nothing packed.
 //   kHeads   enough heads to fill the threads and one head's packed keys and values fit
 //            kHeadPackBytes: one item per (batch, head), which packs that head into its own
 //            thread's scratch and runs all its query blocks; one parallel_for, no shared buffer.
@@ -51,23 +84,26 @@ constexpr size_t kHeadPackBytes = size_t{1} << 20;
 // Sizes shared by every work item of one call; computed once by the dispatcher.
 struct Plan {
   Regime regime = Regime::kShared;
-  int64_t bq = 0;        // query rows per work item
+  int64_t bq = 0;        // rows per work item
   int64_t bq_pad = 0;    // bq rounded up to the vector width
   int64_t bc = 0;        // keys per online-softmax block (FMA: see fma_plan; AMX: 64)
-  int64_t d_pad = 0;     // head_dim rounded up to the vector width
-  int64_t q_blocks = 0;  // ceil(Lq / bq)
+  int64_t d_pad = 0;     // the value head dim Dv rounded up to the vector width
+  int64_t dk_pad = 0;    // the query and key head dim D rounded up likewise (rows regime)
+  int64_t q_blocks = 0;  // ceil(G x Lq / bq)
   // Scratch layout, offsets in floats (each a multiple of 16 so every region is 64-byte aligned):
-  size_t off_qt = 0;     // (D, bq_pad): query block, transposed (rows regime: (bq, d_pad))
+  size_t off_qt = 0;     // (D, bq_pad): query block, transposed (rows regime: (bq, dk_pad))
   size_t off_o = 0;      // (bq, d_pad): float32 output accumulator
   size_t off_s = 0;      // (bc, bq_pad): logits, then probabilities, transposed
   size_t off_m = 0;      // (bq_pad): running max of the scaled logits
   size_t off_l = 0;      // (bq_pad): running sum
   size_t off_alpha = 0;  // (bq_pad): rescale factor of the current block
   size_t off_mx = 0;     // (bq_pad): running max including the current block
-  size_t off_kb = 0;     // rows regime: (bc, d_pad) keys of a block, when not read in place
+  size_t off_kb = 0;     // rows regime: (bc, dk_pad) keys of a block, when not read in place
   size_t off_vb = 0;     // rows regime: (bc, d_pad) values of a block, likewise
+  size_t off_rows = 0;   // (2, bq_pad) int64: each row's mask and bias offsets (b, h, i)
+  size_t off_btmp = 0;   // (bc): one row of the bias block, as float32
   size_t scratch_floats = 0;
-  // Packed keys and values of one head, in floats, and where its values start.
+  // Packed keys and values of one key/value head, in floats, and where its values start.
   size_t head_floats = 0;
   size_t v_offset = 0;
   // AMX only (flash_attention_cpu_amx.cc): Lk rounded up to 32, D rounded up to 32 and to 16,
@@ -91,19 +127,20 @@ struct PackedHead {
   const float* v;
 };
 
-// Packs rows [j0, j0 + n) of head (b, h) into `dst` (the head's packed keys and values; FMA paths:
-// K, then V at dst + Lk * D); j0 is a multiple of kPackRows. Returns false when this path cannot
-// take the call after all (the dispatcher then reruns it on the next path down).
+// Packs rows [j0, j0 + n) of key/value head (b, h) into `dst` (the head's packed keys and values;
+// FMA paths: K, then V at dst + Lk * D); the chunks start on multiples of kPackRows, clipped to
+// keys_read (v1 calls: every key). Returns false when this path cannot take the call after all
+// (the dispatcher then reruns it on the next path down).
 using PackRowsFn = bool (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                             int64_t j0, int64_t n, float* dst);
 
-// One (batch, head, query block) work item over the head's packed keys and values; `scratch`
-// holds Plan::scratch_floats floats, 64-byte aligned.
+// One (batch, key/value head, block of rows) work item over the head's packed keys and values;
+// `scratch` holds Plan::scratch_floats floats, 64-byte aligned.
 using RunItemFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                            int64_t q_block, PackedHead kv, float* scratch);
 
-// One (batch, head) of the rows regime (FMA paths), keys and values read from the caller's
-// tensors; `scratch` as for RunItemFn.
+// One (batch, key/value head) of the rows regime (FMA paths), keys and values read from the
+// caller's tensors; `scratch` as for RunItemFn.
 using RunRowsFn = void (*)(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h,
                            float* scratch);
 

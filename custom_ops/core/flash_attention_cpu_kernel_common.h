@@ -145,6 +145,65 @@ inline ItemScratch item_scratch(const Plan& plan, float* scratch) {
           scratch + plan.off_mx};
 }
 
+// The rows of one work item: rows [t0, t0 + n) of key/value head (b, kvh), row t being query
+// t / G of head kvh * G + t % G (flash_attention_cpu_internal.h). G = 1 makes them the query rows
+// of head kvh, as in contract v1.
+struct RowBlock {
+  int64_t b;       // batch entry
+  int64_t kvh;     // key/value head
+  int64_t group;   // G: query heads per key/value head
+  int64_t t0;      // first row
+  int64_t n;       // rows
+  int64_t seq_k;   // L_b: keys of this batch entry (past them nothing is read)
+  int64_t offset;  // query i sits at position i + offset (bottom-right: L_b - Lq)
+  int64_t query(int64_t r) const { return (t0 + r) / group; }
+  int64_t head(int64_t r) const { return kvh * group + (t0 + r) % group; }
+  // Rows [0, rows_before(x)) sit at positions below x (a prefix: positions grow with the row).
+  int64_t rows_before(int64_t x) const { return min64(n, max64(0, (x - offset) * group - t0)); }
+};
+
+inline RowBlock row_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t t0, int64_t n) {
+  const int64_t seq_k = keys_of(p, b);
+  return {b, kvh, group_of(p), t0, n, seq_k, seq_k - p.seq_q};
+}
+
+// Keys [begin, end) that some row of rb may see (L_b, causal, window); no row sees any other.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+inline KeyRange visible_keys(const AttentionParams& p, const RowBlock& rb) {
+  if (rb.n <= 0) return {0, 0};
+  const int64_t first = rb.offset + rb.query(0), last = rb.offset + rb.query(rb.n - 1);
+  const int64_t w = window_of(p);
+  int64_t begin = 0, end = rb.seq_k;
+  if (p.causal) end = min64(end, last + 1);
+  if (w > 0) {
+    begin = max64(begin, first - w + 1);
+    if (!p.causal) end = min64(end, last + w);
+  }
+  return {begin, max64(begin, end)};
+}
+
+// Each row's element offsets into the mask and the bias at key 0: rows[r] (mask) and
+// rows[bq_pad + r] (bias), in the Plan's off_rows region. Filled once per item, only for the
+// inputs the call has.
+inline void row_offsets(const AttentionParams& p, const Plan& plan, const RowBlock& rb,
+                        int64_t* rows) {
+  for (int64_t r = 0; r < rb.n; ++r) {
+    const int64_t h = rb.head(r), i = rb.query(r);
+    if (p.mask != nullptr)
+      rows[r] = rb.b * p.mask_batch_stride + h * p.mask_head_stride + i * p.mask_q_stride;
+    if (p.bias != nullptr)
+      rows[plan.bq_pad + r] =
+          rb.b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_q_stride;
+  }
+}
+
+inline int64_t* item_rows(const Plan& plan, float* scratch) {
+  return reinterpret_cast<int64_t*>(scratch + plan.off_rows);
+}
+
 // Asks for the cache lines of `bytes` bytes at `row`. The caller's rows sit a whole E apart, too
 // far for the hardware prefetchers: asking for rows a few ahead overlaps their cache misses
 // instead of queueing them one row at a time.
@@ -152,20 +211,23 @@ inline void prefetch_row(const char* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
 }
 
-// Query rows [i0, i0 + nq) of head (b, h) times qscale, transposed into qt (rows x bq_pad): rows
-// >= D and columns >= nq are zero. `tmp` holds D floats.
-void load_query(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t i0,
-                int64_t nq, int64_t rows, float qscale, float* qt, float* tmp) {
-  const int64_t dim = p.head_dim, bq_pad = plan.bq_pad;
+// The element offset of row r's query (b, h, i).
+inline int64_t query_offset(const AttentionParams& p, const RowBlock& rb, int64_t r) {
+  return rb.b * p.q_batch_stride + rb.query(r) * p.q_row_stride + rb.head(r) * p.q_head_stride;
+}
+
+// The rows of rb times qscale, transposed into qt (rows x bq_pad): rows >= D and columns >= n
+// are zero. `tmp` holds D floats.
+void load_query(const AttentionParams& p, const Plan& plan, const RowBlock& rb, int64_t rows,
+                float qscale, float* qt, float* tmp) {
+  const int64_t dim = p.head_dim, bq_pad = plan.bq_pad, nq = rb.n;
   const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
   const char* q_bytes = static_cast<const char*>(p.q);
   constexpr int64_t kAhead = 8;
   // Each row is converted with vector loads into tmp, then scattered.
   for (int64_t r = 0; r < nq; ++r) {
-    const int64_t base = b * p.q_batch_stride + (i0 + r) * p.q_row_stride + h * p.q_head_stride;
-    if (r + kAhead < nq)
-      prefetch_row(q_bytes + (base + kAhead * p.q_row_stride) * elem, dim * elem);
-    convert_row(p.q, base, p.dtype, tmp, dim);
+    if (r + kAhead < nq) prefetch_row(q_bytes + query_offset(p, rb, r + kAhead) * elem, dim * elem);
+    convert_row(p.q, query_offset(p, rb, r), p.dtype, tmp, dim);
     for (int64_t d = 0; d < dim; ++d) qt[d * bq_pad + r] = tmp[d] * qscale;
   }
   for (int64_t d = 0; d < dim; ++d)
@@ -174,32 +236,84 @@ void load_query(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h
     for (int64_t r = 0; r < bq_pad; ++r) qt[d * bq_pad + r] = 0.0f;
 }
 
-// Sets the logits s (keys x bq_pad) of keys [j0, j0 + nk) that rows [i0, i0 + nq) must not see
-// to -inf: causal (on blocks crossing the diagonal) and the mask. Returns whether any could be.
-bool hide_keys(const AttentionParams& p, const Plan& plan, int64_t b, int64_t h, int64_t i0,
-               int64_t nq, int64_t j0, int64_t nk, float* s) {
-  const int64_t bq_pad = plan.bq_pad;
-  const int64_t diag = p.seq_k - p.seq_q;  // query i sees key j iff j <= i + diag (causal)
-  // Causal: key j is hidden from rows r < j - diag - i0.
-  const bool causal_cut = p.causal && j0 + nk - 1 > i0 + diag;
-  if (causal_cut) {
+// Sets the logits s (keys x bq_pad) of keys [j0, j0 + nk) that rows of rb must not see to -inf:
+// causal and window (on blocks crossing their edges) and the mask (`rows`: row_offsets). Returns
+// whether any could be.
+bool hide_keys(const AttentionParams& p, const Plan& plan, const RowBlock& rb, const int64_t* rows,
+               int64_t j0, int64_t nk, float* s) {
+  const int64_t bq_pad = plan.bq_pad, nq = rb.n;
+  const int64_t first = rb.offset + rb.query(0), last = rb.offset + rb.query(nq - 1);
+  const float neg_inf = -__builtin_inff();
+  bool any = false;
+  // Causal: key j is hidden from the rows at positions below j.
+  if (p.causal && j0 + nk - 1 > first) {
+    any = true;
     for (int64_t jj = 0; jj < nk; ++jj) {
-      const int64_t hidden = min64(nq, j0 + jj - diag - i0);
+      const int64_t hidden = rb.rows_before(j0 + jj);
       float* srow = s + jj * bq_pad;
-      for (int64_t r = 0; r < hidden; ++r) srow[r] = -__builtin_inff();
+      for (int64_t r = 0; r < hidden; ++r) srow[r] = neg_inf;
+    }
+  }
+  const int64_t w = window_of(p);
+  // Window: key j is hidden from the rows at positions j + w and later ...
+  if (w > 0 && j0 <= last - w) {
+    any = true;
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      float* srow = s + jj * bq_pad;
+      for (int64_t r = rb.rows_before(j0 + jj + w); r < nq; ++r) srow[r] = neg_inf;
+    }
+  }
+  // ... and, without the causal rule, from those at positions j - w and earlier.
+  if (w > 0 && !p.causal && j0 + nk - 1 >= first + w) {
+    any = true;
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const int64_t hidden = rb.rows_before(j0 + jj - w + 1);
+      float* srow = s + jj * bq_pad;
+      for (int64_t r = 0; r < hidden; ++r) srow[r] = neg_inf;
     }
   }
   if (p.mask != nullptr) {
-    const uint8_t* mrow0 = p.mask + b * p.mask_batch_stride + h * p.mask_head_stride +
-                           i0 * p.mask_q_stride + j0 * p.mask_k_stride;
-    for (int64_t jj = 0; jj < nk; ++jj) {
-      const uint8_t* mk = mrow0 + jj * p.mask_k_stride;
+    any = true;
+    const uint8_t* mk = p.mask + j0 * p.mask_k_stride;
+    for (int64_t jj = 0; jj < nk; ++jj, mk += p.mask_k_stride) {
       float* srow = s + jj * bq_pad;
       for (int64_t r = 0; r < nq; ++r)
-        if (mk[r * p.mask_q_stride] == 0) srow[r] = -__builtin_inff();
+        if (mk[rows[r]] == 0) srow[r] = neg_inf;
     }
   }
-  return causal_cut || p.mask != nullptr;
+  return any;
+}
+
+// Makes the block's logits s (keys x bq_pad, holding q . k times logit_scale's query factor) the
+// logits of contract v2 for rows [0, n) and keys [j0, j0 + nk): times |scale| (so the softmax
+// then takes exponent factor log2(e)), capped by softcap * tanh(x / softcap), plus the bias
+// (`rows`: row_offsets; `tmp` holds nk floats). Runs before hide_keys, whose -inf must not be
+// capped.
+inline void shape_logits(const AttentionParams& p, const Plan& plan, const int64_t* rows,
+                         int64_t nq, int64_t j0, int64_t nk, float* s, float* tmp) {
+  const int64_t bq_pad = plan.bq_pad;
+  const float scale = p.scale < 0.0f ? -p.scale : p.scale;
+  const float cap = p.softcap;
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    float* srow = s + jj * bq_pad;
+    if (cap > 0.0f) {
+      for (int64_t r = 0; r < nq; ++r) srow[r] = cap * __builtin_tanhf(srow[r] * scale / cap);
+    } else {
+      for (int64_t r = 0; r < nq; ++r) srow[r] *= scale;
+    }
+  }
+  if (p.bias == nullptr) return;
+  const int64_t* bias_rows = rows + bq_pad;
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t base = bias_rows[r] + j0 * p.bias_k_stride;
+    if (p.bias_k_stride == 1) {
+      convert_row(p.bias, base, p.dtype, tmp, nk);
+    } else {
+      for (int64_t jj = 0; jj < nk; ++jj)
+        convert_row(p.bias, base + jj * p.bias_k_stride, p.dtype, tmp + jj, 1);
+    }
+    for (int64_t jj = 0; jj < nk; ++jj) s[jj * bq_pad + r] += tmp[jj];
+  }
 }
 
 // m_blk = max(m, max over the nk key rows of s), per query column.
@@ -221,16 +335,23 @@ inline void block_max(const float* s, int64_t bq_pad, int64_t nk, const float* m
 // flash-attention's float32 grid went from 29-31 of 240 cases over 2x PyTorch's own float32
 // error (up to 3.75x) to none (tests/test_cpu_kernel_plan.py). A negative scale flips the query's
 // sign so that the max is still the max; scale 0 makes every visible logit 0 (the query is zeroed),
-// and the exponent then takes plain log2(e).
+// and the exponent then takes plain log2(e). A call with a bias or a softcap needs the logits
+// themselves (shape_logits): its exponent factor is log2(e), and its logits round at their own
+// magnitude, as PyTorch's do.
 struct LogitScale {
   float query_factor;
   float exponent_factor;
 };
 
-inline LogitScale logit_scale(float scale) {
-  if (scale > 0.0f) return {1.0f, scale * kLog2e};
-  if (scale < 0.0f) return {-1.0f, -scale * kLog2e};
-  return {0.0f, kLog2e};
+inline bool shapes_logits(const AttentionParams& p) {
+  return p.bias != nullptr || p.softcap > 0.0f;
+}
+
+inline LogitScale logit_scale(const AttentionParams& p) {
+  const float scale = p.scale;
+  const float query_factor = scale > 0.0f ? 1.0f : scale < 0.0f ? -1.0f : 0.0f;
+  if (shapes_logits(p) || scale == 0.0f) return {query_factor, kLog2e};
+  return {query_factor, (scale < 0.0f ? -scale : scale) * kLog2e};
 }
 
 // Online softmax over one key block, one vector of query columns at a time: hands put(jj, c, p)
@@ -261,40 +382,41 @@ inline void softmax_block(const float* s, int64_t bq_pad, int64_t nk, float* m, 
   }
 }
 
-// Whether query row i of head (b, h) may attend to any key (causal rule and mask). Out of line:
-// inlined into every work item's output loop it cost the masked paths ~2% (measured), though it
-// runs only for rows whose sum is 0.
-__attribute__((noinline)) bool row_sees_keys(const AttentionParams& p, int64_t b, int64_t h,
-                                             int64_t i) {
-  const int64_t end = p.causal ? min64(p.seq_k, i + 1 + p.seq_k - p.seq_q) : p.seq_k;
-  if (end <= 0) return false;
+// Whether row r of rb may attend to any key (L_b, causal, window and mask; `mask_row`: its
+// row_offsets entry). Out of line: inlined into every work item's output loop it cost the masked
+// paths ~2% (measured), though it runs only for rows whose sum is 0.
+__attribute__((noinline)) bool row_sees_keys(const AttentionParams& p, const RowBlock& rb,
+                                             int64_t mask_row, int64_t r) {
+  const int64_t pos = rb.offset + rb.query(r), w = window_of(p);
+  int64_t begin = 0, end = rb.seq_k;
+  if (p.causal) end = min64(end, pos + 1);
+  if (w > 0) {
+    begin = max64(begin, pos - w + 1);
+    if (!p.causal) end = min64(end, pos + w);
+  }
+  if (end <= begin) return false;
   if (p.mask == nullptr) return true;
-  const uint8_t* m =
-      p.mask + b * p.mask_batch_stride + h * p.mask_head_stride + i * p.mask_q_stride;
-  for (int64_t j = 0; j < end; ++j)
-    if (m[j * p.mask_k_stride] != 0) return true;
+  for (int64_t j = begin; j < end; ++j)
+    if (p.mask[mask_row + j * p.mask_k_stride] != 0) return true;
   return false;
 }
 
-// Output row i of head (b, h): row / sum, or zeros for a row that sees no key. A sum of exactly
-// 0 means either that, or visible keys whose every logit was -inf (hidden keys add exactly 0, and
-// any visible finite or NaN logit makes the sum nonzero): only then is the mask looked up, so the
+// Output row r of rb: row / sum, or zeros for a row that sees no key. A sum of exactly 0 means
+// either that, or visible keys whose every logit was -inf (hidden keys add exactly 0, and any
+// visible finite or NaN logit makes the sum nonzero): only then is the mask looked up, so the
 // rows with a sum pay nothing. The second kind has row 0, and 0 / 0 makes it NaN, the softmax of
-// all -inf logits (flash_export.h); a NaN sum stays NaN.
-inline void store_output(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
-                         const float* row, float sum) {
-  const int64_t base = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-  if (sum == 0.0f && !row_sees_keys(p, b, h, i)) {
-    zero_row(p.out, base, p.dtype, p.head_dim);
+// all -inf logits (flash_export.h); a NaN sum stays NaN. `rows`: row_offsets (read only with a
+// mask).
+inline void store_output(const AttentionParams& p, const RowBlock& rb, const int64_t* rows,
+                         int64_t r, const float* row, float sum) {
+  const int64_t base =
+      rb.b * p.o_batch_stride + rb.query(r) * p.o_row_stride + rb.head(r) * p.o_head_stride;
+  const int64_t dim_v = head_dim_v_of(p);
+  if (sum == 0.0f && !row_sees_keys(p, rb, p.mask != nullptr ? rows[r] : 0, r)) {
+    zero_row(p.out, base, p.dtype, dim_v);
   } else {
-    store_row(row, sum, p.out, base, p.dtype, p.head_dim);
+    store_row(row, sum, p.out, base, p.dtype, dim_v);
   }
-}
-
-// First key past the block's visible range: causal blocks above the diagonal are skipped.
-inline int64_t visible_keys_end(const AttentionParams& p, int64_t i0, int64_t nq) {
-  if (!p.causal) return p.seq_k;
-  return max64(0, min64(p.seq_k, i0 + nq + p.seq_k - p.seq_q));
 }
 
 inline void init_softmax_state(int64_t bq_pad, float* m, float* l) {

@@ -9,6 +9,9 @@
 //     diagonal are never loaded.
 //   * flash_fwd_simple_kernel: every other case (float32, other head dims up to 512, unaligned
 //     strides, pre-sm_80 devices). One warp per query row, lane j scores key j of a 32-key block.
+// Both read grouped-query heads (query head h reads key/value head h / (H / H_kv)) and any layout
+// through the strides; contract v2's seqlens_k, bias, window, softcap and Dv != D are refused
+// (Status::kUnsupported; the params filler names them first).
 // Lk == 0 goes to zero_output_kernel. Every kernel launches on the caller's stream only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -111,8 +114,9 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const T* const q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const int64_t kv_h = h / (p.heads / kv_heads_of(p));  // grouped-query: its key/value head
+  const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
+  const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   T* const o = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
   const uint8_t* const mask =
       p.mask == nullptr ? nullptr : p.mask + b * p.mask_batch_stride + h * p.mask_head_stride;
@@ -348,8 +352,9 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
   const int head_dim = static_cast<int>(p.head_dim);
   const T* const q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                      row * p.q_row_stride;
-  const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const int64_t kv_h = h / (p.heads / kv_heads_of(p));  // grouped-query: its key/value head
+  const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
+  const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   T* const o =
       static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
   const uint8_t* const mask =
@@ -528,7 +533,16 @@ Status validate(const AttentionParams& p) {
     return Status::kInvalidArgument;
   }
   if (p.chunk_size < 1) return Status::kInvalidArgument;
+  if (p.kv_heads < 0 || (p.heads > 0 && p.heads % kv_heads_of(p) != 0)) {
+    return Status::kInvalidArgument;
+  }
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    return Status::kUnsupported;
+  }
+  // Of contract v2 these kernels take grouped-query heads and every layout (strides); the params
+  // filler refuses the rest by name on a CUDA forward (flash_attention.h).
+  if (p.seqlens_k != nullptr || p.bias != nullptr || p.window_size > 0 || p.softcap > 0.0f ||
+      head_dim_v_of(p) != p.head_dim) {
     return Status::kUnsupported;
   }
   return Status::kOk;

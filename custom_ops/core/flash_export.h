@@ -29,6 +29,7 @@
 /* Element types a FlashExportTensor may have besides the three above (never a params dtype). */
 #define FLASH_EXPORT_BOOL 3       /* one byte per element, 0 or 1: the mask's type */
 #define FLASH_EXPORT_OTHER_TYPE 4 /* any other: FlashExportTensor.type_name says which */
+#define FLASH_EXPORT_INT32 5      /* seqlens_k's type (contract v2; additive) */
 
 /* Where a FlashExportTensor lives, and which device a forward runs on. */
 #define FLASH_EXPORT_DEVICE_CPU 0
@@ -60,16 +61,32 @@ typedef flash_export::DType FlashExportDType;
 typedef int32_t FlashExportDType; /* one of FLASH_EXPORT_FLOAT32, _FLOAT16, _BFLOAT16 */
 #endif
 
-/* One attention forward. Q is (B, Lq, H*D), K and V are (B, Lk, H*D), O is (B, Lq, H*D), all of
- * `dtype`; element (b, l, h, d) of a tensor X lives at
- *   X + b * x_batch_stride + l * x_row_stride + h * x_head_stride + d   (element units).
- * Accumulation is float32 whatever the input dtype.
+/* One attention forward. Query head h of H reads key/value head h / G of H_kv = H / G (G = 1:
+ * every head its own; grouped-query attention when G > 1). Element (b, l, h, d) of a tensor X
+ * lives at
+ *   X + b * x_batch_stride + l * x_row_stride + h * x_head_stride + d   (element units),
+ * so (B, L, H*D) and head-major (B, H, L, D) tensors, and the output in either layout, are all
+ * strides. Q and K have head dim D, V and O head dim Dv; Q is (B, Lq, H, D), K (B, Lk, H_kv, D),
+ * V (B, Lk, H_kv, Dv), O (B, Lq, H, Dv), all of `dtype`. Accumulation is float32 whatever the
+ * input dtype.
+ *
+ * Which keys a query row sees. Batch entry b has L_b keys: seqlens_k[b] + 1 when seqlens_k is set
+ * (onnxruntime GroupQueryAttention's convention), else Lk; keys past L_b are never read. Query i
+ * sits at position p = i + L_b - Lq (bottom-right aligned: the queries are the last Lq positions
+ * of the sequence). Key j < L_b is visible to it unless the causal rule (j > p), the window
+ * (|p - j| >= window_size) or the mask hides it. The logit of a visible key is
+ *   s = scale * q . k,  then softcap * tanh(s / softcap) when softcap > 0,  then + bias,
+ * and the output row is the softmax of the visible logits times their values.
  *
  * Masking decides visibility, values decide numbers. A query row that sees no key (all masked,
- * causal with Lq > Lk, or Lk == 0) is written as zeros. A row that sees at least one key but whose
- * every visible logit is -inf has no defined softmax and is written as NaN, as the float64
+ * causal with p < 0, L_b == 0, ...) is written as zeros. A row that sees at least one key but
+ * whose every visible logit is -inf has no defined softmax and is written as NaN, as the float64
  * reference computes it (so is a row with a +inf or NaN logit); the same keys hidden by the mask
- * or the causal rule give zeros. */
+ * or the causal rule give zeros.
+ *
+ * The fields after `dtype` were added by contract v2 (additive: flash_export_params_size grew).
+ * Each one's zero keeps the v1 behaviour, so params zeroed and filled with the v1 fields only run
+ * as before. */
 typedef struct FlashExportAttentionParams {
   const void* q;
   const void* k;
@@ -77,8 +94,8 @@ typedef struct FlashExportAttentionParams {
   void* out;
 
   int64_t batch;    /* B */
-  int64_t heads;    /* H */
-  int64_t head_dim; /* D */
+  int64_t heads;    /* H, query heads */
+  int64_t head_dim; /* D, of the query and the key */
   int64_t seq_q;    /* Lq (may be 0: nothing to do) */
   int64_t seq_k;    /* Lk (may be 0: every output row is zero) */
 
@@ -94,9 +111,22 @@ typedef struct FlashExportAttentionParams {
 
   int64_t chunk_size; /* keys per online-softmax block (>= 1) */
   float scale;        /* logits = scale * q . k */
-  /* Bottom-right aligned causal mask: query i sees key j iff j <= i + (Lk - Lq). */
+  /* Bottom-right aligned causal mask: query i sees key j iff j <= i + (L_b - Lq). */
   bool causal;
   FlashExportDType dtype;
+
+  /* --- contract v2 --- */
+  int64_t kv_heads;   /* H_kv, dividing H; 0: H */
+  int64_t head_dim_v; /* Dv, of the value and the output; 0: D */
+  /* Optional (B,) valid key counts minus one, on the forward's device: L_b = seqlens_k[b] + 1,
+   * -1 <= seqlens_k[b] < Lk. NULL: every L_b is Lk. */
+  const int32_t* seqlens_k;
+  int64_t window_size; /* query at position p sees key j only if |p - j| < window_size; 0: none */
+  /* Optional additive logit bias of `dtype`, broadcast to (B, H, Lq, Lk) through its strides (a
+   * broadcast dimension has stride 0); NULL: none. */
+  const void* bias;
+  int64_t bias_batch_stride, bias_head_stride, bias_q_stride, bias_k_stride;
+  float softcap; /* > 0: logits become softcap * tanh(logits / softcap) before the bias; 0: none */
 } FlashExportAttentionParams;
 
 /* One tensor of a call as an adapter hands it to flash_export_attention_params: where its
@@ -111,13 +141,14 @@ typedef struct FlashExportTensor {
   const char* device_name; /* the framework's name of the device, for messages (NULL: "cpu",
                               "cuda" or "another device") */
   int32_t rank;
-  int32_t dtype;  /* FLASH_EXPORT_FLOAT32, _FLOAT16, _BFLOAT16, _BOOL or _OTHER_TYPE */
+  int32_t dtype;  /* FLASH_EXPORT_FLOAT32, _FLOAT16, _BFLOAT16, _BOOL, _INT32 or _OTHER_TYPE */
   int32_t device; /* FLASH_EXPORT_DEVICE_CPU, _CUDA or _OTHER */
 } FlashExportTensor;
 
-/* The op's attributes, and the forward the params are for. */
+/* The op's attributes, and the forward the params are for. The fields after `dtypes` were added by
+ * contract v2; each one's zero keeps the v1 behaviour. */
 typedef struct FlashExportAttentionOptions {
-  int64_t num_heads;  /* H: at least 1, dividing E */
+  int64_t num_heads;  /* H: at least 1; divides query's E, or is query's dimension 1 */
   int64_t chunk_size; /* keys per online-softmax block: at least 1 */
   double scale;       /* when has_scale: finite and not 0 once rounded to float32 */
   bool has_scale;     /* false: 1/sqrt(head_dim) */
@@ -126,7 +157,31 @@ typedef struct FlashExportAttentionOptions {
   /* The query element types the caller's contract admits, as bits (1u << FLASH_EXPORT_FLOAT32)
    * | ...; 0: every type the kernels run (float32, float16, bfloat16). */
   uint32_t dtypes;
+
+  /* --- contract v2 --- */
+  int64_t kv_num_heads; /* H_kv: at least 1, dividing num_heads; 0: num_heads */
+  int64_t window_size;  /* at least 0; 0: no window */
+  double softcap;       /* finite, at least 0 once rounded to float32; 0: none */
+  /* FLASH_EXPORT_LAYOUT_ROWS: the output is (B, Lq, H*Dv); _HEADS: (B, H, Lq, Dv). */
+  int32_t output_layout;
 } FlashExportAttentionOptions;
+
+/* FlashExportAttentionOptions.output_layout. Inputs say theirs by their rank: 3 is (B, L, H*D),
+ * 4 is head-major (B, H, L, D). */
+#define FLASH_EXPORT_LAYOUT_ROWS 0
+#define FLASH_EXPORT_LAYOUT_HEADS 1
+
+/* The tensors of one call (contract v2), as flash_export_attention_params_v2 reads them. NULL for
+ * an optional one that is absent. */
+typedef struct FlashExportAttentionInputs {
+  const FlashExportTensor* query;     /* (B, Lq, H*D) or (B, H, Lq, D) */
+  const FlashExportTensor* key;       /* (B, Lk, H_kv*D) or (B, H_kv, Lk, D) */
+  const FlashExportTensor* value;     /* (B, Lk, H_kv*Dv) or (B, H_kv, Lk, Dv) */
+  const FlashExportTensor* mask;      /* optional bool, broadcastable to (B, H, Lq, Lk) */
+  const FlashExportTensor* seqlens_k; /* optional int32 (B,), contiguous */
+  const FlashExportTensor* bias;      /* optional, query's type, broadcastable to (B, H, Lq, Lk) */
+  const FlashExportTensor* out;       /* optional: the output tensor, see the filler */
+} FlashExportAttentionInputs;
 
 #ifdef __cplusplus
 extern "C" {
@@ -140,22 +195,36 @@ FLASH_EXPORT_API size_t flash_export_params_size(void);
  * after the first release of this header (additive). */
 FLASH_EXPORT_API size_t flash_export_tensor_size(void);
 FLASH_EXPORT_API size_t flash_export_options_size(void);
+/* sizeof(FlashExportAttentionInputs), likewise (contract v2, additive). */
+FLASH_EXPORT_API size_t flash_export_inputs_size(void);
 
 /* The one params filler: checks a call against the op's contract, then fills every field of
- * *params for the forward on options->device. The contract: query (B, Lq, E), key and value
- * (B, Lk, E), all of one element type the caller admits (options->dtypes), all on the forward's
- * device, each row's E elements in a run (last stride 1; batch and row strides are free); mask
- * (NULL: none) bool, any strides, broadcastable (numpy rules, right-aligned) to (B, H, Lq, Lk);
- * the attributes as FlashExportAttentionOptions states them; and the sizes the forward's kernel
- * refuses (flash_attention.h). `out` NULL: the output is a contiguous (B, Lq, E) tensor of
- * query's type and device that the caller allocates after this call and sets as params->out;
- * otherwise `out` is checked like query and used. No pointer is dereferenced but the
- * descriptors, and nothing runs.
+ * *params for the forward on options->device. The contract (v2): query (B, Lq, E) with
+ * E = num_heads * D, or head-major (B, num_heads, Lq, D); key (B, Lk, kv_num_heads * D) or
+ * (B, kv_num_heads, Lk, D); value (B, Lk, kv_num_heads * Dv) or (B, kv_num_heads, Lk, Dv); each
+ * in either layout by its rank, all of one element type the caller admits (options->dtypes), all
+ * on the forward's device, each row's D (Dv) elements in a run (last stride 1; every other stride
+ * is free); mask (NULL: none) bool, any strides, broadcastable (numpy rules, right-aligned) to
+ * (B, H, Lq, Lk); seqlens_k (NULL: none) int32 (B,), contiguous, each value in [-1, Lk - 1] (read
+ * here when the forward is on the CPU); bias (NULL: none) of query's type, any strides,
+ * broadcastable to (B, H, Lq, Lk); the attributes as FlashExportAttentionOptions states them;
+ * and the sizes and features the forward's kernel refuses (flash_attention.h). `out` NULL: the
+ * output is a contiguous tensor in options->output_layout, (B, Lq, H*Dv) or (B, H, Lq, Dv), of
+ * query's type and device, that the caller allocates after this call and sets as params->out;
+ * otherwise `out` is checked against that shape and used with its strides. Nothing runs, and no
+ * pointer is dereferenced but the descriptors and a CPU forward's seqlens_k.
  *
  * Returns FLASH_EXPORT_OK, or FLASH_EXPORT_INVALID_ARGUMENT with *params zeroed and a one-line
  * message in `error` (NUL-terminated, cut to error_size bytes; NULL: none) that names the
  * argument, what it must be and what it is, e.g. "key has element type float16, expected
- * float32 (query's element type)". Added after the first release of this header (additive). */
+ * float32 (query's element type)". Added with contract v2 (additive). */
+FLASH_EXPORT_API int32_t flash_export_attention_params_v2(
+    const FlashExportAttentionInputs* inputs, const FlashExportAttentionOptions* options,
+    FlashExportAttentionParams* params, char* error, size_t error_size);
+
+/* The v1 filler, kept for its callers: flash_export_attention_params_v2 with no seqlens_k and no
+ * bias, reading only the v1 fields of *options (those before kv_num_heads; the rest are taken as
+ * zero), so a caller compiled against the v1 header passes its smaller struct safely. */
 FLASH_EXPORT_API int32_t flash_export_attention_params(
     const FlashExportTensor* query, const FlashExportTensor* key, const FlashExportTensor* value,
     const FlashExportTensor* mask, const FlashExportTensor* out,

@@ -27,6 +27,7 @@ FE_CHECK_INDEX(SetDimensions);
 FE_CHECK_INDEX(GetTensorElementType);
 FE_CHECK_INDEX(GetDimensionsCount);
 FE_CHECK_INDEX(GetDimensions);
+FE_CHECK_INDEX(GetSymbolicDimensions);
 FE_CHECK_INDEX(GetTensorTypeAndShape);
 FE_CHECK_INDEX(GetAllocatorWithDefaultOptions);
 FE_CHECK_INDEX(KernelInfoGetAttribute_float);
@@ -45,6 +46,8 @@ FE_CHECK_INDEX(KernelContext_GetGPUComputeStream);
 FE_CHECK_INDEX(KernelInfoGetAttribute_tensor);
 FE_CHECK_INDEX(ShapeInferContext_GetInputCount);
 FE_CHECK_INDEX(ShapeInferContext_GetInputTypeShape);
+FE_CHECK_INDEX(ShapeInferContext_GetAttribute);
+FE_CHECK_INDEX(ReadOpAttr);
 FE_CHECK_INDEX(ShapeInferContext_SetOutputTypeShape);
 FE_CHECK_INDEX(SetSymbolicDimensions);
 FE_CHECK_INDEX(KernelContext_ParallelFor);
@@ -100,6 +103,13 @@ static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ==
 static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL ==
                   static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL),
               "element type");
+static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 ==
+                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32),
+              "element type");
+static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ==
+                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
+              "element type");
+static_assert(ORT_OP_ATTR_INT == static_cast<int>(abi::ORT_OP_ATTR_INT), "attribute type");
 static_assert(INPUT_OUTPUT_OPTIONAL == static_cast<int>(abi::INPUT_OUTPUT_OPTIONAL), "optional");
 static_assert(OrtMemTypeDefault == static_cast<int>(abi::OrtMemTypeDefault), "memory type");
 static_assert(ORT_API_VERSION >= abi::kApiVersion, "official header older than the API we ask");

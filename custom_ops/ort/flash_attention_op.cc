@@ -1,7 +1,11 @@
 // onnxruntime adapter for the node flash_attention_op.h describes: reads the attributes once per
-// kernel; per run reads the inputs, has the core's params filler (flash_export_attention_params)
+// kernel; per run reads the inputs, has the core's params filler (flash_export_attention_params_v2)
 // check them and fill AttentionParams, and runs the core on the session's intra-op thread pool
-// (CPU) or on the stream onnxruntime hands out (CUDA).
+// (CPU) or on the stream onnxruntime hands out (CUDA). One op description per device serves every
+// version of the domain: onnxruntime merges the descriptions of one op name into one schema whose
+// since-version is the first's, so a node cannot be routed to a kernel by its model's version.
+// Version 2 only adds attributes and inputs whose defaults keep version 1's meaning; the
+// structural check (flash_export/safety.py) refuses a version-1 model that uses them.
 #include "flash_attention_op.h"
 
 #include <atomic>
@@ -24,7 +28,9 @@ namespace {
 
 using namespace ort_abi;  // NOLINT(build/namespaces): the adapter speaks this ABI throughout
 
-constexpr size_t kQuery = 0, kKey = 1, kValue = 2, kMask = 3;
+constexpr size_t kQuery = 0, kKey = 1, kValue = 2, kMask = 3, kSeqlens = 4, kBias = 5;
+constexpr size_t kInputs = 6;
+constexpr const char* kInputNames[kInputs] = {"query", "key", "value", "mask", "seqlens_k", "bias"};
 
 struct Attributes {
   int64_t num_heads = 0;
@@ -32,6 +38,16 @@ struct Attributes {
   int64_t causal = 0;
   float scale = 0.0f;
   bool has_scale = false;
+  int64_t kv_num_heads = 0;  // 0: num_heads
+  int64_t window_size = 0;
+  float softcap = 0.0f;
+  int64_t output_layout = FLASH_EXPORT_LAYOUT_ROWS;
+};
+
+// An op description and the device it registers for.
+struct DeviceOp {
+  OrtCustomOp op;  // first: onnxruntime hands &op back, which is the DeviceOp's address
+  bool cuda;
 };
 
 // Immutable after creation: concurrent Run() calls share it.
@@ -116,8 +132,47 @@ OrtStatus* read_int(const Api& api, const OrtKernelInfo* info, const char* name,
   return nullptr;
 }
 
+OrtStatus* read_v2_attributes(const Api& api, const OrtKernelInfo* info, bool cuda, Attributes* a) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  if (OrtStatus* s =
+          read_int(api, info, "kv_num_heads", false, 1, kMax, kKvNumHeadsRule, &a->kv_num_heads)) {
+    return s;
+  }
+  if (a->kv_num_heads > 0 && a->num_heads % a->kv_num_heads != 0) {
+    return attribute_error(
+        api, "kv_num_heads",
+        std::to_string(a->kv_num_heads) + " (num_heads is " + std::to_string(a->num_heads) + ")",
+        kKvNumHeadsRule);
+  }
+  if (OrtStatus* s =
+          read_int(api, info, "window_size", false, 0, kMax, kWindowSizeRule, &a->window_size)) {
+    return s;
+  }
+  if (OrtStatus* s =
+          read_int(api, info, "output_layout", false, 0, 1, kOutputLayoutRule, &a->output_layout)) {
+    return s;
+  }
+  const Attribute softcap = read_attribute(api, info, "softcap");
+  if (softcap.kind != Attribute::Kind::kAbsent) {
+    if (softcap.kind != Attribute::Kind::kFloat || !softcap_is_valid(softcap.f)) {
+      return attribute_error(
+          api, "softcap",
+          softcap.kind == Attribute::Kind::kFloat ? softcap.shown : describe(softcap),
+          kSoftcapRule);
+    }
+    a->softcap = softcap.f;
+  }
+  // Features the CUDA kernels lack are refused when the session is created, not at the first run.
+  if (cuda && (a->window_size > 0 || a->softcap > 0.0f)) {
+    return invalid(api, std::string(a->window_size > 0 ? "window_size" : "softcap") +
+                            " is not supported by the CUDA kernel of this build; run the node on "
+                            "the CPU execution provider");
+  }
+  return nullptr;
+}
+
 OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtKernelInfo* info,
-                                 void** kernel) {
+                                 bool cuda, void** kernel) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
   Attributes a;
   if (OrtStatus* s = read_int(api, info, "num_heads", true, 1, kMax, kNumHeadsRule, &a.num_heads)) {
@@ -139,14 +194,16 @@ OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtK
     a.scale = scale.f;
     a.has_scale = true;
   }
+  if (OrtStatus* s = read_v2_attributes(api, info, cuda, &a)) return s;
   *kernel = new Kernel{table, a};
   return nullptr;
 }
 
-OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info,
+OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* table, const OrtKernelInfo* info,
                          void** kernel) {
   const Api api(table);
-  return no_throw(api, [&] { return create_kernel_checked(api, table, info, kernel); });
+  const bool cuda = reinterpret_cast<const DeviceOp*>(op)->cuda;
+  return no_throw(api, [&] { return create_kernel_checked(api, table, info, cuda, kernel); });
 }
 
 void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
@@ -169,34 +226,34 @@ OrtStatus* describe(const Api& api, const OrtValue* value, TensorInfo* out) {
   return s;
 }
 
-// The node's inputs as onnxruntime hands them (query, key, value and the optional mask).
+// The node's inputs as onnxruntime hands them (query, key, value and the optional ones).
 struct Inputs {
-  TensorInfo t[4];
-  void* data[4] = {nullptr, nullptr, nullptr, nullptr};
-  bool has_mask = false;
+  TensorInfo t[kInputs];
+  void* data[kInputs] = {};
+  bool present[kInputs] = {};
 };
 
 // Read: which inputs are present, their element types, shapes and data.
 OrtStatus* read_inputs(const Api& api, OrtKernelContext* context, Inputs* in) {
   size_t input_count = 0;
   if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
-  if (input_count < 3 || input_count > 4) {
+  if (input_count < 3 || input_count > kInputs) {
     return invalid(api, "got " + std::to_string(input_count) +
-                            " inputs, expected 3 or 4 (query, key, value[, mask])");
+                            " inputs, expected 3 to 6 (query, key, value[, mask[, seqlens_k[, "
+                            "bias]]])");
   }
-  const char* names[4] = {"query", "key", "value", "mask"};
   for (size_t i = 0; i < input_count; ++i) {
     const OrtValue* value = nullptr;
     if (OrtStatus* s = api.KernelContext_GetInput(context, i, &value)) return s;
     if (value == nullptr) {
-      if (i == kMask) continue;  // optional input left empty
-      return invalid(api, std::string(names[i]) + " is missing");
+      if (i >= kMask) continue;  // optional input left empty
+      return invalid(api, std::string(kInputNames[i]) + " is missing");
     }
     if (OrtStatus* s = describe(api, value, &in->t[i])) return s;
     if (OrtStatus* s = api.GetTensorMutableData(const_cast<OrtValue*>(value), &in->data[i])) {
       return s;
     }
-    if (i == kMask) in->has_mask = true;
+    in->present[i] = true;
   }
   return nullptr;
 }
@@ -212,18 +269,22 @@ int32_t core_dtype(ONNXTensorElementDataType type) {
       return FLASH_EXPORT_BFLOAT16;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
       return FLASH_EXPORT_BOOL;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      return FLASH_EXPORT_INT32;
     default:
       return FLASH_EXPORT_OTHER_TYPE;
   }
 }
 
-// Fill: the core checks the inputs against the node's contract (float32 or float16, onnxruntime's
-// dense row-major tensors) and fills the params; its refusal becomes the node's error.
+// Fill: the core checks the inputs against the node's contract (float32, float16 or bfloat16;
+// onnxruntime's dense row-major tensors) and fills the params; its refusal becomes the node's
+// error.
 template <bool kCuda>
-OrtStatus* fill_params(const Api& api, const Attributes& a, const Inputs& in, AttentionParams* p) {
+OrtStatus* fill_params(const Api& api, const Kernel& kernel, const Inputs& in, AttentionParams* p) {
+  const Attributes& a = kernel.attrs;
   const int32_t device = kCuda ? FLASH_EXPORT_DEVICE_CUDA : FLASH_EXPORT_DEVICE_CPU;
-  FlashExportTensor d[4] = {};
-  for (size_t i = 0; i < 4; ++i) {
+  FlashExportTensor d[kInputs] = {};
+  for (size_t i = 0; i < kInputs; ++i) {
     d[i].data = in.data[i];
     d[i].sizes = in.t[i].dims;
     d[i].rank = static_cast<int32_t>(in.t[i].rank);
@@ -238,11 +299,20 @@ OrtStatus* fill_params(const Api& api, const Attributes& a, const Inputs& in, At
   o.has_scale = a.has_scale;
   o.causal = a.causal != 0;
   o.device = device;
-  o.dtypes = (1u << FLASH_EXPORT_FLOAT32) | (1u << FLASH_EXPORT_FLOAT16);
+  o.dtypes = 0;  // every type the kernels run: float32, float16 (version 1) and bfloat16
+  o.kv_num_heads = a.kv_num_heads;
+  o.window_size = a.window_size;
+  o.softcap = a.softcap;
+  o.output_layout = static_cast<int32_t>(a.output_layout);
+  FlashExportAttentionInputs inputs{};
+  inputs.query = &d[kQuery];
+  inputs.key = &d[kKey];
+  inputs.value = &d[kValue];
+  inputs.mask = in.present[kMask] ? &d[kMask] : nullptr;
+  inputs.seqlens_k = in.present[kSeqlens] ? &d[kSeqlens] : nullptr;
+  inputs.bias = in.present[kBias] ? &d[kBias] : nullptr;
   char error[FLASH_EXPORT_ERROR_SIZE];
-  if (flash_export_attention_params(&d[kQuery], &d[kKey], &d[kValue],
-                                    in.has_mask ? &d[kMask] : nullptr, nullptr, &o, p, error,
-                                    sizeof(error)) != FLASH_EXPORT_OK) {
+  if (flash_export_attention_params_v2(&inputs, &o, p, error, sizeof(error)) != FLASH_EXPORT_OK) {
     return invalid(api, error);
   }
   return nullptr;
@@ -285,13 +355,19 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
   }
 }
 
-// Dispatch: the output, (B, Lq, E) like query, then the forward on the session's intra-op pool
-// (CPU) or on the stream onnxruntime hands out (CUDA).
+// Dispatch: the output in the node's layout, (B, Lq, H*Dv) or (B, H, Lq, Dv), then the forward on
+// the session's intra-op pool (CPU) or on the stream onnxruntime hands out (CUDA).
 template <bool kCuda>
-OrtStatus* dispatch(const Api& api, OrtKernelContext* context, const TensorInfo& query,
+OrtStatus* dispatch(const Api& api, OrtKernelContext* context, const Attributes& a,
                     AttentionParams& p) {
+  int64_t dims[4] = {p.batch, p.seq_q, p.heads * p.head_dim_v, 0};
+  size_t rank = 3;
+  if (a.output_layout == FLASH_EXPORT_LAYOUT_HEADS) {
+    dims[1] = p.heads, dims[2] = p.seq_q, dims[3] = p.head_dim_v;
+    rank = 4;
+  }
   OrtValue* out = nullptr;
-  if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, query.dims, 3, &out)) return s;
+  if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, dims, rank, &out)) return s;
   if (OrtStatus* s = api.GetTensorMutableData(out, &p.out)) return s;
   if constexpr (kCuda) {
     void* stream = nullptr;
@@ -306,59 +382,143 @@ OrtStatus* dispatch(const Api& api, OrtKernelContext* context, const TensorInfo&
 }
 
 template <bool kCuda>
-OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
+OrtStatus* compute_checked(const Api& api, const Kernel& kernel, OrtKernelContext* context) {
   Inputs in;
   if (OrtStatus* s = read_inputs(api, context, &in)) return s;
   AttentionParams p;
-  if (OrtStatus* s = fill_params<kCuda>(api, a, in, &p)) return s;
-  return dispatch<kCuda>(api, context, in.t[kQuery], p);
+  if (OrtStatus* s = fill_params<kCuda>(api, kernel, in, &p)) return s;
+  return dispatch<kCuda>(api, context, kernel.attrs, p);
 }
 
 template <bool kCuda>
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<const Kernel*>(kernel_ptr);
   const Api api(kernel.api);
-  return no_throw(api, [&] { return compute_checked<kCuda>(api, kernel.attrs, context); });
+  return no_throw(api, [&] { return compute_checked<kCuda>(api, kernel, context); });
 }
 
 OrtStatus* compute_cpu(void* kernel, OrtKernelContext* context) {
   return compute<false>(kernel, context);
 }
 
-// Output 0 has query's element type and shape (B, Lq, E), symbolic dims included. This function
-// validates nothing: onnxruntime discards its status. Faults are the kernel's to report, at run,
-// with its own messages. What matters here is to always state query's type: onnxruntime first
-// types the output after the last dynamically typed input, and a dtype fault there would fail the
-// session with its generic type error instead of ours. (onnxruntime 1.31 takes the element type
-// from this call; runtimes whose SetOutputTypeShape sets only the shape keep their type error.)
+// An INT attribute of the node being inferred, or `fallback` when it is absent or unreadable
+// (a wrong one is refused with its message when the kernel is created).
+int64_t int_attribute(const Api& api, OrtShapeInferContext* context, const char* name,
+                      int64_t fallback) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* s = api.ShapeInferContext_GetAttribute(context, name, &attr);
+  if (s != nullptr) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  int64_t value = fallback;
+  size_t size = 0;
+  if (attr == nullptr) return fallback;
+  s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &value, sizeof(value), &size);
+  if (s != nullptr) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  return value;
+}
+
+// One dimension of a shape: a known size, or a symbolic name ("" when it has none).
+struct Dim {
+  int64_t size = -1;
+  std::string name;
+};
+
+// The rank and dims of input `index` (rank 0 and no dims when its shape is unknown).
+OrtStatus* input_dims(const Api& api, OrtShapeInferContext* context, size_t index, size_t* rank,
+                      Dim dims[4]) {
+  *rank = 0;
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // belongs to the context
+  if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(context, index, &info)) return s;
+  size_t count = 0;
+  if (OrtStatus* s = api.GetDimensionsCount(info, &count)) return s;
+  if (count != 3 && count != 4) return nullptr;
+  int64_t sizes[4] = {};
+  const char* names[4] = {};
+  if (OrtStatus* s = api.GetDimensions(info, sizes, count)) return s;
+  if (OrtStatus* s = api.GetSymbolicDimensions(info, names, count)) return s;
+  for (size_t i = 0; i < count; ++i) {
+    dims[i].size = sizes[i];
+    dims[i].name = names[i] != nullptr ? names[i] : "";
+  }
+  *rank = count;
+  return nullptr;
+}
+
+// Output 0 has query's element type and the shape the layouts give: (B, Lq, H*Dv) or, with
+// output_layout 1, (B, H, Lq, Dv). B and Lq are query's dims (their names kept); H*Dv and Dv are
+// computed where the sizes are known, else fresh symbolic dims (a plain -1 would be taken as a
+// literal size). This function validates nothing: onnxruntime discards its status. Faults are
+// the kernel's to report, at run, with its own messages. What matters here is to always state
+// query's type: onnxruntime first types the output after the last dynamically typed input, and a
+// dtype fault there would fail the session with its generic type error instead of ours.
+// (onnxruntime 1.31 takes the element type from this call; runtimes whose SetOutputTypeShape sets
+// only the shape keep their type error.)
 OrtStatus* infer_output_shape_checked(const Api& api, OrtShapeInferContext* context) {
   size_t count = 0;
   if (OrtStatus* s = api.ShapeInferContext_GetInputCount(context, &count)) return s;
-  if (count == 0) return nullptr;
+  if (count < 3) return nullptr;
   // The info stays owned by the context (releasing it is a double free).
   OrtTensorTypeAndShapeInfo* query = nullptr;
   if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(context, kQuery, &query)) return s;
   ONNXTensorElementDataType qt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   if (OrtStatus* s = api.GetTensorElementType(query, &qt)) return s;
   if (qt == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) return nullptr;
-  size_t rank = 0;
-  if (OrtStatus* s = api.GetDimensionsCount(query, &rank)) return s;
-  if (rank == 3) return api.ShapeInferContext_SetOutputTypeShape(context, 0, query);
-  // Query's shape is unknown here (or wrong, which the kernel rejects at run time): state the
-  // type and rank 3 with fresh symbolic dims (a plain -1 would be taken as a literal size), rather
-  // than let onnxruntime guess the type from another input.
+  const int64_t heads = int_attribute(api, context, "num_heads", -1);
+  const int64_t kv_heads = int_attribute(api, context, "kv_num_heads", heads);
+  const bool heads_first =
+      int_attribute(api, context, "output_layout", 0) == FLASH_EXPORT_LAYOUT_HEADS;
+  size_t q_rank = 0, v_rank = 0;
+  Dim q[4], v[4];
+  if (OrtStatus* s = input_dims(api, context, kQuery, &q_rank, q)) return s;
+  if (OrtStatus* s = input_dims(api, context, kValue, &v_rank, v)) return s;
+  // Dv: value's last dim (head-major) or its embed over kv_num_heads.
+  Dim dim_v;
+  if (v_rank == 4) {
+    dim_v = v[3];
+  } else if (v_rank == 3 && v[2].size >= 0 && kv_heads > 0 && v[2].size % kv_heads == 0) {
+    dim_v.size = v[2].size / kv_heads;
+  }
+  Dim out[4];
+  size_t rank = heads_first ? 4 : 3;
+  if (q_rank != 0) {
+    out[0] = q[0];
+    out[heads_first ? 2 : 1] = q[q_rank == 4 ? 2 : 1];
+  }
+  if (heads_first) {
+    out[1].size = heads;
+    out[3] = dim_v;
+  } else if (q_rank == 3 && v_rank == 3 && kv_heads == heads && v[2].size < 0 &&
+             v[2].name == q[2].name) {
+    out[2] = q[2];  // value's embed named as query's: H*Dv is query's embed
+  } else if (dim_v.size >= 0 && heads > 0) {
+    out[2].size = heads * dim_v.size;
+  } else if (q_rank == 3 && v_rank == 3 && kv_heads == heads) {
+    out[2] = v[2];  // H*Dv with H_kv = H: value's embed dim, named or not
+  }
   static std::atomic<uint64_t> counter{0};
   const std::string base = "flash_export_unk_" + std::to_string(counter.fetch_add(1)) + "_";
-  const std::string dim_names[3] = {base + "0", base + "1", base + "2"};
-  const char* symbolic[3] = {dim_names[0].c_str(), dim_names[1].c_str(), dim_names[2].c_str()};
-  OrtTensorTypeAndShapeInfo* out = nullptr;
-  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&out)) return s;
-  const int64_t unknown[3] = {-1, -1, -1};
-  OrtStatus* s = api.SetTensorElementType(out, qt);
-  if (s == nullptr) s = api.SetDimensions(out, unknown, 3);
-  if (s == nullptr) s = api.SetSymbolicDimensions(out, symbolic, 3);
-  if (s == nullptr) s = api.ShapeInferContext_SetOutputTypeShape(context, 0, out);
-  api.ReleaseTensorTypeAndShapeInfo(out);
+  int64_t sizes[4];
+  std::string names[4];
+  const char* symbolic[4];
+  for (size_t i = 0; i < rank; ++i) {
+    sizes[i] = out[i].size;
+    names[i] = out[i].size >= 0       ? std::string()
+               : !out[i].name.empty() ? out[i].name
+                                      : base + std::to_string(i);
+    symbolic[i] = names[i].c_str();
+  }
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
+  OrtStatus* s = api.SetTensorElementType(info, qt);
+  if (s == nullptr) s = api.SetDimensions(info, sizes, rank);
+  if (s == nullptr) s = api.SetSymbolicDimensions(info, symbolic, rank);
+  if (s == nullptr) s = api.ShapeInferContext_SetOutputTypeShape(context, 0, info);
+  api.ReleaseTensorTypeAndShapeInfo(info);
   return s;
 }
 
@@ -374,23 +534,25 @@ const char* cpu_provider(const OrtCustomOp*) { return nullptr; }
 ONNXTensorElementDataType any_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
-size_t input_count(const OrtCustomOp*) { return 4; }
+size_t input_count(const OrtCustomOp*) { return kInputs; }
 size_t output_count(const OrtCustomOp*) { return 1; }
 OrtCustomOpInputOutputCharacteristic input_characteristic(const OrtCustomOp*, size_t index) {
-  return index == kMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return index >= kMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, size_t) {
   return INPUT_OUTPUT_REQUIRED;
 }
 OrtMemType default_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int one(const OrtCustomOp*) { return 1; }
-int start_version(const OrtCustomOp*) { return kOpVersion; }
+int start_version(const OrtCustomOp*) { return 1; }
 int end_version(const OrtCustomOp*) { return 2147483647; }
 
-OrtCustomOp make_op(const char* (*provider)(const OrtCustomOp*),
-                    OrtStatus* (*compute_fn)(void*, OrtKernelContext*)) {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof(op));
+DeviceOp make_op(bool cuda, const char* (*provider)(const OrtCustomOp*),
+                 OrtStatus* (*compute_fn)(void*, OrtKernelContext*)) {
+  DeviceOp device_op;
+  std::memset(&device_op, 0, sizeof(device_op));
+  device_op.cuda = cuda;
+  OrtCustomOp& op = device_op.op;
   op.version = kApiVersion;
   op.GetName = &op_name;
   op.GetExecutionProviderType = provider;
@@ -411,7 +573,7 @@ OrtCustomOp make_op(const char* (*provider)(const OrtCustomOp*),
   op.InferOutputShapeFn = &infer_output_shape;
   op.GetStartVersion = &start_version;
   op.GetEndVersion = &end_version;
-  return op;
+  return device_op;
 }
 
 #ifdef FLASH_EXPORT_WITH_CUDA
@@ -424,14 +586,14 @@ const char* cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; 
 }  // namespace
 
 const OrtCustomOp* flash_attention_cpu_op() {
-  static const OrtCustomOp op = make_op(&cpu_provider, &compute_cpu);
-  return &op;
+  static const DeviceOp op = make_op(false, &cpu_provider, &compute_cpu);
+  return &op.op;
 }
 
 const OrtCustomOp* flash_attention_cuda_op() {
 #ifdef FLASH_EXPORT_WITH_CUDA
-  static const OrtCustomOp op = make_op(&cuda_provider, &compute_cuda);
-  return &op;
+  static const DeviceOp op = make_op(true, &cuda_provider, &compute_cuda);
+  return &op.op;
 #else
   return nullptr;
 #endif

@@ -28,6 +28,12 @@ struct OrtValue;
 struct OrtTensorTypeAndShapeInfo;
 struct OrtShapeInferContext;
 struct OrtAllocator;
+struct OrtOpAttr;
+
+enum OrtOpAttrType : int {  // C enum: int-sized
+  ORT_OP_ATTR_UNDEFINED = 0,
+  ORT_OP_ATTR_INT = 1,
+};
 
 struct OrtApiBase {
   const OrtApi* (*GetApi)(uint32_t version);
@@ -45,6 +51,7 @@ enum OrtErrorCode : int {  // C enum: int-sized
 enum ONNXTensorElementDataType : int {
   ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED = 0,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL = 9,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 = 10,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 = 16,
@@ -109,6 +116,7 @@ enum ApiIndex : size_t {
   kGetTensorElementType = 60,
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
+  kGetSymbolicDimensions = 63,
   kGetTensorTypeAndShape = 65,
   kGetAllocatorWithDefaultOptions = 78,
   kKernelInfoGetAttribute_float = 85,
@@ -127,8 +135,10 @@ enum ApiIndex : size_t {
   kKernelInfoGetAttribute_tensor = 236,
   kShapeInferContext_GetInputCount = 267,
   kShapeInferContext_GetInputTypeShape = 268,
+  kShapeInferContext_GetAttribute = 269,
   kShapeInferContext_SetOutputTypeShape = 270,
   kSetSymbolicDimensions = 271,
+  kReadOpAttr = 272,
   kKernelContext_ParallelFor = 274,
 };
 
@@ -192,6 +202,12 @@ class Api {
                            size_t count) const {
     return fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(kGetDimensions)(
         info, dims, count);
+  }
+  // The names point into `info`; an empty name is a dimension without one.
+  OrtStatus* GetSymbolicDimensions(const OrtTensorTypeAndShapeInfo* info, const char* names[],
+                                   size_t count) const {
+    return fn<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, const char*[], size_t)>(
+        kGetSymbolicDimensions)(info, names, count);
   }
   OrtStatus* GetTensorTypeAndShape(const OrtValue* value, OrtTensorTypeAndShapeInfo** out) const {
     return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(
@@ -267,6 +283,17 @@ class Api {
                                                  OrtTensorTypeAndShapeInfo** out) const {
     return fn<OrtStatus* (*)(const OrtShapeInferContext*, size_t, OrtTensorTypeAndShapeInfo**)>(
         kShapeInferContext_GetInputTypeShape)(context, index, out);
+  }
+  // The attribute belongs to the context: do not release it. Fails for an absent name.
+  OrtStatus* ShapeInferContext_GetAttribute(const OrtShapeInferContext* context, const char* name,
+                                            const OrtOpAttr** out) const {
+    return fn<OrtStatus* (*)(const OrtShapeInferContext*, const char*, const OrtOpAttr**)>(
+        kShapeInferContext_GetAttribute)(context, name, out);
+  }
+  OrtStatus* ReadOpAttr(const OrtOpAttr* attr, OrtOpAttrType type, void* data, size_t len,
+                        size_t* out) const {
+    return fn<OrtStatus* (*)(const OrtOpAttr*, OrtOpAttrType, void*, size_t, size_t*)>(kReadOpAttr)(
+        attr, type, data, len, out);
   }
   OrtStatus* ShapeInferContext_SetOutputTypeShape(const OrtShapeInferContext* context, size_t index,
                                                   const OrtTensorTypeAndShapeInfo* info) const {
