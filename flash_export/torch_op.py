@@ -4,17 +4,27 @@ Eager PyTorch, TorchScript, `torch.compile` and `torch.export` all see the same 
 CPU kernel is our kernel core (custom_ops/core) called through its public C entry point
 (`flash_export_attention_forward_cpu_openmp`, via the ctypes binding `flash_export.native`), on
 torch's own OpenMP team of `torch.get_num_threads()` threads. Its contract is the ONNX node's
-(`flash_export.contract`):
+(`flash_export.contract`), in two overloads:
 
     attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int num_heads,
-              int chunk_size, bool causal, float scale) -> Tensor
+              int chunk_size, bool causal, float scale) -> Tensor            # contract v1
+    attention.v2(Tensor query, Tensor key, Tensor value, Tensor? mask=None,
+                 Tensor? seqlens_k=None, Tensor? bias=None, *, int num_heads,
+                 int kv_num_heads=0, int chunk_size=64, bool causal=False, float? scale=None,
+                 int window_size=0, float softcap=0.0, int output_layout=0) -> Tensor
 
-query (B, Lq, E), key and value (B, Lk, E), all float32, float16 or bfloat16 alike; mask an
-optional bool tensor broadcastable to (B, num_heads, Lq, Lk), True = attend; every input on one
-device; scale finite and not 0 in float32; output (B, Lq, E). Both CPU kernels (this module's and
-the shim's) have the library's params filler (`flash_export_attention_params`, which every native
-entry point uses) check a call before anything runs. The fake kernel, which meta tensors, tracing
-and CPU inputs with a meta mask reach, checks devices, element types and scale in its words.
+The default overload is what artifacts written before contract v2 call, unchanged. v2 adds
+grouped-query heads (`kv_num_heads`), head-major inputs read through their strides (a rank-4
+tensor is (B, heads, L, D), any strides but the last: a transposed (B, L, H, D) view is read in
+place, no copy), per-sequence key counts (`seqlens_k`, int32 (B,), GroupQueryAttention's
+convention), a sliding window, an additive logit bias broadcast through its strides, a softcap
+and the output layout (0: (B, Lq, H*Dv), 1: (B, H, Lq, Dv)); flash_export.h states the semantics.
+Inputs are all float32, float16 or bfloat16 alike (the bias too); the mask an optional bool
+tensor broadcastable to (B, num_heads, Lq, Lk), True = attend; every input on one device; scale
+finite and not 0 in float32. Both CPU kernels (this module's and the shim's) have the library's
+params filler (`flash_export_attention_params_v2`, which every native entry point uses) check a
+call before anything runs. The fake kernel, which meta tensors, tracing and CPU inputs with a meta
+mask reach, checks devices, element types and scale in its words and computes the output shape.
 
 Who registers what, so nothing is registered twice:
 - In Python, `register()` (called by `FlashAttention(attention="native")` and by the loaders of
@@ -46,10 +56,18 @@ from flash_export.native import Strided, attention_params, check
 
 NAMESPACE = "flash_export"
 OP = "attention"
+OP_V2 = "attention.v2"
 QUALNAME = TORCH_OP
+QUALNAME_V2 = f"{TORCH_OP}.v2"
 # Kept identical to custom_ops/torch/flash_export_torch.cc (a test compares them).
 SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int num_heads, "
           "int chunk_size, bool causal, float scale) -> Tensor")
+# Tensors positional (torch.library's autograd registration takes no keyword-only tensor), the
+# attributes keyword-only.
+SCHEMA_V2 = ("attention.v2(Tensor query, Tensor key, Tensor value, Tensor? mask=None, "
+             "Tensor? seqlens_k=None, Tensor? bias=None, *, int num_heads, int kv_num_heads=0, "
+             "int chunk_size=64, bool causal=False, float? scale=None, int window_size=0, "
+             "float softcap=0.0, int output_layout=0) -> Tensor")
 
 _FLOAT32_MAX = 3.4028234663852886e38  # the scale rule's range (custom_ops scale_is_valid)
 
@@ -57,9 +75,9 @@ _lock = threading.Lock()
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it unregisters
 
 
-def _has_schema() -> bool:
+def _has_schema(overload: str = "") -> bool:
     try:
-        torch._C._dispatch_find_schema_or_throw(QUALNAME, "")
+        torch._C._dispatch_find_schema_or_throw(QUALNAME, overload)
         return True
     except RuntimeError:
         return False
@@ -77,13 +95,16 @@ def register() -> None:
             return
         _native()  # a missing library fails here, not at the first call
         lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-        if not _has_schema():
-            lib.define(SCHEMA)
-            lib.impl(OP, _cpu_kernel, "CPU")
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, "Meta"):
-            torch.library.register_fake(QUALNAME, _fake, lib=lib)
-        torch.library.register_autograd(QUALNAME, _refuse_backward,
-                                        setup_context=_no_context, lib=lib)
+        for overload, schema, name, kernel, fake, qualname in (
+                ("", SCHEMA, OP, _cpu_kernel, _fake, QUALNAME),
+                ("v2", SCHEMA_V2, OP_V2, _cpu_kernel_v2, _fake_v2, QUALNAME_V2)):
+            if not _has_schema(overload):
+                lib.define(schema)
+                lib.impl(name, kernel, "CPU")
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+                torch.library.register_fake(qualname, fake, lib=lib)
+            torch.library.register_autograd(qualname, _refuse_backward,
+                                            setup_context=_no_context, lib=lib)
         _library = lib
 
 
@@ -101,16 +122,48 @@ def _native() -> Any:
 
 def _cpu_kernel(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
                 num_heads: int, chunk_size: int, causal: bool, scale: float) -> Tensor:
-    # The core reads any batch and row strides, but each row's E elements in a run.
-    q, k, v = (t.contiguous() if t.dim() == 3 and t.stride(2) != 1 else t
-               for t in (query, key, value))
+    return _forward(query, key, value, num_heads, mask=mask, chunk_size=chunk_size,
+                    causal=causal, scale=scale)
+
+
+def _cpu_kernel_v2(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None,
+                   seqlens_k: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
+                   num_heads: int, kv_num_heads: int = 0, chunk_size: int = 64,
+                   causal: bool = False, scale: Optional[float] = None, window_size: int = 0,
+                   softcap: float = 0.0, output_layout: int = 0) -> Tensor:
+    return _forward(query, key, value, num_heads, kv_num_heads=kv_num_heads, mask=mask,
+                    seqlens_k=seqlens_k, bias=bias, chunk_size=chunk_size, causal=causal,
+                    scale=scale, window_size=window_size, softcap=softcap,
+                    output_layout=output_layout)
+
+
+def _forward(query: Tensor, key: Tensor, value: Tensor, num_heads: int, *, kv_num_heads: int = 0,
+             mask: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+             bias: Optional[Tensor] = None, chunk_size: int = 64, causal: bool = False,
+             scale: Optional[float] = None, window_size: int = 0, softcap: float = 0.0,
+             output_layout: int = 0) -> Tensor:
+    """Both overloads' CPU kernel: the library checks the call and fills it, the core runs it.
+
+    Every tensor is read through its strides; only a last dimension that is not contiguous is
+    copied (the core reads each head's D elements of a row in a run), and seqlens_k (B values).
+    """
+    q, k, v = (t.contiguous() if t.dim() in (3, 4) and t.stride(-1) != 1 and t.numel() > 1
+               else t for t in (query, key, value))
+    if seqlens_k is not None and seqlens_k.dim() == 1 and seqlens_k.stride(0) != 1:
+        seqlens_k = seqlens_k.contiguous()
     try:  # the library checks the call (devices, dtypes, sizes, mask, attributes) and fills it
-        params = attention_params(_native(), _strided(q), _strided(k), _strided(v), None,
-                                  num_heads, mask=None if mask is None else _strided(mask),
-                                  causal=causal, scale=scale, chunk_size=chunk_size)
+        params = attention_params(
+            _native(), _strided(q), _strided(k), _strided(v), None, num_heads,
+            mask=None if mask is None else _strided(mask), causal=causal, scale=scale,
+            chunk_size=chunk_size, kv_num_heads=kv_num_heads,
+            seqlens_k=None if seqlens_k is None else _strided(seqlens_k),
+            bias=None if bias is None else _strided(bias), window_size=window_size,
+            softcap=softcap, output_layout=output_layout)
     except ValueError as exc:
         raise ValueError(f"{QUALNAME}: {exc}") from None
-    out = torch.empty(query.shape, dtype=query.dtype)  # (B, Lq, E), contiguous as params say
+    shape = ((params.batch, params.heads, params.seq_q, params.head_dim_v) if output_layout == 1
+             else (params.batch, params.seq_q, params.heads * params.head_dim_v))
+    out = torch.empty(shape, dtype=query.dtype)  # contiguous in output_layout, as params say
     params.out = out.data_ptr()
     check(_native().forward_cpu_openmp(params, _torch_openmp(), torch.get_num_threads()),
           "flash_export_attention_forward_cpu_openmp")
@@ -166,20 +219,41 @@ def _device_name(device: torch.device) -> str:
 
 def _fake(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], num_heads: int,
           chunk_size: int, causal: bool, scale: float) -> Tensor:
+    return _fake_v2(query, key, value, mask, num_heads=num_heads, chunk_size=chunk_size,
+                    causal=causal, scale=scale)
+
+
+def _fake_v2(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None,
+             seqlens_k: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, num_heads: int,
+             kv_num_heads: int = 0, chunk_size: int = 64, causal: bool = False,
+             scale: Optional[float] = None, window_size: int = 0, softcap: float = 0.0,
+             output_layout: int = 0) -> Tensor:
     # The meta kernel, and the fake one under torch.export / torch.compile: no data, and sizes
     # that may be symbolic, so the library's params filler cannot see the call. What needs no
     # sizes is checked here in the filler's words (CPU inputs with a meta mask dispatch here,
-    # not to the CPU kernel); the sizes as far as symbolic shapes allow.
-    _check_devices_dtypes_scale(query, key, value, mask, scale)
-    torch._check(query.dim() == 3 and key.dim() == 3 and value.dim() == 3,
-                 lambda: f"{QUALNAME}: query, key and value must be (B, L, E)")
-    torch._check(num_heads >= 1 and query.shape[2] % num_heads == 0,
-                 lambda: f"{QUALNAME}: num_heads {num_heads} must divide E")
-    return query.new_empty(query.shape)
+    # not to the CPU kernel); the sizes as far as symbolic shapes allow; the output's shape is
+    # the layouts' arithmetic.
+    _check_devices_dtypes_scale(query, key, value, mask, scale, seqlens_k, bias)
+    kv_heads = kv_num_heads or num_heads
+    torch._check(all(t.dim() in (3, 4) for t in (query, key, value)),
+                 lambda: f"{QUALNAME}: query, key and value must be (B, L, heads*D) or "
+                 "(B, heads, L, D)")
+    torch._check(num_heads >= 1 and kv_heads >= 1 and num_heads % kv_heads == 0,
+                 lambda: f"{QUALNAME}: kv_num_heads {kv_heads} must divide num_heads "
+                 f"{num_heads}")
+    if query.dim() == 3:
+        torch._check(query.shape[2] % num_heads == 0,
+                     lambda: f"{QUALNAME}: num_heads {num_heads} must divide E")
+    batch, seq_q = query.shape[0], query.shape[1 if query.dim() == 3 else 2]
+    dim_v = value.shape[3] if value.dim() == 4 else value.shape[2] // kv_heads
+    if output_layout == 1:
+        return query.new_empty((batch, num_heads, seq_q, dim_v))  # (B, H, Lq, Dv)
+    return query.new_empty((batch, seq_q, num_heads * dim_v))  # (B, Lq, H*Dv)
 
 
 def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
-                                scale: float) -> None:
+                                scale: Optional[float], seqlens_k: Optional[Tensor] = None,
+                                bias: Optional[Tensor] = None) -> None:
     """flash_export_attention_params's checks that need no sizes, for the fake kernel.
 
     Raises:
@@ -192,7 +266,8 @@ def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask:
             math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX
             and ctypes.c_float(scale).value != 0.0):
         raise ValueError(f"{QUALNAME}: scale is {scale:g}, expected a finite float32 other than 0")
-    named = (("key", key), ("value", value), ("mask", mask))
+    named = (("key", key), ("value", value), ("mask", mask), ("seqlens_k", seqlens_k),
+             ("bias", bias))
     for name, t in named:
         if t is not None and t.device != query.device:
             raise ValueError(f"{QUALNAME}: {name} is on {t.device}, expected {query.device} "
@@ -206,6 +281,12 @@ def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask:
                              f"{_type_name(query)} (query's element type)")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"{QUALNAME}: mask has element type {_type_name(mask)}, expected bool")
+    if seqlens_k is not None and seqlens_k.dtype != torch.int32:
+        raise ValueError(f"{QUALNAME}: seqlens_k has element type {_type_name(seqlens_k)}, "
+                         "expected int32")
+    if bias is not None and bias.dtype != query.dtype:
+        raise ValueError(f"{QUALNAME}: bias has element type {_type_name(bias)}, expected "
+                         f"{_type_name(query)} (query's element type)")
 
 
 def _type_name(t: Tensor) -> str:
