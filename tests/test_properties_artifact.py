@@ -265,10 +265,11 @@ def test_archive_metadata_reads_back_any_object_of_strings(meta, folder):
 
 
 @pytest.mark.parametrize("entries, words", [
-    ({"m/data.pkl": b""}, "carries no flash_export.json"),
+    ({"m/data.pkl": b""}, "^m.pt carries no flash_export.json: not written by flash-export$"),
     ({"a/extra/flash_export.json": b"{}", "b/extra/flash_export.json": b"{}"},
-     "2 flash_export.json entries"),
-    ({"m/extra/flash_export.json": b"{" + b" " * (1 << 20) + b"}"}, "not written by flash-export"),
+     "^m.pt: 2 flash_export.json entries of 2 bytes: not written by flash-export$"),
+    ({"m/extra/flash_export.json": b"{" + b" " * (1 << 20) + b"}"},
+     "^m.pt: 1 flash_export.json entries of 1048578 bytes: not written by flash-export$"),
     ({"m/extra/flash_export.json": b"not json"}, "unreadable flash_export.json"),
     ({"m/extra/flash_export.json": b'{"a": 1}'}, "not a JSON object of strings"),
     ({"m/extra/flash_export.json": b'["a"]'}, "not a JSON object of strings"),
@@ -298,3 +299,46 @@ def test_read_metadata_reads_an_archive_without_running_it(tmp_path):
     path = tmp_path / "m.pt2"
     path.write_bytes(_archive({"pkg/extra/flash_export.json": b'{"kind": "pt2"}'}))
     assert read_metadata(path) == {"kind": "pt2"}
+
+
+def test_read_metadata_of_an_onnx_file_is_its_metadata_props_after_the_safety_checks(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"io_spec": "{}", "kind": "onnx"})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert read_metadata(path) == {"io_spec": "{}", "kind": "onnx"}
+    path.write_bytes(b"\x08\xff")
+    with pytest.raises(ArtifactError, match="is not an ONNX model"):
+        read_metadata(path)
+
+
+def test_an_atomic_write_moves_the_main_file_into_place_last(tmp_path, monkeypatch):
+    """A reader that sees the main file sees its data files too (os.replace is watched, not
+    replaced)."""
+    import os
+
+    monkeypatch.setenv(TRUST_STORE_ENV, str(tmp_path / "store"))
+    moved = []
+    real_replace = os.replace
+
+    def watched(src, dst):
+        moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched)
+
+    def write(tmp: Path) -> None:
+        for name in ("z.data", "a.data"):
+            (tmp.parent / name).write_bytes(name.encode())
+        tmp.write_bytes(b"graph")
+
+    atomic_write(tmp_path / "m.onnx", write)
+    files = [n for n in moved if not n.endswith(MANIFEST_SUFFIX) and not n.endswith(".json")]
+    assert sorted(files[:-1]) == ["a.data", "z.data"] and files[-1] == "m.onnx"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -316,3 +316,20 @@ def test_io_from_graph_describes_any_graph_inputs_and_accepts_its_own_feeds(inpu
                 assert isinstance(got, str)
     sizes = io.clamp({})
     assert check_feed(io, make_feed(io, sizes, 0)) == sizes
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "mask"])
+def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask):
+    io = attention_io(12, mask=mask)
+    expected = [TensorSpec("values", "float32", ("batch", "k_len", 12)),
+                TensorSpec("keys", "float32", ("batch", "k_len", 12)),
+                TensorSpec("queries", "float32", ("batch", "q_len", 12))]
+    if mask:
+        expected.append(TensorSpec("mask", "bool", ("batch", 1, "q_len", "k_len"),
+                                   role="attention"))
+    assert list(io.inputs) == expected and io.outputs == ("output",)
+    assert io.sizes == {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)}
+    assert attention_io(12) == attention_io(12, mask=False)
+    assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
+    with pytest.raises(KeyError):
+        io.input("x")

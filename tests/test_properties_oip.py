@@ -593,3 +593,23 @@ def test_json_body_is_compact_strict_json():
     with pytest.raises(ValueError):
         json_body([math.nan])
 
+
+
+@pytest.mark.parametrize("dtype, data, kind", [
+    ("int64", [True, False], "booleans"),
+    ("bool", [1, 2], "integers"),
+    ("bool", [2**63, 2**63], "integers past int64"),
+    ("bool", [1.5, 2.5], "floats"),
+    ("bool", ["a", "b"], "strings"),
+    ("bool", [None, None], "mixed values"),
+])
+def test_json_data_of_the_wrong_kind_names_the_kind_it_holds(dtype, data, kind):
+    with pytest.raises(RequestError, match=rf"^input x: data holds {kind}, expected "
+                                           rf"{DATATYPES[dtype]} values$"):
+        from_json_data("x", dtype, (2,), data)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_json_constant_is_named_in_the_400(constant):
+    with pytest.raises(RequestError, match=rf"{constant} is not JSON \(send finite numbers\)"):
+        load_json(f"[{constant}]".encode())

@@ -170,3 +170,13 @@ def test_require_provenance_refuses_an_unknown_origin_saying_what_to_pass(store,
     assert "\n" not in message
     assert require_provenance(path, trust=True).source == "--trust"
     assert require_provenance(path, expect_sha256=digest).source == "expected sha256"
+
+
+def test_require_provenance_takes_the_digest_the_caller_hashed_and_says_why_by_default(store,
+                                                                                       tmp_path):
+    digest = "ef" * 32
+    record_trusted(digest, tmp_path / "model.pt")
+    found = require_provenance(tmp_path / "gone.pt", digest=digest)
+    assert found == Provenance(digest, "trust store")
+    with pytest.raises(ArtifactError, match=r"and a \.pt file is a program: pass"):
+        require_provenance(tmp_path / "gone.pt", digest="01" * 32)
