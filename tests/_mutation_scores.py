@@ -4,13 +4,15 @@
 
 Score = (killed + timeout) / (every mutant but those skipped), mutmut's own definition; a mutant
 no test reaches ("no tests") counts against the score. `--survivors` lists every surviving
-mutant by name (`mutmut show NAME` prints its diff). Exit status 1 when a module scores below
-`--min` (default 90) or a mutant was left unchecked.
+mutant with the lines it changed (what `mutmut show NAME` prints, for all of them at once).
+Exit status 1 when a module scores below `--min` (default 90) or a mutant was left unchecked.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import sys
 from collections import Counter
@@ -21,6 +23,29 @@ MUTANTS = Path("mutants")
 # timeouts (SIGXCPU, and 36/255 from its own timer) count as killed, as mutmut counts them.
 KILLED = {1, 3, 24, -24, 36, 152, 255, -9, -11, 37}
 SKIPPED = {34}
+
+
+def _diffs(mutated: Path) -> dict[str, str]:
+    """Mutant name -> the lines it changes, read from mutmut's copy of one module (each mutant
+    is a function `x_NAME__mutmut_N` beside the original `x_NAME__mutmut_orig`)."""
+    text = mutated.read_text()
+    lines = text.splitlines()
+    functions = {node.name: "\n".join(lines[node.lineno - 1:node.end_lineno or node.lineno])
+                 for node in ast.walk(ast.parse(text))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    module = ".".join(mutated.relative_to(MUTANTS).with_suffix("").parts)
+    out = {}
+    for name, source in functions.items():
+        stem, _, number = name.rpartition("__mutmut_")
+        if not stem or not number.isdigit():
+            continue
+        original = functions.get(f"{stem}__mutmut_orig", "").replace(f"{stem}__mutmut_orig",
+                                                                     name)
+        changed = [line for line in difflib.unified_diff(original.splitlines(),
+                                                         source.splitlines(), lineterm="", n=0)
+                   if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        out[f"{module}.{name}"] = "\n".join(f"        {line.strip()[:110]}" for line in changed)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         low += score < args.min
         unchecked += tally["unchecked"] + tally["other"]
         if args.survivors:
+            diffs = _diffs(meta.with_suffix(""))
             for name, code in sorted(codes.items()):
-                if code not in KILLED and code not in SKIPPED:
+                if code not in KILLED and code not in SKIPPED and code is not None:
                     print(f"    {name}  (exit {code})")
+                    print(diffs.get(name, "        (no diff found)"))
     if unchecked:
         print(f"{unchecked} mutants unchecked or of an unknown outcome: is the run complete?")
     return 1 if low or unchecked else 0

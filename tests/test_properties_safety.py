@@ -332,3 +332,104 @@ def test_a_model_in_the_working_folder_resolves_its_data_there(folder, monkeypat
     _save(folder, _model([_weights()]))
     monkeypatch.chdir(folder)
     assert check_external_data(load_graph("model.onnx"), "model.onnx") == 1
+
+
+def test_refusals_name_the_file_and_tensor_and_say_what_to_do(folder):
+    path = folder / "model.onnx"
+    messages = {
+        "/abs.data": f"{path}: tensor 'w': external data location '/abs.data' is an absolute "
+                     "path; it must be a file beside the model",
+        "../w.data": f"{path}: tensor 'w': external data location '../w.data' contains '..': it "
+                     "must stay inside the model's folder",
+    }
+    for location, message in messages.items():
+        _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError) as caught:
+            check_onnx_file(path)
+        assert str(caught.value) == message
+    _save(folder, _model([_weights(offset="x" * 50)]))
+    with pytest.raises(ArtifactError) as caught:
+        check_onnx_file(path)
+    assert str(caught.value) == (f"{path}: tensor 'w' has external data offset "
+                                 f"{'x' * 40!r}, not an integer")
+    _save(folder, _model([_weights(length="-3")]))
+    with pytest.raises(ArtifactError, match=rf"^{path}: tensor 'w' has a negative external data "
+                                            r"length \(-3\)$"):
+        check_onnx_file(path)
+    _pinned(folder, "0" * 64)
+    with pytest.raises(ArtifactError, match=r"\(its SHA-256 differs\)$"):
+        check_onnx_file(path)
+    with pytest.raises(ArtifactError, match=r"is not an ONNX model: DecodeError: "):
+        path.write_bytes(b"\xff" * 10)
+        check_onnx_file(path)
+
+
+def test_a_reference_without_a_location_is_refused_as_empty(folder):
+    tensor = _weights()
+    del tensor.external_data[:]
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "offset", "0"
+    path = _save(folder, _model([tensor]))
+    with pytest.raises(ArtifactError, match="empty or NUL-containing external data location"):
+        check_onnx_file(path)
+
+
+def test_every_external_tensor_is_checked_and_counted_after_inline_ones(folder):
+    inline = numpy_helper.from_array(WEIGHTS, "inline")
+    second = _external(numpy_helper.from_array(WEIGHTS, "w2"), "w.data", offset="32",
+                       length="32")
+    path = _save(folder, _model([inline, _weights(length="32"), second]))
+    assert check_external_data(load_graph(path), path) == 2
+    path = _save(folder, _model([inline, _weights("/etc/passwd")]))
+    with pytest.raises(ArtifactError, match="is an absolute path"):
+        check_onnx_file(path)
+
+
+@pytest.mark.parametrize("length", [None, "0"], ids=["to-the-end", "empty"])
+def test_a_reference_at_the_very_end_of_its_file_reads_nothing_and_is_accepted(folder, length):
+    fields = {"offset": "64"} if length is None else {"offset": "64", "length": length}
+    path = _save(folder, _model([_weights(**fields)]))
+    assert check_external_data(load_graph(path), path) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file names: a backslash or a colon is a "
+                                            "character of the name")
+@pytest.mark.parametrize("name", ["\\w.data", "C:w.data", "a\\b.data"])
+def test_on_posix_a_name_with_a_backslash_or_a_drive_colon_is_a_file_beside_the_model(folder,
+                                                                                      name):
+    (folder / name).write_bytes(WEIGHTS.tobytes())
+    assert check_external_location(name, folder, "t") == folder / name
+
+
+def test_a_mistyped_attribute_shows_its_value_decoded_and_cut_at_40_characters():
+    name = next(n for n, (kind, _) in NODE_ATTRIBUTES.items() if kind == "INT")
+    for value, shown in [("text", "'text'"), (b"\xff" + b"a" * 60, repr("\ufffd" + "a" * 60)[:40]),
+                         (2.5, "2.5")]:
+        node = _flash(**{**_valid_attributes(), name: value})
+        kind = "FLOAT" if isinstance(value, float) else "STRING"
+        with pytest.raises(ArtifactError) as caught:
+            _check_model(_with_nodes([node]))
+        assert str(caught.value).endswith(f"attribute {name} is {kind} ({shown}), expected INT")
+
+
+def test_an_unknown_attribute_lists_the_known_ones():
+    node = _flash(**_valid_attributes())
+    node.attribute.append(helper.make_attribute("window", 3))
+    with pytest.raises(ArtifactError) as caught:
+        _check_model(_with_nodes([node]))
+    assert str(caught.value).endswith(
+        "has unknown attribute 'window'; expected only " + ", ".join(sorted(NODE_ATTRIBUTES)))
+
+
+def _check_model(model: onnx.ModelProto) -> None:
+    """check_onnx_file on `model` saved in a folder of its own (messages name the file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        try:
+            check_onnx_file(path)
+        except ArtifactError as exc:
+            assert str(exc).startswith(f"{path}: {OP_NAME} node")
+            raise
