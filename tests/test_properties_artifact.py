@@ -342,3 +342,35 @@ def test_an_atomic_write_moves_the_main_file_into_place_last(tmp_path, monkeypat
     files = [n for n in moved if not n.endswith(MANIFEST_SUFFIX) and not n.endswith(".json")]
     assert sorted(files[:-1]) == ["a.data", "z.data"] and files[-1] == "m.onnx"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_atomic_write_stages_in_a_hidden_folder_beside_the_target(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRUST_STORE_ENV, str(tmp_path / "store"))
+    staged = []
+
+    def write(tmp: Path) -> None:
+        staged.append(tmp)
+        tmp.write_bytes(b"graph")
+
+    atomic_write(tmp_path / "m.onnx", write, stale=[tmp_path / "never-existed.data"])
+    (tmp,) = staged
+    assert tmp.name == "m.onnx" and tmp.parent.parent == tmp_path
+    assert tmp.parent.name.startswith(".m.onnx.") and tmp.parent.name.endswith(".tmp")
+    assert not tmp.parent.exists()
+
+
+def test_a_changed_artifact_is_named_by_its_new_hash_prefix(exported):
+    exported.write_bytes(b"changed")
+    digest = hashlib.sha256(b"changed").hexdigest()
+    with pytest.raises(ArtifactError, match=rf"\(sha256 {digest[:16]}\.\.\.\): changed after "
+                                            "export$"):
+        verify_manifest(exported)
+
+
+def test_archive_metadata_of_exactly_1_mib_is_read_and_the_reason_of_a_bad_zip_is_given():
+    body = b'{"a": "' + b"x" * ((1 << 20) - 9) + b'"}'
+    assert len(body) == 1 << 20
+    meta = torchscript_metadata(io.BytesIO(_archive({"m/extra/flash_export.json": body})), "m.pt")
+    assert len(meta["a"]) == (1 << 20) - 9
+    with pytest.raises(ArtifactError, match="is not a TorchScript archive: BadZipFile: "):
+        torchscript_metadata(io.BytesIO(b"not a zip"), "m.pt")
