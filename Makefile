@@ -18,7 +18,7 @@ TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean properties mutate mutate-python mutate-kernel
 
 install: $(TEST_STAMP)
 
@@ -68,5 +68,30 @@ $(CLANG_FORMAT): | $(TEST_STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15
 
+# Property tests with many more examples than CI's bounded, fixed set (tests/conftest.py's
+# "thorough" Hypothesis profile); a failure found here becomes an explicit @example.
+properties: $(TEST_STAMP)
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties_*.py \
+	  tests/test_kernel_regimes.py
+
+# Mutation testing, not in CI (README, Development): mutmut on the torch-free modules
+# ([tool.mutmut] in pyproject.toml: which modules, which fast tests), then the kernel's scripted
+# mutants (custom_ops/mutants.py: one build each). Each part fails below its bar: a module under
+# 90%, or a kernel mutant that survives or no longer applies.
+MUTMUT := $(BIN)/mutmut
+
+$(MUTMUT): | $(TEST_STAMP)
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+
+mutate: mutate-python mutate-kernel
+
+mutate-python: $(TEST_STAMP) $(MUTMUT)
+	rm -rf mutants
+	HYPOTHESIS_PROFILE=mutation $(MUTMUT) run > mutants.log 2>&1 || (tail -c 2000 mutants.log; exit 1)
+	$(BIN)/python tests/_mutation_scores.py --survivors
+
+mutate-kernel: $(TEST_STAMP)
+	$(BIN)/python custom_ops/mutants.py
+
 clean:
-	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info
+	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info mutants mutants.log
