@@ -102,12 +102,17 @@ def _refused_models():
                                    kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
                                    qk_rope_head_dim=8, v_head_dim=16)
     t5 = tf.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+    beit = tf.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, image_size=32, patch_size=8,
+                         use_relative_position_bias=True)
     bloom = tf.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
     return [
         pytest.param(tf.Gemma2ForCausalLM, gemma2, "attention logit softcapping", id="gemma2"),
         pytest.param(tf.GptOssForCausalLM, gpt_oss, "attention sinks", id="gpt-oss"),
         pytest.param(tf.DeepseekV3ForCausalLM, deepseek, "Dv != Dqk", id="deepseek-v3-mla"),
         pytest.param(tf.T5Model, t5, "position bias", id="t5"),
+        # Its bias table starts at zeros: the per-call check would pass until it is trained.
+        pytest.param(tf.BeitModel, beit, "position bias", id="beit"),
         pytest.param(tf.BloomForCausalLM, bloom, "computes attention itself", id="bloom"),
     ]
 

@@ -100,8 +100,10 @@ def refusal(model: nn.Module) -> Optional[str]:
                     "itself, not through transformers' AttentionInterface")
         if isinstance(getattr(sub, "sinks", None), Tensor):
             return f"{SINKS} in {name}"
+        # T5's bucketed bias (an embedding), BEiT's and Swin's tables (added to the mask).
         if getattr(sub, "has_relative_attention_bias", False) or isinstance(
-                getattr(sub, "relative_attention_bias", None), nn.Module):
+                getattr(sub, "relative_attention_bias", None), nn.Module) or isinstance(
+                getattr(sub, "relative_position_bias_table", None), Tensor):
             return f"{POSITION_BIAS} in {name}"
     for config in _configs(model):
         softcap = getattr(config, "attn_logit_softcapping", None)
