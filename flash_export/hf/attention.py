@@ -82,7 +82,7 @@ SOFTCAP = "attention logit softcapping"
 SINKS = "attention sinks (a learned logit per head that takes softmax mass)"
 POSITION_BIAS = ("an additive position bias (T5-style relative attention; the kernel takes no "
                  "bias before op contract v2, issue 26)")
-VALUE_HEAD = "a value head size that differs from the query's (Dv != Dqk"
+VALUE_HEAD = "a value head size that differs from the query's (Dv != Dqk)"
 
 
 def refused_call(query: Tensor, value: Tensor, dropout: float, kwargs: dict) -> Optional[str]:
@@ -97,7 +97,7 @@ def refused_call(query: Tensor, value: Tensor, dropout: float, kwargs: dict) -> 
     if kwargs.get("position_bias") is not None:
         return POSITION_BIAS
     if value.shape[-1] != query.shape[-1]:
-        return f"{VALUE_HEAD}: {value.shape[-1]} != {query.shape[-1]})"
+        return f"{VALUE_HEAD}: Dv = {value.shape[-1]}, Dqk = {query.shape[-1]}"
     if dropout:
         return (f"attention dropout (p = {dropout}: the model is in training mode; the kernel "
                 "is for inference, call model.eval())")

@@ -111,7 +111,7 @@ def refusal(model: nn.Module) -> Optional[str]:
             return f"{SOFTCAP} (attn_logit_softcapping={softcap})"
         v_dim, qk_dim = getattr(config, "v_head_dim", None), getattr(config, "qk_head_dim", None)
         if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
-            return f"{VALUE_HEAD}: v_head_dim {v_dim} != qk_head_dim {qk_dim})"
+            return f"{VALUE_HEAD}: v_head_dim {v_dim}, qk_head_dim {qk_dim}"
     return None
 
 
