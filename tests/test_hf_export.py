@@ -60,6 +60,15 @@ def test_a_swapped_model_exports_one_node_per_layer_and_matches_eager_at_new_siz
     graph = onnx.load(str(path)).graph
     attention = [n for n in graph.node if n.domain == DOMAIN]
     assert [n.op_type for n in attention] == [OP_NAME] * LAYERS
+    # Key padding as (B, 1, 1, Lk) plus the causal flag, never a materialised (Lq, Lk) mask:
+    # under export the sizes are symbolic, and a guarded size comparison would say unequal.
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in graph.value_info}
+    for node in attention:
+        _, one, one_again, keys = shapes[node.input[3]]
+        assert (one, one_again) == (1, 1) and isinstance(keys, str), shapes[node.input[3]]
+        causal = next(a.i for a in node.attribute if a.name == "causal")
+        assert causal == (name == "llama-gqa")
     assert not [n.op_type for n in graph.node if n.op_type == "Softmax"]
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert all(d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim)
