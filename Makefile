@@ -14,7 +14,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # onnxruntime-gpu on Linux x86_64 (it runs on the CPU too; the CUDA tests need it), else onnxruntime.
 ORT ?= $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),gpu,cpu)
 DEMO_EXTRAS := export,$(ORT)
-TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve
+TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve,hf
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 

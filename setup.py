@@ -71,6 +71,8 @@ class PlatformWheel(bdist_wheel):
         return "py3", "none", platform
 
 
+EXPORT = ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"]
+
 setup(
     name="flash-export",
     version=_version(),
@@ -95,7 +97,11 @@ setup(
         "cpu": ["onnxruntime>=1.20"],
         "gpu": ["onnxruntime-gpu>=1.20"],
         # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
-        "export": ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"],
+        "export": EXPORT,
+        # flash_export.hf: transformers models on our kernel. Pinned to the releases tested
+        # (flash_export.hf.TESTED_TRANSFORMERS): the mask function follows transformers'
+        # mask-function arguments, which change between minor releases.
+        "hf": [*EXPORT, "transformers>=5.23,<5.24"],
         "plot": ["matplotlib>=3.7"],
         # `flash-export serve`. Pinned: Serve's proxy and replica internals (how a request body
         # is streamed, which the limits rely on) change between releases.

@@ -67,7 +67,7 @@ def test_each_onnxruntime_build_is_an_extra_of_its_own(metadata):
 def test_the_export_extra_brings_torch_pinned_and_onnxscript(metadata):
     assert _requirements(metadata)["export"] == {"torch", "onnxscript"}
     (torch,) = [Requirement(r) for r in metadata.get_all("Requires-Dist")
-                if Requirement(r).name == "torch"]
+                if Requirement(r).name == "torch" and 'extra == "export"' in r]
     assert "2.13.0" in torch.specifier and "2.14.0" not in torch.specifier, torch
 
 
@@ -104,12 +104,25 @@ def test_the_serve_extra_pins_ray_serve_and_dev_pins_the_triton_client(metadata)
     assert "tritonclient" in _requirements(metadata)["dev"]
 
 
-def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve(
+def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve_hf(
         tmp_path, metadata):
     demo = _installed_extras(_make_dry_run("demo", tmp_path))
     assert demo in ({"export", "cpu"}, {"export", "gpu"}), demo
-    assert _installed_extras(_make_dry_run("test", tmp_path)) == demo | {"dev", "plot", "serve"}
-    assert demo <= set(metadata.get_all("Provides-Extra"))
+    test = _installed_extras(_make_dry_run("test", tmp_path))
+    assert test == demo | {"dev", "plot", "serve", "hf"}  # hf: CI runs the transformers tests
+    assert test <= set(metadata.get_all("Provides-Extra"))
+
+
+def test_the_hf_extra_pins_the_transformers_releases_flash_export_hf_is_tested_with(metadata):
+    assert _requirements(metadata)["hf"] == {"torch", "onnxscript", "transformers"}
+    pins = {Requirement(r).name: Requirement(r).specifier for r in metadata.get_all("Requires-Dist")
+            if 'extra == "hf"' in r}
+    # Read from the source: importing flash_export.hf needs transformers itself.
+    tested = re.search(r'^TESTED_TRANSFORMERS = "([^"]+)"$',
+                       (ROOT / "flash_export" / "hf" / "swap.py").read_text(), flags=re.M)
+    assert tested and pins["transformers"] == SpecifierSet(tested.group(1)), pins
+    assert "5.23.0" in pins["transformers"] and "5.24.0" not in pins["transformers"]
+    assert "2.13.0" in pins["torch"] and "2.14.0" not in pins["torch"]  # the export extra's pin
 
 
 def test_make_takes_torch_from_the_cpu_index_unless_torch_index_is_emptied(tmp_path):

@@ -157,3 +157,14 @@ def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
     assert "validation passed" in run.stdout
     assert (tmp_path / "out" / "encoder.pt2").is_file()
     assert (tmp_path / "out" / "fa_native.pt").is_file()
+
+
+def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
+    """A checkpoint folder saved and loaded, swapped, compared on a padded batch, generating."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    section = _section((ROOT / "README.md").read_text(), "Hugging Face models")
+    blocks = _python_blocks(section)
+    assert blocks and "swap_attention" in blocks[0]
+    for block in blocks:
+        _run(block, tmp_path)
+    assert (tmp_path / "tiny-llama" / "config.json").is_file()
