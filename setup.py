@@ -101,9 +101,9 @@ setup(
         # is streamed, which the limits rely on) change between releases.
         "serve": ["ray[serve]==2.60.0"],
         # psutil: the native fuzz and serve tests measure RSS with it; tritonclient: the serve
-        # tests' client and Triton's config schema (model_config_pb2).
+        # tests' client and Triton's config schema (model_config_pb2); hypothesis: property tests.
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9",
-                "tritonclient[http]==2.73.0"],
+                "tritonclient[http]==2.73.0", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},

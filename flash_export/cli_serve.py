@@ -77,6 +77,9 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
         signal.signal(signal.SIGINT, _interrupt)
         console.result(f"serving {server.name} ({replicas} replica{'s' * (replicas > 1)}) at "
                        f"{server.url} (POST {server.url}/infer); Ctrl-C stops")
+        console.info(f"dynamic batching: up to {batch_size} requests per run" if
+                     server.unbatched is None else
+                     f"dynamic batching off: {server.unbatched}; each request runs alone")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -18,7 +18,9 @@ the protocol's ``{"error": ...}`` body. Tensors are read and written by `flash_e
 (strict JSON: a non-finite input is refused, a non-finite output written as a string).
 
 `flash_export.oip_batch.run_many` runs several checked requests, merging those whose shapes
-differ only in the batch dim into one onnxruntime call (dynamic batching in `flash_export.serve`).
+differ only in the batch dim into one onnxruntime call (dynamic batching in `flash_export.serve`),
+and only for a graph whose IOSpec declares where every input and output holds the per-request
+batch (`IOSpec.batch_axes`); any other graph runs each request alone.
 """
 
 import math
@@ -46,7 +48,7 @@ from flash_export.oip_wire import (
 )
 
 __all__ = ["DATATYPES", "EXTENSIONS", "HEADER_LENGTH", "InferRequest", "Limits", "OIPModel",
-           "OutputSpec", "batch_dim", "error_body", "json_body", "model_name"]
+           "OutputSpec", "error_body", "json_body", "model_name"]
 
 EXTENSIONS = ("binary_tensor_data",)
 
@@ -108,8 +110,13 @@ class OIPModel:
     Args:
         name: the model name in URLs.
         session: an onnxruntime session (see `flash_export.runtime.create_session`).
-        io: the graph's IOSpec (`flash_export.runtime.session_io(session)`).
+        io: the graph's IOSpec (`flash_export.runtime.session_io(session)`, which checks it
+            against the graph).
         limits: request bounds.
+
+    Attributes:
+        batch_axes: tensor name -> the axis holding the per-request batch, for every input and
+            output; None when requests must run one at a time (`IOSpec.batch_axes`).
     """
 
     def __init__(self, name: str, session: Any, io: IOSpec, limits: Limits = Limits()) -> None:
@@ -119,7 +126,7 @@ class OIPModel:
         self.limits = limits
         self.outputs = tuple(_output_spec(o) for o in session.get_outputs())
         self.sizes = _size_bounds(io, limits)
-        self.batch_name = batch_dim(io)
+        self.batch_axes = io.batch_axes()
 
     # ------------------------------------------------------------------ metadata
 
@@ -367,23 +374,11 @@ def _datatype(dtype: np.dtype) -> str:
     return DATATYPES[np.dtype(dtype).name]
 
 
-def batch_dim(io: IOSpec) -> Optional[str]:
-    """The dynamic size every input leads with and uses nowhere else, if there is one."""
-    first = {t.dims[0] if t.dims else None for t in io.inputs}
-    if len(first) != 1:
-        return None
-    (name,) = first
-    if not isinstance(name, str) or any(name in t.dims[1:] for t in io.inputs):
-        return None
-    return name
-
-
 def _size_bounds(io: IOSpec, limits: Limits) -> Dict[str, Tuple[int, int]]:
     """Each dynamic size's (min, max): the graph's own bounds capped by the limits."""
     out = {}
-    batch = batch_dim(io)
     for name, (low, high) in io.sizes.items():
-        cap = limits.max_batch if name in (batch, "batch") else limits.max_length
+        cap = limits.max_batch if name in (io.batch, "batch") else limits.max_length
         out[name] = (low, cap if high is None else min(high, cap))
     return out
 

@@ -177,6 +177,10 @@ class Server:
         artifact: the exported .onnx file.
         config: how to serve it.
 
+    Attributes:
+        unbatched: why concurrent requests are never joined into one run (None: they are, up
+            to `ServeConfig.max_batch_size`).
+
     Raises:
         ArtifactError, RuntimeLibraryError: the graph cannot be opened here (checked before Ray
             starts).
@@ -202,7 +206,10 @@ class Server:
         # The replicas open the same file; opening it here first reports a bad artifact as one
         # line before a cluster starts.
         session = create_session(self.artifact)
-        OIPModel(self.name, session, session_io(session), config.limits)
+        io = session_io(session)
+        OIPModel(self.name, session, io, config.limits)
+        self.unbatched = "--batch-size is 1" if config.max_batch_size == 1 else \
+            io.unbatched_reason()
 
     @property
     def url(self) -> str:

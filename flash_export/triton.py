@@ -15,12 +15,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 from flash_export.contract import DOMAIN, ONNX_ELEM
 from flash_export.errors import ArtifactError, ExportError
-from flash_export.io_spec import IOSpec
-from flash_export.oip import batch_dim, model_name
+from flash_export.io_spec import GraphInput, IOSpec
+from flash_export.oip import model_name
 from flash_export.runtime import library_path
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
@@ -34,8 +34,9 @@ class TritonConfig:
 
     Attributes:
         name: the model's name in the repository; None: the artifact's file stem.
-        max_batch_size: Triton's max_batch_size when every input and output leads with the
-            dynamic batch dim (0 turns batching off; it is off anyway otherwise).
+        max_batch_size: Triton's max_batch_size when the IOSpec declares a per-request batch
+            at axis 0 of every input and output (0 turns batching off; it is off anyway
+            otherwise: Triton joins requests along axis 0).
         queue_delay_us: dynamic batching's max_queue_delay_microseconds.
         device: "cpu" (KIND_CPU) or "gpu" (KIND_GPU: onnxruntime's CUDA provider, and our
             library's CUDA kernels when it was built with nvcc).
@@ -94,8 +95,8 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
     initializers = {i.name for i in model.graph.initializer}
     inputs = [_tensor(v, source) for v in model.graph.input if v.name not in initializers]
     outputs = [_tensor(v, source) for v in model.graph.output]
-    io = recorded_io(meta, source, [(t.name, t.dtype, [d if d >= 0 else None for d in t.dims])
-                                    for t in inputs])
+    io = recorded_io(meta, source, _described(model.graph.input, initializers),
+                     _described(model.graph.output, set()))
     needs_library = DOMAIN in {o.domain for o in model.opset_import}
     library = Path(library_path())
     if needs_library and not library.is_file():
@@ -123,7 +124,7 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
 def config_text(name: str, io: IOSpec, inputs: Sequence[_Tensor], outputs: Sequence[_Tensor],
                 config: TritonConfig, library: Optional[str]) -> str:
     """config.pbtxt in protobuf text format (Triton's ModelConfig)."""
-    batch = _batch_name(io, outputs) if config.max_batch_size else None
+    batch = _batch_name(io) if config.max_batch_size else None
     strip = 1 if batch is not None else 0
     lines = [f"name: {_quote(name)}", 'platform: "onnxruntime_onnx"',
              f"max_batch_size: {config.max_batch_size if batch is not None else 0}"]
@@ -142,6 +143,13 @@ def config_text(name: str, io: IOSpec, inputs: Sequence[_Tensor], outputs: Seque
     return "\n".join(lines) + "\n"
 
 
+def _described(values: Any, skip: Set[str]) -> List[GraphInput]:
+    """(name, None, dims) of graph inputs or outputs, symbolic dims by name (see `GraphInput`)."""
+    return [(v.name, ONNX_ELEM.get(v.type.tensor_type.elem_type),
+             [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+              for d in v.type.tensor_type.shape.dim]) for v in values if v.name not in skip]
+
+
 def _tensor(value: Any, source: Path) -> _Tensor:
     kind = value.type.WhichOneof("value")
     dtype = ONNX_ELEM.get(value.type.tensor_type.elem_type) if kind == "tensor_type" else None
@@ -153,13 +161,16 @@ def _tensor(value: Any, source: Path) -> _Tensor:
     return _Tensor(value.name, dtype, dims)
 
 
-def _batch_name(io: IOSpec, outputs: Sequence[_Tensor]) -> Optional[str]:
-    """The dynamic dim every input leads with, when every output leads with a dynamic dim too."""
-    name = batch_dim(io)
-    if name is None or io.is_static(name) or not all(o.dims and o.dims[0] == -1
-                                                     for o in outputs):
+def _batch_name(io: IOSpec) -> Optional[str]:
+    """The declared per-request batch, when it is axis 0 of every input and output.
+
+    Triton's dynamic batcher joins requests along axis 0 of every tensor; anything else (a
+    (L, B, E) tensor, no declared batch) is served with max_batch_size 0.
+    """
+    axes = io.batch_axes()
+    if axes is None or any(axis != 0 for axis in axes.values()):
         return None
-    return name
+    return io.batch
 
 
 def _quote(text: str) -> str:

@@ -4,6 +4,7 @@ import json
 import struct
 
 import numpy as np
+import onnx
 import pytest
 
 from flash_export.errors import RequestError
@@ -97,6 +98,26 @@ def test_requests_of_one_shape_merge_into_one_run_up_to_the_batch_limit(model, s
     assert [r["queries"][0] for r in model.session.runs] == [4, 3, 1]
     for feed, answer in zip(feeds, answers):
         assert np.array_equal(answer["output"], session.run(["output"], feed)[0])
+
+
+def test_an_old_spec_without_the_batch_declaration_is_never_batched(graph, tmp_path):
+    """An artifact written before the declaration: its dims say "batch", nothing says the rows
+    are independent requests."""
+    proto = onnx.load(str(graph))
+    for prop in proto.metadata_props:
+        if prop.key == "io_spec":
+            spec = json.loads(prop.value)
+            prop.value = json.dumps({k: v for k, v in spec.items()
+                                     if k not in ("batch", "output_dims")})
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = create_session(tmp_path / "old.onnx")
+    io = session_io(old)
+    assert io.batch is None and io.output_dims == {"output": ("batch", "q_len", E)}
+    model = OIPModel("old", CountingSession(old), io, LIMITS)
+    feeds = [_feed(i) for i in range(3)]
+    for feed, answer in zip(feeds, run_many(model, feeds)):
+        assert np.array_equal(answer["output"], old.run(["output"], feed)[0])
+    assert len(model.session.runs) == 3
 
 
 def test_a_request_the_graph_refuses_does_not_sink_its_batch(model, session):

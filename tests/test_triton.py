@@ -5,6 +5,7 @@ Triton does not install here, so the repository is checked field by field with
 runs it: onnxruntime with the library at config.pbtxt's op_library_filename registered.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,40 @@ def test_a_stock_graph_needs_no_library_and_a_static_one_no_batching(graphs, tmp
     fixed = _parse(write_repository(graphs["static"], tmp_path))
     assert fixed.max_batch_size == 0 and not fixed.HasField("dynamic_batching")
     assert [list(i.dims) for i in fixed.input][0][0] > 0  # the batch dim stays in dims
+
+
+def _transpose_graph(path: Path, io) -> Path:
+    """A stock ONNX graph x (batch, seq, E) -> output (seq, batch, E), recording `io`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["output"], perm=[1, 0, 2])], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", E])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["seq", "batch", E])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model.metadata_props.add(key="io_spec", value=io.to_json())
+    onnx.save(model, str(path))
+    return path
+
+
+def test_triton_batches_only_a_declared_batch_at_axis_0_of_every_tensor(graphs, tmp_path):
+    """Triton joins requests on axis 0: a (L, B, E) output, or a batch nobody declared, must
+    get max_batch_size 0 (the issue: 8 and dynamic batching for both)."""
+    from flash_export.io_spec import IOSpec, TensorSpec
+
+    declared = IOSpec((TensorSpec("x", "float32", ("batch", "seq", E)),), ("output",),
+                      {"batch": (1, None), "seq": (1, None)}, batch="batch")
+    lbe = _parse(write_repository(_transpose_graph(tmp_path / "lbe.onnx", declared),
+                                  tmp_path / "repo"))
+    assert lbe.max_batch_size == 0 and not lbe.HasField("dynamic_batching")
+    assert [list(i.dims) for i in lbe.input] == [[-1, -1, E]]
+    undeclared = dataclasses.replace(declared, batch=None)
+    plain = _parse(write_repository(_transpose_graph(tmp_path / "plain.onnx", undeclared),
+                                    tmp_path / "repo"))
+    assert plain.max_batch_size == 0
+    assert _parse(write_repository(graphs["custom"], tmp_path / "repo")).max_batch_size == 8
 
 
 def test_external_data_travels_with_the_graph(tmp_path, monkeypatch):
