@@ -38,6 +38,7 @@ from flash_export.io_spec import IOSpec, check_feed
 from flash_export.oip_wire import (
     DATATYPES,
     HEADER_LENGTH,
+    byte_count,
     error_body,
     from_binary,
     from_json_data,
@@ -162,11 +163,12 @@ class OIPModel:
                                     f"{self.limits.max_body_bytes}")
         split = len(body)
         if header_length is not None:
-            text = header_length.strip()
-            if not text.isdigit() or len(text) > 12 or int(text) > len(body):
-                raise RequestError(400, f"Inference-Header-Content-Length {text[:20]!r} is not "
-                                        f"a byte count within the {len(body)}-byte body")
-            split = int(text)
+            count = byte_count(header_length, 12)
+            if count is None or count > len(body):
+                raise RequestError(400, f"Inference-Header-Content-Length "
+                                        f"{header_length.strip()[:20]!r} is not a byte count "
+                                        f"within the {len(body)}-byte body")
+            split = count
         header = load_json(body[:split])
         if not isinstance(header, dict):
             raise RequestError(400, "the inference header must be a JSON object")

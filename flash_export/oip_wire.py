@@ -8,7 +8,7 @@ refused, and an output holding one is written as the string "NaN", "Infinity" or
 
 import json
 import math
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -19,6 +19,18 @@ DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "
              "int32": "INT32", "bool": "BOOL"}
 HEADER_LENGTH = "inference-header-content-length"  # HTTP headers are case-insensitive
 _MAX_INT_DIGITS = 19  # int64's range; a longer JSON integer is refused before Python converts it
+
+
+def byte_count(text: str, max_digits: int) -> Optional[int]:
+    """An HTTP byte count (Content-Length, Inference-Header-Content-Length), or None if malformed.
+
+    Only 1 to `max_digits` ASCII digits: `str.isdigit` also accepts superscripts ("²"), which
+    `int` refuses, and other scripts' digits, which `int` reads.
+    """
+    text = text.strip()
+    if not 1 <= len(text) <= max_digits or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def error_body(message: str) -> bytes:

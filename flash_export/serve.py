@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Union
 from flash_export.errors import FlashExportError, RequestError, first_line
 from flash_export.oip import HEADER_LENGTH, Limits, OIPModel, error_body, json_body, model_name
 from flash_export.oip_batch import run_many
+from flash_export.oip_wire import byte_count
 
 SERVE_EXTRA_HINT = "pip install 'flash-export[serve]' (Ray Serve)"
 
@@ -142,11 +143,12 @@ class OIPDeployment:
         limits = self.model.limits
         declared = request.headers.get("content-length")
         if declared is not None:
-            text = declared.strip()
-            if not text.isdigit() or len(text) > 18:
-                raise RequestError(400, f"Content-Length {text[:20]!r} is not a byte count")
-            if int(text) > limits.max_body_bytes:
-                raise RequestError(413, f"Content-Length {text} is over the limit of "
+            count = byte_count(declared, 18)
+            if count is None:
+                raise RequestError(400, f"Content-Length {declared.strip()[:20]!r} is not a "
+                                        "byte count")
+            if count > limits.max_body_bytes:
+                raise RequestError(413, f"Content-Length {count} is over the limit of "
                                         f"{limits.max_body_bytes} bytes")
 
         async def read() -> bytes:

@@ -185,7 +185,10 @@ def test_binary_sections_are_checked_byte_for_byte(model):
         if words:
             with pytest.raises(RequestError, match=words):
                 model.parse(bad, length)
-    for header in ("-1", "1e3", str(len(body) + 1), "9" * 40):
+    # "\u00b2" (superscript two) passes str.isdigit, which int() refuses; int() reads
+    # "\u0661\u0662" (Arabic-Indic 12): a byte count is ASCII digits only.
+    for header in ("-1", "1e3", str(len(body) + 1), "9" * 40, "\u00b2", "1\u00b2",
+                   "\u0661\u0662"):
         with pytest.raises(RequestError, match="Inference-Header-Content-Length"):
             model.parse(body, header)
     mask_at = len(body) - feed["mask"].nbytes
@@ -197,6 +200,14 @@ def test_binary_sections_are_checked_byte_for_byte(model):
     with pytest.raises(RequestError) as caught:
         model.parse(b" " * (LIMITS.max_body_bytes + 1))
     assert caught.value.status == 413
+
+
+def test_a_byte_count_is_ascii_digits_only():
+    from flash_export.oip_wire import byte_count
+
+    assert byte_count(" 42 ", 18) == 42
+    for text in ("", "-1", "4 2", "1\u00b2", "\u0661\u0662", "1" * 19):
+        assert byte_count(text, 18) is None, text
 
 
 def test_non_finite_outputs_are_strict_json_strings_that_numpy_reads_back(model):
