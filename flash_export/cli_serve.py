@@ -44,11 +44,20 @@ def _interrupt(signum: int, frame: Any) -> None:
               show_default=True, help="Seconds a request body may take to arrive; 408 past it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Dynamic batching: concurrent requests merged into one run (1: off).")
+@click.option("--max-response-mib", type=click.FloatRange(min=0.001), default=64.0,
+              show_default=True,
+              help="Largest answer (MiB), checked from the output shapes before running; 413 "
+                   "past it.")
 @click.option("--max-ongoing", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests one replica holds at once (reading, queued or running).")
+              help="Requests one replica parses, queues and runs at once, once their bodies "
+                   "have arrived.")
+@click.option("--max-pending", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests one replica holds sending their bodies or waiting for one of the "
+                   "--max-ongoing places; past it, 503 at once.")
 def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], host: str,
           port: int, name: Optional[str], max_body_mib: float, max_batch: int, max_length: int,
-          body_timeout: float, batch_size: int, max_ongoing: int) -> None:
+          body_timeout: float, batch_size: int, max_response_mib: float, max_ongoing: int,
+          max_pending: int) -> None:
     """Serve ARTIFACT (.onnx) on Ray Serve with the Open Inference Protocol until Ctrl-C.
 
     Needs the serve extra: pip install 'flash-export[serve]'.
@@ -63,8 +72,10 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
             replicas=replicas, threads=threads, address=address, host=host, port=port,
             name=name, max_batch_size=batch_size,
             max_ongoing_requests=max(max_ongoing, batch_size),
+            max_pending_requests=max_pending,
             limits=Limits(max_body_bytes=int(max_body_mib * 2**20), max_batch=max_batch,
-                          max_length=max_length, body_timeout_s=body_timeout))
+                          max_length=max_length, body_timeout_s=body_timeout,
+                          max_response_bytes=int(max_response_mib * 2**20)))
         server = Server(artifact, config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

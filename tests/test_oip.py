@@ -202,6 +202,36 @@ def test_binary_sections_are_checked_byte_for_byte(model):
     assert caught.value.status == 413
 
 
+def test_an_answer_over_the_response_limit_is_refused_before_anything_runs(session):
+    """The IOSpec's output dims at the request's sizes bound the answer before the run."""
+    io = session_io(session)
+    limits = Limits(max_batch=4, max_length=4096, max_response_bytes=2**20)
+    model = OIPModel("att", CountingSession(session), io, limits)
+    feed = _feed(0, batch=2, q_len=2000, k_len=1)  # output (2, 2000, 16): 64,000 values
+    with pytest.raises(RequestError, match=r"up to 1\.5 MiB \(output \[2, 2000, 16\]: 64,000 "
+                                           r"values as JSON\), over the response limit of "
+                                           r"1\.0 MiB") as caught:
+        model.parse(_json(feed))
+    assert caught.value.status == 413 and model.session.runs == []
+    body, length = _binary(feed)  # 256,000 bytes as binary: within the limit
+    request = model.parse(body, length)
+    headers, reply = model.answer(request, model.run(request.feed))
+    assert len(reply) > 256_000 and len(reply) < 2**20
+
+
+def test_an_answer_whose_shape_is_known_only_after_the_run_is_checked_before_encoding(session):
+    import dataclasses
+
+    io = dataclasses.replace(session_io(session), output_dims={})  # dims unknown before a run
+    limits = Limits(max_batch=4, max_length=4096, max_response_bytes=2**20)
+    model = OIPModel("att", CountingSession(session), io, limits)
+    request = model.parse(_json(_feed(0, batch=2, q_len=2000, k_len=1)))
+    results = model.run(request.feed)
+    with pytest.raises(RequestError, match="over the response limit") as caught:
+        model.answer(request, results)
+    assert caught.value.status == 413
+
+
 def test_a_byte_count_is_ascii_digits_only():
     from flash_export.oip_wire import byte_count
 
