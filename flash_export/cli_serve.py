@@ -54,10 +54,16 @@ def _interrupt(signum: int, frame: Any) -> None:
 @click.option("--max-pending", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests one replica holds sending their bodies or waiting for one of the "
                    "--max-ongoing places; past it, 503 at once.")
+@click.option("--num-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="CPUs Ray reserves for each replica (a fraction packs several replicas on "
+                   "one CPU).")
+@click.option("--start-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for every replica to run before giving up, naming the "
+                   "resources missing.")
 def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], host: str,
           port: int, name: Optional[str], max_body_mib: float, max_batch: int, max_length: int,
           body_timeout: float, batch_size: int, max_response_mib: float, max_ongoing: int,
-          max_pending: int) -> None:
+          max_pending: int, num_cpus: float, start_timeout: float) -> None:
     """Serve ARTIFACT (.onnx) on Ray Serve with the Open Inference Protocol until Ctrl-C.
 
     Needs the serve extra: pip install 'flash-export[serve]'.
@@ -70,7 +76,8 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
     try:
         config = ServeConfig(
             replicas=replicas, threads=threads, address=address, host=host, port=port,
-            name=name, max_batch_size=batch_size,
+            name=name, max_batch_size=batch_size, replica_cpus=num_cpus,
+            start_timeout_s=start_timeout,
             max_ongoing_requests=max(max_ongoing, batch_size),
             max_pending_requests=max_pending,
             limits=Limits(max_body_bytes=int(max_body_mib * 2**20), max_batch=max_batch,
@@ -80,12 +87,15 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     console = Console()
+    # SIGINT even where it arrives ignored (a job started in the background by a script): Ctrl-C
+    # during the start unwinds through Server.start, which stops what it started.
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        server.start()
+        server.start(progress=lambda line: click.echo(line, err=True)
+                     if console.verbosity >= 0 else None)
         # SIGTERM (a service manager's stop) unwinds like Ctrl-C, through the `finally` below;
-        # set after Ray's start, which installs a SIGTERM handler of its own that aborts.
+        # set after Ray's start, which installs a SIGTERM handler of its own that exits.
         signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, _interrupt)
         console.result(f"serving {server.name} ({replicas} replica{'s' * (replicas > 1)}) at "
                        f"{server.url} (POST {server.url}/infer); Ctrl-C stops")
         console.info(f"dynamic batching: up to {batch_size} requests per run" if

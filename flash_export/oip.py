@@ -33,7 +33,7 @@ import numpy as np
 
 from flash_export._version import __version__
 from flash_export.contract import ORT_TYPES
-from flash_export.errors import RequestError, summary
+from flash_export.errors import ArtifactError, RequestError, summary
 from flash_export.io_spec import IOSpec, check_feed
 from flash_export.oip_wire import (
     DATATYPES,
@@ -387,6 +387,34 @@ class OIPModel:
             raise RequestError(413, f"the answer would take up to {_mib(total)} ("
                                     f"{'; '.join(parts)}), over the response limit of "
                                     f"{_mib(limit)}: ask for fewer rows or tokens{hint}")
+
+
+def require_onnx_graph(artifact: Union[str, "os.PathLike[str]"], command: str) -> None:
+    """Refuse, with what to do instead, a TorchScript archive or a .pt2 package.
+
+    `serve` and `triton` run ONNX graphs; the other artifact kinds are zip archives, which
+    onnx would report as a corrupt protobuf.
+
+    Raises:
+        ArtifactError: the file's suffix or first bytes say it is not an ONNX graph.
+    """
+    from flash_export.artifact import TORCHSCRIPT_SUFFIXES
+
+    path = Path(artifact)
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if suffix in TORCHSCRIPT_SUFFIXES or suffix == ".pt2" or zipped:
+        what = ("a TorchScript archive" if suffix in TORCHSCRIPT_SUFFIXES else
+                "an AOTInductor package (.pt2)" if suffix == ".pt2" else
+                "a zip archive (TorchScript or .pt2?)")
+        raise ArtifactError(f"{path} is {what}, not an ONNX graph: `flash-export {command}` "
+                            f"runs .onnx files. Export one from the same model with "
+                            f"`flash-export onnx` (or flash_export.export_onnx) and "
+                            f"{command} that; a .pt runs in libtorch or PyTorch")
 
 
 def model_name(artifact: Union[str, "os.PathLike[str]"], name: Optional[str] = None) -> str:

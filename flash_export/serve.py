@@ -17,13 +17,23 @@ the serve extra (`pip install 'flash-export[serve]'`).
 
 import asyncio
 import dataclasses
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from flash_export.errors import FlashExportError, RequestError, first_line
-from flash_export.oip import HEADER_LENGTH, Limits, OIPModel, error_body, json_body, model_name
+from flash_export.oip import (
+    HEADER_LENGTH,
+    Limits,
+    OIPModel,
+    error_body,
+    json_body,
+    model_name,
+    require_onnx_graph,
+)
 from flash_export.oip_batch import run_many
 from flash_export.oip_wire import byte_count
 
@@ -54,7 +64,8 @@ class ServeConfig:
             replica's Ray slots are taken).
         request_timeout_s: end to end, past it the proxy answers 408.
         health_check_period_s: how often Ray Serve checks each replica (a dead one is replaced).
-        replica_cpus: CPUs Ray reserves per replica.
+        replica_cpus: CPUs Ray reserves per replica (a fraction packs several on one CPU).
+        start_timeout_s: how long `Server.start` waits for every replica to run.
     """
 
     replicas: int = 1
@@ -72,6 +83,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     health_check_period_s: float = 10.0
     replica_cpus: float = 1.0
+    start_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 0 or not 0 <= self.port <= 65535 \
@@ -79,7 +91,8 @@ class ServeConfig:
                 or self.max_ongoing_requests < self.max_batch_size \
                 or self.max_pending_requests < 1 \
                 or self.max_queued_requests < 1 or not self.request_timeout_s > 0 \
-                or not self.health_check_period_s > 0 or self.replica_cpus < 0:
+                or not self.health_check_period_s > 0 or self.replica_cpus < 0 \
+                or not self.start_timeout_s > 0:
             raise ValueError(f"invalid serve settings: {self}")
 
 
@@ -261,8 +274,10 @@ class OIPDeployment:
 class Server:
     """A running `flash-export serve`: Ray (local or joined), Serve's proxy and the replicas.
 
-    A context manager; `stop()` (also on exit, and on a failed start) deletes the application
-    and, when this process started Ray, shuts Serve and Ray down.
+    A context manager; `stop()` (also on exit, and on a failed or interrupted start) ends it
+    within seconds: on a cluster this process started, Serve shuts down (when the application
+    runs) and Ray with it; on a joined cluster, only this application is deleted, and the
+    cluster's Serve goes on.
 
     Args:
         artifact: the exported .onnx file.
@@ -273,9 +288,9 @@ class Server:
             to `ServeConfig.max_batch_size`).
 
     Raises:
-        ArtifactError, RuntimeLibraryError: the graph cannot be opened here (checked before Ray
-            starts).
-        FlashExportError: Ray Serve is not installed, or the application failed to start.
+        ArtifactError, RuntimeLibraryError: the file is not an ONNX graph (a TorchScript
+            archive, say), or cannot be opened here (checked before Ray starts).
+        FlashExportError: Ray Serve is not installed.
         ValueError: a bad model name.
     """
 
@@ -284,8 +299,10 @@ class Server:
         self.artifact = Path(artifact).resolve()
         self.config = config
         self.name = model_name(artifact, config.name)
-        self.started_ray = False
+        self.own_cluster = False  # this process started the local Ray cluster
+        self.connected = False  # this process called ray.init (and must disconnect)
         self.running = False
+        require_onnx_graph(artifact, "serve")
         try:
             import ray  # noqa: F401  (fail before any work when the extra is missing)
             from ray import serve  # noqa: F401
@@ -308,23 +325,36 @@ class Server:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
         return f"http://{host}:{self.config.port}/v2/models/{self.name}"
 
-    def start(self) -> "Server":
-        """Start (or join) Ray, Serve's proxy and the replicas; returns when all are ready."""
+    def start(self, progress: Optional[Callable[[str], None]] = None) -> "Server":
+        """Start (or join) Ray, Serve's proxy and the replicas; returns when all are ready.
+
+        Args:
+            progress: called with one line whenever what the replicas wait for changes.
+
+        Raises:
+            FlashExportError: the port is taken (checked before a local cluster starts), Ray
+                or Serve cannot start, a replica fails, or the replicas are not all running
+                within `ServeConfig.start_timeout_s` (naming the CPUs they reserve and the
+                cluster's).
+        """
         import ray
         from ray import serve
 
         config = self.config
+        if config.address is None and not ray.is_initialized():
+            require_free_port(config.host, config.port)
         try:
             if not ray.is_initialized():
                 if config.address is None:
                     cpus = max(os.cpu_count() or 1,
-                               int(config.replicas * config.replica_cpus + 0.999))
+                               math.ceil(config.replicas * config.replica_cpus))
                     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                              log_to_driver=False, configure_logging=False)
+                    self.own_cluster = True
                 else:
                     ray.init(address=config.address, log_to_driver=False,
                              configure_logging=False)
-                self.started_ray = True
+                self.connected = True
             serve.start(http_options={"host": config.host, "port": config.port,
                                       "request_timeout_s": config.request_timeout_s})
             deployment = serve.deployment(
@@ -338,37 +368,131 @@ class Server:
                                   config.max_batch_size, config.batch_wait_s,
                                   config.max_ongoing_requests, config.max_pending_requests)
             self.running = True
-            serve.run(app, name=self.name, route_prefix="/", blocking=False)
+            serve.run_many([serve.RunTarget(app, name=self.name, route_prefix="/")],
+                           wait_for_applications_running=False)
+            self._wait_until_running(progress)
         except BaseException as exc:
             self.stop()
             if isinstance(exc, Exception) and not isinstance(exc, FlashExportError):
-                raise FlashExportError(f"Ray Serve could not start {self.name}: "
-                                       f"{first_line(exc)}") from exc
+                busy = config.port and port_in_use(config.host, config.port)
+                why = (f"port {config.port} on {config.host} is in use: stop what listens there "
+                       "or choose another --port") if busy else first_line(exc)
+                raise FlashExportError(f"Ray Serve could not start {self.name}: {why}") from exc
             raise
         return self
 
+    def _wait_until_running(self, progress: Optional[Callable[[str], None]]) -> None:
+        """Poll Serve until the application runs, fails, or `start_timeout_s` passes."""
+        import ray
+        from ray import serve
+
+        config = self.config
+        started = time.monotonic()
+        deadline = started + config.start_timeout_s
+        told = ""
+        while True:
+            app = serve.status().applications.get(self.name)
+            status = str(getattr(app, "status", "")).rsplit(".", 1)[-1]
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise FlashExportError(f"Ray Serve could not start {self.name}: "
+                                       f"{_app_message(app) or status}")
+            running = _running_replicas(app)
+            free = ray.available_resources().get("CPU", 0.0)
+            total = ray.cluster_resources().get("CPU", 0.0)
+            waiting = (f"{running} of {config.replicas} replicas running; they reserve "
+                       f"{config.replicas} x {config.replica_cpus:g} CPU, the cluster has "
+                       f"{total:g} CPUs ({free:g} free)")
+            short = free < config.replica_cpus
+            if short and progress is not None and waiting != told \
+                    and time.monotonic() > started + 3:
+                progress(f"waiting for CPUs: {waiting}; giving up after "
+                         f"{config.start_timeout_s:g} s")
+                told = waiting
+            if time.monotonic() > deadline:
+                fits = math.floor(100 * total / config.replicas) / 100
+                hint = (f"; pass --num-cpus {fits:g} (CPUs per replica) or fewer --replicas, "
+                        "or add machines") if short and fits > 0 else "; add machines" \
+                    if short else "; see `ray status` and the replica logs"
+                raise FlashExportError(f"{self.name} did not start within "
+                                       f"{config.start_timeout_s:g} s: {waiting}{hint}")
+            time.sleep(0.25)
+
     def stop(self) -> None:
-        """Delete the application; shut Serve and Ray down when this process started Ray."""
+        """End it within seconds (see the class docstring); safe to call more than once."""
         import ray
         from ray import serve
 
         try:
             if self.running and ray.is_initialized():
-                if self.started_ray:
-                    serve.shutdown()
-                else:
-                    serve.delete(self.name)
+                if not self.own_cluster:
+                    serve.delete(self.name, _blocking=False)  # the cluster's Serve goes on
+                elif str(getattr(serve.status().applications.get(self.name), "status",
+                                 "")).endswith("RUNNING"):
+                    serve.shutdown()  # drains requests in flight; a few seconds
         finally:
             self.running = False
-            if self.started_ray and ray.is_initialized():
-                ray.shutdown()
-            self.started_ray = False
+            if self.connected and ray.is_initialized():
+                ray.shutdown()  # a cluster this process started goes with it
+            self.own_cluster = self.connected = False
 
     def __enter__(self) -> "Server":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _app_message(app: Any) -> str:
+    """The first line saying why an application (or one of its deployments) is not running."""
+    messages = [getattr(app, "message", "")] + [
+        getattr(d, "message", "") for d in getattr(app, "deployments", {}).values()]
+    return next((first_line(Exception(m)) for m in messages if m), "")
+
+
+def _running_replicas(app: Any) -> int:
+    return sum(int(getattr(d, "replica_states", {}).get("RUNNING", 0))
+               for d in getattr(app, "deployments", {}).values())
+
+
+def _listen_address(host: str, port: int) -> Any:
+    import socket
+
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something on this machine already listens on `host`:`port`."""
+    try:
+        require_free_port(host, port)
+    except FlashExportError:
+        return True
+    return False
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Bind `host`:`port` as the HTTP proxy will (SO_REUSEADDR), then let go.
+
+    Raises:
+        FlashExportError: the port is in use, or the address cannot be bound here.
+    """
+    import errno
+    import socket
+
+    if not port:
+        return  # any free port
+    try:
+        family, kind, proto, _, address = _listen_address(host, port)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise FlashExportError(f"port {port} on {host} is in use: stop what listens there "
+                                   "or choose another --port") from None
+        raise FlashExportError(f"cannot listen on {host}:{port}: "
+                               f"{exc.strerror or first_line(exc)}") from None
 
 
 def with_limits(config: ServeConfig, **limits: Any) -> ServeConfig:
