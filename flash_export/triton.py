@@ -13,14 +13,15 @@ the server sees it: REPO's own path, or `server_repo` when Triton sees the repos
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 from flash_export.contract import DOMAIN, ONNX_ELEM
 from flash_export.errors import ArtifactError, ExportError
 from flash_export.io_spec import GraphInput, IOSpec
-from flash_export.oip import model_name
+from flash_export.oip import model_name, require_onnx_graph
 from flash_export.runtime import library_path
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
@@ -79,10 +80,15 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
     Returns:
         The config.pbtxt written.
 
+    The entry is written into a hidden folder beside REPO/NAME and renamed into place, so a
+    failure (a full disk, say) leaves nothing under REPO/NAME and a rerun starts afresh.
+
     Raises:
-        ArtifactError: the file fails the checks every load runs, or has an input or output of
-            a type Triton's onnxruntime backend cannot carry.
-        ExportError: REPO/NAME exists, or the native library is missing.
+        ArtifactError: the file is not an ONNX graph (a TorchScript archive, say), fails the
+            checks every load runs, or has an input or output of a type Triton's onnxruntime
+            backend cannot carry.
+        ExportError: REPO/NAME exists (a dangling symlink too), the native library is missing,
+            or the repository cannot be written (one line naming the path and the reason).
         ValueError: a bad model name.
     """
     from flash_export.recorded import recorded_io
@@ -90,6 +96,7 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
 
     source = Path(artifact)
     name = model_name(source, config.name)
+    require_onnx_graph(source, "triton")
     model = check_onnx_file(source)
     meta = {p.key: p.value for p in model.metadata_props}
     initializers = {i.name for i in model.graph.initializer}
@@ -101,23 +108,44 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
     library = Path(library_path())
     if needs_library and not library.is_file():
         raise ExportError(f"native library not found at {library}; the graph needs it")
-    data_files = sorted({check_external_location(
-        next(e.value for e in t.external_data if e.key == "location"), source.parent.resolve(),
-        str(source)) for t in model_tensors(model) if t.data_location == 1})
+    # The graph names each data file by a location relative to itself (a subfolder too): the
+    # copy goes to the same location relative to 1/model.onnx.
+    locations = sorted({next(e.value for e in t.external_data if e.key == "location")
+                        for t in model_tensors(model) if t.data_location == 1})
+    data_files = {location: check_external_location(location, source.parent.resolve(),
+                                                    str(source)) for location in locations}
 
     folder = Path(repo) / name
-    if folder.exists():
+    if os.path.lexists(folder):
         raise ExportError(f"{folder} exists; choose another REPO_DIR or --name")
     served = Path(config.server_repo or Path(repo).resolve()) / name
     text = config_text(name, io, inputs, outputs, config,
                        str(served / library.name) if needs_library else None)
-    (folder / "1").mkdir(parents=True)
-    shutil.copyfile(source, folder / "1" / "model.onnx")
-    for data in data_files:  # the graph names its data file by a location relative to itself
-        shutil.copyfile(data, folder / "1" / data.relative_to(source.parent.resolve()))
-    if needs_library:
-        shutil.copyfile(library, folder / library.name)
-    (folder / "config.pbtxt").write_text(text)
+    staging = None
+    try:
+        Path(repo).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+        (staging / "1").mkdir()
+        shutil.copyfile(source, staging / "1" / "model.onnx")
+        for location, data in data_files.items():
+            target = staging / "1" / PurePosixPath(location)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data, target)
+        if needs_library:
+            shutil.copyfile(library, staging / library.name)
+        (staging / "config.pbtxt").write_text(text)
+        os.chmod(staging, 0o755)  # mkdtemp's 0o700 would hide the model from Triton's user
+        if os.path.lexists(folder):  # appeared meanwhile: never replace it
+            raise ExportError(f"{folder} exists; choose another REPO_DIR or --name")
+        os.rename(staging, folder)
+        staging = None
+    except OSError as exc:
+        raise ExportError(f"cannot write the repository entry {folder}: "
+                          f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+                          ) from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder / "config.pbtxt"
 
 
