@@ -332,17 +332,17 @@ class Server:
             progress: called with one line whenever what the replicas wait for changes.
 
         Raises:
-            FlashExportError: the port is taken (checked before a local cluster starts), Ray
-                or Serve cannot start, a replica fails, or the replicas are not all running
-                within `ServeConfig.start_timeout_s` (naming the CPUs they reserve and the
-                cluster's).
+            FlashExportError: the port is taken (checked before a local cluster starts, and
+                before Serve's proxy starts on a joined one), Ray or Serve cannot start, a
+                replica fails, or the replicas are not all running within
+                `ServeConfig.start_timeout_s` (naming the CPUs they reserve and the cluster's).
         """
         import ray
         from ray import serve
 
         config = self.config
         if config.address is None and not ray.is_initialized():
-            require_free_port(config.host, config.port)
+            require_free_port(config.host, config.port)  # before a cluster starts: at once
         try:
             if not ray.is_initialized():
                 if config.address is None:
@@ -355,6 +355,8 @@ class Server:
                     ray.init(address=config.address, log_to_driver=False,
                              configure_logging=False)
                 self.connected = True
+            if not serve.status().proxies:  # no Serve on the cluster yet: its proxy will bind
+                require_free_port(config.host, config.port)
             serve.start(http_options={"host": config.host, "port": config.port,
                                       "request_timeout_s": config.request_timeout_s})
             deployment = serve.deployment(
@@ -374,10 +376,8 @@ class Server:
         except BaseException as exc:
             self.stop()
             if isinstance(exc, Exception) and not isinstance(exc, FlashExportError):
-                busy = config.port and port_in_use(config.host, config.port)
-                why = (f"port {config.port} on {config.host} is in use: stop what listens there "
-                       "or choose another --port") if busy else first_line(exc)
-                raise FlashExportError(f"Ray Serve could not start {self.name}: {why}") from exc
+                raise FlashExportError(f"Ray Serve could not start {self.name}: "
+                                       f"{first_line(exc)}") from exc
             raise
         return self
 
@@ -460,15 +460,6 @@ def _listen_address(host: str, port: int) -> Any:
     import socket
 
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something on this machine already listens on `host`:`port`."""
-    try:
-        require_free_port(host, port)
-    except FlashExportError:
-        return True
-    return False
 
 
 def require_free_port(host: str, port: int) -> None:
