@@ -43,7 +43,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 @click.option("--body-timeout", type=click.FloatRange(min=0.1), default=10.0,
               show_default=True, help="Seconds a request body may take to arrive; 408 past it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Dynamic batching: concurrent requests merged into one run (1: off).")
+              help="Dynamic batching: concurrent requests merged into one run, for a model "
+                   "that declares its per-request batch (1: off).")
 @click.option("--max-response-mib", type=click.FloatRange(min=0.001), default=64.0,
               show_default=True,
               help="Largest answer (MiB), checked from the output shapes before running; 413 "
@@ -117,8 +118,9 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
 @click.option("--name", default=None,
               help="Model name in the repository. Default: the artifact's file stem.")
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Triton's max_batch_size with dynamic batching (0: off; off anyway when "
-                   "the graph has no leading batch dim).")
+              help="Triton's max_batch_size with dynamic batching (0: off; off anyway unless "
+                   "the model declares its per-request batch at axis 0 of every input and "
+                   "output).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Instance group kind: KIND_CPU or KIND_GPU.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,

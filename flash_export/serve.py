@@ -99,6 +99,7 @@ class ServeConfig:
 # Ray slots a replica keeps beyond its infer requests: health, metadata, and the 503s answered at
 # once past `max_pending_requests`, are never queued behind requests.
 HEALTH_SLOTS = 16
+GRACEFUL_SHUTDOWN_S = 5.0  # how long a stopping replica lets its requests finish
 
 
 class _ByteBudget:
@@ -365,6 +366,8 @@ class Server:
                                       + config.max_pending_requests + HEALTH_SLOTS),
                 max_queued_requests=config.max_queued_requests,
                 health_check_period_s=config.health_check_period_s,
+                # Ctrl-C drains requests in flight for at most this long.
+                graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
                 ray_actor_options={"num_cpus": config.replica_cpus})(OIPDeployment)
             app = deployment.bind(str(self.artifact), self.name, config.threads, config.limits,
                                   config.max_batch_size, config.batch_wait_s,
