@@ -362,8 +362,9 @@ def graph_output_dims(io: IOSpec, dims: Sequence[Any]) -> Tuple[OutDim, ...]:
         io: the spec whose size names the graph's symbolic dims may carry.
         dims: the graph's dims (an int, a symbolic name, or None), as in `GraphInput`.
     """
+    named = set(io.dynamic)
     return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                 else d if isinstance(d, str) and d in io.sizes else None for d in dims)
+                 else d if isinstance(d, str) and d in named else None for d in dims)
 
 
 def with_graph_outputs(io: IOSpec, inputs: Sequence[GraphInput],

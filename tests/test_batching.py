@@ -146,3 +146,20 @@ def test_run_many_answers_every_request_mix_as_its_own_direct_run(sessions, layo
         assert model.session.runs == len(feeds)
     else:  # joined: one run per distinct length, within the batch limit
         assert model.session.runs <= len(feeds)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"batch": "rows"}, "batch 'rows' is not a size any input uses"),
+    ({"batch": 0}, "batch a size name or null"),
+    ({"output_dims": {"output": ["batch", "vocab"]}}, "output output: dims must be"),
+    ({"output_dims": {"logits": ["batch"]}}, "not an output"),
+], ids=["undeclared_size", "not_a_name", "unknown_dim_name", "unknown_output"])
+def test_a_malformed_batch_declaration_is_refused(edit, words):
+    from flash_export.io_spec import IOSpec, TensorSpec
+
+    spec = IOSpec((TensorSpec("x", "float32", ("batch", "seq", E)),), ("output",),
+                  {"batch": (1, None), "seq": (1, None)},
+                  output_dims={"output": ("seq", "batch", E)}, batch="batch")
+    assert IOSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match=words):
+        IOSpec.from_json(json.dumps({**json.loads(spec.to_json()), **edit}))

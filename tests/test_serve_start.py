@@ -30,13 +30,20 @@ from flash_export.cli import main  # noqa: E402
 # Both sides of the joined cluster agree on no token (Ray's default makes a joining process
 # look for the token where the cluster wrote it).
 ENV = {"RAY_AUTH_MODE": "disabled"}
+# The head prints its GCS address, then on each line read from stdin Serve's status as JSON:
+# {"proxies": how many HTTP proxies Serve runs, "apps": name -> status}.
 HEAD = """
-import signal, sys, ray
+import json, signal, sys, ray
+from ray import serve
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
 print(ray.get_runtime_context().gcs_address, flush=True)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 try:
-    signal.pause()
+    for _ in sys.stdin:
+        s = serve.status()
+        print(json.dumps({"proxies": len(s.proxies), "apps": {
+            k: str(v.status).rsplit(".", 1)[-1] for k, v in s.applications.items()}}),
+            flush=True)
 finally:
     ray.shutdown()
 """
@@ -95,12 +102,22 @@ def test_a_port_in_use_is_named_before_ray_starts(graph):
     print(f"\nport in use: refused in {seconds:.1f} s")
 
 
+class Cluster:
+    def __init__(self, head: subprocess.Popen, address: str) -> None:
+        self.head, self.address = head, address
+
+    def serve_status(self) -> dict:
+        self.head.stdin.write("\n")
+        self.head.stdin.flush()
+        return json.loads(self.head.stdout.readline())
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """A one-CPU Ray cluster: its GCS address."""
-    head = subprocess.Popen([sys.executable, "-c", HEAD], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-                            env={**os.environ, **ENV})
+    """A one-CPU Ray cluster."""
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True, env={**os.environ, **ENV})
     family = []
     try:
         line = []
@@ -109,7 +126,7 @@ def cluster():
         reader.join(120)
         assert line and line[0].strip(), "the Ray head did not start in 120 s"
         family = psutil.Process(head.pid).children(recursive=True)
-        yield line[0].strip()
+        yield Cluster(head, line[0].strip())
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -128,22 +145,10 @@ def _join(graph, address, *args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
 
 
-def _serve_status(address: str) -> dict:
-    """{"proxies": how many HTTP proxies Serve runs, "apps": name -> status} on the cluster,
-    asked from a process of its own."""
-    probe = (f"import json, ray; from ray import serve; ray.init(address={address!r}, "
-             "log_to_driver=False, configure_logging=False); s = serve.status(); "
-             "print(json.dumps({'proxies': len(s.proxies), 'apps': {k: str(v.status).rsplit("
-             "'.', 1)[-1] for k, v in s.applications.items()}}))")
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, **ENV})
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_replicas_the_cluster_cannot_hold_time_out_naming_the_cpus(graph, cluster):
     """3 replicas x 1 CPU on a 1-CPU cluster: before, serve waited forever, silently."""
-    run = _join(graph, cluster, "--replicas", "3", "--name", "short", "--start-timeout", "5")
+    run = _join(graph, cluster.address, "--replicas", "3", "--name", "short", "--start-timeout",
+                "5")
     try:
         _, err = run.communicate(timeout=180)
     finally:
@@ -163,7 +168,8 @@ def test_ctrl_c_while_a_replica_waits_stops_within_seconds_and_only_this_applica
     """--num-cpus 0.4: two of three replicas fit the one CPU, the third waits. Before, Ctrl-C
     was ignored until Serve's shutdown gave up (22-90 s), and stopping a `serve --address`
     shut Serve down for every application on the cluster."""
-    run = _join(graph, cluster, "--replicas", "3", "--num-cpus", "0.4", "--name", "waiting")
+    run = _join(graph, cluster.address, "--replicas", "3", "--num-cpus", "0.4", "--name",
+                "waiting")
     err = []
     reader = threading.Thread(target=lambda: err.extend(iter(run.stderr.readline, "")),
                               daemon=True)
@@ -183,6 +189,6 @@ def test_ctrl_c_while_a_replica_waits_stops_within_seconds_and_only_this_applica
     seconds = time.monotonic() - started
     print(f"\nCtrl-C while a replica waits for CPUs: stopped in {seconds:.1f} s")
     assert seconds < 15 and run.returncode == 0, (seconds, "".join(err)[-2000:])
-    status = _serve_status(cluster)
+    status = cluster.serve_status()
     assert status["proxies"] >= 1, status  # the cluster's Serve still runs
     assert status["apps"].get("waiting", "DELETING") == "DELETING", status
