@@ -165,19 +165,21 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
 def session_io(session: Any) -> IOSpec:
     """The IOSpec of a session's graph, as the exporter recorded it.
 
-    Its inputs (names, dtypes, dims, valid values) and outputs; graphs from before IOSpecs get
-    the attention contract.
+    Its inputs (names, dtypes, dims, valid values) and outputs (names, dims: the graph's where
+    the spec records none); graphs from before IOSpecs are described by their own inputs.
 
     A service checks each request with `flash_export.io_spec.check_feed(io, feed)` before
     running it.
 
     Raises:
-        ArtifactError: the recorded IOSpec is malformed.
+        ArtifactError: the recorded IOSpec is malformed, or the graph contradicts it.
     """
+    from flash_export.contract import ORT_TYPES
     from flash_export.recorded import recorded_io
 
+    outputs = [(o.name, ORT_TYPES.get(o.type), list(o.shape)) for o in session.get_outputs()]
     return recorded_io(session.get_modelmeta().custom_metadata_map, "the session's graph",
-                       session_inputs(session))
+                       session_inputs(session), outputs)
 
 
 def session_inputs(session: Any) -> List[Tuple[str, Optional[str], Sequence[Any]]]:
