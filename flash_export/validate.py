@@ -53,7 +53,7 @@ from flash_export.parity import (
     torch_backend,
 )
 from flash_export.recorded import Recorded, check_graph_matches_spec, recorded, recorded_io
-from flash_export.safety import all_nodes, check_onnx_file
+from flash_export.safety import all_nodes, open_onnx
 from flash_export.spec import ModelSpec, check_memory, resolve_spec
 from flash_export.trust import Provenance, provenance
 
@@ -241,9 +241,11 @@ class _Loaded:
         if not path.is_file():
             raise ArtifactError(f"artifact not found: {path}")
         if kind == "onnx":
-            proto = check_onnx_file(path)  # before onnxruntime opens anything it names
+            with open_onnx(path) as opened:  # before onnxruntime opens anything it names
+                proto = opened.model
+                origin = provenance(path, expect_sha256=expect_sha256, trust=trust,
+                                    digest=opened.sha256)  # the bytes just checked
             meta = {p.key: p.value for p in proto.metadata_props}
-            origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
             io = recorded_io(meta, path, graph_inputs(proto))
             return cls(path, kind, meta, recorded(meta, path, kind), origin, io, proto=proto)
         recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load
