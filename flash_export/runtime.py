@@ -63,11 +63,11 @@ def session_options(**options: Any) -> onnxruntime.SessionOptions:
     {"session.intra_op.allow_spinning": "0"}.
 
     Raises:
+        RuntimeLibraryError: onnxruntime is not installed.
         TypeError: an option SessionOptions does not have.
         ValueError: an enum option with an unknown name.
     """
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     so = ort.SessionOptions()
     for key, value in options.items():
         if key == "config_entries":
@@ -149,12 +149,11 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
             end of the file, not the data it was exported with), has a FlashAttention node with
             an unknown or wrong-typed attribute, or onnxruntime rejects it (the native library
             rejects out-of-range attributes here); always one line.
-        RuntimeLibraryError: the model needs the native library and it is missing or fails to
-            register.
+        RuntimeLibraryError: onnxruntime is not installed, or the model needs the native library
+            and it is missing or fails to register.
         TypeError, ValueError: a bad session option.
     """
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     so = session_options(**options)
     chosen = list(providers) if providers is not None else ["CPUExecutionProvider"]
     with _opened(path) as opened:
@@ -223,6 +222,21 @@ def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",
         raise RuntimeLibraryError("CUDAExecutionProvider is not usable here (no GPU or CUDA "
                                   "libraries); onnxruntime fell back to CPU")
     return session
+
+
+def _onnxruntime() -> Any:
+    """The onnxruntime module; flash-export never installs one (see the README's install lines).
+
+    Raises:
+        RuntimeLibraryError: it is not importable, with the line that installs it.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeLibraryError(f"onnxruntime is not installed ({exc}): pip install "
+                                  "onnxruntime, or for CUDA pip install onnxruntime-gpu (one of "
+                                  "the two)") from exc
+    return onnxruntime
 
 
 def _opened(path: Union[str, os.PathLike[str]]) -> Any:
