@@ -37,6 +37,7 @@ from flash_export.contract import (
     EXPORT_DTYPES,
     TARGETS,
 )
+from flash_export.conversion import no_flash_attention
 from flash_export.errors import ArtifactError, FlashExportError, ModelError
 from flash_export.io_spec import IOSpec
 from flash_export.parity import (
@@ -198,7 +199,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         model = spec.build()
     layers = flash_modules(model)
     if not layers:
-        raise ModelError(f"{type(model).__name__} contains no FlashAttention layer")
+        raise ModelError(no_flash_attention(model))
     check_memory(_validate_bytes(sum(p.numel() for p in model.parameters()), layers[0].heads,
                                  layers[0].embed_size, cases), max_memory,
                  f"validating {path.name}")
