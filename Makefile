@@ -12,8 +12,10 @@ OUT ?= out
 # have no network, where an unreachable index costs a minute of retries).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # onnxruntime-gpu on Linux x86_64 (it runs on the CPU too; the CUDA tests need it), else onnxruntime.
+# Installed by name beside the extras: no extra names an onnxruntime (see setup.py).
 ORT ?= $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),gpu,cpu)
-DEMO_EXTRAS := export,$(ORT)
+ORT_REQUIREMENT := $(if $(filter gpu,$(ORT)),onnxruntime-gpu,onnxruntime)>=1.20
+DEMO_EXTRAS := export
 TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve,hf
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
@@ -30,7 +32,7 @@ define install
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
 	@echo "pip install -e '.[$(1)]': dependencies, then building $$($(BIN)/python \
 	  custom_ops/build.py --describe --cuda $${FLASH_EXPORT_CUDA:-auto}); about 1 min, quiet" >&2
-	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]'
+	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]' '$(ORT_REQUIREMENT)'
 endef
 
 $(DEMO_STAMP): $(SOURCES)

@@ -86,16 +86,16 @@ setup(
     py_modules=["flash_attention"],
     package_data={"flash_export": ["_native/*.so", "py.typed"]},
     # The light install runs exported graphs: numpy, onnx (for the checks before a file loads)
-    # and click. onnxruntime is an extra: its CPU and GPU builds are two distributions of one
-    # import name, and forcing either would fight an existing install of the other.
+    # and click, plus the onnxruntime the user installs. No requirement, base or extra, names
+    # onnxruntime: its CPU and GPU builds are two distributions of one import name, pip cannot
+    # ask for either, and one named here would be laid over an installed other (make demo's
+    # onnxruntime-gpu), leaving a broken `import onnxruntime` once either is uninstalled.
     install_requires=[
         "onnx>=1.21,<1.24",
         "click>=8.1",
         "numpy>=1.24",
     ],
     extras_require={
-        "cpu": ["onnxruntime>=1.20"],
-        "gpu": ["onnxruntime-gpu>=1.20"],
         # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
         "export": EXPORT,
         # flash_export.hf: transformers models on our kernel. Pinned to the releases tested

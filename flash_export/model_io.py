@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from flash_export.attention import FlashAttention, ReferenceAttention
 from flash_export.attention_swap import replace_attention
+from flash_export.conversion import no_flash_attention
 from flash_export.errors import ExportError
 from flash_export.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io, make_feed
 
@@ -60,7 +61,7 @@ def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
     if follows_attention_contract(model):
         layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
         if not layers:
-            raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
+            raise ExportError(no_flash_attention(model))
         return attention_io(layers[0].embed_size, mask=mask)
     takes = ", ".join(forward_parameters(model))
     raise ExportError(f"{type(model).__name__}.forward takes ({takes}): pass example inputs "

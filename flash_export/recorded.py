@@ -187,7 +187,9 @@ def _check_io_matches_graph(io: IOSpec, graph_inputs: Sequence[GraphInput],
     """The recorded IOSpec describes the graph's inputs: names, dtypes, ranks, static sizes.
 
     Feeds are built from the IOSpec, so an edited one would feed the graph (and the reference)
-    inputs the file never took.
+    inputs the file never took. A size the IOSpec fixes must be fixed, to the same value, in the
+    graph: a static 8000 where the graph's batch is symbolic would make every feed 8000 rows,
+    past any memory estimate made from the batches asked for.
 
     Raises:
         ArtifactError: an input the graph lacks or does not declare, or disagrees on.
@@ -205,8 +207,14 @@ def _check_io_matches_graph(io: IOSpec, graph_inputs: Sequence[GraphInput],
             raise ArtifactError(f"{path}: the io_spec says {t.name} is {t.dtype} of rank "
                                 f"{len(t.dims)}, the graph's is {dtype} of rank {len(shape)}")
         for axis, (want, held) in enumerate(zip(t.dims, shape)):
-            if isinstance(want, int) and isinstance(held, int) and not isinstance(held, bool) \
-                    and held >= 0 and want != held:
+            if not isinstance(want, int):
+                continue
+            static = isinstance(held, int) and not isinstance(held, bool) and held >= 0
+            if not static:
+                raise ArtifactError(f"{path}: the io_spec says {t.name} has size {want} on axis "
+                                    f"{axis}, the graph's is symbolic ({held or 'unnamed'}): "
+                                    "the io_spec was edited")
+            if want != held:
                 raise ArtifactError(f"{path}: the io_spec says {t.name} has size {want} on axis "
                                     f"{axis}, the graph's has {held}")
 
