@@ -29,26 +29,28 @@ class PreparedCall:
 
     params: AttentionParams
     out: torch.Tensor  # (B, Lq, H*D)
-    mask_u8: Optional[torch.Tensor]  # (B, H, Lq, Lk) uint8 view, broadcast dims with stride 0
+    mask: Optional[torch.Tensor]  # bool, broadcastable to (B, H, Lq, Lk)
 
 
 def strided(x: torch.Tensor) -> Strided:
-    """Where a tensor's elements live, as flash_export.native describes memory."""
-    return Strided(x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+    """Where a tensor's elements live and what they are, as flash_export.native describes them."""
+    return Strided(x.data_ptr(), tuple(x.shape), tuple(x.stride()),
+                   str(x.dtype).removeprefix("torch."), str(x.device))
 
 
-def prepare_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
-                 mask: Optional[torch.Tensor] = None, causal: bool = False,
+def prepare_call(lib: NativeLibrary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 num_heads: int, *, mask: Optional[torch.Tensor] = None, causal: bool = False,
                  scale: Optional[float] = None, chunk_size: int = 64,
                  out: Optional[torch.Tensor] = None) -> PreparedCall:
     """Fill the params for q (B, Lq, H*D), k/v (B, Lk, H*D) of one dtype on one device.
 
     Args:
+        lib: the loaded library, whose params filler checks the call.
         q: (B, Lq, H*D) float32/float16/bfloat16, last dim contiguous, any batch/row strides.
         k: (B, Lk, H*D), same dtype and device.
         v: (B, Lk, H*D), same dtype and device.
         num_heads: H.
-        mask: optional bool/uint8, broadcastable to (B, H, Lq, Lk); True/nonzero = attend.
+        mask: optional bool, broadcastable to (B, H, Lq, Lk); True = attend.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
         scale: logit scale; default 1/sqrt(D).
         chunk_size: keys per online-softmax block (the CPU kernel's knob; CUDA ignores it).
@@ -57,21 +59,17 @@ def prepare_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: i
 
     Returns:
         The filled params with the output and mask tensors they point into.
+
+    Raises:
+        ValueError: the library's params filler refuses the call (dtypes, devices, sizes).
     """
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, seq_q, embed = q.shape
     if out is None:
-        out = torch.full((batch, seq_q, embed), float("nan"), dtype=q.dtype, device=q.device)
-    mask_u8 = None
-    if mask is not None:  # one byte per element, broadcast dims with stride 0
-        mask_u8 = torch.broadcast_to(mask.to(device=q.device, dtype=torch.uint8),
-                                     (batch, num_heads, seq_q, k.shape[1]))
-    params = attention_params(strided(q), strided(k), strided(v), strided(out), num_heads,
-                              dtype=str(q.dtype).replace("torch.", ""),
-                              mask=None if mask_u8 is None else strided(mask_u8), causal=causal,
-                              scale=scale, chunk_size=chunk_size)
-    return PreparedCall(params=params, out=out, mask_u8=mask_u8)
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    allowed = None if mask is None else mask.to(device=q.device, dtype=torch.bool)
+    params = attention_params(lib, strided(q), strided(k), strided(v), strided(out), num_heads,
+                              mask=None if allowed is None else strided(allowed), causal=causal,
+                              scale=scale, chunk_size=chunk_size, device=q.device.type)
+    return PreparedCall(params=params, out=out, mask=allowed)
 
 
 def run_prepared(lib: NativeLibrary, call: PreparedCall, device: torch.device) -> None:
@@ -88,7 +86,7 @@ def native_attention(lib: NativeLibrary, q: torch.Tensor, k: torch.Tensor, v: to
                      causal: bool = False, scale: Optional[float] = None,
                      chunk_size: int = 64) -> torch.Tensor:
     """Attention through the native core on q's device; returns (B, Lq, H*D) in q's dtype."""
-    call = prepare_call(q, k, v, num_heads, mask=mask, causal=causal, scale=scale,
+    call = prepare_call(lib, q, k, v, num_heads, mask=mask, causal=causal, scale=scale,
                         chunk_size=chunk_size)
     run_prepared(lib, call, q.device)
     return call.out

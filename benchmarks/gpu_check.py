@@ -255,7 +255,7 @@ def bench_one(lib: NativeLibrary, device: Any, backend: Any, batch: int, heads: 
     q, k, v = (torch.randn(batch, n, heads * head_dim, device=device, dtype=torch.float16)
                for _ in range(3))  # (B, N, H*D)
     qh, kh, vh = (harness.split_heads(x, heads) for x in (q, k, v))  # (B, H, N, D) views
-    call = harness.prepare_call(q, k, v, heads, causal=causal)
+    call = harness.prepare_call(lib, q, k, v, heads, causal=causal)
     flops = 4.0 * batch * heads * n * n * head_dim / (2.0 if causal else 1.0)
 
     def ours() -> None:
@@ -414,11 +414,11 @@ def phase_sanitize_target(args: argparse.Namespace) -> Dict[str, Any]:
         q, k, v = (to_bits(rng.standard_normal((b, n, e)), dtype) for n in (lq, lk, lk))
         out = np.zeros_like(q)
         mask = None
-        if use_mask:  # (Lq, Lk), broadcast over B and H
-            mask = (rng.random((lq, lk)) > 0.3).astype(np.uint8)
-            mask = Strided.of(np.broadcast_to(mask, (b, h, lq, lk)), mem.upload(mask))
-        p = attention_params(*(Strided.of(x, mem.upload(x)) for x in (q, k, v, out)), h,
-                             dtype=dtype, mask=mask, causal=causal)
+        if use_mask:  # bool (Lq, Lk): the library broadcasts it over B and H
+            allowed = rng.random((lq, lk)) > 0.3
+            mask = Strided.of(allowed, mem.upload(allowed))
+        p = attention_params(lib, *(Strided.of(x, mem.upload(x), dtype) for x in (q, k, v, out)),
+                             h, mask=mask, causal=causal, device="cpu" if args.dry_run else "cuda")
         status = lib.forward_cpu(p) if args.dry_run else lib.forward_cuda(p, 0)
         mem.synchronize()
         mem.download(p.out, out)

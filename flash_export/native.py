@@ -7,21 +7,35 @@ reading the wrong fields.
 
     lib = NativeLibrary(library_path())
     out = attention(lib, q, k, v, num_heads=2, causal=True)   # numpy (B, L, E) -> (B, Lq, E)
+
+The params of a call are filled by the library itself (`flash_export_attention_params`, the one
+params filler every adapter calls), from descriptions of the tensors (`Strided`): it checks the
+call against the op's contract first, so a wrong size, element type or device is refused with a
+message instead of read past a buffer.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import functools
 import json
-import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from flash_export.errors import RuntimeLibraryError
 
-# FLASH_EXPORT_FLOAT32 / _FLOAT16 / _BFLOAT16, by dtype name.
+# FLASH_EXPORT_FLOAT32 / _FLOAT16 / _BFLOAT16, by dtype name: the kernels' element types.
 DTYPE_CODES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
+# FlashExportTensor's element type codes: the kernels' and the mask's; any other name is
+# FLASH_EXPORT_OTHER_TYPE.
+_ELEMENT_CODES: Dict[str, int] = {**DTYPE_CODES, "bool": 3}
+_OTHER_TYPE = 4
+# FLASH_EXPORT_DEVICE_CPU / _CUDA by device type ("cuda:1" is a cuda); any other is _OTHER.
+_DEVICE_CODES: Dict[str, int] = {"cpu": 0, "cuda": 1}
+_OTHER_DEVICE = 2
+_ERROR_SIZE = 512  # FLASH_EXPORT_ERROR_SIZE
 # The entry points' status codes (FLASH_EXPORT_OK ...).
 STATUS_NAMES: Dict[int, str] = {0: "ok", 1: "invalid_argument", 2: "unsupported",
                                 3: "device_error", 4: "out_of_memory"}
@@ -53,6 +67,28 @@ class AttentionParams(ctypes.Structure):
     ]
 
 
+class TensorDescriptor(ctypes.Structure):
+    """Mirror of FlashExportTensor: one tensor of a call, as `attention_params` describes it."""
+
+    # sizes and strides (const int64_t* in C) are addresses into an int64 array its maker keeps
+    # alive (`_descriptors`): set as plain addresses, ctypes builds no pointer objects.
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("sizes", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+        ("type_name", ctypes.c_char_p), ("device_name", ctypes.c_char_p),
+        ("rank", ctypes.c_int32), ("dtype", ctypes.c_int32), ("device", ctypes.c_int32),
+    ]
+
+
+class AttentionOptions(ctypes.Structure):
+    """Mirror of FlashExportAttentionOptions: the op's attributes and the forward's device."""
+
+    _fields_ = [
+        ("num_heads", ctypes.c_int64), ("chunk_size", ctypes.c_int64), ("scale", ctypes.c_double),
+        ("has_scale", ctypes.c_bool), ("causal", ctypes.c_bool), ("device", ctypes.c_int32),
+        ("dtypes", ctypes.c_uint32),
+    ]
+
+
 class NativeError(RuntimeError):
     """A forward entry point returned a status other than ok."""
 
@@ -63,9 +99,15 @@ class NativeError(RuntimeError):
 
 
 _PARAMS = ctypes.POINTER(AttentionParams)
+_TENSOR = ctypes.POINTER(TensorDescriptor)
 # name -> (argtypes, restype); every one but those in _OPTIONAL must be exported.
 _SIGNATURES: Dict[str, Tuple[list, Any]] = {
     "flash_export_params_size": ([], ctypes.c_size_t),
+    "flash_export_tensor_size": ([], ctypes.c_size_t),
+    "flash_export_options_size": ([], ctypes.c_size_t),
+    "flash_export_attention_params": ([_TENSOR, _TENSOR, _TENSOR, _TENSOR, _TENSOR,
+                                       ctypes.POINTER(AttentionOptions), _PARAMS,
+                                       ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
     "flash_export_attention_forward_cpu": ([_PARAMS], ctypes.c_int32),
     "flash_export_attention_forward_cpu_threads": ([_PARAMS, ctypes.c_int32], ctypes.c_int32),
     "flash_export_attention_forward_cpu_openmp": ([_PARAMS, ctypes.c_void_p, ctypes.c_int32],
@@ -106,11 +148,14 @@ class NativeLibrary:
         setting: Optional[bytes] = self._fns["flash_export_cpu_isa_error"]()
         if setting:
             raise RuntimeLibraryError(setting.decode())
-        size = int(self._fns["flash_export_params_size"]())
-        if size != ctypes.sizeof(AttentionParams):
-            raise RuntimeLibraryError(
-                f"{self.path} has params of {size} bytes, flash_export/native.py mirrors "
-                f"{ctypes.sizeof(AttentionParams)}: the library is from another version")
+        for entry, mirror in (("flash_export_params_size", AttentionParams),
+                              ("flash_export_tensor_size", TensorDescriptor),
+                              ("flash_export_options_size", AttentionOptions)):
+            size = int(self._fns[entry]())
+            if size != ctypes.sizeof(mirror):
+                raise RuntimeLibraryError(
+                    f"{self.path} has {mirror.__name__} of {size} bytes, flash_export/native.py "
+                    f"mirrors {ctypes.sizeof(mirror)}: the library is from another version")
 
     @property
     def has_cuda(self) -> bool:
@@ -145,6 +190,27 @@ class NativeLibrary:
                                       "older than this binding")
         plan: Dict[str, Any] = json.loads(self._fns[_CPU_PLAN](ctypes.byref(params), threads))
         return plan
+
+    def fill_params(self, query: TensorDescriptor, key: TensorDescriptor, value: TensorDescriptor,
+                    mask: Optional[TensorDescriptor], out: Optional[TensorDescriptor],
+                    options: AttentionOptions) -> AttentionParams:
+        """flash_export_attention_params: check a call against the op's contract, fill its params.
+
+        Raises:
+            ValueError: the call breaks the contract; the library's message names the argument,
+                what it must be and what it is.
+        """
+        params = AttentionParams()
+        args = (ctypes.byref(query), ctypes.byref(key), ctypes.byref(value),
+                None if mask is None else ctypes.byref(mask),
+                None if out is None else ctypes.byref(out), ctypes.byref(options),
+                ctypes.byref(params))
+        fill = self._fns["flash_export_attention_params"]
+        if fill(*args, None, 0) != 0:  # no message buffer on the way that succeeds
+            error = ctypes.create_string_buffer(_ERROR_SIZE)
+            fill(*args, error, _ERROR_SIZE)  # the same checks again, to read their message
+            raise ValueError(error.value.decode(errors="replace"))
+        return params
 
     def forward_cpu(self, params: Optional[AttentionParams], threads: int = 1) -> int:
         """The CPU forward, serial or on `threads` threads; returns its status (0: ok)."""
@@ -192,65 +258,98 @@ class Strided(NamedTuple):
     address: int
     shape: Tuple[int, ...]
     strides: Tuple[int, ...]  # in elements, not bytes
+    # The element type's name ("float32", "float16", "bfloat16", "bool", or any other, which the
+    # library refuses by that name); None: the call's `dtype`.
+    dtype: Optional[str] = None
+    # "cpu", "cuda" ("cuda:1"), or any other device name (refused); None: the call's device.
+    device: Optional[str] = None
 
     @classmethod
-    def of(cls, array: np.ndarray, address: Optional[int] = None) -> Strided:
-        """A numpy array's layout; at `address` instead when its data was copied elsewhere."""
-        return cls(array.ctypes.data if address is None else address, tuple(array.shape),
-                   tuple(s // array.itemsize for s in array.strides))
+    def of(cls, array: np.ndarray, address: Optional[int] = None,
+           dtype: Optional[str] = None) -> Strided:
+        """A numpy array's layout and element type.
+
+        `dtype` overrides numpy's name (e.g. "bfloat16" for uint16 words); `address` the array's
+        own, when its data was copied elsewhere.
+        """
+        return cls(array.ctypes.data if address is None else address, array.shape,
+                   tuple(s // array.itemsize for s in array.strides),
+                   _numpy_name(array.dtype) if dtype is None else dtype)
 
 
-def attention_params(q: Strided, k: Strided, v: Strided, out: Strided, num_heads: int, *,
-                     dtype: str, mask: Optional[Strided] = None, causal: bool = False,
-                     scale: Optional[float] = None, chunk_size: int = 64) -> AttentionParams:
-    """Fill the params of one forward.
+@functools.cache
+def _numpy_name(dtype: np.dtype) -> str:
+    return dtype.name  # numpy derives it anew on every read: ~20 us a tensor
+
+
+@functools.cache
+def _codes(name: str, device: str) -> Tuple[bytes, bytes, int, int]:
+    """(type name, device name, FLASH_EXPORT_* type code, device code) of a descriptor."""
+    return (name.encode(), device.encode(), _ELEMENT_CODES.get(name, _OTHER_TYPE),
+            _DEVICE_CODES.get(device.split(":")[0], _OTHER_DEVICE))
+
+
+def _descriptors(tensors: Tuple[Optional[Strided], ...], dtypes: Tuple[Optional[str], ...],
+                 device: str) -> Tuple[array.array, list]:
+    """(dims, descriptors): each tensor's FlashExportTensor, and the array they point into.
+
+    None stays None; `dtypes` are the element types of the tensors whose Strided states none.
+    The sizes and strides of all live in the one int64 array `dims`, which the caller keeps alive
+    while the library reads the descriptors.
+    """
+    # array.array fills in a few microseconds what a ctypes array takes 0.25 us an element for
+    dims = array.array("q", [n for x in tensors if x is not None for n in (*x.shape, *x.strides)])
+    at = dims.buffer_info()[0]
+    descriptors: list = []
+    for x, dtype in zip(tensors, dtypes):
+        if x is None:
+            descriptors.append(None)
+            continue
+        rank = len(x.shape)
+        type_name, device_name, type_code, device_code = _codes(
+            x.dtype or dtype or "an unstated element type", x.device or device)
+        descriptors.append(TensorDescriptor(x.address, at, at + 8 * rank, type_name, device_name,
+                                            rank, type_code, device_code))
+        at += 16 * rank
+    return dims, descriptors
+
+
+def attention_params(lib: NativeLibrary, q: Strided, k: Strided, v: Strided,
+                     out: Optional[Strided], num_heads: int, *, dtype: Optional[str] = None,
+                     mask: Optional[Strided] = None, causal: bool = False,
+                     scale: Optional[float] = None, chunk_size: int = 64,
+                     device: str = "cpu") -> AttentionParams:
+    """The params of one forward, checked and filled by the library (flash_export_attention_params).
 
     Args:
+        lib: the loaded library.
         q: (B, Lq, H*D), its last dimension contiguous (as for k, v and out).
-        k: (B, Lk, H*D).
+        k: (B, Lk, H*D), q's element type and device.
         v: (B, Lk, H*D).
-        out: (B, Lq, H*D).
+        out: (B, Lq, H*D) of q's element type; None: set `params.out` to a contiguous one after
+            this call.
         num_heads: H.
-        dtype: the element type of q, k, v and out: "float32", "float16" or "bfloat16".
-        mask: optional, one byte per element (nonzero = attend), already broadcast to
-            (B, H, Lq, Lk); a broadcast dimension has stride 0.
+        dtype: the element type of the tensors whose `Strided.dtype` is None: "float32",
+            "float16" or "bfloat16".
+        mask: optional bool (where its `Strided.dtype` is None too), broadcastable (numpy
+            rules) to (B, H, Lq, Lk), any strides; True = attend.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
-        scale: logit scale; default 1/sqrt(D).
+        scale: logit scale, finite and not 0 in float32; default 1/sqrt(D).
         chunk_size: keys per online-softmax block (the CPU kernel's; CUDA ignores it).
+        device: the forward's device, "cpu" or "cuda", and the device of the tensors whose
+            `Strided.device` is None.
 
     Raises:
-        ValueError: shapes that disagree, a last dimension that is not contiguous, an unknown
-            dtype.
+        ValueError: the call breaks the op's contract (the library's message says how).
     """
-    batch, seq_q, embed = q.shape
-    seq_k = k.shape[1]
-    if embed % num_heads != 0:
-        raise ValueError(f"embed {embed} is not divisible by num_heads {num_heads}")
-    head_dim = embed // num_heads
-    for name, x, rows in (("k", k, seq_k), ("v", v, seq_k), ("out", out, seq_q)):
-        if tuple(x.shape) != (batch, rows, embed):
-            raise ValueError(f"{name} is {tuple(x.shape)}, expected {(batch, rows, embed)}")
-    if mask is not None and tuple(mask.shape) != (batch, num_heads, seq_q, seq_k):
-        raise ValueError(f"mask is {tuple(mask.shape)}, expected it broadcast to "
-                         f"{(batch, num_heads, seq_q, seq_k)}")
-    if dtype not in DTYPE_CODES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_CODES)}")
-    p = AttentionParams(q=q.address, k=k.address, v=v.address, out=out.address, batch=batch,
-                        heads=num_heads, head_dim=head_dim, seq_q=seq_q, seq_k=seq_k,
-                        chunk_size=chunk_size, causal=causal, dtype=DTYPE_CODES[dtype])
-    p.scale = (1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0) if scale is None else scale
-    for prefix, x in (("q", q), ("k", k), ("v", v), ("o", out)):
-        if embed > 1 and x.strides[2] != 1 and 0 not in x.shape:  # empty: nothing is read
-            raise ValueError(f"{prefix}: the last dimension must be contiguous, got stride "
-                             f"{x.strides[2]}")
-        setattr(p, f"{prefix}_batch_stride", x.strides[0])
-        setattr(p, f"{prefix}_row_stride", x.strides[1])
-        setattr(p, f"{prefix}_head_stride", head_dim)
-    if mask is not None:
-        p.mask = mask.address
-        (p.mask_batch_stride, p.mask_head_stride, p.mask_q_stride,
-         p.mask_k_stride) = mask.strides
-    return p
+    options = AttentionOptions(num_heads, chunk_size, 0.0 if scale is None else scale,
+                               scale is not None, causal, _codes("", device)[3])
+    dims, described = _descriptors((q, k, v, mask, out), (dtype, dtype, dtype, "bool", dtype),
+                                   device)
+    dq, dk, dv, dmask, dout = described
+    params = lib.fill_params(dq, dk, dv, dmask, dout, options)
+    del dims  # read by the library, which keeps no pointer into it
+    return params
 
 
 def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
@@ -267,7 +366,7 @@ def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, n
         num_heads: H; E must be divisible by it.
         mask: optional bool, broadcastable to (B, H, Lq, Lk); True = attend.
         causal: bottom-right aligned causal mask.
-        scale: logit scale; default 1/sqrt(E / H).
+        scale: logit scale, finite and not 0; default 1/sqrt(E / H).
         chunk_size: keys per online-softmax block.
         threads: CPU threads (the caller's included); 1 runs the serial entry point.
         dtype: the element type; default q's. "bfloat16" with uint16 arrays of bfloat16 bits
@@ -279,19 +378,22 @@ def attention(lib: NativeLibrary, q: np.ndarray, k: np.ndarray, v: np.ndarray, n
         (B, Lq, E) of q's dtype, NaN wherever the kernel wrote nothing.
 
     Raises:
+        ValueError: arrays or attributes the op's contract refuses (sizes, element types that
+            differ or the kernel does not run, a mask that does not broadcast, a scale of 0...),
+            checked by the library before anything runs.
         NativeError: the kernel returned a status other than ok.
     """
     q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
-    dtype = q.dtype.name if dtype is None else dtype
-    out = np.full_like(q, _BFLOAT16_NAN if dtype == "bfloat16" else np.nan)
-    batch, seq_q, _ = q.shape
-    broadcast = None
-    if mask is not None:
-        broadcast = np.broadcast_to(np.asarray(mask, dtype=np.bool_),
-                                    (batch, num_heads, seq_q, k.shape[1]))
-    p = attention_params(Strided.of(q), Strided.of(k), Strided.of(v), Strided.of(out), num_heads,
-                         dtype=dtype, mask=None if broadcast is None else Strided.of(broadcast),
+    # numpy has no bfloat16: uint16 words are bfloat16 where the call says so
+    q_, k_, v_ = (Strided.of(x, dtype="bfloat16" if dtype == "bfloat16" and x.dtype == np.uint16
+                             else None) for x in (q, k, v))
+    if dtype is not None and q_.dtype != dtype:
+        raise ValueError(f"dtype {dtype!r} does not describe q, a {q_.dtype} array")
+    p = attention_params(lib, q_, k_, v_, None, num_heads,
+                         mask=None if mask is None else Strided.of(np.asarray(mask)),
                          causal=causal, scale=scale, chunk_size=chunk_size)
+    out = np.full_like(q, _BFLOAT16_NAN if q_.dtype == "bfloat16" else np.nan)
+    p.out = out.ctypes.data  # (B, Lq, E), contiguous as the params say
     if gomp_parallel is not None:
         check(lib.forward_cpu_openmp(p, gomp_parallel, threads),
               "flash_export_attention_forward_cpu_openmp")

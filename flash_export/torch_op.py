@@ -10,7 +10,11 @@ torch's own OpenMP team of `torch.get_num_threads()` threads. Its contract is th
               int chunk_size, bool causal, float scale) -> Tensor
 
 query (B, Lq, E), key and value (B, Lk, E), all float32, float16 or bfloat16 alike; mask an
-optional bool tensor broadcastable to (B, num_heads, Lq, Lk), True = attend; output (B, Lq, E).
+optional bool tensor broadcastable to (B, num_heads, Lq, Lk), True = attend; every input on one
+device; scale finite and not 0 in float32; output (B, Lq, E). Both CPU kernels (this module's and
+the shim's) have the library's params filler (`flash_export_attention_params`, which every native
+entry point uses) check a call before anything runs. The fake kernel, which meta tensors, tracing
+and CPU inputs with a meta mask reach, checks devices, element types and scale in its words.
 
 Who registers what, so nothing is registered twice:
 - In Python, importing this module registers the op (`import flash_export.torch_op` before
@@ -32,6 +36,7 @@ Who registers what, so nothing is registered twice:
 
 import ctypes
 import functools
+import math
 import threading
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -41,6 +46,7 @@ from torch import Tensor
 
 from flash_export.contract import TORCH_OP
 from flash_export.errors import RuntimeLibraryError
+from flash_export.native import Strided, attention_params, check
 
 NAMESPACE = "flash_export"
 OP = "attention"
@@ -48,8 +54,8 @@ QUALNAME = TORCH_OP
 # Kept identical to custom_ops/torch/flash_export_torch.cc (a test compares them).
 SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int num_heads, "
           "int chunk_size, bool causal, float scale) -> Tensor")
-# Element types the CPU core runs, by torch dtype (flash_export.h's FLASH_EXPORT_* codes).
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_FLOAT32_MAX = 3.4028234663852886e38  # the scale rule's range (custom_ops scale_is_valid)
 
 _lock = threading.Lock()
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it unregisters
@@ -97,60 +103,19 @@ def _native() -> Any:
         raise RuntimeLibraryError(f"cannot load the native library {path}: {exc}") from exc
 
 
-def check_arguments(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
-                    num_heads: int, chunk_size: int) -> Tuple[int, int, int, int]:
-    """Check the op's arguments against its contract; return (B, Lq, Lk, E).
-
-    Raises:
-        ValueError: a rank, size, dtype or attribute the kernel cannot honour, saying expected
-            vs got.
-    """
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() != 3:
-            raise ValueError(f"{QUALNAME}: {name} must be (B, L, E), got rank {t.dim()}")
-        if t.dtype != query.dtype:
-            raise ValueError(f"{QUALNAME}: {name} is {t.dtype}, query is {query.dtype}")
-    batch, seq_q, embed = query.shape
-    seq_k = key.shape[1]
-    if tuple(key.shape) != (batch, seq_k, embed) or tuple(value.shape) != tuple(key.shape):
-        raise ValueError(f"{QUALNAME}: key and value must be (B, Lk, E) = "
-                         f"{(batch, seq_k, embed)} for query {tuple(query.shape)}, got "
-                         f"{tuple(key.shape)} and {tuple(value.shape)}")
-    if num_heads < 1 or embed % num_heads != 0:
-        raise ValueError(f"{QUALNAME}: num_heads must be >= 1 and divide E = {embed}, "
-                         f"got {num_heads}")
-    if chunk_size < 1:
-        raise ValueError(f"{QUALNAME}: chunk_size must be >= 1, got {chunk_size}")
-    if mask is not None:
-        target = (batch, num_heads, seq_q, seq_k)
-        if mask.dtype != torch.bool:
-            raise ValueError(f"{QUALNAME}: mask must be bool (True = attend), got {mask.dtype}")
-        sizes = tuple(mask.shape)
-        if len(sizes) > 4 or any(s != 1 and s != t for s, t in zip(sizes, target[4 - len(sizes):])):
-            raise ValueError(f"{QUALNAME}: mask of shape {list(sizes)} does not broadcast to "
-                             f"(B, H, Lq, Lk) = {list(target)}")
-    return batch, seq_q, seq_k, embed
-
-
 def _cpu_kernel(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
                 num_heads: int, chunk_size: int, causal: bool, scale: float) -> Tensor:
-    from flash_export.native import attention_params, check
-
-    batch, seq_q, seq_k, _ = check_arguments(query, key, value, mask, num_heads, chunk_size)
-    if query.dtype not in _DTYPES:
-        raise ValueError(f"{QUALNAME}: the CPU kernel runs float32, float16 or bfloat16, got "
-                         f"{query.dtype}")
     # The core reads any batch and row strides, but each row's E elements in a run.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out = torch.empty(query.shape, dtype=query.dtype)  # (B, Lq, E)
-    allowed = None
-    if mask is not None:
-        allowed = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(
-            batch, num_heads, seq_q, seq_k)  # (B, H, Lq, Lk), broadcast dims of stride 0
-    params = attention_params(_strided(q), _strided(k), _strided(v), _strided(out), num_heads,
-                              dtype=_DTYPES[query.dtype],
-                              mask=None if allowed is None else _strided(allowed),
-                              causal=causal, scale=scale, chunk_size=chunk_size)
+    q, k, v = (t.contiguous() if t.dim() == 3 and t.stride(2) != 1 else t
+               for t in (query, key, value))
+    try:  # the library checks the call (devices, dtypes, sizes, mask, attributes) and fills it
+        params = attention_params(_native(), _strided(q), _strided(k), _strided(v), None,
+                                  num_heads, mask=None if mask is None else _strided(mask),
+                                  causal=causal, scale=scale, chunk_size=chunk_size)
+    except ValueError as exc:
+        raise ValueError(f"{QUALNAME}: {exc}") from None
+    out = torch.empty(query.shape, dtype=query.dtype)  # (B, Lq, E), contiguous as params say
+    params.out = out.data_ptr()
     check(_native().forward_cpu_openmp(params, _torch_openmp(), torch.get_num_threads()),
           "flash_export_attention_forward_cpu_openmp")
     return out
@@ -188,20 +153,67 @@ def _torch_openmp() -> Optional[int]:
     return None
 
 
-def _strided(t: Tensor) -> Any:
-    from flash_export.native import Strided
+def _strided(t: Tensor) -> Strided:
+    return Strided(t.data_ptr(), tuple(t.shape), t.stride(), _dtype_name(t.dtype),
+                   _device_name(t.device))
 
-    return Strided(t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # "float32", "bool": the library's names
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return str(device)  # "cpu", "meta", "cuda:1"
 
 
 def _fake(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], num_heads: int,
           chunk_size: int, causal: bool, scale: float) -> Tensor:
-    # Shapes only (symbolic under torch.export): the output is query's (B, Lq, E).
+    # The meta kernel, and the fake one under torch.export / torch.compile: no data, and sizes
+    # that may be symbolic, so the library's params filler cannot see the call. What needs no
+    # sizes is checked here in the filler's words (CPU inputs with a meta mask dispatch here,
+    # not to the CPU kernel); the sizes as far as symbolic shapes allow.
+    _check_devices_dtypes_scale(query, key, value, mask, scale)
     torch._check(query.dim() == 3 and key.dim() == 3 and value.dim() == 3,
                  lambda: f"{QUALNAME}: query, key and value must be (B, L, E)")
     torch._check(num_heads >= 1 and query.shape[2] % num_heads == 0,
                  lambda: f"{QUALNAME}: num_heads {num_heads} must divide E")
     return query.new_empty(query.shape)
+
+
+def _check_devices_dtypes_scale(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
+                                scale: float) -> None:
+    """flash_export_attention_params's checks that need no sizes, for the fake kernel.
+
+    Raises:
+        ValueError: in the library's words: an input on another device than query's, key or
+            value of another element type than query's, a query type the kernel does not run, a
+            mask that is not bool, a scale that is not finite or 0 in float32.
+    """
+    # In the filler's order: the attributes, devices, then element types
+    if isinstance(scale, (int, float)) and not (  # a symbolic scale is checked when it runs
+            math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX
+            and ctypes.c_float(scale).value != 0.0):
+        raise ValueError(f"{QUALNAME}: scale is {scale:g}, expected a finite float32 other than 0")
+    named = (("key", key), ("value", value), ("mask", mask))
+    for name, t in named:
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{QUALNAME}: {name} is on {t.device}, expected {query.device} "
+                             "(query's device)")
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{QUALNAME}: query has element type {_type_name(query)}, expected "
+                         "float32, float16 or bfloat16")
+    for name, t in named[:2]:
+        if t.dtype != query.dtype:
+            raise ValueError(f"{QUALNAME}: {name} has element type {_type_name(t)}, expected "
+                             f"{_type_name(query)} (query's element type)")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"{QUALNAME}: mask has element type {_type_name(mask)}, expected bool")
+
+
+def _type_name(t: Tensor) -> str:
+    return _dtype_name(t.dtype)
 
 
 def _no_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:

@@ -103,8 +103,7 @@ def test_every_regime_matches_reference_on_every_path(isa: str) -> None:
                 mask = rng.random((b, 1, lq, lk)) > 0.3 if masked else None
                 out = attention(lib, q, k, v, h, mask=mask, causal=causal, threads=threads)
                 plan = lib.cpu_plan(attention_params(
-                    *(Strided.of(x) for x in (q, k, v, out)), h, dtype=np.dtype(dtype).name,
-                    causal=causal), threads)
+                    lib, *(Strided.of(x) for x in (q, k, v, out)), h, causal=causal), threads)
                 plans.append(plan)
                 assert plan["regime"] == regime, (regime, b, lq, lk, h, d, plan)
                 if regime == "shared" and lk == 5500:

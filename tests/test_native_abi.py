@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flash_export.native import AttentionParams, NativeLibrary
+from flash_export.native import AttentionOptions, AttentionParams, NativeLibrary, TensorDescriptor
 from flash_export.runtime import library_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,28 +102,89 @@ LAYOUT_PROGRAM = """
 #include <stddef.h>
 #include <stdio.h>
 #include "flash_export.h"
-#define F(name) printf("\\"%s\\": %zu, ", #name, offsetof(FlashExportAttentionParams, name));
+#define F(name) printf("\\"%s\\": %zu, ", #name, offsetof(STRUCT, name));
 int main(void) {
   printf("{");
   FIELDS
-  printf("\\"sizeof\\": %zu}\\n", sizeof(FlashExportAttentionParams));
+  printf("\\"sizeof\\": %zu}\\n", sizeof(STRUCT));
   return 0;
 }
 """
+MIRRORS = {"FlashExportAttentionParams": AttentionParams, "FlashExportTensor": TensorDescriptor,
+           "FlashExportAttentionOptions": AttentionOptions}
 
 
-def test_ctypes_mirror_matches_the_c_header(tmp_path: Path) -> None:
-    names = [name for name, _ in AttentionParams._fields_]
+@pytest.mark.parametrize("struct", list(MIRRORS))
+def test_ctypes_mirror_matches_the_c_header(struct: str, tmp_path: Path) -> None:
+    mirror = MIRRORS[struct]
+    names = [name for name, _ in mirror._fields_]
     source = tmp_path / "layout.c"
-    source.write_text(LAYOUT_PROGRAM.replace("FIELDS", " ".join(f"F({n})" for n in names)))
+    source.write_text(LAYOUT_PROGRAM.replace("STRUCT", struct)
+                      .replace("FIELDS", " ".join(f"F({n})" for n in names)))
     exe = tmp_path / "layout"
     subprocess.run([_compiler("gcc"), "-std=c99", f"-I{C_HEADER.parent}", str(source), "-o",
                     str(exe)], check=True)
     layout = json.loads(subprocess.run([str(exe)], capture_output=True, text=True,
                                        check=True).stdout)
-    mirror = {name: getattr(AttentionParams, name).offset for name in names}
-    assert {n: layout[n] for n in names} == mirror
-    assert layout["sizeof"] == ctypes.sizeof(AttentionParams)
+    assert {n: layout[n] for n in names} == {n: getattr(mirror, n).offset for n in names}
+    assert layout["sizeof"] == ctypes.sizeof(mirror)
+
+
+# A C99 caller of the params filler: one call it fills, then refusals, one into a short buffer.
+FILLER_PROGRAM = r"""
+#include <stdio.h>
+#include "flash_export.h"
+static int64_t q_sizes[3] = {2, 5, 32}, kv_sizes[3] = {2, 7, 32}, m_sizes[2] = {5, 7};
+static float q[2 * 5 * 32], k[2 * 7 * 32], v[2 * 7 * 32];
+static _Bool m[5 * 7];
+static FlashExportTensor tensor(void* data, int32_t rank, int64_t* sizes, int32_t dtype) {
+  FlashExportTensor t = {0};
+  t.data = data; t.rank = rank; t.sizes = sizes; t.dtype = dtype;
+  t.device = FLASH_EXPORT_DEVICE_CPU;
+  return t;
+}
+int main(void) {
+  FlashExportTensor tq = tensor(q, 3, q_sizes, FLASH_EXPORT_FLOAT32);
+  FlashExportTensor tk = tensor(k, 3, kv_sizes, FLASH_EXPORT_FLOAT32);
+  FlashExportTensor tv = tensor(v, 3, kv_sizes, FLASH_EXPORT_FLOAT32);
+  FlashExportTensor tm = tensor(m, 2, m_sizes, FLASH_EXPORT_BOOL);
+  FlashExportAttentionOptions o = {0};
+  o.num_heads = 4; o.chunk_size = 16; o.causal = 1; o.device = FLASH_EXPORT_DEVICE_CPU;
+  FlashExportAttentionParams p;
+  char error[FLASH_EXPORT_ERROR_SIZE], little[16];
+  int32_t ok = flash_export_attention_params(&tq, &tk, &tv, &tm, NULL, &o, &p, error, 512);
+  printf("%d %lld %lld %lld %lld %lld %lld %lld %lld %lld %g %d %d\n", ok, (long long)p.batch,
+         (long long)p.heads, (long long)p.head_dim, (long long)p.seq_k,
+         (long long)p.k_batch_stride, (long long)p.o_row_stride, (long long)p.mask_batch_stride,
+         (long long)p.mask_q_stride, (long long)p.mask_k_stride, p.scale, p.causal,
+         p.q == q && p.mask == (const uint8_t*)m && p.out == NULL);
+  tv.dtype = FLASH_EXPORT_FLOAT16;
+  int32_t refused = flash_export_attention_params(&tq, &tk, &tv, NULL, NULL, &o, &p, error, 512);
+  printf("%d %s|%d\n", refused, error, p.q == NULL && p.batch == 0);
+  flash_export_attention_params(&tq, &tk, &tv, NULL, NULL, &o, &p, little, sizeof(little));
+  printf("%s|\n", little);
+  return 0;
+}
+"""
+
+
+def test_a_c_program_fills_params_through_the_one_filler(tmp_path: Path) -> None:
+    if not Path(library_path()).is_file():
+        pytest.skip(f"native library not built at {library_path()}")
+    source = tmp_path / "fill.c"
+    source.write_text(FILLER_PROGRAM)
+    exe = tmp_path / "fill"
+    lib = Path(library_path())
+    subprocess.run([_compiler("gcc"), "-std=c99", "-Wall", "-Wextra", "-Werror",
+                    f"-I{C_HEADER.parent}", str(source), str(lib), f"-Wl,-rpath,{lib.parent}",
+                    "-o", str(exe)], check=True)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
+                           timeout=60).stdout.splitlines()
+    # B, H, D, Lk, key batch stride, out row stride, mask (Lq, Lk) broadcast over B and H
+    assert lines[0] == "0 2 4 8 7 224 32 0 7 1 0.353553 1 1"
+    assert lines[1] == ("1 value has element type float16, expected float32 (query's element "
+                        "type)|1")
+    assert lines[2] == "value has eleme|"
 
 
 def test_c_header_declares_every_exported_symbol() -> None:

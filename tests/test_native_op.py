@@ -331,21 +331,22 @@ INVALID_CASES: dict[str, tuple[str, str]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def invalid_results() -> dict[str, str]:
-    """Run every invalid case in one subprocess; maps case id to the error message (or 'OK')."""
-    cases = {name: args for name, (args, _) in INVALID_CASES.items()}
+def _refusals(runner: str, cases: dict[str, tuple[str, str]], caught: str) -> dict[str, str]:
+    """Run every case through `runner` (this module's) in one subprocess, where a read past a
+    buffer may crash; maps case id to the message of the `caught` exception it raised (or
+    'OK')."""
+    arguments = {name: args for name, (args, _) in cases.items()}
     result = _subprocess(f"""
         import json
         import numpy as np
-        from test_native_op import _qkv, _run_declared_as_fed
+        from test_native_op import _qkv, {runner}
         out = {{}}
-        for name, args in {cases!r}.items():
+        for name, args in {arguments!r}.items():
             q, k, v = _qkv(2, 7, 9, 32)
             try:
-                eval("_run_declared_as_fed(" + args + ")")
+                eval("{runner}(" + args + ")")
                 out[name] = "OK"
-            except Exception as exc:
+            except {caught} as exc:
                 out[name] = str(exc)
         print(json.dumps(out))
     """)
@@ -353,10 +354,61 @@ def invalid_results() -> dict[str, str]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def invalid_results() -> dict[str, str]:
+    # onnxruntime raises its own pybind exception types
+    return _refusals("_run_declared_as_fed", INVALID_CASES, "Exception")
+
+
 @pytest.mark.parametrize("case", list(INVALID_CASES), ids=list(INVALID_CASES))
 def test_invalid_input_rejected(case: str, invalid_results: dict[str, str]) -> None:
     message = invalid_results[case]
     assert "FlashAttention: " in message and INVALID_CASES[case][1] in message, message
+
+
+# The node's faults that are about tensors, refused by the ctypes binding in the node's words: both
+# have the library's params filler check the call (the node adds its "FlashAttention: " prefix).
+SHARED_FAULTS = ("query_rank", "key_rank", "value_rank", "key_dtype", "value_dtype", "batch",
+                 "embed", "value_embed", "value_length", "heads_divide", "mask_dtype",
+                 "mask_rank", "mask_lk", "mask_heads", "mask_batch")
+BINDING_CASES: dict[str, tuple[str, str]] = {
+    **{name: INVALID_CASES[name] for name in SHARED_FAULTS},
+    # float32 queries with float16 keys and values were read as float32: past both buffers,
+    # garbage up to 5e34, and a segfault at Lk = 200,000
+    "kv_float16_long": ("q, *[np.zeros((2, 200_000, 32), np.float16)] * 2, num_heads=2",
+                        "key has element type float16, expected float32 (query's element type)"),
+    "value_float16": ("q, k, v.astype(np.float16), num_heads=2",
+                      "value has element type float16, expected float32 (query's element type)"),
+    "query_dtype": ("q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), num_heads=2",
+                    "query has element type float64, expected float32, float16 or bfloat16"),
+    "num_heads_zero": ("q, k, v, num_heads=0", "num_heads is 0, expected at least 1"),
+    "chunk_size": ("q, k, v, num_heads=2, chunk_size=0", "chunk_size is 0, expected at least 1"),
+    "scale_nan": ("q, k, v, num_heads=2, scale=float('nan')",
+                  "scale is nan, expected a finite float32 other than 0"),
+    "scale_zero": ("q, k, v, num_heads=2, scale=0.0",
+                   "scale is 0, expected a finite float32 other than 0"),
+    "scale_overflow": ("q, k, v, num_heads=2, scale=1e39",
+                       "scale is 1e+39, expected a finite float32 other than 0"),
+}
+
+
+def _run_binding(*arrays: np.ndarray, num_heads: int, **attrs: Any) -> np.ndarray:
+    """`flash_export.native.attention` with _run_declared_as_fed's arguments (mask 4th)."""
+    lib = NativeLibrary(library_path())
+    return attention(lib, *arrays[:3], num_heads, mask=arrays[3] if len(arrays) > 3 else None,
+                     **attrs)
+
+
+@pytest.fixture(scope="module")
+def binding_results() -> dict[str, str]:
+    return _refusals("_run_binding", BINDING_CASES, "ValueError")
+
+
+@pytest.mark.parametrize("case", list(BINDING_CASES), ids=list(BINDING_CASES))
+def test_binding_refuses_what_the_node_refuses(case: str, binding_results: dict[str, str]) -> None:
+    message = binding_results[case]
+    assert message.startswith(BINDING_CASES[case][1]), message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
@@ -424,8 +476,8 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
         q, k, v = _qkv(1, 100, 110, 128, np.float16)
         v[0, 107, 3] = np.nan
         out = attention(lib, q, k, v, 2, causal=True)
-        bq = lib.cpu_plan(attention_params(*(Strided.of(x) for x in (q, k, v, out)), 2,
-                                           dtype="float16", causal=True))["bq"]
+        bq = lib.cpu_plan(attention_params(lib, *(Strided.of(x) for x in (q, k, v, out)), 2,
+                                           causal=True))["bq"]
         assert 25 <= bq <= 96
         assert np.isfinite(out[0, :bq]).all()
         print(json.dumps({"isa": isa, "info": lib.build_info()}))
@@ -525,8 +577,8 @@ def test_openmp_forward_runs_every_item_on_the_team_it_is_given() -> None:
         assert ran and all(n in (1, 2) and flags == 0 for n, flags in ran), (regime, ran)
         assert ran[0][0] == 2, (regime, ran)
         if regime == "shared":
-            params = attention_params(*(Strided.of(x) for x in (q, k, v, np.empty_like(q))), h,
-                                      dtype="float32")
+            params = attention_params(lib, *(Strided.of(x) for x in (q, k, v, np.empty_like(q))),
+                                      h)
             plan = lib.cpu_plan(params, 2)
             assert plan["regime"] == "shared" and plan["groups"] >= 2, plan
             assert len(ran) == 2 * plan["groups"]

@@ -5,6 +5,7 @@ the float64 reference by the tolerance rule. The libtorch shim's registration an
 with the Python one run in subprocesses (a process can define the schema once).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -82,22 +83,97 @@ def test_op_reads_strided_inputs_and_broadcast_masks():
 
 @pytest.mark.parametrize("case,message", [
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 7, 32), None, 4),
-     r"key and value must be \(B, Lk, E\)"),
+     r"value has sequence length 7, expected 6 \(key's sequence length\)"),
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32), None, 5),
-     r"num_heads must be >= 1 and divide E = 32, got 5"),
+     r"embed 32 is not divisible by num_heads 5"),
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32),
-      torch.ones(2, 1, 5, 7, dtype=torch.bool), 4), r"does not broadcast to \(B, H, Lq, Lk\)"),
+      torch.ones(2, 1, 5, 7, dtype=torch.bool), 4),
+     r"mask dimension 3 is 7, expected 1 or 6 \(Lk\) to broadcast to \(B, num_heads, Lq, Lk\)"),
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32),
-      torch.ones(2, 1, 5, 6), 4), r"mask must be bool"),
+      torch.ones(2, 1, 5, 6), 4), r"mask has element type float32, expected bool"),
     ((torch.randn(2, 5, 32).double(), torch.randn(2, 6, 32).double(),
-      torch.randn(2, 6, 32).double(), None, 4), r"runs float32, float16 or bfloat16, got "
-                                                r"torch.float64"),
-], ids=["lengths", "heads", "mask-shape", "mask-dtype", "float64"])
+      torch.randn(2, 6, 32).double(), None, 4),
+     r"query has element type float64, expected float32, float16 or bfloat16"),
+    ((torch.randn(2, 5, 32), torch.randn(2, 6, 32).half(), torch.randn(2, 6, 32).half(), None, 4),
+     r"key has element type float16, expected float32 \(query's element type\)"),
+], ids=["lengths", "heads", "mask-shape", "mask-dtype", "float64", "key-dtype"])
 def test_op_refuses_what_the_kernel_cannot_honour(case, message):
     register()
     q, k, v, mask, heads = case
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^flash_export::attention: {message}"):
         torch.ops.flash_export.attention(q, k, v, mask, heads, 8, False, 1.0)
+
+
+def _to(device, *tensors):
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+@pytest.mark.parametrize("meta", ["mask", "query"], ids=["meta-mask", "meta-query"])
+def test_inputs_on_two_devices_are_refused_before_any_kernel_runs(meta):
+    """CPU inputs with a meta mask dispatch to the fake kernel, which returned uninitialised
+    memory as if it were the answer; every input must be on query's device."""
+    register()
+    q, k, v = (torch.randn(2, n, 32) for n in (5, 6, 6))
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    if meta == "mask":
+        mask, expected = mask.to("meta"), "mask is on meta, expected cpu"
+    else:
+        q, expected = q.to("meta"), "key is on cpu, expected meta"
+    with pytest.raises(ValueError, match=f"^flash_export::attention: {expected} "
+                                         r"\(query's device\)$"):
+        torch.ops.flash_export.attention(q, k, v, mask, 4, 8, False, 0.5)
+    out = torch.ops.flash_export.attention(*_to("meta", q, k, v, mask), 4, 8, False, 0.5)
+    assert out.device.type == "meta" and out.shape == (2, 5, 32)  # all meta: the fake kernel
+
+
+SCALES = [(float("nan"), "nan"), (float("inf"), "inf"), (0.0, "0"), (-0.0, "-0"),
+          (1e39, "1e+39"), (1e-50, "1e-50")]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("scale,shown", SCALES, ids=[s for _, s in SCALES])
+def test_scale_must_be_finite_and_not_zero_in_float32(scale, shown, device):
+    """The contract's scale rule, on the CPU kernel and the fake one alike: NaN gave finite output,
+    0 was accepted, 1e39 gave all-NaN rows where the reference is finite."""
+    register()
+    q, k, v = _to(device, *(torch.randn(2, n, 32) for n in (5, 6, 6)))
+    with pytest.raises(ValueError, match=f"^flash_export::attention: scale is {re.escape(shown)}, "
+                                         "expected a finite float32 other than 0$"):
+        torch.ops.flash_export.attention(q, k, v, None, 4, 8, False, scale)
+
+
+@pytest.mark.parametrize("scale", [-0.5, 1e-30, 8.0], ids=["negative", "tiny", "large"])
+def test_every_finite_nonzero_float32_scale_runs(scale):
+    register()
+    v, k, q = _inputs(2, 5, 6, 32)
+
+    def heads(x):  # (B, L, E) -> (B, H, L, D)
+        return x.view(x.size(0), x.size(1), 4, 8).transpose(1, 2)
+
+    got = torch.ops.flash_export.attention(q, k, v, None, 4, 8, False, scale)
+    ref, base = (core_reference(heads(q), heads(k), heads(v), None, False, scale, dt)
+                 .transpose(1, 2).reshape(q.shape) for dt in (torch.float64, torch.float32))
+    assert_matches_reference(got, ref, base)
+
+
+@pytest.mark.parametrize("fault", ["key-dtype", "query-dtype", "mask-dtype"])
+def test_the_fake_kernel_refuses_in_the_cpu_kernels_words(fault):
+    """What the fake kernel checks without sizes, it says as the library's params filler does."""
+    register()
+    q, k, v = (torch.randn(2, n, 32) for n in (5, 6, 6))
+    mask = None
+    if fault == "key-dtype":
+        k = k.half()
+    elif fault == "query-dtype":
+        q, k, v = q.double(), k.double(), v.double()
+    else:
+        mask = torch.ones(5, 6)
+    messages = []
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError) as refused:
+            torch.ops.flash_export.attention(*_to(device, q, k, v, mask), 4, 8, False, 0.5)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1]
 
 
 def test_backward_is_refused_with_a_clear_error():
@@ -244,6 +320,49 @@ def test_the_op_runs_on_torchs_threads_and_starts_none_of_its_own(kernel, reques
         child.kill()
     assert looks > 100  # the calls were watched
     assert seen == before, f"{len(seen - before)} threads started during the calls"
+
+
+# Faults the two CPU kernels (Python's and the shim's) refuse through the library's params filler,
+# as arguments to build in either process.
+SHARED_FAULTS = {
+    "key-dtype": "q, k.half(), v.half(), None, 4, 8, False, 0.5",
+    "scale-nan": "q, k, v, None, 4, 8, False, float('nan')",
+    "scale-zero": "q, k, v, None, 4, 8, False, 0.0",
+    "scale-overflow": "q, k, v, None, 4, 8, False, 1e39",
+    "mask-shape": "q, k, v, torch.ones(3, 6, dtype=torch.bool), 4, 8, False, 0.5",
+    "heads": "q, k, v, None, 5, 8, False, 0.5",
+}
+_FAULT_RUN = """
+import json, torch
+{load}
+from flash_export.torch_op import register
+register()
+q, k, v = (torch.randn(2, n, 32) for n in (5, 6, 6))
+said = {{}}
+for name, args in {faults!r}.items():
+    try:
+        eval("torch.ops.flash_export.attention(" + args + ")")
+        said[name] = "accepted"
+    except (RuntimeError, ValueError) as exc:
+        said[name] = str(exc).splitlines()[0]
+print(json.dumps(said))
+"""
+
+
+def test_the_shim_refuses_what_the_python_kernel_refuses_in_its_words(shim_library):
+    """The C++ process's kernel (the shim) and Python's describe the tensors to the same params
+    filler: the same faults, the same one-line messages (before, the shim took a NaN scale)."""
+    load = f"torch.ops.load_library({str(shim_library)!r})"
+    run = _python(_FAULT_RUN.format(load=load, faults=SHARED_FAULTS))
+    assert run.returncode == 0, run.stderr
+    shim = json.loads(run.stdout.strip().splitlines()[-1])
+    register()
+    q, k, v = (torch.randn(2, n, 32) for n in (5, 6, 6))  # noqa: F841 (read by the faults)
+    for name, args in SHARED_FAULTS.items():
+        with pytest.raises(ValueError) as refused:
+            eval("torch.ops.flash_export.attention(" + args + ")")
+        assert shim[name] == str(refused.value), name
+        assert shim[name].startswith("flash_export::attention: "), shim[name]
 
 
 def test_the_shim_refuses_to_load_after_the_python_registration(shim_library):

@@ -1,6 +1,7 @@
-// Definitions of the entry points flash_export.h declares, all but flash_export_build_info (the
-// onnxruntime adapter's: ort/build_info.cc). The forwards return a Status code; no C++ exception
-// leaves them. Everything else in the library has hidden visibility.
+// Definitions of the entry points flash_export.h declares, all but the params filler and its
+// struct sizes (attention_params.cc) and flash_export_build_info (the onnxruntime adapter's:
+// ort/build_info.cc). The forwards return a Status code; no C++ exception leaves them. Everything
+// else in the library has hidden visibility.
 #include <atomic>
 #include <cstdint>
 #include <exception>

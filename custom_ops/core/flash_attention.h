@@ -1,8 +1,9 @@
 // Framework-free FlashAttention forward: the one kernel core behind every adapter, its C++ API.
 //
 // Knows nothing of torch or onnxruntime. Tensors arrive as raw pointers with element strides;
-// adapters validate shapes, fill AttentionParams and map the returned Status to their own errors.
-// The C entry points over it are declared in flash_export.h and defined in c_api.cc.
+// adapters describe their tensors, have flash_export_attention_params (attention_params.cc) check
+// the call and fill AttentionParams, and map the returned Status to their own errors. The C entry
+// points over it are declared in flash_export.h and defined in c_api.cc and attention_params.cc.
 #ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_H_
 #define FLASH_EXPORT_CORE_FLASH_ATTENTION_H_
 
@@ -32,6 +33,11 @@ constexpr int64_t kCpuMaxHeadDim = int64_t{1} << 20;  // keeps the CPU scratch a
 constexpr int64_t kCudaMaxHeadDim = 512;              // the simple kernel's registers per lane
 constexpr int64_t kCudaMaxSeqLen = 2147483647 - 256;  // rows are int-indexed, tiles of 128 past it
 constexpr int64_t kCudaMaxGridDim = 65535;            // batch and heads ride on grid.z and grid.y
+
+// Whether `scale` is a logit scale the op admits: finite and, rounded to float32 (the kernels'
+// type), finite and not 0. flash_export_attention_params and the onnxruntime node's attribute
+// check both ask this.
+bool scale_is_valid(double scale);
 
 // Runs fn(data, i) for every i in [0, total) and returns when all have run; the C ABI's type
 // (flash_export.h). The CPU kernel hands its work items to this (one call per forward, an item per

@@ -5,7 +5,10 @@
  *
  * FlashExportAttentionParams is the params struct of the kernel core itself (flash_attention.h
  * names it flash_export::AttentionParams), so there is no second layout to keep in step on this
- * side. Zero it (`= {0}` in C, `{}` in C++), then fill it.
+ * side. An adapter fills it with flash_export_attention_params, which checks the call against the
+ * op's contract first (every adapter: the onnxruntime node, the libtorch shim, the ctypes
+ * binding); a caller that fills it by hand zeroes it (`= {0}` in C, `{}` in C++) and vouches for
+ * every field.
  */
 #ifndef FLASH_EXPORT_CORE_FLASH_EXPORT_H_
 #define FLASH_EXPORT_CORE_FLASH_EXPORT_H_
@@ -22,6 +25,19 @@
 #define FLASH_EXPORT_FLOAT32 0
 #define FLASH_EXPORT_FLOAT16 1
 #define FLASH_EXPORT_BFLOAT16 2
+
+/* Element types a FlashExportTensor may have besides the three above (never a params dtype). */
+#define FLASH_EXPORT_BOOL 3       /* one byte per element, 0 or 1: the mask's type */
+#define FLASH_EXPORT_OTHER_TYPE 4 /* any other: FlashExportTensor.type_name says which */
+
+/* Where a FlashExportTensor lives, and which device a forward runs on. */
+#define FLASH_EXPORT_DEVICE_CPU 0
+#define FLASH_EXPORT_DEVICE_CUDA 1
+#define FLASH_EXPORT_DEVICE_OTHER 2 /* any other (torch's meta, ...): no forward runs there */
+
+/* A buffer of this many bytes holds any message flash_export_attention_params writes (longer
+ * ones, from long framework names, are cut). */
+#define FLASH_EXPORT_ERROR_SIZE 512
 
 /* What the entry points return. */
 #define FLASH_EXPORT_OK 0
@@ -83,6 +99,35 @@ typedef struct FlashExportAttentionParams {
   FlashExportDType dtype;
 } FlashExportAttentionParams;
 
+/* One tensor of a call as an adapter hands it to flash_export_attention_params: where its
+ * elements live and what its framework says they are. Element (i0, i1, ...) lives at
+ *   data + i0 * strides[0] + i1 * strides[1] + ...   (element units). */
+typedef struct FlashExportTensor {
+  void* data;              /* the first element; q, k, v and the mask are only read */
+  const int64_t* sizes;    /* `rank` sizes */
+  const int64_t* strides;  /* `rank` strides in elements; NULL: contiguous (row-major) */
+  const char* type_name;   /* the framework's name of the element type, for messages (NULL: the
+                              core's name of `dtype`) */
+  const char* device_name; /* the framework's name of the device, for messages (NULL: "cpu",
+                              "cuda" or "another device") */
+  int32_t rank;
+  int32_t dtype;  /* FLASH_EXPORT_FLOAT32, _FLOAT16, _BFLOAT16, _BOOL or _OTHER_TYPE */
+  int32_t device; /* FLASH_EXPORT_DEVICE_CPU, _CUDA or _OTHER */
+} FlashExportTensor;
+
+/* The op's attributes, and the forward the params are for. */
+typedef struct FlashExportAttentionOptions {
+  int64_t num_heads;  /* H: at least 1, dividing E */
+  int64_t chunk_size; /* keys per online-softmax block: at least 1 */
+  double scale;       /* when has_scale: finite and not 0 once rounded to float32 */
+  bool has_scale;     /* false: 1/sqrt(head_dim) */
+  bool causal;
+  int32_t device; /* the forward's: FLASH_EXPORT_DEVICE_CPU or _CUDA */
+  /* The query element types the caller's contract admits, as bits (1u << FLASH_EXPORT_FLOAT32)
+   * | ...; 0: every type the kernels run (float32, float16, bfloat16). */
+  uint32_t dtypes;
+} FlashExportAttentionOptions;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -90,6 +135,32 @@ extern "C" {
 /* sizeof(FlashExportAttentionParams) as this library was compiled: a binding checks its mirror
  * against it before the first call. */
 FLASH_EXPORT_API size_t flash_export_params_size(void);
+
+/* sizeof(FlashExportTensor) and sizeof(FlashExportAttentionOptions), for the same check. Added
+ * after the first release of this header (additive). */
+FLASH_EXPORT_API size_t flash_export_tensor_size(void);
+FLASH_EXPORT_API size_t flash_export_options_size(void);
+
+/* The one params filler: checks a call against the op's contract, then fills every field of
+ * *params for the forward on options->device. The contract: query (B, Lq, E), key and value
+ * (B, Lk, E), all of one element type the caller admits (options->dtypes), all on the forward's
+ * device, each row's E elements in a run (last stride 1; batch and row strides are free); mask
+ * (NULL: none) bool, any strides, broadcastable (numpy rules, right-aligned) to (B, H, Lq, Lk);
+ * the attributes as FlashExportAttentionOptions states them; and the sizes the forward's kernel
+ * refuses (flash_attention.h). `out` NULL: the output is a contiguous (B, Lq, E) tensor of
+ * query's type and device that the caller allocates after this call and sets as params->out;
+ * otherwise `out` is checked like query and used. No pointer is dereferenced but the
+ * descriptors, and nothing runs.
+ *
+ * Returns FLASH_EXPORT_OK, or FLASH_EXPORT_INVALID_ARGUMENT with *params zeroed and a one-line
+ * message in `error` (NUL-terminated, cut to error_size bytes; NULL: none) that names the
+ * argument, what it must be and what it is, e.g. "key has element type float16, expected
+ * float32 (query's element type)". Added after the first release of this header (additive). */
+FLASH_EXPORT_API int32_t flash_export_attention_params(
+    const FlashExportTensor* query, const FlashExportTensor* key, const FlashExportTensor* value,
+    const FlashExportTensor* mask, const FlashExportTensor* out,
+    const FlashExportAttentionOptions* options, FlashExportAttentionParams* params, char* error,
+    size_t error_size);
 
 /* Serial CPU forward. */
 FLASH_EXPORT_API int32_t

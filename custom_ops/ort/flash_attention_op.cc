@@ -1,10 +1,10 @@
 // onnxruntime adapter for the node flash_attention_op.h describes: reads the attributes once per
-// kernel, validates every input, fills AttentionParams and runs the core on the session's
-// intra-op thread pool (CPU) or on the stream onnxruntime hands out (CUDA).
+// kernel; per run reads the inputs, has the core's params filler (flash_export_attention_params)
+// check them and fill AttentionParams, and runs the core on the session's intra-op thread pool
+// (CPU) or on the stream onnxruntime hands out (CUDA).
 #include "flash_attention_op.h"
 
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +15,7 @@
 
 #include "attributes.h"
 #include "flash_attention.h"
+#include "flash_export.h"
 #include "ort_abi.h"
 
 namespace flash_export {
@@ -132,7 +133,7 @@ OrtStatus* create_kernel_checked(const Api& api, const OrtApi* table, const OrtK
     if (scale.kind != Attribute::Kind::kFloat) {
       return attribute_error(api, "scale", describe(scale), kScaleRule);
     }
-    if (!std::isfinite(scale.f) || scale.f == 0.0f) {
+    if (!scale_is_valid(scale.f)) {
       return attribute_error(api, "scale", scale.shown, kScaleRule);
     }
     a.scale = scale.f;
@@ -154,7 +155,7 @@ struct TensorInfo {
   const OrtValue* value = nullptr;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   size_t rank = 0;
-  int64_t dims[8] = {};  // only ranks up to 8 are described; larger ranks are rejected by rank
+  int64_t dims[8] = {};  // only ranks up to 8 are described; the core refuses larger ranks by rank
 };
 
 OrtStatus* describe(const Api& api, const OrtValue* value, TensorInfo* out) {
@@ -168,8 +169,83 @@ OrtStatus* describe(const Api& api, const OrtValue* value, TensorInfo* out) {
   return s;
 }
 
-std::string rank_error(const char* name, const TensorInfo& t, const char* expected) {
-  return std::string(name) + " has rank " + std::to_string(t.rank) + ", expected " + expected;
+// The node's inputs as onnxruntime hands them (query, key, value and the optional mask).
+struct Inputs {
+  TensorInfo t[4];
+  void* data[4] = {nullptr, nullptr, nullptr, nullptr};
+  bool has_mask = false;
+};
+
+// Read: which inputs are present, their element types, shapes and data.
+OrtStatus* read_inputs(const Api& api, OrtKernelContext* context, Inputs* in) {
+  size_t input_count = 0;
+  if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
+  if (input_count < 3 || input_count > 4) {
+    return invalid(api, "got " + std::to_string(input_count) +
+                            " inputs, expected 3 or 4 (query, key, value[, mask])");
+  }
+  const char* names[4] = {"query", "key", "value", "mask"};
+  for (size_t i = 0; i < input_count; ++i) {
+    const OrtValue* value = nullptr;
+    if (OrtStatus* s = api.KernelContext_GetInput(context, i, &value)) return s;
+    if (value == nullptr) {
+      if (i == kMask) continue;  // optional input left empty
+      return invalid(api, std::string(names[i]) + " is missing");
+    }
+    if (OrtStatus* s = describe(api, value, &in->t[i])) return s;
+    if (OrtStatus* s = api.GetTensorMutableData(const_cast<OrtValue*>(value), &in->data[i])) {
+      return s;
+    }
+    if (i == kMask) in->has_mask = true;
+  }
+  return nullptr;
+}
+
+// onnxruntime's element type as the core's descriptor states it.
+int32_t core_dtype(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return FLASH_EXPORT_FLOAT32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return FLASH_EXPORT_FLOAT16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      return FLASH_EXPORT_BFLOAT16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+      return FLASH_EXPORT_BOOL;
+    default:
+      return FLASH_EXPORT_OTHER_TYPE;
+  }
+}
+
+// Fill: the core checks the inputs against the node's contract (float32 or float16, onnxruntime's
+// dense row-major tensors) and fills the params; its refusal becomes the node's error.
+template <bool kCuda>
+OrtStatus* fill_params(const Api& api, const Attributes& a, const Inputs& in, AttentionParams* p) {
+  const int32_t device = kCuda ? FLASH_EXPORT_DEVICE_CUDA : FLASH_EXPORT_DEVICE_CPU;
+  FlashExportTensor d[4] = {};
+  for (size_t i = 0; i < 4; ++i) {
+    d[i].data = in.data[i];
+    d[i].sizes = in.t[i].dims;
+    d[i].rank = static_cast<int32_t>(in.t[i].rank);
+    d[i].dtype = core_dtype(in.t[i].type);
+    d[i].type_name = type_name(in.t[i].type);
+    d[i].device = device;
+  }
+  FlashExportAttentionOptions o{};
+  o.num_heads = a.num_heads;
+  o.chunk_size = a.chunk_size;
+  o.scale = a.scale;
+  o.has_scale = a.has_scale;
+  o.causal = a.causal != 0;
+  o.device = device;
+  o.dtypes = (1u << FLASH_EXPORT_FLOAT32) | (1u << FLASH_EXPORT_FLOAT16);
+  char error[FLASH_EXPORT_ERROR_SIZE];
+  if (flash_export_attention_params(&d[kQuery], &d[kKey], &d[kValue],
+                                    in.has_mask ? &d[kMask] : nullptr, nullptr, &o, p, error,
+                                    sizeof(error)) != FLASH_EXPORT_OK) {
+    return invalid(api, error);
+  }
+  return nullptr;
 }
 
 // The ORT side of ParallelForFn: runs the core's items on the session's intra-op pool.
@@ -187,8 +263,8 @@ void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* 
   pool.status = pool.api->KernelContext_ParallelFor(pool.context, fn, total, 0, data);
 }
 
-// The core's status as an error; the adapter checked every size the core refuses first, so the
-// generic messages here are a last resort.
+// The core's status as an error; the params filler checked every size the kernels refuse first,
+// so the generic messages here are a last resort.
 OrtStatus* core_status(const Api& api, Status status, const char* device) {
   switch (status) {
     case Status::kOk:
@@ -209,165 +285,14 @@ OrtStatus* core_status(const Api& api, Status status, const char* device) {
   }
 }
 
-// The sizes the core refuses (flash_attention.h), checked here so the error says which and why
-// instead of the core's bare status. Checked whether or not the call has work to do: the same
-// graph would fail on the next non-empty input.
+// Dispatch: the output, (B, Lq, E) like query, then the forward on the session's intra-op pool
+// (CPU) or on the stream onnxruntime hands out (CUDA).
 template <bool kCuda>
-OrtStatus* check_core_limits(const Api& api, int64_t batch, int64_t heads, int64_t seq_q,
-                             int64_t seq_k, int64_t embed, int64_t head_dim) {
-  const char* device = kCuda ? "the CUDA kernel" : "the CPU kernel";
-  const int64_t max_head_dim = kCuda ? kCudaMaxHeadDim : kCpuMaxHeadDim;
-  if (head_dim > max_head_dim) {
-    return invalid(api, "head dim " + std::to_string(head_dim) + " (embed " +
-                            std::to_string(embed) + " / num_heads " + std::to_string(heads) +
-                            ") is over " + device + "'s limit, expected at most " +
-                            std::to_string(max_head_dim));
-  }
-  if constexpr (kCuda) {
-    const struct {
-      const char* what;
-      int64_t value, limit;
-    } sizes[] = {{"batch", batch, kCudaMaxGridDim},
-                 {"num_heads", heads, kCudaMaxGridDim},
-                 {"query sequence length", seq_q, kCudaMaxSeqLen},
-                 {"key sequence length", seq_k, kCudaMaxSeqLen}};
-    for (const auto& size : sizes) {
-      if (size.value > size.limit) {
-        return invalid(api, std::string(size.what) + " " + std::to_string(size.value) +
-                                " is over " + device + "'s limit, expected at most " +
-                                std::to_string(size.limit));
-      }
-    }
-  }
-  return nullptr;
-}
-
-template <bool kCuda>
-OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
-  size_t input_count = 0;
-  if (OrtStatus* s = api.KernelContext_GetInputCount(context, &input_count)) return s;
-  if (input_count < 3 || input_count > 4) {
-    return invalid(api, "got " + std::to_string(input_count) +
-                            " inputs, expected 3 or 4 (query, key, value[, mask])");
-  }
-  TensorInfo t[4];
-  const char* names[4] = {"query", "key", "value", "mask"};
-  bool has_mask = false;
-  for (size_t i = 0; i < input_count; ++i) {
-    const OrtValue* value = nullptr;
-    if (OrtStatus* s = api.KernelContext_GetInput(context, i, &value)) return s;
-    if (value == nullptr) {
-      if (i == kMask) continue;  // optional input left empty
-      return invalid(api, std::string(names[i]) + " is missing");
-    }
-    if (OrtStatus* s = describe(api, value, &t[i])) return s;
-    if (i == kMask) has_mask = true;
-  }
-  const TensorInfo& q = t[kQuery];
-  const TensorInfo& k = t[kKey];
-  const TensorInfo& v = t[kValue];
-  for (size_t i = 0; i < 3; ++i) {
-    if (t[i].rank != 3)
-      return invalid(api, rank_error(names[i], t[i], "3 (batch, sequence, embed)"));
-  }
-  if (q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-      q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-    return invalid(api, std::string("query has element type ") + type_name(q.type) +
-                            ", expected float32 or float16");
-  }
-  for (size_t i = kKey; i <= kValue; ++i) {
-    if (t[i].type != q.type) {
-      return invalid(api, std::string(names[i]) + " has element type " + type_name(t[i].type) +
-                              ", expected " + type_name(q.type) + " (query's element type)");
-    }
-    if (t[i].dims[0] != q.dims[0]) {
-      return invalid(api, std::string(names[i]) + " has batch " + std::to_string(t[i].dims[0]) +
-                              ", expected " + std::to_string(q.dims[0]) + " (query's batch)");
-    }
-    if (t[i].dims[2] != q.dims[2]) {
-      return invalid(api, std::string(names[i]) + " has embed " + std::to_string(t[i].dims[2]) +
-                              ", expected " + std::to_string(q.dims[2]) + " (query's embed)");
-    }
-  }
-  if (v.dims[1] != k.dims[1]) {
-    return invalid(api, "value has sequence length " + std::to_string(v.dims[1]) + ", expected " +
-                            std::to_string(k.dims[1]) + " (key's sequence length)");
-  }
-  const int64_t batch = q.dims[0], seq_q = q.dims[1], seq_k = k.dims[1], embed = q.dims[2];
-  if (embed % a.num_heads != 0) {
-    return invalid(api, "embed " + std::to_string(embed) + " is not divisible by num_heads " +
-                            std::to_string(a.num_heads));
-  }
-  const int64_t head_dim = embed / a.num_heads;
-  if (OrtStatus* s =
-          check_core_limits<kCuda>(api, batch, a.num_heads, seq_q, seq_k, embed, head_dim)) {
-    return s;
-  }
-
-  // Mask: right-aligned numpy broadcasting onto (B, H, Lq, Lk); broadcast dims get stride 0.
-  int64_t mask_strides[4] = {0, 0, 0, 0};
-  if (has_mask) {
-    const TensorInfo& m = t[kMask];
-    if (m.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
-      return invalid(api,
-                     std::string("mask has element type ") + type_name(m.type) + ", expected bool");
-    }
-    if (m.rank > 4) return invalid(api, rank_error("mask", m, "at most 4"));
-    const int64_t target[4] = {batch, a.num_heads, seq_q, seq_k};
-    const char* target_names[4] = {"batch", "num_heads", "Lq", "Lk"};
-    int64_t stride = 1;
-    for (size_t i = 0; i < m.rank; ++i) {
-      const size_t axis = m.rank - 1 - i;  // mask axis, counted from the left
-      const size_t dim = 3 - i;            // target axis it aligns with
-      const int64_t n = m.dims[axis];
-      if (n != 1 && n != target[dim]) {
-        return invalid(api, "mask dimension " + std::to_string(axis) + " is " + std::to_string(n) +
-                                ", expected 1 or " + std::to_string(target[dim]) + " (" +
-                                target_names[dim] + ") to broadcast to (B, num_heads, Lq, Lk)");
-      }
-      mask_strides[dim] = n == 1 ? 0 : stride;
-      stride *= n;
-    }
-  }
-
-  const int64_t out_dims[3] = {batch, seq_q, embed};
+OrtStatus* dispatch(const Api& api, OrtKernelContext* context, const TensorInfo& query,
+                    AttentionParams& p) {
   OrtValue* out = nullptr;
-  if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, out_dims, 3, &out)) return s;
-
-  AttentionParams p{};  // no mask until one is set below
-  void* data[4] = {nullptr, nullptr, nullptr, nullptr};
-  for (size_t i = 0; i < 4; ++i) {
-    if (i == kMask && !has_mask) continue;
-    if (OrtStatus* s = api.GetTensorMutableData(const_cast<OrtValue*>(t[i].value), &data[i])) {
-      return s;
-    }
-  }
+  if (OrtStatus* s = api.KernelContext_GetOutput(context, 0, query.dims, 3, &out)) return s;
   if (OrtStatus* s = api.GetTensorMutableData(out, &p.out)) return s;
-  p.q = data[kQuery];
-  p.k = data[kKey];
-  p.v = data[kValue];
-  p.batch = batch;
-  p.heads = a.num_heads;
-  p.head_dim = head_dim;
-  p.seq_q = seq_q;
-  p.seq_k = seq_k;
-  p.q_batch_stride = p.o_batch_stride = seq_q * embed;
-  p.k_batch_stride = p.v_batch_stride = seq_k * embed;
-  p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = embed;
-  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = head_dim;
-  if (has_mask) {
-    p.mask = static_cast<const uint8_t*>(data[kMask]);
-    p.mask_batch_stride = mask_strides[0];
-    p.mask_head_stride = mask_strides[1];
-    p.mask_q_stride = mask_strides[2];
-    p.mask_k_stride = mask_strides[3];
-  }
-  p.chunk_size = a.chunk_size;
-  p.scale = a.has_scale ? a.scale
-                        : (head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(head_dim)) : 1.0f);
-  p.causal = a.causal != 0;
-  p.dtype = q.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16 : DType::kFloat32;
-
   if constexpr (kCuda) {
     void* stream = nullptr;
     if (OrtStatus* s = api.KernelContext_GetGPUComputeStream(context, &stream)) return s;
@@ -378,6 +303,15 @@ OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext
     if (pool.status != nullptr) return pool.status;
     return core_status(api, status, "CPU");
   }
+}
+
+template <bool kCuda>
+OrtStatus* compute_checked(const Api& api, const Attributes& a, OrtKernelContext* context) {
+  Inputs in;
+  if (OrtStatus* s = read_inputs(api, context, &in)) return s;
+  AttentionParams p;
+  if (OrtStatus* s = fill_params<kCuda>(api, a, in, &p)) return s;
+  return dispatch<kCuda>(api, context, in.t[kQuery], p);
 }
 
 template <bool kCuda>

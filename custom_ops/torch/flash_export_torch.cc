@@ -1,9 +1,10 @@
 // The libtorch shim: registers flash_export::attention for C++ processes (torch::jit::load of a
 // TorchScript-native artifact, AOTIModelPackageLoader of a .pt2 package). Its CPU kernel is an
 // adapter over the kernel core's public C ABI (flash_export.h), the one the ctypes binding behind
-// the Python registration (flash_export/torch_op.py) calls: it validates every dimension, fills
-// the params struct, runs the core's items on ATen's intra-op pool and maps the status to an
-// error. The schema string is the Python one, character for character (a test compares them).
+// the Python registration (flash_export/torch_op.py) calls: it describes the tensors to the core's
+// params filler (flash_export_attention_params), which checks the call and fills the params, runs
+// the core's items on ATen's intra-op pool and maps the status to an error. The schema string is
+// the Python one, character for character (a test compares them).
 //
 // Load it before the model: link it (with --no-as-needed) or dlopen it with RTLD_GLOBAL. A Python
 // process never needs it: `import flash_export` registers the op there, and this library then
@@ -25,17 +26,42 @@ namespace {
 
 constexpr const char* kName = "flash_export::attention";
 
-int32_t dtype_code(at::ScalarType type) {
-  switch (type) {
+// A tensor as the core's params filler reads it, with the names its messages quote (the
+// descriptor points into these strings and into the tensor's sizes and strides).
+struct Described {
+  FlashExportTensor tensor{};
+  std::string type_name, device_name;
+};
+
+void describe(const at::Tensor& t, Described* d) {
+  d->type_name = std::string(c10::getDtypeNames(t.scalar_type()).first);  // "float32", "bool"
+  d->device_name = t.device().str();                                      // "cpu", "meta"
+  FlashExportTensor& x = d->tensor;
+  x.data = t.data_ptr();
+  x.sizes = t.sizes().data();
+  x.strides = t.strides().data();
+  x.type_name = d->type_name.c_str();
+  x.device_name = d->device_name.c_str();
+  x.rank = static_cast<int32_t>(t.dim());
+  switch (t.scalar_type()) {
     case at::kFloat:
-      return FLASH_EXPORT_FLOAT32;
+      x.dtype = FLASH_EXPORT_FLOAT32;
+      break;
     case at::kHalf:
-      return FLASH_EXPORT_FLOAT16;
+      x.dtype = FLASH_EXPORT_FLOAT16;
+      break;
     case at::kBFloat16:
-      return FLASH_EXPORT_BFLOAT16;
+      x.dtype = FLASH_EXPORT_BFLOAT16;
+      break;
+    case at::kBool:
+      x.dtype = FLASH_EXPORT_BOOL;
+      break;
     default:
-      TORCH_CHECK(false, kName, ": the CPU kernel runs float32, float16 or bfloat16, got ", type);
+      x.dtype = FLASH_EXPORT_OTHER_TYPE;
   }
+  x.device = t.device().is_cpu()    ? FLASH_EXPORT_DEVICE_CPU
+             : t.device().is_cuda() ? FLASH_EXPORT_DEVICE_CUDA
+                                    : FLASH_EXPORT_DEVICE_OTHER;
 }
 
 const char* status_name(int32_t status) {
@@ -78,74 +104,37 @@ int32_t forward(const FlashExportAttentionParams& p) {
 #endif
 }
 
-// query (B, Lq, E), key and value (B, Lk, E); mask bool broadcastable to (B, H, Lq, Lk).
+// query (B, Lq, E), key and value (B, Lk, E); mask bool broadcastable to (B, H, Lq, Lk). The
+// core's params filler checks the call (devices, dtypes, sizes, mask, attributes) before anything
+// runs and fills the params.
 at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const std::optional<at::Tensor>& mask, int64_t num_heads,
                          int64_t chunk_size, bool causal, double scale) {
-  for (const at::Tensor* t : {&query, &key, &value}) {
-    TORCH_CHECK(t->dim() == 3, kName, ": query, key and value must be (B, L, E), got rank ",
-                t->dim());
-    TORCH_CHECK(t->scalar_type() == query.scalar_type(), kName, ": key and value must be ",
-                query.scalar_type(), " like query, got ", t->scalar_type());
-  }
-  const int64_t batch = query.size(0), seq_q = query.size(1), embed = query.size(2);
-  const int64_t seq_k = key.size(1);
-  TORCH_CHECK(key.sizes() == at::IntArrayRef({batch, seq_k, embed}) && value.sizes() == key.sizes(),
-              kName, ": key and value must be (B, Lk, E) = (", batch, ", ", seq_k, ", ", embed,
-              ") for query ", query.sizes(), ", got ", key.sizes(), " and ", value.sizes());
-  TORCH_CHECK(num_heads >= 1 && embed % num_heads == 0, kName,
-              ": num_heads must be >= 1 and divide E = ", embed, ", got ", num_heads);
-  TORCH_CHECK(chunk_size >= 1, kName, ": chunk_size must be >= 1, got ", chunk_size);
-  const char* isa_error = flash_export_cpu_isa_error();
-  TORCH_CHECK(isa_error == nullptr, kName, ": ", isa_error == nullptr ? "" : isa_error);
-
   // The core reads any batch and row strides, but each row's E elements in a run.
-  auto rows = [](const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); };
+  auto rows = [](const at::Tensor& t) {
+    return t.dim() == 3 && t.stride(2) != 1 ? t.contiguous() : t;
+  };
   const at::Tensor q = rows(query), k = rows(key), v = rows(value);
-  at::Tensor out = at::empty({batch, seq_q, embed}, query.options());  // (B, Lq, E)
+  Described d[4];
+  describe(q, &d[0]);
+  describe(k, &d[1]);
+  describe(v, &d[2]);
+  if (mask.has_value()) describe(*mask, &d[3]);
+  FlashExportAttentionOptions options{};
+  options.num_heads = num_heads;
+  options.chunk_size = chunk_size;
+  options.scale = scale;
+  options.has_scale = true;
+  options.causal = causal;
+  options.device = FLASH_EXPORT_DEVICE_CPU;
   FlashExportAttentionParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.batch = batch;
-  p.heads = num_heads;
-  p.head_dim = embed / num_heads;
-  p.seq_q = seq_q;
-  p.seq_k = seq_k;
-  p.q_batch_stride = q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.v_batch_stride = v.stride(0);
-  p.v_row_stride = v.stride(1);
-  p.o_batch_stride = out.stride(0);
-  p.o_row_stride = out.stride(1);
-  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = p.head_dim;
-  at::Tensor allowed;  // (B, H, Lq, Lk), broadcast dimensions of stride 0
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, kName,
-                ": mask must be bool (True = attend), got ", mask->scalar_type());
-    TORCH_CHECK(mask->dim() <= 4, kName, ": mask must broadcast to (B, H, Lq, Lk), got rank ",
-                mask->dim());
-    const std::vector<int64_t> target = {batch, num_heads, seq_q, seq_k};
-    const int64_t offset = 4 - mask->dim();
-    for (int64_t i = 0; i < mask->dim(); ++i) {
-      TORCH_CHECK(mask->size(i) == 1 || mask->size(i) == target[offset + i], kName,
-                  ": mask of shape ", mask->sizes(),
-                  " does not broadcast to (B, H, Lq, Lk) = ", at::IntArrayRef(target));
-    }
-    allowed = mask->expand(target);
-    p.mask = static_cast<const uint8_t*>(allowed.data_ptr());
-    p.mask_batch_stride = allowed.stride(0);
-    p.mask_head_stride = allowed.stride(1);
-    p.mask_q_stride = allowed.stride(2);
-    p.mask_k_stride = allowed.stride(3);
-  }
-  p.chunk_size = chunk_size;
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.dtype = static_cast<FlashExportDType>(dtype_code(query.scalar_type()));
+  char error[FLASH_EXPORT_ERROR_SIZE];
+  const int32_t filled = flash_export_attention_params(&d[0].tensor, &d[1].tensor, &d[2].tensor,
+                                                       mask.has_value() ? &d[3].tensor : nullptr,
+                                                       nullptr, &options, &p, error, sizeof(error));
+  TORCH_CHECK(filled == FLASH_EXPORT_OK, kName, ": ", error);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  p.out = out.data_ptr();  // (B, Lq, E), contiguous as the params say
   const int32_t status = forward(p);
   TORCH_CHECK(status == FLASH_EXPORT_OK, kName, ": the CPU forward returned status ", status, " (",
               status_name(status), ")");
