@@ -12,13 +12,15 @@ OUT ?= out
 # have no network, where an unreachable index costs a minute of retries).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # onnxruntime-gpu on Linux x86_64 (it runs on the CPU too; the CUDA tests need it), else onnxruntime.
+# Installed by name beside the extras: no extra names an onnxruntime (see setup.py).
 ORT ?= $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),gpu,cpu)
-DEMO_EXTRAS := export,$(ORT)
-TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve
+ORT_REQUIREMENT := $(if $(filter gpu,$(ORT)),onnxruntime-gpu,onnxruntime)>=1.20
+DEMO_EXTRAS := export
+TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve,hf
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean properties mutate mutate-python mutate-kernel
 
 install: $(TEST_STAMP)
 
@@ -30,7 +32,7 @@ define install
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
 	@echo "pip install -e '.[$(1)]': dependencies, then building $$($(BIN)/python \
 	  custom_ops/build.py --describe --cuda $${FLASH_EXPORT_CUDA:-auto}); about 1 min, quiet" >&2
-	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]'
+	FLASH_EXPORT_WERROR=1 $(BIN)/python -m pip install -q -e '.[$(1)]' '$(ORT_REQUIREMENT)'
 endef
 
 $(DEMO_STAMP): $(SOURCES)
@@ -68,5 +70,30 @@ $(CLANG_FORMAT): | $(TEST_STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15
 
+# Property tests with many more examples than CI's bounded, fixed set (tests/conftest.py's
+# "thorough" Hypothesis profile); a failure found here becomes an explicit @example.
+properties: $(TEST_STAMP)
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties_*.py \
+	  tests/test_kernel_regimes.py
+
+# Mutation testing, not in CI (README, Development): mutmut on the torch-free modules
+# ([tool.mutmut] in pyproject.toml: which modules, which fast tests), then the kernel's scripted
+# mutants (custom_ops/mutants.py: one build each). Each part fails below its bar: a module under
+# 90%, or a kernel mutant that survives or no longer applies.
+MUTMUT := $(BIN)/mutmut
+
+$(MUTMUT): | $(TEST_STAMP)
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+
+mutate: mutate-python mutate-kernel
+
+mutate-python: $(TEST_STAMP) $(MUTMUT)
+	rm -rf mutants
+	HYPOTHESIS_PROFILE=mutation $(MUTMUT) run > mutants.log 2>&1 || (tail -c 2000 mutants.log; exit 1)
+	$(BIN)/python tests/_mutation_scores.py --survivors
+
+mutate-kernel: $(TEST_STAMP)
+	$(BIN)/python custom_ops/mutants.py
+
 clean:
-	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info
+	rm -rf $(VENV) build flash_export/_native $(OUT) *.egg-info mutants mutants.log

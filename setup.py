@@ -71,6 +71,8 @@ class PlatformWheel(bdist_wheel):
         return "py3", "none", platform
 
 
+EXPORT = ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"]
+
 setup(
     name="flash-export",
     version=_version(),
@@ -84,26 +86,31 @@ setup(
     py_modules=["flash_attention"],
     package_data={"flash_export": ["_native/*.so", "py.typed"]},
     # The light install runs exported graphs: numpy, onnx (for the checks before a file loads)
-    # and click. onnxruntime is an extra: its CPU and GPU builds are two distributions of one
-    # import name, and forcing either would fight an existing install of the other.
+    # and click, plus the onnxruntime the user installs. No requirement, base or extra, names
+    # onnxruntime: its CPU and GPU builds are two distributions of one import name, pip cannot
+    # ask for either, and one named here would be laid over an installed other (make demo's
+    # onnxruntime-gpu), leaving a broken `import onnxruntime` once either is uninstalled.
     install_requires=[
         "onnx>=1.21,<1.24",
         "click>=8.1",
         "numpy>=1.24",
     ],
     extras_require={
-        "cpu": ["onnxruntime>=1.20"],
-        "gpu": ["onnxruntime-gpu>=1.20"],
         # Pinned: any range admitting a newer torch makes pip fetch a multi-GB CUDA build.
-        "export": ["torch>=2.8,<=2.13.0", "onnxscript>=0.5"],
+        "export": EXPORT,
+        # flash_export.hf: transformers models on our kernel. Pinned to the releases tested
+        # (flash_export.hf.TESTED_TRANSFORMERS): the mask function follows transformers'
+        # mask-function arguments, which change between minor releases.
+        "hf": [*EXPORT, "transformers>=5.23,<5.24"],
         "plot": ["matplotlib>=3.7"],
         # `flash-export serve`. Pinned: Serve's proxy and replica internals (how a request body
         # is streamed, which the limits rely on) change between releases.
         "serve": ["ray[serve]==2.60.0"],
         # psutil: the native fuzz and serve tests measure RSS with it; tritonclient: the serve
-        # tests' client and Triton's config schema (model_config_pb2).
+        # tests' client and Triton's config schema (model_config_pb2); hypothesis: the property
+        # tests (tests/test_properties_*.py). mutmut is not here: `make mutate` installs it.
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9",
-                "tritonclient[http]==2.73.0"],
+                "tritonclient[http]==2.73.0", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},

@@ -21,7 +21,8 @@ from packaging.utils import parse_wheel_filename
 
 # The export side: the light install (no extra) must pull none of these.
 _EXPORT_ONLY = {"torch", "onnxscript"}
-# Two distributions of the module onnxruntime: only an extra may choose one.
+# Two distributions of the module onnxruntime: no requirement may choose one (the user installs
+# one; an extra naming one would be laid over the other).
 _RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
 
 
@@ -54,12 +55,16 @@ def check(wheel: Path, source: Path, platform: str) -> list[tuple[str, bool, str
                     "3.10" in requires_python and "3.9" not in requires_python,
                     f"{meta['Requires-Python']} (torch 2.13 needs 3.10, so 3.10 in, 3.9 out)"))
 
-    base = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
-    base = [r for r in base if r.marker is None or "extra" not in str(r.marker)]
-    heavy = sorted(r.name for r in base if r.name.lower() in _EXPORT_ONLY | _RUNTIMES)
+    every = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
+    base = [r for r in every if r.marker is None or "extra" not in str(r.marker)]
+    heavy = sorted(r.name for r in base if r.name.lower() in _EXPORT_ONLY)
     results.append(("light install", not heavy,
                     f"needs {', '.join(heavy)} without an extra" if heavy
                     else f"needs only {', '.join(sorted(r.name for r in base))}"))
+    runtimes = sorted(str(r) for r in every if r.name.lower() in _RUNTIMES)
+    results.append(("no onnxruntime required", not runtimes,
+                    f"requires {'; '.join(runtimes)}" if runtimes
+                    else "neither onnxruntime nor onnxruntime-gpu, in no extra"))
     return results
 
 

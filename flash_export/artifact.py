@@ -13,9 +13,11 @@ Where confidence in its origin comes from is `trust.py`'s concern.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -228,13 +230,32 @@ def verify_manifest(artifact: PathLike) -> ManifestEntry:
 
 
 def write_atomically(target: Path, text: str) -> None:
-    """Write `text` to `target` through a temporary file and a rename (never half a file)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    """Write `text` to `target` through a temporary file and a rename (never half a file).
+
+    The temporary file gets an unpredictable name beside `target` and is created with O_EXCL
+    (and O_NOFOLLOW): whatever another user planted at a name (a symlink to a file of yours,
+    say) makes the create fail, it is never written through. Its mode is 0666 less the umask,
+    as any file `open` creates.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # taken (by chance or by someone else): draw another name
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], None], *,

@@ -321,26 +321,34 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
         ArtifactError: unreadable, malformed, contradicting its graph, or untrusted.
     """
     from flash_export.artifact import artifact_kind, read_metadata
-    from flash_export.recorded import check_graph_matches_spec, recorded
+    from flash_export.checks import graph_inputs
+    from flash_export.recorded import check_graph_matches_spec, recorded, recorded_io
+    from flash_export.safety import open_onnx
     from flash_export.spec import resolve_spec
     from flash_export.trust import provenance, require_provenance
 
     kind = artifact_kind(path)
-    meta = read_metadata(path)
-    rec = recorded(meta, path, kind)
+    proto = None
     if kind == "onnx":
-        provenance(path, expect_sha256=expect_sha256, trust=trust)  # refuses a wrong hash
+        with open_onnx(path) as opened:
+            proto = opened.model
+            provenance(path, expect_sha256=expect_sha256, trust=trust,
+                       digest=opened.sha256)  # refuses a wrong hash
+        meta = {p.key: p.value for p in proto.metadata_props}
+        # The runners feed the graph what its io_spec says: an edited one (a static 8000
+        # where the batch is symbolic) must fail here, before the memory estimate.
+        recorded_io(meta, path, graph_inputs(proto))
     else:  # a .pt(2) is a program: refuse it here, before any runner or subprocess loads it
+        meta = read_metadata(path)
         require_provenance(path, expect_sha256=expect_sha256, trust=trust)
+    rec = recorded(meta, path, kind)
     if spec is None:
         if rec.spec is None:
             raise ArtifactError(f"{path} records no model spec (it was exported from a model "
                                 "object): name the model with --model FILE.py:FACTORY")
         spec = resolve_spec(rec.spec, {}, trust=trust, source=path)
-    if kind == "onnx":
-        from flash_export.safety import check_onnx_file
-
-        check_graph_matches_spec(spec, check_onnx_file(path), path)
+    if proto is not None:
+        check_graph_matches_spec(spec, proto, path)
     backend = rec.target or ("pt2" if kind == "pt2" else "torchscript-native"
                              if meta.get("attention") == "native" else "torchscript")
     return spec, backend, rec.dtype, rec.chunk

@@ -101,9 +101,15 @@ def pt2(spec: Any, with_mask: bool, out: Path) -> None:
     """
     from flash_export.pt2_export import export_pt2
 
+    console = Console()
     started = time.perf_counter()
     model = spec.build()
-    _report_written(Console(), export_pt2(model, out, spec=spec, mask=with_mask), started)
+    progress = console.progress("exporting pt2")
+    try:
+        path = export_pt2(model, out, spec=spec, mask=with_mask, progress=progress)
+    finally:
+        progress.close()
+    _report_written(console, path, started)
 
 
 @main.command()

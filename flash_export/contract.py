@@ -91,4 +91,4 @@ def feed_dtype(ort_type: str) -> str:
 TORCH_OP = "flash_export::attention"
 TORCH_SHIM = "libflash_export_torch.so"
 NATIVE_REQUIRES = (f"{TORCH_OP}: in C++ load {TORCH_SHIM} (custom_ops/torch) before the model; "
-                   "in Python import flash_export")
+                   "in Python import flash_export.torch_op")

@@ -304,6 +304,22 @@ def _check_convertible(mha: nn.MultiheadAttention, path: str) -> None:
                               "after the projections): FlashAttention has no equivalent")
 
 
+def no_flash_attention(model: nn.Module) -> str:
+    """The error for a model with no FlashAttention layer, naming the fix when there is one.
+
+    A model built on nn.MultiheadAttention (nn.Transformer*, say) is one `convert` away.
+    """
+    found = [name or type(model).__name__ for name, m in model.named_modules()
+             if isinstance(m, nn.MultiheadAttention)]
+    text = f"{type(model).__name__} contains no FlashAttention layer"
+    if found:
+        text += (f"; it has {len(found)} nn.MultiheadAttention ({found[0]}"
+                 f"{', ...' if len(found) > 1 else ''}): convert it first, "
+                 "model = flash_export.convert(model) (in a --model factory: return "
+                 "convert(model))")
+    return text
+
+
 def convert(model: nn.Module, *, chunk_size: int = 64) -> nn.Module:
     """A copy of `model` whose nn.MultiheadAttention modules compute with FlashAttention.
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
-from flash_export.errors import RuntimeLibraryError, first_line
-from flash_export.install import pip_install_line, reinstall_line
+from flash_export.errors import RuntimeLibraryError, first_line, summary
+from flash_export.install import module_command, reinstall_line
 
 _DIST_NAMES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}
 
@@ -31,6 +31,26 @@ def _upgrade_onnxruntime(minimum: str = "") -> str:
     """The pip line that upgrades the onnxruntime distribution installed (CPU or GPU build)."""
     installed = _distribution("onnxruntime")
     return f"pip install -U '{installed[0] if installed else 'onnxruntime'}{minimum}'"
+
+
+def _onnxruntime_hint() -> str:
+    """How to get one working onnxruntime, from what is installed now."""
+    installed = [d for d in _DIST_NAMES["onnxruntime"] if _has_distribution(d)]
+    if len(installed) > 1:  # one was laid over the other, and removing either broke both
+        return ("onnxruntime and onnxruntime-gpu are both installed (one over the other): "
+                "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu "
+                "(CUDA, runs on the CPU too) or pip install onnxruntime")
+    if installed:
+        return f"reinstall it: pip install --force-reinstall --no-deps {installed[0]}"
+    return "pip install onnxruntime, or for CUDA pip install onnxruntime-gpu (one of the two)"
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _reinstall() -> str:
@@ -116,13 +136,16 @@ def diagnose(timeout: float = 120.0) -> DoctorReport:
     versions = {"flash-export": __version__, "python": platform.python_version(),
                 "torch": _version("torch"), "onnx": _version("onnx"),
                 "onnxruntime": _version("onnxruntime"), "numpy": _version("numpy")}
+    providers, ort_version, ort_problem = [], "", "onnxruntime is not importable"
     try:
         import onnxruntime as ort
 
         providers = list(ort.get_available_providers())
         ort_version = ort.__version__
     except ImportError:
-        providers, ort_version = [], ""
+        pass
+    except Exception as exc:  # a half-uninstalled onnxruntime imports as an empty package
+        ort_problem = f"onnxruntime imports but is broken: {summary(exc)}"
     lib = Path(library_path())
     from_env = bool(os.environ.get(LIBRARY_ENV))
     report = DoctorReport(versions=versions, providers=providers, library_path=str(lib),
@@ -130,9 +153,7 @@ def diagnose(timeout: float = 120.0) -> DoctorReport:
                           runtime_api_version=runtime_api_version(ort_version))
     checks = report.checks
     if not ort_version:
-        checks.append(DoctorCheck("onnxruntime", False, "onnxruntime is not importable",
-                                  f"{pip_install_line('cpu')}, or for CUDA "
-                                  f"{pip_install_line('gpu')}"))
+        checks.append(DoctorCheck("onnxruntime", False, ort_problem, _onnxruntime_hint()))
         return report
     if not lib.is_file():
         hint = _reinstall()
@@ -222,7 +243,7 @@ def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
 
 
 def _run_probe(lib: Path, timeout: float) -> Dict[str, Any]:
-    cmd = [sys.executable, "-m", "flash_export.doctor", "--probe", str(lib)]
+    cmd = module_command("flash_export.doctor", "--probe", str(lib.absolute()))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

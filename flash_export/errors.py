@@ -48,11 +48,14 @@ def first_line(exc: BaseException) -> str:
 
 
 def summary(exc: BaseException) -> str:
-    """`Type: message` on one line (just `Type` when empty), at most 400 characters.
+    """`Type: message` on one line (just `Type` when empty), cut after about 400 characters.
 
     The whole message with its whitespace collapsed: onnxruntime and torch spread the useful part
-    of an error over several lines.
+    of an error over several lines. A longer one ends at a word, with " ...".
     """
     kind = type(exc).__name__
     text = " ".join(str(exc).split())
-    return (f"{kind}: {text}" if text else kind)[:400]
+    line = f"{kind}: {text}" if text else kind
+    if len(line) <= 400:
+        return line
+    return line[:400].rsplit(" ", 1)[0] + " ..."

@@ -23,6 +23,7 @@ from flash_export.artifact import (
 from flash_export.attention import ATTENTION_KINDS, FlashAttention
 from flash_export.attention_swap import with_attention
 from flash_export.contract import NATIVE_REQUIRES
+from flash_export.conversion import no_flash_attention
 from flash_export.errors import ArtifactError, ExportError, first_line, summary
 from flash_export.io_spec import IOSpec, with_float_dtype
 from flash_export.model_io import example_inputs, output_names, resolve_io
@@ -53,7 +54,7 @@ def flash_layers(model: nn.Module) -> List[FlashAttention]:
         raise ExportError(f"expected an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
     if not layers:
-        raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
+        raise ExportError(no_flash_attention(model))
     return layers
 
 

@@ -8,6 +8,7 @@ the distribution's `direct_url.json` (PEP 610); without it the package came from
 import json
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import List, Optional
@@ -106,3 +107,17 @@ def reinstall_line() -> str:
 def export_extra_hint() -> str:
     """How to add the exporters (the `export` extra) to this install, with the CPU torch."""
     return f"{pip_install_line('export')} --extra-index-url {TORCH_CPU_INDEX}"
+
+
+def module_command(module: str, *args: str) -> List[str]:
+    """`python -m module args` for a subprocess that must import this same flash-export.
+
+    `-m` puts the current folder first on sys.path, so run from a source clone it would import
+    the clone's tree (its native library unbuilt) instead of the installed copy. `-P` (Python >=
+    3.11) leaves it out; on 3.10 the child drops that entry itself before importing anything.
+    """
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module, *args]
+    run = ("import runpy, sys; del sys.path[0]; "
+           f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", run, *args]

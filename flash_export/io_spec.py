@@ -1,13 +1,18 @@
 """What a model takes and gives: names, dtypes, dims and value ranges, recorded in every artifact.
 
 An `IOSpec` declares a model's inputs in forward order (name, dtype, dims, and for integer inputs
-the range of valid values, such as a vocabulary) and its outputs' names. A dim is an int (static)
-or the name of a dynamic size ("batch", "seq", ...); inputs that share a name share the size, and
-`IOSpec.sizes` bounds each name. From it:
+the range of valid values, such as a vocabulary) and its outputs (names, and dims where known). A
+dim is an int (static) or the name of a dynamic size ("batch", "seq", ...); inputs that share a
+name share the size, and `IOSpec.sizes` bounds each name. An output dim may also be None: computed
+by the graph (``2 * seq``, say), known only after a run. From it:
 
 - the exporters declare dynamic dims to `torch.export` and name the graph's inputs and outputs;
 - `validate` and `bench` generate valid inputs at any size (`make_feed`);
-- a service checks a request before running it (`check_feed`).
+- a service checks a request before running it (`check_feed`), and bounds its answer
+  (`IOSpec.output_shape`);
+- a server joins concurrent requests into one run only along a declared per-request batch
+  (`IOSpec.batch`, `IOSpec.batch_axes`): a dim called "batch" is just a dynamic size until the
+  spec declares that its rows are independent requests.
 
 Roles tell generated values apart: ``data`` (normal floats, or integers in [low, high)),
 ``padding`` (bool (batch, seq), True = a real token, as Hugging Face's attention_mask: each row
@@ -29,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 Dim = Union[int, str]
+OutDim = Union[int, str, None]  # an output's dim: static, an input size's name, or computed
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 ROLES = ("data", "padding", "key_padding", "attention", "causal")
 Constant = Union[bool, int, float, str, None]
@@ -102,12 +108,23 @@ class IOSpec:
             uses must be here.
         constants: non-tensor forward arguments (name -> bool, int, float, str or None) the
             graph was exported with.
+        output_dims: output name -> its dims: an int (static), the name of an input size it
+            equals, or None (computed by the graph; known after a run). The ONNX exporter
+            records them from the graph's symbolic shapes; an output missing here has unknown
+            dims (specs written before outputs had dims).
+        batch: the size whose rows are independent requests, declared from the model (its
+            layout, `batch_first`, a padding mask, or its own io_spec()): on the axis where an
+            input or output has this name, row i of the answer depends on row i of the inputs
+            only. None: nothing says so (a dim merely named "batch" is a dynamic size), and a
+            server never joins two requests into one run.
     """
 
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[str, ...] = ("output",)
     sizes: Dict[str, Tuple[int, Optional[int]]] = field(default_factory=dict)
     constants: Dict[str, Constant] = field(default_factory=dict)
+    output_dims: Dict[str, Tuple[OutDim, ...]] = field(default_factory=dict)
+    batch: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.inputs or len(self.inputs) > _MAX_INPUTS:
@@ -133,6 +150,19 @@ class IOSpec:
                     or (high is not None and (not isinstance(high, int) or high < low))):
                 raise ValueError(f"size {name!r}: bounds must be (min >= 0, max >= min or "
                                  f"None), got {bounds!r}")
+        for name, dims in self.output_dims.items():
+            if name not in self.outputs:
+                raise ValueError(f"output_dims names {str(name)[:64]!r}, which is not an output "
+                                 f"of {list(self.outputs)}")
+            if not isinstance(dims, tuple) or len(dims) > _MAX_RANK or not all(
+                    d is None or (isinstance(d, int) and not isinstance(d, bool)
+                                  and 0 <= d <= _MAX_STATIC) or (isinstance(d, str) and d in used)
+                    for d in dims):
+                raise ValueError(f"output {name}: dims must be at most {_MAX_RANK} of: a size in "
+                                 f"[0, 2**31), an input size's name, or None; got "
+                                 f"{str(dims)[:80]}")
+        if self.batch is not None and self.batch not in used:
+            raise ValueError(f"batch {str(self.batch)[:64]!r} is not a size any input uses")
 
     @property
     def dynamic(self) -> Tuple[str, ...]:
@@ -181,29 +211,85 @@ class IOSpec:
         """The concrete shape of input `t` at `sizes`."""
         return tuple(d if isinstance(d, int) else int(sizes[d]) for d in t.dims)
 
+    def output_shape(self, name: str, sizes: Mapping[str, int]) -> Optional[Tuple[int, ...]]:
+        """Output `name`'s shape at `sizes` (a request's, from `check_feed`), before any run.
+
+        None when the spec does not know it: no recorded dims, or a dim the graph computes.
+        """
+        shape = []
+        for d in self.output_dims.get(name, (None,)):
+            if d is None:
+                return None
+            shape.append(d if isinstance(d, int) else int(sizes[d]))
+        return tuple(shape)
+
+    def batch_axes(self) -> Optional[Dict[str, int]]:
+        """Where each input and output holds the per-request batch: tensor name -> axis.
+
+        None unless requests may be joined into one run: `batch` is declared and dynamic, and
+        every input and every output (with known dims) has it on exactly one axis.
+        """
+        return self._batch_plan()[0]
+
+    def unbatched_reason(self) -> Optional[str]:
+        """Why `batch_axes` is None, in a few words (None when requests may be joined)."""
+        return self._batch_plan()[1]
+
+    def _batch_plan(self) -> Tuple[Optional[Dict[str, int]], Optional[str]]:
+        batch = self.batch
+        if batch is None:
+            return None, "the model declares no per-request batch dim"
+        if self.is_static(batch):
+            return None, f"the batch ({batch}) is static"
+        axes: Dict[str, int] = {}
+        tensors = [(t.name, t.dims) for t in self.inputs] + [
+            (name, self.output_dims.get(name)) for name in self.outputs]
+        for name, dims in tensors:
+            if dims is None:
+                return None, f"output {name}'s dims are not recorded"
+            where = [axis for axis, d in enumerate(dims) if d == batch]
+            if len(where) != 1:
+                return None, f"{name} has the batch ({batch}) on {len(where)} axes, not 1"
+            axes[name] = where[0]
+        return axes, None
+
     def to_json(self) -> str:
         """Serialise for artifact metadata."""
         return json.dumps({"inputs": [dataclasses.asdict(t) for t in self.inputs],
                            "outputs": list(self.outputs),
                            "sizes": {k: list(v) for k, v in self.sizes.items()},
-                           "constants": self.constants}, sort_keys=True)
+                           "constants": self.constants,
+                           "output_dims": {k: list(v) for k, v in self.output_dims.items()},
+                           "batch": self.batch}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "IOSpec":
         """Inverse of `to_json`; every field is checked (the text may come from anywhere).
 
+        A spec written before outputs had dims and before the batch was declared reads with
+        no output dims and batch None: its requests are never joined.
+
         Raises:
             ValueError: malformed JSON, unknown keys, or a field of the wrong type or range.
         """
         data = json.loads(text)
-        if not isinstance(data, dict) or set(data) - {"inputs", "outputs", "sizes", "constants"}:
-            raise ValueError("an io spec is a JSON object with inputs, outputs, sizes, constants")
+        keys = {"inputs", "outputs", "sizes", "constants", "output_dims", "batch"}
+        if not isinstance(data, dict) or set(data) - keys:
+            raise ValueError(f"an io spec is a JSON object with {', '.join(sorted(keys))}")
         raw_inputs, outputs, sizes = data.get("inputs"), data.get("outputs"), data.get("sizes")
         constants = data.get("constants", {})
+        raw_output_dims, batch = data.get("output_dims", {}), data.get("batch")
         if not isinstance(raw_inputs, list) or not isinstance(outputs, list) \
-                or not isinstance(sizes, dict) or not isinstance(constants, dict):
-            raise ValueError("io spec inputs and outputs must be lists, sizes and constants "
-                             "objects")
+                or not isinstance(sizes, dict) or not isinstance(constants, dict) \
+                or not isinstance(raw_output_dims, dict) \
+                or not (batch is None or isinstance(batch, str)):
+            raise ValueError("io spec inputs and outputs must be lists, sizes, constants and "
+                             "output_dims objects, batch a size name or null")
+        output_dims = {}
+        for name, dims in list(raw_output_dims.items())[:_MAX_INPUTS + 1]:
+            if not isinstance(dims, list):
+                raise ValueError(f"output {str(name)[:40]!r}: dims must be a list")
+            output_dims[name] = tuple(dims)
         inputs = []
         fields = {f.name for f in dataclasses.fields(TensorSpec)}
         for item in raw_inputs[:_MAX_INPUTS + 1]:
@@ -216,7 +302,7 @@ class IOSpec:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise ValueError(f"size {str(name)[:40]!r}: bounds must be [min, max]")
             bounds[name] = (pair[0], pair[1])
-        return cls(tuple(inputs), tuple(outputs), bounds, dict(constants))
+        return cls(tuple(inputs), tuple(outputs), bounds, dict(constants), output_dims, batch)
 
 
 def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
@@ -228,7 +314,8 @@ def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
         inputs.append(TensorSpec("mask", "bool", ("batch", 1, "q_len", "k_len"),
                                  role="attention"))
     return IOSpec(tuple(inputs), ("output",),
-                  {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)})
+                  {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)},
+                  output_dims={"output": ("batch", "q_len", embed)}, batch="batch")
 
 
 # (name, dtype name or None, dims): one graph input as onnxruntime or onnx describes it; a dim is
@@ -266,6 +353,63 @@ def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
         specs.append(TensorSpec(name, dtype, tuple(dims), 0 if integer else None,
                                 1 if integer else None, role))
     return IOSpec(tuple(specs), ("output",), sizes)
+
+
+def graph_output_dims(io: IOSpec, dims: Sequence[Any]) -> Tuple[OutDim, ...]:
+    """A graph output's dims as an IOSpec records them: an int, one of `io`'s size names, or None.
+
+    Args:
+        io: the spec whose size names the graph's symbolic dims may carry.
+        dims: the graph's dims (an int, a symbolic name, or None), as in `GraphInput`.
+    """
+    named = set(io.dynamic)
+    return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                 else d if isinstance(d, str) and d in named else None for d in dims)
+
+
+def with_graph_outputs(io: IOSpec, inputs: Sequence[GraphInput],
+                       outputs: Sequence[GraphInput]) -> IOSpec:
+    """`io` checked against its graph's symbolic dims, with output dims from the graph if unknown.
+
+    The exporter names the graph's dynamic dims after the spec's sizes, inputs and outputs
+    alike, so the graph confirms what the spec says: each recorded output dim (a static size, a
+    size name) and the axis of every input and output that holds the declared batch. A spec
+    recording no output dims (written before they were recorded) gets the graph's.
+
+    Args:
+        io: the recorded spec.
+        inputs: the graph's inputs: (name, dtype name, dims) as in `GraphInput`.
+        outputs: the graph's outputs, likewise.
+
+    Raises:
+        ValueError: one line naming the tensor and axis where spec and graph disagree.
+    """
+    graph = {name: list(dims) for name, _, dims in outputs}
+    for name, dims in io.output_dims.items():
+        held = graph.get(name)
+        if held is None:
+            raise ValueError(f"the io_spec gives dims for output {name!r}, the graph has no such "
+                             "output")
+        if len(held) != len(dims):
+            raise ValueError(f"the io_spec says output {name} has rank {len(dims)}, the graph's "
+                             f"has rank {len(held)}")
+        for axis, (want, got) in enumerate(zip(dims, graph_output_dims(io, held))):
+            pinned = isinstance(want, str) and io.is_static(want) and got == io.sizes[want][0]
+            if want is not None and want != got and not pinned:
+                raise ValueError(f"the io_spec says output {name} axis {axis} is {want}, the "
+                                 f"graph's is {held[axis] if held[axis] is not None else '?'}")
+    if not io.output_dims:
+        io = dataclasses.replace(io, outputs=tuple(graph) or io.outputs, output_dims={
+            name: graph_output_dims(io, dims) for name, dims in graph.items()})
+    if io.batch is not None and not io.is_static(io.batch):
+        shapes = {name: list(dims) for name, _, dims in inputs}
+        for t in io.inputs:
+            for axis, d in enumerate(t.dims):
+                held = shapes.get(t.name, [])
+                if d == io.batch and (axis >= len(held) or held[axis] != io.batch):
+                    raise ValueError(f"the io_spec puts the batch ({io.batch}) on input "
+                                     f"{t.name} axis {axis}, where the graph has no such dim")
+    return io
 
 
 def with_float_dtype(io: IOSpec, dtype: str) -> IOSpec:

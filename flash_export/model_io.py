@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from flash_export.attention import FlashAttention, ReferenceAttention
 from flash_export.attention_swap import replace_attention
+from flash_export.conversion import no_flash_attention
 from flash_export.errors import ExportError
 from flash_export.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io, make_feed
 
@@ -60,7 +61,7 @@ def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
     if follows_attention_contract(model):
         layers = [m for m in model.modules() if isinstance(m, FlashAttention)]
         if not layers:
-            raise ExportError(f"{type(model).__name__} contains no FlashAttention layer")
+            raise ExportError(no_flash_attention(model))
         return attention_io(layers[0].embed_size, mask=mask)
     takes = ", ".join(forward_parameters(model))
     raise ExportError(f"{type(model).__name__}.forward takes ({takes}): pass example inputs "
@@ -70,15 +71,27 @@ def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
 def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> IOSpec:
     """An IOSpec from example inputs: names from the forward signature, dims declared by rule.
 
-    The rule: with a bool (batch, seq) input (a padding mask), every dim of that batch or
-    sequence size is "batch" or "seq" (so seq-first layouts come out right); otherwise dim 0 of
-    every input is "batch" and dim 1 of a rank-2 or rank-3 input is "seq" (token ids, (B, L, E)
-    features). Every other dim is static. A padding mask is True = padding when its name says
-    key_padding (PyTorch's convention), else True = a real token; a square causal mask (True or
-    -inf above the diagonal) stays one at every size. Scalar arguments (`is_causal=True`) are
-    constants of the graph. Integer inputs take values in
-    [0, n) with n the first nn.Embedding's size, else up to the example's largest value. Models
-    that need other dims (images, say) declare an io_spec() or pass io=.
+    The batch and sequence sizes come from what the model declares, strongest first: a padding
+    mask (a bool (batch, seq) input named ``*padding*`` or ``attention_mask``, PyTorch's and
+    Hugging Face's layouts), or the model's own layout applied to its first 3-D float input:
+    ``batch_first`` (an attribute of the model, as `nn.MultiheadAttention` and `nn.Transformer`
+    have; that of the attention layers of an `nn.TransformerEncoder`/`Decoder` or of one such
+    layer), or the attention contract ((batch, len, E) for a FlashAttention). Every dim of that
+    batch or sequence size is then "batch" or "seq", and the spec declares "batch" the
+    per-request batch (`IOSpec.batch`).
+
+    Otherwise nothing says which dim holds independent requests, and derive_io does not guess:
+    dim 0 of every input is still a dynamic size "batch" and dim 1 of a rank-2 or rank-3 input
+    "seq" (token ids, (B, L, E) features), so the export stays dynamic, but no batch is
+    declared and a server runs each request alone. Give the model a ``batch_first`` attribute,
+    a padding mask, an io_spec() or pass io= to declare one.
+
+    Every other dim is static. A padding mask is True = padding when its name says key_padding
+    (PyTorch's convention), else True = a real token; a square causal mask (True or -inf above
+    the diagonal) stays one at every size. Scalar arguments (`is_causal=True`) are constants of
+    the graph. Integer inputs take values in [0, n) with n the first nn.Embedding's size, else
+    up to the example's largest value. Models that need other dims (images, say) declare an
+    io_spec() or pass io=.
 
     Raises:
         ExportError: the examples do not bind to the forward, or one is not a tensor.
@@ -103,16 +116,29 @@ def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) 
             raise ExportError(f"example input {name!r} is a {what}; inputs must be tensors of "
                               f"{sorted(_TORCH_NAMES.values())}")
         tensors[name] = value
-    # A (batch, seq) padding mask or a (seq, seq) causal mask says which sizes are the batch and
-    # the sequence; other inputs' dims of those sizes are named alike (so seq-first layouts come
-    # out right).
+    # A (batch, seq) padding mask, the model's declared layout or a (seq, seq) causal mask says
+    # which sizes are the batch and the sequence; other inputs' dims of those sizes are named
+    # alike (so seq-first layouts come out right).
     pads = [t for t in tensors.values()
             if t.dtype == torch.bool and t.dim() == 2 and not _is_causal_mask(t)]
     causal = [t for t in tensors.values() if _is_causal_mask(t)]
-    seq_size = int(pads[0].shape[1]) if pads else int(causal[0].shape[0]) if causal else None
-    batch_size = int(pads[0].shape[0]) if pads else None
+    declared_pads = [t for n, t in tensors.items() if _names_a_padding_mask(n) and
+                     any(t is p for p in pads)]
+    features = [t for t in tensors.values() if t.is_floating_point() and t.dim() == 3]
+    batch_first = declared_batch_first(model)
+    seq_size = batch_size = None
+    if declared_pads:
+        batch_size, seq_size = (int(n) for n in declared_pads[0].shape)
+    elif batch_first is not None and features:
+        batch_size = int(features[0].shape[0 if batch_first else 1])
+        seq_size = int(features[0].shape[1 if batch_first else 0])
+    declared = batch_size is not None
+    if not declared:  # the old rules, which name dims but declare no batch
+        seq_size = int(pads[0].shape[1]) if pads else int(causal[0].shape[0]) if causal else None
+        batch_size = int(pads[0].shape[0]) if pads else None
     if seq_size is not None and seq_size == batch_size:
         seq_size = batch_size = None  # ambiguous: fall back to the positional rule
+        declared = False
     inputs = []
     for name, value in tensors.items():
         dims = _name_dims(value, seq_size, batch_size)
@@ -132,7 +158,39 @@ def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) 
         raise ExportError("the example inputs hold no tensor")
     sizes: Dict[str, Tuple[int, Optional[int]]] = {
         d: (1, None) for t in inputs for d in t.dims if isinstance(d, str)}
-    return IOSpec(tuple(inputs), ("output",), sizes, constants)
+    batch = "batch" if declared and "batch" in sizes else None
+    return IOSpec(tuple(inputs), ("output",), sizes, constants, batch=batch)
+
+
+def declared_batch_first(model: nn.Module) -> Optional[bool]:
+    """Whether `model` takes (batch, len, E) features (True) or (len, batch, E) (False).
+
+    From what the model itself declares: a bool ``batch_first`` attribute (nn.MultiheadAttention,
+    nn.Transformer, a converted FlashMultiheadAttention, or a module of yours that sets one); the
+    attention layers of an nn.TransformerEncoder/Decoder or of one of their layers; the attention
+    contract. None when it declares nothing (its forward may lay its inputs out any way).
+    """
+    flag = getattr(model, "batch_first", None)
+    if isinstance(flag, bool):
+        return flag
+    if isinstance(model, FlashAttention):
+        return True
+    layers: List[Any] = []
+    if isinstance(model, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        layers = [model]
+    elif isinstance(model, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        layers = list(model.layers)
+    flags = {getattr(getattr(layer, "self_attn", None), "batch_first", None) for layer in layers}
+    if len(flags) == 1:
+        (only,) = flags
+        if isinstance(only, bool):
+            return only
+    return None
+
+
+def _names_a_padding_mask(name: str) -> bool:
+    """Whether a bool (batch, seq) input's name declares a padding mask's layout."""
+    return "padding" in name or name == "attention_mask"
 
 
 def _name_dims(value: Tensor, seq_size: Optional[int],

@@ -18,12 +18,14 @@ the protocol's ``{"error": ...}`` body. Tensors are read and written by `flash_e
 (strict JSON: a non-finite input is refused, a non-finite output written as a string).
 
 `flash_export.oip_batch.run_many` runs several checked requests, merging those whose shapes
-differ only in the batch dim into one onnxruntime call (dynamic batching in `flash_export.serve`).
+differ only in the batch dim into one onnxruntime call (dynamic batching in `flash_export.serve`),
+and only for a graph whose IOSpec declares where every input and output holds the per-request
+batch (`IOSpec.batch_axes`); any other graph runs each request alone.
 """
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -31,22 +33,24 @@ import numpy as np
 
 from flash_export._version import __version__
 from flash_export.contract import ORT_TYPES
-from flash_export.errors import RequestError, summary
+from flash_export.errors import ArtifactError, RequestError, summary
 from flash_export.io_spec import IOSpec, check_feed
 from flash_export.oip_wire import (
     DATATYPES,
     HEADER_LENGTH,
+    answer_bytes,
+    byte_count,
     error_body,
     from_binary,
     from_json_data,
+    json_array,
     json_body,
-    json_data,
     load_json,
     to_binary,
 )
 
 __all__ = ["DATATYPES", "EXTENSIONS", "HEADER_LENGTH", "InferRequest", "Limits", "OIPModel",
-           "OutputSpec", "batch_dim", "error_body", "json_body", "model_name"]
+           "OutputSpec", "error_body", "json_body", "model_name"]
 
 EXTENSIONS = ("binary_tensor_data",)
 
@@ -63,17 +67,23 @@ class Limits:
             bounds.
         body_timeout_s: the whole body must arrive within this; 408 otherwise (a Content-Length
             larger than what is sent).
+        max_response_bytes: the answer's body; 413 past it. Checked from the output shapes the
+            IOSpec gives at the request's sizes before anything runs (JSON values counted at
+            the most bytes one can take: 25 for a float, 21 for an INT64), and again from the
+            computed outputs before encoding where a shape is only known after the run.
     """
 
     max_body_bytes: int = 16 * 2**20
     max_batch: int = 64
     max_length: int = 4096
     body_timeout_s: float = 10.0
+    max_response_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024 or self.max_batch < 1 or self.max_length < 1 \
-                or not self.body_timeout_s > 0:
-            raise ValueError(f"limits must be positive (body >= 1024 bytes), got {self}")
+                or not self.body_timeout_s > 0 or self.max_response_bytes < 1024:
+            raise ValueError(f"limits must be positive (body and response >= 1024 bytes), "
+                             f"got {self}")
 
 
 @dataclass
@@ -85,12 +95,14 @@ class InferRequest:
         feed: input name -> array in the graph's dtype and shape.
         outputs: the outputs to answer, in order.
         binary: output name -> whether it goes back as binary data.
+        sizes: the size of every dynamic name in the request (`io_spec.check_feed`).
     """
 
     id: Optional[str]
     feed: Dict[str, np.ndarray]
     outputs: Tuple[str, ...]
     binary: Dict[str, bool]
+    sizes: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,13 @@ class OIPModel:
     Args:
         name: the model name in URLs.
         session: an onnxruntime session (see `flash_export.runtime.create_session`).
-        io: the graph's IOSpec (`flash_export.runtime.session_io(session)`).
+        io: the graph's IOSpec (`flash_export.runtime.session_io(session)`, which checks it
+            against the graph).
         limits: request bounds.
+
+    Attributes:
+        batch_axes: tensor name -> the axis holding the per-request batch, for every input and
+            output; None when requests must run one at a time (`IOSpec.batch_axes`).
     """
 
     def __init__(self, name: str, session: Any, io: IOSpec, limits: Limits = Limits()) -> None:
@@ -119,7 +136,7 @@ class OIPModel:
         self.limits = limits
         self.outputs = tuple(_output_spec(o) for o in session.get_outputs())
         self.sizes = _size_bounds(io, limits)
-        self.batch_name = batch_dim(io)
+        self.batch_axes = io.batch_axes()
 
     # ------------------------------------------------------------------ metadata
 
@@ -147,7 +164,8 @@ class OIPModel:
             header_length: the ``Inference-Header-Content-Length`` header, if sent.
 
         Raises:
-            RequestError: 413 over the body limit; 400 for anything malformed or out of bounds,
+            RequestError: 413 over the body limit, or for an answer the IOSpec's output shapes
+                put over the response limit; 400 for anything malformed or out of bounds,
                 naming the input, what it expected and what came.
         """
         if len(body) > self.limits.max_body_bytes:
@@ -155,11 +173,12 @@ class OIPModel:
                                     f"{self.limits.max_body_bytes}")
         split = len(body)
         if header_length is not None:
-            text = header_length.strip()
-            if not text.isdigit() or len(text) > 12 or int(text) > len(body):
-                raise RequestError(400, f"Inference-Header-Content-Length {text[:20]!r} is not "
-                                        f"a byte count within the {len(body)}-byte body")
-            split = int(text)
+            count = byte_count(header_length, 12)
+            if count is None or count > len(body):
+                raise RequestError(400, f"Inference-Header-Content-Length "
+                                        f"{header_length.strip()[:20]!r} is not a byte count "
+                                        f"within the {len(body)}-byte body")
+            split = count
         header = load_json(body[:split])
         if not isinstance(header, dict):
             raise RequestError(400, "the inference header must be a JSON object")
@@ -176,11 +195,13 @@ class OIPModel:
         declared = self._declared(inputs)
         feed = self._decode(declared, memoryview(body)[split:])
         try:
-            check_feed(self.io, feed)
+            sizes = check_feed(self.io, feed)
         except ValueError as exc:
             raise RequestError(400, str(exc)) from None
         outputs, binary = self._requested(header.get("outputs"), parameters)
-        return InferRequest(request_id, feed, outputs, binary)
+        request = InferRequest(request_id, feed, outputs, binary, sizes)
+        self._check_answer_size(request, {n: self.io.output_shape(n, sizes) for n in outputs})
+        return request
 
     def _declared(self, inputs: List[Any]) -> List[Tuple[Dict[str, Any], Tuple[int, ...]]]:
         """Each input tensor with its shape, checked against the spec and limits before decoding.
@@ -316,30 +337,84 @@ class OIPModel:
         """The infer response: (extra HTTP headers, body).
 
         JSON outputs are flat in row-major order with non-finite floats as strings; binary ones
-        follow the JSON header, whose length goes in Inference-Header-Content-Length.
+        follow the JSON header, whose length goes in Inference-Header-Content-Length. Encoded a
+        block of values at a time, so a thread encoding a large answer lets others run.
+
+        Raises:
+            RequestError: 413 when the computed outputs put the answer over the response limit
+                (shapes the IOSpec could not give before the run).
         """
+        self._check_answer_size(request, {n: results[n].shape for n in request.outputs})
         tensors = []
         blobs = []
         for name in request.outputs:
             value = np.ascontiguousarray(results[name])  # (output's shape)
-            tensor: Dict[str, Any] = {"name": name, "datatype": _datatype(value.dtype),
-                                      "shape": list(value.shape)}
+            head = json_body({"name": name, "datatype": _datatype(value.dtype),
+                              "shape": list(value.shape)})[:-1]
             if request.binary[name]:
                 raw = to_binary(value)
-                tensor["parameters"] = {"binary_data_size": len(raw)}
+                tensors.append(head + b',"parameters":{"binary_data_size":%d}}' % len(raw))
                 blobs.append(raw)
             else:
-                tensor["data"] = json_data(value)
-            tensors.append(tensor)
-        reply: Dict[str, Any] = {"model_name": self.name, "model_version": "1",
-                                 "outputs": tensors}
+                tensors.append(head + b',"data":' + json_array(value) + b"}")
+        reply: Dict[str, Any] = {"model_name": self.name, "model_version": "1"}
         if request.id is not None:
             reply["id"] = request.id
-        header = json_body(reply)
+        header = json_body(reply)[:-1] + b',"outputs":[' + b",".join(tensors) + b"]}"
         if not blobs:
             return {"content-type": "application/json"}, header
         return ({"content-type": "application/octet-stream",
                  HEADER_LENGTH: str(len(header))}, header + b"".join(blobs))
+
+    def _check_answer_size(self, request: InferRequest,
+                           shapes: Mapping[str, Optional[Tuple[int, ...]]]) -> None:
+        """413 when the outputs at `shapes` (None: not known yet) pass the response limit."""
+        limit = self.limits.max_response_bytes
+        total = 0
+        parts = []
+        for o in self.outputs:
+            shape = shapes.get(o.name)
+            if o.name not in request.binary or shape is None:
+                continue
+            count = math.prod(shape)
+            binary = request.binary[o.name]
+            size = answer_bytes(o.dtype, count, binary)
+            total += size
+            parts.append(f"{o.name} {list(shape)}: {count:,} values as "
+                         f"{'binary' if binary else 'JSON'}")
+        if total > limit:
+            hint = "" if all(request.binary.values()) else "; binary outputs are smaller"
+            raise RequestError(413, f"the answer would take up to {_mib(total)} ("
+                                    f"{'; '.join(parts)}), over the response limit of "
+                                    f"{_mib(limit)}: ask for fewer rows or tokens{hint}")
+
+
+def require_onnx_graph(artifact: Union[str, "os.PathLike[str]"], command: str) -> None:
+    """Refuse, with what to do instead, a TorchScript archive or a .pt2 package.
+
+    `serve` and `triton` run ONNX graphs; the other artifact kinds are zip archives, which
+    onnx would report as a corrupt protobuf.
+
+    Raises:
+        ArtifactError: the file's suffix or first bytes say it is not an ONNX graph.
+    """
+    from flash_export.artifact import TORCHSCRIPT_SUFFIXES
+
+    path = Path(artifact)
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if suffix in TORCHSCRIPT_SUFFIXES or suffix == ".pt2" or zipped:
+        what = ("a TorchScript archive" if suffix in TORCHSCRIPT_SUFFIXES else
+                "an AOTInductor package (.pt2)" if suffix == ".pt2" else
+                "a zip archive (TorchScript or .pt2?)")
+        raise ArtifactError(f"{path} is {what}, not an ONNX graph: `flash-export {command}` "
+                            f"runs .onnx files. Export one from the same model with "
+                            f"`flash-export onnx` (or flash_export.export_onnx) and "
+                            f"{command} that; a .pt runs in libtorch or PyTorch")
 
 
 def model_name(artifact: Union[str, "os.PathLike[str]"], name: Optional[str] = None) -> str:
@@ -363,27 +438,19 @@ def _output_spec(arg: Any) -> OutputSpec:
                                              for d in arg.shape))
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
 def _datatype(dtype: np.dtype) -> str:
     return DATATYPES[np.dtype(dtype).name]
-
-
-def batch_dim(io: IOSpec) -> Optional[str]:
-    """The dynamic size every input leads with and uses nowhere else, if there is one."""
-    first = {t.dims[0] if t.dims else None for t in io.inputs}
-    if len(first) != 1:
-        return None
-    (name,) = first
-    if not isinstance(name, str) or any(name in t.dims[1:] for t in io.inputs):
-        return None
-    return name
 
 
 def _size_bounds(io: IOSpec, limits: Limits) -> Dict[str, Tuple[int, int]]:
     """Each dynamic size's (min, max): the graph's own bounds capped by the limits."""
     out = {}
-    batch = batch_dim(io)
     for name, (low, high) in io.sizes.items():
-        cap = limits.max_batch if name in (batch, "batch") else limits.max_length
+        cap = limits.max_batch if name in (io.batch, "batch") else limits.max_length
         out[name] = (low, cap if high is None else min(high, cap))
     return out
 

@@ -25,7 +25,7 @@ from flash_export.attention_swap import replace_attention
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES
 from flash_export.errors import ExportError, ValidationError, summary
 from flash_export.export import PathLike, flash_layers, prepare
-from flash_export.io_spec import IOSpec
+from flash_export.io_spec import IOSpec, with_graph_outputs
 from flash_export.model_io import CONTRACT_INPUTS, dynamic_shapes
 from flash_export.onnx_targets import TARGETS
 from flash_export.opsets import (  # noqa: F401  (default_opset, runtime_limits: public here too)
@@ -144,6 +144,25 @@ def _name_dims(model: onnx.ModelProto, io: IOSpec) -> onnx.ModelProto:
                 if dim.dim_param in renames:
                     dim.dim_param = renames[dim.dim_param]
     return model
+
+
+def _with_output_dims(model: onnx.ModelProto, io: IOSpec) -> IOSpec:
+    """`io` with its outputs' dims as the graph's symbolic shapes give them (see `IOSpec`).
+
+    They bound an answer's size before a run, and tell on which axis of each output the
+    declared batch comes back (`IOSpec.batch_axes`).
+
+    Raises:
+        ExportError: the model's own io_spec() declares output dims the graph contradicts.
+    """
+    def described(values: Any) -> List[Any]:
+        return [(v.name, None, [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                                for d in v.type.tensor_type.shape.dim]) for v in values]
+
+    try:
+        return with_graph_outputs(io, described(model.graph.input), described(model.graph.output))
+    except ValueError as exc:
+        raise ExportError(f"the exported graph does not match the model's IOSpec: {exc}") from exc
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:
@@ -277,6 +296,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     if rewrite is not None:
         rewrite(proto)
     _check_graph(proto, io_spec)
+    io_spec = _with_output_dims(proto, io_spec)
+    prepared.meta["io_spec"] = io_spec.to_json()
     proto.ir_version = ir_version_for(opset, proto.ir_version)
     del proto.metadata_props[:]
     for key, value in prepared.meta.items():

@@ -11,6 +11,12 @@ for this machine's CPU (its vector ISA is in the metadata as AOTI_CPU_ISA).
 The metadata is written twice, as the same dict: into the package's `extra/flash_export.json`
 (read as data, like a TorchScript archive's, by `artifact.read_metadata`) and as AOTInductor
 metadata, which a C++ program reads with `AOTIModelPackageLoader::get_metadata()`.
+
+The package takes the model's tensor inputs positionally, in the IOSpec's (the forward's) order,
+as the module is called: `runner(values, keys, queries)` from
+`torch._inductor.aoti_load_package` (after `import flash_export.torch_op`), and the same order in
+C++'s `AOTIModelPackageLoader::run`. Non-tensor arguments it was exported with are baked in.
+`load_pt2` returns a callable that also takes the inputs by name.
 """
 
 import contextlib
@@ -18,7 +24,7 @@ import json
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,15 +43,35 @@ from flash_export.model_io import dynamic_shapes
 from flash_export.spec import ModelSpec
 from flash_export.trust import Provenance, require_provenance
 
+ProgressFn = Callable[[int, int, str], None]  # (done, total, label); total 0: one step
+
+
+class _Positional(nn.Module):
+    """`model` called with its tensor inputs in order and its constant arguments baked in.
+
+    What `export_pt2` exports, so that the package is called as the module is: positionally.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], constants: Mapping[str, Any]):
+        super().__init__()
+        self.model = model
+        self.names = tuple(names)
+        self.constants = dict(constants)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(**dict(zip(self.names, inputs)), **self.constants)
+
 
 def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = None,
                io: Optional[IOSpec] = None, mask: bool = False,
                args: Optional[Sequence[Any]] = None,
-               kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+               kwargs: Optional[Mapping[str, Any]] = None,
+               progress: Optional[ProgressFn] = None) -> Path:
     """Export `model` with `torch.export` and compile it to an AOTInductor package.
 
     Every dynamic size of the IOSpec (batch, q_len, k_len, seq ...) stays dynamic within its
-    bounds; the attention is `flash_export::attention`. Float32.
+    bounds; the attention is `flash_export::attention`. Float32. The package takes the tensor
+    inputs positionally, in the IOSpec's order (see the module docstring).
 
     Args:
         model: any module built with FlashAttention layers. It is not modified.
@@ -55,6 +81,8 @@ def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = 
         mask: the attention contract only: add the ``mask`` input (then required).
         args: example positional inputs, as `torch.export` takes them.
         kwargs: example keyword inputs.
+        progress: called as progress(0, 0, step) before each step (the compile takes tens of
+            seconds).
 
     Returns:
         The written path.
@@ -64,21 +92,26 @@ def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = 
             `torch.export` or the compile fails, or the file cannot be written.
         RuntimeLibraryError: the native library cannot be loaded.
     """
+    step = progress or (lambda done, total, label: None)
     require_kind(path, "pt2")
     native = attention_as(model, "native").eval()
     prepared = prepare(model, native, spec=spec, io=io, args=args, kwargs=kwargs, mask=mask,
                        dtype="float32", artifact="pt2", **native_metadata())
-    constants = prepared.io.constants
+    names = [t.name for t in prepared.io.inputs]
+    shapes = dynamic_shapes(prepared.io)
+    step(0, 0, "torch.export")
     try:
         with _quiet():
             program = torch.export.export(
-                native, (), kwargs={**prepared.example, **constants},
-                dynamic_shapes={**dynamic_shapes(prepared.io), **{n: None for n in constants}})
+                _Positional(native, names, prepared.io.constants),
+                tuple(prepared.example[n] for n in names),
+                dynamic_shapes=(tuple(shapes[n] for n in names),))  # one entry: *inputs
     except Exception as exc:  # torch.export raises many types (constraint violations, ...)
         raise ExportError(f"torch.export failed: {summary(exc)}") from exc
     meta = prepared.meta
 
     def write(tmp: Path) -> None:
+        step(0, 0, "compiling with AOTInductor (g++, tens of seconds)")
         try:
             with _quiet():
                 torch._inductor.aoti_compile_and_package(
@@ -110,7 +143,10 @@ def load_pt2(path: PathLike, *, trust: bool = False, expect_sha256: Optional[str
 
     A package holds a compiled shared library, a program: it is loaded only when its SHA-256 is
     in the user's trust store, equals `expect_sha256`, or `trust` is set. The callable takes the
-    model's inputs by name (`compiled(**inputs)`) and returns its outputs.
+    model's tensor inputs positionally in the model's order (`compiled(v, k, q)`) or by name
+    (`compiled(values=v, keys=k, queries=q)`; constant arguments passed by name are ignored:
+    the package has them baked in), and returns the model's outputs. It registers
+    `flash_export::attention` in this process first.
 
     Raises:
         ArtifactError: the file is missing, of unknown origin (without `trust`), not the
@@ -135,4 +171,49 @@ def load_pt2(path: PathLike, *, trust: bool = False, expect_sha256: Optional[str
             compiled = torch._inductor.aoti_load_package(f)
         except (RuntimeError, ValueError, OSError) as exc:
             raise ArtifactError(f"cannot load .pt2 package {path}: {first_line(exc)}") from exc
-    return compiled, meta, origin
+    from flash_export.recorded import recorded_io
+
+    return Pt2Model(compiled, [t.name for t in recorded_io(meta, path).inputs]), meta, origin
+
+
+class Pt2Model:
+    """A loaded `.pt2` package, callable positionally or by input name.
+
+    Packages written before the positional calling convention take their inputs by name only;
+    both kinds take both calls here. Anything else (`get_metadata()`, `loader`, ...) is the
+    AOTInductor model's.
+    """
+
+    def __init__(self, compiled: Any, names: Sequence[str]) -> None:
+        self.compiled = compiled
+        self.names = list(names)
+        spec = torch.utils._pytree.treespec_loads(compiled.loader.get_call_spec()[0])
+        self._by_name = bool(spec.child(1).context)  # the call spec names kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's outputs for its inputs, positionally in order or by name.
+
+        Raises:
+            TypeError: an input missing, given twice, or not the package's.
+        """
+        if len(args) > len(self.names):
+            raise TypeError(f"the package takes {len(self.names)} inputs ({', '.join(self.names)}"
+                            f"), got {len(args)}")
+        inputs = dict(zip(self.names, args))
+        for name, value in kwargs.items():
+            if name in inputs:
+                raise TypeError(f"input {name!r} given twice")
+            if name in self.names:
+                inputs[name] = value
+            elif isinstance(value, torch.Tensor):
+                raise TypeError(f"the package has no input {name!r}; its inputs are "
+                                f"{', '.join(self.names)}")
+        missing = [n for n in self.names if n not in inputs]
+        if missing:
+            raise TypeError(f"missing input(s) {', '.join(missing)}")
+        if self._by_name:
+            return self.compiled(**inputs)
+        return self.compiled(*(inputs[n] for n in self.names))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.compiled, name)

@@ -63,11 +63,11 @@ def session_options(**options: Any) -> onnxruntime.SessionOptions:
     {"session.intra_op.allow_spinning": "0"}.
 
     Raises:
+        RuntimeLibraryError: onnxruntime is not installed.
         TypeError: an option SessionOptions does not have.
         ValueError: an enum option with an unknown name.
     """
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     so = ort.SessionOptions()
     for key, value in options.items():
         if key == "config_entries":
@@ -112,7 +112,12 @@ def model_domains(path: Union[str, os.PathLike[str]]) -> Set[str]:
         ArtifactError: the file is missing, is not ONNX, references external data unsafely or
             has a malformed com.flash_export node.
     """
-    return {o.domain or "" for o in _checked_graph(path).opset_import}
+    with _opened(path) as opened:
+        return _domains(opened.model)
+
+
+def _domains(model: Any) -> Set[str]:
+    return {o.domain or "" for o in model.opset_import}
 
 
 def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Sequence[str]] = None,
@@ -121,6 +126,14 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
 
     The native library is registered only when the model uses the `com.flash_export` domain, so
     files of the standard, contrib and attention23 targets run on stock onnxruntime.
+
+    The file and its external data are opened once and checked (`flash_export.safety.open_onnx`),
+    and onnxruntime gets those same bytes: the graph from memory, the data from read-only
+    mappings of the descriptors that were hashed. It never opens a file by name, so a data file
+    renamed over the original while the session loads is never read; a write into the data file
+    itself after it was opened makes the load fail. Cost: onnxruntime copies the initializers out
+    of the mappings (as it does when it prepacks them), so the data file's size is held twice
+    until the session is built (once in the page cache).
 
     Args:
         path: the `.onnx` file (with its `.data` file beside it when it has one).
@@ -136,20 +149,23 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
             end of the file, not the data it was exported with), has a FlashAttention node with
             an unknown or wrong-typed attribute, or onnxruntime rejects it (the native library
             rejects out-of-range attributes here); always one line.
-        RuntimeLibraryError: the model needs the native library and it is missing or fails to
-            register.
+        RuntimeLibraryError: onnxruntime is not installed, or the model needs the native library
+            and it is missing or fails to register.
         TypeError, ValueError: a bad session option.
     """
-    import onnxruntime as ort
-
+    ort = _onnxruntime()
     so = session_options(**options)
-    if LIBRARY_DOMAIN in model_domains(path):
-        register_library(so)
     chosen = list(providers) if providers is not None else ["CPUExecutionProvider"]
-    try:
-        session = ort.InferenceSession(str(path), so, providers=chosen)
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise ArtifactError(f"onnxruntime cannot load {path}: {summary(exc)}") from exc
+    with _opened(path) as opened:
+        if LIBRARY_DOMAIN in _domains(opened.model):
+            register_library(so)
+        if opened.data:
+            so.add_external_initializers_from_files_in_memory(*opened.external_files())
+        try:
+            session = ort.InferenceSession(opened.raw, so, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise ArtifactError(f"onnxruntime cannot load {path}: {summary(exc)}") from exc
+        opened.check_unchanged()  # onnxruntime holds its own copy from here on
     try:  # protobuf lets non-UTF-8 strings through; reading them later would raise untyped
         for arg in [*session.get_inputs(), *session.get_outputs()]:
             _ = (arg.name, arg.type, arg.shape)
@@ -165,19 +181,21 @@ def create_session(path: Union[str, os.PathLike[str]], providers: Optional[Seque
 def session_io(session: Any) -> IOSpec:
     """The IOSpec of a session's graph, as the exporter recorded it.
 
-    Its inputs (names, dtypes, dims, valid values) and outputs; graphs from before IOSpecs get
-    the attention contract.
+    Its inputs (names, dtypes, dims, valid values) and outputs (names, dims: the graph's where
+    the spec records none); graphs from before IOSpecs are described by their own inputs.
 
     A service checks each request with `flash_export.io_spec.check_feed(io, feed)` before
     running it.
 
     Raises:
-        ArtifactError: the recorded IOSpec is malformed.
+        ArtifactError: the recorded IOSpec is malformed, or the graph contradicts it.
     """
+    from flash_export.contract import ORT_TYPES
     from flash_export.recorded import recorded_io
 
+    outputs = [(o.name, ORT_TYPES.get(o.type), list(o.shape)) for o in session.get_outputs()]
     return recorded_io(session.get_modelmeta().custom_metadata_map, "the session's graph",
-                       session_inputs(session))
+                       session_inputs(session), outputs)
 
 
 def session_inputs(session: Any) -> List[Tuple[str, Optional[str], Sequence[Any]]]:
@@ -208,16 +226,31 @@ def ort_session(path: Union[str, os.PathLike[str]], *, provider: str = "cpu",
     return session
 
 
-def _checked_graph(path: Union[str, os.PathLike[str]]) -> Any:
-    """The graph of `path` after `safety.check_onnx_file` (external data stays unread).
+def _onnxruntime() -> Any:
+    """The onnxruntime module; flash-export never installs one (see the README's install lines).
+
+    Raises:
+        RuntimeLibraryError: it is not importable, with the line that installs it.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeLibraryError(f"onnxruntime is not installed ({exc}): pip install "
+                                  "onnxruntime, or for CUDA pip install onnxruntime-gpu (one of "
+                                  "the two)") from exc
+    return onnxruntime
+
+
+def _opened(path: Union[str, os.PathLike[str]]) -> Any:
+    """`safety.open_onnx(path)`: the file and its data opened, checked and held open.
 
     Raises:
         ArtifactError: missing, not ONNX, an unsafe external-data reference, or no onnx package
             to check it with.
     """
     try:
-        from flash_export.safety import check_onnx_file
+        from flash_export import safety
     except ImportError as exc:  # onnx is a dependency; fail closed if it was removed
         raise ArtifactError(f"cannot check {path} before loading it: the onnx package is not "
                             f"importable ({exc})") from exc
-    return check_onnx_file(path)
+    return safety.open_onnx(path)

@@ -5,21 +5,27 @@ reads those files itself, so a hostile `.onnx` could make it read `/etc/passwd`,
 out of the model folder, read a hardlinked copy of a file the user never meant to share, or seek
 past the end of a file. `check_onnx_file` parses only the graph (never external data) and rejects
 every such reference; it checks data files against the SHA-256 the exporter pinned in the graph
-(`EXTERNAL_DATA_KEY`), so a graph never runs beside data it was not exported with. It also rejects
+(`EXTERNAL_DATA_KEY`), so a graph never runs beside data it was not exported with. `open_onnx`
+does all of it on files it opens once (the data files through the model folder's descriptor,
+following no link) and keeps open, so that onnxruntime is given the very bytes that were checked
+(`runtime.create_session`), never a name another process could swap in between. It also rejects
 a `com.flash_export::FlashAttention` node with an unknown or wrong-typed attribute: onnxruntime
 lets a custom node carry any attribute, and its custom-op ABI gives our library no way to list
 them. Imports no torch.
 """
 
+import dataclasses
+import errno
+import hashlib
 import json
+import mmap
 import os
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Dict, Iterator, Union
+from typing import Any, Dict, Iterator, List, Tuple, Union
 
 import onnx
 
-from flash_export.artifact import sha256_file
 from flash_export.contract import (
     DOMAIN,
     NODE_ATTRIBUTES,
@@ -45,8 +51,12 @@ def load_graph(path: PathLike) -> Any:
     file = Path(path)
     if not file.is_file():
         raise ArtifactError(f"ONNX file not found: {file}")
+    return _parse(file.read_bytes(), file)
+
+
+def _parse(raw: bytes, file: Path) -> Any:
     try:
-        return onnx.load(str(file), load_external_data=False)
+        return onnx.load_model_from_string(raw)
     except Exception as exc:  # protobuf decode errors have several types
         raise ArtifactError(f"{file} is not an ONNX model: {summary(exc)}") from exc
 
@@ -109,15 +119,10 @@ def _int_field(fields: Dict[str, str], key: str, tensor: Any, model_file: Path) 
     return value
 
 
-def check_external_location(location: str, folder: Path, what: str) -> Path:
-    """Resolve one external-data `location` against `folder` or raise ArtifactError.
+def _location_parts(location: str, what: str) -> List[str]:
+    """The path components of an external-data `location`, or ArtifactError.
 
-    Rejects empty, absolute (on Windows also drive-relative) and `..` locations, a symlink at any
-    component below `folder`, a target outside `folder` after resolving, a non-regular file and a
-    file with more than one hard link (a second name for a file that may live anywhere).
-
-    Returns:
-        The data file's path.
+    Rejects empty, absolute (on Windows also drive-relative) and `..` locations.
     """
     if not location or "\x00" in location:
         raise ArtifactError(f"{what}: empty or NUL-containing external data location")
@@ -136,6 +141,35 @@ def check_external_location(location: str, folder: Path, what: str) -> Path:
     parts = [p for p in location.split("/") if p not in ("", ".")]
     if not parts:
         raise ArtifactError(f"{what}: external data location {location!r} names no file")
+    return parts
+
+
+def _through_link(location: str, name: str, what: str) -> ArtifactError:
+    return ArtifactError(f"{what}: external data location {location!r} goes through a symlink "
+                         f"({name}); flash-export follows no links")
+
+
+def _check_data_file(info: os.stat_result, location: str, what: str) -> None:
+    """Refuse a data file that is not a regular file or has a second name (a hard link)."""
+    if not stat.S_ISREG(info.st_mode):
+        raise ArtifactError(f"{what}: external data location {location!r} is not a regular file")
+    if info.st_nlink > 1:
+        raise ArtifactError(f"{what}: external data file {location!r} has {info.st_nlink} hard "
+                            "links; a hard link may expose a file from elsewhere, copy it instead")
+
+
+def check_external_location(location: str, folder: Path, what: str) -> Path:
+    """Resolve one external-data `location` against `folder` or raise ArtifactError.
+
+    Rejects empty, absolute (on Windows also drive-relative) and `..` locations, a symlink at any
+    component below `folder`, a target outside `folder` after resolving, a non-regular file and a
+    file with more than one hard link (a second name for a file that may live anywhere). A check
+    by name: what is then opened by that name may differ; `open_onnx` opens what it checks.
+
+    Returns:
+        The data file's path.
+    """
+    parts = _location_parts(location, what)
     current = folder
     for part in parts:
         current = current / part
@@ -145,8 +179,7 @@ def check_external_location(location: str, folder: Path, what: str) -> Path:
             raise ArtifactError(f"{what}: external data file {location!r} is missing or "
                                 f"unreadable ({exc.strerror})") from exc
         if stat.S_ISLNK(info.st_mode):
-            raise ArtifactError(f"{what}: external data location {location!r} goes through a "
-                                f"symlink ({current.name}); flash-export follows no links")
+            raise _through_link(location, current.name, what)
     try:
         inside = current.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
     except OSError as exc:
@@ -154,55 +187,120 @@ def check_external_location(location: str, folder: Path, what: str) -> Path:
     if not inside:
         raise ArtifactError(f"{what}: external data file {location!r} resolves outside the "
                             f"model's folder {folder}")
-    if not stat.S_ISREG(info.st_mode):
-        raise ArtifactError(f"{what}: external data location {location!r} is not a regular file")
-    if info.st_nlink > 1:
-        raise ArtifactError(f"{what}: external data file {location!r} has {info.st_nlink} hard "
-                            "links; a hard link may expose a file from elsewhere, copy it instead")
+    _check_data_file(info, location, what)
     return current
 
 
-def check_external_data(model: Any, model_file: PathLike) -> int:
-    """Check every external-data reference of `model` (loaded from `model_file`).
+@dataclasses.dataclass
+class DataFile:
+    """One external data file, opened once and mapped read-only; every check reads `view`.
 
-    Returns:
-        How many tensors live in external data.
-
-    Raises:
-        ArtifactError: a reference that escapes the model's folder, goes through a link, names a
-            non-regular or hard-linked file, or reads past the end of its file.
+    Attributes:
+        location: the name the graph gives it.
+        view: its bytes (a read-only shared mapping; b"" for an empty file).
+        stamp: (device, inode, size, mtime) when it was opened: a write into the file
+            afterwards changes it (`OpenedOnnx.check_unchanged`). Not the ctime, which a rename
+            of the file (a harmless swap of the name) changes too.
     """
-    file = Path(model_file)
-    folder = file.parent if str(file.parent) else Path(".")
+
+    location: str
+    fd: int
+    view: Any
+    stamp: Tuple[int, ...]
+
+    def close(self) -> None:
+        """Unmap and close (idempotent)."""
+        if isinstance(self.view, mmap.mmap):
+            self.view.close()
+        self.view = b""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _stamp(info: os.stat_result) -> Tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _open_data_file(location: str, folder_fd: int, what: str) -> DataFile:
+    """Open `location` below the folder `folder_fd`, one component at a time, following no link.
+
+    The checks and the bytes both come from the descriptor opened here: no name is looked up
+    twice, so a file renamed over the name after the check is never the one read.
+    """
+    parts = _location_parts(location, what)
+    current = folder_fd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (
+                os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                fd = os.open(part, flags, dir_fd=current)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and _is_link(
+                        part, current)):
+                    raise _through_link(location, part, what) from exc
+                raise ArtifactError(f"{what}: external data file {location!r} is missing or "
+                                    f"unreadable ({exc.strerror})") from exc
+            if current != folder_fd:
+                os.close(current)
+            current = fd
+        info = os.fstat(current)
+        _check_data_file(info, location, what)
+        view: Any = b"" if info.st_size == 0 else mmap.mmap(current, info.st_size,
+                                                            prot=mmap.PROT_READ)
+    except BaseException:
+        if current != folder_fd:
+            os.close(current)
+        raise
+    return DataFile(location, current, view, _stamp(info))
+
+
+def _is_link(name: str, folder_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=folder_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _open_external_data(model: Any, file: Path,
+                        folder_fd: int) -> Tuple[Dict[str, DataFile], int]:
+    """Open, map and check every data file `model` references; ({location: file}, tensors)."""
     pinned = _pinned_data_hashes(model, file)
-    checked: Dict[str, int] = {}
+    files: Dict[str, DataFile] = {}
     count = 0
-    for tensor in model_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            if tensor.external_data:
-                raise ArtifactError(f"{file}: tensor {tensor.name!r} lists external_data but is "
-                                    "not marked EXTERNAL")
-            continue
-        count += 1
-        what = f"{file}: tensor {tensor.name!r}"
-        fields = _external_fields(tensor, file)
-        location = fields.get("location", "")
-        if location not in checked:
-            data = check_external_location(location, folder, what)
-            checked[location] = os.stat(data).st_size
-            if location in pinned and sha256_file(data) != pinned[location]:
-                raise ArtifactError(f"{what}: external data file {location!r} is not the one this "
-                                    "graph was exported with (its SHA-256 differs)")
-        size = checked[location]
-        offset = _int_field(fields, "offset", tensor, file)
-        if "length" in fields:
-            end = offset + _int_field(fields, "length", tensor, file)
-        else:
-            end = size
-        if offset > size or end > size:
-            raise ArtifactError(f"{what} reads bytes {offset}..{end} of {location!r}, which has "
-                                f"only {size}")
-    return count
+    try:
+        for tensor in model_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                if tensor.external_data:
+                    raise ArtifactError(f"{file}: tensor {tensor.name!r} lists external_data "
+                                        "but is not marked EXTERNAL")
+                continue
+            count += 1
+            what = f"{file}: tensor {tensor.name!r}"
+            fields = _external_fields(tensor, file)
+            location = fields.get("location", "")
+            if location not in files:
+                files[location] = data = _open_data_file(location, folder_fd, what)
+                if location in pinned and hashlib.sha256(data.view).hexdigest() != \
+                        pinned[location]:
+                    raise ArtifactError(f"{what}: external data file {location!r} is not the "
+                                        "one this graph was exported with (its SHA-256 differs)")
+            size = len(files[location].view)
+            offset = _int_field(fields, "offset", tensor, file)
+            if "length" in fields:
+                end = offset + _int_field(fields, "length", tensor, file)
+            else:
+                end = size
+            if offset > size or end > size:
+                raise ArtifactError(f"{what} reads bytes {offset}..{end} of {location!r}, which "
+                                    f"has only {size}")
+    except BaseException:
+        for data in files.values():
+            data.close()
+        raise
+    return files, count
 
 
 def _pinned_data_hashes(model: Any, file: Path) -> Dict[str, str]:
@@ -300,6 +398,106 @@ def _attribute_text(attr: Any) -> str:
     return repr(value)[:40]
 
 
+@dataclasses.dataclass
+class OpenedOnnx:
+    """An ONNX file and its external data, each opened once, checked, and held open.
+
+    Use it as a context manager (`with open_onnx(path) as opened:`): closing unmaps the data.
+
+    Attributes:
+        path: the file as named.
+        model: its ModelProto (external tensors not loaded).
+        raw: the bytes `model` was parsed from.
+        sha256: their SHA-256.
+        data: the data files by the location the graph names them with.
+    """
+
+    path: Path
+    model: Any
+    raw: bytes
+    sha256: str
+    data: Dict[str, DataFile]
+
+    def external_files(self) -> Tuple[List[str], List[Any], List[int]]:
+        """(names, buffers, sizes): the checked bytes of every data file, by the graph's names.
+
+        What `SessionOptions.add_external_initializers_from_files_in_memory` takes.
+        """
+        names = list(self.data)
+        return names, [self.data[n].view for n in names], [len(self.data[n].view)
+                                                            for n in names]
+
+    def check_unchanged(self) -> None:
+        """Refuse when a data file was written to (or replaced in place) since it was opened.
+
+        Raises:
+            ArtifactError: a data file's size or mtime moved.
+        """
+        for data in self.data.values():
+            if _stamp(os.fstat(data.fd)) != data.stamp:
+                raise ArtifactError(f"{self.path}: external data file {data.location!r} was "
+                                    "written to while it was loaded: load it again")
+
+    def close(self) -> None:
+        """Unmap and close every data file."""
+        for data in self.data.values():
+            data.close()
+
+    def __enter__(self) -> "OpenedOnnx":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_onnx(path: PathLike) -> OpenedOnnx:
+    """Open `path` and its data files once, and run every check above on what was opened.
+
+    The graph is read into memory from one descriptor; its data files are opened below the
+    model's folder through that folder's descriptor, one path component at a time with no link
+    followed, and mapped read-only. The pinned SHA-256 and the size checks read the mappings,
+    and the same mappings are what `runtime.create_session` hands onnxruntime.
+
+    Returns:
+        The opened file; close it (or use it as a context manager) when done.
+
+    Raises:
+        ArtifactError: missing, not a regular file, not ONNX, an unsafe or mismatched
+            external-data reference, or a malformed com.flash_export node.
+    """
+    file = Path(path)
+    folder = file.parent if str(file.parent) else Path(".")
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ArtifactError(f"ONNX file not found: {file}") from exc
+    try:
+        raw = _read_regular(file, folder_fd)
+        model = _parse(raw, file)
+        files, _ = _open_external_data(model, file, folder_fd)
+    finally:
+        os.close(folder_fd)
+    opened = OpenedOnnx(file, model, raw, hashlib.sha256(raw).hexdigest(), files)
+    try:
+        check_custom_nodes(model, file)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _read_regular(file: Path, folder_fd: int) -> bytes:
+    """The bytes of `file` (a name in the folder `folder_fd`), read from one descriptor."""
+    try:
+        fd = os.open(file.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder_fd)
+    except OSError as exc:
+        raise ArtifactError(f"ONNX file not found: {file}") from exc
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactError(f"ONNX file not found: {file} (not a regular file)")
+        return f.read()
+
+
 def check_onnx_file(path: PathLike) -> Any:
     """Parse `path` without external data and run every check above (see module doc).
 
@@ -310,7 +508,5 @@ def check_onnx_file(path: PathLike) -> Any:
         ArtifactError: not an ONNX file, an unsafe or mismatched external-data reference, or a
             malformed com.flash_export node.
     """
-    model = load_graph(path)
-    check_external_data(model, path)
-    check_custom_nodes(model, path)
-    return model
+    with open_onnx(path) as checked:
+        return checked.model

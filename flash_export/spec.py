@@ -5,9 +5,11 @@ heavy imports (the CLI checks its options this way).
 """
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass
@@ -286,13 +288,24 @@ def _load_factory(spec: str, sha256: Optional[str] = None) -> Callable[..., Any]
 
 def _module_factory(module_name: str, name: str) -> Callable[..., Any]:
     """FACTORY from an importable module (`flash_export.models.gpt:build`, say)."""
+    zoo = module_name.startswith(ZOO_PREFIX)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if zoo and exc.name == module_name:  # a misspelt zoo model: say what the zoo has
+            from flash_export.models import ZOO
+
+            close = difflib.get_close_matches(module_name[len(ZOO_PREFIX):], ZOO, n=1)
+            guess = f" (did you mean {ZOO_PREFIX}{close[0]}:build?)" if close else ""
+            raise ModelError(f"{module_name} is not a model of the zoo{guess}; its models are "
+                             f"{', '.join(f'{ZOO_PREFIX}{m}:build' for m in ZOO)}") from exc
+        raise ModelError(f"cannot import module {module_name}: {summary(exc)}") from exc
     except (Exception, SystemExit) as exc:  # a missing or failing module: one line
         raise ModelError(f"cannot import module {module_name}: {summary(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ModelError(f"module {module_name} has no callable {name!r}")
+        hint = " (the zoo's factories are all named build)" if zoo else ""
+        raise ModelError(f"module {module_name} has no callable {name!r}{hint}")
     return factory
 
 
@@ -304,6 +317,12 @@ def _load_weights(model: "nn.Module", path: Path, sha256: Optional[str] = None) 
     _check_pinned(path, sha256, "checkpoint")
     try:
         state: Dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # objects, not tensors: a whole pickled model, say
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        raise ModelError(f"{path} holds {what}, not a state dict of tensors (flash-export never "
+                         "unpickles objects): save the weights with "
+                         "torch.save(model.state_dict(), PATH) and pass that file") from exc
     except Exception as exc:  # torch raises many types for a bad or unsafe file
         raise ModelError(f"cannot load weights from {path}: {summary(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -33,6 +33,7 @@ from typing import (
 )
 
 from flash_export.errors import summary
+from flash_export.install import module_command
 
 if TYPE_CHECKING:
     from flash_export.runners import Job
@@ -244,8 +245,8 @@ def measure_memory(job: "Job", timeout: float = 600.0) -> Dict[str, Any]:
     Returns:
         {"peak_rss_mb": float, "method": str, ["peak_cuda_mb": float]} or {"error": str}.
     """
-    cmd = [sys.executable, "-m", "flash_export.timing", "--memory-worker",
-           json.dumps(dataclasses.asdict(job))]
+    cmd = module_command("flash_export.timing", "--memory-worker",
+                         json.dumps(dataclasses.asdict(job)))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

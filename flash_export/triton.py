@@ -13,14 +13,15 @@ the server sees it: REPO's own path, or `server_repo` when Triton sees the repos
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from pathlib import Path, PurePosixPath
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 from flash_export.contract import DOMAIN, ONNX_ELEM
 from flash_export.errors import ArtifactError, ExportError
-from flash_export.io_spec import IOSpec
-from flash_export.oip import batch_dim, model_name
+from flash_export.io_spec import GraphInput, IOSpec
+from flash_export.oip import model_name, require_onnx_graph
 from flash_export.runtime import library_path
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
@@ -34,8 +35,9 @@ class TritonConfig:
 
     Attributes:
         name: the model's name in the repository; None: the artifact's file stem.
-        max_batch_size: Triton's max_batch_size when every input and output leads with the
-            dynamic batch dim (0 turns batching off; it is off anyway otherwise).
+        max_batch_size: Triton's max_batch_size when the IOSpec declares a per-request batch
+            at axis 0 of every input and output (0 turns batching off; it is off anyway
+            otherwise: Triton joins requests along axis 0).
         queue_delay_us: dynamic batching's max_queue_delay_microseconds.
         device: "cpu" (KIND_CPU) or "gpu" (KIND_GPU: onnxruntime's CUDA provider, and our
             library's CUDA kernels when it was built with nvcc).
@@ -78,10 +80,15 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
     Returns:
         The config.pbtxt written.
 
+    The entry is written into a hidden folder beside REPO/NAME and renamed into place, so a
+    failure (a full disk, say) leaves nothing under REPO/NAME and a rerun starts afresh.
+
     Raises:
-        ArtifactError: the file fails the checks every load runs, or has an input or output of
-            a type Triton's onnxruntime backend cannot carry.
-        ExportError: REPO/NAME exists, or the native library is missing.
+        ArtifactError: the file is not an ONNX graph (a TorchScript archive, say), fails the
+            checks every load runs, or has an input or output of a type Triton's onnxruntime
+            backend cannot carry.
+        ExportError: REPO/NAME exists (a dangling symlink too), the native library is missing,
+            or the repository cannot be written (one line naming the path and the reason).
         ValueError: a bad model name.
     """
     from flash_export.recorded import recorded_io
@@ -89,41 +96,63 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
 
     source = Path(artifact)
     name = model_name(source, config.name)
+    require_onnx_graph(source, "triton")
     model = check_onnx_file(source)
     meta = {p.key: p.value for p in model.metadata_props}
     initializers = {i.name for i in model.graph.initializer}
     inputs = [_tensor(v, source) for v in model.graph.input if v.name not in initializers]
     outputs = [_tensor(v, source) for v in model.graph.output]
-    io = recorded_io(meta, source, [(t.name, t.dtype, [d if d >= 0 else None for d in t.dims])
-                                    for t in inputs])
+    io = recorded_io(meta, source, _described(model.graph.input, initializers),
+                     _described(model.graph.output, set()))
     needs_library = DOMAIN in {o.domain for o in model.opset_import}
     library = Path(library_path())
     if needs_library and not library.is_file():
         raise ExportError(f"native library not found at {library}; the graph needs it")
-    data_files = sorted({check_external_location(
-        next(e.value for e in t.external_data if e.key == "location"), source.parent.resolve(),
-        str(source)) for t in model_tensors(model) if t.data_location == 1})
+    # The graph names each data file by a location relative to itself (a subfolder too): the
+    # copy goes to the same location relative to 1/model.onnx.
+    locations = sorted({next(e.value for e in t.external_data if e.key == "location")
+                        for t in model_tensors(model) if t.data_location == 1})
+    data_files = {location: check_external_location(location, source.parent.resolve(),
+                                                    str(source)) for location in locations}
 
     folder = Path(repo) / name
-    if folder.exists():
+    if os.path.lexists(folder):
         raise ExportError(f"{folder} exists; choose another REPO_DIR or --name")
     served = Path(config.server_repo or Path(repo).resolve()) / name
     text = config_text(name, io, inputs, outputs, config,
                        str(served / library.name) if needs_library else None)
-    (folder / "1").mkdir(parents=True)
-    shutil.copyfile(source, folder / "1" / "model.onnx")
-    for data in data_files:  # the graph names its data file by a location relative to itself
-        shutil.copyfile(data, folder / "1" / data.relative_to(source.parent.resolve()))
-    if needs_library:
-        shutil.copyfile(library, folder / library.name)
-    (folder / "config.pbtxt").write_text(text)
+    staging = None
+    try:
+        Path(repo).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+        (staging / "1").mkdir()
+        shutil.copyfile(source, staging / "1" / "model.onnx")
+        for location, data in data_files.items():
+            target = staging / "1" / PurePosixPath(location)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data, target)
+        if needs_library:
+            shutil.copyfile(library, staging / library.name)
+        (staging / "config.pbtxt").write_text(text)
+        os.chmod(staging, 0o755)  # mkdtemp's 0o700 would hide the model from Triton's user
+        if os.path.lexists(folder):  # appeared meanwhile: never replace it
+            raise ExportError(f"{folder} exists; choose another REPO_DIR or --name")
+        os.rename(staging, folder)
+        staging = None
+    except OSError as exc:
+        raise ExportError(f"cannot write the repository entry {folder}: "
+                          f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+                          ) from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder / "config.pbtxt"
 
 
 def config_text(name: str, io: IOSpec, inputs: Sequence[_Tensor], outputs: Sequence[_Tensor],
                 config: TritonConfig, library: Optional[str]) -> str:
     """config.pbtxt in protobuf text format (Triton's ModelConfig)."""
-    batch = _batch_name(io, outputs) if config.max_batch_size else None
+    batch = _batch_name(io) if config.max_batch_size else None
     strip = 1 if batch is not None else 0
     lines = [f"name: {_quote(name)}", 'platform: "onnxruntime_onnx"',
              f"max_batch_size: {config.max_batch_size if batch is not None else 0}"]
@@ -142,6 +171,13 @@ def config_text(name: str, io: IOSpec, inputs: Sequence[_Tensor], outputs: Seque
     return "\n".join(lines) + "\n"
 
 
+def _described(values: Any, skip: Set[str]) -> List[GraphInput]:
+    """(name, None, dims) of graph inputs or outputs, symbolic dims by name (see `GraphInput`)."""
+    return [(v.name, ONNX_ELEM.get(v.type.tensor_type.elem_type),
+             [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+              for d in v.type.tensor_type.shape.dim]) for v in values if v.name not in skip]
+
+
 def _tensor(value: Any, source: Path) -> _Tensor:
     kind = value.type.WhichOneof("value")
     dtype = ONNX_ELEM.get(value.type.tensor_type.elem_type) if kind == "tensor_type" else None
@@ -153,13 +189,16 @@ def _tensor(value: Any, source: Path) -> _Tensor:
     return _Tensor(value.name, dtype, dims)
 
 
-def _batch_name(io: IOSpec, outputs: Sequence[_Tensor]) -> Optional[str]:
-    """The dynamic dim every input leads with, when every output leads with a dynamic dim too."""
-    name = batch_dim(io)
-    if name is None or io.is_static(name) or not all(o.dims and o.dims[0] == -1
-                                                     for o in outputs):
+def _batch_name(io: IOSpec) -> Optional[str]:
+    """The declared per-request batch, when it is axis 0 of every input and output.
+
+    Triton's dynamic batcher joins requests along axis 0 of every tensor; anything else (a
+    (L, B, E) tensor, no declared batch) is served with max_batch_size 0.
+    """
+    axes = io.batch_axes()
+    if axes is None or any(axis != 0 for axis in axes.values()):
         return None
-    return name
+    return io.batch
 
 
 def _quote(text: str) -> str:

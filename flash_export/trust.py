@@ -6,6 +6,12 @@ it). Every export is recorded, by SHA-256, in a trust store of the user's own
 `~/.local/share/flash-export/trusted`), one small file per hash so concurrent exports never
 contend. Besides the store, the user may state the hash they expect (`expect_sha256`) or vouch
 for a file (`trust`).
+
+The store is always an absolute path: a relative one would be looked up in whatever folder the
+command runs in, so a downloaded folder could ship a store vouching for its own files. A relative
+`XDG_DATA_HOME` is ignored, as the XDG Base Directory spec says; a relative
+`FLASH_EXPORT_TRUST_STORE` (flash-export's own, explicit setting) is refused with an error rather
+than silently replaced by another store.
 """
 
 import dataclasses
@@ -16,20 +22,36 @@ from pathlib import Path
 from typing import Optional, Union
 
 from flash_export._version import __version__
-from flash_export.errors import ArtifactError
+from flash_export.errors import ArtifactError, FlashExportError
 
 PathLike = Union[str, "os.PathLike[str]"]
 TRUST_STORE_ENV = "FLASH_EXPORT_TRUST_STORE"
 
 
 def trust_store() -> Path:
-    """The folder of the user's trust store (it need not exist yet)."""
+    """The folder of the user's trust store (it need not exist yet), an absolute path.
+
+    Raises:
+        FlashExportError: `FLASH_EXPORT_TRUST_STORE` is a relative path, or there is no absolute
+            home folder to put the default store in.
+    """
     override = os.environ.get(TRUST_STORE_ENV)
     if override:
-        return Path(override)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return Path(base) / "flash-export" / "trusted"
+        store = Path(os.path.expanduser(override))
+        if not store.is_absolute():
+            raise FlashExportError(f"{TRUST_STORE_ENV} must be an absolute path, got "
+                                   f"{override!r}: a relative store would depend on the folder "
+                                   "you run in")
+        return store
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "flash-export" / "trusted"
+    base = Path(os.path.expanduser("~")) / ".local" / "share"  # relative XDG paths are ignored
+    if not base.is_absolute():
+        raise FlashExportError(f"no absolute home folder for the trust store (HOME is "
+                               f"{os.environ.get('HOME', '')!r}): set {TRUST_STORE_ENV} to an "
+                               "absolute path")
+    return base / "flash-export" / "trusted"
 
 
 def _is_hex_digest(text: str) -> bool:

@@ -37,6 +37,7 @@ from flash_export.contract import (
     EXPORT_DTYPES,
     TARGETS,
 )
+from flash_export.conversion import no_flash_attention
 from flash_export.errors import ArtifactError, FlashExportError, ModelError
 from flash_export.io_spec import IOSpec
 from flash_export.parity import (
@@ -53,7 +54,7 @@ from flash_export.parity import (
     torch_backend,
 )
 from flash_export.recorded import Recorded, check_graph_matches_spec, recorded, recorded_io
-from flash_export.safety import all_nodes, check_onnx_file
+from flash_export.safety import all_nodes, open_onnx
 from flash_export.spec import ModelSpec, check_memory, resolve_spec
 from flash_export.trust import Provenance, provenance
 
@@ -198,7 +199,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         model = spec.build()
     layers = flash_modules(model)
     if not layers:
-        raise ModelError(f"{type(model).__name__} contains no FlashAttention layer")
+        raise ModelError(no_flash_attention(model))
     check_memory(_validate_bytes(sum(p.numel() for p in model.parameters()), layers[0].heads,
                                  layers[0].embed_size, cases), max_memory,
                  f"validating {path.name}")
@@ -241,9 +242,11 @@ class _Loaded:
         if not path.is_file():
             raise ArtifactError(f"artifact not found: {path}")
         if kind == "onnx":
-            proto = check_onnx_file(path)  # before onnxruntime opens anything it names
+            with open_onnx(path) as opened:  # before onnxruntime opens anything it names
+                proto = opened.model
+                origin = provenance(path, expect_sha256=expect_sha256, trust=trust,
+                                    digest=opened.sha256)  # the bytes just checked
             meta = {p.key: p.value for p in proto.metadata_props}
-            origin = provenance(path, expect_sha256=expect_sha256, trust=trust)
             io = recorded_io(meta, path, graph_inputs(proto))
             return cls(path, kind, meta, recorded(meta, path, kind), origin, io, proto=proto)
         recorded(read_metadata(path), path, kind)  # a malformed spec fails before any load

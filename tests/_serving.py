@@ -1,6 +1,7 @@
 """Run `flash-export serve` in a process of its own, and always stop it and its Ray cluster."""
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -11,13 +12,15 @@ import psutil
 
 
 @contextlib.contextmanager
-def serving(args: list, cwd=None):
-    """Run `flash-export serve ARGS` until the block ends, then SIGTERM it: it must exit 0 and
-    leave no Ray process behind (any left are killed, and the test fails)."""
+def serving(args: list, cwd=None, env=None):
+    """Run `flash-export serve ARGS` (with `env` added to the environment) until the block
+    ends, then SIGTERM it: it must exit 0 and leave no Ray process behind (any left are killed,
+    and the test fails)."""
     exe = Path(sys.executable).with_name("flash-export")
     cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export"]
     process = subprocess.Popen([*cli, "serve", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
+                               env={**os.environ, **(env or {})})
     family = []
     try:
         banner = _wait_for_banner(process, timeout=180)

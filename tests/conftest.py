@@ -1,4 +1,4 @@
-"""Shared test setup: a per-session trust store, and the `cuda` marker's skip.
+"""Shared test setup: a per-session trust store, the `cuda` marker's skip, Hypothesis profiles.
 
 Test modules import their helpers (helpers.py, _native_cases.py) as top-level modules: pytest puts
 this folder on sys.path. A subprocess that needs them gets it on PYTHONPATH.
@@ -13,8 +13,22 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Hypothesis: "ci" (the default) draws a bounded, fixed set of examples, so a run takes the same
+# time and finds the same things every time; "thorough" (`make properties`) draws many more, at
+# random, and keeps what fails in .hypothesis/ to replay; a failure it finds becomes an explicit
+# @example. HYPOTHESIS_PROFILE picks one.
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
+                          database=None, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+# `make mutate`: each surviving mutant reruns every test that reaches it; fewer examples keep the
+# run within the hour (a mutant the explicit tests miss is still met by 10 drawn examples).
+settings.register_profile("mutation", max_examples=10, deadline=None, derandomize=True,
+                          database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):

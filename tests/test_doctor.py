@@ -24,13 +24,23 @@ def entry_point() -> list:
     return [sys.executable, "-m", "flash_export.cli"]
 
 
-def run_doctor(library=None, *args):
-    env = dict(os.environ)
+def run_doctor(library=None, *args, cwd=None, env=None):
+    env = dict(os.environ if env is None else env)
     env.pop(LIBRARY_ENV, None)
     if library is not None:
         env[LIBRARY_ENV] = str(library)
     return subprocess.run([*entry_point(), "doctor", *args], capture_output=True, text=True,
-                          timeout=180, env=env)
+                          timeout=180, env=env, cwd=cwd)
+
+
+@pytest.fixture()
+def shadowing_folder(tmp_path: Path) -> Path:
+    """A folder holding another `flash_export` package, as a source clone does (its native
+    library unbuilt): a process that imports from it fails."""
+    (tmp_path / "flash_export").mkdir()
+    (tmp_path / "flash_export" / "__init__.py").write_text(
+        "raise ImportError('imported the flash_export folder of the current directory')\n")
+    return tmp_path
 
 
 def _system_library_without_entry_point(tmp_path: Path) -> Path:
@@ -47,9 +57,11 @@ def _system_library_without_entry_point(tmp_path: Path) -> Path:
 
 @pytest.mark.skipif(not Path(library_path()).is_file(),
                     reason=f"native library not built at {library_path()}")
-def test_healthy_install_exits_0(tmp_path):
-    out = tmp_path / "doctor.json"
-    proc = run_doctor(os.environ.get(LIBRARY_ENV), "--json", str(out))
+def test_healthy_install_exits_0_even_run_from_a_folder_that_shadows_the_package(
+        shadowing_folder):
+    """The probe subprocess imports the installed flash-export, never `./flash_export`."""
+    out = shadowing_folder / "doctor.json"
+    proc = run_doctor(os.environ.get(LIBRARY_ENV), "--json", str(out), cwd=shadowing_folder)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for text in ("flash-export", "torch", "onnx", "onnxruntime", "providers", "library",
                  "ORT API", "CPU kernel", "[ok] registers com.flash_export::FlashAttention",
@@ -72,6 +84,22 @@ def test_broken_library_exits_1_with_hint(tmp_path, make, check, hint):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert check in proc.stdout
     assert "hint:" in proc.stdout and hint in proc.stdout
+
+
+def test_a_broken_onnxruntime_gets_a_hint_not_a_traceback(tmp_path):
+    """What uninstalling one of onnxruntime and onnxruntime-gpu leaves when one was laid over the
+    other: an `onnxruntime` that imports and holds nothing (here an empty package first on the
+    path)."""
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = run_doctor(None, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert "[FAIL] onnxruntime" in proc.stdout and "imports but is broken" in proc.stdout
+    assert "hint: reinstall it: pip install --force-reinstall --no-deps onnxruntime" in \
+        proc.stdout
 
 
 def test_runtime_api_version_from_release():

@@ -64,7 +64,7 @@ def test_weights_load_strictly_and_mismatch_is_one_line(tmp_path):
     ("nofactory", "FILE.py:FACTORY"),
     ("missing.py:build", "not found"),
     ("user:nope", "no callable"),
-    ("flash_export.models.nosuch:build", "cannot import module"),
+    ("flash_export.models.nosuch:build", "is not a model of the zoo; its models are "),
     ("flash_export.models.gpt:nope", "has no callable 'nope'"),
 ], ids=["syntax", "missing-file", "missing-factory", "missing-module", "missing-zoo-factory"])
 def test_bad_model_option_is_a_model_error(model, message, user_factory):

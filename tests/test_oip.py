@@ -4,6 +4,7 @@ import json
 import struct
 
 import numpy as np
+import onnx
 import pytest
 
 from flash_export.errors import RequestError
@@ -99,6 +100,26 @@ def test_requests_of_one_shape_merge_into_one_run_up_to_the_batch_limit(model, s
         assert np.array_equal(answer["output"], session.run(["output"], feed)[0])
 
 
+def test_an_old_spec_without_the_batch_declaration_is_never_batched(graph, tmp_path):
+    """An artifact written before the declaration: its dims say "batch", nothing says the rows
+    are independent requests."""
+    proto = onnx.load(str(graph))
+    for prop in proto.metadata_props:
+        if prop.key == "io_spec":
+            spec = json.loads(prop.value)
+            prop.value = json.dumps({k: v for k, v in spec.items()
+                                     if k not in ("batch", "output_dims")})
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = create_session(tmp_path / "old.onnx")
+    io = session_io(old)
+    assert io.batch is None and io.output_dims == {"output": ("batch", "q_len", E)}
+    model = OIPModel("old", CountingSession(old), io, LIMITS)
+    feeds = [_feed(i) for i in range(3)]
+    for feed, answer in zip(feeds, run_many(model, feeds)):
+        assert np.array_equal(answer["output"], old.run(["output"], feed)[0])
+    assert len(model.session.runs) == 3
+
+
 def test_a_request_the_graph_refuses_does_not_sink_its_batch(model, session):
     good, bad = _feed(1), _feed(2)
     bad["values"] = bad["values"][:, :, :-1].copy()  # (1, 5, 15): the graph refuses it
@@ -164,7 +185,10 @@ def test_binary_sections_are_checked_byte_for_byte(model):
         if words:
             with pytest.raises(RequestError, match=words):
                 model.parse(bad, length)
-    for header in ("-1", "1e3", str(len(body) + 1), "9" * 40):
+    # "\u00b2" (superscript two) passes str.isdigit, which int() refuses; int() reads
+    # "\u0661\u0662" (Arabic-Indic 12): a byte count is ASCII digits only.
+    for header in ("-1", "1e3", str(len(body) + 1), "9" * 40, "\u00b2", "1\u00b2",
+                   "\u0661\u0662"):
         with pytest.raises(RequestError, match="Inference-Header-Content-Length"):
             model.parse(body, header)
     mask_at = len(body) - feed["mask"].nbytes
@@ -176,6 +200,44 @@ def test_binary_sections_are_checked_byte_for_byte(model):
     with pytest.raises(RequestError) as caught:
         model.parse(b" " * (LIMITS.max_body_bytes + 1))
     assert caught.value.status == 413
+
+
+def test_an_answer_over_the_response_limit_is_refused_before_anything_runs(session):
+    """The IOSpec's output dims at the request's sizes bound the answer before the run."""
+    io = session_io(session)
+    limits = Limits(max_batch=4, max_length=4096, max_response_bytes=2**20)
+    model = OIPModel("att", CountingSession(session), io, limits)
+    feed = _feed(0, batch=2, q_len=2000, k_len=1)  # output (2, 2000, 16): 64,000 values
+    with pytest.raises(RequestError, match=r"up to 1\.5 MiB \(output \[2, 2000, 16\]: 64,000 "
+                                           r"values as JSON\), over the response limit of "
+                                           r"1\.0 MiB") as caught:
+        model.parse(_json(feed))
+    assert caught.value.status == 413 and model.session.runs == []
+    body, length = _binary(feed)  # 256,000 bytes as binary: within the limit
+    request = model.parse(body, length)
+    headers, reply = model.answer(request, model.run(request.feed))
+    assert len(reply) > 256_000 and len(reply) < 2**20
+
+
+def test_an_answer_whose_shape_is_known_only_after_the_run_is_checked_before_encoding(session):
+    import dataclasses
+
+    io = dataclasses.replace(session_io(session), output_dims={})  # dims unknown before a run
+    limits = Limits(max_batch=4, max_length=4096, max_response_bytes=2**20)
+    model = OIPModel("att", CountingSession(session), io, limits)
+    request = model.parse(_json(_feed(0, batch=2, q_len=2000, k_len=1)))
+    results = model.run(request.feed)
+    with pytest.raises(RequestError, match="over the response limit") as caught:
+        model.answer(request, results)
+    assert caught.value.status == 413
+
+
+def test_a_byte_count_is_ascii_digits_only():
+    from flash_export.oip_wire import byte_count
+
+    assert byte_count(" 42 ", 18) == 42
+    for text in ("", "-1", "4 2", "1\u00b2", "\u0661\u0662", "1" * 19):
+        assert byte_count(text, 18) is None, text
 
 
 def test_non_finite_outputs_are_strict_json_strings_that_numpy_reads_back(model):

@@ -58,16 +58,17 @@ def test_the_light_install_runs_graphs_without_torch_or_a_forced_onnxruntime(met
     assert not base & ({"torch", "onnxscript"} | RUNTIMES), base
 
 
-def test_each_onnxruntime_build_is_an_extra_of_its_own(metadata):
+def test_no_extra_names_an_onnxruntime_so_none_replaces_an_installed_one(metadata):
+    """`pip install 'flash-export[serve,cpu]'` into make demo's venv laid onnxruntime over its
+    onnxruntime-gpu (one module, two distributions; removing either then broke the import)."""
     by_extra = _requirements(metadata)
-    assert by_extra["cpu"] == {"onnxruntime"} and by_extra["gpu"] == {"onnxruntime-gpu"}
-    assert all(len(names & RUNTIMES) <= 1 for names in by_extra.values()), by_extra
+    assert not any(names & RUNTIMES for names in by_extra.values()), by_extra
 
 
 def test_the_export_extra_brings_torch_pinned_and_onnxscript(metadata):
     assert _requirements(metadata)["export"] == {"torch", "onnxscript"}
     (torch,) = [Requirement(r) for r in metadata.get_all("Requires-Dist")
-                if Requirement(r).name == "torch"]
+                if Requirement(r).name == "torch" and 'extra == "export"' in r]
     assert "2.13.0" in torch.specifier and "2.14.0" not in torch.specifier, torch
 
 
@@ -104,12 +105,37 @@ def test_the_serve_extra_pins_ray_serve_and_dev_pins_the_triton_client(metadata)
     assert "tritonclient" in _requirements(metadata)["dev"]
 
 
-def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve(
+def _installed_runtimes(lines: List[str]) -> List[str]:
+    """The onnxruntime distributions the `pip install ... -e` line in `lines` names."""
+    (line,) = [x for x in lines if re.search(r"-m pip install .*-e '\.\[", x)]
+    return [name for name in sorted(RUNTIMES)
+            if re.search(rf"'{re.escape(name)}(?:[<>=!~][^']*)?'", line)]
+
+
+def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve_hf(
         tmp_path, metadata):
-    demo = _installed_extras(_make_dry_run("demo", tmp_path))
-    assert demo in ({"export", "cpu"}, {"export", "gpu"}), demo
-    assert _installed_extras(_make_dry_run("test", tmp_path)) == demo | {"dev", "plot", "serve"}
+    demo_lines = _make_dry_run("demo", tmp_path)
+    demo = _installed_extras(demo_lines)
+    assert demo == {"export"}, demo
+    assert len(_installed_runtimes(demo_lines)) == 1, demo_lines
+    test_lines = _make_dry_run("test", tmp_path)
+    # hf: CI runs the transformers tests
+    assert _installed_extras(test_lines) == demo | {"dev", "plot", "serve", "hf"}
+    assert _installed_runtimes(test_lines) == _installed_runtimes(demo_lines)
+    assert _installed_runtimes(_make_dry_run("demo", tmp_path, "ORT=cpu")) == ["onnxruntime"]
     assert demo <= set(metadata.get_all("Provides-Extra"))
+
+
+def test_the_hf_extra_pins_the_transformers_releases_flash_export_hf_is_tested_with(metadata):
+    assert _requirements(metadata)["hf"] == {"torch", "onnxscript", "transformers"}
+    pins = {Requirement(r).name: Requirement(r).specifier for r in metadata.get_all("Requires-Dist")
+            if 'extra == "hf"' in r}
+    # Read from the source: importing flash_export.hf needs transformers itself.
+    tested = re.search(r'^TESTED_TRANSFORMERS = "([^"]+)"$',
+                       (ROOT / "flash_export" / "hf" / "swap.py").read_text(), flags=re.M)
+    assert tested and pins["transformers"] == SpecifierSet(tested.group(1)), pins
+    assert "5.23.0" in pins["transformers"] and "5.24.0" not in pins["transformers"]
+    assert "2.13.0" in pins["torch"] and "2.14.0" not in pins["torch"]  # the export extra's pin
 
 
 def test_make_takes_torch_from_the_cpu_index_unless_torch_index_is_emptied(tmp_path):
@@ -131,17 +157,24 @@ def test_git_ignores_what_make_demo_writes():
 
 
 def _readme_install_lines() -> List[str]:
+    """The README's command lines that pip-install flash-export (comments dropped)."""
     text = (ROOT / "README.md").read_text()
-    return [line for line in text.splitlines() if "pip install 'flash-export[" in line]
+    return [line.split("#")[0] for line in text.splitlines()
+            if re.match(r"\s*pip install .*\bflash-export\b", line)]
 
 
 def test_readme_gives_a_light_and_a_full_install_line_with_real_extras(metadata):
     offered = set(metadata.get_all("Provides-Extra"))
     lines = _readme_install_lines()
-    extras = [set(re.search(r"flash-export\[([^\]]+)\]", x).group(1).split(",")) for x in lines]
+    extras = [set(m.group(1).split(",")) if (m := re.search(r"flash-export\[([^\]]+)\]", x))
+              else set() for x in lines]
+    runtimes = [set(re.findall(r"\b(onnxruntime(?:-gpu)?)\b", x)) for x in lines]
     assert all(e <= offered for e in extras), (extras, offered)
-    assert any(e <= {"cpu", "gpu"} for e in extras), "no light install line (no export)"
-    assert any("export" in e for e in extras), "no full install line (with export)"
+    assert all(len(r) <= 1 for r in runtimes), lines
+    assert any(not e and r for e, r in zip(extras, runtimes)), "no light line (a runtime, no torch)"
+    assert any("export" in e and r for e, r in zip(extras, runtimes)), "no full line (export)"
     for line, names in zip(lines, extras):
-        if {"export", "cpu"} <= names:  # from PyPI alone, pip would take a CUDA torch
+        if "export" in names:  # from PyPI alone, pip would take a CUDA torch
             assert TORCH_CPU_INDEX in line, line
+        if "serve" in names:  # added to an install that has its onnxruntime already
+            assert "onnxruntime" not in line, line

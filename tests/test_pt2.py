@@ -32,6 +32,24 @@ def test_package_records_metadata_as_data_and_for_cpp(pt2_package):
     assert compiled.get_metadata()["io_spec"] == meta["io_spec"]  # what C++ get_metadata() sees
 
 
+def test_the_package_runs_in_the_models_order_positionally_or_by_name(pt2_package):
+    """Torch's own runner takes the inputs positionally in the model's order (values, keys,
+    queries, mask), as the module does; `load_pt2`'s callable takes them either way. (A fresh
+    process that only imports flash_export.torch_op before torch's loader: test_readme.py runs
+    the README's block.)"""
+    path, spec = pt2_package
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 9, 32), torch.randn(2, 9, 32), torch.randn(2, 5, 32),
+              torch.rand(2, 1, 5, 9) > 0.3)  # (B, Lk, E), (B, Lk, E), (B, Lq, E), mask
+    with torch.no_grad():
+        expected = spec.build().eval()(*inputs)
+    compiled, _, _ = load_pt2(path)
+    by_name = compiled(**dict(zip(("values", "keys", "queries", "mask"), inputs)))
+    torch.testing.assert_close(by_name, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled(*inputs), by_name)
+    assert torch.equal(torch._inductor.aoti_load_package(str(path))(*inputs), by_name)
+
+
 def test_validate_passes_at_lengths_not_seen_at_export(pt2_package):
     path, _ = pt2_package
     report = validate(path, seq=[1, 7, 33, 130], batch=[1, 3])

@@ -142,11 +142,13 @@ def test_command_line_section_runs_verbatim_in_a_new_folder(tmp_path):
 
 
 def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
-    """Its Python block, then its commands: a zoo model compiled to .pt2 from the CLI (a real
-    subprocess of the entry point) and validated at lengths it was not exported at."""
+    """Its first Python block, then its commands: a zoo model compiled to .pt2 from the CLI (a
+    real subprocess of the entry point, saying what it does while g++ runs) and validated at
+    lengths it was not exported at; then the block that loads that package in a fresh process
+    with torch's loader after `import flash_export.torch_op`, positionally, and with `load_pt2`."""
     section = _section((ROOT / "README.md").read_text(), "Which artifact? TorchScript, native, "
                        "`.pt2` or ONNX")
-    (python,) = _python_blocks(section)
+    python, load = _python_blocks(section)
     assert _run(python, tmp_path).strip() == "torch.Size([2, 40, 128])"
     (commands,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert "flash-export pt2 --model flash_export.models." in commands
@@ -155,5 +157,18 @@ def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
                          text=True, cwd=tmp_path, env=env, timeout=900)
     assert run.returncode == 0, commands + run.stdout[-2000:] + run.stderr[-2000:]
     assert "validation passed" in run.stdout
+    assert "exporting pt2: compiling with AOTInductor" in run.stderr, run.stderr[-2000:]
     assert (tmp_path / "out" / "encoder.pt2").is_file()
     assert (tmp_path / "out" / "fa_native.pt").is_file()
+    assert _run(load, tmp_path).split("\n")[:2] == ["torch.Size([2, 7, 64]) trust store", "True"]
+
+
+def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
+    """A checkpoint folder saved and loaded, swapped, compared on a padded batch, generating."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    section = _section((ROOT / "README.md").read_text(), "Hugging Face models")
+    blocks = _python_blocks(section)
+    assert blocks and "swap_attention" in blocks[0]
+    for block in blocks:
+        _run(block, tmp_path)
+    assert (tmp_path / "tiny-llama" / "config.json").is_file()

@@ -5,6 +5,7 @@ Triton does not install here, so the repository is checked field by field with
 runs it: onnxruntime with the library at config.pbtxt's op_library_filename registered.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,40 @@ def test_a_stock_graph_needs_no_library_and_a_static_one_no_batching(graphs, tmp
     assert [list(i.dims) for i in fixed.input][0][0] > 0  # the batch dim stays in dims
 
 
+def _transpose_graph(path: Path, io) -> Path:
+    """A stock ONNX graph x (batch, seq, E) -> output (seq, batch, E), recording `io`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["output"], perm=[1, 0, 2])], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", E])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["seq", "batch", E])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model.metadata_props.add(key="io_spec", value=io.to_json())
+    onnx.save(model, str(path))
+    return path
+
+
+def test_triton_batches_only_a_declared_batch_at_axis_0_of_every_tensor(graphs, tmp_path):
+    """Triton joins requests on axis 0: a (L, B, E) output, or a batch nobody declared, must
+    get max_batch_size 0 (the issue: 8 and dynamic batching for both)."""
+    from flash_export.io_spec import IOSpec, TensorSpec
+
+    declared = IOSpec((TensorSpec("x", "float32", ("batch", "seq", E)),), ("output",),
+                      {"batch": (1, None), "seq": (1, None)}, batch="batch")
+    lbe = _parse(write_repository(_transpose_graph(tmp_path / "lbe.onnx", declared),
+                                  tmp_path / "repo"))
+    assert lbe.max_batch_size == 0 and not lbe.HasField("dynamic_batching")
+    assert [list(i.dims) for i in lbe.input] == [[-1, -1, E]]
+    undeclared = dataclasses.replace(declared, batch=None)
+    plain = _parse(write_repository(_transpose_graph(tmp_path / "plain.onnx", undeclared),
+                                    tmp_path / "repo"))
+    assert plain.max_batch_size == 0
+    assert _parse(write_repository(graphs["custom"], tmp_path / "repo")).max_batch_size == 8
+
+
 def test_external_data_travels_with_the_graph(tmp_path, monkeypatch):
     from flash_export import FlashAttention
 
@@ -111,6 +146,68 @@ def test_external_data_travels_with_the_graph(tmp_path, monkeypatch):
     feed = {k: v for k, v in _feed().items() if k != "mask"}
     got = ort.InferenceSession(str(version / "model.onnx")).run(None, feed)[0]
     assert np.array_equal(got, create_session(graph).run(None, feed)[0])
+
+
+def _stock_graph_with_data_in(folder: Path, location: str) -> Path:
+    """x (batch, 64) @ W: a stock graph whose 64 KiB weight lives at `location`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["output"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 256])],
+        [numpy_helper.from_array(weight, "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    path = folder / "mm.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location=location,
+                    size_threshold=0)
+    return path
+
+
+def test_external_data_in_a_subfolder_keeps_its_place_beside_the_graph(tmp_path):
+    """Before: a FileNotFoundError traceback, and 1/model.onnx left without a config."""
+    graph = _stock_graph_with_data_in(tmp_path, "weights/mm.data")
+    write_repository(graph, tmp_path / "repo")
+    version = tmp_path / "repo" / "mm" / "1"
+    assert (version / "weights" / "mm.data").read_bytes() == \
+        (tmp_path / "weights" / "mm.data").read_bytes()
+    x = {"x": np.ones((2, 64), np.float32)}
+    got = ort.InferenceSession(str(version / "model.onnx")).run(None, x)[0]
+    assert np.array_equal(got, ort.InferenceSession(str(graph)).run(None, x)[0])
+
+
+def test_a_dangling_symlink_at_the_model_folder_is_one_line(graphs, tmp_path):
+    """Before: a FileExistsError traceback."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "att").symlink_to(tmp_path / "nowhere")
+    run = CliRunner().invoke(main, ["triton", str(graphs["custom"]), str(tmp_path / "repo")])
+    assert run.exit_code == 1
+    assert run.output == (f"error: {tmp_path / 'repo' / 'att'} exists; choose another REPO_DIR "
+                          "or --name\n")
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_a_rerun_works(tmp_path):
+    """A real failure: the file size limit (RLIMIT_FSIZE) lets the graph be copied, not its
+    64 KiB of data. Before: a traceback, 1/model.onnx without a config, and a rerun refused
+    because REPO/NAME existed."""
+    import resource
+
+    graph = _stock_graph_with_data_in(tmp_path, "mm.onnx.data")
+    repo = tmp_path / "repo"
+    exe = Path(sys.executable).with_name("flash-export")
+    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "flash_export"]
+    run = subprocess.run([*cli, "triton", str(graph), str(repo)], capture_output=True,
+                         text=True, timeout=120, preexec_fn=lambda: resource.setrlimit(
+                             resource.RLIMIT_FSIZE, (16384, 16384)))
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith(f"error: cannot write the repository entry {repo / 'mm'}: File "
+                                 "too large") and len(run.stderr.splitlines()) == 1, run.stderr
+    assert sorted(p.name for p in repo.iterdir()) == []  # no half entry, no staging left
+    write_repository(graph, repo)  # the rerun
+    assert (repo / "mm" / "config.pbtxt").is_file()
 
 
 def test_an_existing_model_folder_is_not_overwritten(graphs, tmp_path):

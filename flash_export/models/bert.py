@@ -32,10 +32,10 @@ class Bert(nn.Module):
         return self.norm(x)  # (B, L, E)
 
     def io_spec(self) -> IOSpec:
-        """Token ids and their padding mask, at most max_len of them; hidden states out."""
+        """Token ids and their padding mask (at most max_len); hidden states; a request per row."""
         return IOSpec((self.embed.ids_spec(),
                        TensorSpec("attention_mask", "bool", ("batch", "seq"), role="padding")),
-                      ("last_hidden_state",), self.embed.sizes())
+                      ("last_hidden_state",), self.embed.sizes(), batch="batch")
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = False,

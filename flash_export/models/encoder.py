@@ -31,10 +31,10 @@ class Encoder(nn.Module):
         return self.norm(x)  # (B, L, E)
 
     def io_spec(self) -> IOSpec:
-        """Features and their padding mask; features out."""
+        """Features and their padding mask; features out; one request per batch row."""
         return IOSpec((TensorSpec("x", "float32", ("batch", "seq", self.embed_size)),
                        TensorSpec("padding_mask", "bool", ("batch", "seq"), role="padding")),
-                      ("output",), {"batch": (1, None), "seq": (1, None)})
+                      ("output",), {"batch": (1, None), "seq": (1, None)}, batch="batch")
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = False,

@@ -29,8 +29,8 @@ class GPT(nn.Module):
         return self.norm(x) @ self.embed.tokens.weight.t()  # (B, L, V), tied weights
 
     def io_spec(self) -> IOSpec:
-        """Token ids in the vocabulary, at most max_len of them; logits out."""
-        return IOSpec((self.embed.ids_spec(),), ("logits",), self.embed.sizes())
+        """Token ids in the vocabulary, at most max_len of them; logits out; one request per row."""
+        return IOSpec((self.embed.ids_spec(),), ("logits",), self.embed.sizes(), batch="batch")
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = True,

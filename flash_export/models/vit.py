@@ -39,10 +39,10 @@ class ViT(nn.Module):
         return self.head(self.norm(x[:, 0]))  # (B, classes)
 
     def io_spec(self) -> IOSpec:
-        """RGB images of the model's size; class logits out. Only the batch is dynamic."""
+        """RGB images of the model's size; class logits out; one request per image (batch row)."""
         size = self.image_size
         return IOSpec((TensorSpec("images", "float32", ("batch", 3, size, size)),),
-                      ("logits",), {"batch": (1, None)})
+                      ("logits",), {"batch": (1, None)}, batch="batch")
 
 
 def build(embed_size: int = 128, heads: int = 8, chunk_size: int = 64, causal: bool = False,

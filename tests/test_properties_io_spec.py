@@ -1,0 +1,335 @@
+"""flash_export.io_spec's promises, for any spec: what make_feed generates check_feed accepts with
+the sizes it was made at; check_feed refuses every input that breaks one (a name, a dtype, a rank,
+a static dim, a size shared by two inputs, a size or a value past a bound, each at and beyond the
+boundary); to_json and from_json are inverses, and from_json refuses anything else with a
+ValueError or TypeError (what recorded.py turns into ArtifactError)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from _strategies import io_specs, shared_positions, sizes_within
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from flash_export.io_spec import (
+    IOSpec,
+    TensorSpec,
+    attention_io,
+    check_feed,
+    io_from_graph,
+    make_feed,
+    with_float_dtype,
+)
+
+
+def _array(t: TensorSpec, shape) -> np.ndarray:
+    """A valid value of input `t` at `shape` (its lowest valid integer, else zeros)."""
+    return np.full(shape, t.low if t.low is not None else 0, dtype=t.dtype)
+
+
+# ------------------------------------------------------------------ the attention contract
+
+
+@pytest.fixture
+def attention_feed():
+    io = attention_io(8, mask=True)
+    return io, make_feed(io, {"batch": 2, "q_len": 3, "k_len": 5}, seed=0)
+
+
+@pytest.mark.parametrize("name, shape, size", [
+    ("values", (2, 4, 8), "k_len"),
+    ("keys", (2, 6, 8), "k_len"),
+    ("queries", (1, 3, 8), "batch"),
+    ("mask", (2, 1, 4, 5), "q_len"),
+    ("mask", (2, 1, 3, 6), "k_len"),
+], ids=["values-shorter", "keys-longer", "queries-other-batch", "mask-other-q-len",
+        "mask-other-k-len"])
+def test_check_feed_refuses_a_size_two_inputs_share_but_disagree_on(attention_feed, name, shape,
+                                                                    size):
+    io, feed = attention_feed
+    assert check_feed(io, feed) == {"batch": 2, "k_len": 5, "q_len": 3}
+    feed[name] = _array(io.input(name), shape)
+    with pytest.raises(ValueError, match=rf"\({size}\) is \d+, but another input has {size} = "):
+        check_feed(io, feed)
+
+
+def test_check_feed_refuses_a_size_repeated_within_one_input():
+    io = IOSpec((TensorSpec("causal", "bool", ("seq", "seq"), role="causal"),),
+                sizes={"seq": (1, 8)})
+    assert check_feed(io, {"causal": np.zeros((3, 3), bool)}) == {"seq": 3}
+    with pytest.raises(ValueError, match=r"input causal: dim 1 \(seq\) is 4, but another input "
+                                         r"has seq = 3"):
+        check_feed(io, {"causal": np.zeros((3, 4), bool)})
+
+
+@pytest.mark.parametrize("size, ok", [(1, False), (2, True), (3, True), (5, True), (6, False)],
+                         ids=["below-min", "min", "between", "max", "above-max"])
+def test_check_feed_takes_every_size_within_its_bounds_and_none_past(size, ok):
+    io = IOSpec((TensorSpec("x", "float32", ("n", 2)),), sizes={"n": (2, 5)})
+    feed = {"x": np.zeros((size, 2), np.float32)}
+    if ok:
+        assert check_feed(io, feed) == {"n": size}
+    else:
+        with pytest.raises(ValueError, match=rf"input x: dim 0 \(n\) is {size}, expected 2..5"):
+            check_feed(io, feed)
+
+
+@pytest.mark.parametrize("value, ok", [(-1, False), (0, True), (9, True), (10, False)],
+                         ids=["below-low", "low", "last-valid", "high"])
+def test_check_feed_takes_integer_values_in_low_to_high_exclusive(value, ok):
+    io = IOSpec((TensorSpec("ids", "int64", ("batch", 3), low=0, high=10),),
+                sizes={"batch": (1, None)})
+    feed = {"ids": np.array([[0, 5, value]], np.int64)}
+    if ok:
+        assert check_feed(io, feed) == {"batch": 1}
+    else:
+        with pytest.raises(ValueError, match=r"input ids: values must be in \[0, 10\)"):
+            check_feed(io, feed)
+
+
+def test_check_feed_with_no_upper_bound_takes_any_size():
+    io = IOSpec((TensorSpec("x", "float32", ("n",)),), sizes={"n": (0, None)})
+    assert check_feed(io, {"x": np.zeros(1000, np.float32)}) == {"n": 1000}
+    assert check_feed(io, {"x": np.zeros(0, np.float32)}) == {"n": 0}
+
+
+# ------------------------------------------------------------------ properties
+
+
+@given(io=io_specs())
+def test_to_json_and_from_json_are_inverses(io):
+    text = io.to_json()
+    again = IOSpec.from_json(text)
+    assert again == io
+    assert again.to_json() == text
+    assert json.loads(text)["inputs"][0]["name"] == io.inputs[0].name
+
+
+@given(data=st.data(), io=io_specs(), seed=st.integers(0, 2**32 - 1))
+def test_check_feed_accepts_what_make_feed_makes_at_any_sizes_within_bounds(data, io, seed):
+    sizes = data.draw(sizes_within(io))
+    feed = make_feed(io, sizes, seed)
+    assert list(feed) == [t.name for t in io.inputs]
+    for t in io.inputs:
+        assert feed[t.name].dtype.name == t.dtype
+        assert feed[t.name].shape == io.shape(t, sizes)
+    assert check_feed(io, feed) == sizes
+
+
+@given(data=st.data(), io=io_specs(shared=True))
+def test_check_feed_refuses_any_shared_size_that_disagrees(data, io):
+    shared = shared_positions(io)
+    sizes = data.draw(sizes_within(io))
+    name, axis, size_name = data.draw(st.sampled_from(shared))
+    low, high = io.sizes[size_name]
+    others = [s for s in range(low, (low + 4 if high is None else high) + 1)
+              if s != sizes[size_name]]
+    assume(others)  # a size pinned to one value cannot disagree within its bounds
+    other = data.draw(st.sampled_from(others))
+    feed = {t.name: _array(t, io.shape(t, sizes)) for t in io.inputs}
+    t = io.input(name)
+    shape = list(io.shape(t, sizes))
+    shape[axis] = other
+    feed[name] = _array(t, tuple(shape))
+    with pytest.raises(ValueError, match=rf"\({size_name}\) is \d+, but another input has "
+                                         rf"{size_name} = \d+"):
+        check_feed(io, feed)
+
+
+@given(data=st.data(), io=io_specs(shared=True))
+def test_check_feed_refuses_a_size_just_past_either_bound(data, io):
+    size_name = data.draw(st.sampled_from(io.dynamic))
+    low, high = io.sizes[size_name]
+    pasts = [s for s in (low - 1, None if high is None else high + 1) if s is not None and s >= 0]
+    assume(pasts)  # [0, unbounded): nothing is past it
+    past = data.draw(st.sampled_from(pasts))
+    sizes = {**data.draw(sizes_within(io)), size_name: past}
+    feed = {u.name: _array(u, io.shape(u, sizes)) for u in io.inputs}
+    with pytest.raises(ValueError, match=rf"\({size_name}\) is {past}, expected {low}\.\."):
+        check_feed(io, feed)
+
+
+@given(data=st.data(), io=io_specs(static=True))
+def test_check_feed_refuses_a_static_dim_off_by_one(data, io):
+    static = [(t, axis, d) for t in io.inputs for axis, d in enumerate(t.dims)
+              if isinstance(d, int)]
+    sizes = data.draw(sizes_within(io))
+    t, axis, want = data.draw(st.sampled_from(static))
+    got = data.draw(st.sampled_from([s for s in (want - 1, want + 1) if s >= 0]))
+    feed = {u.name: _array(u, io.shape(u, sizes)) for u in io.inputs}
+    shape = list(io.shape(t, sizes))
+    shape[axis] = got
+    feed[t.name] = _array(t, tuple(shape))
+    with pytest.raises(ValueError, match=rf"input {t.name}: dim {axis} is {got}, expected {want}"):
+        check_feed(io, feed)
+
+
+@given(data=st.data(), io=io_specs(integer=True))
+def test_check_feed_refuses_integer_values_just_outside_their_range(data, io):
+    sizes = data.draw(sizes_within(io))
+    nonempty = [t for t in io.inputs
+                if t.low is not None and np.prod(io.shape(t, sizes), dtype=np.int64) > 0]
+    t = data.draw(st.sampled_from(nonempty))
+    assert t.low is not None and t.high is not None
+    feed = {u.name: _array(u, io.shape(u, sizes)) for u in io.inputs}
+    feed[t.name] = np.full(io.shape(t, sizes), t.high - 1, dtype=t.dtype)
+    check_feed(io, feed)  # the largest valid value
+    bad = data.draw(st.sampled_from([t.low - 1, t.high]))
+    value = feed[t.name].copy()
+    value.flat[data.draw(st.integers(0, value.size - 1))] = bad
+    feed[t.name] = value
+    with pytest.raises(ValueError, match=rf"input {t.name}: values must be in \[{t.low}, "
+                                         rf"{t.high}\)"):
+        check_feed(io, feed)
+
+
+@given(data=st.data(), io=io_specs())
+def test_check_feed_refuses_wrong_names_dtypes_and_ranks(data, io):
+    sizes = data.draw(sizes_within(io))
+    feed = {t.name: _array(t, io.shape(t, sizes)) for t in io.inputs}
+    t = data.draw(st.sampled_from(io.inputs))
+    kind = data.draw(st.sampled_from(["missing", "unknown", "dtype", "rank"]))
+    if kind == "missing":
+        del feed[t.name]
+        message = rf"missing \['{t.name}'\]"
+    elif kind == "unknown":
+        feed["not_an_input_" + t.name] = feed[t.name]
+        message = rf"unknown \['not_an_input_{t.name}'\]"
+    elif kind == "dtype":
+        other = data.draw(st.sampled_from([d for d in ("float32", "float16", "float64", "int64",
+                                                       "int32", "bool", "uint8")
+                                           if d != t.dtype]))
+        feed[t.name] = feed[t.name].astype(other)
+        message = rf"input {t.name}: dtype {other}, expected {t.dtype}"
+    else:
+        feed[t.name] = feed[t.name][..., None]
+        message = rf"input {t.name}: rank {len(t.dims) + 1}, expected {len(t.dims)}"
+    with pytest.raises(ValueError, match=message):
+        check_feed(io, feed)
+
+
+@given(io=io_specs(), sizes=st.dictionaries(st.sampled_from(["a", "b", "n", "seq"]),
+                                            st.integers(-3, 50)))
+def test_clamp_moves_every_size_into_its_bounds_and_keeps_those_inside(io, sizes):
+    clamped = io.clamp(sizes)
+    assert set(clamped) == set(io.dynamic)
+    for name, value in clamped.items():
+        low, high = io.sizes[name]
+        assert low <= value and (high is None or value <= high)
+        if name in sizes and sizes[name] >= low and (high is None or sizes[name] <= high):
+            assert value == sizes[name]
+    assert io.clamp(clamped) == clamped
+
+
+@given(data=st.data(), io=io_specs())
+def test_fixed_pins_the_named_sizes_and_keeps_the_others(data, io):
+    sizes = data.draw(sizes_within(io))
+    pinned = io.fixed(sizes)
+    for name in io.sizes:
+        if name in sizes:
+            assert pinned.sizes[name] == (sizes[name], sizes[name]) and pinned.is_static(name)
+        else:
+            assert pinned.sizes[name] == io.sizes[name]
+    assert check_feed(pinned, make_feed(pinned, sizes, 0)) == sizes
+
+
+@given(io=io_specs(), dtype=st.sampled_from(["float16", "float64"]))
+def test_with_float_dtype_changes_only_floating_inputs(io, dtype):
+    changed = with_float_dtype(io, dtype)
+    for before, after in zip(io.inputs, changed.inputs):
+        assert after.dtype == (dtype if before.dtype.startswith("float") else before.dtype)
+        assert dataclasses.replace(after, dtype=before.dtype) == before
+
+
+# Text that is not an io spec: JSON of the wrong shape, fields of the wrong type, names and bounds
+# out of range.
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(),
+                               st.text(max_size=6)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                             st.dictionaries(st.text(max_size=8), inner,
+                                                             max_size=4)), max_leaves=12)
+
+
+@st.composite
+def damaged_specs(draw: st.DrawFn) -> str:
+    """A valid spec's JSON with one field replaced by any JSON value."""
+    data = json.loads(draw(io_specs()).to_json())
+    where = draw(st.sampled_from(["top", "input", "size", "output"]))
+    value = draw(_JSON)
+    if where == "top":
+        data[draw(st.sampled_from(["inputs", "outputs", "sizes", "constants", "extra"]))] = value
+    elif where == "input":
+        data["inputs"][0][draw(st.sampled_from(["name", "dtype", "dims", "low", "high", "role",
+                                                "other"]))] = value
+    elif where == "size" and data["sizes"]:
+        data["sizes"][next(iter(data["sizes"]))] = value
+    else:
+        data["outputs"] = [value]
+    return json.dumps(data)
+
+
+@given(text=st.one_of(damaged_specs(), _JSON.map(json.dumps), st.text(max_size=30)))
+@example(text='{"inputs": [{"name": "x", "dtype": "float32", "dims": []}], "outputs": [[1]], '
+              '"sizes": {}}').via("an unhashable output name")
+@example(text='{"inputs": [{"name": "x", "dtype": "float32", "dims": ["n"]}], "outputs": ["y"], '
+              '"sizes": {"n": [0, 1.5]}}').via("a float bound")
+def test_from_json_accepts_only_valid_specs_and_refuses_the_rest_with_a_value_or_type_error(
+        text):
+    try:
+        io = IOSpec.from_json(text)
+    except (ValueError, TypeError):
+        return
+    assert IOSpec.from_json(io.to_json()) == io
+
+
+# Found here: json.loads raises RecursionError past ~1000 levels, which from_json lets through
+# (recorded_io catches ValueError and TypeError only, so a .onnx whose io_spec metadata nests
+# deeply crashes `validate` and `serve` with a traceback instead of an ArtifactError).
+# oip_wire.load_json already turns it into a 400. Reported to the lead; remove the marker with
+# the fix.
+@pytest.mark.xfail(raises=RecursionError, strict=True,
+                   reason="io_spec.from_json lets json's RecursionError through (issue 28 report)")
+@pytest.mark.parametrize("depth", [10_000, 100_000], ids=["deep", "deeper"])
+def test_from_json_refuses_deeply_nested_text_with_a_value_error(depth):
+    with pytest.raises((ValueError, TypeError)):
+        IOSpec.from_json("[" * depth + "]" * depth)
+
+
+@given(inputs=st.lists(st.tuples(
+    st.from_regex(r"[a-z]{1,6}", fullmatch=True),
+    st.sampled_from(["float32", "float16", "int64", "bool"]),
+    st.lists(st.one_of(st.integers(-2, 4), st.none(), st.sampled_from(["batch", "q_len", "?"])),
+             max_size=4)), min_size=1, max_size=4, unique_by=lambda i: i[0]))
+def test_io_from_graph_describes_any_graph_inputs_and_accepts_its_own_feeds(inputs):
+    io = io_from_graph(inputs)
+    assert [t.name for t in io.inputs] == [name for name, _, _ in inputs]
+    for t, (_, dtype, dims) in zip(io.inputs, inputs):
+        assert t.dtype == dtype and len(t.dims) == len(dims)
+        for want, got in zip(dims, t.dims):
+            if isinstance(want, int) and want >= 0:
+                assert got == want
+            else:
+                assert isinstance(got, str)
+    sizes = io.clamp({})
+    assert check_feed(io, make_feed(io, sizes, 0)) == sizes
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "mask"])
+def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask):
+    io = attention_io(12, mask=mask)
+    expected = [TensorSpec("values", "float32", ("batch", "k_len", 12)),
+                TensorSpec("keys", "float32", ("batch", "k_len", 12)),
+                TensorSpec("queries", "float32", ("batch", "q_len", 12))]
+    if mask:
+        expected.append(TensorSpec("mask", "bool", ("batch", 1, "q_len", "k_len"),
+                                   role="attention"))
+    assert list(io.inputs) == expected and io.outputs == ("output",)
+    assert io.sizes == {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)}
+    assert attention_io(12) == attention_io(12, mask=False)
+    assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
+    with pytest.raises(KeyError):
+        io.input("x")

@@ -1,0 +1,435 @@
+"""The checks on untrusted ONNX files (flash_export.safety), on graphs built here with onnx.helper
+(no torch, no export): every external-data reference that leaves the model's folder, goes through
+a link, names a non-regular or hard-linked file, reads past its end or is not the data the graph
+was exported with is refused with an ArtifactError naming the tensor, wherever the tensor sits
+(initializer, sparse initializer, node attribute, subgraph, function); every FlashAttention
+node's attributes are checked by name and type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
+from flash_export.errors import ArtifactError
+from flash_export.safety import (
+    EXTERNAL_DATA_KEY,
+    all_nodes,
+    check_custom_nodes,
+    check_external_data,
+    check_external_location,
+    check_onnx_file,
+    load_graph,
+    model_tensors,
+)
+
+WEIGHTS = np.arange(16, dtype=np.float32)
+
+
+def _external(tensor: onnx.TensorProto, location: str, **fields: str) -> onnx.TensorProto:
+    """`tensor` marked EXTERNAL at `location` with `fields` (offset, length, ...)."""
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, **fields}.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _model(tensors: list[onnx.TensorProto], metadata: dict[str, str] | None = None
+           ) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+                              initializer=tensors)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A model folder holding w.data (the 64 bytes of WEIGHTS)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "w.data").write_bytes(WEIGHTS.tobytes())
+    return folder
+
+
+def _save(folder: Path, model: onnx.ModelProto) -> Path:
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _weights(location: str = "w.data", **fields: str) -> onnx.TensorProto:
+    return _external(numpy_helper.from_array(WEIGHTS, "w"), location, **fields)
+
+
+def test_a_clean_external_reference_is_counted_and_the_model_returned(folder):
+    path = _save(folder, _model([_weights(offset="0", length="64")]))
+    model = check_onnx_file(path)
+    assert check_external_data(model, path) == 1
+    assert model.graph.initializer[0].name == "w"
+
+
+@pytest.mark.parametrize("location, words", [
+    ("", "empty or NUL-containing"),
+    ("w.data\x00", "empty or NUL-containing"),
+    ("/etc/passwd", "is an absolute path"),
+    ("../w.data", "contains '..'"),
+    ("sub/../../w.data", "contains '..'"),
+    ("sub\\..\\w.data", "contains '..'"),
+    (".", "names no file"),
+    ("./", "names no file"),
+    ("missing.data", "is missing or unreadable"),
+], ids=["empty", "nul", "absolute", "dotdot", "inner-dotdot", "backslash-dotdot", "dot",
+        "dot-slash", "missing"])
+def test_a_location_outside_or_nowhere_is_refused(folder, location, words):
+    with pytest.raises(ArtifactError, match=words):
+        check_external_location(location, folder, "t")
+    path = _save(folder, _model([_weights(location)]))
+    with pytest.raises(ArtifactError, match=rf"model.onnx: tensor 'w'.*{words}"):
+        check_onnx_file(path)
+
+
+def test_a_location_through_a_symlink_is_refused_even_inside_the_folder(folder):
+    (folder / "link.data").symlink_to(folder / "w.data")
+    (folder / "dir").mkdir()
+    (folder / "dirlink").symlink_to(folder / "dir")
+    (folder / "dir" / "w.data").write_bytes(b"x" * 64)
+    for location in ("link.data", "dirlink/w.data"):
+        with pytest.raises(ArtifactError, match="goes through a symlink"):
+            check_external_location(location, folder, "t")
+
+
+def test_a_hard_linked_or_non_regular_file_is_refused(folder):
+    os.link(folder / "w.data", folder / "second.data")
+    with pytest.raises(ArtifactError, match="has 2 hard links"):
+        check_external_location("w.data", folder, "t")
+    (folder / "sub").mkdir()
+    with pytest.raises(ArtifactError, match="is not a regular file"):
+        check_external_location("sub", folder, "t")
+
+
+def test_a_file_in_a_subfolder_is_allowed(folder):
+    (folder / "sub").mkdir()
+    (folder / "sub" / "w.data").write_bytes(b"x")
+    assert check_external_location("sub/./w.data", folder, "t") == folder / "sub" / "w.data"
+
+
+@given(offset=st.integers(0, 80), length=st.one_of(st.none(), st.integers(0, 80)))
+def test_a_reference_is_accepted_exactly_when_it_reads_inside_the_file(tmp_path_factory, offset,
+                                                                       length):
+    folder = tmp_path_factory.mktemp("m")
+    (folder / "w.data").write_bytes(WEIGHTS.tobytes())
+    fields = {"offset": str(offset)}
+    if length is not None:
+        fields["length"] = str(length)
+    path = _save(folder, _model([_weights(**fields)]))
+    end = offset + (64 if length is None else length)
+    inside = offset <= 64 and (length is None or end <= 64)
+    if inside:
+        assert check_external_data(load_graph(path), path) == 1
+    else:
+        with pytest.raises(ArtifactError, match=r"reads bytes \d+\.\.\d+ of 'w.data', which has "
+                                                r"only 64"):
+            check_external_data(load_graph(path), path)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"offset": "-1"}, "negative external data offset"),
+    ({"length": "-5"}, "negative external data length"),
+    ({"offset": "ten"}, "external data offset 'ten', not an integer"),
+    ({"length": ""}, "external data length '', not an integer"),
+], ids=["negative-offset", "negative-length", "word-offset", "empty-length"])
+def test_an_offset_or_length_that_is_not_a_byte_count_is_refused(folder, fields, words):
+    path = _save(folder, _model([_weights(**fields)]))
+    with pytest.raises(ArtifactError, match=words):
+        check_onnx_file(path)
+
+
+def test_a_repeated_external_data_key_is_refused(folder):
+    tensor = _weights(offset="0")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "other.data"
+    path = _save(folder, _model([tensor]))
+    with pytest.raises(ArtifactError, match="repeats external_data key 'location'"):
+        check_onnx_file(path)
+
+
+def test_external_data_fields_on_an_inline_tensor_are_refused(folder):
+    tensor = numpy_helper.from_array(WEIGHTS, "w")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    path = _save(folder, _model([tensor]))
+    with pytest.raises(ArtifactError, match="lists external_data but is not marked EXTERNAL"):
+        check_onnx_file(path)
+
+
+def _pinned(folder: Path, digest: str) -> Path:
+    return _save(folder, _model([_weights()], {EXTERNAL_DATA_KEY: json.dumps({"w.data": digest})}))
+
+
+def test_data_pinned_by_the_exporter_must_be_that_data(folder):
+    good = hashlib.sha256(WEIGHTS.tobytes()).hexdigest()
+    check_onnx_file(_pinned(folder, good))
+    with pytest.raises(ArtifactError, match="is not the one this graph was exported with"):
+        check_onnx_file(_pinned(folder, "0" * 64))
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"w.data": 5}', '"x"'],
+                         ids=["not-json", "list", "not-a-string", "a-string"])
+def test_pinned_hashes_that_are_not_an_object_of_strings_are_refused(folder, text):
+    path = _save(folder, _model([_weights()], {EXTERNAL_DATA_KEY: text}))
+    with pytest.raises(ArtifactError, match="is not a JSON object of SHA-256 strings"):
+        check_onnx_file(path)
+
+
+def test_every_place_a_tensor_can_hide_is_checked(folder):
+    """Initializers, sparse initializers (values and indices), node attributes (t, tensors,
+    sparse_tensor, sparse_tensors), If branches, Loop bodies and local functions."""
+    def bad(name: str) -> onnx.TensorProto:
+        return _external(numpy_helper.from_array(WEIGHTS, name), "/abs/" + name)
+
+    def sparse(name: str) -> onnx.SparseTensorProto:
+        return helper.make_sparse_tensor(bad(name + "_v"), bad(name + "_i"), [16])
+
+    places = {
+        "t": lambda: helper.make_node("Constant", [], ["c"], value=bad("attr_t")),
+        "tensors": lambda: helper.make_node("Custom", [], ["c"], domain="x",
+                                            tensors=[bad("attr_tensors")]),
+        "sparse": lambda: helper.make_node("Constant", [], ["c"], sparse_value=sparse("attr_sp")),
+        "sparses": lambda: helper.make_node("Custom", [], ["c"], domain="x",
+                                            sparse_tensors=[sparse("attr_sps")]),
+        "subgraph": lambda: helper.make_node("If", ["cond"], ["c"], then_branch=helper.make_graph(
+            [], "then", [], [], initializer=[bad("then_init")]), else_branch=helper.make_graph(
+            [], "else", [], [])),
+        "subgraphs": lambda: helper.make_node("Custom", [], ["c"], domain="x", graphs=[
+            helper.make_graph([], "body", [], [], initializer=[bad("body_init")])]),
+    }
+    seen = []
+    for make in places.values():
+        model = _model([])
+        model.graph.node.append(make())
+        names = [t.name for t in model_tensors(model)]
+        seen.extend(names)
+        path = _save(folder, model)
+        with pytest.raises(ArtifactError, match="is an absolute path"):
+            check_external_data(load_graph(path), path)
+    model = _model([])
+    model.graph.sparse_initializer.append(sparse("init_sp"))
+    model.functions.append(helper.make_function("f", "fn", [], ["c"], [
+        helper.make_node("Constant", [], ["c"], value=bad("function_t"))], [], []))
+    seen.extend(t.name for t in model_tensors(model))
+    assert sorted(seen) == sorted([
+        "attr_t", "attr_tensors", "attr_sp_v", "attr_sp_i", "attr_sps_v", "attr_sps_i",
+        "then_init", "body_init", "init_sp_v", "init_sp_i", "function_t"])
+    path = _save(folder, model)
+    with pytest.raises(ArtifactError, match="is an absolute path"):
+        check_onnx_file(path)
+
+
+def test_all_nodes_walks_subgraphs_depth_first_and_local_functions():
+    inner = helper.make_node("Relu", ["a"], ["b"], name="inner")
+    branch = helper.make_graph([inner], "then", [], [])
+    outer = helper.make_node("If", ["c"], ["d"], name="outer", then_branch=branch,
+                             else_branch=helper.make_graph([], "else", [], []))
+    body = helper.make_node("Loop", [], [], name="loop", body=helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["b"], name="in_loop")], "body", [], []))
+    many = helper.make_node("Custom", [], [], name="many", domain="x", graphs=[
+        helper.make_graph([helper.make_node("Abs", [], [], name="in_graphs")], "g", [], [])])
+    model = _model([])
+    model.graph.ClearField("node")
+    model.graph.node.extend([outer, body, many])
+    model.functions.append(helper.make_function(
+        "f", "fn", [], [], [helper.make_node("Sin", [], [], name="in_function")], [], []))
+    assert [n.name for n in all_nodes(model)] == [
+        "outer", "inner", "loop", "in_loop", "many", "in_graphs", "in_function"]
+    assert [n.name for n in all_nodes(branch)] == ["inner"]
+
+
+def _flash(**attrs) -> onnx.NodeProto:
+    return helper.make_node(OP_NAME, ["v", "k", "q"], ["o"], domain=DOMAIN, name="fa", **attrs)
+
+
+def _valid_attributes() -> dict:
+    values = {"INT": 2, "FLOAT": 0.5, "STRING": "x"}
+    return {name: values[kind] for name, (kind, _) in NODE_ATTRIBUTES.items()}
+
+
+def _with_nodes(nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    model = _model([])
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_flash_attention_nodes_with_their_attributes_are_counted():
+    assert check_custom_nodes(_with_nodes([_flash(**_valid_attributes())] * 2), "m.onnx") == 2
+    required = {n: v for n, v in _valid_attributes().items() if NODE_ATTRIBUTES[n][1]}
+    assert check_custom_nodes(_with_nodes([_flash(**required)]), "m.onnx") == 1
+    other = helper.make_node(OP_NAME, [], [], domain="other.domain", bogus=1)
+    assert check_custom_nodes(_with_nodes([other]), "m.onnx") == 0
+
+
+@pytest.mark.parametrize("change, words", [
+    ("unknown", "has unknown attribute 'window'; expected only "),
+    ("repeated", "repeats attribute"),
+    ("wrong-type", r"attribute {name} is (FLOAT|INT|STRING) \(.+\), expected"),
+    ("missing", "lacks required attribute"),
+])
+def test_a_flash_attention_attribute_unknown_repeated_mistyped_or_missing_is_refused(change,
+                                                                                     words):
+    attrs = _valid_attributes()
+    node = _flash(**attrs)
+    name = next(n for n, (_, required) in NODE_ATTRIBUTES.items() if required)
+    if change == "unknown":
+        node.attribute.append(helper.make_attribute("window", 3))
+    elif change == "repeated":
+        node.attribute.append(helper.make_attribute(name, attrs[name]))
+    elif change == "wrong-type":
+        kind = NODE_ATTRIBUTES[name][0]
+        node = _flash(**{**attrs, name: "text" if kind != "STRING" else 1})
+    else:
+        node = _flash(**{n: v for n, v in attrs.items() if n != name})
+    model = _with_nodes([helper.make_node("If", ["c"], ["d"], then_branch=helper.make_graph(
+        [node], "then", [], []), else_branch=helper.make_graph([], "else", [], []))])
+    with pytest.raises(ArtifactError, match=rf"m.onnx: {OP_NAME} node 'fa'.*"
+                                            + words.format(name=name)):
+        check_custom_nodes(model, "m.onnx")
+
+
+def test_an_unnamed_flash_attention_node_is_named_by_its_index():
+    node = _flash(**_valid_attributes())
+    node.name = ""
+    node.attribute.append(helper.make_attribute("extra", b"\xff\xfe"))
+    with pytest.raises(ArtifactError, match=f"{OP_NAME} node 0 has unknown attribute 'extra'"):
+        check_custom_nodes(_with_nodes([node]), "m.onnx")
+
+
+def test_a_missing_file_or_one_that_is_not_onnx_is_an_artifact_error(tmp_path):
+    with pytest.raises(ArtifactError, match="ONNX file not found"):
+        load_graph(tmp_path / "none.onnx")
+    with pytest.raises(ArtifactError, match="ONNX file not found"):
+        load_graph(tmp_path)
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 10)
+    with pytest.raises(ArtifactError, match="junk.onnx is not an ONNX model"):
+        check_onnx_file(tmp_path / "junk.onnx")
+
+
+def test_a_model_in_the_working_folder_resolves_its_data_there(folder, monkeypatch):
+    _save(folder, _model([_weights()]))
+    monkeypatch.chdir(folder)
+    assert check_external_data(load_graph("model.onnx"), "model.onnx") == 1
+
+
+def test_refusals_name_the_file_and_tensor_and_say_what_to_do(folder):
+    path = folder / "model.onnx"
+    messages = {
+        "/abs.data": f"{path}: tensor 'w': external data location '/abs.data' is an absolute "
+                     "path; it must be a file beside the model",
+        "../w.data": f"{path}: tensor 'w': external data location '../w.data' contains '..': it "
+                     "must stay inside the model's folder",
+    }
+    for location, message in messages.items():
+        _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError) as caught:
+            check_onnx_file(path)
+        assert str(caught.value) == message
+    _save(folder, _model([_weights(offset="x" * 50)]))
+    with pytest.raises(ArtifactError) as caught:
+        check_onnx_file(path)
+    assert str(caught.value) == (f"{path}: tensor 'w' has external data offset "
+                                 f"{'x' * 40!r}, not an integer")
+    _save(folder, _model([_weights(length="-3")]))
+    with pytest.raises(ArtifactError, match=rf"^{path}: tensor 'w' has a negative external data "
+                                            r"length \(-3\)$"):
+        check_onnx_file(path)
+    _pinned(folder, "0" * 64)
+    with pytest.raises(ArtifactError, match=r"\(its SHA-256 differs\)$"):
+        check_onnx_file(path)
+    with pytest.raises(ArtifactError, match=r"is not an ONNX model: DecodeError: "):
+        path.write_bytes(b"\xff" * 10)
+        check_onnx_file(path)
+
+
+def test_a_reference_without_a_location_is_refused_as_empty(folder):
+    tensor = _weights()
+    del tensor.external_data[:]
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "offset", "0"
+    path = _save(folder, _model([tensor]))
+    with pytest.raises(ArtifactError, match="empty or NUL-containing external data location"):
+        check_onnx_file(path)
+
+
+def test_every_external_tensor_is_checked_and_counted_after_inline_ones(folder):
+    inline = numpy_helper.from_array(WEIGHTS, "inline")
+    second = _external(numpy_helper.from_array(WEIGHTS, "w2"), "w.data", offset="32",
+                       length="32")
+    path = _save(folder, _model([inline, _weights(length="32"), second]))
+    assert check_external_data(load_graph(path), path) == 2
+    path = _save(folder, _model([inline, _weights("/etc/passwd")]))
+    with pytest.raises(ArtifactError, match="is an absolute path"):
+        check_onnx_file(path)
+
+
+@pytest.mark.parametrize("length", [None, "0"], ids=["to-the-end", "empty"])
+def test_a_reference_at_the_very_end_of_its_file_reads_nothing_and_is_accepted(folder, length):
+    fields = {"offset": "64"} if length is None else {"offset": "64", "length": length}
+    path = _save(folder, _model([_weights(**fields)]))
+    assert check_external_data(load_graph(path), path) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file names: a backslash or a colon is a "
+                                            "character of the name")
+@pytest.mark.parametrize("name", ["\\w.data", "C:w.data", "a\\b.data"])
+def test_on_posix_a_name_with_a_backslash_or_a_drive_colon_is_a_file_beside_the_model(folder,
+                                                                                      name):
+    (folder / name).write_bytes(WEIGHTS.tobytes())
+    assert check_external_location(name, folder, "t") == folder / name
+
+
+def test_a_mistyped_attribute_shows_its_value_decoded_and_cut_at_40_characters():
+    name = next(n for n, (kind, _) in NODE_ATTRIBUTES.items() if kind == "INT")
+    for value, shown in [("text", "'text'"), (b"\xff" + b"a" * 60, repr("\ufffd" + "a" * 60)[:40]),
+                         (2.5, "2.5")]:
+        node = _flash(**{**_valid_attributes(), name: value})
+        kind = "FLOAT" if isinstance(value, float) else "STRING"
+        with pytest.raises(ArtifactError) as caught:
+            _check_model(_with_nodes([node]))
+        assert str(caught.value).endswith(f"attribute {name} is {kind} ({shown}), expected INT")
+
+
+def test_an_unknown_attribute_lists_the_known_ones():
+    node = _flash(**_valid_attributes())
+    node.attribute.append(helper.make_attribute("window", 3))
+    with pytest.raises(ArtifactError) as caught:
+        _check_model(_with_nodes([node]))
+    assert str(caught.value).endswith(
+        "has unknown attribute 'window'; expected only " + ", ".join(sorted(NODE_ATTRIBUTES)))
+
+
+def _check_model(model: onnx.ModelProto) -> None:
+    """check_onnx_file on `model` saved in a folder of its own (messages name the file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        try:
+            check_onnx_file(path)
+        except ArtifactError as exc:
+            assert str(exc).startswith(f"{path}: {OP_NAME} node")
+            raise
