@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
-from _native_cases import flash_node, model_bytes, reference_attention  # a sibling module
+from _native_cases import flash_node, model_bytes, reference_v2  # a sibling module
 from onnx import TensorProto, helper
 
 from flash_export.runtime import library_path
@@ -60,7 +60,7 @@ WORK_CAP = 1 << 20
 # large logits, land at 1.05-2x the strict bound; a real indexing or masking bug gives O(1) errors,
 # far above 4x. tests/test_native_op.py keeps the strict rule on its fixed shapes.
 FUZZ_BOUND_FACTOR = 4.0
-NAMES = ("query", "key", "value", "mask")
+NAMES = ("query", "key", "value", "mask", "seqlens_k", "bias")  # the node's inputs, in order
 ORT_TYPE_NAMES = {"float32": "float32", "float16": "float16", "float64": "float64",
                   "int32": "int32", "int64": "int64", "int8": "int8", "uint8": "uint8",
                   "bool": "bool", "int16": "int16", "uint16": "uint16"}
@@ -71,22 +71,26 @@ DTYPE_KINDS = ("query_dtype", "kv_dtype", "mask_dtype")
 # Models and sessions
 # ---------------------------------------------------------------------------------------------
 
-def node_model(dtypes: tuple[str, ...], ranks: Optional[tuple[Optional[int], ...]] = None,
-               **attrs: Any) -> bytes:
+def node_model(dtypes: tuple[Optional[str], ...],
+               ranks: Optional[tuple[Optional[int], ...]] = None, **attrs: Any) -> bytes:
     """One FlashAttention node whose inputs declare exactly the fed dtypes.
 
-    `ranks[i]` None declares an unknown shape, so that wrong ranks reach the kernel's own
-    validation instead of onnxruntime's input checks; an int declares that many symbolic dims.
+    `dtypes[i]` None leaves input i (an optional one) empty. `ranks[i]` None declares an unknown
+    shape, so that wrong ranks reach the kernel's own validation instead of onnxruntime's input
+    checks; an int declares that many symbolic dims.
     """
     ranks = ranks or (None,) * len(dtypes)
     inputs = []
     for i, (name, dtype, rank) in enumerate(zip(NAMES, dtypes, ranks)):
+        if dtype is None:
+            continue
         shape = None if rank is None else [f"{name}_{i}_{d}" for d in range(rank)]
         inputs.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
     out = helper.make_tensor_value_info(
         "out", helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[0])), None)
-    return model_bytes([flash_node(list(NAMES[: len(dtypes)]), **attrs)], inputs, [out])
+    names = [n if d is not None else "" for n, d in zip(NAMES, dtypes)]
+    return model_bytes([flash_node(names, **attrs)], inputs, [out])
 
 
 def new_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -125,13 +129,14 @@ def emit(summary: dict[str, Any]) -> None:
 @dataclass
 class Case:
     kind: str  # "valid" or the invalid category
-    arrays: list[np.ndarray]
+    arrays: list[Optional[np.ndarray]]  # by NAMES; None: an optional input left empty
     attrs: dict[str, Any]
     threads: int = 1
     expected: list[str] = field(default_factory=list)  # message fragments for invalid cases
 
     def describe(self) -> str:
-        shapes = ", ".join(f"{n}{tuple(a.shape)}:{a.dtype}" for n, a in zip(NAMES, self.arrays))
+        shapes = ", ".join(f"{n}{tuple(a.shape)}:{a.dtype}" for n, a in zip(NAMES, self.arrays)
+                           if a is not None)
         return f"[{self.kind}] {shapes} attrs={self.attrs} threads={self.threads}"
 
 
@@ -143,15 +148,28 @@ def _length(rng: np.random.Generator) -> int:
 
 def _values(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
             scale: float) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+    return np.asarray(rng.standard_normal(shape) * scale).astype(dtype)  # rank 0: an array too
+
+
+def _broadcast_shape(rng: np.random.Generator, target: tuple[int, int, int, int],
+                     rank: int) -> tuple[int, ...]:
+    """A shape of `rank` dims broadcastable (right-aligned) onto `target`."""
+    return tuple(t if rng.random() < 0.6 else 1 for t in target[4 - rank:])
 
 
 def _random_mask(rng: np.random.Generator, target: tuple[int, int, int, int],
                  rank: int) -> np.ndarray:
     """A bool mask of `rank` dims broadcastable (right-aligned) onto `target`."""
-    shape = tuple(t if rng.random() < 0.6 else 1 for t in target[4 - rank:])
     density = rng.choice([0.0, 0.1, 0.5, 0.9, 1.0])
-    return np.asarray(rng.random(shape) < density)
+    return np.asarray(rng.random(_broadcast_shape(rng, target, rank)) < density)
+
+
+def _layout(x: np.ndarray, heads: int, head_major: bool) -> np.ndarray:
+    """(B, L, heads*D) as it is, or as the head-major (B, heads, L, D) the node also takes."""
+    if not head_major:
+        return x
+    b, n, e = x.shape
+    return np.ascontiguousarray(x.reshape(b, n, heads, e // heads).transpose(0, 2, 1, 3))
 
 
 def _attr_pool(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
@@ -166,6 +184,17 @@ def _attr_pool(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
             attrs["scale"] = float(rng.choice([-0.5, 1.0, 2.0]))  # 0 is refused (invalid_case)
         elif r < 0.4:
             attrs["scale"] = float(rng.uniform(0.01, 1.0))
+        # Version 2's attributes, each in about a third of the sets (absent: version 1's meaning)
+        if rng.random() < 0.4:
+            heads = attrs["num_heads"]
+            attrs["kv_num_heads"] = int(rng.choice([d for d in range(1, heads + 1)
+                                                    if heads % d == 0]))
+        if rng.random() < 0.3:
+            attrs["window_size"] = int(rng.choice([1, 2, 7, 16, 65, 150]))
+        if rng.random() < 0.15:
+            attrs["softcap"] = float(rng.choice([0.5, 5.0, 30.0]))
+        if rng.random() < 0.3:
+            attrs["output_layout"] = 1
         pool.append(attrs)
     return pool
 
@@ -174,6 +203,7 @@ def valid_case(rng: np.random.Generator, pool: list[dict[str, Any]],
                max_work: int = WORK_CAP) -> Case:
     attrs = dict(pool[int(rng.integers(len(pool)))])
     heads = attrs["num_heads"]
+    kv_heads = attrs.get("kv_num_heads", heads)
     batch, seq_q, seq_k = int(rng.integers(1, 4)), _length(rng), _length(rng)
     # Keep the float64 reference affordable (it costs more than the kernel): where B*H*Lq*Lk*D
     # would pass max_work, draw the head dim among those that fit; where not even D = 1 fits
@@ -181,7 +211,7 @@ def valid_case(rng: np.random.Generator, pool: list[dict[str, Any]],
     while batch * heads * seq_q * seq_k > max_work:
         seq_q, seq_k = (seq_q // 2, seq_k) if seq_q >= seq_k else (seq_q, seq_k // 2)
     fits = [d for d in HEAD_DIMS if batch * heads * seq_q * seq_k * d <= max_work]
-    embed = heads * int(rng.choice(fits))
+    head_dim = int(rng.choice(fits))
     dtype = "float32" if rng.random() < 0.6 else "float16"
     # Large magnitudes give logits of ~1e3 (fp32) / ~1e2 (fp16: kept below fp16 overflow of q.k,
     # else the same-dtype baseline is inf and the check says nothing). At logits of ~1e4 softmax is
@@ -189,13 +219,28 @@ def valid_case(rng: np.random.Generator, pool: list[dict[str, Any]],
     # PyTorch's blocked-FMA error) fail even FUZZ_BOUND_FACTOR x the rule without being wrong.
     qk_scale = float(rng.choice([1e-3, 1.0, 4.0, 10.0] if dtype == "float32" else [1e-3, 1.0, 4.0]))
     v_scale = float(rng.choice([1.0, 1e-2, 100.0]))
-    q = _values(rng, (batch, seq_q, embed), dtype, qk_scale)
-    k = _values(rng, (batch, seq_k, embed), dtype, qk_scale)
-    v = _values(rng, (batch, seq_k, embed), dtype, v_scale)
-    arrays = [q, k, v]
+    # Version 2: key/value with kv_num_heads heads, and a value head dim of its own sometimes
+    head_dim_v = head_dim if rng.random() < 0.8 else int(rng.choice(fits))
+    q = _values(rng, (batch, seq_q, heads * head_dim), dtype, qk_scale)
+    k = _values(rng, (batch, seq_k, kv_heads * head_dim), dtype, qk_scale)
+    v = _values(rng, (batch, seq_k, kv_heads * head_dim_v), dtype, v_scale)
+    target = (batch, heads, seq_q, seq_k)
+    arrays: list[Optional[np.ndarray]] = [None] * len(NAMES)
     mask_rank = int(rng.integers(-1, 5))  # -1: no mask
     if mask_rank >= 0:
-        arrays.append(_random_mask(rng, (batch, heads, seq_q, seq_k), mask_rank))
+        arrays[3] = _random_mask(rng, target, mask_rank)
+    if rng.random() < 0.3:  # per-sequence key counts; the padding past them poisoned
+        lengths = rng.integers(-1, seq_k, size=batch).astype(np.int32)  # (B,)
+        arrays[4] = lengths
+        for b, n in enumerate(lengths):
+            k[b, n + 1:] = np.nan if rng.random() < 0.5 else 1e4
+            v[b, n + 1:] = np.nan
+    if rng.random() < 0.3:
+        arrays[5] = _values(rng, _broadcast_shape(rng, target, int(rng.integers(0, 5))), dtype,
+                            float(rng.choice([0.1, 3.0])))
+    # Each of query, key and value in either layout (its rank says which).
+    arrays[0], arrays[1], arrays[2] = (_layout(x, n, rng.random() < 0.3)
+                                       for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
     return Case("valid", arrays, attrs, threads=int(rng.integers(1, 3)))
 
 
@@ -210,13 +255,21 @@ INVALID_KINDS = (
     "rank", "query_dtype", "kv_dtype", "batch", "embed", "kv_length", "heads_divide",
     "num_heads", "num_heads_missing", "chunk_size", "causal", "scale", "attribute_type",
     "mask_dtype", "mask_rank", "mask_shape",
+    # version 2
+    "kv_num_heads", "window_size", "softcap", "output_layout", "kv_heads_dim", "seqlens_dtype",
+    "seqlens_shape", "seqlens_value", "bias_dtype", "bias_shape",
 )
 ATTRIBUTE_RULES = {
     "num_heads": "an INT >= 1 (required)",
     "chunk_size": "an INT >= 1 (default 64)",
     "causal": "an INT 0 or 1 (default 0)",
     "scale": "a finite FLOAT other than 0 (default 1/sqrt(head_dim))",
+    "kv_num_heads": "an INT >= 1 dividing num_heads (default num_heads)",
+    "window_size": "an INT >= 0 (default 0: no window)",
+    "softcap": "a finite FLOAT >= 0 (default 0: none)",
+    "output_layout": "an INT 0 (B, Lq, num_heads*Dv) or 1 (B, num_heads, Lq, Dv) (default 0)",
 }
+FLOAT_ATTRIBUTES = ("scale", "softcap")
 
 
 def _wrong_typed(rng: np.random.Generator, name: str) -> tuple[Any, str]:
@@ -228,7 +281,7 @@ def _wrong_typed(rng: np.random.Generator, name: str) -> tuple[Any, str]:
         ([number + 0.5], f"a FLOATS ([{number + 0.5}])"),
         ([str(number)], "of another type (an empty list, STRINGS, a GRAPH, ...)"),
     ]
-    if name == "scale":
+    if name in FLOAT_ATTRIBUTES:
         choices.append((number, f"an INT ({number})"))
     else:
         choices.append((float(number), f"a FLOAT ({float(number)})"))
@@ -254,18 +307,21 @@ def invalid_case(rng: np.random.Generator) -> Case:
     mask: Optional[np.ndarray] = None
     if rng.random() < 0.4:
         mask = _random_mask(rng, (batch, heads, seq_q, seq_k), int(rng.integers(0, 5)))
+    seqlens: Optional[np.ndarray] = None
+    bias: Optional[np.ndarray] = None
     which = int(rng.integers(3))
     name = NAMES[which]
     expected: list[str]
 
     if kind == "rank":
-        rank = int(rng.choice([0, 1, 2, 4, 5, 9]))  # 9: past the adapter's 8 described dims
+        rank = int(rng.choice([0, 1, 2, 5, 9]))  # 9: past the adapter's 8 described dims
         shapes[which] = [int(rng.integers(1, 4)) for _ in range(rank)]
         expected = [f"{name} has rank {rank}, expected 3"]
     elif kind == "query_dtype":
         bad = str(rng.choice(["float64", "int32", "int64", "int8", "uint8", "bool", "int16"]))
         dtypes = [bad] * 3
-        expected = [f"query has element type {ORT_TYPE_NAMES[bad]}, expected float32 or float16"]
+        expected = [f"query has element type {ORT_TYPE_NAMES[bad]}, expected float32, float16 or "
+                    "bfloat16"]
     elif kind == "kv_dtype":
         which = int(rng.integers(1, 3))
         name = NAMES[which]
@@ -279,11 +335,10 @@ def invalid_case(rng: np.random.Generator) -> Case:
         name = NAMES[which]
         shapes[which][0] = _bad_dim(rng, batch) if rng.random() < 0.5 else batch + 1
         expected = [f"{name} has batch {shapes[which][0]}, expected {batch} (query's batch)"]
-    elif kind == "embed":
-        which = int(rng.integers(1, 3))
-        name = NAMES[which]
-        shapes[which][2] = _bad_dim(rng, embed)
-        expected = [f"{name} has embed {shapes[which][2]}, expected {embed} (query's embed)"]
+    elif kind == "embed":  # key's head dim differs from query's (value's may: Dv is free)
+        shapes[1][2] = heads * (head_dim + int(rng.integers(1, 4)))
+        expected = [f"key has head dim {shapes[1][2] // heads}, expected {head_dim} "
+                    "(query's head dim)"]
     elif kind == "kv_length":
         key_len = seq_k
         value_len = _bad_dim(rng, key_len) if rng.random() < 0.7 else key_len + 1
@@ -297,7 +352,7 @@ def invalid_case(rng: np.random.Generator) -> Case:
         shapes = [[batch, seq_q, embed], [batch, seq_k, embed], [batch, seq_k, embed]]
         attrs["num_heads"] = heads
         mask = None
-        expected = [f"embed {embed} is not divisible by num_heads {heads}"]
+        expected = [f"query has embed {embed}, not divisible by num_heads {heads}"]
     elif kind == "num_heads":
         attrs["num_heads"] = int(rng.choice([0, -1, -8, -(2**40)]))
         expected = [f"attribute num_heads is {attrs['num_heads']}, "
@@ -340,12 +395,76 @@ def invalid_case(rng: np.random.Generator) -> Case:
         mask = np.ones(shape, dtype=bool)
         expected = [f"mask dimension {axis} is {shape[axis]}, expected 1 or "
                     f"{target[4 - rank + axis]}"]
+    elif kind == "kv_num_heads":
+        if heads > 2 and rng.random() < 0.6:  # neither 1 nor a divisor of num_heads
+            attrs["num_heads"] = heads = 2 * heads
+            kv = heads - 1
+            shown = f"{kv} (num_heads is {heads})"
+        else:
+            kv = int(rng.choice([0, -1, -(2**40)]))
+            shown = str(kv)
+        attrs["kv_num_heads"] = kv
+        expected = [f"attribute kv_num_heads is {shown}, "
+                    f"expected {ATTRIBUTE_RULES['kv_num_heads']}"]
+    elif kind == "window_size":
+        attrs["window_size"] = int(rng.choice([-1, -7, -(2**40)]))
+        expected = [f"attribute window_size is {attrs['window_size']}, "
+                    f"expected {ATTRIBUTE_RULES['window_size']}"]
+    elif kind == "softcap":
+        value, shown = [(math.inf, "inf"), (math.nan, "nan"), (-1.0, "-1.0"),
+                        (-0.5, "-0.5")][int(rng.integers(4))]
+        attrs["softcap"] = value
+        expected = [f"attribute softcap is {shown}, expected {ATTRIBUTE_RULES['softcap']}"]
+    elif kind == "output_layout":
+        attrs["output_layout"] = int(rng.choice([2, -1, 7]))
+        expected = [f"attribute output_layout is {attrs['output_layout']}, "
+                    f"expected {ATTRIBUTE_RULES['output_layout']}"]
+    elif kind == "kv_heads_dim":  # head-major key or value with another head count
+        which = int(rng.integers(1, 3))
+        name = NAMES[which]
+        got = heads + int(rng.integers(1, 3))
+        shapes[which] = [batch, got, seq_k, head_dim]
+        expected = [f"{name} has {got} heads (dimension 1), expected {heads} (num_heads)"]
+    elif kind == "seqlens_dtype":
+        bad = str(rng.choice(["int64", "float32", "int16", "bool"]))
+        seqlens = np.zeros(batch, dtype=bad)
+        expected = [f"seqlens_k has element type {ORT_TYPE_NAMES[bad]}, expected int32"]
+    elif kind == "seqlens_shape":
+        if rng.random() < 0.5:
+            seqlens = np.zeros((batch, 1), np.int32)
+            expected = ["seqlens_k has rank 2, expected 1 (batch,)"]
+        else:
+            seqlens = np.zeros(batch + 1, np.int32)
+            expected = [f"seqlens_k has {batch + 1} values, expected {batch} (query's batch)"]
+    elif kind == "seqlens_value":
+        seqlens = np.full(batch, max(seq_k - 1, -1), np.int32)
+        at = int(rng.integers(batch))
+        seqlens[at] = int(rng.choice([seq_k, seq_k + 5, -2, -(2**31)]))
+        expected = [f"seqlens_k[{at}] is {seqlens[at]}, expected -1 to {seq_k - 1}"]
+    elif kind == "bias_dtype":
+        bad = str(rng.choice(["float64", "int32", "bool", "float16" if dtype == "float32"
+                              else "float32"]))
+        bias = np.zeros((seq_q, seq_k), dtype=bad)
+        expected = [f"bias has element type {ORT_TYPE_NAMES[bad]}, expected {dtype} "
+                    "(query's element type)"]
+    elif kind == "bias_shape":
+        target = (batch, heads, seq_q, seq_k)
+        rank = int(rng.integers(1, 6))
+        if rank == 5:
+            bias = np.zeros((1,) * 5, dtype=dtype)
+            expected = ["bias has rank 5, expected at most 4"]
+        else:
+            shape = [1] * rank
+            axis = int(rng.integers(rank))
+            shape[axis] = _bad_dim(rng, target[4 - rank + axis])
+            bias = np.zeros(shape, dtype=dtype)
+            expected = [f"bias dimension {axis} is {shape[axis]}, expected 1 or "
+                        f"{target[4 - rank + axis]}"]
     else:  # pragma: no cover - INVALID_KINDS and this chain are kept in step
         raise AssertionError(kind)
 
-    arrays = [np.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
-    if mask is not None:
-        arrays.append(mask)
+    arrays: list[Optional[np.ndarray]] = [np.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    arrays += [mask, seqlens, bias]
     return Case(kind, arrays, attrs, threads=int(rng.integers(1, 3)), expected=expected)
 
 
@@ -358,8 +477,9 @@ class SessionCache:
         self.created = 0
 
     def get(self, case: Case, declare_ranks: bool) -> ort.InferenceSession:
-        dtypes = tuple(str(a.dtype) for a in case.arrays)
-        ranks = tuple(a.ndim for a in case.arrays) if declare_ranks else None
+        dtypes = tuple(None if a is None else str(a.dtype) for a in case.arrays)
+        ranks = (tuple(None if a is None else a.ndim for a in case.arrays) if declare_ranks
+                 else None)
         key = (tuple(sorted(case.attrs.items(), key=lambda kv: kv[0])), dtypes, ranks,
                case.threads)
         key = tuple(repr(x) for x in key)  # NaN attrs must still hit the same entry
@@ -389,20 +509,25 @@ def check_valid(case: Case, out: np.ndarray) -> tuple[Optional[str], float]:
     from flash_export.tolerance import compare, max_abs_error
 
     q, k, v = case.arrays[:3]
-    if out.shape != q.shape or out.dtype != q.dtype:
-        return f"output {out.shape}:{out.dtype}, expected {q.shape}:{q.dtype}", math.inf
+    assert q is not None and k is not None and v is not None
     heads = case.attrs["num_heads"]
-    options = dict(mask=case.arrays[3] if len(case.arrays) > 3 else None,
-                   causal=bool(case.attrs["causal"]), scale=case.attrs.get("scale"))
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        reference = np.zeros(q.shape, np.float64)  # no query rows, or rows that see no key
-        baseline_error = 0.0
-    else:
-        reference = reference_attention(q, k, v, heads, **options)
-        same = reference_attention(q, k, v, heads, dtype=getattr(torch, str(q.dtype)), **options)
+    options = dict(mask=case.arrays[3], seqlens_k=case.arrays[4], bias=case.arrays[5],
+                   causal=bool(case.attrs["causal"]), scale=case.attrs.get("scale"),
+                   kv_num_heads=case.attrs.get("kv_num_heads"),
+                   window_size=case.attrs.get("window_size", 0),
+                   softcap=case.attrs.get("softcap", 0.0),
+                   output_layout=case.attrs.get("output_layout", 0))
+    reference = reference_v2(q, k, v, heads, **options)
+    if out.shape != reference.shape or out.dtype != q.dtype:
+        return f"output {out.shape}:{out.dtype}, expected {reference.shape}:{q.dtype}", math.inf
+    baseline_error = 0.0  # no query rows, or rows that see no key
+    if reference.size and k.shape[-2 if k.ndim == 4 else 1]:
+        same = reference_v2(q, k, v, heads, dtype=getattr(torch, str(q.dtype)), **options)
         baseline_error = max_abs_error(same, reference)
         if not math.isfinite(baseline_error):
             return f"the {q.dtype} baseline overflowed: the generator's magnitudes are too big", 0.0
+    if case.arrays[4] is not None:  # the poisoned padding is no value any row reads
+        v = np.stack([np.where(np.isfinite(x), x, 0) for x in v.astype(np.float64)])
     unit = float(np.abs(v).astype(np.float64).max(initial=0.0)) or 1.0
     c = compare(out.astype(np.float64) / unit, reference / unit,
                 baseline_error=baseline_error / unit, dtype=str(q.dtype))
@@ -435,7 +560,7 @@ def fuzz(cases: int, seed: int, invalid_share: float, max_work: int, verbose: bo
     for index in range(cases):
         invalid = rng.random() < invalid_share
         case = invalid_case(rng) if invalid else valid_case(rng, pool, max_work)
-        feed = dict(zip(NAMES, case.arrays))
+        feed = {n: a for n, a in zip(NAMES, case.arrays) if a is not None}
         problem: Optional[str]
         try:
             # Valid nodes declare symbolic ranks (onnxruntime's shape inference sees them);

@@ -85,7 +85,7 @@ def test_op_reads_strided_inputs_and_broadcast_masks():
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 7, 32), None, 4),
      r"value has sequence length 7, expected 6 \(key's sequence length\)"),
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32), None, 5),
-     r"embed 32 is not divisible by num_heads 5"),
+     r"query has embed 32, not divisible by num_heads 5"),
     ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32),
       torch.ones(2, 1, 5, 7, dtype=torch.bool), 4),
      r"mask dimension 3 is 7, expected 1 or 6 \(Lk\) to broadcast to \(B, num_heads, Lq, Lk\)"),
