@@ -124,7 +124,9 @@ def reference_v2(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
     kh = torch.where(real, kh, torch.zeros_like(kh))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     qh, kh, vh = qh.to(dtype), kh.to(dtype), vh.to(dtype)
-    s = torch.matmul(qh, kh.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    # contiguous operands: a strided float16 matmul on the CPU is 100x slower
+    kt = kh.transpose(-2, -1).contiguous()  # (B, H, D, Lk)
+    s = torch.matmul(qh.contiguous(), kt) * scale  # (B, H, Lq, Lk)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     if bias is not None:
@@ -134,7 +136,7 @@ def reference_v2(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
     any_visible = visible.any(dim=-1, keepdim=True)
     p = torch.softmax(torch.where(any_visible, s, torch.zeros_like(s)), dim=-1)
     p = torch.where(visible, p, torch.zeros_like(p))
-    out = torch.matmul(p, vh).to(torch.float64)  # (B, H, Lq, Dv)
+    out = torch.matmul(p.contiguous(), vh.contiguous()).to(torch.float64)  # (B, H, Lq, Dv)
     if output_layout == 0:
         out = out.transpose(1, 2).reshape(batch, seq_q, num_heads * vh.size(3))
     return out.numpy()

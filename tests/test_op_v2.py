@@ -1,0 +1,249 @@
+"""The op's contract v2 (grouped-query heads, head-major layouts, seqlens_k, window, bias, softcap)
+through onnxruntime, the ctypes binding on every CPU vector path, and the torch op.
+
+Every output is judged against the contract written out plainly in float64
+(`_native_cases.reference_v2`) by the one tolerance rule, in float32 and float16. The native code
+runs in subprocesses first (a canary for the in-process node tests; the per-ISA matrix entirely),
+so a crash fails a test instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from _native_cases import check_output_v2, flash_node
+from onnx import helper
+
+from flash_export.contract import DOMAIN, NODE_INPUTS
+from flash_export.errors import ArtifactError
+from flash_export.runtime import library_path
+from flash_export.safety import check_custom_nodes
+
+REPO = Path(__file__).resolve().parents[1]
+
+# id -> the call: B, H, H_kv, Lq, Lk, D (and Dv), layouts (q, k, v head-major; output_layout) and
+# the v2 options. Odd sizes on purpose; chunk 16 puts chunk boundaries inside every window.
+CASES: dict[str, dict[str, Any]] = {
+    **{f"gqa-G{g}-decode": dict(b=2, h=g * hk, hk=hk, lq=1, lk=67, causal=True)
+       for g, hk in ((1, 3), (2, 3), (4, 2), (8, 1), (32, 1))},
+    **{f"gqa-G{g}-prefill": dict(b=1, h=g * hk, hk=hk, lq=7, lk=33, causal=True)
+       for g, hk in ((1, 2), (2, 3), (4, 2), (8, 1), (32, 1))},
+    "head-major-in": dict(b=2, h=4, hk=2, lq=5, lk=37, hm=(True, True, True)),
+    "head-major-in-out": dict(b=2, h=4, hk=2, lq=5, lk=37, hm=(True, True, True), layout=1),
+    "mixed-layouts-out": dict(b=1, h=6, hk=3, lq=9, lk=20, hm=(False, True, False), layout=1),
+    "value-dim-differs": dict(b=2, h=4, hk=2, lq=3, lk=21, dv=24, hm=(False, True, True)),
+    "causal-lq<lk": dict(b=2, h=4, hk=1, lq=7, lk=65, causal=True),
+    "seqlens-decode-ragged": dict(b=3, h=4, hk=2, lq=1, lk=40, causal=True,
+                                  seqlens=(39, 12, 0)),
+    "seqlens-prefill-ragged": dict(b=4, h=4, hk=2, lq=5, lk=40, causal=True,
+                                   seqlens=(39, 20, 3, -1)),
+    "seqlens-left-padded": dict(b=3, h=4, hk=2, lq=1, lk=33, causal=True, seqlens=(32, 32, 20),
+                                left_pad=(0, 9, 17)),
+    "seqlens-no-causal": dict(b=2, h=2, hk=1, lq=3, lk=30, seqlens=(29, 7)),
+    "window-causal": dict(b=2, h=4, hk=2, lq=9, lk=70, causal=True, window=20),
+    "window-full": dict(b=1, h=2, hk=2, lq=70, lk=70, window=33),
+    "window-decode-seqlens": dict(b=2, h=8, hk=2, lq=1, lk=129, causal=True, window=33,
+                                  seqlens=(128, 50)),
+    "window-1": dict(b=1, h=2, hk=1, lq=17, lk=17, causal=True, window=1),
+    "softcap": dict(b=2, h=4, hk=2, lq=5, lk=37, softcap=2.0),
+    "everything": dict(b=2, h=8, hk=2, lq=3, lk=70, causal=True, seqlens=(60, 20), window=9,
+                       bias=(1, 8, 3, 70), softcap=5.0, hm=(True, True, False), layout=1),
+}
+# Every shape a bias may have against (B, H, Lq, Lk) = (2, 4, 5, 37): each of the 16 rank-4
+# broadcasts, and the lower ranks (right-aligned).
+_TARGET = (2, 4, 5, 37)
+BIAS_SHAPES = [tuple(n if keep else 1 for n, keep in zip(_TARGET, keeps))
+               for keeps in itertools.product((False, True), repeat=4)]
+BIAS_SHAPES += [(), (37,), (5, 1), (5, 37), (4, 1, 37), (4, 5, 37)]
+CASES.update({f"bias-{'x'.join(map(str, s)) or 'scalar'}":
+              dict(b=2, h=4, hk=2, lq=5, lk=37, causal=True, bias=s) for s in BIAS_SHAPES})
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# On each vector path: every case but the bias broadcasts, which the kernels read through strides
+# alike on every path (onnxruntime runs them all), save the full and the most broadcast one.
+ISA_CASES = [name for name in CASES if not name.startswith("bias-")
+             or name in ("bias-2x4x5x37", "bias-1x1x1x1", "bias-scalar")]
+
+
+def arrays(case: dict[str, Any], dtype: Any, seed: int = 0) -> dict[str, Any]:
+    """The case's inputs (numpy) and options, as `reference_v2` and the binding take them.
+
+    Keys past a sequence's length are NaN (never read); a left-padded sequence's leading keys are
+    hidden by a key-padding mask (B, 1, 1, Lk).
+    """
+    rng = np.random.default_rng(seed)
+    b, h, hk, lq, lk = (case[n] for n in ("b", "h", "hk", "lq", "lk"))
+    d = 16
+    dv = case.get("dv", d)
+
+    def tensor(heads: int, length: int, dim: int, head_major: bool) -> np.ndarray:
+        x = rng.standard_normal((b, length, heads, dim)).astype(dtype)  # (B, L, heads, D)
+        if head_major:  # (B, heads, L, D)
+            return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+        return x.reshape(b, length, heads * dim)  # (B, L, heads*D)
+
+    hm = case.get("hm", (False, False, False))
+    q, k, v = (tensor(h, lq, d, hm[0]), tensor(hk, lk, d, hm[1]), tensor(hk, lk, dv, hm[2]))
+    options: dict[str, Any] = dict(kv_num_heads=hk, causal=case.get("causal", False),
+                                   window_size=case.get("window", 0),
+                                   softcap=case.get("softcap", 0.0),
+                                   output_layout=case.get("layout", 0))
+    if "seqlens" in case:
+        seqlens = np.asarray(case["seqlens"], np.int32)  # (B,)
+        for i, n in enumerate(seqlens):
+            for x, head_major in ((k, hm[1]), (v, hm[2])):
+                if head_major:
+                    x[i, :, n + 1:] = np.nan
+                else:
+                    x[i, n + 1:] = np.nan
+        options["seqlens_k"] = seqlens
+    if "left_pad" in case:
+        mask = np.ones((b, 1, 1, lk), bool)  # (B, 1, 1, Lk)
+        for i, pad in enumerate(case["left_pad"]):
+            mask[i, ..., :pad] = False
+        options["mask"] = mask
+    if "bias" in case:
+        options["bias"] = np.asarray(rng.standard_normal(case["bias"]) * 2).astype(dtype)
+    return dict(q=q, k=k, v=v, num_heads=h, options=options)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def _node_model(call: dict[str, Any], domain_version: int = 2, **attrs: Any) -> bytes:
+    """One FlashAttention node of the call's attributes; inputs declare the fed types."""
+    o = call["options"]
+    fed = {"query": call["q"], "key": call["k"], "value": call["v"], "mask": o.get("mask"),
+           "seqlens_k": o.get("seqlens_k"), "bias": o.get("bias")}
+    names = [n if fed[n] is not None else "" for n in NODE_INPUTS]
+    while names and not names[-1]:
+        names.pop()
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(fed[n].dtype),
+                                            None) for n in names if n]
+    out = helper.make_tensor_value_info(
+        "out", helper.np_dtype_to_tensor_dtype(call["q"].dtype), None)
+    if o["kv_num_heads"] != call["num_heads"]:
+        attrs.setdefault("kv_num_heads", o["kv_num_heads"])
+    for name in ("window_size", "output_layout"):
+        if o[name]:
+            attrs.setdefault(name, o[name])
+    if o["softcap"]:
+        attrs.setdefault("softcap", o["softcap"])
+    node = flash_node(names, num_heads=call["num_heads"], chunk_size=16, causal=int(o["causal"]),
+                      **attrs)
+    graph = helper.make_graph([node], "flash", inputs, [out])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, domain_version)]
+    return helper.make_model(graph, ir_version=10, opset_imports=opsets).SerializeToString()
+
+
+def _run_node(model: bytes, call: dict[str, Any], threads: int = 1) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(library_path()))
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    o = call["options"]
+    feed = {"query": call["q"], "key": call["k"], "value": call["v"], "mask": o.get("mask"),
+            "seqlens_k": o.get("seqlens_k"), "bias": o.get("bias")}
+    return session.run(None, {n: x for n, x in feed.items() if x is not None})[0]
+
+
+def _subprocess(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+                "FLASH_EXPORT_LIBRARY": str(library_path()), **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def canary() -> None:
+    """Every case through the node once in a subprocess before any runs in-process."""
+    result = _subprocess("""
+        from test_op_v2 import CASES, _node_model, _run_node, arrays
+        import numpy as np
+        for case in CASES.values():
+            call = arrays(case, np.float32)
+            _run_node(_node_model(call), call)
+    """)
+    if result.returncode != 0:
+        pytest.fail(f"the v2 cases crashed or failed in a subprocess ({result.returncode}):\n"
+                    f"{result.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_node_matches_reference(canary: None, case: str, dtype: str) -> None:
+    call = arrays(CASES[case], DTYPES[dtype])
+    out = _run_node(_node_model(call), call, threads=2)
+    check_output_v2(out, call["q"], call["k"], call["v"], call["num_heads"], **call["options"])
+
+
+def test_version_1_node_is_bitwise_the_same_under_version_2(canary: None) -> None:
+    """An artifact written before contract v2 (domain version 1, no v2 attribute) runs exactly as
+    a version-2 node that spells out every v2 default."""
+    call = arrays(dict(b=2, h=4, hk=4, lq=9, lk=70, causal=True), np.float16)
+    old = _run_node(_node_model(call, domain_version=1), call, threads=2)
+    new = _run_node(_node_model(call, kv_num_heads=4, window_size=0, softcap=0.0,
+                                output_layout=0), call, threads=2)
+    assert np.array_equal(old, new)
+    check_output_v2(old, call["q"], call["k"], call["v"], 4, **call["options"])
+
+
+@pytest.mark.parametrize("use", ["kv_num_heads", "window_size", "seqlens_k", "bias"])
+def test_structural_check_holds_version_1_models_to_version_1(use: str) -> None:
+    """A model importing the domain at version 1 may not use version 2's attributes or inputs;
+    the same node in a version-2 model passes."""
+    import onnx
+
+    case = dict(b=1, h=2, hk=1 if use == "kv_num_heads" else 2, lq=1, lk=5)
+    case.update({"window_size": dict(window=3), "seqlens_k": dict(seqlens=(4,)),
+                 "bias": dict(bias=(5,))}.get(use, {}))
+    call = arrays(case, np.float32)
+    old, new = (onnx.load_from_string(_node_model(call, domain_version=v)) for v in (1, 2))
+    with pytest.raises(ArtifactError, match=f"uses '{use}', which came with version 2 of "
+                       f"{DOMAIN}; the model imports version 1"):
+        check_custom_nodes(old, "old.onnx")
+    assert check_custom_nodes(new, "new.onnx") == 1
+
+
+# --------------------------------------------------------------------------- the C entry point
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
+def test_binding_matches_reference_on_every_cpu_path(isa: str) -> None:
+    """The cases through the ctypes binding on each vector path (FLASH_EXPORT_CPU_ISA), float32
+    and float16, serial and on 2 threads by turns, in a subprocess."""
+    result = _subprocess("""
+        import json
+        import os
+        from flash_export.native import NativeLibrary, attention
+        from flash_export.runtime import library_path
+        lib = NativeLibrary(library_path())
+        print(json.dumps({"isa": lib.cpu_isa()}), flush=True)
+        if lib.cpu_isa() == os.environ["FLASH_EXPORT_CPU_ISA"]:
+            from _native_cases import check_output_v2
+            from test_op_v2 import CASES, DTYPES, ISA_CASES, arrays
+            for i, name in enumerate(ISA_CASES):
+                for dtype in DTYPES.values():
+                    call = arrays(CASES[name], dtype, seed=1)
+                    q, k, v, heads, options = (call[n] for n in ("q", "k", "v", "num_heads",
+                                                                 "options"))
+                    out = attention(lib, q, k, v, heads, chunk_size=16, threads=1 + i % 2,
+                                    **options)
+                    try:
+                        check_output_v2(out, q, k, v, heads, **options)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{name} {dtype.__name__}: {exc}") from None
+    """, env={"FLASH_EXPORT_CPU_ISA": isa})
+    assert result.returncode == 0, result.stderr[-4000:]
+    ran = json.loads(result.stdout.strip().splitlines()[0])["isa"]
+    if ran != isa:
+        pytest.skip(f"this CPU cannot run the {isa} path (kernel picked {ran})")
