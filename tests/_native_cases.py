@@ -8,6 +8,7 @@ leak and thread modes) run without it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -155,3 +156,84 @@ def check_output_v2(actual: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndar
     same = reference_v2(q, k, v, num_heads, dtype=getattr(torch, q.dtype.name), **kwargs)
     assert_matches_reference(*(torch.from_numpy(np.asarray(x)) for x in (actual, reference,
                                                                           same)))
+
+
+# id -> the call: B, H, H_kv, Lq, Lk, D (and Dv), layouts (q, k, v head-major; output_layout) and
+# the v2 options. Odd sizes on purpose; chunk 16 puts chunk boundaries inside every window.
+V2_CASES: dict[str, dict[str, Any]] = {
+    **{f"gqa-G{g}-decode": dict(b=2, h=g * hk, hk=hk, lq=1, lk=67, causal=True)
+       for g, hk in ((1, 3), (2, 3), (4, 2), (8, 1), (32, 1))},
+    **{f"gqa-G{g}-prefill": dict(b=1, h=g * hk, hk=hk, lq=7, lk=33, causal=True)
+       for g, hk in ((1, 2), (2, 3), (4, 2), (8, 1), (32, 1))},
+    "head-major-in": dict(b=2, h=4, hk=2, lq=5, lk=37, hm=(True, True, True)),
+    "head-major-in-out": dict(b=2, h=4, hk=2, lq=5, lk=37, hm=(True, True, True), layout=1),
+    "mixed-layouts-out": dict(b=1, h=6, hk=3, lq=9, lk=20, hm=(False, True, False), layout=1),
+    "value-dim-differs": dict(b=2, h=4, hk=2, lq=3, lk=21, dv=24, hm=(False, True, True)),
+    "causal-lq<lk": dict(b=2, h=4, hk=1, lq=7, lk=65, causal=True),
+    "seqlens-decode-ragged": dict(b=3, h=4, hk=2, lq=1, lk=40, causal=True,
+                                  seqlens=(39, 12, 0)),
+    "seqlens-prefill-ragged": dict(b=4, h=4, hk=2, lq=5, lk=40, causal=True,
+                                   seqlens=(39, 20, 3, -1)),
+    "seqlens-left-padded": dict(b=3, h=4, hk=2, lq=1, lk=33, causal=True, seqlens=(32, 32, 20),
+                                left_pad=(0, 9, 17)),
+    "seqlens-no-causal": dict(b=2, h=2, hk=1, lq=3, lk=30, seqlens=(29, 7)),
+    "window-causal": dict(b=2, h=4, hk=2, lq=9, lk=70, causal=True, window=20),
+    "window-full": dict(b=1, h=2, hk=2, lq=70, lk=70, window=33),
+    "window-decode-seqlens": dict(b=2, h=8, hk=2, lq=1, lk=129, causal=True, window=33,
+                                  seqlens=(128, 50)),
+    "window-1": dict(b=1, h=2, hk=1, lq=17, lk=17, causal=True, window=1),
+    "softcap": dict(b=2, h=4, hk=2, lq=5, lk=37, softcap=2.0),
+    "everything": dict(b=2, h=8, hk=2, lq=3, lk=70, causal=True, seqlens=(60, 20), window=9,
+                       bias=(1, 8, 3, 70), softcap=5.0, hm=(True, True, False), layout=1),
+}
+# Every shape a bias may have against (B, H, Lq, Lk) = (2, 4, 5, 37): each of the 16 rank-4
+# broadcasts, and the lower ranks (right-aligned).
+_BIAS_TARGET = (2, 4, 5, 37)
+BIAS_SHAPES = [tuple(n if keep else 1 for n, keep in zip(_BIAS_TARGET, keeps))
+               for keeps in itertools.product((False, True), repeat=4)]
+BIAS_SHAPES += [(), (37,), (5, 1), (5, 37), (4, 1, 37), (4, 5, 37)]
+V2_CASES.update({f"bias-{'x'.join(map(str, s)) or 'scalar'}":
+                 dict(b=2, h=4, hk=2, lq=5, lk=37, causal=True, bias=s) for s in BIAS_SHAPES})
+V2_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def v2_call(case: dict[str, Any], dtype: Any, seed: int = 0) -> dict[str, Any]:
+    """The case's inputs (numpy) and options, as `reference_v2` and the binding take them.
+
+    Keys past a sequence's length are NaN (never read); a left-padded sequence's leading keys are
+    hidden by a key-padding mask (B, 1, 1, Lk).
+    """
+    rng = np.random.default_rng(seed)
+    b, h, hk, lq, lk = (case[n] for n in ("b", "h", "hk", "lq", "lk"))
+    d = 16
+    dv = case.get("dv", d)
+
+    def tensor(heads: int, length: int, dim: int, head_major: bool) -> np.ndarray:
+        x = rng.standard_normal((b, length, heads, dim)).astype(dtype)  # (B, L, heads, D)
+        if head_major:  # (B, heads, L, D)
+            return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+        return x.reshape(b, length, heads * dim)  # (B, L, heads*D)
+
+    hm = case.get("hm", (False, False, False))
+    q, k, v = (tensor(h, lq, d, hm[0]), tensor(hk, lk, d, hm[1]), tensor(hk, lk, dv, hm[2]))
+    options: dict[str, Any] = dict(kv_num_heads=hk, causal=case.get("causal", False),
+                                   window_size=case.get("window", 0),
+                                   softcap=case.get("softcap", 0.0),
+                                   output_layout=case.get("layout", 0))
+    if "seqlens" in case:
+        seqlens = np.asarray(case["seqlens"], np.int32)  # (B,)
+        for i, n in enumerate(seqlens):
+            for x, head_major in ((k, hm[1]), (v, hm[2])):
+                if head_major:
+                    x[i, :, n + 1:] = np.nan
+                else:
+                    x[i, n + 1:] = np.nan
+        options["seqlens_k"] = seqlens
+    if "left_pad" in case:
+        mask = np.ones((b, 1, 1, lk), bool)  # (B, 1, 1, Lk)
+        for i, pad in enumerate(case["left_pad"]):
+            mask[i, ..., :pad] = False
+        options["mask"] = mask
+    if "bias" in case:
+        options["bias"] = np.asarray(rng.standard_normal(case["bias"]) * 2).astype(dtype)
+    return dict(q=q, k=k, v=v, num_heads=h, options=options)

@@ -11,7 +11,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_matches_reference, core_reference
@@ -389,3 +391,89 @@ except RuntimeLibraryError as exc:
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("refused: cannot load the native library") and \
         "missing.so" in run.stdout
+
+
+# --------------------------------------------------------------------------- contract v2
+
+def _v2_tensors(call):
+    """The call's numpy arrays as torch tensors; head-major ones as (B, H, L, D) views of a
+    (B, L, H, D) buffer, the layout a model's projections give, so the op reads them in place."""
+    import numpy as np
+
+    def view(x):
+        if x.ndim != 4:
+            return torch.from_numpy(x)
+        # (B, H, L, D) -> a (B, L, H, D) buffer -> its (B, H, L, D) view
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(1, 2)
+
+    o = call["options"]
+    tensors = [view(call[n]) for n in ("q", "k", "v")]
+    tensors += [None if o.get(n) is None else torch.from_numpy(np.asarray(o[n]))
+                for n in ("mask", "seqlens_k", "bias")]
+    attrs = dict(num_heads=call["num_heads"], kv_num_heads=o["kv_num_heads"], chunk_size=16,
+                 causal=o["causal"], window_size=o["window_size"], softcap=o["softcap"],
+                 output_layout=o["output_layout"])
+    return tensors, attrs
+
+
+_V2_TORCH = ["gqa-G1-decode", "gqa-G4-prefill", "gqa-G32-decode", "head-major-in-out",
+             "mixed-layouts-out", "value-dim-differs", "seqlens-prefill-ragged",
+             "seqlens-left-padded", "window-decode-seqlens", "softcap", "everything",
+             "bias-1x4x1x37", "bias-5x37"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("case", _V2_TORCH)
+def test_v2_overload_matches_reference_reading_head_major_views_in_place(case, dtype):
+    from _native_cases import V2_CASES, V2_DTYPES, check_output_v2, v2_call
+
+    call = v2_call(V2_CASES[case], V2_DTYPES[dtype])
+    tensors, attrs = _v2_tensors(call)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = torch.ops.flash_export.attention.v2(*tensors, **attrs)
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_")]
+    assert not copies, f"the op copied its inputs: {copies}"
+    check_output_v2(out.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
+                    **call["options"])
+    with torch.device("meta"):  # the fake kernel's shape is the kernel's
+        fake = torch.ops.flash_export.attention.v2(
+            *(None if t is None else t.to("meta") for t in tensors), **attrs)
+    assert fake.shape == out.shape and fake.dtype == out.dtype
+
+
+def test_v2_is_scripted_exported_and_run_by_the_shim_alone(tmp_path, shim_library):
+    """One call with every v2 argument: TorchScript resolves the overload by its keywords, the
+    archive runs in a process that has only the libtorch shim (as a C++ one would), and
+    torch.export keeps it as one call with the fake kernel's shape."""
+    from _native_cases import V2_CASES, check_output_v2, v2_call
+
+    with quiet_jit_deprecation():
+        scripted = torch.jit.script(_V2Call())
+        scripted.save(str(tmp_path / "v2.pt"))
+    call = v2_call(V2_CASES["everything"], np.float32)
+    tensors, _ = _v2_tensors(call)
+    torch.save([t.contiguous() if t is not None else None for t in tensors], tmp_path / "in.pt")
+    run = _python(f"""
+import torch
+torch.ops.load_library({str(shim_library)!r})
+inputs = torch.load({str(tmp_path / "in.pt")!r})
+torch.save(torch.jit.load({str(tmp_path / "v2.pt")!r})(*inputs), {str(tmp_path / "out.pt")!r})
+""")
+    assert run.returncode == 0, run.stderr
+    out = torch.load(tmp_path / "out.pt")
+    check_output_v2(out.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
+                    **call["options"])
+    assert torch.equal(scripted(*tensors), out)  # the Python kernel and the shim's agree
+    program = torch.export.export(_V2Call(), tuple(tensors))
+    calls = [n for n in program.graph.nodes
+             if n.op == "call_function" and "flash_export" in str(n.target)]
+    assert len(calls) == 1 and calls[0].meta["val"].shape == out.shape
+
+
+class _V2Call(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.flash_export.attention(q, k, v, mask, seqlens_k, bias, num_heads=8,
+                                                kv_num_heads=2, chunk_size=16, causal=True,
+                                                window_size=9, softcap=5.0, output_layout=1)
