@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import onnx
 
-from flash_export.contract import DOMAIN, OP_NAME
+from flash_export.contract import DOMAIN, NODE_INPUTS, OP_NAME, V2_ATTRIBUTES, V2_INPUTS
 from flash_export.errors import ExportError
 
 # Both targets export the custom node and then rewrite it (at the graph's final opset, which the
@@ -192,12 +192,31 @@ def _float_type(graph: onnx.GraphProto) -> int:
     raise ExportError("the exported graph has no floating-point input")
 
 
+def _refuse_v2(node: onnx.NodeProto) -> None:
+    """Refuse a node that uses version 2's attributes or inputs, by their names.
+
+    The guards express version 1 of the node only: grouped heads, a head-major output,
+    seqlens_k, a window, a bias or a softcap are never dropped by a rewrite.
+
+    Raises:
+        ExportError: the node uses one of them.
+    """
+    used = [a.name for a in node.attribute if a.name in V2_ATTRIBUTES]
+    used += [n for n, i in zip(NODE_INPUTS, node.input) if i and n in V2_INPUTS]
+    if used:
+        raise ExportError(f"{OP_NAME} node {node.name!r} uses {', '.join(used)} (op contract "
+                          "v2), which this target does not express; export with target 'custom'")
+
+
 def _guard_rewrite(inner: Inner, opsets: Dict[str, int]) -> Callable[[onnx.ModelProto], None]:
     """A rewrite that replaces every custom node with `inner` in the guard; adds `opsets`."""
     def rewrite(model: onnx.ModelProto) -> None:
         graph = model.graph
         elem_type = _float_type(graph)
         nodes = list(graph.node)
+        for node in nodes:  # before any change: a refused model is left as it was
+            if node.domain == DOMAIN and node.op_type == OP_NAME:
+                _refuse_v2(node)
         del graph.node[:]
         for index, node in enumerate(nodes):
             if node.domain != DOMAIN or node.op_type != OP_NAME:

@@ -4,7 +4,10 @@ Every target shares the same PyTorch side: an adapter subclass of FlashAttention
 calls one opaque torch custom op on the projected (B, L, E) tensors, so torch.export keeps the
 attention as a single call. The ONNX side differs only in the translation of that call:
 
-- ``custom``: one ``com.flash_export::FlashAttention`` node (version 1) run by our native library.
+- ``custom``: one ``com.flash_export::FlashAttention`` node run by our native library. A model
+  that calls the registered op's contract-v2 overload (``flash_export::attention.v2``: grouped
+  heads, head-major layouts, seqlens_k, window, bias, softcap) exports it as one node with those
+  attributes and inputs (`flash_attention_v2_node`); the other targets refuse such a call by name.
 - ``standard``: standard ONNX ops, the key-chunk online softmax as an ONNX ``Loop`` with a dynamic
   trip count, so it is correct at any sequence length and keeps O(Lq x D) state per iteration.
 - ``contrib``: onnxruntime's ``com.microsoft::MultiHeadAttention`` with an additive attention bias,
@@ -23,15 +26,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import onnx
 import onnxscript
 import torch
+from onnx.defs import OpSchema
 from onnxscript import BOOL, opset18
 from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
-from onnxscript.values import Opset
+from onnxscript.values import Op, Opset
 from torch import Tensor
 
 from flash_export import contract
 from flash_export.attention import FlashAttention, flash_attention_core
 from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
-from flash_export.errors import ExportError
+from flash_export.errors import ExportError, FlashExportError
 from flash_export.onnx_guard import rewrite_as_attention23, rewrite_as_contrib
 
 # Module-level opsets: onnxscript resolves them by name when it parses the functions below. Typed
@@ -129,6 +133,65 @@ def _custom_node_masked(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: 
                         chunk_size: int, causal: int, scale: float) -> TFloat:
     return fe.FlashAttention(q, k, v, mask, num_heads=num_heads, chunk_size=chunk_size,
                              causal=causal, scale=scale)
+
+
+def _node_schema() -> OpSchema:
+    """The node's schema (`flash_export.contract`), as onnxscript needs to build such a node.
+
+    Kept local to this module, never registered in onnx's global table.
+    """
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    types = {"mask": "B", "seqlens_k": "I"}
+    inputs = [param(name, types.get(name, "T"), param_option=optional if i >= 3 else
+                    OpSchema.FormalParameterOption.Single)
+              for i, name in enumerate(contract.NODE_INPUTS)]
+    kinds = {contract.INT: OpSchema.AttrType.INT, contract.FLOAT: OpSchema.AttrType.FLOAT}
+    attributes = [OpSchema.Attribute(name, kinds[kind], "", required=required)
+                  for name, (kind, required) in contract.NODE_ATTRIBUTES.items()]
+    return OpSchema(OP_NAME, DOMAIN, DOMAIN_VERSION, inputs=inputs,
+                    outputs=[param("out", "T")],
+                    type_constraints=[("T", ["tensor(float)", "tensor(float16)",
+                                             "tensor(bfloat16)"], ""),
+                                      ("B", ["tensor(bool)"], ""), ("I", ["tensor(int32)"], "")],
+                    attributes=attributes)
+
+
+_node_v2: Any = Op(fe, OP_NAME, _node_schema())
+
+
+def flash_attention_v2_node(query: TFloat, key: TFloat, value: TFloat, mask: Optional[BOOL] = None,
+                            seqlens_k: Any = None, bias: Optional[TFloat] = None, *,
+                            num_heads: int, kv_num_heads: int = 0, chunk_size: int = 64,
+                            causal: bool = False, scale: Optional[float] = None,
+                            window_size: int = 0, softcap: float = 0.0,
+                            output_layout: int = 0) -> TFloat:
+    """`flash_export::attention.v2` -> one FlashAttention node of version 2.
+
+    A traced function (the exporter runs it on its symbolic values): absent inputs stay empty,
+    and an attribute at its default is left out, so a call using no v2 feature gives a node
+    version 1 reads alike.
+    """
+    attrs: Dict[str, Any] = {"num_heads": num_heads, "chunk_size": chunk_size,
+                             "causal": int(causal)}
+    if scale is not None:
+        attrs["scale"] = float(scale)
+    if kv_num_heads and kv_num_heads != num_heads:
+        attrs["kv_num_heads"] = kv_num_heads
+    if window_size:
+        attrs["window_size"] = window_size
+    if softcap:
+        attrs["softcap"] = float(softcap)
+    if output_layout:
+        attrs["output_layout"] = output_layout
+    return _node_v2(query, key, value, mask, seqlens_k, bias, **attrs)
+
+
+def _refuse_v2_call(target: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ExportError(f"target {target!r} cannot express {contract.TORCH_OP}.v2 (op contract "
+                          "v2: grouped heads, head-major layouts, seqlens_k, window, bias, "
+                          "softcap); export with target 'custom'")
+    return refuse
 
 
 # --- standard: the online softmax as an ONNX Loop over key chunks -------------------------------
@@ -232,15 +295,35 @@ class Target:
 _ops: Tuple[object, object] = (torch.ops.flash_export.onnx_attention.default,
                                torch.ops.flash_export.onnx_attention_masked.default)
 
+
+def _v2_op() -> object:
+    """The registered op's v2 overload, or a name no call matches.
+
+    Without the native library no model can call the op, and the targets export without it.
+    """
+    from flash_export.torch_op import register
+
+    try:
+        register()
+    except FlashExportError:
+        return f"{contract.TORCH_OP}.v2 (not registered: no native library)"
+    return torch.ops.flash_export.attention.v2
+
+
+_v2 = _v2_op()
 _IMPLEMENTATIONS: Dict[str, Target] = {
     "custom": Target("custom", OnnxAttention,
-                     {_ops[0]: _custom_node, _ops[1]: _custom_node_masked}, 18, True,
+                     {_ops[0]: _custom_node, _ops[1]: _custom_node_masked,
+                      _v2: flash_attention_v2_node}, 18, True,
                      f"one {DOMAIN}::{OP_NAME} node run by the native library"),
-    "standard": Target("standard", MaskedOnnxAttention, {_ops[1]: _loop_attention}, 18, False,
+    "standard": Target("standard", MaskedOnnxAttention,
+                       {_ops[1]: _loop_attention, _v2: _refuse_v2_call("standard")}, 18, False,
                        "standard ONNX ops with a Loop over key chunks"),
-    "contrib": Target("contrib", MaskedOnnxAttention, {_ops[1]: _custom_node_masked}, 18, False,
+    "contrib": Target("contrib", MaskedOnnxAttention,
+                      {_ops[1]: _custom_node_masked, _v2: _refuse_v2_call("contrib")}, 18, False,
                       "onnxruntime's com.microsoft::MultiHeadAttention", rewrite_as_contrib),
-    "attention23": Target("attention23", MaskedOnnxAttention, {_ops[1]: _custom_node_masked}, 23,
+    "attention23": Target("attention23", MaskedOnnxAttention,
+                          {_ops[1]: _custom_node_masked, _v2: _refuse_v2_call("attention23")}, 23,
                           False, "the ONNX Attention operator (opset >= 23)",
                           rewrite_as_attention23),
 }

@@ -14,12 +14,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from _native_cases import V2_CASES as CASES
 from _native_cases import V2_DTYPES as DTYPES
 from _native_cases import check_output_v2, flash_node
@@ -27,7 +29,7 @@ from _native_cases import v2_call as arrays
 from onnx import helper
 
 from flash_export.contract import DOMAIN, NODE_INPUTS
-from flash_export.errors import ArtifactError
+from flash_export.errors import ArtifactError, ExportError
 from flash_export.runtime import library_path
 from flash_export.safety import check_custom_nodes
 
@@ -172,3 +174,69 @@ def test_binding_matches_reference_on_every_cpu_path(isa: str) -> None:
     ran = json.loads(result.stdout.strip().splitlines()[0])["isa"]
     if ran != isa:
         pytest.skip(f"this CPU cannot run the {isa} path (kernel picked {ran})")
+
+
+# --------------------------------------------------------------------------- ONNX targets
+
+
+class _CallsV2(torch.nn.Module):
+    """A layer calling the registered op's v2 overload, as a model on contract v2 does."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                seqlens_k: torch.Tensor) -> torch.Tensor:
+        return torch.ops.flash_export.attention.v2(q, k, v, None, seqlens_k, None, num_heads=8,
+                                                   kv_num_heads=2, causal=True, window_size=5,
+                                                   output_layout=1)
+
+
+def _export(target: str, call: dict[str, Any]) -> Any:
+    from flash_export.onnx_targets import TARGETS
+
+    args = tuple(torch.from_numpy(x) for x in (call["q"], call["k"], call["v"],
+                                               call["options"]["seqlens_k"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.onnx.export(_CallsV2().eval(), args, dynamo=True, opset_version=18,
+                                 custom_translation_table=TARGETS[target].translations)
+
+
+def test_custom_target_exports_a_v2_call_as_one_version_2_node(canary: None) -> None:
+    call = arrays(dict(b=2, h=8, hk=2, lq=3, lk=37, causal=True, window=5,
+                       seqlens=(36, 20), hm=(True, True, True), layout=1), np.float32)
+    model = _export("custom", call).model_proto
+    node, = (n for n in model.graph.node if n.domain == DOMAIN)
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 2
+    assert list(node.input)[3:] == ["", node.input[4]] and node.input[4]
+    assert {a.name for a in node.attribute} >= {"kv_num_heads", "window_size", "output_layout"}
+    assert check_custom_nodes(model, "v2.onnx") == 1
+    model.ir_version = 10  # onnxruntime 1.31 reads up to IR 13; the exporter writes IR 14
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = dict(zip((i.name for i in session.get_inputs()),
+                    (call["q"], call["k"], call["v"], call["options"]["seqlens_k"])))
+    out = session.run(None, feed)[0]
+    check_output_v2(out, call["q"], call["k"], call["v"], 8, **call["options"])
+
+
+def test_other_targets_refuse_a_v2_call_and_a_v2_node_by_name() -> None:
+    import onnx
+
+    from flash_export.onnx_guard import rewrite_as_attention23, rewrite_as_contrib
+
+    call = arrays(dict(b=1, h=8, hk=2, lq=1, lk=5, seqlens=(4,), hm=(True, True, True)),
+                  np.float32)
+    with pytest.raises(Exception) as refused:
+        _export("standard", call)
+    chain, cause = [], refused.value
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any("target 'standard' cannot express flash_export::attention.v2" in c
+               for c in chain), chain[-1]
+    node_model = onnx.load_from_string(_node_model(call))
+    for rewrite in (rewrite_as_contrib, rewrite_as_attention23):
+        with pytest.raises(ExportError, match="uses kv_num_heads, seqlens_k \\(op contract v2\\), "
+                           "which this target does not express"):
+            rewrite(node_model)
