@@ -172,3 +172,14 @@ def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
     for block in blocks:
         _run(block, tmp_path)
     assert (tmp_path / "tiny-llama" / "config.json").is_file()
+
+
+def test_op_contract_v2_section_runs_verbatim(tmp_path):
+    """The grouped-query decode node against a cache with NaN padding past seqlens_k, and the
+    torch op on head-major views with a broadcast bias, print what the text says."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n### Op contract v2")
+    section = text[start:text.index("\n### ", start + 1)]
+    node, torch_op = _python_blocks(section)
+    assert _run(node, tmp_path).strip() == "(2, 1, 512) True"
+    assert _run(torch_op, tmp_path).strip() == "torch.Size([2, 5, 512])"
