@@ -14,6 +14,7 @@ from _service_check import SERVICE_CHECK  # a sibling module
 
 from flash_export import onnx_export
 from flash_export.attention import FlashAttention
+from flash_export.contract import DOMAIN_VERSION
 from flash_export.contract import TARGETS as CONTRACT_TARGETS
 from flash_export.errors import ExportError, ValidationError
 from flash_export.onnx_export import (
@@ -107,7 +108,7 @@ def test_custom_target_is_one_flash_attention_node_per_layer(exported, models, n
     nodes = [n for n in model.graph.node if n.domain == "com.flash_export"]
     layers = [m for m in models[name].modules() if isinstance(m, FlashAttention)]
     assert len(nodes) == len(layers)
-    assert {o.domain: o.version for o in model.opset_import}["com.flash_export"] == 1
+    assert {o.domain: o.version for o in model.opset_import}["com.flash_export"] == DOMAIN_VERSION
     for node, layer in zip(nodes, layers):
         assert node.op_type == "FlashAttention"
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -136,7 +137,7 @@ def test_file_is_valid_dynamic_and_labelled(exported, target):
     assert all(name in used for name in inputs)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["target"] == target and meta["artifact"] == "onnx"
-    assert meta["domain"] == "com.flash_export" and meta["domain_version"] == "1"
+    assert meta["domain"] == "com.flash_export" and meta["domain_version"] == str(DOMAIN_VERSION)
     assert meta["dtype"] == "float32" and meta["heads"] == "8" and meta["chunk_size"] == "64"
 
 
