@@ -5,10 +5,17 @@
  *
  * FlashExportAttentionParams is the params struct of the kernel core itself (flash_attention.h
  * names it flash_export::AttentionParams), so there is no second layout to keep in step on this
- * side. An adapter fills it with flash_export_attention_params, which checks the call against the
- * op's contract first (every adapter: the onnxruntime node, the libtorch shim, the ctypes
+ * side. An adapter fills it with flash_export_attention_params_v2, which checks the call against
+ * the op's contract first (every adapter: the onnxruntime node, the libtorch shim, the ctypes
  * binding); a caller that fills it by hand zeroes it (`= {0}` in C, `{}` in C++) and vouches for
  * every field.
+ *
+ * Contract versions. The op's contract v2 (the ONNX node com.flash_export::FlashAttention at domain
+ * version 2, flash_export/contract.py) added grouped-query heads, head-major layouts, seqlens_k, a
+ * sliding window, an additive bias, a softcap and Dv != D. This header grew with it only by
+ * additions: new fields at the ends of the structs (their zeros keep the v1 behaviour), new
+ * entry points (flash_export_attention_params_v2, flash_export_inputs_size) and FLASH_EXPORT_INT32;
+ * the v1 filler and every v1 field keep their meaning, so a v1 caller runs unchanged.
  */
 #ifndef FLASH_EXPORT_CORE_FLASH_EXPORT_H_
 #define FLASH_EXPORT_CORE_FLASH_EXPORT_H_
