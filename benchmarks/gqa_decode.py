@@ -24,7 +24,8 @@ Backends (float32):
   past. Left out (n/a) where this onnxruntime lacks it.
 
 Timing (`flash_export.timing.time_blocks`): per repetition the backends run in a freshly shuffled
-order, each a block of back-to-back calls after one untimed call. Reported: our node's median
+order, each a block of back-to-back calls after one untimed call; onnxruntime's idle threads do
+not spin (they would take the cores from the backend timed next). Reported: our node's median
 time and each backend's time over the node's (median of per-repetition ratios; > 1: our node is
 faster). Then the sliding window: decode at Lk = 32768, window_size 4096 against no window.
 """
@@ -64,6 +65,9 @@ def _session(model: Any, threads: int, library: Optional[str]) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # GroupQueryAttention's present cache outgrows its inference
+    # Idle intra-op threads spin-wait by default and would steal the 2 cores from whichever
+    # backend runs next in the interleaved loop (flash_export.runtime does the same).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if library is not None:
         options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options,
