@@ -386,7 +386,7 @@ def check_valid(case: Case, out: np.ndarray) -> tuple[Optional[str], float]:
     """
     import torch
 
-    from flash_export.tolerance import compare, max_abs_error
+    from flash_export.core.tolerance import compare, max_abs_error
 
     q, k, v = case.arrays[:3]
     if out.shape != q.shape or out.dtype != q.dtype:

@@ -98,7 +98,7 @@ def pt2_package(tmp_path_factory):
     Causal with a mask input, so one package covers masks, causal and Lq != Lk.
     """
     from flash_export import ModelSpec
-    from flash_export.pt2_export import export_pt2
+    from flash_export.export.pt2 import export_pt2
 
     spec = ModelSpec(embed=32, heads=4, chunk=8, causal=True, seed=11)
     path = tmp_path_factory.mktemp("pt2") / "attention.pt2"

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from flash_export.artifact import verify_manifest as verify_artifact
-from flash_export.export import load_torchscript
+from flash_export.artifacts.manifest import verify_manifest as verify_artifact
+from flash_export.export.torchscript import load_torchscript
 
 # Exports `model` in a loop into argv[1]; "ready" after the first export, when killing first
 # has a previous artifact set to spare.
 SCRIPT = """
 import sys, torch
 from flash_export import FlashAttention, export_torchscript
-from flash_export.onnx_export import export_onnx
+from flash_export.export.onnx import export_onnx
 torch.manual_seed(int(sys.argv[3]))
 model = FlashAttention(256, 8, 16)
 export = export_torchscript if sys.argv[2] == "torchscript" else export_onnx

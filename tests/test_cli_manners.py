@@ -20,9 +20,14 @@ import torch
 from click.testing import CliRunner
 
 from flash_export import FlashAttention, ModelSpec
-from flash_export.cli import main
-from flash_export.errors import ExportError, ModelError, RuntimeLibraryError
-from flash_export.install import InstallSource, install_source, pip_install_line, reinstall_line
+from flash_export.cli.main import main
+from flash_export.core.errors import ExportError, ModelError, RuntimeLibraryError
+from flash_export.core.install import (
+    InstallSource,
+    install_source,
+    pip_install_line,
+    reinstall_line,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
@@ -183,7 +188,7 @@ def test_an_unknown_cpu_isa_setting_is_refused_not_ignored(tiny_onnx):
     assert "FLASH_EXPORT_CPU_ISA=bogus names no CPU kernel path" in bad.stderr
     assert _with_isa("portable", session).stdout.strip() == "(1, 5, 32)"
 
-    ctypes_path = ("from flash_export.native import NativeLibrary\n"
+    ctypes_path = ("from flash_export.runtime.native import NativeLibrary\n"
                    "from flash_export.runtime import library_path\n"
                    "NativeLibrary(library_path())\n")
     refused = _with_isa("avx-512", ctypes_path)
@@ -231,8 +236,8 @@ def test_help_does_not_claim_defaults_the_artifact_overrides(command):
 
 def test_bench_plot_names_the_lengths_run_on_its_log_axes():
     pytest.importorskip("matplotlib")
-    from flash_export.bench import BenchConfig, benchmark
-    from flash_export.bench_files import figure
+    from flash_export.bench.benchmark import BenchConfig, benchmark
+    from flash_export.bench.files import figure
 
     report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
                        config=BenchConfig(seqs=(600, 1000, 2000), backends=("eager",), warmup=0,

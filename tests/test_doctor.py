@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flash_export.cli import main
-from flash_export.doctor import DoctorReport, _interpret, runtime_api_version
+from flash_export.check.doctor import DoctorReport, _interpret, runtime_api_version
+from flash_export.cli.main import main
 from flash_export.runtime import LIBRARY_ENV, library_path
 
 

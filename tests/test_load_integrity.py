@@ -14,14 +14,20 @@ import numpy as np
 import onnx
 import pytest
 
-from flash_export import artifact, onnx_export
-from flash_export.bench import BenchConfig, benchmark
-from flash_export.errors import ArtifactError, FlashExportError
-from flash_export.onnx_export import export_onnx
+from flash_export.artifacts import files as artifact
+from flash_export.artifacts.trust import (
+    TRUST_STORE_ENV,
+    provenance,
+    require_provenance,
+    trust_store,
+)
+from flash_export.bench.benchmark import BenchConfig, benchmark
+from flash_export.check.validate import validate
+from flash_export.core.errors import ArtifactError, FlashExportError
+from flash_export.export import onnx as onnx_export
+from flash_export.export.onnx import export_onnx
+from flash_export.nn.spec import ModelSpec
 from flash_export.runtime import create_session
-from flash_export.spec import ModelSpec
-from flash_export.trust import TRUST_STORE_ENV, provenance, require_provenance, trust_store
-from flash_export.validate import validate
 
 SPEC = ModelSpec(embed=32, heads=4, chunk=8, seed=5)
 
@@ -104,7 +110,7 @@ def test_a_load_never_runs_data_swapped_in_while_it_loads(exported, tmp_path, ho
 def test_onnxruntime_never_opens_the_data_file_by_name(exported, tmp_path, monkeypatch):
     """The session gets the graph and its data from the descriptors that were checked: with the
     data file renamed away the moment the checks are done, the session still loads and runs."""
-    from flash_export import safety
+    from flash_export.artifacts import safety
 
     model = _copy(exported, tmp_path / "m")
     folder = model.parent

@@ -1,8 +1,8 @@
-"""The Open Inference Protocol's request checks and wire encoding (flash_export.oip, oip_wire),
-for any graph and any request: a valid request, JSON (flat or nested) or binary, parses to exactly
-the arrays sent; a body of exactly the limit is read and one byte more is a 413; every size is
-taken at its limit and refused past it; anything malformed is a RequestError (400 or 413), never
-another exception; tensors survive the wire both ways.
+"""The Open Inference Protocol's request checks and wire encoding (flash_export.serving.protocol,
+oip_wire), for any graph and any request: a valid request, JSON (flat or nested) or binary, parses
+to exactly the arrays sent; a body of exactly the limit is read and one byte more is a 413; every
+size is taken at its limit and refused past it; anything malformed is a RequestError (400 or 413),
+never another exception; tensors survive the wire both ways.
 
 The graphs are real onnxruntime sessions of one Identity node, built per IOSpec with onnx.helper
 (no torch, no export): parse checks requests against the IOSpec and the limits before anything
@@ -25,9 +25,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from flash_export.errors import RequestError
-from flash_export.io_spec import IOSpec, TensorSpec, attention_io, check_feed, make_feed
-from flash_export.oip import (
+from flash_export.core.errors import RequestError
+from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io, check_feed, make_feed
+from flash_export.serving.protocol import (
     DATATYPES,
     HEADER_LENGTH,
     InferRequest,
@@ -36,7 +36,7 @@ from flash_export.oip import (
     batch_dim,
     model_name,
 )
-from flash_export.oip_wire import (
+from flash_export.serving.wire import (
     error_body,
     from_binary,
     from_json_data,

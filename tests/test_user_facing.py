@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from flash_export import FlashAttention, install
-from flash_export.cli import main
-from flash_export.errors import ExportError, summary
-from flash_export.onnx_export import export_onnx
+from flash_export.cli.main import main
+from flash_export.core.errors import ExportError, summary
+from flash_export.export.onnx import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,17 +42,17 @@ def test_module_commands_import_the_installed_package_not_the_current_folder(
     the doctor's probe module prints its usage, not the shadow's ImportError."""
     if python == "3.10":
         monkeypatch.setattr(sys, "version_info", (3, 10, 0))
-    run = subprocess.run(install.module_command("flash_export.doctor"), capture_output=True,
+    run = subprocess.run(install.module_command("flash_export.check.doctor"), capture_output=True,
                          text=True, cwd=shadowing_folder, timeout=60)
     assert run.returncode == 2, run.stderr
-    assert "usage: python -m flash_export.doctor --probe LIBRARY" in run.stderr
+    assert "usage: python -m flash_export.check.doctor --probe LIBRARY" in run.stderr
 
 
 def test_the_bench_memory_worker_runs_from_a_folder_that_shadows_the_package(
         shadowing_folder, monkeypatch):
-    from flash_export.doctor import _tiny_model
-    from flash_export.runners import Job
-    from flash_export.timing import measure_memory
+    from flash_export.bench.memory import measure_memory
+    from flash_export.bench.runners import Job
+    from flash_export.check.doctor import _tiny_model
 
     graph = shadowing_folder / "tiny.onnx"
     onnx.save(_tiny_model(), str(graph))
@@ -81,7 +81,7 @@ def test_weights_holding_a_whole_pickled_model_say_to_save_its_state_dict(tmp_pa
                                        str(tmp_path / "m.onnx")])
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()
-    assert "holds a pickled flash_export.attention.FlashAttention, not a state dict" in line
+    assert "holds a pickled flash_export.nn.attention.FlashAttention, not a state dict" in line
     assert line.endswith("save the weights with torch.save(model.state_dict(), PATH) and pass "
                          "that file"), line
     assert "Weights only load failed" not in line
