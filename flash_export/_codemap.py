@@ -22,6 +22,20 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("runtime",), ("artifacts",), ("core",))
 
 
+# One registry per extension point: where it is, and what adding to it takes.
+EXTENSIONS = (
+    ("artifacts/kinds.py", "A new artifact kind: one module holding its exporter and loader (say "
+     "`export/NAME.py`), its validate backend beside `check.parity.torchscript_backend`, and one "
+     "`register_kind(ArtifactKind(...))` naming them by path; `validate`, `bench`, "
+     "`read_metadata` and suffix checks then dispatch to it (tests/test_artifact_kinds.py "
+     "registers a toy kind in-process and runs it through each)."),
+    ("export/onnx_targets.py", "A new ONNX target: its name in `core.contract.TARGETS` and one "
+     "`Target` entry (adapter, translations, minimum opset, optional rewrite, in its own module "
+     "when it has code of its own, as `export/onnx_guard.py` for contrib and attention23); "
+     "`export_onnx`, `validate --all-targets` and `bench` pick it up by name."),
+)
+
+
 def _docstring(path: Path) -> str:
     return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
 
@@ -73,6 +87,10 @@ def architecture() -> str:
             first = _docstring(module).split("\n\n")[0]
             out.append(f"- `{module.stem}`: {' '.join(first.split())}")
         out.append("")
+    out += ["## Extension points", ""]
+    for where, recipe in EXTENSIONS:
+        first = " ".join(_docstring(PACKAGE / where).split("\n\n")[0].split())
+        out += [f"- `flash_export/{where}`: {first} {recipe}", ""]
     out += ["## Top level", ""]
     for module in sorted(PACKAGE.glob("*.py")):
         first = _docstring(module).split("\n\n")[0]

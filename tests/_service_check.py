@@ -15,7 +15,7 @@ class _Block:
 
 sys.meta_path.insert(0, _Block())
 import numpy as np
-from flash_export.core.io_spec import make_feed
+from flash_export.core.feeds import make_feed
 from flash_export.serving.batching import run_many
 from flash_export.serving.protocol import DATATYPES, OIPModel
 from flash_export.runtime import create_session, session_io

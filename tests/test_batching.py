@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from flash_export.core.errors import ArtifactError
 from flash_export.runtime import create_session, session_io
 from flash_export.serving.batching import run_many
-from flash_export.serving.protocol import Limits, OIPModel
+from flash_export.serving.limits import Limits
+from flash_export.serving.protocol import OIPModel
 
 LIMITS = Limits(max_batch=8)
 LAYOUTS = ("lbe_out", "both", "undeclared")

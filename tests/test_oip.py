@@ -11,7 +11,8 @@ import pytest
 from flash_export.core.errors import RequestError
 from flash_export.runtime import create_session, session_io
 from flash_export.serving.batching import run_many
-from flash_export.serving.protocol import DATATYPES, HEADER_LENGTH, Limits, OIPModel
+from flash_export.serving.limits import Limits
+from flash_export.serving.protocol import DATATYPES, HEADER_LENGTH, OIPModel
 
 E = 16
 LIMITS = Limits(max_body_bytes=1 << 20, max_batch=4, max_length=50, body_timeout_s=1.0)

@@ -15,15 +15,9 @@ from _strategies import io_specs, shared_positions, sizes_within
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from flash_export.core.io_spec import (
-    IOSpec,
-    TensorSpec,
-    attention_io,
-    check_feed,
-    io_from_graph,
-    make_feed,
-    with_float_dtype,
-)
+from flash_export.core.feeds import check_feed, make_feed
+from flash_export.core.io_graph import io_from_graph
+from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io, with_float_dtype
 
 
 def _array(t: TensorSpec, shape) -> np.ndarray:

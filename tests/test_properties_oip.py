@@ -26,15 +26,16 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from flash_export.core.errors import RequestError
-from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io, check_feed, make_feed
+from flash_export.core.feeds import check_feed, make_feed
+from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io
+from flash_export.serving.artifact import model_name
+from flash_export.serving.limits import Limits
 from flash_export.serving.protocol import (
     DATATYPES,
     HEADER_LENGTH,
     InferRequest,
-    Limits,
     OIPModel,
     batch_dim,
-    model_name,
 )
 from flash_export.serving.wire import (
     error_body,

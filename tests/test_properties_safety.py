@@ -19,15 +19,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from flash_export.artifacts.safety import (
+from flash_export.artifacts.external_data import (
     EXTERNAL_DATA_KEY,
+    check_external_location,
+    model_tensors,
+)
+from flash_export.artifacts.safety import (
     all_nodes,
     check_custom_nodes,
     check_external_data,
-    check_external_location,
     check_onnx_file,
     load_graph,
-    model_tensors,
 )
 from flash_export.core.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
 from flash_export.core.errors import ArtifactError

@@ -28,7 +28,7 @@ httpclient = pytest.importorskip("tritonclient.http",
 from _serving import serving  # noqa: E402  (a sibling module)
 
 from flash_export.runtime import create_session  # noqa: E402
-from flash_export.serving.protocol import Limits  # noqa: E402
+from flash_export.serving.limits import Limits  # noqa: E402
 
 E, HEADS, CHUNK = 32, 4, 8
 LIMITS = Limits(max_body_bytes=1 << 20, max_batch=4, max_length=96, body_timeout_s=2.0)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from flash_export.core.errors import RequestError
 from flash_export.core.io_spec import attention_io
-from flash_export.serving.protocol import Limits
+from flash_export.serving.limits import Limits
 
 pytest.importorskip("ray.serve", reason="the serve extra (Ray Serve) is not installed")
 starlette_requests = pytest.importorskip("starlette.requests")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict
 
 from flash_export.artifacts.files import PathLike
-from flash_export.artifacts.kinds import PT2_SUFFIX, artifact_kind
+from flash_export.artifacts.kinds import PT2_SUFFIX, kind_of
 from flash_export.core.errors import ArtifactError, summary
 
 METADATA_FILE = "flash_export.json"  # the extra file inside a TorchScript archive
@@ -29,10 +29,19 @@ def read_metadata(artifact: PathLike) -> Dict[str, str]:
     path = Path(artifact)
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}")
-    if artifact_kind(path) == "onnx":
-        from flash_export.artifacts.safety import check_onnx_file
+    metadata: Dict[str, str] = kind_of(path).handler("metadata")(path)
+    return metadata
 
-        return {p.key: p.value for p in check_onnx_file(path).metadata_props}
+
+def onnx_metadata(path: Path) -> Dict[str, str]:
+    """An ONNX graph's `metadata_props`, read after the `safety` checks."""
+    from flash_export.artifacts.safety import check_onnx_file
+
+    return {p.key: p.value for p in check_onnx_file(path).metadata_props}
+
+
+def archive_metadata(path: Path) -> Dict[str, str]:
+    """The `flash_export.json` of a TorchScript archive or a `.pt2` package at `path`."""
     with open(path, "rb") as f:
         return torchscript_metadata(f, path)
 

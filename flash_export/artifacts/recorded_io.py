@@ -5,13 +5,8 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from flash_export.core.errors import ArtifactError
-from flash_export.core.io_spec import (
-    GraphInput,
-    IOSpec,
-    attention_io,
-    io_from_graph,
-    with_graph_outputs,
-)
+from flash_export.core.io_graph import GraphInput, io_from_graph, with_graph_outputs
+from flash_export.core.io_spec import IOSpec, attention_io
 
 
 def numel(dims: Any) -> int:
@@ -31,7 +26,7 @@ def recorded_io(meta: Mapping[str, str], path: "os.PathLike[str] | str",
     (`graph_inputs`: name, dtype, dims); a TorchScript archive from before IOSpecs follows the
     attention contract. Neither declares a per-request batch. With `graph_outputs`, the
     recorded output dims and batch axes are checked against the graph's symbolic dims, and the
-    graph's output dims fill in a spec that records none (`io_spec.with_graph_outputs`).
+    graph's output dims fill in a spec that records none (`io_graph.with_graph_outputs`).
 
     Raises:
         ArtifactError: a malformed IOSpec, graph inputs it cannot describe, or a spec the

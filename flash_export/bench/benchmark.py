@@ -22,8 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from flash_export.artifacts.kinds import PT2_SUFFIX
-from flash_export.artifacts.kinds import TORCHSCRIPT_SUFFIXES as TORCHSCRIPT_EXTS
+from flash_export.artifacts.kinds import kind_of
 from flash_export.bench.memory import measure_memory
 from flash_export.bench.runners import (
     ALL_BACKENDS,
@@ -264,7 +263,7 @@ class _Run:
 
     def job(self, p: "Plan", batch: int, seq: int) -> Job:
         c = self.config
-        is_pt = bool(p.file and p.file.endswith((*TORCHSCRIPT_EXTS, PT2_SUFFIX)))
+        is_pt = p.file is not None and kind_of(p.file).loader is not None  # a program
         return Job(backend=p.backend, device=p.device, batch=batch, seq_q=seq, seq_k=seq,
                    embed=self.spec.embed, threads=c.threads, dtype=self.dtype, file=p.file,
                    spec_json=p.spec_json, trust=self.trust,
@@ -331,7 +330,7 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
 
     kind = artifact_kind(path)
     proto = None
-    if kind == "onnx":
+    if kind_of(path).loader is None:  # a graph, read as data
         with open_onnx(path) as opened:
             proto = opened.model
             provenance(path, expect_sha256=expect_sha256, trust=trust,
@@ -351,8 +350,7 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
         spec = resolve_spec(rec.spec, {}, trust=trust, source=path)
     if proto is not None:
         check_graph_matches_spec(spec, proto, path)
-    backend = rec.target or ("pt2" if kind == "pt2" else "torchscript-native"
-                             if meta.get("attention") == "native" else "torchscript")
+    backend = kind_of(path).handler("bench_backend")(meta)
     return spec, backend, rec.dtype, rec.chunk
 
 

@@ -14,10 +14,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from flash_export.artifacts.kinds import bench_backends
 from flash_export.bench.timing import Runner
 from flash_export.core.contract import EXPORT_DTYPES, TARGETS, feed_dtype
 from flash_export.core.errors import FlashExportError, summary
-from flash_export.core.io_spec import IOSpec, make_feed
+from flash_export.core.feeds import make_feed
+from flash_export.core.io_spec import IOSpec
 from flash_export.runtime.sessions import ort_session, session_inputs
 
 ONNX_BACKENDS = TARGETS
@@ -46,6 +48,11 @@ class Job:
     attention_only: bool = False  # eager/sdpa: skip the projections (benchmarks/ script)
     trust: bool = False  # load a .pt file of unknown origin
     expect_sha256: Optional[str] = None  # the .pt's (.pt2's) hash as the user knows it
+
+
+def all_backends() -> Tuple[str, ...]:
+    """The built-in backends, then any a registered artifact kind adds (`bench_backends`)."""
+    return ALL_BACKENDS + tuple(b for b in bench_backends() if b not in ALL_BACKENDS)
 
 
 def make_runner(job: Job) -> Runner:
@@ -110,6 +117,7 @@ def _ort_runner(job: Job) -> Runner:
     return run
 
 
+# long: one branch per torch backend, read side by side
 def _torch_runner(job: Job) -> Runner:
     import torch
 
@@ -119,28 +127,8 @@ def _torch_runner(job: Job) -> Runner:
         raise FlashExportError(f"unsupported dtype {job.dtype!r}; choose {EXPORT_DTYPES}")
     dtype = getattr(torch, job.dtype)
     module: Any
-    if job.backend in ("torchscript", "torchscript-native"):
-        from flash_export.artifacts.recorded_io import recorded_io
-        from flash_export.export.torchscript import load_torchscript
-
-        if job.file is None:
-            raise FlashExportError(f"{job.backend}: no .pt file")
-        module, meta = load_torchscript(job.file, trust=job.trust,
-                                        expect_sha256=job.expect_sha256)
-        io = recorded_io(meta, job.file)
-        module = module.to(device=device, dtype=dtype)
-    elif job.backend == "pt2":
-        from flash_export.artifacts.recorded_io import recorded_io
-        from flash_export.export.pt2 import load_pt2
-
-        if job.file is None:
-            raise FlashExportError("pt2: no .pt2 file")
-        if job.device != "cpu" or job.dtype != "float32":
-            raise FlashExportError("pt2: a package runs where and as it was compiled: cpu, "
-                                   "float32")
-        module, meta, _ = load_pt2(job.file, trust=job.trust, expect_sha256=job.expect_sha256)
-        io = recorded_io(meta, job.file)
-    elif job.backend in ("eager", "sdpa", "native"):
+    every_input = False  # whether the module takes the attention mask too
+    if job.backend in ("eager", "sdpa", "native"):
         from flash_export.nn.model_io import resolve_io
         from flash_export.nn.spec import ModelSpec
         from flash_export.nn.swap import replace_attention
@@ -158,15 +146,17 @@ def _torch_runner(job: Job) -> Runner:
             module = attention_only(module)
         io = resolve_io(module)
         module = module.to(device=device, dtype=dtype).eval()
+    elif job.backend in all_backends():
+        module, io, every_input = _program(job, device, dtype)
     else:
-        raise FlashExportError(f"unknown backend {job.backend!r}; choose from {ALL_BACKENDS}")
+        raise FlashExportError(f"unknown backend {job.backend!r}; choose from {all_backends()}")
     feed = bench_feed(io, job.batch, job.seq_q, job.seq_k)
     inputs = {n: torch.from_numpy(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
                                         else None)
               for n, a in feed.items()
               # A package takes every input it was exported with (the mask all True here);
               # modules take no mask, the cost of the unmasked path.
-              if io.input(n).role != "attention" or job.backend == "pt2"}
+              if io.input(n).role != "attention" or every_input}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> None:
@@ -175,6 +165,24 @@ def _torch_runner(job: Job) -> Runner:
         sync()
 
     return run
+
+
+def _program(job: Job, device: Any, dtype: Any) -> Tuple[Any, IOSpec, bool]:
+    """(module, IOSpec, takes every input) of a job that runs a file, loaded by its kind."""
+    from flash_export.artifacts.kinds import kind_of
+    from flash_export.artifacts.recorded_io import recorded_io
+
+    if job.file is None:
+        raise FlashExportError(f"{job.backend}: no file to run")
+    kind = kind_of(job.file)
+    if kind.run_dtype is not None and (job.device != "cpu" or job.dtype != kind.run_dtype):
+        raise FlashExportError(f"{job.backend}: a package runs where and as it was compiled: "
+                               f"cpu, {kind.run_dtype}")
+    module, meta, _ = kind.handler("loader")(job.file, trust=job.trust,
+                                             expect_sha256=job.expect_sha256)
+    if kind.run_dtype is None:
+        module = module.to(device=device, dtype=dtype)
+    return module, recorded_io(meta, job.file), kind.feeds_every_input
 
 
 def attention_only(model: Any) -> Any:
@@ -263,9 +271,9 @@ def parse_backend(name: str) -> Tuple[str, str]:
         FlashExportError: an unknown backend or device.
     """
     base, _, device = name.partition(":")
-    if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
+    if base not in all_backends() or device not in ("", "cpu", "cuda"):
         raise FlashExportError(f"unknown backend {name!r}; choose from "
-                               f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
+                               f"{', '.join(all_backends())} (optionally with :cuda)")
     return base, device or "cpu"
 
 

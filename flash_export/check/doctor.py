@@ -168,6 +168,7 @@ def diagnose(timeout: float = 120.0) -> DoctorReport:
     return report
 
 
+# long: one verdict per probe step, in the order the report lists them
 def _interpret(report: DoctorReport, probe: Dict[str, Any], lib: Path) -> None:
     checks = report.checks
     if "crash" in probe:
@@ -307,6 +308,7 @@ def _cuda_usable() -> bool:
     return session.get_providers()[0] == "CUDAExecutionProvider"
 
 
+# long: the probe's steps in order, each recording how far it got before a crash
 def probe(lib: str) -> Dict[str, Any]:
     """Load `lib`, read its build info, register it and run the tiny graph; report each step."""
     out: Dict[str, Any] = {"loaded": False}

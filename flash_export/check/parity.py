@@ -3,7 +3,7 @@
 The one case runner behind `flash-export validate`, the check `flash-export onnx` runs after
 writing a file, and the tests. A backend is anything that maps a model's named inputs to its
 outputs: a PyTorch module or an ONNX file in onnxruntime. Inputs come from the model's IOSpec
-(`io_spec.make_feed`); every output is judged by `tolerance.compare` against the model with
+(`feeds.make_feed`); every output is judged by `tolerance.compare` against the model with
 plain attention in float64 (`model_io.reference_outputs`), the baseline being the same plain
 computation in the outputs' dtype.
 """
@@ -19,7 +19,8 @@ from torch import nn
 
 from flash_export.core.contract import feed_dtype
 from flash_export.core.errors import summary
-from flash_export.core.io_spec import IOSpec, make_feed
+from flash_export.core.feeds import make_feed
+from flash_export.core.io_spec import IOSpec
 from flash_export.core.tolerance import Comparison, compare, max_abs_error
 from flash_export.nn.model_io import call, reference_model
 from flash_export.runtime.sessions import ort_session
@@ -245,6 +246,19 @@ def pt2_backend(name: str, compiled: Any, source: str, io: IOSpec) -> Backend:
         return [o.double().numpy() for o in call(compiled, {**feed, **io.constants})]
 
     return Backend(name, source, run)
+
+
+def torchscript_backend(program: Any, source: str, io: IOSpec, meta: Mapping[str, str],
+                        dtype: str) -> Backend:
+    """A loaded TorchScript archive in `dtype` (the torchscript kind's validate backend)."""
+    name = "torchscript-native" if meta.get("attention") == "native" else "torchscript"
+    return torch_backend(name, program.eval().to(getattr(torch, dtype)), source, io)
+
+
+def pt2_package_backend(program: Any, source: str, io: IOSpec, meta: Mapping[str, str],
+                        dtype: str) -> Backend:
+    """A loaded `.pt2` package, in the dtype it was compiled for (the pt2 kind's)."""
+    return pt2_backend("pt2", program, source, io)
 
 
 def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,

@@ -15,7 +15,8 @@ from flash_export.artifacts.manifest import manifest_path, read_manifest, verify
 from flash_export.artifacts.safety import all_nodes
 from flash_export.core.contract import DOMAIN, INT, ONNX_ELEM, ONNX_FLOATS, OP_NAME
 from flash_export.core.errors import ArtifactError
-from flash_export.core.io_spec import GraphInput, IOSpec
+from flash_export.core.io_graph import GraphInput
+from flash_export.core.io_spec import IOSpec
 from flash_export.nn.attention import FlashAttention
 
 
@@ -75,7 +76,7 @@ def custom_node_checks(model_proto: Any, modules: List[FlashAttention]) -> List[
 
 
 def graph_inputs(model_proto: Any) -> List[GraphInput]:
-    """(name, dtype name, dims) of a graph's inputs (see `io_spec.io_from_graph`)."""
+    """(name, dtype name, dims) of a graph's inputs (see `io_graph.io_from_graph`)."""
     out: List[GraphInput] = []
     for value in model_proto.graph.input:
         tensor = value.type.tensor_type

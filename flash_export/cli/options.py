@@ -189,14 +189,14 @@ def backend_list(ctx: click.Context, param: click.Parameter, value: Optional[str
     """Click callback: "custom,eager:cuda" -> ["custom", "eager:cuda"], names checked."""
     if value is None:
         return None
-    from flash_export.bench.runners import ALL_BACKENDS
+    from flash_export.bench.runners import all_backends
 
     items = [v for v in value.replace(" ", "").split(",") if v]
     for item in items:
         base, _, device = item.partition(":")
-        if base not in ALL_BACKENDS or device not in ("", "cpu", "cuda"):
+        if base not in all_backends() or device not in ("", "cpu", "cuda"):
             raise click.BadParameter(f"unknown backend {item!r}; choose from "
-                                     f"{', '.join(ALL_BACKENDS)} (optionally with :cuda)")
+                                     f"{', '.join(all_backends())} (optionally with :cuda)")
     return items or None
 
 

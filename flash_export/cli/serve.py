@@ -72,8 +72,9 @@ def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], h
     """
     import signal
 
-    from flash_export.serving.protocol import Limits
-    from flash_export.serving.ray_serve import ServeConfig, Server
+    from flash_export.serving.limits import Limits
+    from flash_export.serving.ray_serve import ServeConfig
+    from flash_export.serving.server import Server
 
     try:
         config = ServeConfig(

@@ -7,8 +7,8 @@ name share the size, and `IOSpec.sizes` bounds each name. An output dim may also
 by the graph (``2 * seq``, say), known only after a run. From it:
 
 - the exporters declare dynamic dims to `torch.export` and name the graph's inputs and outputs;
-- `validate` and `bench` generate valid inputs at any size (`make_feed`);
-- a service checks a request before running it (`check_feed`), and bounds its answer
+- `validate` and `bench` generate valid inputs at any size (`core.feeds.make_feed`);
+- a service checks a request before running it (`core.feeds.check_feed`), and bounds its answer
   (`IOSpec.output_shape`);
 - a server joins concurrent requests into one run only along a declared per-request batch
   (`IOSpec.batch`, `IOSpec.batch_axes`): a dim called "batch" is just a dynamic size until the
@@ -21,24 +21,22 @@ key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and
 query row of the first batch entry fully blocked, a row that sees no key) and ``causal`` (a
 (seq, seq) causal mask as PyTorch's layers take it: True or -inf above the diagonal, where a
 query may not look). Non-tensor arguments the model was exported with (`is_causal=True`, say)
-are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them again. Imports neither
-torch nor onnx.
+are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them again. A graph's own
+inputs give an IOSpec in `core.io_graph`. Imports neither torch nor onnx.
 """
 
 import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-
-import numpy as np
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 Dim = Union[int, str]
 OutDim = Union[int, str, None]  # an output's dim: static, an input size's name, or computed
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 ROLES = ("data", "padding", "key_padding", "attention", "causal")
 Constant = Union[bool, int, float, str, None]
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _MAX_INPUTS = 64
 _MAX_RANK = 8
 _MAX_STATIC = 2**31 - 1
@@ -65,7 +63,7 @@ class TensorSpec:
     role: str = "data"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not VALID_NAME.match(self.name):
             raise ValueError(f"input name {self.name!r} is not an identifier of <= 64 characters")
         if self.dtype not in DTYPES:
             raise ValueError(f"input {self.name}: dtype {self.dtype!r} is not one of {DTYPES}")
@@ -76,7 +74,7 @@ class TensorSpec:
         for d in self.dims:
             if isinstance(d, bool) or not (
                     (isinstance(d, int) and 0 <= d <= _MAX_STATIC)
-                    or (isinstance(d, str) and _NAME.match(d))):
+                    or (isinstance(d, str) and VALID_NAME.match(d))):
                 raise ValueError(f"input {self.name}: dim {d!r} is neither a size in "
                                  f"[0, 2**31) nor a size name")
         integer = self.dtype in ("int64", "int32")
@@ -132,11 +130,11 @@ class IOSpec:
         names = [t.name for t in self.inputs] + list(self.outputs)
         if len(set(names)) != len(names):
             raise ValueError(f"input and output names must be distinct, got {names}")
-        if not self.outputs or not all(isinstance(o, str) and _NAME.match(o)
+        if not self.outputs or not all(isinstance(o, str) and VALID_NAME.match(o)
                                        for o in self.outputs):
             raise ValueError(f"output names must be identifiers, got {self.outputs!r}")
         for name, value in self.constants.items():
-            if not _NAME.match(str(name)) or name in names or (
+            if not VALID_NAME.match(str(name)) or name in names or (
                     value is not None and not isinstance(value, (bool, int, float, str))):
                 raise ValueError(f"constant {str(name)[:40]!r}: a distinct identifier with a "
                                  f"scalar value, got {value!r}")
@@ -146,7 +144,7 @@ class IOSpec:
             raise ValueError(f"size names {missing} have no bounds in sizes")
         for name, bounds in self.sizes.items():
             low, high = bounds
-            if (not _NAME.match(name) or not isinstance(low, int) or low < 0
+            if (not VALID_NAME.match(name) or not isinstance(low, int) or low < 0
                     or (high is not None and (not isinstance(high, int) or high < low))):
                 raise ValueError(f"size {name!r}: bounds must be (min >= 0, max >= min or "
                                  f"None), got {bounds!r}")
@@ -318,100 +316,6 @@ def attention_io(embed: int, *, mask: bool = False) -> IOSpec:
                   output_dims={"output": ("batch", "q_len", embed)}, batch="batch")
 
 
-# (name, dtype name or None, dims): one graph input as onnxruntime or onnx describes it; a dim is
-# an int, a name, or None (unknown).
-GraphInput = Tuple[str, Optional[str], Sequence[Any]]
-
-
-def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
-    """An IOSpec for a graph that records none, from its inputs alone.
-
-    Named dims stay dynamic (unnamed ones get a name of their own); a rank-4 bool input is an
-    attention mask and a rank-2 one a padding mask (True = attend, True = a real token); an
-    integer input's valid values are unknown, so only 0 is generated.
-
-    Raises:
-        ValueError: an input of a dtype an IOSpec cannot describe.
-    """
-    specs = []
-    sizes: Dict[str, Tuple[int, Optional[int]]] = {}
-    for name, dtype, shape in inputs:
-        if dtype not in DTYPES:
-            raise ValueError(f"input {name}: element type {dtype or 'unknown'}")
-        dims: List[Dim] = []
-        for axis, d in enumerate(shape):
-            if isinstance(d, int) and not isinstance(d, bool) and d >= 0:
-                dims.append(d)
-                continue
-            symbol = d if isinstance(d, str) and _NAME.match(d) else f"{name}_dim{axis}"[:64]
-            sizes.setdefault(symbol, (0 if symbol in ("q_len", "k_len") else 1, None))
-            dims.append(symbol)
-        role = "data"
-        if dtype == "bool":
-            role = "attention" if len(dims) == 4 else "padding" if len(dims) == 2 else "data"
-        integer = dtype in ("int64", "int32")
-        specs.append(TensorSpec(name, dtype, tuple(dims), 0 if integer else None,
-                                1 if integer else None, role))
-    return IOSpec(tuple(specs), ("output",), sizes)
-
-
-def graph_output_dims(io: IOSpec, dims: Sequence[Any]) -> Tuple[OutDim, ...]:
-    """A graph output's dims as an IOSpec records them: an int, one of `io`'s size names, or None.
-
-    Args:
-        io: the spec whose size names the graph's symbolic dims may carry.
-        dims: the graph's dims (an int, a symbolic name, or None), as in `GraphInput`.
-    """
-    named = set(io.dynamic)
-    return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                 else d if isinstance(d, str) and d in named else None for d in dims)
-
-
-def with_graph_outputs(io: IOSpec, inputs: Sequence[GraphInput],
-                       outputs: Sequence[GraphInput]) -> IOSpec:
-    """`io` checked against its graph's symbolic dims, with output dims from the graph if unknown.
-
-    The exporter names the graph's dynamic dims after the spec's sizes, inputs and outputs
-    alike, so the graph confirms what the spec says: each recorded output dim (a static size, a
-    size name) and the axis of every input and output that holds the declared batch. A spec
-    recording no output dims (written before they were recorded) gets the graph's.
-
-    Args:
-        io: the recorded spec.
-        inputs: the graph's inputs: (name, dtype name, dims) as in `GraphInput`.
-        outputs: the graph's outputs, likewise.
-
-    Raises:
-        ValueError: one line naming the tensor and axis where spec and graph disagree.
-    """
-    graph = {name: list(dims) for name, _, dims in outputs}
-    for name, dims in io.output_dims.items():
-        held = graph.get(name)
-        if held is None:
-            raise ValueError(f"the io_spec gives dims for output {name!r}, the graph has no such "
-                             "output")
-        if len(held) != len(dims):
-            raise ValueError(f"the io_spec says output {name} has rank {len(dims)}, the graph's "
-                             f"has rank {len(held)}")
-        for axis, (want, got) in enumerate(zip(dims, graph_output_dims(io, held))):
-            pinned = isinstance(want, str) and io.is_static(want) and got == io.sizes[want][0]
-            if want is not None and want != got and not pinned:
-                raise ValueError(f"the io_spec says output {name} axis {axis} is {want}, the "
-                                 f"graph's is {held[axis] if held[axis] is not None else '?'}")
-    if not io.output_dims:
-        io = dataclasses.replace(io, outputs=tuple(graph) or io.outputs, output_dims={
-            name: graph_output_dims(io, dims) for name, dims in graph.items()})
-    if io.batch is not None and not io.is_static(io.batch):
-        shapes = {name: list(dims) for name, _, dims in inputs}
-        for t in io.inputs:
-            for axis, d in enumerate(t.dims):
-                held = shapes.get(t.name, [])
-                if d == io.batch and (axis >= len(held) or held[axis] != io.batch):
-                    raise ValueError(f"the io_spec puts the batch ({io.batch}) on input "
-                                     f"{t.name} axis {axis}, where the graph has no such dim")
-    return io
-
-
 def with_float_dtype(io: IOSpec, dtype: str) -> IOSpec:
     """`io` with every floating-point input in `dtype` (an export's precision)."""
     return dataclasses.replace(io, inputs=tuple(
@@ -419,85 +323,3 @@ def with_float_dtype(io: IOSpec, dtype: str) -> IOSpec:
         for t in io.inputs))
 
 
-def make_feed(io: IOSpec, sizes: Mapping[str, int], seed: int, *,
-              padded: bool = True) -> Dict[str, np.ndarray]:
-    """Valid inputs for every input of `io` at `sizes` (numpy, in each input's dtype).
-
-    Args:
-        io: the model's IOSpec.
-        sizes: a size for every dynamic name (see `IOSpec.clamp`).
-        seed: seed of the values.
-        padded: padding masks hold padded positions (False: every token is real).
-    """
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for t in io.inputs:
-        shape = io.shape(t, sizes)
-        if t.role in ("padding", "key_padding"):
-            batch, seq = shape
-            lengths = rng.integers(1, seq + 1, size=batch) if padded and seq > 0 else \
-                np.full(batch, seq)
-            real = np.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
-            feed[t.name] = real if t.role == "padding" else ~real
-        elif t.role == "causal":  # PyTorch's convention: True / -inf where a query may not look
-            above = np.triu(np.ones(shape, dtype=np.bool_), k=1)
-            feed[t.name] = above if t.dtype == "bool" else \
-                np.where(above, -np.inf, 0.0).astype(t.dtype)
-        elif t.role == "attention":
-            allowed = rng.random(shape) > 0.25
-            if allowed.size:
-                allowed.reshape(shape[0], -1, *shape[-2:])[0, :, 0, :] = False
-            feed[t.name] = allowed
-        elif t.dtype in ("int64", "int32"):
-            assert t.low is not None and t.high is not None
-            feed[t.name] = rng.integers(t.low, t.high, size=shape).astype(t.dtype)
-        elif t.dtype == "bool":
-            feed[t.name] = rng.random(shape) > 0.5
-        else:
-            feed[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    return feed
-
-
-def check_feed(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
-    """Check a request against `io`: names, dtypes, ranks, static and shared dims, bounds, values.
-
-    Returns:
-        The size of every dynamic name in the request.
-
-    Raises:
-        ValueError: one line naming the input, what it expected and what came.
-    """
-    names = [t.name for t in io.inputs]
-    unknown = sorted(set(feed) - set(names))
-    missing = [n for n in names if n not in feed]
-    if unknown or missing:
-        raise ValueError(f"inputs are {names}; missing {missing}, unknown {unknown}")
-    sizes: Dict[str, int] = {}
-    for t in io.inputs:
-        value = np.asarray(feed[t.name])
-        if value.dtype.name != t.dtype:
-            raise ValueError(f"input {t.name}: dtype {value.dtype.name}, expected {t.dtype}")
-        if value.ndim != len(t.dims):
-            raise ValueError(f"input {t.name}: rank {value.ndim}, expected {len(t.dims)} "
-                             f"{_dims_text(t.dims)}")
-        for axis, (want, got) in enumerate(zip(t.dims, value.shape)):
-            if isinstance(want, int):
-                if got != want:
-                    raise ValueError(f"input {t.name}: dim {axis} is {got}, expected {want}")
-                continue
-            if sizes.setdefault(want, got) != got:
-                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, but another "
-                                 f"input has {want} = {sizes[want]}")
-            low, high = io.sizes[want]
-            if got < low or (high is not None and got > high):
-                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, expected "
-                                 f"{low}..{'' if high is None else high}")
-        if t.low is not None and t.high is not None and value.size and (
-                value.min() < t.low or value.max() >= t.high):
-            raise ValueError(f"input {t.name}: values must be in [{t.low}, {t.high}), got "
-                             f"{value.min()}..{value.max()}")
-    return sizes
-
-
-def _dims_text(dims: Sequence[Dim]) -> str:
-    return "(" + ", ".join(str(d) for d in dims) + ")"

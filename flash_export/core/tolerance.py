@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+# The rule in one line, as reports print it.
+RULE = "max abs error <= max(floor, 2 x PyTorch's own plain same-dtype error) vs float64"
 FLOORS: Dict[str, float] = {
     "float64": 1e-5,
     "float32": 1e-5,

@@ -25,7 +25,8 @@ from flash_export.artifacts.kinds import require_kind
 from flash_export.artifacts.manifest import atomic_write
 from flash_export.core.contract import DOMAIN, DOMAIN_VERSION, EXPORT_DTYPES
 from flash_export.core.errors import ExportError, summary
-from flash_export.core.io_spec import IOSpec, with_graph_outputs
+from flash_export.core.io_graph import with_graph_outputs
+from flash_export.core.io_spec import IOSpec
 from flash_export.export.onnx_targets import TARGETS
 from flash_export.export.opsets import (  # noqa: F401  (default_opset, runtime_limits: public here too)
     choose_opset,
@@ -181,7 +182,7 @@ def _save_checked(model: onnx.ModelProto, tmp: Path) -> None:
     and a graph never loads beside data it was not exported with.
     """
     if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        from flash_export.artifacts.safety import EXTERNAL_DATA_KEY
+        from flash_export.artifacts.external_data import EXTERNAL_DATA_KEY
 
         provisional = tmp.name + ".data"
         # Small tensors stay inline: shape inference must read shape constants from the graph.
@@ -228,6 +229,7 @@ def _our_data_files(target: Path) -> List[Path]:
                                                and n.endswith(".data") and "/" not in n)]
 
 
+# long: a public entry point whose docstring is half of it; the body is 41 lines
 def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                 opset: Optional[int] = None, dtype: Optional[str] = None,
                 spec: Optional[ModelSpec] = None, static_shapes: bool = False,

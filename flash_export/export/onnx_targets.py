@@ -133,6 +133,7 @@ def _custom_node_masked(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: 
 
 # --- standard: the online softmax as an ONNX Loop over key chunks -------------------------------
 
+# long: one onnxscript graph (an ONNX Loop body cannot call Python helpers)
 @onnxscript.script()
 def _loop_attention(q: TFloat, k: TFloat, v: TFloat, mask: BOOL, num_heads: int,
                     chunk_size: int, causal: int, scale: float) -> TFloat:

@@ -147,6 +147,7 @@ class FlashMultiheadAttention(nn.Module):
         new = cls(fa, batch_first=mha.batch_first, dropout=mha.dropout, path=path)
         return new.train(mha.training)
 
+    # long: nn.MultiheadAttention's forward contract, each argument checked and mapped in order
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from flash_export.core.errors import ExportError
-from flash_export.core.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io, make_feed
+from flash_export.core.feeds import make_feed
+from flash_export.core.io_spec import Constant, Dim, IOSpec, TensorSpec, attention_io
 from flash_export.nn.attention import FlashAttention, ReferenceAttention
 from flash_export.nn.conversion import no_flash_attention
 from flash_export.nn.swap import replace_attention
@@ -68,6 +69,7 @@ def resolve_io(model: nn.Module, *, io: Optional[IOSpec] = None,
                       "(args=/kwargs=) or io=, or give the model an io_spec() method")
 
 
+# long: one rule in order of strength (padding mask, batch_first, contract), with its docstring
 def derive_io(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> IOSpec:
     """An IOSpec from example inputs: names from the forward signature, dims declared by rule.
 

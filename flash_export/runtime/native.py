@@ -3,10 +3,7 @@
 For callers without onnxruntime: the native tests, the GPU check (benchmarks/cuda_harness.py) and
 `flash-export doctor`. Imports no torch. Loading checks this module's params mirror against the
 library's own `flash_export_params_size`, so a library of another layout fails at load instead of
-reading the wrong fields.
-
-    lib = NativeLibrary(library_path())
-    out = attention(lib, q, k, v, num_heads=2, causal=True)   # numpy (B, L, E) -> (B, Lq, E)
+reading the wrong fields (README, Development, shows a call).
 
 The params of a call are filled by the library itself (`flash_export_attention_params`, the one
 params filler every adapter calls), from descriptions of the tensors (`Strided`): it checks the
@@ -154,8 +151,7 @@ class NativeLibrary:
             size = int(self._fns[entry]())
             if size != ctypes.sizeof(mirror):
                 raise RuntimeLibraryError(
-                    f"{self.path} has {mirror.__name__} of {size} bytes, "
-                    "flash_export/runtime/native.py "
+                    f"{self.path} has {mirror.__name__} of {size} bytes, runtime/native.py "
                     f"mirrors {ctypes.sizeof(mirror)}: the library is from another version")
 
     @property

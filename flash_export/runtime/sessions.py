@@ -169,7 +169,7 @@ def session_io(session: Any) -> IOSpec:
     Its inputs (names, dtypes, dims, valid values) and outputs (names, dims: the graph's where
     the spec records none); graphs from before IOSpecs are described by their own inputs.
 
-    A service checks each request with `flash_export.core.io_spec.check_feed(io, feed)` before
+    A service checks each request with `flash_export.core.feeds.check_feed(io, feed)` before
     running it.
 
     Raises:
@@ -184,7 +184,7 @@ def session_io(session: Any) -> IOSpec:
 
 
 def session_inputs(session: Any) -> List[Tuple[str, Optional[str], Sequence[Any]]]:
-    """(name, dtype name, dims) of a session's graph inputs (see `io_spec.io_from_graph`)."""
+    """(name, dtype name, dims) of a session's graph inputs (see `io_graph.io_from_graph`)."""
     from flash_export.core.contract import ORT_TYPES
 
     return [(i.name, ORT_TYPES.get(i.type), list(i.shape)) for i in session.get_inputs()]

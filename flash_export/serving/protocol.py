@@ -24,17 +24,17 @@ output holds the per-request batch (`IOSpec.batch_axes`); any other graph runs e
 """
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from flash_export._version import __version__
 from flash_export.core.contract import ORT_TYPES
-from flash_export.core.errors import ArtifactError, RequestError, summary
-from flash_export.core.io_spec import IOSpec, check_feed
+from flash_export.core.errors import RequestError, summary
+from flash_export.core.feeds import check_feed
+from flash_export.core.io_spec import IOSpec
+from flash_export.serving.limits import Limits, mib, size_bounds
 from flash_export.serving.wire import (
     DATATYPES,
     HEADER_LENGTH,
@@ -49,41 +49,10 @@ from flash_export.serving.wire import (
     to_binary,
 )
 
-__all__ = ["DATATYPES", "EXTENSIONS", "HEADER_LENGTH", "InferRequest", "Limits", "OIPModel",
-           "OutputSpec", "error_body", "json_body", "model_name"]
+__all__ = ["DATATYPES", "EXTENSIONS", "HEADER_LENGTH", "InferRequest", "OIPModel", "OutputSpec",
+           "error_body", "json_body"]
 
 EXTENSIONS = ("binary_tensor_data",)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask; each bound is checked before the work it protects.
-
-    Attributes:
-        max_body_bytes: the request body (JSON and binary together), by Content-Length and as
-            read; 413 past it.
-        max_batch: the batch dim of a request (the dynamic size named "batch").
-        max_length: every other dynamic size (sequence lengths), also capped by the graph's own
-            bounds.
-        body_timeout_s: the whole body must arrive within this; 408 otherwise (a Content-Length
-            larger than what is sent).
-        max_response_bytes: the answer's body; 413 past it. Checked from the output shapes the
-            IOSpec gives at the request's sizes before anything runs (JSON values counted at
-            the most bytes one can take: 25 for a float, 21 for an INT64), and again from the
-            computed outputs before encoding where a shape is only known after the run.
-    """
-
-    max_body_bytes: int = 16 * 2**20
-    max_batch: int = 64
-    max_length: int = 4096
-    body_timeout_s: float = 10.0
-    max_response_bytes: int = 64 * 2**20
-
-    def __post_init__(self) -> None:
-        if self.max_body_bytes < 1024 or self.max_batch < 1 or self.max_length < 1 \
-                or not self.body_timeout_s > 0 or self.max_response_bytes < 1024:
-            raise ValueError(f"limits must be positive (body and response >= 1024 bytes), "
-                             f"got {self}")
 
 
 @dataclass
@@ -95,7 +64,7 @@ class InferRequest:
         feed: input name -> array in the graph's dtype and shape.
         outputs: the outputs to answer, in order.
         binary: output name -> whether it goes back as binary data.
-        sizes: the size of every dynamic name in the request (`io_spec.check_feed`).
+        sizes: the size of every dynamic name in the request (`feeds.check_feed`).
     """
 
     id: Optional[str]
@@ -135,7 +104,7 @@ class OIPModel:
         self.io = io
         self.limits = limits
         self.outputs = tuple(_output_spec(o) for o in session.get_outputs())
-        self.sizes = _size_bounds(io, limits)
+        self.sizes = size_bounds(io, limits)
         self.batch_axes = io.batch_axes()
 
     # ------------------------------------------------------------------ metadata
@@ -384,50 +353,9 @@ class OIPModel:
                          f"{'binary' if binary else 'JSON'}")
         if total > limit:
             hint = "" if all(request.binary.values()) else "; binary outputs are smaller"
-            raise RequestError(413, f"the answer would take up to {_mib(total)} ("
+            raise RequestError(413, f"the answer would take up to {mib(total)} ("
                                     f"{'; '.join(parts)}), over the response limit of "
-                                    f"{_mib(limit)}: ask for fewer rows or tokens{hint}")
-
-
-def require_onnx_graph(artifact: Union[str, "os.PathLike[str]"], command: str) -> None:
-    """Refuse, with what to do instead, a TorchScript archive or a .pt2 package.
-
-    `serve` and `triton` run ONNX graphs; the other artifact kinds are zip archives, which
-    onnx would report as a corrupt protobuf.
-
-    Raises:
-        ArtifactError: the file's suffix or first bytes say it is not an ONNX graph.
-    """
-    from flash_export.artifacts.kinds import TORCHSCRIPT_SUFFIXES
-
-    path = Path(artifact)
-    suffix = path.suffix.lower()
-    try:
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-    except OSError as exc:
-        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if suffix in TORCHSCRIPT_SUFFIXES or suffix == ".pt2" or zipped:
-        what = ("a TorchScript archive" if suffix in TORCHSCRIPT_SUFFIXES else
-                "an AOTInductor package (.pt2)" if suffix == ".pt2" else
-                "a zip archive (TorchScript or .pt2?)")
-        raise ArtifactError(f"{path} is {what}, not an ONNX graph: `flash-export {command}` "
-                            f"runs .onnx files. Export one from the same model with "
-                            f"`flash-export onnx` (or flash_export.export_onnx) and "
-                            f"{command} that; a .pt runs in libtorch or PyTorch")
-
-
-def model_name(artifact: Union[str, "os.PathLike[str]"], name: Optional[str] = None) -> str:
-    """The model's name in URLs and repositories: `name`, or the artifact's file stem.
-
-    Raises:
-        ValueError: a name that is not 1-64 characters of letters, digits, '_', '-' and '.'.
-    """
-    chosen = name if name is not None else Path(artifact).stem
-    if not chosen or len(chosen) > 64 or chosen.startswith(".") or not all(
-            c.isascii() and (c.isalnum() or c in "_-.") for c in chosen):
-        raise ValueError(f"model name {chosen[:80]!r}: use 1-64 letters, digits, '_', '-' or '.'")
-    return chosen
+                                    f"{mib(limit)}: ask for fewer rows or tokens{hint}")
 
 
 def _output_spec(arg: Any) -> OutputSpec:
@@ -438,21 +366,8 @@ def _output_spec(arg: Any) -> OutputSpec:
                                              for d in arg.shape))
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
 def _datatype(dtype: np.dtype) -> str:
     return DATATYPES[np.dtype(dtype).name]
-
-
-def _size_bounds(io: IOSpec, limits: Limits) -> Dict[str, Tuple[int, int]]:
-    """Each dynamic size's (min, max): the graph's own bounds capped by the limits."""
-    out = {}
-    for name, (low, high) in io.sizes.items():
-        cap = limits.max_batch if name in (io.batch, "batch") else limits.max_length
-        out[name] = (low, cap if high is None else min(high, cap))
-    return out
 
 
 def _parameters(value: Any, what: str) -> Dict[str, Any]:

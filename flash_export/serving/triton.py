@@ -20,9 +20,10 @@ from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 from flash_export.core.contract import DOMAIN, ONNX_ELEM
 from flash_export.core.errors import ArtifactError, ExportError
-from flash_export.core.io_spec import GraphInput, IOSpec
+from flash_export.core.io_graph import GraphInput
+from flash_export.core.io_spec import IOSpec
 from flash_export.runtime.library import library_path
-from flash_export.serving.protocol import model_name, require_onnx_graph
+from flash_export.serving.artifact import model_name, require_onnx_graph
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "bool": "TYPE_BOOL"}
@@ -68,6 +69,7 @@ class _Tensor:
     dims: Tuple[int, ...]  # -1 where dynamic
 
 
+# long: writes one repository top to bottom (model file, data, config) in the order Triton reads it
 def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.PathLike],
                      config: TritonConfig = TritonConfig()) -> Path:
     """Write a Triton model repository entry for an exported .onnx file.
@@ -91,12 +93,9 @@ def write_repository(artifact: Union[str, os.PathLike], repo: Union[str, os.Path
             or the repository cannot be written (one line naming the path and the reason).
         ValueError: a bad model name.
     """
+    from flash_export.artifacts.external_data import check_external_location, model_tensors
     from flash_export.artifacts.recorded_io import recorded_io
-    from flash_export.artifacts.safety import (
-        check_external_location,
-        check_onnx_file,
-        model_tensors,
-    )
+    from flash_export.artifacts.safety import check_onnx_file
 
     source = Path(artifact)
     name = model_name(source, config.name)
