@@ -313,7 +313,7 @@ def test_bad_usage_exits_2(args):
 
 def test_plot_without_matplotlib_is_one_line_error(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from flash_export.cli import run\n"
+            "from flash_export.cli.main import run\n"
             f"sys.argv = ['flash-export', 'bench', '--seq', '8',\n"
             f"            '--plot', r'{tmp_path / 'x.png'}']\n"
             "run()\n")

@@ -136,7 +136,7 @@ def test_python_dash_m_runs_the_cli(tmp_path):
 
 def test_heads_not_dividing_embed_is_a_usage_error_before_torch_loads(tmp_path):
     code = ("import sys\n"
-            "from flash_export.cli import main\n"
+            "from flash_export.cli.main import main\n"
             "try:\n"
             "    main(['torchscript', '--embed', '30', '--heads', '4', 'x.pt'],\n"
             "         prog_name='flash-export')\n"
@@ -320,7 +320,7 @@ def test_a_spec_records_absolute_paths_and_hashes(tmp_path, monkeypatch):
 def test_an_export_command_without_torch_says_how_to_add_the_export_extra(tmp_path):
     """A light install (flash-export[cpu]) has no torch: one line naming the fix, no traceback."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from flash_export.cli import run\n"
+            "from flash_export.cli.main import run\n"
             "sys.argv = ['flash-export', 'onnx', 'x.onnx']\n"
             "run()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -347,7 +347,7 @@ def test_serve_without_ray_says_how_to_install_the_serve_extra(tiny_onnx):
              "        if name.split('.')[0] == 'ray':\n"
              "            raise ImportError(name + ' is blocked', name=name)\n"
              "sys.meta_path.insert(0, _Block())\n"
-             "from flash_export.cli import run\n"
+             "from flash_export.cli.main import run\n"
              f"sys.argv = ['flash-export', 'serve', {str(tiny_onnx)!r}]\n"
              "run()\n")
     done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,

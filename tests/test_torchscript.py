@@ -18,7 +18,7 @@ from flash_export import (
     ModelSpec,
     export_torchscript,
 )
-from flash_export.export.prepare import METADATA_FILE
+from flash_export.artifacts.metadata import METADATA_FILE
 from flash_export.export.torchscript import load_torchscript
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flash_export import FlashAttention, install
+from flash_export import FlashAttention
 from flash_export.cli.main import main
+from flash_export.core import install
 from flash_export.core.errors import ExportError, summary
 from flash_export.export.onnx import export_onnx
 

@@ -1,6 +1,6 @@
 """Feeds: named arrays made for an IOSpec, and a request's arrays checked against one."""
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,22 +69,37 @@ def check_feed(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
             raise ValueError(f"input {t.name}: rank {value.ndim}, expected {len(t.dims)} "
                              f"{_dims_text(t.dims)}")
         for axis, (want, got) in enumerate(zip(t.dims, value.shape)):
-            if isinstance(want, int):
-                if got != want:
-                    raise ValueError(f"input {t.name}: dim {axis} is {got}, expected {want}")
-                continue
-            if sizes.setdefault(want, got) != got:
-                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, but another "
-                                 f"input has {want} = {sizes[want]}")
-            low, high = io.sizes[want]
-            if got < low or (high is not None and got > high):
-                raise ValueError(f"input {t.name}: dim {axis} ({want}) is {got}, expected "
-                                 f"{low}..{'' if high is None else high}")
+            error = dim_error(t.name, axis, want, got, io.sizes, sizes)
+            if error:
+                raise ValueError(error)
         if t.low is not None and t.high is not None and value.size and (
                 value.min() < t.low or value.max() >= t.high):
             raise ValueError(f"input {t.name}: values must be in [{t.low}, {t.high}), got "
                              f"{value.min()}..{value.max()}")
     return sizes
+
+
+def dim_error(name: str, axis: int, want: Dim, got: int,
+              bounds: Mapping[str, Tuple[int, Optional[int]]], sizes: Dict[str, int]
+              ) -> Optional[str]:
+    """The one rule for a request's dim: why `got` cannot be dim `axis` of input `name`.
+
+    A static dim must match; a named one must be within its (min, max) `bounds` (max None:
+    unbounded) and equal every other input's dim of that name, which `sizes` collects.
+
+    Returns:
+        One line naming the input, what it expected and what came; None when it fits.
+    """
+    if isinstance(want, int):
+        return None if got == want else f"input {name}: dim {axis} is {got}, expected {want}"
+    low, high = bounds[want]
+    if got < low or (high is not None and got > high):
+        return (f"input {name}: dim {axis} ({want}) is {got}, expected "
+                f"{low}..{'' if high is None else high}")
+    if sizes.setdefault(want, got) != got:
+        return (f"input {name}: dim {axis} ({want}) is {got}, but another input has {want} = "
+                f"{sizes[want]}")
+    return None
 
 
 def _dims_text(dims: Sequence[Dim]) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from flash_export._version import __version__
 from flash_export.core.contract import ORT_TYPES
 from flash_export.core.errors import RequestError, summary
-from flash_export.core.feeds import check_feed
+from flash_export.core.feeds import check_feed, dim_error
 from flash_export.core.io_spec import IOSpec
 from flash_export.serving.limits import Limits, mib, size_bounds
 from flash_export.serving.wire import (
@@ -206,18 +206,9 @@ class OIPModel:
                                         f"{len(spec.dims)} sizes >= 0 "
                                         f"({', '.join(str(d) for d in spec.dims)})")
             for axis, (want, got) in enumerate(zip(spec.dims, shape)):
-                if isinstance(want, int):
-                    if got != want:
-                        raise RequestError(400, f"input {name}: dim {axis} is {got}, expected "
-                                                f"{want}")
-                    continue
-                low, high = self.sizes[want]
-                if not low <= got <= high:
-                    raise RequestError(400, f"input {name}: dim {axis} ({want}) is {got}, "
-                                            f"expected {low}..{high}")
-                if sizes.setdefault(want, got) != got:
-                    raise RequestError(400, f"input {name}: dim {axis} ({want}) is {got}, but "
-                                            f"another input has {want} = {sizes[want]}")
+                error = dim_error(name, axis, want, got, self.sizes, sizes)
+                if error:
+                    raise RequestError(400, error)
             seen[name] = len(out)
             out.append((tensor, tuple(shape)))
         missing = [n for n in names if n not in seen]
