@@ -268,8 +268,8 @@ def test_a_graph_with_a_bounded_size_keeps_the_tighter_of_its_bound_and_the_limi
     assert model.sizes == {"batch": (2, 4), "seq": (1, 3)}
     rows = IOSpec((TensorSpec("x", "float32", ("rows", "seq")),),
                   sizes={"rows": (1, None), "seq": (1, None)}, batch="rows")  # declared batch
-    assert _model(rows, Limits(max_batch=4, max_length=9)).sizes == {"rows": (1, 4),
-                                                                     "seq": (1, 9)}
+    model = OIPModel("m", _session(rows.to_json()), rows, Limits(max_batch=4, max_length=9))
+    assert model.sizes == {"rows": (1, 4), "seq": (1, 9)}
 
 
 # ------------------------------------------------------------------ malformed requests
