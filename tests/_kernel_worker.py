@@ -54,8 +54,8 @@ def run(lib: NativeLibrary, request: dict) -> dict:
     broadcast = None
     if mask is not None:
         broadcast = np.broadcast_to(mask, (q.shape[0], heads, q.shape[1], k.shape[1]))
-    params = attention_params(Strided.of(q), Strided.of(k), Strided.of(v), Strided.of(out), heads,
-                              dtype=dtype, mask=None if broadcast is None else
+    q_, k_, v_, out_ = (Strided.of(x, dtype=dtype) for x in (q, k, v, out))  # bfloat16: uint16
+    params = attention_params(lib, q_, k_, v_, out_, heads, mask=None if broadcast is None else
                               Strided.of(broadcast), causal=request["causal"],
                               scale=request["scale"], chunk_size=request["chunk"])
     plan = lib.cpu_plan(params, request["threads"])

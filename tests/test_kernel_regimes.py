@@ -129,7 +129,8 @@ def kernel_cases(draw: st.DrawFn) -> KernelCase:
         chunk=draw(st.one_of(st.integers(1, 80), st.sampled_from([256, 512, 1024]))),
         threads=draw(st.integers(1, 3)), poison_heads=tuple(sorted(poisoned)),
         poison=draw(st.sampled_from(POISONS)),
-        scale=draw(st.one_of(st.none(), st.sampled_from([0.0, -0.5, 0.05, 2.0]))),
+        # 0 is not a scale the contract admits (the filler refuses it); 1e-3 nearly averages
+        scale=draw(st.one_of(st.none(), st.sampled_from([1e-3, -0.5, 0.05, 2.0]))),
         seed=draw(st.integers(0, 2**16)))
 
 

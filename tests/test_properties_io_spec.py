@@ -280,13 +280,9 @@ def test_from_json_accepts_only_valid_specs_and_refuses_the_rest_with_a_value_or
     assert IOSpec.from_json(io.to_json()) == io
 
 
-# Found here: json.loads raises RecursionError past ~1000 levels, which from_json lets through
-# (recorded_io catches ValueError and TypeError only, so a .onnx whose io_spec metadata nests
-# deeply crashes `validate` and `serve` with a traceback instead of an ArtifactError).
-# oip_wire.load_json already turns it into a 400. Reported to the lead; remove the marker with
-# the fix.
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="io_spec.from_json lets json's RecursionError through (issue 28 report)")
+# Found by the property above: json.loads raises RecursionError past ~1000 levels, which
+# from_json let through (recorded_io catches ValueError and TypeError only, so a .onnx whose
+# io_spec metadata nested deeply crashed `validate` and `serve` with a traceback).
 @pytest.mark.parametrize("depth", [10_000, 100_000], ids=["deep", "deeper"])
 def test_from_json_refuses_deeply_nested_text_with_a_value_error(depth):
     with pytest.raises((ValueError, TypeError)):

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from _strategies import io_specs, sizes_within
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -35,7 +35,6 @@ from flash_export.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
     OIPModel,
-    batch_dim,
 )
 from flash_export.serving.wire import (
     error_body,
@@ -135,7 +134,6 @@ def test_any_valid_request_parses_to_exactly_the_arrays_sent(request, request_id
 @given(request=requests(), binary=st.booleans())
 def test_the_answer_carries_what_the_graph_computed_in_the_encoding_asked(request, binary):
     io, feed, how = request
-    assume(io.inputs[0].dims)  # a scalar output: see the xfail test below
     model = _model(io)
     body, length = encode(feed, how, id="r7",
                           outputs=[{"name": io.outputs[0], "parameters": {"binary_data": binary}}])
@@ -162,11 +160,9 @@ def test_the_answer_carries_what_the_graph_computed_in_the_encoding_asked(reques
     assert _same(got, expected)
 
 
-# Found by the property above: answer() reports a rank-0 output with shape [1]
-# (np.ascontiguousarray returns at least one dim), so a client reshaping by the reply's shape gets
-# a (1,) array for a scalar. Reported to the lead; remove the marker with the fix.
-@pytest.mark.xfail(strict=True, reason="oip.answer gives a scalar output shape [1] (issue 28 "
-                                       "report)")
+# Found by the property above: answer() reported a rank-0 output with shape [1]
+# (np.ascontiguousarray returns at least one dim), so a client reshaping by the reply's shape got
+# a (1,) array for a scalar.
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_a_scalar_output_is_answered_with_an_empty_shape(binary):
     io = IOSpec((TensorSpec("x", "float32", ()),), ("y",))
@@ -271,7 +267,10 @@ def test_a_graph_with_a_bounded_size_keeps_the_tighter_of_its_bound_and_the_limi
                 sizes={"batch": (2, 5), "seq": (1, 3)})
     model = _model(io, Limits(max_batch=4, max_length=9))
     assert model.sizes == {"batch": (2, 4), "seq": (1, 3)}
-    assert model.batch_name == "batch"
+    rows = IOSpec((TensorSpec("x", "float32", ("rows", "seq")),),
+                  sizes={"rows": (1, None), "seq": (1, None)}, batch="rows")  # declared batch
+    model = OIPModel("m", _session(rows.to_json()), rows, Limits(max_batch=4, max_length=9))
+    assert model.sizes == {"rows": (1, 4), "seq": (1, 9)}
 
 
 # ------------------------------------------------------------------ malformed requests
@@ -455,17 +454,23 @@ def test_model_name_defaults_to_the_artifact_stem():
     assert model_name("/models/a.b.onnx") == "a.b"
 
 
-@pytest.mark.parametrize("dims, expected", [
-    ([("batch", "n"), ("batch",)], "batch"),
-    ([("b", "n"), ("b", "b")], None),
-    ([("b", "n"), ("c",)], None),
-    ([(3, "n"), (3,)], None),
-    ([(), ("b",)], None),
-], ids=["shared-lead", "used-again", "different-leads", "static-lead", "scalar"])
-def test_batch_dim_is_the_size_every_input_leads_with_and_uses_nowhere_else(dims, expected):
+@pytest.mark.parametrize("dims, out_dims, batch, expected", [
+    ([("b", "n"), ("b",)], ("n", "b"), "b", {"x0": 0, "x1": 0, "y": 1}),
+    ([("n", "b"), ("b",)], ("n", "b"), "b", {"x0": 1, "x1": 0, "y": 1}),
+    ([("batch", "n"), ("batch",)], ("batch",), None, None),
+    ([("b", "n"), ("b", "b")], ("b",), "b", None),
+    ([("b", "n"), ("n",)], ("b",), "b", None),
+    ([("b", "n")], None, "b", None),
+    ([("b", "n")], ("n",), "b", None),
+], ids=["leading", "lbe", "undeclared", "twice", "missing-in-input", "output-dims-unknown",
+        "missing-in-output"])
+def test_requests_are_joined_only_along_a_declared_batch_on_one_axis_of_every_tensor(
+        dims, out_dims, batch, expected):
     inputs = tuple(TensorSpec(f"x{i}", "float32", d) for i, d in enumerate(dims))
-    io = IOSpec(inputs, sizes={n: (1, None) for d in dims for n in d if isinstance(n, str)})
-    assert batch_dim(io) == expected
+    io = IOSpec(inputs, ("y",), sizes={n: (1, None) for d in dims for n in d},
+                output_dims={} if out_dims is None else {"y": out_dims}, batch=batch)
+    assert io.batch_axes() == expected
+    assert (io.unbatched_reason() is None) == (expected is not None)
 
 
 # ------------------------------------------------------------------ the wire

@@ -172,4 +172,4 @@ def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
     assert blocks and "swap_attention" in blocks[0]
     for block in blocks:
         _run(block, tmp_path)
-    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+    assert (tmp_path / "out" / "tiny-llama" / "config.json").is_file()

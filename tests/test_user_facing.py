@@ -105,8 +105,8 @@ def test_a_misspelt_zoo_model_lists_the_zoo(tmp_path):
 
 def _readme_outputs() -> list:
     """Every file name the README's commands and code write or read (the suffixes flash-export
-    writes, and what --json, --csv, --plot and `triton` name), and the manifest beside each
-    artifact."""
+    writes, what --json, --csv, --plot and `triton` name, and transformers' `save_pretrained`
+    folders), and the manifest beside each artifact."""
     text = (ROOT / "README.md").read_text()
     code = re.findall(r"```(?:bash|python)\n(.*?)```", text, flags=re.S)
     code += [s for s in re.findall(r"`([^`\n]+)`", text) if s.startswith("flash-export ")]
@@ -118,6 +118,7 @@ def _readme_outputs() -> list:
             block))
         names.update(m.group(1) for m in re.finditer(r"--(?:json|csv|plot) (\S+)", block))
         names.update(m.group(1) for m in re.finditer(r"flash-export triton \S+ (\S+)", block))
+        names.update(m.group(1) for m in re.finditer(r"save_pretrained\(\"([^\"]+)\"\)", block))
     names = {n for n in names if n != "-" and not n.isupper()}  # REPO_DIR: a placeholder
     artifacts = {n + ".manifest.json" for n in names if n.endswith((".onnx", ".pt", ".pt2"))}
     return sorted(names | artifacts)

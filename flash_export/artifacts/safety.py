@@ -126,6 +126,7 @@ class OpenedOnnx:
         raw: the bytes `model` was parsed from.
         sha256: their SHA-256.
         data: the data files by the location the graph names them with.
+        external_tensors: how many tensors read from those files (each checked).
     """
 
     path: Path
@@ -133,6 +134,7 @@ class OpenedOnnx:
     raw: bytes
     sha256: str
     data: Dict[str, DataFile]
+    external_tensors: int = 0
 
     def external_files(self) -> Tuple[List[str], List[Any], List[int]]:
         """(names, buffers, sizes): the checked bytes of every data file, by the graph's names.
@@ -190,10 +192,10 @@ def open_onnx(path: PathLike) -> OpenedOnnx:
     try:
         raw = _read_regular(file, folder_fd)
         model = _parse(raw, file)
-        files, _ = open_external_data(model, file, folder_fd)
+        files, count = open_external_data(model, file, folder_fd)
     finally:
         os.close(folder_fd)
-    opened = OpenedOnnx(file, model, raw, hashlib.sha256(raw).hexdigest(), files)
+    opened = OpenedOnnx(file, model, raw, hashlib.sha256(raw).hexdigest(), files, count)
     try:
         check_custom_nodes(model, file)
     except BaseException:

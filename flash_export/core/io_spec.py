@@ -268,9 +268,13 @@ class IOSpec:
         no output dims and batch None: its requests are never joined.
 
         Raises:
-            ValueError: malformed JSON, unknown keys, or a field of the wrong type or range.
+            ValueError: malformed JSON (nested too deeply included), unknown keys, or a field of
+                the wrong type or range.
         """
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("an io spec's JSON is nested too deeply") from None
         keys = {"inputs", "outputs", "sizes", "constants", "output_dims", "batch"}
         if not isinstance(data, dict) or set(data) - keys:
             raise ValueError(f"an io spec is a JSON object with {', '.join(sorted(keys))}")

@@ -308,7 +308,8 @@ class OIPModel:
         tensors = []
         blobs = []
         for name in request.outputs:
-            value = np.ascontiguousarray(results[name])  # (output's shape)
+            # (output's shape), rank 0 kept: ascontiguousarray would make a scalar (1,)
+            value = np.asarray(results[name], order="C")
             head = json_body({"name": name, "datatype": _datatype(value.dtype),
                               "shape": list(value.shape)})[:-1]
             if request.binary[name]:
