@@ -33,16 +33,6 @@ def run_doctor(library=None, *args, cwd=None, env=None):
                           timeout=180, env=env, cwd=cwd)
 
 
-@pytest.fixture()
-def shadowing_folder(tmp_path: Path) -> Path:
-    """A folder holding another `flash_export` package, as a source clone does (its native
-    library unbuilt): a process that imports from it fails."""
-    (tmp_path / "flash_export").mkdir()
-    (tmp_path / "flash_export" / "__init__.py").write_text(
-        "raise ImportError('imported the flash_export folder of the current directory')\n")
-    return tmp_path
-
-
 def _system_library_without_entry_point(tmp_path: Path) -> Path:
     found = ctypes.util.find_library("z") or ctypes.util.find_library("m")
     candidates = [Path(p) / found for p in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",

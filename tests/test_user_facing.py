@@ -23,16 +23,6 @@ from flash_export.export.onnx import export_onnx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def shadowing_folder(tmp_path: Path) -> Path:
-    """A folder holding another `flash_export` package, as a source clone does (its native
-    library unbuilt): a process that imports from it fails."""
-    (tmp_path / "flash_export").mkdir()
-    (tmp_path / "flash_export" / "__init__.py").write_text(
-        "raise ImportError('imported the flash_export folder of the current directory')\n")
-    return tmp_path
-
-
 # --------------------------------------------------------------------------- finding 14
 
 
