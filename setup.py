@@ -112,7 +112,7 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9",
                 "tritonclient[http]==2.73.0", "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": ["flash-export=flash_export.cli:run"]},
+    entry_points={"console_scripts": ["flash-export=flash_export.cli.main:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},
     distclass=BinaryDistribution,
 )

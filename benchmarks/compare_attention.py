@@ -11,7 +11,7 @@ and, each in its own interleaved loop, 2 threads against 1 and the peak RSS of o
     python benchmarks/compare_attention.py --dims 64 --lengths 256 --batches 8 --no-extras
     python benchmarks/compare_attention.py --baseline-library OLD/libflash_export.so  # A/B
 
-Timing (`flash_export.timing.time_blocks`): a sample is one untimed call, then a block of
+Timing (`flash_export.bench.timing.time_blocks`): a sample is one untimed call, then a block of
 back-to-back calls of one backend (about --target-ms long), per-call time = block time / calls;
 each repetition runs the backends' blocks in a freshly shuffled order. A single call timed right
 after a PyTorch call pays for PyTorch's still-spinning OpenMP threads; blocks do not.
@@ -38,10 +38,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from flash_export.errors import summary
-from flash_export.runners import Job, attention_only, make_runner
-from flash_export.spec import ModelSpec
-from flash_export.timing import attention_flops, environment, measure_memory, time_blocks
+from flash_export.bench.memory import measure_memory
+from flash_export.bench.runners import Job, attention_only, make_runner
+from flash_export.bench.timing import attention_flops, environment, time_blocks
+from flash_export.core.errors import summary
+from flash_export.nn.spec import ModelSpec
 
 HEADS = 8
 ANCHORS = ("sdpa", "contrib", "attention23")
@@ -55,7 +56,7 @@ MAX_SCORE_BYTES = 2 << 30
 def export_attention_only(spec: ModelSpec, target: str, dtype: str,
                           out_dir: Path) -> Tuple[Optional[str], str]:
     """Export an attention-only graph; (path, note) or (None, error)."""
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 
     out = out_dir / f"{target}_e{spec.embed}_{int(spec.causal)}_{dtype}.onnx"
     try:

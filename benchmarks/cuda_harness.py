@@ -1,10 +1,11 @@
 """The torch side of the GPU check (gpu_check.py): the native core on torch tensors, judged.
 
-Calls the framework-free C entry points of libflash_export.so through flash_export.native (the one
-ctypes binding) on torch tensors laid out as (B, L, H*D) with arbitrary batch/row strides:
+Calls the framework-free C entry points of libflash_export.so through flash_export.runtime.native
+(the one ctypes binding) on torch tensors laid out as (B, L, H*D) with arbitrary batch/row strides:
 ``flash_export_attention_forward_cuda`` on CUDA tensors, on the current torch stream;
 ``flash_export_attention_forward_cpu`` on CPU tensors. The reference is
-flash_export.attention.reference_attention_core and the verdict flash_export.tolerance.compare.
+flash_export.nn.attention.reference_attention_core and the verdict
+flash_export.core.tolerance.compare.
 
 Imports torch but never touches a GPU at import time. Needs the flash_export package importable
 (installed, or the repository root on PYTHONPATH as gpu_check.sh sets it).
@@ -18,9 +19,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from flash_export.attention import reference_attention_core
-from flash_export.native import AttentionParams, NativeLibrary, Strided, attention_params, check
-from flash_export.tolerance import Comparison, compare, max_abs_error
+from flash_export.core.tolerance import Comparison, compare, max_abs_error
+from flash_export.nn.attention import reference_attention_core
+from flash_export.runtime.native import NativeLibrary, Strided, attention_params, check
+from flash_export.runtime.native_abi import AttentionParams
 
 
 @dataclass
@@ -33,7 +35,7 @@ class PreparedCall:
 
 
 def strided(x: torch.Tensor) -> Strided:
-    """Where a tensor's elements live and what they are, as flash_export.native describes them."""
+    """Where a tensor's elements live and what they are, as flash_export.runtime.native says."""
     return Strided(x.data_ptr(), tuple(x.shape), tuple(x.stride()),
                    str(x.dtype).removeprefix("torch."), str(x.device))
 

@@ -1,7 +1,7 @@
 """The one prepared check of the CUDA attention kernel on a lent GPU; writes one JSON report.
 
 Phases, each in its own subprocess so a crash or a poisoned CUDA context loses only that phase:
-  correctness   float16/bfloat16/float32 against a float64 reference (flash_export.tolerance's
+  correctness   float16/bfloat16/float32 against a float64 reference (flash_export.core.tolerance's
                 rule: max abs error <= max(the dtype's floor, 2 x PyTorch's same-dtype error), no
                 NaN/Inf where the reference is finite; rows that see no key exactly zero, repeated
                 runs bit-identical)
@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from flash_export.native import AttentionParams, NativeLibrary, Strided, attention_params
 from flash_export.runtime import LIBRARY_ENV
+from flash_export.runtime.native import AttentionParams, NativeLibrary, Strided, attention_params
 
 MMA_HEAD_DIMS = (64, 128)
 DTYPE_NAMES = ("float16", "bfloat16", "float32")

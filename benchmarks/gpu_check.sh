@@ -24,7 +24,7 @@ LOG=$OUT/build.log
 has_cuda_entry() {  # through the binding, which also checks the params layout
   "$PY" - "$1" 2>>"$LOG" <<'PY'
 import sys
-from flash_export.native import NativeLibrary
+from flash_export.runtime.native import NativeLibrary
 sys.exit(not NativeLibrary(sys.argv[1]).has_cuda)
 PY
 }

@@ -91,9 +91,9 @@ def runners(cell: Cell, threads: int, window: int = 0,
     import torch
     from onnx import TensorProto, helper
 
-    from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
+    from flash_export.core.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
+    from flash_export.nn.torch_op import register
     from flash_export.runtime import library_path
-    from flash_export.torch_op import register
 
     register()
     kind, h, hk, d, b, lq, lk = cell
@@ -188,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from flash_export.timing import environment, time_blocks
+    from flash_export.bench.timing import environment, time_blocks
 
     torch.set_num_threads(args.threads)
     env = environment(args.threads)

@@ -41,7 +41,7 @@ BACKENDS = ("torchscript", "native", "torchscript-native", "pt2", "custom")
 
 
 def _worker(conn, job_kwargs: dict) -> None:
-    from flash_export.runners import Job, make_runner
+    from flash_export.bench.runners import Job, make_runner
 
     try:
         run = make_runner(Job(**job_kwargs))
@@ -63,9 +63,9 @@ def _worker(conn, job_kwargs: dict) -> None:
 
 def export_all(spec, out: Path) -> Dict[str, str]:
     """The artifacts each file backend runs: torchscript, torchscript-native, pt2, custom."""
-    from flash_export.export import export_torchscript
-    from flash_export.onnx_export import export_onnx
-    from flash_export.pt2_export import export_pt2
+    from flash_export.export.onnx import export_onnx
+    from flash_export.export.pt2 import export_pt2
+    from flash_export.export.torchscript import export_torchscript
 
     model = spec.build()
     files = {"torchscript": out / "portable.pt", "torchscript-native": out / "native.pt",
@@ -115,8 +115,8 @@ def measure(spec, files: Dict[str, str], seq: int, threads: int, iters: int, blo
 
 def main() -> None:
     """Run the comparison and print one table per (model, length)."""
-    from flash_export.spec import ModelSpec
-    from flash_export.timing import environment
+    from flash_export.bench.timing import environment
+    from flash_export.nn.spec import ModelSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embed", type=int, default=128)

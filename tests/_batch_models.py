@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from flash_export import FlashAttention, convert
-from flash_export.onnx_export import export_onnx
+from flash_export.export.onnx import export_onnx
 
 E, HEADS = 16, 2
 

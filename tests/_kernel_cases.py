@@ -2,8 +2,8 @@
 
 A `KernelCase` is one call of the native CPU forward: its shape, dtype, masking, the thread count
 the plan is made for, and which heads hold non-finite values (`poison_heads`): the outputs of the
-other heads must meet the tolerance rule (flash_export/tolerance.py) as if those values were not
-there. The worker (_kernel_worker.py) also fills a guard past the end of q, k and v with the
+other heads must meet the tolerance rule (flash_export/core/tolerance.py) as if those values were
+not there. The worker (_kernel_worker.py) also fills a guard past the end of q, k and v with the
 poison, so a read past the end of a buffer shows as NaN in a clean head, and reports a write past
 the end of the output.
 
@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from flash_export.core.tolerance import compare, max_abs_error
 from flash_export.runtime import library_path
-from flash_export.tolerance import compare, max_abs_error
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16", "bfloat16")

@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from flash_export.native import NativeLibrary, Strided, attention_params, check
 from flash_export.runtime import library_path
+from flash_export.runtime.native import NativeLibrary, Strided, attention_params, check
 
 # A value's 16-bit pattern in bfloat16 (numpy has no bfloat16: those arrays hold the bits).
 _BFLOAT16_BITS = {"nan": 0x7FC0, "inf": 0x7F80, "-inf": 0xFF80}

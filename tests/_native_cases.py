@@ -1,7 +1,7 @@
 """Helpers for the native-library tests: one-node models, the float64 reference on numpy arrays
 and its check.
 
-The library itself is reached through flash_export.native, the one ctypes binding. torch is
+The library itself is reached through flash_export.runtime.native, the one ctypes binding. torch is
 imported only when a reference is computed, so that workers which never compute one (the fuzzer's
 leak and thread modes) run without it.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto, ValueInfoProto, helper
 
-from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
+from flash_export.core.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 
 
 def flash_node(inputs: list[str], output: str = "out", **attrs: Any) -> NodeProto:
@@ -34,7 +34,7 @@ def model_bytes(nodes: list[NodeProto], inputs: list[ValueInfoProto],
 def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, *,
                         mask: np.ndarray | None = None, causal: bool = False,
                         scale: float | None = None, dtype: Any = None) -> np.ndarray:
-    """flash_export.attention.reference_attention_core on (B, L, E) arrays.
+    """flash_export.nn.attention.reference_attention_core on (B, L, E) arrays.
 
     Computed in `dtype` (a torch dtype, default float64), returned as float64 (B, Lq, E): rows that
     see no key are zeros, rows whose visible logits are all -inf are NaN. `mask` is bool,
@@ -42,7 +42,7 @@ def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: 
     """
     import torch
 
-    from flash_export.attention import reference_attention_core
+    from flash_export.nn.attention import reference_attention_core
 
     dtype = torch.float64 if dtype is None else dtype
     batch, seq_q, embed = q.shape

@@ -506,7 +506,7 @@ def check_valid(case: Case, out: np.ndarray) -> tuple[Optional[str], float]:
     """
     import torch
 
-    from flash_export.tolerance import compare, max_abs_error
+    from flash_export.core.tolerance import compare, max_abs_error
 
     q, k, v = case.arrays[:3]
     assert q is not None and k is not None and v is not None

@@ -1,8 +1,8 @@
 """A service's whole path without torch: one OIP request made from the graph's IOSpec.
 
 Run as `python -c SERVICE_CHECK GRAPH`: torch is blocked, the request goes through
-`flash_export.oip` (parse, check, run, answer) and every output must equal a direct onnxruntime
-run. Prints "service ok {output: shape}".
+`flash_export.serving.protocol` (parse, check, run, answer) and every output must equal a direct
+onnxruntime run. Prints "service ok {output: shape}".
 """
 
 SERVICE_CHECK = """
@@ -15,9 +15,9 @@ class _Block:
 
 sys.meta_path.insert(0, _Block())
 import numpy as np
-from flash_export.io_spec import make_feed
-from flash_export.oip_batch import run_many
-from flash_export.oip import DATATYPES, OIPModel
+from flash_export.core.feeds import make_feed
+from flash_export.serving.batching import run_many
+from flash_export.serving.protocol import DATATYPES, OIPModel
 from flash_export.runtime import create_session, session_io
 
 session = create_session(sys.argv[1])

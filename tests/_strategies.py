@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 from hypothesis import strategies as st
 
-from flash_export.io_spec import IOSpec, TensorSpec
+from flash_export.core.io_spec import IOSpec, TensorSpec
 
 _FIRST = "abcxyzABZ_"
 NAMES = st.builds(lambda a, b: a + b, st.sampled_from(_FIRST),

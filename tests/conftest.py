@@ -98,8 +98,18 @@ def pt2_package(tmp_path_factory):
     Causal with a mask input, so one package covers masks, causal and Lq != Lk.
     """
     from flash_export import ModelSpec
-    from flash_export.pt2_export import export_pt2
+    from flash_export.export.pt2 import export_pt2
 
     spec = ModelSpec(embed=32, heads=4, chunk=8, causal=True, seed=11)
     path = tmp_path_factory.mktemp("pt2") / "attention.pt2"
     return export_pt2(spec.build(), path, spec=spec, mask=True), spec
+
+
+@pytest.fixture()
+def shadowing_folder(tmp_path: Path) -> Path:
+    """A folder holding another `flash_export` package, as a source clone does (its native
+    library unbuilt): a process that imports from it fails."""
+    (tmp_path / "flash_export").mkdir()
+    (tmp_path / "flash_export" / "__init__.py").write_text(
+        "raise ImportError('imported the flash_export folder of the current directory')\n")
+    return tmp_path

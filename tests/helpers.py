@@ -4,8 +4,8 @@ from typing import Optional
 
 import torch
 
-from flash_export.attention import reference_attention_core
-from flash_export.tolerance import Comparison, compare, max_abs_error
+from flash_export.core.tolerance import Comparison, compare, max_abs_error
+from flash_export.nn.attention import reference_attention_core
 
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
                torch.bfloat16: "bfloat16"}

@@ -21,14 +21,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flash_export import artifact, onnx_export
-from flash_export.bench import BenchConfig, benchmark
-from flash_export.cli import main
-from flash_export.errors import ArtifactError, FlashExportError
-from flash_export.onnx_export import export_onnx
+from flash_export.artifacts import files, manifest
+from flash_export.bench.benchmark import BenchConfig, benchmark
+from flash_export.check.validate import validate
+from flash_export.cli.main import main
+from flash_export.core.errors import ArtifactError, FlashExportError
+from flash_export.export import onnx as onnx_export
+from flash_export.export.onnx import export_onnx
+from flash_export.nn.spec import ModelSpec
 from flash_export.runtime import create_session
-from flash_export.spec import ModelSpec
-from flash_export.validate import validate
 
 SPEC = ModelSpec(embed=32, heads=4, chunk=8, seed=3)
 QUICK = ["--seq", "7", "--batch", "1"]
@@ -122,8 +123,8 @@ def test_a_small_file_declaring_a_huge_model_is_refused_before_allocating(export
     assert huge.stat().st_size < 128 * 1024  # the declared weights alone would be 1 GiB
     code = textwrap.dedent(f"""
         import resource, sys
-        from flash_export.errors import ArtifactError
-        from flash_export.validate import validate
+        from flash_export.core.errors import ArtifactError
+        from flash_export.check.validate import validate
         try:
             validate({str(huge)!r}, seq=[7], batch=[1])
         except ArtifactError as exc:
@@ -164,8 +165,8 @@ def test_a_consistently_tampered_file_validates_but_not_as_the_file_you_exported
                            spec=other)
     tampered.with_name("tampered.onnx.manifest.json").unlink()
     store = Path(os.environ["FLASH_EXPORT_TRUST_STORE"])
-    (store / f"{artifact.sha256_file(tampered)}.json").unlink()  # it came from elsewhere
-    original = artifact.sha256_file(exported)
+    (store / f"{files.sha256_file(tampered)}.json").unlink()  # it came from elsewhere
+    original = files.sha256_file(exported)
     report = validate(tampered, seq=[7], batch=[1])
     assert report.passed and report.provenance.source == "unverified"
     result = _invoke("validate", tampered, *QUICK)
@@ -242,7 +243,7 @@ def test_external_data_export_replaces_the_pair_and_cleans_up(external: Path,
     export_onnx(OTHER.build(), target, target="standard", spec=OTHER)
     second = {p.name for p in tmp_path.glob("m.onnx.*.data")}
     assert len(first) == len(second) == 1 and first != second, (first, second)
-    entry = artifact.verify_manifest(target)
+    entry = manifest.verify_manifest(target)
     assert set(entry.data) == second  # the manifest covers the data file
 
 
@@ -263,13 +264,13 @@ def test_a_kill_between_the_renames_never_leaves_a_mixed_pair(external: Path,
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(artifact.os, "replace", die_after_the_data)
+    monkeypatch.setattr(manifest.os, "replace", die_after_the_data)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(OTHER.build(), target, target="standard", spec=OTHER)
-    monkeypatch.setattr(artifact.os, "replace", real_replace)
+    monkeypatch.setattr(manifest.os, "replace", real_replace)
     assert moved, "the test did not interrupt the export"
     np.testing.assert_array_equal(_outputs(target), before)  # the old pair, whole
-    artifact.verify_manifest(target)
+    manifest.verify_manifest(target)
 
 
 def test_a_graph_beside_data_it_was_not_exported_with_is_refused(tmp_path: Path,
@@ -286,7 +287,7 @@ def test_a_graph_beside_data_it_was_not_exported_with_is_refused(tmp_path: Path,
     with pytest.raises(ArtifactError, match="not the one this graph was exported with"):
         create_session(a)
     with pytest.raises(ArtifactError, match="do not match its manifest"):
-        artifact.verify_manifest(a)
+        manifest.verify_manifest(a)
 
 
 # --------------------------------------------------------------------------- finding 7 and 8
@@ -335,7 +336,7 @@ def test_the_runtime_runs_an_exported_graph_without_torch(custom_exported: Path)
 
 def test_the_runtime_needs_onnx_and_says_so(custom_exported: Path) -> None:
     code = BLOCK_IMPORTS.format(blocked={"torch", "onnx"}) + textwrap.dedent(f"""
-        from flash_export.errors import ArtifactError
+        from flash_export.core.errors import ArtifactError
         from flash_export.runtime import create_session
         try:
             create_session({str(custom_exported)!r})
@@ -426,7 +427,7 @@ def test_a_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_a_forged_pt_is_refused_by_validate_even_with_a_matching_manifest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flash_export.export import export_torchscript
+    from flash_export.export.torchscript import export_torchscript
 
     monkeypatch.setenv("FLASH_EXPORT_TRUST_STORE", str(tmp_path / "elsewhere"))
     forged = export_torchscript(SPEC.build(), tmp_path / "forged.pt", spec=SPEC)

@@ -8,7 +8,7 @@ from helpers import assert_matches_reference, core_reference
 from torch import nn
 
 from flash_export import FlashAttention, reference_forward
-from flash_export.attention import flash_attention_core
+from flash_export.nn.attention import flash_attention_core
 
 
 def _inputs(b: int, lq: int, lk: int, e: int, dtype: torch.dtype = torch.float32, seed: int = 0):

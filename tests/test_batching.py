@@ -14,10 +14,11 @@ from _batch_models import E, export_all, feed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flash_export.errors import ArtifactError
-from flash_export.oip import Limits, OIPModel
-from flash_export.oip_batch import run_many
+from flash_export.core.errors import ArtifactError
 from flash_export.runtime import create_session, session_io
+from flash_export.serving.batching import run_many
+from flash_export.serving.limits import Limits
+from flash_export.serving.protocol import OIPModel
 
 LIMITS = Limits(max_batch=8)
 LAYOUTS = ("lbe_out", "both", "undeclared")
@@ -69,7 +70,7 @@ def test_derive_io_takes_the_batch_from_the_layout_pytorch_declares():
     from _batch_models import _encoder
 
     from flash_export import convert
-    from flash_export.model_io import derive_io
+    from flash_export.nn.model_io import derive_io
 
     for batch_first, dims in ((False, ("seq", "batch", E)), (True, ("batch", "seq", E))):
         model = convert(_encoder(batch_first))
@@ -155,7 +156,7 @@ def test_run_many_answers_every_request_mix_as_its_own_direct_run(sessions, layo
     ({"output_dims": {"logits": ["batch"]}}, "not an output"),
 ], ids=["undeclared_size", "not_a_name", "unknown_dim_name", "unknown_output"])
 def test_a_malformed_batch_declaration_is_refused(edit, words):
-    from flash_export.io_spec import IOSpec, TensorSpec
+    from flash_export.core.io_spec import IOSpec, TensorSpec
 
     spec = IOSpec((TensorSpec("x", "float32", ("batch", "seq", E)),), ("output",),
                   {"batch": (1, None), "seq": (1, None)},

@@ -11,24 +11,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flash_export.bench import (
-    CSV_FIELDS,
-    BenchConfig,
-    attention_flops,
-    benchmark,
-    cuda_available,
-    time_interleaved,
-)
-from flash_export.cli import main
+from flash_export.bench.benchmark import CSV_FIELDS, BenchConfig, benchmark
+from flash_export.bench.runners import cuda_available
+from flash_export.bench.timing import attention_flops, time_blocks, time_interleaved
+from flash_export.cli.main import main
 from flash_export.runtime import library_path
-from flash_export.timing import time_blocks
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 try:
-    import flash_export.onnx_export  # noqa: F401
+    import flash_export.export.onnx  # noqa: F401
     HAVE_ONNX_EXPORT = True
 except ImportError:
     HAVE_ONNX_EXPORT = False
@@ -47,14 +41,14 @@ def test_attention_flops_formula():
 
 
 class _FakeClock:
-    """perf_counter for flash_export.timing: each call of a runner advances it by the runner's
+    """perf_counter for flash_export.bench.timing: each call of a runner advances it by the runner's
     cost, plus a penalty when another runner ran just before (the other runtime's threads still
     spinning), so a sample that includes a first call shows it."""
 
     PENALTY = 2.0 ** -4  # seconds; all times here are powers of 2: the sums are exact
 
     def __init__(self, monkeypatch):
-        import flash_export.timing as timing
+        import flash_export.bench.timing as timing
 
         self.t, self.calls = 0.0, []
         monkeypatch.setattr(timing.time, "perf_counter", lambda: self.t)
@@ -144,7 +138,7 @@ def test_time_blocks_times_blocks_after_an_untimed_call_in_shuffled_orders():
     def broken():
         raise RuntimeError("cannot run")
 
-    import flash_export.timing as timing
+    import flash_export.bench.timing as timing
 
     real = timing.time.perf_counter
     timing.time.perf_counter = lambda: clock["t"]  # a fake clock: each call advances it
@@ -250,7 +244,7 @@ def test_cli_writes_complete_json_csv_and_png(tmp_path):
 
 
 def test_chunk_sweep_runs_chunk_free_backends_once():
-    from flash_export.spec import ModelSpec
+    from flash_export.nn.spec import ModelSpec
 
     report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
                        config=BenchConfig(seqs=(12,), chunks=(4, 16), backends=("eager", "sdpa"),
@@ -263,7 +257,7 @@ def test_chunk_sweep_runs_chunk_free_backends_once():
 
 @pytest.mark.skipif(not HAVE_ONNX_EXPORT, reason="needs the export extra (onnxscript)")
 def test_batch_sweep_times_every_length_at_every_batch():
-    from flash_export.spec import ModelSpec
+    from flash_export.nn.spec import ModelSpec
 
     report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
                        config=BenchConfig(seqs=(5, 12), batches=(1, 3),
@@ -319,7 +313,7 @@ def test_bad_usage_exits_2(args):
 
 def test_plot_without_matplotlib_is_one_line_error(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from flash_export.cli import run\n"
+            "from flash_export.cli.main import run\n"
             f"sys.argv = ['flash-export', 'bench', '--seq', '8',\n"
             f"            '--plot', r'{tmp_path / 'x.png'}']\n"
             "run()\n")

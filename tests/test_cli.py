@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from flash_export import __version__, load_torchscript
-from flash_export.cli import main
+from flash_export.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,14 @@ import torch
 from click.testing import CliRunner
 
 from flash_export import FlashAttention, ModelSpec
-from flash_export.cli import main
-from flash_export.errors import ExportError, ModelError, RuntimeLibraryError
-from flash_export.install import InstallSource, install_source, pip_install_line, reinstall_line
+from flash_export.cli.main import main
+from flash_export.core.errors import ExportError, ModelError, RuntimeLibraryError
+from flash_export.core.install import (
+    InstallSource,
+    install_source,
+    pip_install_line,
+    reinstall_line,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--embed", "32", "--heads", "4", "--chunk", "8"]
@@ -131,7 +136,7 @@ def test_python_dash_m_runs_the_cli(tmp_path):
 
 def test_heads_not_dividing_embed_is_a_usage_error_before_torch_loads(tmp_path):
     code = ("import sys\n"
-            "from flash_export.cli import main\n"
+            "from flash_export.cli.main import main\n"
             "try:\n"
             "    main(['torchscript', '--embed', '30', '--heads', '4', 'x.pt'],\n"
             "         prog_name='flash-export')\n"
@@ -183,7 +188,7 @@ def test_an_unknown_cpu_isa_setting_is_refused_not_ignored(tiny_onnx):
     assert "FLASH_EXPORT_CPU_ISA=bogus names no CPU kernel path" in bad.stderr
     assert _with_isa("portable", session).stdout.strip() == "(1, 5, 32)"
 
-    ctypes_path = ("from flash_export.native import NativeLibrary\n"
+    ctypes_path = ("from flash_export.runtime.native import NativeLibrary\n"
                    "from flash_export.runtime import library_path\n"
                    "NativeLibrary(library_path())\n")
     refused = _with_isa("avx-512", ctypes_path)
@@ -231,8 +236,8 @@ def test_help_does_not_claim_defaults_the_artifact_overrides(command):
 
 def test_bench_plot_names_the_lengths_run_on_its_log_axes():
     pytest.importorskip("matplotlib")
-    from flash_export.bench import BenchConfig, benchmark
-    from flash_export.bench_files import figure
+    from flash_export.bench.benchmark import BenchConfig, benchmark
+    from flash_export.bench.files import figure
 
     report = benchmark(spec=ModelSpec(embed=16, heads=2, chunk=8),
                        config=BenchConfig(seqs=(600, 1000, 2000), backends=("eager",), warmup=0,
@@ -315,7 +320,7 @@ def test_a_spec_records_absolute_paths_and_hashes(tmp_path, monkeypatch):
 def test_an_export_command_without_torch_says_how_to_add_the_export_extra(tmp_path):
     """A light install (flash-export[cpu]) has no torch: one line naming the fix, no traceback."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from flash_export.cli import run\n"
+            "from flash_export.cli.main import run\n"
             "sys.argv = ['flash-export', 'onnx', 'x.onnx']\n"
             "run()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -342,7 +347,7 @@ def test_serve_without_ray_says_how_to_install_the_serve_extra(tiny_onnx):
              "        if name.split('.')[0] == 'ray':\n"
              "            raise ImportError(name + ' is blocked', name=name)\n"
              "sys.meta_path.insert(0, _Block())\n"
-             "from flash_export.cli import run\n"
+             "from flash_export.cli.main import run\n"
              f"sys.argv = ['flash-export', 'serve', {str(tiny_onnx)!r}]\n"
              "run()\n")
     done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,

@@ -1,8 +1,8 @@
 """The op contract has one Python home: every list of targets, domain and dtypes derives from it.
 
-Adding a fifth ONNX target or renaming the domain is a change in `flash_export/contract.py` (plus
-the target's implementation, and the C++ adapter for the domain); these tests fail when another
-module states a contract fact again instead of importing it.
+Adding a fifth ONNX target or renaming the domain is a change in `flash_export/core/contract.py`
+(plus the target's implementation, and the C++ adapter for the domain); these tests fail when
+another module states a contract fact again instead of importing it.
 """
 
 import ast
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flash_export import contract
-from flash_export.cli import main
+from flash_export.cli.main import main
+from flash_export.core import contract
 
-PACKAGE = Path(contract.__file__).resolve().parent
+PACKAGE = Path(contract.__file__).resolve().parent.parent  # flash_export/, every subpackage
 
 
 def _code_constants(path: Path) -> list:
@@ -35,8 +35,8 @@ def _code_constants(path: Path) -> list:
     return found
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in PACKAGE.glob("*.py")
-                                          if p.name != "contract.py"))
+@pytest.mark.parametrize("module", sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                                          if p != Path(contract.__file__).resolve()))
 def test_no_module_restates_the_domain_or_the_target_list(module: str) -> None:
     constants = _code_constants(PACKAGE / module)
     assert contract.DOMAIN not in constants, f"{module} spells the domain out"
@@ -45,7 +45,8 @@ def test_no_module_restates_the_domain_or_the_target_list(module: str) -> None:
 
 
 def test_every_consumer_offers_exactly_the_contracts_targets() -> None:
-    from flash_export import onnx_targets, runners
+    from flash_export.bench import runners
+    from flash_export.export import onnx_targets
 
     assert tuple(onnx_targets.TARGETS) == contract.TARGETS  # one implementation per name
     assert runners.ONNX_BACKENDS == contract.TARGETS
@@ -57,9 +58,9 @@ def test_every_consumer_offers_exactly_the_contracts_targets() -> None:
 
 
 def test_every_target_exports_a_graph_that_declares_the_contracts_domain(tmp_path) -> None:
-    from flash_export.attention import FlashAttention
-    from flash_export.onnx_export import export_onnx
-    from flash_export.safety import load_graph
+    from flash_export.artifacts.safety import load_graph
+    from flash_export.export.onnx import export_onnx
+    from flash_export.nn.attention import FlashAttention
 
     for target in contract.TARGETS:
         path = export_onnx(FlashAttention(16, 2, 4).eval(), tmp_path / f"{target}.onnx",

@@ -18,9 +18,9 @@ from helpers import check_against_reference
 from torch import Tensor, nn
 
 import flash_export
-import flash_export.attention
+import flash_export.nn.attention
 from flash_export import ConversionError, FlashAttention, convert, replace_attention
-from flash_export.conversion import FlashMultiheadAttention
+from flash_export.nn.conversion import FlashMultiheadAttention
 
 LENGTHS = [1, 7, 63, 65]
 E, H = 32, 4
@@ -241,13 +241,13 @@ def test_pytorch_fast_path_never_replaces_flash_attention(monkeypatch):
                  "_nested_tensor_from_mask"):
         counting(name)
     flash_calls = []
-    real_core = flash_export.attention.flash_attention_core
+    real_core = flash_export.nn.attention.flash_attention_core
 
     def core(*args: Any) -> Tensor:
         flash_calls.append(args[0].shape)
         return real_core(*args)
 
-    monkeypatch.setattr(flash_export.attention, "flash_attention_core", core)
+    monkeypatch.setattr(flash_export.nn.attention, "flash_attention_core", core)
     enc = _encoder(True)
     converted = convert(enc)
     x, pad = _seq(3, 9, True), _padding(3, 9)
@@ -282,7 +282,7 @@ def test_torch_export_runs_flash_attention_not_pytorch_attention():
 def test_torch_export_with_a_dynamic_sequence_length_matches_eager():
     # FlashAttention's chunk loop is Python, so tracing fixes the length; the ONNX exporter swaps
     # in its adapter (one opaque op per attention) to keep it dynamic, and so does this test.
-    from flash_export.onnx_targets import OnnxAttention
+    from flash_export.export.onnx_targets import OnnxAttention
 
     converted = convert(_encoder(True))
     adapted = replace_attention(converted, OnnxAttention).eval()
@@ -375,7 +375,7 @@ def test_flash_attention_model_comes_back_as_a_copy():
 
 
 def test_flash_export_convert_is_the_function_whatever_was_imported_first():
-    code = ("import flash_export.conversion, torch\n"
+    code = ("import flash_export.nn.conversion, torch\n"
             "from flash_export import convert\n"
             "m = convert(torch.nn.MultiheadAttention(8, 2), chunk_size=4)\n"
             "print(type(m).__name__, m.attention.chunk_size)\n")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flash_export import ModelSpec, export_torchscript
-from flash_export.io_spec import make_feed
-from flash_export.model_io import call, resolve_io
-from flash_export.tensor_io import read_tensor, write_tensor
+from flash_export.artifacts.tensor_io import read_tensor, write_tensor
+from flash_export.core.feeds import make_feed
+from flash_export.nn.model_io import call, resolve_io
 
 ROOT = Path(__file__).resolve().parents[1]
 

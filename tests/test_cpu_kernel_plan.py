@@ -88,7 +88,7 @@ def test_every_regime_matches_reference_on_every_path(isa: str) -> None:
         import json
         import numpy as np
         from _native_cases import check_output
-        from flash_export.native import NativeLibrary, Strided, attention, attention_params
+        from flash_export.runtime.native import NativeLibrary, Strided, attention, attention_params
         from flash_export.runtime import library_path
         lib = NativeLibrary(library_path())
         if lib.cpu_isa() != {isa!r}:  # this CPU cannot run the path: nothing to run
@@ -170,7 +170,7 @@ def test_float32_meets_flash_attention_rule_on_its_grid(
         import json
         import numpy as np
         from test_cpu_kernel_plan import FA_CASES, _fa_inputs
-        from flash_export.native import NativeLibrary, attention
+        from flash_export.runtime.native import NativeLibrary, attention
         from flash_export.runtime import library_path
         lib = NativeLibrary(library_path())
         if lib.cpu_isa() != {isa!r}:  # this CPU cannot run the path: nothing to run

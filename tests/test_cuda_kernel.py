@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from flash_export.native import NativeLibrary
 from flash_export.runtime import library_path
+from flash_export.runtime.native import NativeLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "custom_ops" / "core"
@@ -88,7 +88,7 @@ def test_exports_the_c_entry_points(cuda_library: str) -> None:
 
 STATUS_SCRIPT = """
 import json, sys
-from flash_export.native import AttentionParams, NativeLibrary
+from flash_export.runtime.native import AttentionParams, NativeLibrary
 
 lib = NativeLibrary(sys.argv[1])
 def status(**fields):
@@ -118,7 +118,7 @@ def test_statuses_before_any_device_work(cuda_library: str) -> None:
 
 NO_GPU_SCRIPT = """
 import json, sys
-from flash_export.native import AttentionParams, NativeLibrary
+from flash_export.runtime.native import AttentionParams, NativeLibrary
 
 lib = NativeLibrary(sys.argv[1])
 p = AttentionParams(batch=1, heads=1, head_dim=64, seq_q=4, seq_k=4, chunk_size=64, scale=1.0,
@@ -157,7 +157,7 @@ CORRECTNESS_SCRIPT = """
 import json, sys
 import torch
 import cuda_harness as h
-from flash_export.native import NativeLibrary
+from flash_export.runtime.native import NativeLibrary
 
 lib = NativeLibrary(sys.argv[1])
 torch.manual_seed(0)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flash_export.cli import main
-from flash_export.doctor import DoctorReport, _interpret, runtime_api_version
+from flash_export.check.doctor import DoctorReport, _interpret, runtime_api_version
+from flash_export.cli.main import main
 from flash_export.runtime import LIBRARY_ENV, library_path
 
 
@@ -31,16 +31,6 @@ def run_doctor(library=None, *args, cwd=None, env=None):
         env[LIBRARY_ENV] = str(library)
     return subprocess.run([*entry_point(), "doctor", *args], capture_output=True, text=True,
                           timeout=180, env=env, cwd=cwd)
-
-
-@pytest.fixture()
-def shadowing_folder(tmp_path: Path) -> Path:
-    """A folder holding another `flash_export` package, as a source clone does (its native
-    library unbuilt): a process that imports from it fails."""
-    (tmp_path / "flash_export").mkdir()
-    (tmp_path / "flash_export" / "__init__.py").write_text(
-        "raise ImportError('imported the flash_export folder of the current directory')\n")
-    return tmp_path
 
 
 def _system_library_without_entry_point(tmp_path: Path) -> Path:

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from flash_export.attention import FlashAttention
-from flash_export.attention_swap import reference_forward
-from flash_export.contract import TARGETS
-from flash_export.export import export_torchscript, load_torchscript
-from flash_export.onnx_export import export_onnx
+from flash_export.core.contract import TARGETS
+from flash_export.core.tolerance import compare, max_abs_error
+from flash_export.export.onnx import export_onnx
+from flash_export.export.torchscript import export_torchscript, load_torchscript
+from flash_export.nn.attention import FlashAttention
+from flash_export.nn.swap import reference_forward
 from flash_export.runtime import library_path
-from flash_export.tolerance import compare, max_abs_error
 
 EMBED, HEADS, CHUNK = 32, 4, 8
 ONNX_TARGETS = TARGETS  # every target the contract names

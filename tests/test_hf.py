@@ -30,7 +30,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 import flash_export.hf  # noqa: E402
-from flash_export.errors import ConversionError  # noqa: E402
+from flash_export.core.errors import ConversionError  # noqa: E402
 from flash_export.hf import IMPLEMENTATION, swap_attention  # noqa: E402
 from flash_export.hf.attention import attention_forward, attention_mask  # noqa: E402
 from flash_export.hf.reference import reference_model  # noqa: E402

@@ -23,7 +23,7 @@ from _hf_models import (  # noqa: E402
 from helpers import assert_matches_reference  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from flash_export.contract import DOMAIN, OP_NAME  # noqa: E402
+from flash_export.core.contract import DOMAIN, OP_NAME  # noqa: E402
 from flash_export.hf import swap_attention  # noqa: E402
 from flash_export.hf.onnx import export_swapped  # noqa: E402
 from flash_export.hf.reference import reference_model  # noqa: E402

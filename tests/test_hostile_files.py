@@ -21,15 +21,15 @@ import torch
 from click.testing import CliRunner
 from onnx import external_data_helper
 
-from flash_export import onnx_export
-from flash_export.attention import FlashAttention
-from flash_export.bench import BenchConfig, benchmark
-from flash_export.cli import main
-from flash_export.errors import ArtifactError, ExportError
-from flash_export.export import export_torchscript
-from flash_export.onnx_export import export_onnx
+from flash_export.bench.benchmark import BenchConfig, benchmark
+from flash_export.check.validate import validate
+from flash_export.cli.main import main
+from flash_export.core.errors import ArtifactError, ExportError
+from flash_export.export import onnx as onnx_export
+from flash_export.export.onnx import export_onnx
+from flash_export.export.torchscript import export_torchscript
+from flash_export.nn.attention import FlashAttention
 from flash_export.runtime import create_session
-from flash_export.validate import validate
 
 DATA = "weights.data"
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from flash_export.contract import TARGETS  # every target the contract names
+from flash_export.core.contract import TARGETS  # every target the contract names
 
 SEED = 20261127
 MUTANTS_PER_TARGET = 1000
@@ -91,7 +91,7 @@ def _one_line(exc: BaseException) -> bool:
 
 
 def _session_outcome(path: Path) -> str:
-    from flash_export.errors import FlashExportError
+    from flash_export.core.errors import FlashExportError
     from flash_export.runtime import create_session
 
     try:
@@ -119,8 +119,8 @@ def _category(message: str) -> str:
 
 
 def _validate_outcome(path: Path) -> str:
-    from flash_export.errors import FlashExportError
-    from flash_export.validate import validate
+    from flash_export.check.validate import validate
+    from flash_export.core.errors import FlashExportError
 
     try:
         report = validate(path, seq=[1], batch=[1])
@@ -215,8 +215,8 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """The seed corpus: one small export per target (embed 32, heads 4, chunk 8, with mask)."""
     import torch
 
-    from flash_export.attention import FlashAttention
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
+    from flash_export.nn.attention import FlashAttention
     from flash_export.runtime import library_path
 
     folder = tmp_path_factory.mktemp("fuzz_seeds")

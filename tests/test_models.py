@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flash_export import FlashAttention, ModelError, ModelSpec
-from flash_export.model_io import reference_outputs
+from flash_export.nn.model_io import reference_outputs
 
 ENCODER = "flash_export.models.encoder:build"
 USER_FILE = '''

@@ -1,7 +1,8 @@
 """The library's two ABIs, checked at compile time and against the built library.
 
 custom_ops/core/flash_export.h, its own C ABI: valid C and C++, declares exactly the symbols the
-library exports, and flash_export/native.py's ctypes mirror has its params layout field for field.
+library exports, and flash_export/runtime/native_abi.py's ctypes mirror has its params layout
+field for field.
 
 custom_ops/ort/ort_abi.h, its subset of onnxruntime's, against the official onnxruntime_c_api.h
 (compile-time static_asserts). The onnxruntime wheels ship no headers, so the official header
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from flash_export.native import AttentionOptions, AttentionParams, NativeLibrary, TensorDescriptor
 from flash_export.runtime import library_path
+from flash_export.runtime.native import NativeLibrary
+from flash_export.runtime.native_abi import AttentionOptions, AttentionParams, TensorDescriptor
 
 REPO = Path(__file__).resolve().parents[1]
 C_HEADER = REPO / "custom_ops" / "core" / "flash_export.h"

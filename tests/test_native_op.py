@@ -1,7 +1,7 @@
 """The native FlashAttention op (custom_ops/) through onnxruntime and through its C entry point.
 
 Every check compares with a float64 reference under the one tolerance rule
-(flash_export.tolerance.compare): max error at most max(the dtype's floor, 2 x the error of
+(flash_export.core.tolerance.compare): max error at most max(the dtype's floor, 2 x the error of
 PyTorch's own same-dtype computation), and no NaN where the reference is finite. A subprocess
 canary loads the library first, so a crash fails the tests instead of killing the run; invalid
 inputs and the per-ISA kernels are exercised in subprocesses only.
@@ -26,9 +26,9 @@ from _native_cases import check_output as _check
 from _native_cases import flash_node, model_bytes, reference_attention
 from onnx import TensorProto, helper
 
-from flash_export.native import NativeLibrary, Strided, attention, attention_params
+from flash_export.core.tolerance import max_abs_error
 from flash_export.runtime import library_path
-from flash_export.tolerance import max_abs_error
+from flash_export.runtime.native import NativeLibrary, Strided, attention, attention_params
 
 REPO = Path(__file__).resolve().parents[1]
 ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -396,7 +396,7 @@ BINDING_CASES: dict[str, tuple[str, str]] = {
 
 
 def _run_binding(*arrays: np.ndarray, num_heads: int, **attrs: Any) -> np.ndarray:
-    """`flash_export.native.attention` with _run_declared_as_fed's arguments (mask 4th)."""
+    """`flash_export.runtime.native.attention` with _run_declared_as_fed's arguments (mask 4th)."""
     lib = NativeLibrary(library_path())
     return attention(lib, *arrays[:3], num_heads, mask=arrays[3] if len(arrays) > 3 else None,
                      **attrs)
@@ -420,7 +420,7 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
     result = _subprocess("""
         import json, os
         import numpy as np
-        from flash_export.native import NativeLibrary, Strided, attention, attention_params
+        from flash_export.runtime.native import NativeLibrary, Strided, attention, attention_params
         from flash_export.runtime import library_path
         from test_native_op import _check, _qkv
         lib = NativeLibrary(library_path())
@@ -475,7 +475,7 @@ def test_every_cpu_path_matches_reference(isa: str) -> None:
         # keys (key 107 is visible from row 97; the plan says where the block ends: 96 rows on
         # AMX, 25 on the portable path, 50 rounded up to the vector width on the others), must
         # stay finite.
-        from flash_export.native import Strided, attention_params
+        from flash_export.runtime.native import Strided, attention_params
         q, k, v = _qkv(1, 100, 110, 128, np.float16)
         v[0, 107, 3] = np.nan
         out = attention(lib, q, k, v, 2, causal=True)
@@ -501,7 +501,7 @@ def test_bfloat16_core_matches_reference(isa: str) -> None:
         import torch
         from _native_cases import reference_attention
         from helpers import assert_matches_reference
-        from flash_export.native import NativeLibrary, Strided, attention, attention_params
+        from flash_export.runtime.native import NativeLibrary, Strided, attention, attention_params
         from flash_export.runtime import library_path
         lib = NativeLibrary(library_path())
         torch.manual_seed(0)
@@ -526,9 +526,9 @@ def test_bfloat16_core_matches_reference(isa: str) -> None:
 
 def test_build_info_is_json_and_states_the_contract() -> None:
     """The op the library registers (custom_ops/ort/flash_attention_op.h) is the one
-    flash_export.contract names; every other test here runs nodes of that domain, version and
+    flash_export.core.contract names; every other test here runs nodes of that domain, version and
     name, which proves that it registered them."""
-    from flash_export.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
+    from flash_export.core.contract import DOMAIN, DOMAIN_VERSION, OP_NAME
 
     info = NativeLibrary(library_path()).build_info()
     assert (info["op_domain"], info["op_name"], info["op_version"]) == (

@@ -1,4 +1,5 @@
-"""flash_export.oip without a server: request checks, answers, batching of a real session."""
+"""flash_export.serving.protocol without a server: request checks, answers, batching of a real
+session."""
 
 import json
 import struct
@@ -7,10 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from flash_export.errors import RequestError
-from flash_export.oip import DATATYPES, HEADER_LENGTH, Limits, OIPModel
-from flash_export.oip_batch import run_many
+from flash_export.core.errors import RequestError
 from flash_export.runtime import create_session, session_io
+from flash_export.serving.batching import run_many
+from flash_export.serving.limits import Limits
+from flash_export.serving.protocol import DATATYPES, HEADER_LENGTH, OIPModel
 
 E = 16
 LIMITS = Limits(max_body_bytes=1 << 20, max_batch=4, max_length=50, body_timeout_s=1.0)
@@ -19,7 +21,7 @@ LIMITS = Limits(max_body_bytes=1 << 20, max_batch=4, max_length=50, body_timeout
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     from flash_export import FlashAttention
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("oip") / "att.onnx"
     return export_onnx(FlashAttention(E, 2, 4).eval(), path, mask=True)
@@ -233,7 +235,7 @@ def test_an_answer_whose_shape_is_known_only_after_the_run_is_checked_before_enc
 
 
 def test_a_byte_count_is_ascii_digits_only():
-    from flash_export.oip_wire import byte_count
+    from flash_export.serving.wire import byte_count
 
     assert byte_count(" 42 ", 18) == 42
     for text in ("", "-1", "4 2", "1\u00b2", "\u0661\u0662", "1" * 19):

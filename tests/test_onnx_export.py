@@ -12,19 +12,15 @@ import pytest
 import torch
 from _service_check import SERVICE_CHECK  # a sibling module
 
-from flash_export import onnx_export
-from flash_export.attention import FlashAttention
-from flash_export.contract import DOMAIN_VERSION
-from flash_export.contract import TARGETS as CONTRACT_TARGETS
-from flash_export.errors import ExportError, ValidationError
-from flash_export.onnx_export import (
-    check_onnx_export,
-    default_opset,
-    export_onnx,
-    runtime_limits,
-)
+from flash_export.artifacts.safety import all_nodes
+from flash_export.check.export_check import check_onnx_export
+from flash_export.core.contract import DOMAIN_VERSION
+from flash_export.core.contract import TARGETS as CONTRACT_TARGETS
+from flash_export.core.errors import ExportError, ValidationError
+from flash_export.export import onnx as onnx_export
+from flash_export.export.onnx import default_opset, export_onnx, runtime_limits
+from flash_export.nn.attention import FlashAttention
 from flash_export.runtime import create_session, library_path
-from flash_export.safety import all_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,8 +224,8 @@ def test_bad_options_raise_export_error(tmp_path, models, kwargs, message):
 
 def test_composite_model_without_spec_records_none_and_validates_against_the_object(tmp_path,
                                                                                    models):
-    from flash_export.errors import ArtifactError
-    from flash_export.validate import validate
+    from flash_export.check.validate import validate
+    from flash_export.core.errors import ArtifactError
 
     model = models["encoder-causal-masked"]
     path = export_onnx(model, tmp_path / "x.onnx", target="standard")

@@ -28,10 +28,10 @@ from _native_cases import check_output_v2, flash_node
 from _native_cases import v2_call as arrays
 from onnx import helper
 
-from flash_export.contract import DOMAIN, NODE_INPUTS
-from flash_export.errors import ArtifactError, ExportError
+from flash_export.artifacts.safety import check_custom_nodes
+from flash_export.core.contract import DOMAIN, NODE_INPUTS
+from flash_export.core.errors import ArtifactError, ExportError
 from flash_export.runtime import library_path
-from flash_export.safety import check_custom_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_binding_matches_reference_on_every_cpu_path(isa: str) -> None:
     result = _subprocess("""
         import json
         import os
-        from flash_export.native import NativeLibrary, attention
+        from flash_export.runtime.native import NativeLibrary, attention
         from flash_export.runtime import library_path
         lib = NativeLibrary(library_path())
         print(json.dumps({"isa": lib.cpu_isa()}), flush=True)
@@ -190,7 +190,7 @@ class _CallsV2(torch.nn.Module):
 
 
 def _export(target: str, call: dict[str, Any]) -> Any:
-    from flash_export.onnx_targets import TARGETS
+    from flash_export.export.onnx_targets import TARGETS
 
     args = tuple(torch.from_numpy(x) for x in (call["q"], call["k"], call["v"],
                                                call["options"]["seqlens_k"]))
@@ -223,7 +223,7 @@ def test_custom_target_exports_a_v2_call_as_one_version_2_node(canary: None) -> 
 def test_other_targets_refuse_a_v2_call_and_a_v2_node_by_name() -> None:
     import onnx
 
-    from flash_export.onnx_guard import rewrite_as_attention23, rewrite_as_contrib
+    from flash_export.export.onnx_guard import rewrite_as_attention23, rewrite_as_contrib
 
     call = arrays(dict(b=1, h=8, hk=2, lq=1, lk=5, seqlens=(4,), hm=(True, True, True)),
                   np.float32)

@@ -1,4 +1,4 @@
-"""Artifact files (flash_export.artifact): kinds by suffix, SHA-256 of any bytes, manifests that
+"""Artifact files (flash_export.artifacts): kinds by suffix, SHA-256 of any bytes, manifests that
 accept exactly the versions written and ignore anything malformed, metadata read from an archive
 as data, and writes that are atomic and recorded in the trust store."""
 
@@ -15,24 +15,21 @@ from _strategies import DIGESTS
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flash_export.artifact import (
+from flash_export.artifacts.files import sha256_file, write_atomically
+from flash_export.artifacts.kinds import artifact_kind, require_kind
+from flash_export.artifacts.manifest import (
     MANIFEST_SUFFIX,
     ManifestEntry,
-    artifact_kind,
     atomic_write,
     current_entry,
     manifest_path,
     read_manifest,
-    read_metadata,
-    require_kind,
-    sha256_file,
-    torchscript_metadata,
     verify_manifest,
-    write_atomically,
     write_manifest,
 )
-from flash_export.errors import ArtifactError, ExportError
-from flash_export.trust import TRUST_STORE_ENV, is_trusted
+from flash_export.artifacts.metadata import read_metadata, torchscript_metadata
+from flash_export.artifacts.trust import TRUST_STORE_ENV, is_trusted
+from flash_export.core.errors import ArtifactError, ExportError
 
 KINDS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
          ".pt2": "pt2"}

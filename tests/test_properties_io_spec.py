@@ -1,7 +1,7 @@
-"""flash_export.io_spec's promises, for any spec: what make_feed generates check_feed accepts with
-the sizes it was made at; check_feed refuses every input that breaks one (a name, a dtype, a rank,
-a static dim, a size shared by two inputs, a size or a value past a bound, each at and beyond the
-boundary); to_json and from_json are inverses, and from_json refuses anything else with a
+"""flash_export.core.io_spec's promises, for any spec: what make_feed generates check_feed accepts
+with the sizes it was made at; check_feed refuses every input that breaks one (a name, a dtype, a
+rank, a static dim, a size shared by two inputs, a size or a value past a bound, each at and beyond
+the boundary); to_json and from_json are inverses, and from_json refuses anything else with a
 ValueError or TypeError (what recorded.py turns into ArtifactError)."""
 
 from __future__ import annotations
@@ -15,15 +15,9 @@ from _strategies import io_specs, shared_positions, sizes_within
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from flash_export.io_spec import (
-    IOSpec,
-    TensorSpec,
-    attention_io,
-    check_feed,
-    io_from_graph,
-    make_feed,
-    with_float_dtype,
-)
+from flash_export.core.feeds import check_feed, make_feed
+from flash_export.core.io_graph import io_from_graph
+from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io, with_float_dtype
 
 
 def _array(t: TensorSpec, shape) -> np.ndarray:

@@ -1,8 +1,8 @@
-"""The Open Inference Protocol's request checks and wire encoding (flash_export.oip, oip_wire),
-for any graph and any request: a valid request, JSON (flat or nested) or binary, parses to exactly
-the arrays sent; a body of exactly the limit is read and one byte more is a 413; every size is
-taken at its limit and refused past it; anything malformed is a RequestError (400 or 413), never
-another exception; tensors survive the wire both ways.
+"""The Open Inference Protocol's request checks and wire encoding (flash_export.serving.protocol,
+oip_wire), for any graph and any request: a valid request, JSON (flat or nested) or binary, parses
+to exactly the arrays sent; a body of exactly the limit is read and one byte more is a 413; every
+size is taken at its limit and refused past it; anything malformed is a RequestError (400 or 413),
+never another exception; tensors survive the wire both ways.
 
 The graphs are real onnxruntime sessions of one Identity node, built per IOSpec with onnx.helper
 (no torch, no export): parse checks requests against the IOSpec and the limits before anything
@@ -25,17 +25,18 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from flash_export.errors import RequestError
-from flash_export.io_spec import IOSpec, TensorSpec, attention_io, check_feed, make_feed
-from flash_export.oip import (
+from flash_export.core.errors import RequestError
+from flash_export.core.feeds import check_feed, make_feed
+from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io
+from flash_export.serving.artifact import model_name
+from flash_export.serving.limits import Limits
+from flash_export.serving.protocol import (
     DATATYPES,
     HEADER_LENGTH,
     InferRequest,
-    Limits,
     OIPModel,
-    model_name,
 )
-from flash_export.oip_wire import (
+from flash_export.serving.wire import (
     error_body,
     from_binary,
     from_json_data,
@@ -268,8 +269,8 @@ def test_a_graph_with_a_bounded_size_keeps_the_tighter_of_its_bound_and_the_limi
     assert model.sizes == {"batch": (2, 4), "seq": (1, 3)}
     rows = IOSpec((TensorSpec("x", "float32", ("rows", "seq")),),
                   sizes={"rows": (1, None), "seq": (1, None)}, batch="rows")  # declared batch
-    assert _model(rows, Limits(max_batch=4, max_length=9)).sizes == {"rows": (1, 4),
-                                                                     "seq": (1, 9)}
+    model = OIPModel("m", _session(rows.to_json()), rows, Limits(max_batch=4, max_length=9))
+    assert model.sizes == {"rows": (1, 4), "seq": (1, 9)}
 
 
 # ------------------------------------------------------------------ malformed requests

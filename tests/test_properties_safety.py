@@ -1,8 +1,8 @@
-"""The checks on untrusted ONNX files (flash_export.safety), on graphs built here with onnx.helper
-(no torch, no export): every external-data reference that leaves the model's folder, goes through
-a link, names a non-regular or hard-linked file, reads past its end or is not the data the graph
-was exported with is refused with an ArtifactError naming the tensor, wherever the tensor sits
-(initializer, sparse initializer, node attribute, subgraph, function); every FlashAttention
+"""The checks on untrusted ONNX files (flash_export.artifacts.safety), on graphs built here with
+onnx.helper (no torch, no export): every external-data reference that leaves the model's folder,
+goes through a link, names a non-regular or hard-linked file, reads past its end or is not the data
+the graph was exported with is refused with an ArtifactError naming the tensor, wherever the tensor
+sits (initializer, sparse initializer, node attribute, subgraph, function); every FlashAttention
 node's attributes are checked by name and type."""
 
 from __future__ import annotations
@@ -19,18 +19,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from flash_export.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
-from flash_export.errors import ArtifactError
-from flash_export.safety import (
+from flash_export.artifacts.external_data import (
     EXTERNAL_DATA_KEY,
+    check_external_location,
+    model_tensors,
+)
+from flash_export.artifacts.safety import (
     all_nodes,
     check_custom_nodes,
-    check_external_location,
     check_onnx_file,
     load_graph,
-    model_tensors,
     open_onnx,
 )
+from flash_export.core.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
+from flash_export.core.errors import ArtifactError
 
 WEIGHTS = np.arange(16, dtype=np.float32)
 

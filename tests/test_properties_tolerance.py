@@ -1,4 +1,4 @@
-"""The one tolerance rule (flash_export.tolerance) for any arrays: the bound is max(floor x
+"""The one tolerance rule (flash_export.core.tolerance) for any arrays: the bound is max(floor x
 max(1, the reference's largest finite magnitude), 2 x baseline); an output passes exactly when
 its max error is within it and it holds no NaN or infinity where the reference is finite; every
 statistic is what its name says; the atol/rtol rule judges each element."""
@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flash_export.tolerance import FLOORS, compare, max_abs_error, tolerance_bound
+from flash_export.core.tolerance import FLOORS, compare, max_abs_error, tolerance_bound
 
 DTYPES = st.sampled_from(sorted(FLOORS) + ["int8"])
 FINITE = st.floats(-1e3, 1e3, allow_nan=False, width=64)

@@ -1,6 +1,6 @@
-"""The trust store and provenance (flash_export.trust): a digest is trusted exactly when it was
-recorded, never because it shares a prefix, a suffix or all but one digit with a recorded one;
-anything that is not a lower-case hex SHA-256 is neither recorded nor trusted; provenance takes
+"""The trust store and provenance (flash_export.artifacts.trust): a digest is trusted exactly when
+it was recorded, never because it shares a prefix, a suffix or all but one digit with a recorded
+one; anything that is not a lower-case hex SHA-256 is neither recorded nor trusted; provenance takes
 the user's stated hash first, then the store, then --trust, and refuses the rest."""
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from _strategies import DIGESTS, HEX
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from flash_export.errors import ArtifactError
-from flash_export.trust import (
+from flash_export.artifacts.trust import (
     TRUST_STORE_ENV,
     Provenance,
     is_trusted,
@@ -24,6 +23,7 @@ from flash_export.trust import (
     require_provenance,
     trust_store,
 )
+from flash_export.core.errors import ArtifactError
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ import zipfile
 import pytest
 import torch
 
-from flash_export.artifact import artifact_kind, read_metadata, verify_manifest
-from flash_export.bench import BenchConfig, benchmark
-from flash_export.errors import ArtifactError, ExportError
-from flash_export.pt2_export import export_pt2, load_pt2
-from flash_export.validate import validate
+from flash_export.artifacts.kinds import artifact_kind
+from flash_export.artifacts.manifest import verify_manifest
+from flash_export.artifacts.metadata import read_metadata
+from flash_export.bench.benchmark import BenchConfig, benchmark
+from flash_export.check.validate import validate
+from flash_export.core.errors import ArtifactError, ExportError
+from flash_export.export.pt2 import export_pt2, load_pt2
 
 
 def test_package_records_metadata_as_data_and_for_cpp(pt2_package):
@@ -35,7 +37,7 @@ def test_package_records_metadata_as_data_and_for_cpp(pt2_package):
 def test_the_package_runs_in_the_models_order_positionally_or_by_name(pt2_package):
     """Torch's own runner takes the inputs positionally in the model's order (values, keys,
     queries, mask), as the module does; `load_pt2`'s callable takes them either way. (A fresh
-    process that only imports flash_export.torch_op before torch's loader: test_readme.py runs
+    process that only imports flash_export.nn.torch_op before torch's loader: test_readme.py runs
     the README's block.)"""
     path, spec = pt2_package
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ RUNTIME_MARKERS = ("flash_export.runtime", "onnxruntime")
 def demo_folder(tmp_path_factory):
     """A folder holding what `make demo` writes first: out/flash_attention.onnx (custom target)."""
     from flash_export import FlashAttention
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("readme")
     (folder / "out").mkdir()
@@ -145,7 +145,8 @@ def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
     """Its first Python block, then its commands: a zoo model compiled to .pt2 from the CLI (a
     real subprocess of the entry point, saying what it does while g++ runs) and validated at
     lengths it was not exported at; then the block that loads that package in a fresh process
-    with torch's loader after `import flash_export.torch_op`, positionally, and with `load_pt2`."""
+    with torch's loader after `import flash_export.torch_op`, positionally, and with
+    `load_pt2`."""
     section = _section((ROOT / "README.md").read_text(), "Which artifact? TorchScript, native, "
                        "`.pt2` or ONNX")
     python, load = _python_blocks(section)
@@ -171,7 +172,7 @@ def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
     assert blocks and "swap_attention" in blocks[0]
     for block in blocks:
         _run(block, tmp_path)
-    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+    assert (tmp_path / "out" / "tiny-llama" / "config.json").is_file()
 
 
 def test_op_contract_v2_section_runs_verbatim(tmp_path):

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from flash_export import convert
-from flash_export.errors import ExportError
-from flash_export.onnx_export import export_onnx
+from flash_export.core.errors import ExportError
+from flash_export.core.tolerance import compare, max_abs_error
+from flash_export.export.onnx import export_onnx
 from flash_export.runtime import create_session, library_path
-from flash_export.tolerance import compare, max_abs_error
 
 E, H = 32, 4
 
@@ -133,7 +133,7 @@ class _TwoHeads(nn.Module):
 
 
 def test_several_outputs_are_named_exported_and_each_validated(tmp_path: Path) -> None:
-    from flash_export.validate import validate
+    from flash_export.check.validate import validate
 
     model = _TwoHeads().eval()
     path = export_onnx(model, tmp_path / "two.onnx", target="standard",
@@ -146,9 +146,9 @@ def test_several_outputs_are_named_exported_and_each_validated(tmp_path: Path) -
 
 
 def test_a_zoo_model_validates_as_torchscript_too(tmp_path: Path) -> None:
-    from flash_export.export import export_torchscript
-    from flash_export.spec import ModelSpec
-    from flash_export.validate import validate
+    from flash_export.check.validate import validate
+    from flash_export.export.torchscript import export_torchscript
+    from flash_export.nn.spec import ModelSpec
 
     spec = ModelSpec(embed=32, heads=4, chunk=8, model="flash_export.models.bert:build")
     path = export_torchscript(spec.build(), tmp_path / "bert.pt", spec=spec)

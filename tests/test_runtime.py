@@ -12,9 +12,14 @@ import pytest
 from _service_check import SERVICE_CHECK  # a sibling module
 from onnx import TensorProto, helper
 
-from flash_export import runtime
-from flash_export.errors import ArtifactError, RuntimeLibraryError
-from flash_export.runtime import create_session, library_path, model_domains, session_options
+from flash_export.core.errors import ArtifactError, RuntimeLibraryError
+from flash_export.runtime import (
+    create_session,
+    library_path,
+    model_domains,
+    session_options,
+    sessions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 E = 16
@@ -56,7 +61,7 @@ def custom_graph(tmp_path):
 @pytest.fixture()
 def registrations(monkeypatch):
     calls = []
-    monkeypatch.setattr(runtime, "register_library", lambda so, path=None: calls.append(so))
+    monkeypatch.setattr(sessions, "register_library", lambda so, path=None: calls.append(so))
     return calls
 
 

@@ -37,7 +37,7 @@ def _worker(library: str, chunk_size: int) -> None:
     """One forward at SEQ_K keys; prints peak and residual RSS growth (MiB) as JSON."""
     import numpy as np
 
-    from flash_export.native import NativeLibrary, attention
+    from flash_export.runtime.native import NativeLibrary, attention
 
     lib = NativeLibrary(library)
     rng = np.random.default_rng(0)

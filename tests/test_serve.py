@@ -27,8 +27,8 @@ httpclient = pytest.importorskip("tritonclient.http",
 
 from _serving import serving  # noqa: E402  (a sibling module)
 
-from flash_export.oip import Limits  # noqa: E402
 from flash_export.runtime import create_session  # noqa: E402
+from flash_export.serving.limits import Limits  # noqa: E402
 
 E, HEADS, CHUNK = 32, 4, 8
 LIMITS = Limits(max_body_bytes=1 << 20, max_batch=4, max_length=96, body_timeout_s=2.0)
@@ -46,7 +46,7 @@ def graph(tmp_path_factory) -> Path:
     import torch
 
     from flash_export import FlashAttention
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)  # the same weights whichever tests ran before in this process
@@ -252,7 +252,7 @@ def _post(path: str, body: bytes, *, headers: str = "", length=None) -> bytes:
 
 
 def _json_request(feed: dict, *, datatype=None) -> dict:
-    from flash_export.oip import DATATYPES
+    from flash_export.serving.protocol import DATATYPES
 
     return {"inputs": [{"name": n, "shape": list(v.shape),
                         "datatype": (datatype or {}).get(n, DATATYPES[v.dtype.name]),

@@ -1,7 +1,7 @@
 """`flash-export serve --max-body-mib` at its exact value, in the replica's body reader: a body of
 exactly the limit is read, one byte more is a 413, whether the client declares a Content-Length
-or streams the body in chunks without one. (flash_export.oip's own check of the whole body is in
-test_properties_oip.py.)
+or streams the body in chunks without one. (flash_export.serving.protocol's own check of the whole
+body is in test_properties_oip.py.)
 
 The reader runs in a real OIPDeployment (an onnxruntime session of a one-node graph) on real
 starlette requests fed through the ASGI receive channel, without a Ray cluster: the limit is
@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from flash_export.errors import RequestError
-from flash_export.io_spec import attention_io
-from flash_export.oip import Limits
+from flash_export.core.errors import RequestError
+from flash_export.core.io_spec import attention_io
+from flash_export.serving.limits import Limits
 
 pytest.importorskip("ray.serve", reason="the serve extra (Ray Serve) is not installed")
 starlette_requests = pytest.importorskip("starlette.requests")
@@ -28,7 +28,7 @@ LIMIT = 4096
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from flash_export.serve import OIPDeployment
+    from flash_export.serving.ray_serve import OIPDeployment
 
     io = attention_io(4, mask=True)
     types = {"float32": TensorProto.FLOAT, "bool": TensorProto.BOOL}

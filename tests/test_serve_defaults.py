@@ -25,8 +25,8 @@ from _batch_models import export_all, feed  # noqa: E402  (sibling modules)
 from _serving import serving  # noqa: E402
 from test_serve import _free_port  # noqa: E402
 
-from flash_export.oip import DATATYPES  # noqa: E402
 from flash_export.runtime import create_session  # noqa: E402
+from flash_export.serving.protocol import DATATYPES  # noqa: E402
 
 NAME = "both"
 INFER = f"/v2/models/{NAME}/infer"

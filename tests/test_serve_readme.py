@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_readme_serve_example_runs_verbatim(tmp_path):
     """The Serving section's command and client, as typed."""
     from flash_export import FlashAttention
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Serving: `flash-export serve`"):]

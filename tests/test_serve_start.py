@@ -25,7 +25,7 @@ pytest.importorskip("ray", reason="the serve extra (ray[serve]) is not installed
 
 from test_serve import _free_port  # noqa: E402  (a sibling module)
 
-from flash_export.cli import main  # noqa: E402
+from flash_export.cli.main import main  # noqa: E402
 
 # Both sides of the joined cluster agree on no token (Ray's default makes a joining process
 # look for the token where the cluster wrote it).
@@ -74,7 +74,7 @@ def graph(tmp_path_factory) -> Path:
 
 def test_a_torchscript_file_is_named_as_one_with_what_to_do(tmp_path):
     from flash_export import FlashAttention
-    from flash_export.export import export_torchscript
+    from flash_export.export.torchscript import export_torchscript
 
     archive = export_torchscript(FlashAttention(16, 2, 4).eval(), tmp_path / "fa.pt")
     run = CliRunner().invoke(main, ["serve", str(archive)])

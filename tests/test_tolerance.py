@@ -1,10 +1,10 @@
-"""The shared tolerance rule (flash_export/tolerance.py), used by the tests and `validate`."""
+"""The shared tolerance rule (flash_export/core/tolerance.py), used by the tests and `validate`."""
 
 import numpy as np
 import pytest
 
-from flash_export.spec import ModelSpec
-from flash_export.tolerance import compare, max_abs_error, tolerance_bound
+from flash_export.core.tolerance import compare, max_abs_error, tolerance_bound
+from flash_export.nn.spec import ModelSpec
 
 
 def test_bound_is_twice_the_baseline_with_a_per_dtype_floor():

@@ -19,9 +19,10 @@ import torch
 from helpers import assert_matches_reference, core_reference
 
 from flash_export import FlashAttention, ModelSpec, reference_forward
-from flash_export.attention_swap import with_attention
-from flash_export.export import export_torchscript, load_torchscript, quiet_jit_deprecation
-from flash_export.torch_op import SCHEMA, SCHEMA_V2, register
+from flash_export.export.prepare import quiet_jit_deprecation
+from flash_export.export.torchscript import export_torchscript, load_torchscript
+from flash_export.nn.swap import with_attention
+from flash_export.nn.torch_op import SCHEMA, SCHEMA_V2, register
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,7 @@ def test_torch_export_and_compile_see_one_op_with_dynamic_lengths():
 
 
 def test_torchscript_native_archive_records_its_needs_and_validates(tmp_path):
-    from flash_export.validate import validate
+    from flash_export.check.validate import validate
 
     spec = ModelSpec(embed=32, heads=4, chunk=8, causal=True)
     path = export_torchscript(spec.build(), tmp_path / "native.pt", spec=spec, attention="native")
@@ -230,7 +231,7 @@ def test_torchscript_native_archive_records_its_needs_and_validates(tmp_path):
 
 
 def test_bench_exports_and_times_torchscript_native_on_the_fly():
-    from flash_export.bench import BenchConfig, benchmark
+    from flash_export.bench.benchmark import BenchConfig, benchmark
 
     report = benchmark(spec=ModelSpec(embed=32, heads=4, chunk=8), config=BenchConfig(
         seqs=(9,), backends=("torchscript-native", "native"), iters=2, warmup=1, memory=False))
@@ -255,7 +256,7 @@ def test_python_keeps_a_shim_loaded_first_and_adds_only_fake_and_autograd(shim_l
     run = _python(f"""
 import torch
 torch.ops.load_library({str(shim_library)!r})
-from flash_export.torch_op import register
+from flash_export.nn.torch_op import register
 from flash_export import FlashAttention
 register()
 m = FlashAttention(32, 4, 8, causal=True, attention="native").eval()
@@ -273,7 +274,7 @@ with torch.no_grad():
 _TEAM_RUN = """
 import sys, torch
 {load}
-from flash_export.torch_op import register
+from flash_export.nn.torch_op import register
 register()
 torch.set_num_threads(2)
 a = torch.randn(256, 256)
@@ -337,7 +338,7 @@ SHARED_FAULTS = {
 _FAULT_RUN = """
 import json, torch
 {load}
-from flash_export.torch_op import register
+from flash_export.nn.torch_op import register
 register()
 q, k, v = (torch.randn(2, n, 32) for n in (5, 6, 6))
 said = {{}}
@@ -370,7 +371,7 @@ def test_the_shim_refuses_what_the_python_kernel_refuses_in_its_words(shim_libra
 def test_the_shim_refuses_to_load_after_the_python_registration(shim_library):
     run = _python(f"""
 import torch
-from flash_export.torch_op import register
+from flash_export.nn.torch_op import register
 register()
 torch.ops.load_library({str(shim_library)!r})
 """)

@@ -18,7 +18,8 @@ from flash_export import (
     ModelSpec,
     export_torchscript,
 )
-from flash_export.export import METADATA_FILE, load_torchscript
+from flash_export.artifacts.metadata import METADATA_FILE
+from flash_export.export.torchscript import load_torchscript
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from flash_export import onnx_export
-from flash_export.cli import main
-from flash_export.errors import ExportError
+from flash_export.cli.main import main
+from flash_export.core.errors import ExportError
+from flash_export.export import onnx as onnx_export
 from flash_export.runtime import create_session
-from flash_export.triton import TritonConfig, write_repository
+from flash_export.serving.triton import TritonConfig, write_repository
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient (dev extra) is not installed")
@@ -118,7 +118,7 @@ def _transpose_graph(path: Path, io) -> Path:
 def test_triton_batches_only_a_declared_batch_at_axis_0_of_every_tensor(graphs, tmp_path):
     """Triton joins requests on axis 0: a (L, B, E) output, or a batch nobody declared, must
     get max_batch_size 0 (the issue: 8 and dynamic batching for both)."""
-    from flash_export.io_spec import IOSpec, TensorSpec
+    from flash_export.core.io_spec import IOSpec, TensorSpec
 
     declared = IOSpec((TensorSpec("x", "float32", ("batch", "seq", E)),), ("output",),
                       {"batch": (1, None), "seq": (1, None)}, batch="batch")

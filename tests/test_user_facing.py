@@ -14,22 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flash_export import FlashAttention, install
-from flash_export.cli import main
-from flash_export.errors import ExportError, summary
-from flash_export.onnx_export import export_onnx
+from flash_export import FlashAttention
+from flash_export.cli.main import main
+from flash_export.core import install
+from flash_export.core.errors import ExportError, summary
+from flash_export.export.onnx import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def shadowing_folder(tmp_path: Path) -> Path:
-    """A folder holding another `flash_export` package, as a source clone does (its native
-    library unbuilt): a process that imports from it fails."""
-    (tmp_path / "flash_export").mkdir()
-    (tmp_path / "flash_export" / "__init__.py").write_text(
-        "raise ImportError('imported the flash_export folder of the current directory')\n")
-    return tmp_path
 
 
 # --------------------------------------------------------------------------- finding 14
@@ -42,17 +33,17 @@ def test_module_commands_import_the_installed_package_not_the_current_folder(
     the doctor's probe module prints its usage, not the shadow's ImportError."""
     if python == "3.10":
         monkeypatch.setattr(sys, "version_info", (3, 10, 0))
-    run = subprocess.run(install.module_command("flash_export.doctor"), capture_output=True,
+    run = subprocess.run(install.module_command("flash_export.check.doctor"), capture_output=True,
                          text=True, cwd=shadowing_folder, timeout=60)
     assert run.returncode == 2, run.stderr
-    assert "usage: python -m flash_export.doctor --probe LIBRARY" in run.stderr
+    assert "usage: python -m flash_export.check.doctor --probe LIBRARY" in run.stderr
 
 
 def test_the_bench_memory_worker_runs_from_a_folder_that_shadows_the_package(
         shadowing_folder, monkeypatch):
-    from flash_export.doctor import _tiny_model
-    from flash_export.runners import Job
-    from flash_export.timing import measure_memory
+    from flash_export.bench.memory import measure_memory
+    from flash_export.bench.runners import Job
+    from flash_export.check.doctor import _tiny_model
 
     graph = shadowing_folder / "tiny.onnx"
     onnx.save(_tiny_model(), str(graph))
@@ -81,7 +72,7 @@ def test_weights_holding_a_whole_pickled_model_say_to_save_its_state_dict(tmp_pa
                                        str(tmp_path / "m.onnx")])
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()
-    assert "holds a pickled flash_export.attention.FlashAttention, not a state dict" in line
+    assert "holds a pickled flash_export.nn.attention.FlashAttention, not a state dict" in line
     assert line.endswith("save the weights with torch.save(model.state_dict(), PATH) and pass "
                          "that file"), line
     assert "Weights only load failed" not in line
@@ -104,8 +95,8 @@ def test_a_misspelt_zoo_model_lists_the_zoo(tmp_path):
 
 def _readme_outputs() -> list:
     """Every file name the README's commands and code write or read (the suffixes flash-export
-    writes, and what --json, --csv, --plot and `triton` name), and the manifest beside each
-    artifact."""
+    writes, what --json, --csv, --plot and `triton` name, and transformers' `save_pretrained`
+    folders), and the manifest beside each artifact."""
     text = (ROOT / "README.md").read_text()
     code = re.findall(r"```(?:bash|python)\n(.*?)```", text, flags=re.S)
     code += [s for s in re.findall(r"`([^`\n]+)`", text) if s.startswith("flash-export ")]
@@ -117,6 +108,7 @@ def _readme_outputs() -> list:
             block))
         names.update(m.group(1) for m in re.finditer(r"--(?:json|csv|plot) (\S+)", block))
         names.update(m.group(1) for m in re.finditer(r"flash-export triton \S+ (\S+)", block))
+        names.update(m.group(1) for m in re.finditer(r"save_pretrained\(\"([^\"]+)\"\)", block))
     names = {n for n in names if n != "-" and not n.isupper()}  # REPO_DIR: a placeholder
     artifacts = {n + ".manifest.json" for n in names if n.endswith((".onnx", ".pt", ".pt2"))}
     return sorted(names | artifacts)

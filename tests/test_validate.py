@@ -13,17 +13,17 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from flash_export.cli import main
-from flash_export.export import export_torchscript
+from flash_export.check.validate import default_seqs, sweep, validate
+from flash_export.cli.main import main
+from flash_export.export.torchscript import export_torchscript
+from flash_export.nn.spec import ModelSpec
 from flash_export.runtime import library_path
-from flash_export.spec import ModelSpec
-from flash_export.validate import default_seqs, sweep, validate
 
 SPEC = ModelSpec(embed=32, heads=4, chunk=8, seed=3)
 SMALL = ["--seq", "1,7,9", "--batch", "1,2"]
 
 try:
-    from flash_export.onnx_export import export_onnx
+    from flash_export.export.onnx import export_onnx
 except ImportError as exc:  # the ONNX exporter is optional in a partial checkout
     export_onnx = None
     ONNX_EXPORT_ERROR = str(exc)
@@ -31,7 +31,7 @@ else:
     ONNX_EXPORT_ERROR = ""
 
 needs_onnx_export = pytest.mark.skipif(export_onnx is None,
-                                       reason=f"flash_export.onnx_export unavailable: "
+                                       reason=f"flash_export.export.onnx unavailable: "
                                               f"{ONNX_EXPORT_ERROR}")
 needs_library = pytest.mark.skipif(not Path(library_path()).is_file(),
                                    reason=f"native library not built at {library_path()}")
@@ -58,7 +58,7 @@ def artifacts(tmp_path_factory):
             path = export_torchscript(SPEC.build(), root / "model.pt", spec=SPEC)
         else:
             if export_onnx is None:
-                pytest.skip(f"flash_export.onnx_export unavailable: {ONNX_EXPORT_ERROR}")
+                pytest.skip(f"flash_export.export.onnx unavailable: {ONNX_EXPORT_ERROR}")
             target, _, variant = name.partition("-")
             path = export_onnx(SPEC.build(), root / f"{name}.onnx", target=target, spec=SPEC,
                                mask=variant == "mask", static_shapes=variant == "static")
@@ -151,7 +151,7 @@ def _wrong_chunk(src: Path, dst: Path) -> None:
 
 def _claim_dynamic(src: Path, dst: Path) -> None:
     """A graph specialised to one size whose metadata claims the usual dynamic dims."""
-    from flash_export.io_spec import attention_io
+    from flash_export.core.io_spec import attention_io
 
     model = onnx.load(str(src))
     for prop in model.metadata_props:

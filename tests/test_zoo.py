@@ -10,14 +10,14 @@ from typing import Dict, Tuple
 import pytest
 from _service_check import SERVICE_CHECK  # a sibling module
 
-from flash_export.bench import BenchConfig, benchmark
-from flash_export.io_spec import IOSpec
-from flash_export.model_io import resolve_io
+from flash_export.bench.benchmark import BenchConfig, benchmark
+from flash_export.check.validate import validate
+from flash_export.core.io_spec import IOSpec
+from flash_export.export.onnx import export_onnx
 from flash_export.models import ZOO
-from flash_export.onnx_export import export_onnx
+from flash_export.nn.model_io import resolve_io
+from flash_export.nn.spec import ModelSpec
 from flash_export.runtime import library_path
-from flash_export.spec import ModelSpec
-from flash_export.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("custom", "standard")

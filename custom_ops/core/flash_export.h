@@ -1,7 +1,7 @@
 /* The C ABI of libflash_export.so: every symbol it exports except RegisterCustomOps, whose
  * signature is onnxruntime's (custom_ops/ort/register.cc). For callers without onnxruntime: C and
- * C++ programs, and ctypes (flash_export/native.py mirrors this file). Valid C99 and C++17; knows
- * nothing of torch or onnxruntime.
+ * C++ programs, and ctypes (flash_export/runtime/native_abi.py mirrors this file). Valid C99 and
+ * C++17; knows nothing of torch or onnxruntime.
  *
  * FlashExportAttentionParams is the params struct of the kernel core itself (flash_attention.h
  * names it flash_export::AttentionParams), so there is no second layout to keep in step on this
@@ -11,7 +11,7 @@
  * every field.
  *
  * Contract versions. The op's contract v2 (the ONNX node com.flash_export::FlashAttention at domain
- * version 2, flash_export/contract.py) added grouped-query heads, head-major layouts, seqlens_k, a
+ * version 2, flash_export/core/contract.py) added grouped-query heads, head-major layouts, seqlens_k, a
  * sliding window, an additive bias, a softcap and Dv != D. This header grew with it only by
  * additions: new fields at the ends of the structs (their zeros keep the v1 behaviour), new
  * entry points (flash_export_attention_params_v2, flash_export_inputs_size) and FLASH_EXPORT_INT32;

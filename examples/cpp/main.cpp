@@ -10,7 +10,7 @@
 //
 // An attention model takes VALUES KEYS QUERIES [MASK]; a language model its token ids; any model
 // its forward's tensors, as its IOSpec lists them. Tensor file format (little-endian), written by
-// flash_export.tensor_io: 8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool,
+// flash_export.artifacts.tensor_io: 8 bytes magic "FETENSOR", int64 dtype (0 = float32, 1 = bool,
 // 2 = int64), int64 rank, int64 dims[rank], then the elements in row-major order.
 #include <dlfcn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>

@@ -5,7 +5,7 @@
 
 Owns the attention and mask functions registered in transformers' `AttentionInterface` and
 `AttentionMaskInterface` (`attention`), and the swap that switches a model to them or refuses it
-by name (`swap`). May import torch, transformers, `flash_export.torch_op` (the kernel as the op
+by name (`swap`). May import torch, transformers, `flash_export.nn.torch_op` (the kernel as the op
 `flash_export::attention`) and the core modules (contract, errors, tolerance); the exporters,
 checks and CLI build on it, never the other way. Needs the `hf` extra:
 ``pip install 'flash-export[hf]'``.

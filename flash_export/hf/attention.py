@@ -8,7 +8,7 @@ Registering only the first drops padding silently (an unregistered mask name get
 containing it as a FlashAttention-2/3 request).
 
 How a mask reaches the kernel (`flash_export::attention` takes a bool mask broadcastable to
-(B, H, Lq, Lk) plus a bottom-right `causal` flag; `flash_export.contract`). What our mask
+(B, H, Lq, Lk) plus a bottom-right `causal` flag; `flash_export.core.contract`). What our mask
 function returns, and what the attention function makes of it:
 
 - ``None``: no mask; causal as the layer says (`is_causal` argument, else `module.is_causal`),
@@ -44,14 +44,14 @@ from transformers.masking_utils import (
 )
 from transformers.utils.import_utils import is_tracing
 
-from flash_export.errors import ConversionError
+from flash_export.core.errors import ConversionError
 
 # The name both functions are registered under (`config._attn_implementation`). Never "flash"
 # in it: transformers would take it for FlashAttention-2/3 and fail to build the model.
 IMPLEMENTATION = "fe_native"
 # Keys per online-softmax step of the kernel (the op's and the ONNX node's `chunk_size`).
 CHUNK_SIZE = 64
-# Element types the kernel computes in (flash_export.torch_op).
+# Element types the kernel computes in (flash_export.nn.torch_op).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
@@ -65,7 +65,7 @@ def register() -> None:
         RuntimeLibraryError: the native library cannot be loaded.
     """
     global _registered
-    from flash_export.torch_op import register as register_op
+    from flash_export.nn.torch_op import register as register_op
 
     with _lock:
         if _registered:

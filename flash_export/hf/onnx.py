@@ -2,10 +2,10 @@
 
 A swapped model calls the op `flash_export::attention` (`flash_export.hf.attention`), which
 `torch.onnx.export(dynamo=True)` keeps as one call per layer; `translations()` turns each call
-into one ``com.flash_export::FlashAttention`` node (the contract of `flash_export.contract`),
+into one ``com.flash_export::FlashAttention`` node (the contract of `flash_export.core.contract`),
 with or without its mask input, through the custom target's own node functions in
-`flash_export.onnx_targets`. FlashAttention models reach that node through their own opaque op
-(`OnnxAttention`); this table is for the registered op, which transformers models (and `.pt2`
+`flash_export.export.onnx_targets`. FlashAttention models reach that node through their own opaque
+op (`OnnxAttention`); this table is for the registered op, which transformers models (and `.pt2`
 packages) call.
 
 A prototype (issue 27, phase A): `export_swapped` writes a swapped model's forward to a file
@@ -24,9 +24,9 @@ from onnxscript import BOOL
 from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
 from torch import nn
 
-from flash_export.errors import ExportError, summary
-from flash_export.onnx_targets import _custom_node, _custom_node_masked
-from flash_export.opsets import choose_opset, ir_version_for
+from flash_export.core.errors import ExportError, summary
+from flash_export.export.onnx_targets import _custom_node, _custom_node_masked
+from flash_export.export.opsets import choose_opset, ir_version_for
 
 
 def flash_attention_node(query: TFloat, key: TFloat, value: TFloat, mask: Optional[BOOL] = None,
@@ -46,7 +46,7 @@ def flash_attention_node(query: TFloat, key: TFloat, value: TFloat, mask: Option
 
 def translations() -> Dict[Any, Any]:
     """The exporter's custom translation table for the registered op (registering it first)."""
-    from flash_export.torch_op import register
+    from flash_export.nn.torch_op import register
 
     register()
     return {torch.ops.flash_export.attention.default: flash_attention_node}

@@ -6,7 +6,7 @@ computes its probabilities in float32, and the padded query rows of a left-padde
 key blocked by `finfo(float64).min`, -inf once in float32) become NaN, which the next layer's
 values carry into every row. `reference_model` registers the eager computation with the eager
 masks under its own name, softmax in the input dtype, and switches a float64 copy to it: the
-reference flash_export's float32 results are held to (`flash_export.tolerance`).
+reference flash_export's float32 results are held to (`flash_export.core.tolerance`).
 """
 
 import copy

@@ -19,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from flash_export.errors import ConversionError
+from flash_export.core.errors import ConversionError
 from flash_export.hf.attention import (
     IMPLEMENTATION,
     POSITION_BIAS,

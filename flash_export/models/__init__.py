@@ -9,6 +9,7 @@ Use one with `--model flash_export.models.NAME:build` (no file needed after `pip
 
 Every factory takes `embed_size`, `heads`, `chunk_size` and `causal` (what `ModelSpec` passes)
 plus its own keyword options, and every model declares its inputs with `io_spec()`.
+May import `nn` and `core`; the exporters, checks and CLI build on it.
 """
 
 ZOO = ("gpt", "bert", "vit", "encoder")

@@ -7,7 +7,7 @@ real token.
 
 from torch import Tensor, nn
 
-from flash_export.io_spec import IOSpec, TensorSpec
+from flash_export.core.io_spec import IOSpec, TensorSpec
 from flash_export.models.blocks import Block, TokenEmbedding
 
 

@@ -5,8 +5,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from flash_export.attention import FlashAttention
-from flash_export.io_spec import TensorSpec
+from flash_export.core.io_spec import TensorSpec
+from flash_export.nn.attention import FlashAttention
 
 
 class Block(nn.Module):

@@ -6,7 +6,7 @@ final LayerNorm and an output projection tied to the token embedding.
 
 from torch import Tensor, nn
 
-from flash_export.io_spec import IOSpec
+from flash_export.core.io_spec import IOSpec
 from flash_export.models.blocks import Block, TokenEmbedding
 
 

@@ -8,7 +8,7 @@ sequence length is fixed by the image size: only the batch is dynamic.
 import torch
 from torch import Tensor, nn
 
-from flash_export.io_spec import IOSpec, TensorSpec
+from flash_export.core.io_spec import IOSpec, TensorSpec
 from flash_export.models.blocks import Block
 
 

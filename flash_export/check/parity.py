@@ -1,0 +1,366 @@
+"""Parity runs: backends on input cases against the float64 reference, under the tolerance rule.
+
+The one case runner behind `flash-export validate`, the check `flash-export onnx` runs after
+writing a file, and the tests. A backend is anything that maps a model's named inputs to its
+outputs: a PyTorch module or an ONNX file in onnxruntime. Inputs come from the model's IOSpec
+(`feeds.make_feed`); every output is judged by `tolerance.compare` against the model with
+plain attention in float64 (`model_io.reference_outputs`), the baseline being the same plain
+computation in the outputs' dtype.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from flash_export.core.contract import feed_dtype
+from flash_export.core.errors import summary
+from flash_export.core.feeds import make_feed
+from flash_export.core.io_spec import IOSpec
+from flash_export.core.tolerance import Comparison, compare, max_abs_error
+from flash_export.nn.model_io import call, reference_model
+from flash_export.runtime.sessions import ort_session
+
+# Called as progress(done, total, label) while cases run.
+ProgressFn = Callable[[int, int, str], None]
+# Named inputs -> outputs, as float64 arrays.
+RunFn = Callable[[Dict[str, torch.Tensor]], List[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration: the batch, a size per dynamic name, and whether masks mask.
+
+    `mask`: attention masks are fed (else left out, or all True where a graph needs one) and
+    padding masks pad (else every token is real).
+    """
+
+    batch: int
+    sizes: Tuple[Tuple[str, int], ...]
+    mask: bool
+
+    @property
+    def seq_q(self) -> int:
+        """The query length (q_len, else seq, else 0)."""
+        sizes = dict(self.sizes)
+        return sizes.get("q_len", sizes.get("seq", 0))
+
+    @property
+    def seq_k(self) -> int:
+        """The key length (k_len, else seq, else 0)."""
+        sizes = dict(self.sizes)
+        return sizes.get("k_len", sizes.get("seq", 0))
+
+    @property
+    def label(self) -> str:
+        """Short human-readable form, e.g. `B=3 Lq=7 Lk=9 mask` or `B=2 seq=65 padded`."""
+        sizes = dict(self.sizes)
+        if "q_len" in sizes:
+            return (f"B={self.batch} Lq={sizes['q_len']} Lk={sizes.get('k_len', 0)}"
+                    + (" mask" if self.mask else ""))
+        named = " ".join(f"{k}={v}" for k, v in self.sizes)
+        return f"B={self.batch}" + (f" {named}" if named else "") + (" mask" if self.mask else "")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view."""
+        return {"batch": self.batch, "seq_q": self.seq_q, "seq_k": self.seq_k,
+                "sizes": dict(self.sizes), "mask": self.mask}
+
+
+@dataclass
+class CaseResult:
+    """The errors of one backend on one case and output, or the error that stopped it."""
+
+    case: Case
+    output: str = "output"
+    comparison: Optional[Comparison] = None
+    error: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        """True when it ran and met the tolerance."""
+        return self.error is None and self.comparison is not None and self.comparison.passed
+
+    @property
+    def label(self) -> str:
+        """The case's label, with the output's name when it is not the only "output"."""
+        return self.case.label + ("" if self.output == "output" else f" [{self.output}]")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view."""
+        return {**self.case.to_dict(), "output": self.output, "passed": self.passed,
+                "error": self.error, **(self.comparison.to_dict() if self.comparison else {})}
+
+
+@dataclass
+class BackendResult:
+    """One compared implementation (eager, torchscript, onnx:<target>) and its cases."""
+
+    name: str
+    source: str  # the file it ran from, or "(in memory)"
+    load_error: Optional[str] = None
+    cases: List[CaseResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when it loaded and every case passed."""
+        return self.load_error is None and all(c.passed for c in self.cases)
+
+    @property
+    def failures(self) -> List[CaseResult]:
+        """The cases that failed."""
+        return [c for c in self.cases if not c.passed]
+
+    def worst(self) -> Optional[CaseResult]:
+        """The case with the largest max abs error relative to its bound (errors first)."""
+        def key(c: CaseResult) -> float:
+            if c.comparison is None:
+                return math.inf
+            return c.comparison.max_abs / max(c.comparison.bound, 1e-30)
+        return max(self.cases, key=key, default=None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready view."""
+        return {"name": self.name, "source": self.source, "passed": self.passed,
+                "load_error": self.load_error, "cases": [c.to_dict() for c in self.cases]}
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def default_seqs(chunk: int) -> List[int]:
+    """1, chunk-1, chunk, chunk+1, 3*chunk+5, 1024: chunk tails on both sides, no 0/duplicates."""
+    return _unique_positive([1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, 1024])
+
+
+def _unique_positive(values: Sequence[int]) -> List[int]:
+    out: List[int] = []
+    for v in values:
+        if v > 0 and v not in out:
+            out.append(v)
+    return out
+
+
+def sweep(seqs: Sequence[int], batches: Sequence[int], masks: Sequence[bool],
+          io: Optional[IOSpec] = None) -> List[Case]:
+    """The cases for lengths `seqs`, batches and mask modes.
+
+    With q_len and k_len (the attention contract): for each length L, (Lq=L, Lk=L) and (Lq=L,
+    Lk=the next length in the list). Otherwise every dynamic size but the batch is L, moved into
+    its bounds (duplicates dropped); a model without such sizes has one case per batch.
+    `io` None means the attention contract.
+    """
+    seqs = _unique_positive(seqs)
+    names = [n for n in (io.dynamic if io is not None else ("q_len", "k_len")) if n != "batch"]
+    size_sets: List[Dict[str, int]] = []
+    if "q_len" in names and "k_len" in names:
+        for i, lq in enumerate(seqs):
+            for lk in (lq, seqs[(i + 1) % len(seqs)]):
+                sizes = {**{n: lq for n in names}, "q_len": lq, "k_len": lk}
+                sizes = io.clamp(sizes) if io is not None else sizes
+                sizes.pop("batch", None)
+                if sizes not in size_sets:
+                    size_sets.append(sizes)
+    else:
+        for length in seqs or [1]:
+            sizes = {n: length for n in names}
+            sizes = io.clamp(sizes) if io is not None else sizes
+            sizes.pop("batch", None)
+            if sizes not in size_sets:
+                size_sets.append(sizes)
+    if io is not None and "batch" in io.dynamic:
+        batches = [io.clamp({"batch": b})["batch"] for b in batches]
+    return [Case(b, tuple(sorted(s.items())), m) for b in _unique_positive(batches)
+            for s in size_sets for m in masks]
+
+
+def make_inputs(case: Case, io: IOSpec, dtype: torch.dtype, seed: int) -> Dict[str, torch.Tensor]:
+    """Valid named inputs for one case: float inputs in `dtype`, others as `io` declares.
+
+    Attention masks block ~25% of positions and the whole first query row of batch 0 (a row that
+    sees no key, which every backend must give as zeros); without `case.mask` they are left out.
+    Padding masks pad each row to a random length >= 1, or not at all without `case.mask`.
+    """
+    sizes = {"batch": case.batch, **dict(case.sizes)}
+    feed = make_feed(io, sizes, seed, padded=case.mask)
+    out = {}
+    for t in io.inputs:
+        if t.role == "attention" and not case.mask:
+            continue
+        tensor = torch.from_numpy(feed[t.name])
+        out[t.name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
+def case_seed(index: int) -> int:
+    """Input seed of case `index` (distinct from the parameter seed's stream)."""
+    return 1_000_003 * (index + 1)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    """One implementation to compare: `run(inputs)` gives its outputs as float64 arrays."""
+
+    name: str
+    source: str
+    run: Optional[RunFn]
+    load_error: Optional[str] = None
+
+
+class _RunError(Exception):
+    """A backend failed on one case; the message is already one readable line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """One line for a backend's failure (`errors.summary`, or a _RunError's own line)."""
+    return str(exc) if isinstance(exc, _RunError) else summary(exc)
+
+
+def torch_backend(name: str, module: Any, source: str, io: IOSpec) -> Backend:
+    """A PyTorch module (eager or TorchScript) already in the dtype it runs in."""
+    def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+        return [o.double().numpy() for o in call(module, {**inputs, **io.constants})]
+
+    return Backend(name, source, run)
+
+
+def pt2_backend(name: str, compiled: Any, source: str, io: IOSpec) -> Backend:
+    """A loaded AOTInductor package (`pt2_export.load_pt2`), called with the inputs by name.
+
+    A package takes every input it was exported with: an attention mask the case leaves out is
+    fed all True (which must equal no mask), as for ONNX graphs.
+    """
+    def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+        feed = dict(inputs)
+        sizes = _sizes_of(io, feed)
+        for t in io.inputs:
+            if t.name not in feed:
+                feed[t.name] = torch.ones(io.shape(t, sizes), dtype=torch.bool)
+        return [o.double().numpy() for o in call(compiled, {**feed, **io.constants})]
+
+    return Backend(name, source, run)
+
+
+def torchscript_backend(program: Any, source: str, io: IOSpec, meta: Mapping[str, str],
+                        dtype: str) -> Backend:
+    """A loaded TorchScript archive in `dtype` (the torchscript kind's validate backend)."""
+    name = "torchscript-native" if meta.get("attention") == "native" else "torchscript"
+    return torch_backend(name, program.eval().to(getattr(torch, dtype)), source, io)
+
+
+def pt2_package_backend(program: Any, source: str, io: IOSpec, meta: Mapping[str, str],
+                        dtype: str) -> Backend:
+    """A loaded `.pt2` package, in the dtype it was compiled for (the pt2 kind's)."""
+    return pt2_backend("pt2", program, source, io)
+
+
+def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,
+                 session: Any = None) -> Backend:
+    """An ONNX file in onnxruntime (`runtime.ort_session`, or the `session` given).
+
+    Inputs are fed by name in the graph's own dtypes; an attention mask the case leaves out is
+    fed all True (which must equal no mask). A file that fails to load gives a backend with a
+    `load_error` instead of an exception.
+    """
+    if session is None:
+        try:
+            session = ort_session(path, provider=provider)
+        except Exception as exc:  # onnxruntime raises its own exception types at load
+            return Backend(name, str(path), None, load_error=one_line(exc))
+    graph_inputs = {i.name: i for i in session.get_inputs()}
+    missing = [t.name for t in io.inputs if t.name not in graph_inputs]
+    if missing:
+        return Backend(name, str(path), None, load_error=f"graph inputs are "
+                       f"{sorted(graph_inputs)}, missing {missing}")
+    fixed = {n: i.shape for n, i in graph_inputs.items()
+             if any(isinstance(d, int) for d in i.shape[:2])}
+    note = f" (the graph fixes input dims {fixed})" if fixed else ""
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+        feed = {n: t.numpy().astype(feed_dtype(graph_inputs[n].type))
+                if t.is_floating_point() else t.numpy() for n, t in inputs.items()}
+        sizes = _sizes_of(io, feed)
+        for t in io.inputs:
+            if t.name not in feed:  # an attention mask left out: all True
+                feed[t.name] = np.ones(io.shape(t, sizes), dtype=np.bool_)
+        try:
+            results = session.run(outputs, feed)
+        except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+            raise _RunError(one_line(exc) + note) from exc
+        return [np.asarray(r, dtype=np.float64) for r in results]
+
+    return Backend(name, str(path), run)
+
+
+def _sizes_of(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
+    sizes: Dict[str, int] = {}
+    for t in io.inputs:
+        if t.name in feed:
+            for d, n in zip(t.dims, feed[t.name].shape):
+                if isinstance(d, str):
+                    sizes.setdefault(d, int(n))
+    return sizes
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def run_cases(model: nn.Module, io: IOSpec, backends: Sequence[Backend], cases: Sequence[Case],
+              *, dtype: str, atol: Optional[float] = None, rtol: Optional[float] = None,
+              progress: Optional[ProgressFn] = None) -> Dict[str, BackendResult]:
+    """Run every backend on every case against the float64 reference of `model`.
+
+    The baseline of the tolerance rule is the same model with plain attention in `dtype` (the
+    same for every caller: `validate`, `flash-export onnx`'s check and the tests).
+
+    Returns:
+        One BackendResult per backend, by name, its cases (one per case and output) in order.
+    """
+    report = progress or (lambda done, total, label: None)
+    results = {b.name: BackendResult(b.name, b.source, b.load_error) for b in backends}
+    plain = (reference_model(model, torch.float64), reference_model(model, getattr(torch, dtype)))
+    for done, case in enumerate(cases):
+        report(done, len(cases), case.label)
+        _run_case(case, case_seed(done), plain, io, dtype, backends, results, atol, rtol)
+    report(len(cases), len(cases), "done")
+    return results
+
+
+def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOSpec,
+              dtype_name: str, backends: Sequence[Backend], results: Dict[str, BackendResult],
+              atol: Optional[float], rtol: Optional[float]) -> None:
+    inputs = make_inputs(case, io, getattr(torch, dtype_name), seed)
+    wide = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
+    refs = [r.numpy() for r in call(plain[0], {**wide, **io.constants})]  # float64: the reference
+    baselines = [b.double().numpy()  # the same, in the dtype
+                 for b in call(plain[1], {**inputs, **io.constants})]
+    names = list(io.outputs) if len(io.outputs) == len(refs) else \
+        [f"output_{i}" for i in range(len(refs))]
+    for b in backends:
+        if b.run is None:
+            continue
+        try:
+            outs = b.run(inputs)
+        except Exception as exc:  # a backend that cannot run a shape fails that case
+            results[b.name].cases.append(CaseResult(case, names[0], error=one_line(exc)))
+            continue
+        if len(outs) != len(refs):
+            results[b.name].cases.append(CaseResult(
+                case, names[0], error=f"{len(outs)} outputs, expected {len(refs)}"))
+            continue
+        for name, out, ref, base in zip(names, outs, refs, baselines):
+            result = CaseResult(case, name)
+            if out.shape != ref.shape:
+                result.error = f"output shape {list(out.shape)}, expected {list(ref.shape)}"
+            else:
+                result.comparison = compare(out, ref, baseline_error=max_abs_error(base, ref),
+                                            dtype=dtype_name, atol=atol, rtol=rtol)
+            results[b.name].cases.append(result)
