@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -442,10 +443,13 @@ def test_v2_overload_matches_reference_reading_head_major_views_in_place(case, d
     assert fake.shape == out.shape and fake.dtype == out.dtype
 
 
-def test_v2_is_scripted_exported_and_run_by_the_shim_alone(tmp_path, shim_library):
-    """One call with every v2 argument: TorchScript resolves the overload by its keywords, the
-    archive runs in a process that has only the libtorch shim (as a C++ one would), and
-    torch.export keeps it as one call with the fake kernel's shape."""
+def test_v2_is_scripted_and_compiled_to_pt2_and_both_run_by_the_shim_alone(tmp_path,
+                                                                            shim_library):
+    """One call with every v2 argument (grouped heads, head-major views in and out, seqlens_k,
+    window, bias, softcap, causal): TorchScript resolves the overload by its keywords,
+    torch.export keeps it as one call with the fake kernel's shape, and both the TorchScript
+    archive and the AOTInductor `.pt2` package run in a process that has only the libtorch shim
+    (as a C++ one would), matching the float64 reference."""
     from _native_cases import V2_CASES, check_output_v2, v2_call
 
     with quiet_jit_deprecation():
@@ -454,21 +458,31 @@ def test_v2_is_scripted_exported_and_run_by_the_shim_alone(tmp_path, shim_librar
     call = v2_call(V2_CASES["everything"], np.float32)
     tensors, _ = _v2_tensors(call)
     torch.save([t.contiguous() if t is not None else None for t in tensors], tmp_path / "in.pt")
+    program = torch.export.export(_V2Call(), tuple(tensors))
+    calls = [n for n in program.graph.nodes
+             if n.op == "call_function" and "flash_export" in str(n.target)]
+    assert len(calls) == 1
+    with warnings.catch_warnings():  # torch's own pytree deprecation, raised by the compile
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp_path / "v2.pt2"))
     run = _python(f"""
 import torch
 torch.ops.load_library({str(shim_library)!r})
 inputs = torch.load({str(tmp_path / "in.pt")!r})
 torch.save(torch.jit.load({str(tmp_path / "v2.pt")!r})(*inputs), {str(tmp_path / "out.pt")!r})
+compiled = torch._inductor.aoti_load_package({package!r})
+torch.save(compiled(*inputs), {str(tmp_path / "out_pt2.pt")!r})
 """)
     assert run.returncode == 0, run.stderr
     out = torch.load(tmp_path / "out.pt")
     check_output_v2(out.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
                     **call["options"])
     assert torch.equal(scripted(*tensors), out)  # the Python kernel and the shim's agree
-    program = torch.export.export(_V2Call(), tuple(tensors))
-    calls = [n for n in program.graph.nodes
-             if n.op == "call_function" and "flash_export" in str(n.target)]
-    assert len(calls) == 1 and calls[0].meta["val"].shape == out.shape
+    assert calls[0].meta["val"].shape == out.shape
+    out_pt2 = torch.load(tmp_path / "out_pt2.pt")
+    check_output_v2(out_pt2.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
+                    **call["options"])
 
 
 class _V2Call(torch.nn.Module):
