@@ -108,9 +108,10 @@ setup(
         "serve": ["ray[serve]==2.60.0"],
         # psutil: the native fuzz and serve tests measure RSS with it; tritonclient: the serve
         # tests' client and Triton's config schema (model_config_pb2); hypothesis: the property
-        # tests (tests/test_properties_*.py). mutmut is not here: `make mutate` installs it.
+        # tests (tests/test_properties_*.py); filelock: test workers share one C++ build.
+        # mutmut is not here: `make mutate` installs it.
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "mypy>=1.10", "psutil>=5.9",
-                "tritonclient[http]==2.73.0", "hypothesis>=6.100"],
+                "tritonclient[http]==2.73.0", "hypothesis>=6.100", "filelock>=3.13"],
     },
     entry_points={"console_scripts": ["flash-export=flash_export.cli.main:run"]},
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},

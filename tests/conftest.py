@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from filelock import FileLock
 from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +77,20 @@ def cpp_build(tmp_path_factory) -> Path:
 
     from flash_export.runtime import library_path
 
-    build = tmp_path_factory.mktemp("cpp-build")
-    subprocess.run(["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build),
-                    f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                    f"-DFLASH_EXPORT_LIBRARY={library_path()}", "-DCMAKE_BUILD_TYPE=Release"],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    # pytest-xdist workers are sessions of their own: the first to ask builds in the run's shared
+    # temp folder, under a lock, and the other takes that build (it costs tens of seconds).
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp()
+    build = (root.parent if shared else root) / "cpp-build"
+    with FileLock(f"{build}.lock"):
+        if not (build / "built").exists():
+            subprocess.run(["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build),
+                            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                            f"-DFLASH_EXPORT_LIBRARY={library_path()}",
+                            "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+            subprocess.run(["cmake", "--build", str(build), "-j2"], check=True,
+                           capture_output=True)
+            (build / "built").touch()
     return build
 
 
