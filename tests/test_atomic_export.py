@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,19 +14,29 @@ import pytest
 from flash_export.artifacts.manifest import verify_manifest as verify_artifact
 from flash_export.export.torchscript import load_torchscript
 
-# Exports `model` in a loop into argv[1]; "ready" after the first export, when killing first
-# has a previous artifact set to spare.
+# A fork server: it imports torch and flash_export once, then for each line read (a seed) forks
+# an exporter that exports `model` in a loop into argv[1], "ready PID" after its first export
+# (when killing it has a previous artifact set to spare), and waits for it to die: each kill
+# costs one export, not a Python start and torch's import. Nothing has run a torch op before a
+# fork, so no thread pool is copied half-alive; an exporter whose server is gone stops.
 SCRIPT = """
-import sys, torch
+import os, sys, torch
 from flash_export import FlashAttention, export_torchscript
 from flash_export.export.onnx import export_onnx
-torch.manual_seed(int(sys.argv[3]))
-model = FlashAttention(256, 8, 16)
 export = export_torchscript if sys.argv[2] == "torchscript" else export_onnx
-export(model, sys.argv[1])
-print("ready", flush=True)
-while True:
-    export(model, sys.argv[1])
+server = os.getpid()
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        torch.manual_seed(int(line))
+        model = FlashAttention(256, 8, 16)
+        export(model, sys.argv[1])
+        print("ready", os.getpid(), flush=True)
+        while os.getppid() == server:
+            export(model, sys.argv[1])
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
 """
 # Kill moments after "ready": up to about two export durations.
 WINDOW_S = {"torchscript": 0.6, "onnx": 3.0}
@@ -52,19 +63,31 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_artifact(kind: str,
     target = tmp_path / ("model.pt" if kind == "torchscript" else "model.onnx")
     rng = random.Random(1234)
     valid = 0
-    for kill in range(KILLS):
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target), kind, str(kill)],
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        # Stratified: kill k lands at a random moment of the k-th of KILLS equal slices of the
-        # window, so a dozen kills cover it as evenly as many more purely random ones.
-        time.sleep(WINDOW_S[kind] * (kill + rng.random()) / KILLS)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        # An artifact set existed before the kill, so it must still be there, whole.
-        assert target.exists(), f"kill {kind} #{kill} removed the previous artifact"
-        _check_artifact(kind, target)
-        valid += 1
+    server = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target), kind],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None and server.stdout is not None
+    watchdog = threading.Timer(600, server.kill)  # a hung exporter fails the test, not the run
+    watchdog.start()
+    try:
+        for kill in range(KILLS):
+            server.stdin.write(f"{kill}\n")
+            server.stdin.flush()
+            line = server.stdout.readline()
+            assert line.startswith("ready "), f"kill {kind} #{kill}: the exporter said {line!r}"
+            pid = int(line.split()[1])
+            # Stratified: kill k lands at a random moment of the k-th of KILLS equal slices of
+            # the window, so a dozen kills cover it as evenly as many more purely random ones.
+            time.sleep(WINDOW_S[kind] * (kill + rng.random()) / KILLS)
+            os.kill(pid, signal.SIGKILL)
+            assert server.stdout.readline().strip() == "reaped"
+            # An artifact set existed before the kill, so it must still be there, whole.
+            assert target.exists(), f"kill {kind} #{kill} removed the previous artifact"
+            _check_artifact(kind, target)
+            valid += 1
+    finally:
+        watchdog.cancel()
+        server.kill()
+        server.wait()
     leftovers = [p.name for p in tmp_path.iterdir()
                  if p.name not in (target.name, f"{target.name}.manifest.json")]
     # Staging folders of killed runs may remain under hidden names; never under the final name.
