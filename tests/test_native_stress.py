@@ -114,8 +114,20 @@ def test_sixteen_sessions_created_at_once() -> None:
     ids=["10000-runs", "300-session-cycles"])
 def test_rss_stays_flat(mode: str, growth_keys: tuple[str, ...]) -> None:
     """RSS after warm-up (500 runs / 30 cycles) grows by under 1 MiB over 10,000 runs (valid and
-    rejected) and over 300 create-register-run-destroy session cycles."""
-    summary, output = _worker("--mode", mode, "--limit-kib", "1024")
-    print(output)  # the figures, for `pytest -s` and the README
-    for key in growth_keys:
-        assert summary[key] < 1024, f"{key} = {summary[key]} KiB:\n{output}"
+    rejected) and over 300 create-register-run-destroy session cycles.
+
+    RSS moves with the allocators as well as with leaks: five repetitions of the rejected runs
+    moved it by -768 to +332 KiB, one CI run by +3544 KiB, while LeakSanitizer counted the same
+    unfreed bytes after 100 and after 1,000 rejected runs (none a call). So a figure over the
+    limit is measured once more in a fresh process, and only two in a row fail: a leak of 105
+    bytes a call or more exceeds the limit every time.
+    """
+    outputs = []
+    for _ in range(2):
+        summary, output = _worker("--mode", mode, "--limit-kib", "1024")
+        print(output)  # the figures, for `pytest -s` and the README
+        outputs.append(output)
+        over = [f"{key} = {summary[key]} KiB" for key in growth_keys if summary[key] >= 1024]
+        if not over:
+            return
+    pytest.fail(f"{', '.join(over)} in two fresh processes:\n" + "\n".join(outputs))
