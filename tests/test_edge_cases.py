@@ -160,28 +160,8 @@ def check_reference_nan_rows(case: str, model: FlashAttention, inputs: Inputs) -
     assert (np.isnan(ref).any(axis=-1) == expected).all(), np.isnan(ref).any(axis=-1).tolist()
 
 
-# --------------------------------------------------------------------------- ONNX subprocess
-
-
-def _onnx_worker(path: str, folder: str) -> None:
-    """Run every `<case>.npz` in `folder` through `path`: `<case>.npy` or `<case>.err`."""
-    from flash_export.runtime import create_session
-
-    session = create_session(path)
-    names = {i.name for i in session.get_inputs()}
-    for case_file in sorted(Path(folder).glob("*.npz")):
-        data = np.load(case_file)
-        feed = {n: data[n] for n in ("values", "keys", "queries", "mask") if n in names}
-        try:
-            np.save(case_file.with_suffix(".npy"), session.run(["output"], feed)[0])
-        except Exception as exc:  # onnxruntime's own error: reported as the backend's gap
-            case_file.with_suffix(".err").write_text(
-                f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:600])
-
-
-if __name__ == "__main__":
-    _onnx_worker(sys.argv[1], sys.argv[2])
-    sys.exit(0)
+# ONNX backends run in tests/_onnx_case_worker.py, a process per target that imports no torch.
+WORKER = str(Path(__file__).with_name("_onnx_case_worker.py"))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -220,7 +200,7 @@ def onnx_results(artifacts: Dict[str, Path], tmp_path_factory: pytest.TempPathFa
         for case in CASES:
             v, k, q, mask = make_case(case, _model(), tdtype)
             np.savez(folder / f"{case}.npz", values=v, keys=k, queries=q, mask=mask)
-        proc = subprocess.run([sys.executable, __file__, str(artifacts[f"{backend}:{dtype}"]),
+        proc = subprocess.run([sys.executable, WORKER, str(artifacts[f"{backend}:{dtype}"]),
                                str(folder)], capture_output=True, text=True, timeout=300)
         died = (f"worker died with rc {proc.returncode} (negative: a signal): "
                 f"{proc.stderr[-800:]}")
@@ -370,7 +350,7 @@ def test_causal_neg_inf_rows(backend: str, dtype: str, causal_artifacts: Dict[st
             pytest.skip(f"{backend}: native library not built at {library_path()}")
         np.savez(tmp_path / "causal.npz", values=v.numpy(), keys=k.numpy(), queries=q.numpy())
         path = causal_artifacts[f"{backend}:{dtype}"]
-        proc = subprocess.run([sys.executable, __file__, str(path), str(tmp_path)],
+        proc = subprocess.run([sys.executable, WORKER, str(path), str(tmp_path)],
                               capture_output=True, text=True, timeout=300)
         result = tmp_path / "causal.npy"
         assert result.is_file(), f"{backend} failed ({proc.returncode}): {proc.stderr[-800:]}" + (
