@@ -429,8 +429,8 @@ bool amx_usable() {
 }
 
 Kernel kernel_amx() {
-  return Kernel{"amx",          amx::V::kW,   amx::kBq, &amx::pack_rows_amx, &amx::run_item_amx,
-                &amx::plan_amx, &amx::accepts};
+  return Kernel{Isa::kAmx,          amx::V::kW,     amx::kBq,     &amx::pack_rows_amx,
+                &amx::run_item_amx, &amx::plan_amx, &amx::accepts};
 }
 
 }  // namespace cpu

@@ -32,7 +32,7 @@ namespace flash_export {
 namespace cpu {
 
 Kernel kernel_avx512() {
-  return Kernel{"avx512",          avx512::V::kW, 96,      &avx512::pack_rows,
+  return Kernel{Isa::kAvx512,      avx512::V::kW, 96,      &avx512::pack_rows,
                 &avx512::run_item, nullptr,       nullptr, &avx512::run_rows};
 }
 
