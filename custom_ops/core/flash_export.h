@@ -11,9 +11,9 @@
  * every field.
  *
  * Contract versions. The op's contract v2 (the ONNX node com.flash_export::FlashAttention at domain
- * version 2, flash_export/core/contract.py) added grouped-query heads, head-major layouts, seqlens_k, a
- * sliding window, an additive bias, a softcap and Dv != D. This header grew with it only by
- * additions: new fields at the ends of the structs (their zeros keep the v1 behaviour), new
+ * version 2, flash_export/core/contract.py) added grouped-query heads, head-major layouts,
+ * seqlens_k, a sliding window, an additive bias, a softcap and Dv != D. This header grew with it
+ * only by additions: new fields at the ends of the structs (their zeros keep the v1 behaviour), new
  * entry points (flash_export_attention_params_v2, flash_export_inputs_size) and FLASH_EXPORT_INT32;
  * the v1 filler and every v1 field keep their meaning, so a v1 caller runs unchanged.
  */
