@@ -13,7 +13,7 @@ kdim/vdim != embed_dim, add_bias_kv, add_zero_attn and subclasses of MHA; at cal
 
 import copy
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -72,11 +72,6 @@ def _may_attend(mask: Tensor, name: str, where: str) -> Tuple[Tensor, Optional[T
     return attend, None
 
 
-def _wrapped(name: str) -> Any:
-    """A read-only attribute that is the wrapped FlashAttention's `name`."""
-    return property(lambda self: getattr(self.attention, name))
-
-
 class FlashMultiheadAttention(nn.Module):
     """nn.MultiheadAttention's interface and results, computed by a FlashAttention.
 
@@ -106,22 +101,24 @@ class FlashMultiheadAttention(nn.Module):
         path: where the module sits in the converted model, for messages.
     """
 
+    embed_dim: torch.jit.Final[int]
+    num_heads: torch.jit.Final[int]
+    head_dim: torch.jit.Final[int]
+    kdim: torch.jit.Final[int]
+    vdim: torch.jit.Final[int]
     batch_first: torch.jit.Final[bool]
     dropout: torch.jit.Final[float]
     where: torch.jit.Final[str]
     _qkv_same_embed_dim: torch.jit.Final[bool]
-    # MHA's size attributes, which nn.TransformerEncoderLayer and user code read: the wrapped
-    # module's (never copies of them); forward reads `self.attention`'s own.
-    embed_dim = _wrapped("embed_size")
-    num_heads = _wrapped("heads")
-    head_dim = _wrapped("head_dim")
-    kdim = vdim = _wrapped("embed_size")
-    __jit_unused_properties__ = ["embed_dim", "num_heads", "head_dim", "kdim", "vdim"]
 
     def __init__(self, attention: FlashAttention, *, batch_first: bool = False,
                  dropout: float = 0.0, path: str = "") -> None:
         super().__init__()
         self.attention = attention
+        self.embed_dim = attention.embed_size
+        self.num_heads = attention.heads
+        self.head_dim = attention.head_dim
+        self.kdim = self.vdim = attention.embed_size
         self._qkv_same_embed_dim = True
         self.batch_first = batch_first
         self.dropout = dropout
@@ -193,9 +190,8 @@ class FlashMultiheadAttention(nn.Module):
             attn_mask = None  # MHA drops it and applies the causal rule instead
         else:
             is_causal = False
-        embed = self.attention.embed_size
-        if query.size(-1) != embed:
-            raise AssertionError(f"was expecting embedding dimension of {embed}, but "
+        if query.size(-1) != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but "
                                  f"got {query.size(-1)}")
         if key.shape != value.shape:
             raise AssertionError(f"key shape {key.shape} does not match value shape "
@@ -219,7 +215,7 @@ class FlashMultiheadAttention(nn.Module):
         if attn_mask is not None:
             shape: List[int] = [1, 1, tgt_len, src_len]
             if attn_mask.dim() == 3:
-                shape = [bsz, self.attention.heads, tgt_len, src_len]
+                shape = [bsz, self.num_heads, tgt_len, src_len]
             ok, bad = _may_attend(attn_mask, "attn_mask", self.where)
             ok = ok.reshape(shape)  # (1, 1, Lq, Lk) or (B, H, Lq, Lk)
             allowed = ok if allowed is None else allowed & ok
@@ -263,10 +259,10 @@ class FlashMultiheadAttention(nn.Module):
                 f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
                 f"{attn_mask.dim()}-D tensor instead")
         if rank == 2 and attn_mask is not None and attn_mask.dim() == 3 and (
-                attn_mask.size(0) != self.attention.heads or attn_mask.size(1) != query.size(0)
+                attn_mask.size(0) != self.num_heads or attn_mask.size(1) != query.size(0)
                 or attn_mask.size(2) != key.size(0)):
             raise AssertionError(
-                f"Expected `attn_mask` shape to be ({self.attention.heads}, {query.size(0)}, "
+                f"Expected `attn_mask` shape to be ({self.num_heads}, {query.size(0)}, "
                 f"{key.size(0)}) but got {attn_mask.shape}")
         return rank == 3
 
@@ -278,11 +274,10 @@ class FlashMultiheadAttention(nn.Module):
                 if attn_mask.size(0) != tgt_len or attn_mask.size(1) != src_len:
                     raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but "
                                        f"should be ({tgt_len}, {src_len}).")
-            elif (attn_mask.size(0) != bsz * self.attention.heads
-                  or attn_mask.size(1) != tgt_len or attn_mask.size(2) != src_len):
-                raise RuntimeError(
-                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                    f"({bsz * self.attention.heads}, {tgt_len}, {src_len}).")
+            elif (attn_mask.size(0) != bsz * self.num_heads or attn_mask.size(1) != tgt_len
+                  or attn_mask.size(2) != src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but "
+                                   f"should be ({bsz * self.num_heads}, {tgt_len}, {src_len}).")
         if key_padding_mask is not None:
             if key_padding_mask.size(0) != bsz:
                 raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got "
