@@ -251,6 +251,17 @@ def _bad_dim(rng: np.random.Generator, target: int) -> int:
     return int(rng.choice(choices))
 
 
+def _unbroadcastable(rng: np.random.Generator, name: str, target: tuple[int, ...], rank: int
+                     ) -> tuple[list[int], list[str]]:
+    """A `rank`-dim shape (rank <= 4) of ones but for one axis that cannot broadcast onto
+    `target` (B, H, Lq, Lk), and the message refusing it as `name`'s."""
+    shape = [1] * rank
+    axis = int(rng.integers(rank))
+    wanted = target[4 - rank + axis]
+    shape[axis] = _bad_dim(rng, wanted)
+    return shape, [f"{name} dimension {axis} is {shape[axis]}, expected 1 or {wanted}"]
+
+
 INVALID_KINDS = (
     "rank", "query_dtype", "kv_dtype", "batch", "embed", "kv_length", "heads_divide",
     "num_heads", "num_heads_missing", "chunk_size", "causal", "scale", "attribute_type",
@@ -270,6 +281,17 @@ ATTRIBUTE_RULES = {
     "output_layout": "an INT 0 (B, Lq, num_heads*Dv) or 1 (B, num_heads, Lq, Dv) (default 0)",
 }
 FLOAT_ATTRIBUTES = ("scale", "softcap")
+# Values out of an attribute's range, each shown in the library's message as Python prints it
+# ("inf", "-0.0", "-1099511627776").
+OUT_OF_RANGE: dict[str, list[Any]] = {
+    "num_heads": [0, -1, -8, -(2**40)],
+    "chunk_size": [0, -1, -64, -(2**40)],
+    "causal": [2, -1, 7, 2**40],
+    "scale": [math.inf, -math.inf, math.nan, 0.0, -0.0],
+    "window_size": [-1, -7, -(2**40)],
+    "softcap": [math.inf, math.nan, -1.0, -0.5],
+    "output_layout": [2, -1, 7],
+}
 
 
 def _wrong_typed(rng: np.random.Generator, name: str) -> tuple[Any, str]:
@@ -353,25 +375,13 @@ def invalid_case(rng: np.random.Generator) -> Case:
         attrs["num_heads"] = heads
         mask = None
         expected = [f"query has embed {embed}, not divisible by num_heads {heads}"]
-    elif kind == "num_heads":
-        attrs["num_heads"] = int(rng.choice([0, -1, -8, -(2**40)]))
-        expected = [f"attribute num_heads is {attrs['num_heads']}, "
-                    f"expected {ATTRIBUTE_RULES['num_heads']}"]
+    elif kind in OUT_OF_RANGE:
+        values = OUT_OF_RANGE[kind]
+        attrs[kind] = values[int(rng.integers(len(values)))]
+        expected = [f"attribute {kind} is {attrs[kind]}, expected {ATTRIBUTE_RULES[kind]}"]
     elif kind == "num_heads_missing":
         del attrs["num_heads"]
         expected = [f"attribute num_heads is missing, expected {ATTRIBUTE_RULES['num_heads']}"]
-    elif kind == "chunk_size":
-        attrs["chunk_size"] = int(rng.choice([0, -1, -64, -(2**40)]))
-        expected = [f"attribute chunk_size is {attrs['chunk_size']}, "
-                    f"expected {ATTRIBUTE_RULES['chunk_size']}"]
-    elif kind == "causal":
-        attrs["causal"] = int(rng.choice([2, -1, 7, 2**40]))
-        expected = [f"attribute causal is {attrs['causal']}, expected {ATTRIBUTE_RULES['causal']}"]
-    elif kind == "scale":
-        value, shown = [(math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan"), (0.0, "0.0"),
-                        (-0.0, "-0.0")][int(rng.integers(5))]
-        attrs["scale"] = value
-        expected = [f"attribute scale is {shown}, expected {ATTRIBUTE_RULES['scale']}"]
     elif kind == "attribute_type":
         # A wrong type is refused, never replaced by the default (make_node(scale=1) is an INT).
         name = str(rng.choice(list(ATTRIBUTE_RULES)))
@@ -387,14 +397,9 @@ def invalid_case(rng: np.random.Generator) -> Case:
         mask = np.ones((1,) * (rank - 2) + (seq_q, seq_k), dtype=bool)
         expected = [f"mask has rank {rank}, expected at most 4"]
     elif kind == "mask_shape":
-        target = (batch, heads, seq_q, seq_k)
-        rank = int(rng.integers(1, 5))
-        shape = [1] * rank
-        axis = int(rng.integers(rank))
-        shape[axis] = _bad_dim(rng, target[4 - rank + axis])
+        shape, expected = _unbroadcastable(rng, "mask", (batch, heads, seq_q, seq_k),
+                                           int(rng.integers(1, 5)))
         mask = np.ones(shape, dtype=bool)
-        expected = [f"mask dimension {axis} is {shape[axis]}, expected 1 or "
-                    f"{target[4 - rank + axis]}"]
     elif kind == "kv_num_heads":
         if heads > 2 and rng.random() < 0.6:  # neither 1 nor a divisor of num_heads
             attrs["num_heads"] = heads = 2 * heads
@@ -406,19 +411,6 @@ def invalid_case(rng: np.random.Generator) -> Case:
         attrs["kv_num_heads"] = kv
         expected = [f"attribute kv_num_heads is {shown}, "
                     f"expected {ATTRIBUTE_RULES['kv_num_heads']}"]
-    elif kind == "window_size":
-        attrs["window_size"] = int(rng.choice([-1, -7, -(2**40)]))
-        expected = [f"attribute window_size is {attrs['window_size']}, "
-                    f"expected {ATTRIBUTE_RULES['window_size']}"]
-    elif kind == "softcap":
-        value, shown = [(math.inf, "inf"), (math.nan, "nan"), (-1.0, "-1.0"),
-                        (-0.5, "-0.5")][int(rng.integers(4))]
-        attrs["softcap"] = value
-        expected = [f"attribute softcap is {shown}, expected {ATTRIBUTE_RULES['softcap']}"]
-    elif kind == "output_layout":
-        attrs["output_layout"] = int(rng.choice([2, -1, 7]))
-        expected = [f"attribute output_layout is {attrs['output_layout']}, "
-                    f"expected {ATTRIBUTE_RULES['output_layout']}"]
     elif kind == "kv_heads_dim":  # head-major key or value with another head count
         which = int(rng.integers(1, 3))
         name = NAMES[which]
@@ -448,18 +440,13 @@ def invalid_case(rng: np.random.Generator) -> Case:
         expected = [f"bias has element type {ORT_TYPE_NAMES[bad]}, expected {dtype} "
                     "(query's element type)"]
     elif kind == "bias_shape":
-        target = (batch, heads, seq_q, seq_k)
         rank = int(rng.integers(1, 6))
         if rank == 5:
             bias = np.zeros((1,) * 5, dtype=dtype)
             expected = ["bias has rank 5, expected at most 4"]
         else:
-            shape = [1] * rank
-            axis = int(rng.integers(rank))
-            shape[axis] = _bad_dim(rng, target[4 - rank + axis])
+            shape, expected = _unbroadcastable(rng, "bias", (batch, heads, seq_q, seq_k), rank)
             bias = np.zeros(shape, dtype=dtype)
-            expected = [f"bias dimension {axis} is {shape[axis]}, expected 1 or "
-                        f"{target[4 - rank + axis]}"]
     else:  # pragma: no cover - INVALID_KINDS and this chain are kept in step
         raise AssertionError(kind)
 
@@ -811,29 +798,30 @@ def leak_sessions(warmup: int, count: int, limit_kib: int) -> int:
     return 0 if growth < limit_kib else 1
 
 
+# The numeric options with one default: (flag, type, default, what it sets).
+NUMBER_OPTIONS: list[tuple[str, type, Any, str]] = [
+    ("--cases", int, 3000, "fuzz cases"),
+    ("--seed", int, 0, "fuzz seed"),
+    ("--invalid-share", float, 0.3, "share of invalid fuzz cases"),
+    ("--max-work", int, WORK_CAP, "largest B*H*Lq*Lk*D of a valid case"),
+    ("--threads", int, 16, "threads"),
+    ("--runs", int, 200, "runs per thread in threads mode"),
+    ("--rounds", int, 3, "rounds of sessions mode"),
+    ("--limit-kib", int, 1024, "allowed RSS growth in KiB"),
+    ("--timeout", float, 120.0, "seconds before threads count as hung"),
+]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", default="fuzz",
                         choices=("fuzz", "threads", "sessions", "leak-runs", "leak-sessions"))
-    parser.add_argument("--cases", type=int, default=3000, help="fuzz cases (default: 3000)")
-    parser.add_argument("--seed", type=int, default=0, help="fuzz seed (default: 0)")
-    parser.add_argument("--invalid-share", type=float, default=0.3,
-                        help="share of invalid fuzz cases (default: 0.3)")
-    parser.add_argument("--max-work", type=int, default=WORK_CAP,
-                        help=f"largest B*H*Lq*Lk*D of a valid case (default: {WORK_CAP})")
-    parser.add_argument("--threads", type=int, default=16, help="threads (default: 16)")
-    parser.add_argument("--runs", type=int, default=200,
-                        help="runs per thread in threads mode (default: 200)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of sessions mode (default: 3)")
+    for flag, kind, default, words in NUMBER_OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=f"{words} (default: {default})")
     parser.add_argument("--count", type=int, default=None,
                         help="measured runs / cycles (default: 10000 / 300)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up runs / cycles (default: 500 / 30)")
-    parser.add_argument("--limit-kib", type=int, default=1024,
-                        help="allowed RSS growth (default: 1024 KiB)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds before threads count as hung (default: 120)")
     parser.add_argument("--verbose", action="store_true", help="print every failure")
     args = parser.parse_args(argv)
     if not Path(library_path()).is_file():

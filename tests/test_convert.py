@@ -332,6 +332,10 @@ def test_scripted_module_matches_eager_and_keeps_refusals():
                                    converted(q, kv, kv, **kwargs)[0], atol=0, rtol=0)
     with pytest.raises(torch.jit.Error, match="ConversionError.*need_weights=False"):
         scripted(q, kv, kv)
+    # nn.MultiheadAttention's size attributes stay readable, by scripted user code too
+    original = nn.MultiheadAttention(E, H)
+    for name in ("embed_dim", "num_heads", "head_dim", "kdim", "vdim"):
+        assert getattr(scripted, name) == getattr(original, name), name
 
 
 def test_user_model_calling_multihead_attention_converts_and_scripts():

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from flash_export.runtime import library_path
+from flash_export.runtime.native_abi import CPU_ISAS as ISAS
 
 REPO = Path(__file__).resolve().parents[1]
-ISAS = ["amx", "avx512", "avx2", "portable"]
 
 # (regime, B, Lq, Lk, H, D, causal, masked, threads): each reaches `regime` on every path at
 # `threads` (the plan's inputs are the shape, the dtype, the path and the thread count; the AMX

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flash_export.runtime import library_path
+from flash_export.runtime.native_abi import CPU_ISAS as ISAS
 
-ISAS = ["amx", "avx512", "avx2", "portable"]
 # Query rows around every boundary: the rows regime (<= 8), twice it (16, where a threshold off by
 # a factor of two would still send calls to it), the causal block (48 rows) and one past each.
 SEQ_Q = [1, 8, 9, 16, 17, 47, 48, 49]

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +27,12 @@ import pytest
 
 from flash_export.runtime import library_path
 from flash_export.runtime.native import NativeLibrary
-from flash_export.runtime.native_abi import AttentionOptions, AttentionParams, TensorDescriptor
+from flash_export.runtime.native_abi import (
+    CPU_ISAS,
+    AttentionOptions,
+    AttentionParams,
+    TensorDescriptor,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 C_HEADER = REPO / "custom_ops" / "core" / "flash_export.h"
@@ -187,6 +194,21 @@ def test_a_c_program_fills_params_through_the_one_filler(tmp_path: Path) -> None
     assert lines[1] == ("1 value has element type float16, expected float32 (query's element "
                         "type)|1")
     assert lines[2] == "value has eleme|"
+
+
+def test_python_isa_table_is_the_libraries() -> None:
+    """CPU_ISAS names the kernel's paths the library takes, in its order (the library lists them
+    lowest first when it refuses a FLASH_EXPORT_CPU_ISA that names none)."""
+    if not Path(library_path()).is_file():
+        pytest.skip(f"native library not built at {library_path()}")
+    code = ("from flash_export.runtime import library_path\n"
+            "from flash_export.runtime.native import NativeLibrary\n"
+            "NativeLibrary(library_path())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "FLASH_EXPORT_CPU_ISA": "bogus"})
+    found = re.search(r"names no CPU kernel path: use (.*), or unset it", result.stderr)
+    assert result.returncode != 0 and found, result.stderr
+    assert re.split(r", | or ", found.group(1)) == list(reversed(CPU_ISAS))
 
 
 def test_c_header_declares_every_exported_symbol() -> None:

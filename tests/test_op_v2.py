@@ -32,6 +32,7 @@ from flash_export.artifacts.safety import check_custom_nodes
 from flash_export.core.contract import DOMAIN, NODE_INPUTS
 from flash_export.core.errors import ArtifactError, ExportError
 from flash_export.runtime import library_path
+from flash_export.runtime.native_abi import CPU_ISAS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,7 @@ def test_structural_check_holds_version_1_models_to_version_1(use: str) -> None:
 # --------------------------------------------------------------------------- the C entry point
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_binding_matches_reference_on_every_cpu_path(isa: str) -> None:
     """The cases through the ctypes binding on each vector path (FLASH_EXPORT_CPU_ISA), float32
     and float16, serial and on 2 threads by turns, in a subprocess."""

@@ -48,19 +48,28 @@ class Refuse {
 
 long long ll(int64_t v) { return static_cast<long long>(v); }
 
-const char* core_type_name(int32_t dtype) {
-  switch (dtype) {
-    case FLASH_EXPORT_FLOAT32:
-      return "float32";
-    case FLASH_EXPORT_FLOAT16:
-      return "float16";
-    case FLASH_EXPORT_BFLOAT16:
-      return "bfloat16";
-    case FLASH_EXPORT_BOOL:
-      return "bool";
-    default:
-      return "another element type";
+// The words a refusal uses for the ABI's element type and device codes.
+struct Named {
+  int32_t code;
+  const char* name;
+};
+constexpr Named kTypeNames[] = {{FLASH_EXPORT_FLOAT32, "float32"},
+                                {FLASH_EXPORT_FLOAT16, "float16"},
+                                {FLASH_EXPORT_BFLOAT16, "bfloat16"},
+                                {FLASH_EXPORT_BOOL, "bool"}};
+constexpr Named kDeviceNames[] = {{FLASH_EXPORT_DEVICE_CPU, "cpu"},
+                                  {FLASH_EXPORT_DEVICE_CUDA, "cuda"}};
+
+template <size_t N>
+const char* name_of(const Named (&table)[N], int32_t code, const char* other) {
+  for (const Named& named : table) {
+    if (named.code == code) return named.name;
   }
+  return other;
+}
+
+const char* core_type_name(int32_t dtype) {
+  return name_of(kTypeNames, dtype, "another element type");
 }
 
 const char* type_name(const Tensor& t) {
@@ -68,14 +77,7 @@ const char* type_name(const Tensor& t) {
 }
 
 const char* core_device_name(int32_t device) {
-  switch (device) {
-    case FLASH_EXPORT_DEVICE_CPU:
-      return "cpu";
-    case FLASH_EXPORT_DEVICE_CUDA:
-      return "cuda";
-    default:
-      return "another device";
-  }
+  return name_of(kDeviceNames, device, "another device");
 }
 
 const char* device_name(const Tensor& t) {

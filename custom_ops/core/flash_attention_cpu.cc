@@ -19,6 +19,7 @@
 namespace flash_export {
 namespace {
 
+using cpu::Isa;
 using cpu::Kernel;
 using cpu::kPackRows;
 using cpu::Plan;
@@ -37,16 +38,16 @@ struct Kernels {
 Kernels select_kernels() {
   const char* forced = std::getenv("FLASH_EXPORT_CPU_ISA");
   const bool force = forced != nullptr && forced[0] != '\0';
-  auto is = [&](const char* name) { return force && std::strcmp(forced, name) == 0; };
+  auto is = [&](Isa isa) { return force && std::strcmp(forced, cpu::isa_name(isa)) == 0; };
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
-  if (is("portable")) return {cpu::kernel_portable(), cpu::kernel_portable()};
-  if (is("avx2") && has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
+  if (is(Isa::kPortable)) return {cpu::kernel_portable(), cpu::kernel_portable()};
+  if (is(Isa::kAvx2) && has_avx2) return {cpu::kernel_avx2(), cpu::kernel_avx2()};
 #ifndef FLASH_EXPORT_NO_AMX
-  if (has_avx512 && !is("avx512") && cpu::amx_usable()) {
+  if (has_avx512 && !is(Isa::kAvx512) && cpu::amx_usable()) {
     return {cpu::kernel_amx(), cpu::kernel_avx512()};
   }
 #endif
@@ -430,17 +431,20 @@ const char* regime_name(cpu::Regime r) {
 
 }  // namespace
 
-const char* cpu_kernel_isa() { return kernels().best.isa; }
+const char* cpu_kernel_isa() { return cpu::isa_name(kernels().best.isa); }
 
 const char* cpu_isa_setting_error() {
   static const std::string message = [] {
     const char* forced = std::getenv("FLASH_EXPORT_CPU_ISA");
     if (forced == nullptr || forced[0] == '\0') return std::string();
-    for (const char* known : {"portable", "avx2", "avx512", "amx"}) {
-      if (std::strcmp(forced, known) == 0) return std::string();
+    std::string known;  // "portable, avx2, avx512 or amx"
+    const size_t count = sizeof(cpu::kIsaNames) / sizeof(cpu::kIsaNames[0]);
+    for (size_t i = 0; i < count; ++i) {
+      if (std::strcmp(forced, cpu::kIsaNames[i]) == 0) return std::string();
+      known += std::string(i == 0 ? "" : i + 1 == count ? " or " : ", ") + cpu::kIsaNames[i];
     }
-    return "FLASH_EXPORT_CPU_ISA=" + std::string(forced) +
-           " names no CPU kernel path: use portable, avx2, avx512 or amx, or unset it";
+    return "FLASH_EXPORT_CPU_ISA=" + std::string(forced) + " names no CPU kernel path: use " +
+           known + ", or unset it";
   }();
   return message.empty() ? nullptr : message.c_str();
 }
@@ -486,8 +490,8 @@ std::string describe_cpu_plan(const AttentionParams& p, int threads) {
   const int64_t bh = p.batch * kv_heads_of(p);
   const bool shared = plan.regime == cpu::Regime::kShared;
   const int64_t groups = shared ? (bh + call.group - 1) / call.group : 0;
-  return std::string("{\"isa\": \"") + k.isa + "\", \"regime\": \"" + regime_name(plan.regime) +
-         "\", \"bq\": " + std::to_string(plan.bq) +
+  return std::string("{\"isa\": \"") + cpu::isa_name(k.isa) + "\", \"regime\": \"" +
+         regime_name(plan.regime) + "\", \"bq\": " + std::to_string(plan.bq) +
          ", \"q_blocks\": " + std::to_string(plan.q_blocks) +
          ", \"bc\": " + std::to_string(plan.bc) +
          ", \"head_bytes\": " + std::to_string(plan.head_floats * sizeof(float)) +

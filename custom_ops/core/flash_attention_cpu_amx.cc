@@ -26,33 +26,15 @@
 // 2r and 2r+1 side by side. The transposed S is what the shared softmax expects; O^T is
 // transposed back when the rows are written out.
 #if defined(__x86_64__) || defined(_M_X64)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <cpuid.h>
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
 
-#include "flash_attention_cpu_internal.h"
-
-namespace flash_export {
-namespace cpu {
-namespace amx {
-namespace {
-
-#include "flash_attention_cpu_avx512_vec.h"  // NOLINT(build/include): V, inside this namespace
-
-}  // namespace
-}  // namespace amx
-}  // namespace cpu
-}  // namespace flash_export
-
 #define FLASH_EXPORT_ISA_NAMESPACE amx
+#include "flash_attention_cpu_avx512_vec.h"
 #include "flash_attention_cpu_kernel_common.h"
 
 namespace flash_export {
@@ -429,8 +411,8 @@ bool amx_usable() {
 }
 
 Kernel kernel_amx() {
-  return Kernel{"amx",          amx::V::kW,   amx::kBq, &amx::pack_rows_amx, &amx::run_item_amx,
-                &amx::plan_amx, &amx::accepts};
+  return Kernel{Isa::kAmx,          amx::V::kW,     amx::kBq,     &amx::pack_rows_amx,
+                &amx::run_item_amx, &amx::plan_amx, &amx::accepts};
 }
 
 }  // namespace cpu

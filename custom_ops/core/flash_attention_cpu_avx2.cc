@@ -84,7 +84,7 @@ namespace flash_export {
 namespace cpu {
 
 Kernel kernel_avx2() {
-  return Kernel{"avx2",          avx2::V::kW, 96,      &avx2::pack_rows,
+  return Kernel{Isa::kAvx2,      avx2::V::kW, 96,      &avx2::pack_rows,
                 &avx2::run_item, nullptr,     nullptr, &avx2::run_rows};
 }
 

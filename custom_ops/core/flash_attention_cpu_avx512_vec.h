@@ -1,8 +1,30 @@
 // The AVX-512F vector abstraction `V` of the CPU kernel (flash_attention_cpu_kernel.h), shared by
 // the TUs compiled with AVX-512 flags (flash_attention_cpu_avx512.cc, flash_attention_cpu_amx.cc).
-// Include it inside that TU's own anonymous namespace only: each TU gets its own copy.
+// Each defines FLASH_EXPORT_ISA_NAMESPACE first and gets its own copy, in that namespace's
+// anonymous namespace (internal linkage: see flash_attention_cpu_kernel.h).
 #ifndef FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_AVX512_VEC_H_
 #define FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_AVX512_VEC_H_
+
+#ifndef FLASH_EXPORT_ISA_NAMESPACE
+#error "define FLASH_EXPORT_ISA_NAMESPACE before including flash_attention_cpu_avx512_vec.h"
+#endif
+
+// GCC 12's intrinsics headers initialise "undefined" vectors from themselves, which trips
+// -W(maybe-)uninitialized once inlined (GCC bug 105593); nothing in these TUs is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "flash_attention_cpu_internal.h"
+
+namespace flash_export {
+namespace cpu {
+namespace FLASH_EXPORT_ISA_NAMESPACE {
+namespace {
 
 struct V {
   using Reg = __m512;
@@ -49,5 +71,10 @@ struct V {
                         _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
+
+}  // namespace
+}  // namespace FLASH_EXPORT_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace flash_export
 
 #endif  // FLASH_EXPORT_CORE_FLASH_ATTENTION_CPU_AVX512_VEC_H_

@@ -150,10 +150,17 @@ using PlanFn = bool (*)(const AttentionParams& p, Plan* plan);
 // Whether a kernel takes these params; null: it takes every call.
 using AcceptsFn = bool (*)(const AttentionParams& p);
 
+// The CPU vector paths, the lowest first, and their names: the one table of them (the values
+// FLASH_EXPORT_CPU_ISA takes, cpu_kernel_isa()'s answers, the plan's "isa";
+// flash_export/runtime/native_abi.py's CPU_ISAS is checked against it by tests/test_native_abi.py).
+enum class Isa : int { kPortable, kAvx2, kAvx512, kAmx };
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512", "amx"};
+constexpr const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
 struct Kernel {
-  const char* isa;  // "amx", "avx512", "avx2" or "portable"
-  int width;        // floats per vector
-  int64_t bq;       // query rows per work item
+  Isa isa;
+  int width;   // floats per vector
+  int64_t bq;  // query rows per work item
   PackRowsFn pack_rows;
   RunItemFn run_item;
   PlanFn plan = nullptr;

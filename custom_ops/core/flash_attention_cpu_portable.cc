@@ -47,7 +47,7 @@ namespace flash_export {
 namespace cpu {
 
 Kernel kernel_portable() {
-  return Kernel{"portable",          portable::V::kW, 32,      &portable::pack_rows,
+  return Kernel{Isa::kPortable,      portable::V::kW, 32,      &portable::pack_rows,
                 &portable::run_item, nullptr,         nullptr, &portable::run_rows};
 }
 

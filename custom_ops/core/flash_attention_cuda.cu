@@ -114,7 +114,10 @@ __global__ void __launch_bounds__(kMmaThreads, MmaTile<kHeadDim>::kMinBlocksPerS
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const T* const q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const int64_t kv_h = h / (p.heads / kv_heads_of(p));  // grouped-query: its key/value head
+  // Grouped-query: its key/value head, in unsigned 32-bit arithmetic (the head count is the
+  // grid's y size, under 65536): a 64-bit division made the sm_90 kernels spill registers.
+  const unsigned kv_h = static_cast<unsigned>(h) /
+                        (static_cast<unsigned>(p.heads) / static_cast<unsigned>(kv_heads_of(p)));
   const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
   const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   T* const o = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
@@ -352,7 +355,10 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
   const int head_dim = static_cast<int>(p.head_dim);
   const T* const q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                      row * p.q_row_stride;
-  const int64_t kv_h = h / (p.heads / kv_heads_of(p));  // grouped-query: its key/value head
+  // Grouped-query: its key/value head, in unsigned 32-bit arithmetic (the head count is the
+  // grid's y size, under 65536): a 64-bit division made the sm_90 kernels spill registers.
+  const unsigned kv_h = static_cast<unsigned>(h) /
+                        (static_cast<unsigned>(p.heads) / static_cast<unsigned>(kv_heads_of(p)));
   const T* const k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
   const T* const v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   T* const o =

@@ -89,28 +89,19 @@ static_assert(offsetof(::OrtApiBase, GetVersionString) ==
               "OrtApiBase layout differs");
 
 // Enum values the adapter passes across the boundary.
-static_assert(ORT_INVALID_ARGUMENT == static_cast<int>(abi::ORT_INVALID_ARGUMENT), "OrtErrorCode");
-static_assert(ORT_FAIL == static_cast<int>(abi::ORT_FAIL), "OrtErrorCode");
-static_assert(ORT_RUNTIME_EXCEPTION == static_cast<int>(abi::ORT_RUNTIME_EXCEPTION),
-              "OrtErrorCode");
-static_assert(ORT_NOT_IMPLEMENTED == static_cast<int>(abi::ORT_NOT_IMPLEMENTED), "OrtErrorCode");
-static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-              "element type");
-static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-              "element type");
-static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL),
-              "element type");
-static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32),
-              "element type");
-static_assert(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ==
-                  static_cast<int>(abi::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
-              "element type");
-static_assert(ORT_OP_ATTR_INT == static_cast<int>(abi::ORT_OP_ATTR_INT), "attribute type");
-static_assert(INPUT_OUTPUT_OPTIONAL == static_cast<int>(abi::INPUT_OUTPUT_OPTIONAL), "optional");
-static_assert(OrtMemTypeDefault == static_cast<int>(abi::OrtMemTypeDefault), "memory type");
+#define FE_CHECK_VALUE(name) \
+  static_assert(name == static_cast<int>(abi::name), #name " differs from ort_abi.h")
+FE_CHECK_VALUE(ORT_INVALID_ARGUMENT);
+FE_CHECK_VALUE(ORT_FAIL);
+FE_CHECK_VALUE(ORT_RUNTIME_EXCEPTION);
+FE_CHECK_VALUE(ORT_NOT_IMPLEMENTED);
+FE_CHECK_VALUE(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+FE_CHECK_VALUE(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+FE_CHECK_VALUE(ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL);
+FE_CHECK_VALUE(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
+FE_CHECK_VALUE(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
+FE_CHECK_VALUE(ORT_OP_ATTR_INT);
+FE_CHECK_VALUE(INPUT_OUTPUT_OPTIONAL);
+FE_CHECK_VALUE(OrtMemTypeDefault);
 static_assert(ORT_API_VERSION >= abi::kApiVersion, "official header older than the API we ask");
 #endif  // FLASH_EXPORT_OFFICIAL_ORT_HEADER

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flash_export.h"
@@ -35,6 +36,19 @@ struct Described {
   std::string type_name, device_name;
 };
 
+// The ABI's element type codes of the ATen types, and the words for its error statuses.
+constexpr std::pair<at::ScalarType, int32_t> kElementCodes[] = {
+    {at::kFloat, FLASH_EXPORT_FLOAT32},
+    {at::kHalf, FLASH_EXPORT_FLOAT16},
+    {at::kBFloat16, FLASH_EXPORT_BFLOAT16},
+    {at::kBool, FLASH_EXPORT_BOOL},
+    {at::kInt, FLASH_EXPORT_INT32}};
+constexpr std::pair<int32_t, const char*> kStatusNames[] = {
+    {FLASH_EXPORT_INVALID_ARGUMENT, "invalid_argument"},
+    {FLASH_EXPORT_UNSUPPORTED, "unsupported"},
+    {FLASH_EXPORT_DEVICE_ERROR, "device_error"},
+    {FLASH_EXPORT_OUT_OF_MEMORY, "out_of_memory"}};
+
 void describe(const at::Tensor& t, Described* d) {
   d->type_name = std::string(c10::getDtypeNames(t.scalar_type()).first);  // "float32", "bool"
   d->device_name = t.device().str();                                      // "cpu", "meta"
@@ -45,24 +59,9 @@ void describe(const at::Tensor& t, Described* d) {
   x.type_name = d->type_name.c_str();
   x.device_name = d->device_name.c_str();
   x.rank = static_cast<int32_t>(t.dim());
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      x.dtype = FLASH_EXPORT_FLOAT32;
-      break;
-    case at::kHalf:
-      x.dtype = FLASH_EXPORT_FLOAT16;
-      break;
-    case at::kBFloat16:
-      x.dtype = FLASH_EXPORT_BFLOAT16;
-      break;
-    case at::kBool:
-      x.dtype = FLASH_EXPORT_BOOL;
-      break;
-    case at::kInt:
-      x.dtype = FLASH_EXPORT_INT32;
-      break;
-    default:
-      x.dtype = FLASH_EXPORT_OTHER_TYPE;
+  x.dtype = FLASH_EXPORT_OTHER_TYPE;
+  for (const auto& [scalar_type, code] : kElementCodes) {
+    if (t.scalar_type() == scalar_type) x.dtype = code;
   }
   x.device = t.device().is_cpu()    ? FLASH_EXPORT_DEVICE_CPU
              : t.device().is_cuda() ? FLASH_EXPORT_DEVICE_CUDA
@@ -70,18 +69,10 @@ void describe(const at::Tensor& t, Described* d) {
 }
 
 const char* status_name(int32_t status) {
-  switch (status) {
-    case FLASH_EXPORT_INVALID_ARGUMENT:
-      return "invalid_argument";
-    case FLASH_EXPORT_UNSUPPORTED:
-      return "unsupported";
-    case FLASH_EXPORT_DEVICE_ERROR:
-      return "device_error";
-    case FLASH_EXPORT_OUT_OF_MEMORY:
-      return "out_of_memory";
-    default:
-      return "?";
+  for (const auto& [code, name] : kStatusNames) {
+    if (status == code) return name;
   }
+  return "?";
 }
 
 #ifdef _OPENMP

@@ -7,15 +7,52 @@ and prints.
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import click
 
-from flash_export.cli.options import Console, common_options
+from flash_export.cli.options import Console, F, common_options
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+# `serve`'s limits and sizes: (option, its range, its default (shown), help).
+SERVE_LIMITS: List[Tuple[str, click.ParamType, float, str]] = [
+    ("--max-body-mib", click.FloatRange(min=0.001), 16.0,
+     "Largest request body (MiB); 413 past it."),
+    ("--max-batch", click.IntRange(min=1), 64, "Largest batch dim of one request."),
+    ("--max-length", click.IntRange(min=1), 4096,
+     "Largest sequence length (every dynamic size but the batch), within the graph's own bounds."),
+    ("--body-timeout", click.FloatRange(min=0.1), 10.0,
+     "Seconds a request body may take to arrive; 408 past it."),
+    ("--batch-size", click.IntRange(min=1), 8,
+     "Dynamic batching: concurrent requests merged into one run, for a model that declares its "
+     "per-request batch (1: off)."),
+    ("--max-response-mib", click.FloatRange(min=0.001), 64.0,
+     "Largest answer (MiB), checked from the output shapes before running; 413 past it."),
+    ("--max-ongoing", click.IntRange(min=1), 64,
+     "Requests one replica parses, queues and runs at once, once their bodies have arrived."),
+    ("--max-pending", click.IntRange(min=1), 256,
+     "Requests one replica holds sending their bodies or waiting for one of the --max-ongoing "
+     "places; past it, 503 at once."),
+    ("--num-cpus", click.FloatRange(min=0), 1.0,
+     "CPUs Ray reserves for each replica (a fraction packs several replicas on one CPU)."),
+    ("--start-timeout", click.FloatRange(min=1), 120.0,
+     "Seconds to wait for every replica to run before giving up, naming the resources missing."),
+]
+
+
+def _number_options(table: List[Tuple[str, click.ParamType, float, str]]
+                    ) -> Callable[[F], F]:
+    """The options of `table`, in its order, each showing its default."""
+    def decorate(f: F) -> F:
+        for flag, kind, default, words in reversed(table):
+            f = click.option(flag, type=kind, default=default, show_default=True, help=words)(f)
+        return f
+
+    return decorate
 
 
 @click.command()
@@ -34,34 +71,7 @@ def _interrupt(signum: int, frame: Any) -> None:
               help="HTTP port.")
 @click.option("--name", default=None,
               help="Model name in URLs. Default: the artifact's file stem.")
-@click.option("--max-body-mib", type=click.FloatRange(min=0.001), default=16.0,
-              show_default=True, help="Largest request body (MiB); 413 past it.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Largest batch dim of one request.")
-@click.option("--max-length", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Largest sequence length (every dynamic size but the batch), within the "
-                   "graph's own bounds.")
-@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=10.0,
-              show_default=True, help="Seconds a request body may take to arrive; 408 past it.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Dynamic batching: concurrent requests merged into one run, for a model "
-                   "that declares its per-request batch (1: off).")
-@click.option("--max-response-mib", type=click.FloatRange(min=0.001), default=64.0,
-              show_default=True,
-              help="Largest answer (MiB), checked from the output shapes before running; 413 "
-                   "past it.")
-@click.option("--max-ongoing", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests one replica parses, queues and runs at once, once their bodies "
-                   "have arrived.")
-@click.option("--max-pending", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Requests one replica holds sending their bodies or waiting for one of the "
-                   "--max-ongoing places; past it, 503 at once.")
-@click.option("--num-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="CPUs Ray reserves for each replica (a fraction packs several replicas on "
-                   "one CPU).")
-@click.option("--start-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds to wait for every replica to run before giving up, naming the "
-                   "resources missing.")
+@_number_options(SERVE_LIMITS)
 def serve(artifact: Path, replicas: int, threads: int, address: Optional[str], host: str,
           port: int, name: Optional[str], max_body_mib: float, max_batch: int, max_length: int,
           body_timeout: float, batch_size: int, max_response_mib: float, max_ongoing: int,

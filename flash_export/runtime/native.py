@@ -93,7 +93,7 @@ class NativeLibrary:
         return info
 
     def cpu_isa(self) -> str:
-        """The CPU kernel's vector path on this machine: "amx", "avx512", "avx2" or "portable"."""
+        """The CPU kernel's vector path on this machine: one of `native_abi.CPU_ISAS`."""
         isa: bytes = self._fns["flash_export_cpu_isa"]()
         return isa.decode()
 

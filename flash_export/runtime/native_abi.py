@@ -19,6 +19,10 @@ OTHER_TYPE = 4
 DEVICE_CODES: Dict[str, int] = {"cpu": 0, "cuda": 1}
 OTHER_DEVICE = 2
 ERROR_SIZE = 512  # FLASH_EXPORT_ERROR_SIZE
+# The CPU kernel's vector paths, the best first: the names FLASH_EXPORT_CPU_ISA takes and
+# flash_export_cpu_isa answers (custom_ops/core/flash_attention_cpu_internal.h, kIsaNames, holds
+# them lowest first; tests/test_native_abi.py checks the two agree).
+CPU_ISAS: Tuple[str, ...] = ("amx", "avx512", "avx2", "portable")
 # The entry points' status codes (FLASH_EXPORT_OK ...).
 STATUS_NAMES: Dict[int, str] = {0: "ok", 1: "invalid_argument", 2: "unsupported",
                                 3: "device_error", 4: "out_of_memory"}
