@@ -69,6 +69,13 @@ def test_a_swapped_model_exports_one_node_per_layer_and_matches_eager_at_new_siz
         assert (one, one_again) == (1, 1) and isinstance(keys, str), shapes[node.input[3]]
         causal = next(a.i for a in node.attribute if a.name == "causal")
         assert causal == (name == "llama-gqa")
+        # Grouped heads reach the node unrepeated (op contract v2), key and value head-major:
+        # Llama's 2 key/value heads as (B, 2, Lk, D) beside kv_num_heads = 2.
+        attrs = {a.name: a.i for a in node.attribute}
+        kv_heads = model.config.num_key_value_heads if name == "llama-gqa" else None
+        assert attrs.get("kv_num_heads") == kv_heads
+        if kv_heads is not None:
+            assert [shapes[node.input[i]][1] for i in (1, 2)] == [kv_heads, kv_heads]
     assert not [n.op_type for n in graph.node if n.op_type == "Softmax"]
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert all(d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim)

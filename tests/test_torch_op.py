@@ -448,20 +448,23 @@ def test_v2_is_scripted_and_compiled_to_pt2_and_both_run_by_the_shim_alone(tmp_p
     """One call with every v2 argument (grouped heads, head-major views in and out, seqlens_k,
     window, bias, softcap, causal): TorchScript resolves the overload by its keywords,
     torch.export keeps it as one call with the fake kernel's shape, and both the TorchScript
-    archive and the AOTInductor `.pt2` package run in a process that has only the libtorch shim
-    (as a C++ one would), matching the float64 reference."""
+    archive (on float32 and float16 inputs) and the AOTInductor `.pt2` package (float32, one
+    compile) run in a process that has only the libtorch shim (as a C++ one would), matching the
+    float64 reference."""
     from _native_cases import V2_CASES, check_output_v2, v2_call
 
     with quiet_jit_deprecation():
         scripted = torch.jit.script(_V2Call())
         scripted.save(str(tmp_path / "v2.pt"))
-    call = v2_call(V2_CASES["everything"], np.float32)
-    tensors, _ = _v2_tensors(call)
-    torch.save([t.contiguous() if t is not None else None for t in tensors], tmp_path / "in.pt")
-    program = torch.export.export(_V2Call(), tuple(tensors))
-    calls = [n for n in program.graph.nodes
-             if n.op == "call_function" and "flash_export" in str(n.target)]
-    assert len(calls) == 1
+    calls = {dtype: v2_call(V2_CASES["everything"], dtype) for dtype in (np.float32, np.float16)}
+    tensors = {dtype: _v2_tensors(call)[0] for dtype, call in calls.items()}
+    for dtype, inputs in tensors.items():
+        torch.save([t.contiguous() if t is not None else None for t in inputs],
+                   tmp_path / f"in_{np.dtype(dtype).name}.pt")
+    program = torch.export.export(_V2Call(), tuple(tensors[np.float32]))
+    exported = [n for n in program.graph.nodes
+                if n.op == "call_function" and "flash_export" in str(n.target)]
+    assert len(exported) == 1
     with warnings.catch_warnings():  # torch's own pytree deprecation, raised by the compile
         warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
         package = torch._inductor.aoti_compile_and_package(
@@ -469,17 +472,21 @@ def test_v2_is_scripted_and_compiled_to_pt2_and_both_run_by_the_shim_alone(tmp_p
     run = _python(f"""
 import torch
 torch.ops.load_library({str(shim_library)!r})
-inputs = torch.load({str(tmp_path / "in.pt")!r})
-torch.save(torch.jit.load({str(tmp_path / "v2.pt")!r})(*inputs), {str(tmp_path / "out.pt")!r})
+scripted = torch.jit.load({str(tmp_path / "v2.pt")!r})
+for dtype in ("float32", "float16"):
+    inputs = torch.load(f"{tmp_path}/in_{{dtype}}.pt")
+    torch.save(scripted(*inputs), f"{tmp_path}/out_{{dtype}}.pt")
 compiled = torch._inductor.aoti_load_package({package!r})
-torch.save(compiled(*inputs), {str(tmp_path / "out_pt2.pt")!r})
+torch.save(compiled(*torch.load(f"{tmp_path}/in_float32.pt")), f"{tmp_path}/out_pt2.pt")
 """)
     assert run.returncode == 0, run.stderr
-    out = torch.load(tmp_path / "out.pt")
-    check_output_v2(out.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
-                    **call["options"])
-    assert torch.equal(scripted(*tensors), out)  # the Python kernel and the shim's agree
-    assert calls[0].meta["val"].shape == out.shape
+    for dtype, call in calls.items():
+        out = torch.load(tmp_path / f"out_{np.dtype(dtype).name}.pt")
+        check_output_v2(out.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
+                        **call["options"])
+        assert torch.equal(scripted(*tensors[dtype]), out)  # the Python kernel and the shim's
+    assert exported[0].meta["val"].shape == out.shape
+    call = calls[np.float32]
     out_pt2 = torch.load(tmp_path / "out_pt2.pt")
     check_output_v2(out_pt2.numpy(), call["q"], call["k"], call["v"], call["num_heads"],
                     **call["options"])

@@ -137,36 +137,18 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if refused is not None:
         raise ConversionError(f"{type(module).__name__}: flash_export cannot compute {refused}")
     batch, heads, q_len, head_dim = query.shape
-    key, value = kv_heads_for_op(key, value, heads)  # (B, H, Lk, D) each
+    kv_heads = key.shape[1]
+    if heads % kv_heads:
+        raise ConversionError(f"{type(module).__name__}: {heads} query heads do not share "
+                              f"{kv_heads} key/value heads evenly")
     mask, causal = kernel_mask(module, attention_mask, is_causal)
     scale = head_dim ** -0.5 if scaling is None else float(scaling)
-    out = torch.ops.flash_export.attention(merge_heads(query), merge_heads(key),
-                                           merge_heads(value), mask, heads, CHUNK_SIZE,
-                                           causal, scale)  # (B, Lq, H * D)
+    # Op contract v2: query (B, H, Lq, D), key and value (B, Hkv, Lk, D) read in place through
+    # their strides, grouped heads sharing each key/value head (no repeat, no copy).
+    out = torch.ops.flash_export.attention.v2(query, key, value, mask, num_heads=heads,
+                                              kv_num_heads=kv_heads, chunk_size=CHUNK_SIZE,
+                                              causal=causal, scale=scale)  # (B, Lq, H * D)
     return out.view(batch, q_len, heads, head_dim), None
-
-
-def kv_heads_for_op(key: Tensor, value: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
-    """Grouped-query key/value heads as the op takes them: (B, Hkv, Lk, D) -> (B, H, Lk, D).
-
-    The one place grouped and multi-query heads are handled: today's op takes one head count
-    for query, key and value, so each key/value head is repeated for the H / Hkv query heads
-    that share it (a copy of H / Hkv times the cache). Op contract v2 (issue 26) adds
-    `kv_num_heads`; then this passes key and value through and the call above names Hkv.
-    """
-    kv_heads = key.shape[1]
-    if kv_heads == heads:
-        return key, value
-    if heads % kv_heads:
-        raise ConversionError(f"{heads} query heads do not share {kv_heads} key/value heads "
-                              "evenly")
-    groups = heads // kv_heads
-    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, L, D) -> (B, L, H * D), the op's layout (a copy)."""
-    return x.transpose(1, 2).flatten(2)
 
 
 def kernel_mask(module: torch.nn.Module, attention_mask: Optional[Tensor],

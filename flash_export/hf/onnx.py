@@ -2,11 +2,12 @@
 
 A swapped model calls the op `flash_export::attention` (`flash_export.hf.attention`), which
 `torch.onnx.export(dynamo=True)` keeps as one call per layer; `translations()` turns each call
-into one ``com.flash_export::FlashAttention`` node (the contract of `flash_export.core.contract`),
-with or without its mask input, through the custom target's own node functions in
-`flash_export.export.onnx_targets`. FlashAttention models reach that node through their own opaque
-op (`OnnxAttention`); this table is for the registered op, which transformers models (and `.pt2`
-packages) call.
+into one ``com.flash_export::FlashAttention`` node (the contract of `flash_export.core.contract`):
+the default overload with or without its mask input, the v2 overload (grouped heads read
+head-major, what swapped layers call) as a version-2 node, through the custom target's own node
+functions in `flash_export.export.onnx_targets`. FlashAttention models reach that node through
+their own opaque op (`OnnxAttention`); this table is for the registered op, which transformers
+models (and `.pt2` packages) call.
 
 A prototype (issue 27, phase A): `export_swapped` writes a swapped model's forward to a file
 onnxruntime runs through `flash_export.runtime.create_session`, without the flash-export
@@ -25,7 +26,11 @@ from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
 from torch import nn
 
 from flash_export.core.errors import ExportError, summary
-from flash_export.export.onnx_targets import _custom_node, _custom_node_masked
+from flash_export.export.onnx_targets import (
+    _custom_node,
+    _custom_node_masked,
+    flash_attention_v2_node,
+)
 from flash_export.export.opsets import choose_opset, ir_version_for
 
 
@@ -49,7 +54,8 @@ def translations() -> Dict[Any, Any]:
     from flash_export.nn.torch_op import register
 
     register()
-    return {torch.ops.flash_export.attention.default: flash_attention_node}
+    return {torch.ops.flash_export.attention.default: flash_attention_node,
+            torch.ops.flash_export.attention.v2: flash_attention_v2_node}
 
 
 def export_swapped(model: nn.Module, path: Union[str, Path], *, kwargs: Mapping[str, Any],
