@@ -442,3 +442,66 @@ def _check_model(model: onnx.ModelProto) -> None:
         except ArtifactError as exc:
             assert str(exc).startswith(f"{path}: {OP_NAME} node")
             raise
+
+
+# ------------------------------------------------------------------ what an opened file hands on
+
+
+def test_external_files_are_exactly_the_data_files_bytes_by_the_graphs_names(folder):
+    (folder / "sub").mkdir()
+    (folder / "sub" / "v.data").write_bytes(WEIGHTS[::-1].tobytes()[:32])
+    (folder / "empty.data").write_bytes(b"")
+    tensors = [numpy_helper.from_array(WEIGHTS, "inline"), _weights(length="32"),
+               _external(numpy_helper.from_array(WEIGHTS[:8], "v"), "sub/v.data"),
+               _external(numpy_helper.from_array(WEIGHTS[:0], "e"), "empty.data"),
+               _external(numpy_helper.from_array(WEIGHTS[8:], "w2"), "w.data", offset="32")]
+    with open_onnx(_save(folder, _model(tensors))) as opened:
+        names, buffers, sizes = opened.external_files()
+        assert names == ["w.data", "sub/v.data", "empty.data"]
+        assert [bytes(b) for b in buffers] == [(folder / n).read_bytes() for n in names]
+        assert sizes == [64, 32, 0]
+    with open_onnx(_save(folder, _model([numpy_helper.from_array(WEIGHTS, "w")]))) as opened:
+        assert opened.external_files() == ([], [], [])
+
+
+@pytest.mark.parametrize("change", ["longer", "same-size"])
+def test_check_unchanged_refuses_a_data_file_written_to_after_it_was_opened(folder, change):
+    (folder / "v.data").write_bytes(b"v" * 64)
+    path = _save(folder, _model([_weights(), _external(numpy_helper.from_array(WEIGHTS, "v"),
+                                                       "v.data")]))
+    with open_onnx(path) as opened:
+        opened.check_unchanged()
+        stat_before = os.stat(folder / "v.data")
+        with open(folder / "v.data", "r+b") as f:  # the same file (inode), written in place
+            f.write(b"x" * (65 if change == "longer" else 64))
+        # a write within the clock's tick may keep the mtime: move it as a later write would
+        os.utime(folder / "v.data", ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns + 10**9))
+        with pytest.raises(ArtifactError, match=rf"^{path}: external data file 'v.data' was "
+                                                rf"written to while it was loaded: load it again$"):
+            opened.check_unchanged()
+
+
+def test_check_unchanged_takes_a_data_file_renamed_away_as_unchanged(folder):
+    path = _save(folder, _model([_weights()]))
+    with open_onnx(path) as opened:
+        os.rename(folder / "w.data", folder / "moved.data")  # what was opened is still read
+        opened.check_unchanged()
+        assert bytes(opened.external_files()[1][0]) == WEIGHTS.tobytes()
+
+
+def test_open_onnx_refuses_a_data_file_or_folder_reached_through_a_symlink(folder):
+    (folder / "link.data").symlink_to(folder / "w.data")
+    (folder / "dir").mkdir()
+    (folder / "dir" / "w.data").write_bytes(WEIGHTS.tobytes())
+    (folder / "dirlink").symlink_to(folder / "dir")
+    for location, link in [("link.data", "link.data"), ("dirlink/w.data", "dirlink")]:
+        path = _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError, match=rf"tensor 'w': external data location "
+                                                rf"'{location}' goes through a symlink "
+                                                rf"\({link}\); flash-export follows no links$"):
+            open_onnx(path)
+    # a plain file where a folder should be is missing, not a link
+    path = _save(folder, _model([_weights("w.data/w.data")]))
+    with pytest.raises(ArtifactError, match=r"'w.data/w.data' is missing or unreadable "
+                                            r"\(Not a directory\)$"):
+        open_onnx(path)
