@@ -312,10 +312,11 @@ def test_io_from_graph_gives_every_unnamed_dim_a_size_name_of_its_own():
     """Even where "NAME_dimAXIS" is cut to 64 characters or another dim has that name: two dims
     of one size name must be equal, and nothing says these are."""
     long, other = "t" * 60, "t" * 60 + "u"  # long_dim0 cut to 64 is "ttt..._dim": other's too
-    io = io_from_graph([("x", "float32", ["batch", "q_len", "k_len", 0, 3, "y_dim0"]),
+    io = io_from_graph([("y", "float32", [None, None]),  # a later input names a dim y_dim0
+                        ("x", "float32", ["batch", "q_len", "k_len", 0, 3, "y_dim0"]),
                         (long, "float16", [None, -1, True, "1st"]),
-                        (other, "float16", [None]), ("y", "float32", [None, None])])
-    x, t, u, y = io.inputs
+                        (other, "float16", [None])])
+    y, x, t, u = io.inputs
     assert x.dims == ("batch", "q_len", "k_len", 0, 3, "y_dim0")
     assert t.dims == ("t" * 59 + "_dim0", "t" * 59 + "_dim1", "t" * 59 + "_dim2",
                       "t" * 59 + "_dim3")
@@ -360,6 +361,8 @@ def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask
                                    role="attention"))
     assert list(io.inputs) == expected and io.outputs == ("output",)
     assert io.sizes == {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)}
+    # output (B, Lq, E), and rows of the batch are independent requests
+    assert io.output_dims == {"output": ("batch", "q_len", 12)} and io.batch == "batch"
     assert attention_io(12) == attention_io(12, mask=False)
     assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
     with pytest.raises(KeyError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,14 @@ from flash_export.artifacts.safety import (
     load_graph,
     open_onnx,
 )
-from flash_export.core.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
+from flash_export.core.contract import (
+    DOMAIN,
+    NODE_ATTRIBUTES,
+    NODE_INPUTS,
+    OP_NAME,
+    V2_ATTRIBUTES,
+    V2_INPUTS,
+)
 from flash_export.core.errors import ArtifactError
 
 WEIGHTS = np.arange(16, dtype=np.float32)
@@ -105,7 +113,7 @@ def test_a_clean_external_reference_is_counted_and_the_model_returned(folder):
 ], ids=["empty", "nul", "absolute", "dotdot", "inner-dotdot", "backslash-dotdot", "dot",
         "dot-slash", "missing"])
 def test_a_location_outside_or_nowhere_is_refused(folder, location, words):
-    with pytest.raises(ArtifactError, match=words):
+    with pytest.raises(ArtifactError, match=rf"^t: .*{words}"):
         check_external_location(location, folder, "t")
     path = _save(folder, _model([_weights(location)]))
     with pytest.raises(ArtifactError, match=rf"model.onnx: tensor 'w'.*{words}"):
@@ -117,17 +125,22 @@ def test_a_location_through_a_symlink_is_refused_even_inside_the_folder(folder):
     (folder / "dir").mkdir()
     (folder / "dirlink").symlink_to(folder / "dir")
     (folder / "dir" / "w.data").write_bytes(b"x" * 64)
-    for location in ("link.data", "dirlink/w.data"):
-        with pytest.raises(ArtifactError, match="goes through a symlink"):
+    for location, link in [("link.data", "link.data"), ("dirlink/w.data", "dirlink")]:
+        with pytest.raises(ArtifactError, match=rf"^t: external data location '{location}' goes "
+                                                rf"through a symlink \({link}\); flash-export "
+                                                rf"follows no links$"):
             check_external_location(location, folder, "t")
 
 
 def test_a_hard_linked_or_non_regular_file_is_refused(folder):
     os.link(folder / "w.data", folder / "second.data")
-    with pytest.raises(ArtifactError, match="has 2 hard links"):
+    with pytest.raises(ArtifactError, match=r"^t: external data file 'w.data' has 2 hard links; "
+                                            r"a hard link may expose a file from elsewhere, copy "
+                                            r"it instead$"):
         check_external_location("w.data", folder, "t")
     (folder / "sub").mkdir()
-    with pytest.raises(ArtifactError, match="is not a regular file"):
+    with pytest.raises(ArtifactError, match=r"^t: external data location 'sub' is not a regular "
+                                            r"file$"):
         check_external_location("sub", folder, "t")
 
 
@@ -333,8 +346,16 @@ def test_a_missing_file_or_one_that_is_not_onnx_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="ONNX file not found"):
         load_graph(tmp_path)
     (tmp_path / "junk.onnx").write_bytes(b"\xff" * 10)
-    with pytest.raises(ArtifactError, match="junk.onnx is not an ONNX model"):
-        check_onnx_file(tmp_path / "junk.onnx")
+    for read in (check_onnx_file, load_graph):
+        with pytest.raises(ArtifactError, match=rf"^{tmp_path / 'junk.onnx'} is not an ONNX "
+                                                r"model: DecodeError: "):
+            read(tmp_path / "junk.onnx")
+
+
+def test_load_graph_is_the_model_the_file_holds(tmp_path):
+    model = _model([numpy_helper.from_array(WEIGHTS, "w")], {"k": "v"})
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    assert load_graph(tmp_path / "m.onnx") == model
 
 
 def test_a_model_in_the_working_folder_resolves_its_data_there(folder, monkeypatch):
@@ -505,3 +526,116 @@ def test_open_onnx_refuses_a_data_file_or_folder_reached_through_a_symlink(folde
     with pytest.raises(ArtifactError, match=r"'w.data/w.data' is missing or unreadable "
                                             r"\(Not a directory\)$"):
         open_onnx(path)
+
+
+def test_a_fifo_named_as_data_is_refused_without_waiting_for_a_writer(folder):
+    os.mkfifo(folder / "fifo.data")
+    path = _save(folder, _model([_weights("fifo.data")]))
+    refused: list[str] = []
+
+    def run() -> None:
+        with pytest.raises(ArtifactError) as caught:
+            open_onnx(path)
+        refused.append(str(caught.value))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
+        os.close(os.open(folder / "fifo.data", os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(30)
+        pytest.fail("open_onnx waited for a writer on a FIFO named as external data")
+    assert refused and refused[0].endswith("external data location 'fifo.data' is not a regular "
+                                           "file")
+
+
+def test_a_closed_data_file_holds_no_bytes_and_closing_again_closes_nothing(folder):
+    path = _save(folder, _model([_weights()]))
+    with open_onnx(path) as opened:
+        data = opened.data["w.data"]
+        assert bytes(data.view) == WEIGHTS.tobytes() and data.fd >= 0
+    assert len(data.view) == 0 and data.fd < 0
+    reused = os.open(folder / "w.data", os.O_RDONLY)  # may get the number just freed
+    try:
+        data.close()
+        os.fstat(reused)  # still open
+        assert len(data.view) == 0 and data.fd < 0
+    finally:
+        os.close(reused)
+
+
+# ------------------------------------------------------------------ op versions
+
+_V1_ATTRIBUTES = {n: v for n, v in _valid_attributes().items() if n not in V2_ATTRIBUTES}
+
+
+def _node(inputs: list[str], **attrs) -> onnx.NodeProto:
+    return helper.make_node(OP_NAME, inputs, ["o"], domain=DOMAIN, name="fa", **attrs)
+
+
+def _importing(version: int | None, node: onnx.NodeProto) -> onnx.ModelProto:
+    """A model holding `node` that imports the op's domain at `version` (None: not at all)."""
+    model = _with_nodes([node])
+    if version is not None:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, version))
+    return model
+
+
+def _slots(*names: str) -> list[str]:
+    """Node inputs by position: `names` filled in, the optional slots before them left empty."""
+    last = max(NODE_INPUTS.index(n) for n in ("value", *names))
+    return [n if n in ("query", "key", "value", *names) else "" for n in NODE_INPUTS[:last + 1]]
+
+
+@pytest.mark.parametrize("feature", sorted(V2_ATTRIBUTES) + sorted(V2_INPUTS))
+def test_a_version_1_model_may_use_no_version_2_attribute_or_input(feature):
+    attrs = dict(_V1_ATTRIBUTES)
+    inputs = _slots("mask")
+    if feature in V2_ATTRIBUTES:
+        attrs[feature] = _valid_attributes()[feature]
+    else:
+        inputs = _slots("mask", feature)
+    node = _node(inputs, **attrs)
+    with pytest.raises(ArtifactError, match=rf"^m.onnx: {OP_NAME} node 'fa' uses '{feature}', "
+                                            rf"which came with version 2 of {DOMAIN}; the model "
+                                            r"imports version 1$"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+    for version in (2, 3, None):
+        assert check_custom_nodes(_importing(version, node), "m.onnx") == 1
+
+
+def test_a_version_1_model_takes_version_1_attributes_a_mask_and_empty_optional_slots():
+    for inputs in (_slots(), _slots("mask"), _slots("mask") + ["", ""]):
+        node = _node(inputs, **_V1_ATTRIBUTES)
+        assert check_custom_nodes(_importing(1, node), "m.onnx") == 1
+
+
+def test_a_version_1_refusal_names_attributes_before_inputs_in_the_contracts_order():
+    first, *_ = (n for n in NODE_ATTRIBUTES if n in V2_ATTRIBUTES)
+    node = _node(_slots("bias"), **_valid_attributes())  # every attribute, and a bias
+    with pytest.raises(ArtifactError, match=rf"uses '{first}', which came with version 2"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+    node = _node(_slots("seqlens_k", "bias"), **_V1_ATTRIBUTES)
+    with pytest.raises(ArtifactError, match=r"uses 'seqlens_k', which came with version 2"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+
+
+def test_a_node_takes_every_input_the_op_has_and_no_more():
+    node = _node(list(NODE_INPUTS), **_valid_attributes())
+    assert check_custom_nodes(_importing(2, node), "m.onnx") == 1
+    node = _node([*NODE_INPUTS, "extra"], **_valid_attributes())
+    with pytest.raises(ArtifactError, match=rf"^m.onnx: {OP_NAME} node 'fa' has "
+                                            rf"{len(NODE_INPUTS) + 1} inputs, expected at most "
+                                            rf"{len(NODE_INPUTS)} \({', '.join(NODE_INPUTS)}\)$"):
+        check_custom_nodes(_importing(2, node), "m.onnx")
+
+
+def test_a_mistyped_attribute_whose_value_onnx_cannot_read_is_shown_as_a_question_mark():
+    name = next(n for n, (kind, _) in NODE_ATTRIBUTES.items() if kind == "INT")
+    node = _flash(**_valid_attributes())
+    odd = next(a for a in node.attribute if a.name == name)
+    odd.type = onnx.AttributeProto.FLOAT
+    odd.ref_attr_name = "outer"  # a reference to a function's attribute: no value of its own
+    with pytest.raises(ArtifactError, match=rf"attribute {name} is FLOAT \(\?\), expected "
+                                            r"INT$"):
+        check_custom_nodes(_with_nodes([node]), "m.onnx")
