@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -201,7 +202,8 @@ def test_check_feed_refuses_wrong_names_dtypes_and_ranks(data, io):
         message = rf"input {t.name}: dtype {other}, expected {t.dtype}"
     else:
         feed[t.name] = feed[t.name][..., None]
-        message = rf"input {t.name}: rank {len(t.dims) + 1}, expected {len(t.dims)}"
+        dims = re.escape(", ".join(str(d) for d in t.dims))
+        message = rf"input {t.name}: rank {len(t.dims) + 1}, expected {len(t.dims)} \({dims}\)$"
     with pytest.raises(ValueError, match=message):
         check_feed(io, feed)
 
@@ -396,11 +398,11 @@ def test_a_graph_that_agrees_with_its_spec_returns_the_spec_unchanged():
 
 @pytest.mark.parametrize("axis, value", [
     (0, 3), (0, "seq"), (0, "other"), (0, None),
-    (1, 9), (1, "batch"), (1, None),
+    (1, 9), (1, 1), (1, "batch"), (1, None),
     (2, 5), (2, 0), (2, "seq"), (2, None),
     (3, 7), (3, 0), (3, "seq"), (3, None),
 ], ids=["batch-as-int", "batch-as-seq", "batch-as-unknown-name", "batch-as-none",
-        "seq-as-int", "seq-as-batch", "seq-as-none",
+        "seq-as-int", "seq-as-its-min", "seq-as-batch", "seq-as-none",
         "pinned-as-other-int", "pinned-as-zero", "pinned-as-seq", "pinned-as-none",
         "static-as-other-int", "static-as-zero", "static-as-name", "static-as-none"])
 def test_every_output_dim_the_graph_contradicts_is_refused_naming_tensor_and_axis(axis, value):

@@ -472,15 +472,17 @@ def test_external_files_are_exactly_the_data_files_bytes_by_the_graphs_names(fol
     (folder / "sub").mkdir()
     (folder / "sub" / "v.data").write_bytes(WEIGHTS[::-1].tobytes()[:32])
     (folder / "empty.data").write_bytes(b"")
+    (folder / "one.data").write_bytes(b"\x01")
     tensors = [numpy_helper.from_array(WEIGHTS, "inline"), _weights(length="32"),
                _external(numpy_helper.from_array(WEIGHTS[:8], "v"), "sub/v.data"),
                _external(numpy_helper.from_array(WEIGHTS[:0], "e"), "empty.data"),
+               _external(numpy_helper.from_array(WEIGHTS[:0], "b"), "one.data", length="1"),
                _external(numpy_helper.from_array(WEIGHTS[8:], "w2"), "w.data", offset="32")]
     with open_onnx(_save(folder, _model(tensors))) as opened:
         names, buffers, sizes = opened.external_files()
-        assert names == ["w.data", "sub/v.data", "empty.data"]
+        assert names == ["w.data", "sub/v.data", "empty.data", "one.data"]
         assert [bytes(b) for b in buffers] == [(folder / n).read_bytes() for n in names]
-        assert sizes == [64, 32, 0]
+        assert sizes == [64, 32, 0, 1]
     with open_onnx(_save(folder, _model([numpy_helper.from_array(WEIGHTS, "w")]))) as opened:
         assert opened.external_files() == ([], [], [])
 
@@ -639,3 +641,22 @@ def test_a_mistyped_attribute_whose_value_onnx_cannot_read_is_shown_as_a_questio
     with pytest.raises(ArtifactError, match=rf"attribute {name} is FLOAT \(\?\), expected "
                                             r"INT$"):
         check_custom_nodes(_with_nodes([node]), "m.onnx")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_open_onnx_leaves_no_descriptor_open_after_a_refusal_or_a_close(folder):
+    (folder / "dir").mkdir()
+    (folder / "dir" / "link.data").symlink_to(folder / "w.data")
+    os.link(folder / "w.data", folder / "dir" / "twice.data")
+    before = len(os.listdir("/proc/self/fd"))
+    for location, words in [("dir/missing.data", "is missing or unreadable"),
+                            ("dir/link.data", r"goes through a symlink \(link.data\)"),
+                            ("dir/twice.data", "has 2 hard links"), ("dir", "is not a regular file")]:
+        path = _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError, match=rf"'{location}' {words}"):
+            open_onnx(path)
+    (folder / "dir" / "twice.data").unlink()
+    (folder / "dir" / "w.data").write_bytes(WEIGHTS.tobytes())
+    with open_onnx(_save(folder, _model([_weights("dir/w.data")]))) as opened:
+        assert opened.external_tensors == 1
+    assert len(os.listdir("/proc/self/fd")) == before
