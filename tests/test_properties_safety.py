@@ -98,6 +98,9 @@ def test_a_clean_external_reference_is_counted_and_the_model_returned(folder):
     with open_onnx(path) as opened:
         assert list(opened.data) == ["w.data"] and len(opened.data["w.data"].view) == 64
         assert opened.model.graph.initializer[0].name == "w"
+        # the bytes parsed and their hash, what a session is built from
+        assert opened.raw == path.read_bytes() and opened.path == path
+        assert opened.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("location, words", [
@@ -187,7 +190,8 @@ def test_a_repeated_external_data_key_is_refused(folder):
     entry = tensor.external_data.add()
     entry.key, entry.value = "location", "other.data"
     path = _save(folder, _model([tensor]))
-    with pytest.raises(ArtifactError, match="repeats external_data key 'location'"):
+    with pytest.raises(ArtifactError, match=rf"^{path}: tensor 'w' repeats external_data key "
+                                            r"'location'"):
         check_onnx_file(path)
 
 
@@ -215,7 +219,8 @@ def test_data_pinned_by_the_exporter_must_be_that_data(folder):
                          ids=["not-json", "list", "not-a-string", "a-string"])
 def test_pinned_hashes_that_are_not_an_object_of_strings_are_refused(folder, text):
     path = _save(folder, _model([_weights()], {EXTERNAL_DATA_KEY: text}))
-    with pytest.raises(ArtifactError, match="is not a JSON object of SHA-256 strings"):
+    with pytest.raises(ArtifactError, match=rf"^{path}: metadata {EXTERNAL_DATA_KEY} is not a "
+                                            r"JSON object of SHA-256 strings$"):
         check_onnx_file(path)
 
 
@@ -530,25 +535,30 @@ def test_open_onnx_refuses_a_data_file_or_folder_reached_through_a_symlink(folde
         open_onnx(path)
 
 
-def test_a_fifo_named_as_data_is_refused_without_waiting_for_a_writer(folder):
-    os.mkfifo(folder / "fifo.data")
-    path = _save(folder, _model([_weights("fifo.data")]))
+def _refused_without_waiting(call, fifo: Path) -> str:
+    """The ArtifactError message of `call()`, which must not wait for a writer on `fifo`."""
     refused: list[str] = []
 
     def run() -> None:
         with pytest.raises(ArtifactError) as caught:
-            open_onnx(path)
+            call()
         refused.append(str(caught.value))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(30)
     if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
-        os.close(os.open(folder / "fifo.data", os.O_WRONLY | os.O_NONBLOCK))
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         thread.join(30)
-        pytest.fail("open_onnx waited for a writer on a FIFO named as external data")
-    assert refused and refused[0].endswith("external data location 'fifo.data' is not a regular "
-                                           "file")
+        pytest.fail(f"waited for a writer on the FIFO {fifo.name}")
+    return refused[0]
+
+
+def test_a_fifo_named_as_data_is_refused_without_waiting_for_a_writer(folder):
+    os.mkfifo(folder / "fifo.data")
+    path = _save(folder, _model([_weights("fifo.data")]))
+    assert _refused_without_waiting(lambda: open_onnx(path), folder / "fifo.data") == (
+        f"{path}: tensor 'w': external data location 'fifo.data' is not a regular file")
 
 
 def test_a_closed_data_file_holds_no_bytes_and_closing_again_closes_nothing(folder):
@@ -651,12 +661,35 @@ def test_open_onnx_leaves_no_descriptor_open_after_a_refusal_or_a_close(folder):
     before = len(os.listdir("/proc/self/fd"))
     for location, words in [("dir/missing.data", "is missing or unreadable"),
                             ("dir/link.data", r"goes through a symlink \(link.data\)"),
-                            ("dir/twice.data", "has 2 hard links"), ("dir", "is not a regular file")]:
+                            ("dir/twice.data", "has 2 hard links"),
+                            ("dir", "is not a regular file")]:
         path = _save(folder, _model([_weights(location)]))
-        with pytest.raises(ArtifactError, match=rf"'{location}' {words}"):
+        with pytest.raises(ArtifactError, match=rf"^{path}: tensor 'w': external data "
+                                                rf"(location|file) '{location}' {words}"):
             open_onnx(path)
     (folder / "dir" / "twice.data").unlink()
     (folder / "dir" / "w.data").write_bytes(WEIGHTS.tobytes())
     with open_onnx(_save(folder, _model([_weights("dir/w.data")]))) as opened:
         assert opened.external_tensors == 1
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_model_path_that_is_missing_a_folder_or_a_fifo_is_not_found(tmp_path):
+    """An ArtifactError each (a folder named x.onnx was an IsADirectoryError), no descriptor
+    left open."""
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    missing = tmp_path / "no" / "m.onnx"
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {missing}$"):
+        open_onnx(missing)
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {tmp_path / 'm.onnx'}$"):
+        check_onnx_file(tmp_path / "m.onnx")
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {tmp_path / 'dir.onnx'} "
+                                            r"\(not a regular file\)$"):
+        check_onnx_file(tmp_path / "dir.onnx")
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    assert _refused_without_waiting(lambda: check_onnx_file(fifo), fifo) == (
+        f"ONNX file not found: {fifo} (not a regular file)")
+    if before:
+        assert len(os.listdir("/proc/self/fd")) == before
