@@ -208,6 +208,13 @@ def test_check_feed_refuses_wrong_names_dtypes_and_ranks(data, io):
         check_feed(io, feed)
 
 
+@pytest.mark.parametrize("shape", [(2,), (2, 3, 1)], ids=["rank-1", "rank-3"])
+def test_check_feed_refuses_another_rank_naming_the_dims_it_expected(shape):
+    io = IOSpec((TensorSpec("x", "float32", ("n", 3)),), sizes={"n": (1, None)})
+    with pytest.raises(ValueError, match=rf"^input x: rank {len(shape)}, expected 2 \(n, 3\)$"):
+        check_feed(io, {"x": np.zeros(shape, np.float32)})
+
+
 @given(io=io_specs(), sizes=st.dictionaries(st.sampled_from(["a", "b", "n", "seq"]),
                                             st.integers(-3, 50)))
 def test_clamp_moves_every_size_into_its_bounds_and_keeps_those_inside(io, sizes):
