@@ -171,3 +171,15 @@ def test_the_fraction_used_is_inf_for_any_error_where_nothing_is_allowed_and_war
         assert not off.passed and off.used == math.inf
         both = compare([math.inf], [math.inf], baseline_error=0.0, dtype="float32", rtol=0.5)
         assert not both.passed and both.used == math.inf
+
+
+@pytest.mark.parametrize("error, passed", [(1.0, True), (1.5, False)], ids=["at", "past"])
+def test_the_verdict_reads_the_worst_element_up_to_its_bound_and_p99_leaves_out_the_top_1pc(
+        error, passed):
+    """One element of 200 off by `error`; the baseline erred by 0.5, so 1.0 is allowed."""
+    reference = np.zeros(200)
+    actual = reference.copy()
+    actual[7] = error
+    c = compare(actual, reference, baseline_error=0.5, dtype="float32")
+    assert c.bound == 1.0 and c.max_abs == error and c.passed == passed
+    assert c.mean_abs == error / 200 and c.p99_abs == 0.0 and c.p99_rel == 0.0
