@@ -4,9 +4,11 @@ as data, and writes that are atomic and recorded in the trust store."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -332,6 +334,54 @@ def test_write_atomically_writes_exactly_the_text_and_leaves_no_temporary(tmp_pa
     write_atomically(target, text)
     assert target.read_bytes() == text.encode()
     assert [p.name for p in folder.iterdir()] == ["f.json"]
+
+
+@pytest.fixture
+def drawn_names(monkeypatch):
+    """secrets.token_hex answering from a list of names (recording each byte count asked)."""
+    names: list[str] = []
+    asked: list[int] = []
+
+    def token_hex(nbytes: int) -> str:
+        asked.append(nbytes)
+        return names.pop(0) if len(names) > 1 else names[0]
+
+    monkeypatch.setattr("secrets.token_hex", token_hex)
+    return names, asked
+
+
+def test_write_atomically_never_writes_through_a_name_planted_at_its_temporary(tmp_path,
+                                                                                drawn_names):
+    names, asked = drawn_names
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / ".f.json.planted.tmp").symlink_to(victim)  # someone guessed the first name
+    names[:] = ["planted", "free"]
+    write_atomically(tmp_path / "f.json", "new")
+    assert (tmp_path / "f.json").read_text() == "new" and victim.read_text() == "mine"
+    assert asked == [8, 8]  # 16 hex digits a name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f.json.planted.tmp", "f.json",
+                                                           "victim"]
+
+
+def test_write_atomically_gives_up_after_100_taken_names(tmp_path, drawn_names):
+    names, asked = drawn_names
+    (tmp_path / ".f.json.taken.tmp").write_text("")
+    names[:] = ["taken"]
+    with pytest.raises(FileExistsError) as caught:
+        write_atomically(tmp_path / "f.json", "new")
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+        errno.EEXIST, "no free temporary name", str(tmp_path))
+    assert len(asked) == 100 and not (tmp_path / "f.json").exists()
+
+
+def test_write_atomically_makes_a_file_of_mode_0666_less_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "f.json", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640
 
 
 def _archive(entries: dict[str, bytes]) -> bytes:
