@@ -374,13 +374,14 @@ def test_write_atomically_gives_up_after_100_taken_names(tmp_path, drawn_names):
     assert len(asked) == 100 and not (tmp_path / "f.json").exists()
 
 
-def test_write_atomically_makes_a_file_of_mode_0666_less_the_umask(tmp_path):
-    old = os.umask(0o027)
+@pytest.mark.parametrize("umask, mode", [(0o000, 0o666), (0o027, 0o640)])
+def test_write_atomically_makes_a_file_of_mode_0666_less_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
     try:
         write_atomically(tmp_path / "f.json", "x")
     finally:
         os.umask(old)
-    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == mode
 
 
 def _archive(entries: dict[str, bytes]) -> bytes:
