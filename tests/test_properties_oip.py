@@ -246,13 +246,14 @@ def test_every_size_is_taken_at_its_limit_and_refused_past_it(roomy_model, size,
         roomy_model.parse(body, length)
 
 
-@pytest.mark.parametrize("body_bytes, ok", [(1023, False), (1024, True)], ids=["1023", "1024"])
-def test_limits_take_a_body_limit_of_1024_bytes_and_up(body_bytes, ok):
+@pytest.mark.parametrize("field", ["max_body_bytes", "max_response_bytes"])
+@pytest.mark.parametrize("size, ok", [(1023, False), (1024, True)], ids=["1023", "1024"])
+def test_limits_take_a_body_and_response_limit_of_1024_bytes_and_up(field, size, ok):
     if ok:
-        assert Limits(max_body_bytes=body_bytes).max_body_bytes == body_bytes
+        assert getattr(Limits(**{field: size}), field) == size
     else:
         with pytest.raises(ValueError, match="limits must be positive"):
-            Limits(max_body_bytes=body_bytes)
+            Limits(**{field: size})
 
 
 @pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_length", 0),
