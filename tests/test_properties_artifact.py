@@ -4,9 +4,11 @@ as data, and writes that are atomic and recorded in the trust store."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -16,7 +18,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flash_export.artifacts.files import sha256_file, write_atomically
-from flash_export.artifacts.kinds import artifact_kind, require_kind
+from flash_export.artifacts.kinds import KINDS as REGISTERED
+from flash_export.artifacts.kinds import (
+    ArtifactKind,
+    artifact_kind,
+    bench_backends,
+    kind_of,
+    register_kind,
+    require_kind,
+)
 from flash_export.artifacts.manifest import (
     MANIFEST_SUFFIX,
     ManifestEntry,
@@ -27,8 +37,9 @@ from flash_export.artifacts.manifest import (
     verify_manifest,
     write_manifest,
 )
-from flash_export.artifacts.metadata import read_metadata, torchscript_metadata
+from flash_export.artifacts.metadata import onnx_metadata, read_metadata, torchscript_metadata
 from flash_export.artifacts.trust import TRUST_STORE_ENV, is_trusted
+from flash_export.core.contract import TARGETS
 from flash_export.core.errors import ArtifactError, ExportError
 
 KINDS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
@@ -64,6 +75,85 @@ def test_the_kind_is_the_suffix_in_any_case_and_anything_else_is_refused(stem, s
 def test_a_kind_under_another_suffix_says_which_suffix_it_needs(kind, words):
     with pytest.raises(ExportError, match=words):
         require_kind("model.bin", kind)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The kinds registry, restored afterwards whatever a test registers."""
+    monkeypatch.setattr("flash_export.artifacts.kinds.KINDS", dict(REGISTERED))
+    from flash_export.artifacts import kinds
+
+    return kinds.KINDS
+
+
+def test_register_kind_adds_a_kind_or_replaces_one_of_the_same_name(registry):
+    toy = ArtifactKind("toy", "a toy", (".toy", ".tz"), metadata=None, exporter=None)
+    assert register_kind(toy) is toy and registry["toy"] is toy
+    assert kind_of("m.TZ") is toy and artifact_kind("m.toy") == "toy"
+    again = ArtifactKind("toy", "a toy, again", (".toy",), metadata=None, exporter=None)
+    assert register_kind(again) is again and registry["toy"] is again  # its own suffix: fine
+    assert register_kind(REGISTERED["onnx"]) is REGISTERED["onnx"]
+    assert list(registry) == ["onnx", "torchscript", "pt2", "toy"]
+
+
+@pytest.mark.parametrize("suffixes, words", [
+    ((".toy", "toy"), r"kind toy: suffix 'toy' must be lower case, '\.x'"),
+    ((".Toy",), r"kind toy: suffix '\.Toy' must be lower case, '\.x'"),
+    ((".toy", ".pt"), r"kind toy: suffix \.pt is already torchscript's"),
+    ((".onnx",), r"kind toy: suffix \.onnx is already onnx's"),
+], ids=["no-dot", "upper-case", "claimed-second", "claimed-first"])
+def test_register_kind_refuses_a_suffix_malformed_or_claimed_by_another_kind(registry, suffixes,
+                                                                            words):
+    with pytest.raises(ValueError, match=rf"^{words}$"):
+        register_kind(ArtifactKind("toy", "a toy", suffixes, metadata=None, exporter=None))
+    assert "toy" not in registry
+
+
+@pytest.mark.parametrize("kept, listed", [
+    (["onnx"], r"\.onnx"), (["onnx", "pt2"], r"\.onnx or \.pt2"),
+], ids=["one-kind", "two-kinds"])
+def test_an_unknown_suffix_lists_the_first_suffix_of_every_kind(registry, kept, listed):
+    for name in set(REGISTERED) - set(kept):
+        del registry[name]
+    with pytest.raises(ArtifactError, match=rf"^m\.bin: expected a {listed} artifact, got "
+                                            rf"suffix '\.bin'$"):
+        kind_of("m.bin")
+
+
+def test_a_kinds_handler_is_imported_from_its_path_and_a_missing_one_is_refused():
+    assert REGISTERED["onnx"].handler("metadata") is onnx_metadata
+    assert REGISTERED["onnx"].handler("bench_backend") is REGISTERED["onnx"].bench_backend
+    for role, words in [("loader", "loader"), ("validate_backend", "validate backend")]:
+        with pytest.raises(ArtifactError, match=rf"^an ONNX model has no {words}$"):
+            REGISTERED["onnx"].handler(role)
+
+
+# What `recorded` lets through to `bench`: a target, when given, is one of TARGETS; any other key.
+_BENCH_META = st.fixed_dictionaries({}, optional={
+    "target": st.sampled_from(TARGETS), "attention": st.sampled_from(["native", "flash", ""]),
+    "dtype": st.sampled_from(["float32", "float16"]), "other": st.text(max_size=4)})
+
+
+@given(meta=_BENCH_META)
+def test_every_kind_benches_any_recorded_metadata_as_one_of_its_bench_backends(meta):
+    for name in ("onnx", "torchscript", "pt2"):
+        kind = REGISTERED[name]
+        backend = kind.handler("bench_backend")(meta)
+        assert backend in kind.bench_backends, (name, meta, backend)
+        assert backend in bench_backends()
+    assert REGISTERED["onnx"].handler("bench_backend")(meta) == meta.get("target", "custom")
+    native = meta.get("attention") == "native"
+    assert REGISTERED["torchscript"].handler("bench_backend")(meta) == (
+        "torchscript-native" if native else "torchscript")
+
+
+def test_bench_backends_default_to_custom_onnx_and_stock_torchscript():
+    backends = {name: REGISTERED[name].handler("bench_backend")({})
+                for name in ("onnx", "torchscript", "pt2")}
+    assert backends == {"onnx": "custom", "torchscript": "torchscript", "pt2": "pt2"}
+    # every kind's backends, in registration order (a kind a test registers comes after)
+    builtin = TARGETS + ("torchscript", "torchscript-native", "pt2")
+    assert bench_backends()[:len(builtin)] == builtin
 
 
 @given(data=st.binary(max_size=3 * (1 << 20) // 2))
@@ -243,6 +333,55 @@ def test_write_atomically_writes_exactly_the_text_and_leaves_no_temporary(tmp_pa
     write_atomically(target, text)
     assert target.read_bytes() == text.encode()
     assert [p.name for p in folder.iterdir()] == ["f.json"]
+
+
+@pytest.fixture
+def drawn_names(monkeypatch):
+    """secrets.token_hex answering from a list of names (recording each byte count asked)."""
+    names: list[str] = []
+    asked: list[int] = []
+
+    def token_hex(nbytes: int) -> str:
+        asked.append(nbytes)
+        return names.pop(0) if len(names) > 1 else names[0]
+
+    monkeypatch.setattr("secrets.token_hex", token_hex)
+    return names, asked
+
+
+def test_write_atomically_never_writes_through_a_name_planted_at_its_temporary(tmp_path,
+                                                                                drawn_names):
+    names, asked = drawn_names
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / ".f.json.planted.tmp").symlink_to(victim)  # someone guessed the first name
+    names[:] = ["planted", "free"]
+    write_atomically(tmp_path / "f.json", "new")
+    assert (tmp_path / "f.json").read_text() == "new" and victim.read_text() == "mine"
+    assert asked == [8, 8]  # 16 hex digits a name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f.json.planted.tmp", "f.json",
+                                                           "victim"]
+
+
+def test_write_atomically_gives_up_after_100_taken_names(tmp_path, drawn_names):
+    names, asked = drawn_names
+    (tmp_path / ".f.json.taken.tmp").write_text("")
+    names[:] = ["taken"]
+    with pytest.raises(FileExistsError) as caught:
+        write_atomically(tmp_path / "f.json", "new")
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+        errno.EEXIST, "no free temporary name", str(tmp_path))
+    assert len(asked) == 100 and not (tmp_path / "f.json").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o000, 0o666), (0o027, 0o640)])
+def test_write_atomically_makes_a_file_of_mode_0666_less_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "f.json", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == mode
 
 
 def _archive(entries: dict[str, bytes]) -> bytes:

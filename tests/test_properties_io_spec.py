@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from flash_export.core.feeds import check_feed, make_feed
-from flash_export.core.io_graph import io_from_graph
+from flash_export.core.io_graph import graph_output_dims, io_from_graph, with_graph_outputs
 from flash_export.core.io_spec import IOSpec, TensorSpec, attention_io, with_float_dtype
 
 
@@ -201,9 +202,17 @@ def test_check_feed_refuses_wrong_names_dtypes_and_ranks(data, io):
         message = rf"input {t.name}: dtype {other}, expected {t.dtype}"
     else:
         feed[t.name] = feed[t.name][..., None]
-        message = rf"input {t.name}: rank {len(t.dims) + 1}, expected {len(t.dims)}"
+        dims = re.escape(", ".join(str(d) for d in t.dims))
+        message = rf"input {t.name}: rank {len(t.dims) + 1}, expected {len(t.dims)} \({dims}\)$"
     with pytest.raises(ValueError, match=message):
         check_feed(io, feed)
+
+
+@pytest.mark.parametrize("shape", [(2,), (2, 3, 1)], ids=["rank-1", "rank-3"])
+def test_check_feed_refuses_another_rank_naming_the_dims_it_expected(shape):
+    io = IOSpec((TensorSpec("x", "float32", ("n", 3)),), sizes={"n": (1, None)})
+    with pytest.raises(ValueError, match=rf"^input x: rank {len(shape)}, expected 2 \(n, 3\)$"):
+        check_feed(io, {"x": np.zeros(shape, np.float32)})
 
 
 @given(io=io_specs(), sizes=st.dictionaries(st.sampled_from(["a", "b", "n", "seq"]),
@@ -308,6 +317,48 @@ def test_io_from_graph_describes_any_graph_inputs_and_accepts_its_own_feeds(inpu
     assert check_feed(io, make_feed(io, sizes, 0)) == sizes
 
 
+def test_io_from_graph_gives_every_unnamed_dim_a_size_name_of_its_own():
+    """Even where "NAME_dimAXIS" is cut to 64 characters or another dim has that name: two dims
+    of one size name must be equal, and nothing says these are."""
+    long, other = "t" * 60, "t" * 60 + "u"  # long_dim0 cut to 64 is "ttt..._dim": other's too
+    io = io_from_graph([("y", "float32", [None, None]),  # a later input names a dim y_dim0
+                        ("x", "float32", ["batch", "q_len", "k_len", 0, 3, "y_dim0"]),
+                        (long, "float16", [None, -1, True, "1st"]),
+                        (other, "float16", [None])])
+    y, x, t, u = io.inputs
+    assert x.dims == ("batch", "q_len", "k_len", 0, 3, "y_dim0")
+    assert t.dims == ("t" * 59 + "_dim0", "t" * 59 + "_dim1", "t" * 59 + "_dim2",
+                      "t" * 59 + "_dim3")
+    assert u.dims == ("t" * 57 + "_dim0_1",) and y.dims == ("y_dim0_1", "y_dim1")
+    names = [d for spec in io.inputs for d in spec.dims if isinstance(d, str)]
+    assert len(set(names)) == len(names) and all(len(n) <= 64 for n in names)
+    # an empty query or key sequence is valid attention; every other size holds at least one
+    assert io.sizes == {**{n: (1, None) for n in names}, "q_len": (0, None), "k_len": (0, None)}
+    assert io.outputs == ("output",) and io.batch is None and io.output_dims == {}
+    sizes = {n: 1 + i for i, n in enumerate(io.dynamic)}  # every size its own value
+    assert check_feed(io, make_feed(io, sizes, 0)) == sizes
+
+
+@pytest.mark.parametrize("dtype, rank, role, bounds", [
+    ("bool", 4, "attention", (None, None)), ("bool", 2, "padding", (None, None)),
+    ("bool", 3, "data", (None, None)), ("bool", 5, "data", (None, None)),
+    ("bool", 1, "data", (None, None)), ("float32", 4, "data", (None, None)),
+    ("float32", 2, "data", (None, None)), ("int64", 2, "data", (0, 1)),
+    ("int32", 4, "data", (0, 1)),
+], ids=["bool-4", "bool-2", "bool-3", "bool-5", "bool-1", "float-4", "float-2", "int64", "int32"])
+def test_io_from_graph_takes_rank_4_and_2_bool_inputs_as_masks_and_integers_as_zeros(
+        dtype, rank, role, bounds):
+    t = io_from_graph([("m", dtype, [1] * rank)]).inputs[0]
+    assert (t.role, t.low, t.high) == (role, *bounds)
+
+
+@pytest.mark.parametrize("dtype, shown", [(None, "unknown"), ("", "unknown"),
+                                          ("uint8", "uint8"), ("string", "string")])
+def test_io_from_graph_refuses_a_dtype_an_io_spec_cannot_describe(dtype, shown):
+    with pytest.raises(ValueError, match=rf"^input ok: element type {shown}$"):
+        io_from_graph([("ok", dtype, [1])])
+
+
 @pytest.mark.parametrize("mask", [False, True], ids=["plain", "mask"])
 def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask):
     io = attention_io(12, mask=mask)
@@ -319,7 +370,114 @@ def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask
                                    role="attention"))
     assert list(io.inputs) == expected and io.outputs == ("output",)
     assert io.sizes == {"batch": (1, None), "q_len": (0, None), "k_len": (0, None)}
+    # output (B, Lq, E), and rows of the batch are independent requests
+    assert io.output_dims == {"output": ("batch", "q_len", 12)} and io.batch == "batch"
     assert attention_io(12) == attention_io(12, mask=False)
     assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
     with pytest.raises(KeyError):
         io.input("x")
+
+
+# ------------------------------------------------------------------ a spec against its graph
+
+# x (batch, seq, heads) with heads pinned to 4; y (batch, seq, heads, 8); z (batch, unknown)
+_SPEC = IOSpec((TensorSpec("x", "float32", ("batch", "seq", "heads")),
+                TensorSpec("ids", "int64", ("batch", 2), 0, 5)),
+               ("y", "z"), {"batch": (1, None), "seq": (1, 9), "heads": (4, 4)},
+               output_dims={"y": ("batch", "seq", "heads", 8), "z": ("batch", None)},
+               batch="batch")
+# The graph the exporter writes for it: dynamic sizes named after the spec's, a pinned one as
+# its int.
+_INPUTS = [("x", "float32", ["batch", "seq", 4]), ("ids", "int64", ["batch", 2])]
+_OUTPUTS = [("y", "float32", ["batch", "seq", 4, 8]), ("z", "int64", ["batch", "z_dim1"])]
+
+
+def _with(dims: list, axis: int, value) -> list:
+    return [value if i == axis else d for i, d in enumerate(dims)]
+
+
+def test_a_graph_that_agrees_with_its_spec_returns_the_spec_unchanged():
+    assert with_graph_outputs(_SPEC, _INPUTS, _OUTPUTS) == _SPEC
+    # the pinned size by its name, an unknown dim anything at all
+    named = [("y", "float32", ["batch", "seq", "heads", 8]), ("z", "int64", ["batch", 3])]
+    assert with_graph_outputs(_SPEC, _INPUTS, named) == _SPEC
+
+
+@pytest.mark.parametrize("axis, value", [
+    (0, 3), (0, "seq"), (0, "other"), (0, None),
+    (1, 9), (1, 1), (1, "batch"), (1, None),
+    (2, 5), (2, 0), (2, "seq"), (2, None),
+    (3, 7), (3, 0), (3, "seq"), (3, None),
+], ids=["batch-as-int", "batch-as-seq", "batch-as-unknown-name", "batch-as-none",
+        "seq-as-int", "seq-as-its-min", "seq-as-batch", "seq-as-none",
+        "pinned-as-other-int", "pinned-as-zero", "pinned-as-seq", "pinned-as-none",
+        "static-as-other-int", "static-as-zero", "static-as-name", "static-as-none"])
+def test_every_output_dim_the_graph_contradicts_is_refused_naming_tensor_and_axis(axis, value):
+    outputs = [("y", "float32", _with(_OUTPUTS[0][2], axis, value)), _OUTPUTS[1]]
+    want = _SPEC.output_dims["y"][axis]
+    shown = r"\?" if value is None else value
+    with pytest.raises(ValueError, match=rf"^the io_spec says output y axis {axis} is {want}, "
+                                         rf"the graph's is {shown}$"):
+        with_graph_outputs(_SPEC, _INPUTS, outputs)
+
+
+def test_an_output_the_graph_lacks_or_of_another_rank_is_refused():
+    with pytest.raises(ValueError, match=r"^the io_spec gives dims for output 'y', the graph "
+                                         r"has no such output$"):
+        with_graph_outputs(_SPEC, _INPUTS, _OUTPUTS[1:])
+    for dims in (["batch", "seq", 4], ["batch", "seq", 4, 8, 1]):
+        with pytest.raises(ValueError, match=rf"^the io_spec says output y has rank 4, the "
+                                             rf"graph's has rank {len(dims)}$"):
+            with_graph_outputs(_SPEC, _INPUTS, [("y", "float32", dims), _OUTPUTS[1]])
+
+
+@pytest.mark.parametrize("inputs, name", [
+    ([("x", "float32", ["rows", "seq", 4]), _INPUTS[1]], "x"),
+    ([("x", "float32", [2, "seq", 4]), _INPUTS[1]], "x"),
+    ([("x", "float32", [None, "seq", 4]), _INPUTS[1]], "x"),
+    ([_INPUTS[0], ("ids", "int64", ["seq", 2])], "ids"),
+    ([_INPUTS[0], ("ids", "int64", [])], "ids"),
+    ([_INPUTS[0]], "ids"),
+], ids=["renamed", "static", "unknown", "other-size", "rank-0", "missing-input"])
+def test_a_declared_dynamic_batch_missing_from_an_input_axis_is_refused(inputs, name):
+    with pytest.raises(ValueError, match=rf"^the io_spec puts the batch \(batch\) on input "
+                                         rf"{name} axis 0, where the graph has no such dim$"):
+        with_graph_outputs(_SPEC, inputs, _OUTPUTS)
+
+
+def test_only_a_declared_dynamic_batch_is_looked_for_on_the_inputs():
+    renamed = [("x", "float32", ["rows", "s", 4]), ("ids", "int64", [2])]
+    undeclared = dataclasses.replace(_SPEC, batch=None)
+    assert with_graph_outputs(undeclared, renamed, _OUTPUTS) == undeclared
+    pinned = dataclasses.replace(_SPEC, sizes={**_SPEC.sizes, "batch": (2, 2)})
+    assert with_graph_outputs(pinned, renamed, _OUTPUTS) == pinned
+    # other sizes are the graph's business (a renamed seq is no batch)
+    assert with_graph_outputs(_SPEC, [("x", "float32", ["batch", "s", 4]), _INPUTS[1]],
+                              _OUTPUTS) == _SPEC
+
+
+def test_a_spec_without_output_dims_gets_the_graphs():
+    bare = dataclasses.replace(_SPEC, output_dims={})
+    outputs = [("y", "float32", ["batch", "seq", 4, "y_dim3"]), ("z", "int64", [3, None]),
+               ("w", "bool", [])]
+    filled = with_graph_outputs(bare, _INPUTS, outputs)
+    assert filled == dataclasses.replace(bare, outputs=("y", "z", "w"), output_dims={
+        "y": ("batch", "seq", 4, None), "z": (3, None), "w": ()})
+    assert with_graph_outputs(bare, _INPUTS, []) == bare  # a graph that describes none
+
+
+_GRAPH_DIMS = st.lists(st.one_of(st.integers(-2, 9), st.booleans(), st.none(),
+                                 st.sampled_from(["batch", "seq", "heads", "other", "y_dim0"])),
+                       max_size=5)
+
+
+@given(dims=_GRAPH_DIMS)
+@example(dims=[0, -1, True, False, None])
+@example(dims=["batch", "seq", "heads", "other", 9])
+def test_graph_output_dims_keeps_static_sizes_and_the_specs_size_names_only(dims):
+    got = graph_output_dims(_SPEC, dims)
+    assert isinstance(got, tuple) and len(got) == len(dims)
+    for d, kept in zip(dims, got):
+        static = isinstance(d, int) and not isinstance(d, bool) and d >= 0
+        assert kept == (d if static or d in ("batch", "seq", "heads") else None), (d, kept)
+

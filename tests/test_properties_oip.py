@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import struct
 from typing import Optional
 
@@ -245,13 +246,14 @@ def test_every_size_is_taken_at_its_limit_and_refused_past_it(roomy_model, size,
         roomy_model.parse(body, length)
 
 
-@pytest.mark.parametrize("body_bytes, ok", [(1023, False), (1024, True)], ids=["1023", "1024"])
-def test_limits_take_a_body_limit_of_1024_bytes_and_up(body_bytes, ok):
+@pytest.mark.parametrize("field", ["max_body_bytes", "max_response_bytes"])
+@pytest.mark.parametrize("size, ok", [(1023, False), (1024, True)], ids=["1023", "1024"])
+def test_limits_take_a_body_and_response_limit_of_1024_bytes_and_up(field, size, ok):
     if ok:
-        assert Limits(max_body_bytes=body_bytes).max_body_bytes == body_bytes
+        assert getattr(Limits(**{field: size}), field) == size
     else:
         with pytest.raises(ValueError, match="limits must be positive"):
-            Limits(max_body_bytes=body_bytes)
+            Limits(**{field: size})
 
 
 @pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_length", 0),
@@ -271,6 +273,57 @@ def test_a_graph_with_a_bounded_size_keeps_the_tighter_of_its_bound_and_the_limi
                   sizes={"rows": (1, None), "seq": (1, None)}, batch="rows")  # declared batch
     model = OIPModel("m", _session(rows.to_json()), rows, Limits(max_batch=4, max_length=9))
     assert model.sizes == {"rows": (1, 4), "seq": (1, 9)}
+
+
+_TWICE = IOSpec((TensorSpec("x", "float32", ("n", 16)),), ("y", "z"), {"n": (1, None)},
+                output_dims={"y": ("n", 16), "z": ("n", 16)})
+
+
+@functools.lru_cache(maxsize=1)
+def _twice_session():
+    """A session of _TWICE: x (n, 16) float32 returned twice, as y and z."""
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 16]) for n in "xyz"]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], [n]) for n in "yz"], "twice",
+                              value[:1], value[1:])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    return onnxruntime.InferenceSession(model.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+
+
+# An output takes at most 25 bytes a float as JSON, 4 as binary: (16, 16) is 6,400 or 1,024.
+@pytest.mark.parametrize("rows, outputs, limit, words", [
+    (16, {"y": False, "z": True}, 7424, None),
+    (16, {"y": False, "z": True}, 7423, "0.0 MiB (y [16, 16]: 256 values as JSON; z [16, 16]: "
+                                        "256 values as binary), over the response limit of "
+                                        "0.0 MiB"),
+    (16, {"z": False}, 6400, None),
+    (16, {"z": False}, 6399, "0.0 MiB (z [16, 16]: 256 values as JSON), over the response "
+                             "limit of 0.0 MiB"),
+    (16, {"y": True, "z": True}, 2048, None),
+    (16, {"y": True, "z": True}, 2047, "0.0 MiB (y [16, 16]: 256 values as binary; z [16, 16]: "
+                                       "256 values as binary), over the response limit of "
+                                       "0.0 MiB"),
+    (12800, {"y": False}, 3 * 2**19, "4.9 MiB (y [12800, 16]: 204,800 values as JSON), over "
+                                     "the response limit of 1.5 MiB"),
+    (12800, {"y": True}, 3 * 2**19, None),  # 800 KiB
+], ids=["both-at", "both-past", "z-alone-at", "z-alone-past", "binary-at", "binary-past",
+        "mib-json-past", "mib-binary-within"])
+def test_the_response_limit_counts_every_requested_output_and_is_inclusive(rows, outputs, limit,
+                                                                          words):
+    """Checked from the spec's output dims before anything runs; binary outputs are smaller."""
+    model = OIPModel("m", _twice_session(), _TWICE,
+                     Limits(max_length=1 << 14, max_response_bytes=limit))
+    asked = [{"name": n, "parameters": {"binary_data": b}} for n, b in outputs.items()]
+    body, length = encode({"x": np.ones((rows, 16), np.float32)}, {"x": "binary"},
+                          outputs=asked)
+    if words is None:
+        assert model.parse(body, length).binary == outputs
+        return
+    hint = "" if all(outputs.values()) else "; binary outputs are smaller"
+    with pytest.raises(RequestError, match=f"^{re.escape(f'the answer would take up to {words}')}"
+                                           f": ask for fewer rows or tokens{hint}$") as caught:
+        model.parse(body, length)
+    assert caught.value.status == 413
 
 
 # ------------------------------------------------------------------ malformed requests

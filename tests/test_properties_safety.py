@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,14 @@ from flash_export.artifacts.safety import (
     load_graph,
     open_onnx,
 )
-from flash_export.core.contract import DOMAIN, NODE_ATTRIBUTES, OP_NAME
+from flash_export.core.contract import (
+    DOMAIN,
+    NODE_ATTRIBUTES,
+    NODE_INPUTS,
+    OP_NAME,
+    V2_ATTRIBUTES,
+    V2_INPUTS,
+)
 from flash_export.core.errors import ArtifactError
 
 WEIGHTS = np.arange(16, dtype=np.float32)
@@ -97,6 +105,9 @@ def test_a_clean_external_reference_is_counted_and_the_model_returned(folder):
     with open_onnx(path) as opened:
         assert list(opened.data) == ["w.data"] and len(opened.data["w.data"].view) == 64
         assert opened.model.graph.initializer[0].name == "w"
+        # the bytes parsed and their hash, what a session is built from
+        assert opened.raw == path.read_bytes() and opened.path == path
+        assert opened.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("location, words", [
@@ -112,7 +123,7 @@ def test_a_clean_external_reference_is_counted_and_the_model_returned(folder):
 ], ids=["empty", "nul", "absolute", "dotdot", "inner-dotdot", "backslash-dotdot", "dot",
         "dot-slash", "missing"])
 def test_a_location_outside_or_nowhere_is_refused(folder, location, words):
-    with pytest.raises(ArtifactError, match=words):
+    with pytest.raises(ArtifactError, match=rf"^t: .*{words}"):
         check_external_location(location, folder, "t")
     path = _save(folder, _model([_weights(location)]))
     with pytest.raises(ArtifactError, match=rf"model.onnx: tensor 'w'.*{words}"):
@@ -124,17 +135,22 @@ def test_a_location_through_a_symlink_is_refused_even_inside_the_folder(folder):
     (folder / "dir").mkdir()
     (folder / "dirlink").symlink_to(folder / "dir")
     (folder / "dir" / "w.data").write_bytes(b"x" * 64)
-    for location in ("link.data", "dirlink/w.data"):
-        with pytest.raises(ArtifactError, match="goes through a symlink"):
+    for location, link in [("link.data", "link.data"), ("dirlink/w.data", "dirlink")]:
+        with pytest.raises(ArtifactError, match=rf"^t: external data location '{location}' goes "
+                                                rf"through a symlink \({link}\); flash-export "
+                                                rf"follows no links$"):
             check_external_location(location, folder, "t")
 
 
 def test_a_hard_linked_or_non_regular_file_is_refused(folder):
     os.link(folder / "w.data", folder / "second.data")
-    with pytest.raises(ArtifactError, match="has 2 hard links"):
+    with pytest.raises(ArtifactError, match=r"^t: external data file 'w.data' has 2 hard links; "
+                                            r"a hard link may expose a file from elsewhere, copy "
+                                            r"it instead$"):
         check_external_location("w.data", folder, "t")
     (folder / "sub").mkdir()
-    with pytest.raises(ArtifactError, match="is not a regular file"):
+    with pytest.raises(ArtifactError, match=r"^t: external data location 'sub' is not a regular "
+                                            r"file$"):
         check_external_location("sub", folder, "t")
 
 
@@ -178,15 +194,16 @@ def test_an_offset_or_length_that_is_not_a_byte_count_is_refused(folder, fields,
 
 @pytest.mark.parametrize("tensor, words", [
     (lambda: _listing(_weights(offset="0"), "location", "other.data"),
-     "repeats external_data key 'location'"),
+     "tensor 'w' repeats external_data key 'location'"),
     (lambda: _listing(numpy_helper.from_array(WEIGHTS, "w"), "location", "../../etc/passwd"),
      "lists external_data but is not marked EXTERNAL"),
     (lambda: _weights(None, offset="0"), "empty or NUL-containing external data location"),
 ], ids=["repeated-key", "fields-on-an-inline-tensor", "reference-without-a-location"])
 def test_an_external_data_list_that_is_not_one_reference_is_refused(folder, tensor, words):
     path = _save(folder, _model([tensor()]))
-    with pytest.raises(ArtifactError, match=words):
+    with pytest.raises(ArtifactError, match=words) as refused:
         check_onnx_file(path)
+    assert str(refused.value).startswith(f"{path}: ")  # the file is named first
 
 
 def _pinned(folder: Path, digest: str) -> Path:
@@ -204,7 +221,8 @@ def test_data_pinned_by_the_exporter_must_be_that_data(folder):
                          ids=["not-json", "list", "not-a-string", "a-string"])
 def test_pinned_hashes_that_are_not_an_object_of_strings_are_refused(folder, text):
     path = _save(folder, _model([_weights()], {EXTERNAL_DATA_KEY: text}))
-    with pytest.raises(ArtifactError, match="is not a JSON object of SHA-256 strings"):
+    with pytest.raises(ArtifactError, match=rf"^{path}: metadata {EXTERNAL_DATA_KEY} is not a "
+                                            r"JSON object of SHA-256 strings$"):
         check_onnx_file(path)
 
 
@@ -335,8 +353,16 @@ def test_a_missing_file_or_one_that_is_not_onnx_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="ONNX file not found"):
         load_graph(tmp_path)
     (tmp_path / "junk.onnx").write_bytes(b"\xff" * 10)
-    with pytest.raises(ArtifactError, match="junk.onnx is not an ONNX model"):
-        check_onnx_file(tmp_path / "junk.onnx")
+    for read in (check_onnx_file, load_graph):
+        with pytest.raises(ArtifactError, match=rf"^{tmp_path / 'junk.onnx'} is not an ONNX "
+                                                r"model: DecodeError: "):
+            read(tmp_path / "junk.onnx")
+
+
+def test_load_graph_is_the_model_the_file_holds(tmp_path):
+    model = _model([numpy_helper.from_array(WEIGHTS, "w")], {"k": "v"})
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    assert load_graph(tmp_path / "m.onnx") == model
 
 
 def test_a_model_in_the_working_folder_resolves_its_data_there(folder, monkeypatch):
@@ -434,3 +460,228 @@ def _check_model(model: onnx.ModelProto) -> None:
         except ArtifactError as exc:
             assert str(exc).startswith(f"{path}: {OP_NAME} node")
             raise
+
+
+# ------------------------------------------------------------------ what an opened file hands on
+
+
+def test_external_files_are_exactly_the_data_files_bytes_by_the_graphs_names(folder):
+    (folder / "sub").mkdir()
+    (folder / "sub" / "v.data").write_bytes(WEIGHTS[::-1].tobytes()[:32])
+    (folder / "empty.data").write_bytes(b"")
+    (folder / "one.data").write_bytes(b"\x01")
+    tensors = [numpy_helper.from_array(WEIGHTS, "inline"), _weights(length="32"),
+               _external(numpy_helper.from_array(WEIGHTS[:8], "v"), "sub/v.data"),
+               _external(numpy_helper.from_array(WEIGHTS[:0], "e"), "empty.data"),
+               _external(numpy_helper.from_array(WEIGHTS[:0], "b"), "one.data", length="1"),
+               _external(numpy_helper.from_array(WEIGHTS[8:], "w2"), "w.data", offset="32")]
+    with open_onnx(_save(folder, _model(tensors))) as opened:
+        names, buffers, sizes = opened.external_files()
+        assert names == ["w.data", "sub/v.data", "empty.data", "one.data"]
+        assert [bytes(b) for b in buffers] == [(folder / n).read_bytes() for n in names]
+        assert sizes == [64, 32, 0, 1]
+    with open_onnx(_save(folder, _model([numpy_helper.from_array(WEIGHTS, "w")]))) as opened:
+        assert opened.external_files() == ([], [], [])
+
+
+@pytest.mark.parametrize("change", ["longer", "same-size"])
+def test_check_unchanged_refuses_a_data_file_written_to_after_it_was_opened(folder, change):
+    (folder / "v.data").write_bytes(b"v" * 64)
+    path = _save(folder, _model([_weights(), _external(numpy_helper.from_array(WEIGHTS, "v"),
+                                                       "v.data")]))
+    with open_onnx(path) as opened:
+        opened.check_unchanged()
+        stat_before = os.stat(folder / "v.data")
+        with open(folder / "v.data", "r+b") as f:  # the same file (inode), written in place
+            f.write(b"x" * (65 if change == "longer" else 64))
+        # a write within the clock's tick may keep the mtime: move it as a later write would
+        os.utime(folder / "v.data", ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns + 10**9))
+        with pytest.raises(ArtifactError, match=rf"^{path}: external data file 'v.data' was "
+                                                rf"written to while it was loaded: load it again$"):
+            opened.check_unchanged()
+
+
+def test_check_unchanged_takes_a_data_file_renamed_away_as_unchanged(folder):
+    path = _save(folder, _model([_weights()]))
+    with open_onnx(path) as opened:
+        os.rename(folder / "w.data", folder / "moved.data")  # what was opened is still read
+        opened.check_unchanged()
+        assert bytes(opened.external_files()[1][0]) == WEIGHTS.tobytes()
+
+
+def test_open_onnx_refuses_a_data_file_or_folder_reached_through_a_symlink(folder):
+    (folder / "link.data").symlink_to(folder / "w.data")
+    (folder / "dir").mkdir()
+    (folder / "dir" / "w.data").write_bytes(WEIGHTS.tobytes())
+    (folder / "dirlink").symlink_to(folder / "dir")
+    for location, link in [("link.data", "link.data"), ("dirlink/w.data", "dirlink")]:
+        path = _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError, match=rf"tensor 'w': external data location "
+                                                rf"'{location}' goes through a symlink "
+                                                rf"\({link}\); flash-export follows no links$"):
+            open_onnx(path)
+    # a plain file where a folder should be is missing, not a link
+    path = _save(folder, _model([_weights("w.data/w.data")]))
+    with pytest.raises(ArtifactError, match=r"'w.data/w.data' is missing or unreadable "
+                                            r"\(Not a directory\)$"):
+        open_onnx(path)
+
+
+def _refused_without_waiting(call, fifo: Path) -> str:
+    """The ArtifactError message of `call()`, which must not wait for a writer on `fifo`."""
+    refused: list[str] = []
+
+    def run() -> None:
+        with pytest.raises(ArtifactError) as caught:
+            call()
+        refused.append(str(caught.value))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(30)
+        pytest.fail(f"waited for a writer on the FIFO {fifo.name}")
+    return refused[0]
+
+
+def test_a_fifo_named_as_data_is_refused_without_waiting_for_a_writer(folder):
+    os.mkfifo(folder / "fifo.data")
+    path = _save(folder, _model([_weights("fifo.data")]))
+    assert _refused_without_waiting(lambda: open_onnx(path), folder / "fifo.data") == (
+        f"{path}: tensor 'w': external data location 'fifo.data' is not a regular file")
+
+
+def test_a_closed_data_file_holds_no_bytes_and_closing_again_closes_nothing(folder):
+    path = _save(folder, _model([_weights()]))
+    with open_onnx(path) as opened:
+        data = opened.data["w.data"]
+        assert bytes(data.view) == WEIGHTS.tobytes() and data.fd >= 0
+    assert len(data.view) == 0 and data.fd < 0
+    reused = os.open(folder / "w.data", os.O_RDONLY)  # may get the number just freed
+    try:
+        data.close()
+        os.fstat(reused)  # still open
+        assert len(data.view) == 0 and data.fd < 0
+    finally:
+        os.close(reused)
+
+
+# ------------------------------------------------------------------ op versions
+
+_V1_ATTRIBUTES = {n: v for n, v in _valid_attributes().items() if n not in V2_ATTRIBUTES}
+
+
+def _node(inputs: list[str], **attrs) -> onnx.NodeProto:
+    return helper.make_node(OP_NAME, inputs, ["o"], domain=DOMAIN, name="fa", **attrs)
+
+
+def _importing(version: int | None, node: onnx.NodeProto) -> onnx.ModelProto:
+    """A model holding `node` that imports the op's domain at `version` (None: not at all)."""
+    model = _with_nodes([node])
+    if version is not None:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, version))
+    return model
+
+
+def _slots(*names: str) -> list[str]:
+    """Node inputs by position: `names` filled in, the optional slots before them left empty."""
+    last = max(NODE_INPUTS.index(n) for n in ("value", *names))
+    return [n if n in ("query", "key", "value", *names) else "" for n in NODE_INPUTS[:last + 1]]
+
+
+@pytest.mark.parametrize("feature", sorted(V2_ATTRIBUTES) + sorted(V2_INPUTS))
+def test_a_version_1_model_may_use_no_version_2_attribute_or_input(feature):
+    attrs = dict(_V1_ATTRIBUTES)
+    inputs = _slots("mask")
+    if feature in V2_ATTRIBUTES:
+        attrs[feature] = _valid_attributes()[feature]
+    else:
+        inputs = _slots("mask", feature)
+    node = _node(inputs, **attrs)
+    with pytest.raises(ArtifactError, match=rf"^m.onnx: {OP_NAME} node 'fa' uses '{feature}', "
+                                            rf"which came with version 2 of {DOMAIN}; the model "
+                                            r"imports version 1$"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+    for version in (2, 3, None):
+        assert check_custom_nodes(_importing(version, node), "m.onnx") == 1
+
+
+def test_a_version_1_model_takes_version_1_attributes_a_mask_and_empty_optional_slots():
+    for inputs in (_slots(), _slots("mask"), _slots("mask") + ["", ""]):
+        node = _node(inputs, **_V1_ATTRIBUTES)
+        assert check_custom_nodes(_importing(1, node), "m.onnx") == 1
+
+
+def test_a_version_1_refusal_names_attributes_before_inputs_in_the_contracts_order():
+    first, *_ = (n for n in NODE_ATTRIBUTES if n in V2_ATTRIBUTES)
+    node = _node(_slots("bias"), **_valid_attributes())  # every attribute, and a bias
+    with pytest.raises(ArtifactError, match=rf"uses '{first}', which came with version 2"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+    node = _node(_slots("seqlens_k", "bias"), **_V1_ATTRIBUTES)
+    with pytest.raises(ArtifactError, match=r"uses 'seqlens_k', which came with version 2"):
+        check_custom_nodes(_importing(1, node), "m.onnx")
+
+
+def test_a_node_takes_every_input_the_op_has_and_no_more():
+    node = _node(list(NODE_INPUTS), **_valid_attributes())
+    assert check_custom_nodes(_importing(2, node), "m.onnx") == 1
+    node = _node([*NODE_INPUTS, "extra"], **_valid_attributes())
+    with pytest.raises(ArtifactError, match=rf"^m.onnx: {OP_NAME} node 'fa' has "
+                                            rf"{len(NODE_INPUTS) + 1} inputs, expected at most "
+                                            rf"{len(NODE_INPUTS)} \({', '.join(NODE_INPUTS)}\)$"):
+        check_custom_nodes(_importing(2, node), "m.onnx")
+
+
+def test_a_mistyped_attribute_whose_value_onnx_cannot_read_is_shown_as_a_question_mark():
+    name = next(n for n, (kind, _) in NODE_ATTRIBUTES.items() if kind == "INT")
+    node = _flash(**_valid_attributes())
+    odd = next(a for a in node.attribute if a.name == name)
+    odd.type = onnx.AttributeProto.FLOAT
+    odd.ref_attr_name = "outer"  # a reference to a function's attribute: no value of its own
+    with pytest.raises(ArtifactError, match=rf"attribute {name} is FLOAT \(\?\), expected "
+                                            r"INT$"):
+        check_custom_nodes(_with_nodes([node]), "m.onnx")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_open_onnx_leaves_no_descriptor_open_after_a_refusal_or_a_close(folder):
+    (folder / "dir").mkdir()
+    (folder / "dir" / "link.data").symlink_to(folder / "w.data")
+    os.link(folder / "w.data", folder / "dir" / "twice.data")
+    before = len(os.listdir("/proc/self/fd"))
+    for location, words in [("dir/missing.data", "is missing or unreadable"),
+                            ("dir/link.data", r"goes through a symlink \(link.data\)"),
+                            ("dir/twice.data", "has 2 hard links"),
+                            ("dir", "is not a regular file")]:
+        path = _save(folder, _model([_weights(location)]))
+        with pytest.raises(ArtifactError, match=rf"^{path}: tensor 'w': external data "
+                                                rf"(location|file) '{location}' {words}"):
+            open_onnx(path)
+    (folder / "dir" / "twice.data").unlink()
+    (folder / "dir" / "w.data").write_bytes(WEIGHTS.tobytes())
+    with open_onnx(_save(folder, _model([_weights("dir/w.data")]))) as opened:
+        assert opened.external_tensors == 1
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_model_path_that_is_missing_a_folder_or_a_fifo_is_not_found(tmp_path):
+    """An ArtifactError each (a folder named x.onnx was an IsADirectoryError), no descriptor
+    left open."""
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    missing = tmp_path / "no" / "m.onnx"
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {missing}$"):
+        open_onnx(missing)
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {tmp_path / 'm.onnx'}$"):
+        check_onnx_file(tmp_path / "m.onnx")
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ArtifactError, match=rf"^ONNX file not found: {tmp_path / 'dir.onnx'} "
+                                            r"\(not a regular file\)$"):
+        check_onnx_file(tmp_path / "dir.onnx")
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    assert _refused_without_waiting(lambda: check_onnx_file(fifo), fifo) == (
+        f"ONNX file not found: {fifo} (not a regular file)")
+    if before:
+        assert len(os.listdir("/proc/self/fd")) == before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -157,3 +158,28 @@ def test_the_reference_scale_is_its_largest_finite_magnitude():
     c = compare(actual, reference, baseline_error=0.0, dtype="float32")
     assert c.bound == pytest.approx(200 * 1e-5) and c.passed and c.max_abs == pytest.approx(1e-3)
     assert c.worst_index == (1,)
+
+
+def test_the_fraction_used_is_inf_for_any_error_where_nothing_is_allowed_and_warns_nothing():
+    """x/0 = inf and 0/0 = 0 element-wise, on purpose: no numpy RuntimeWarning; an infinite
+    output where the reference is infinite too (inf/inf) counts as infinite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = compare([0.0, 1.0], [0.0, 1.0], baseline_error=0.0, dtype="float32", atol=0.0)
+        assert exact.passed and exact.used == 0.0
+        off = compare([1.0, 0.0], [0.0, 0.0], baseline_error=0.0, dtype="float32", atol=0.0)
+        assert not off.passed and off.used == math.inf
+        both = compare([math.inf], [math.inf], baseline_error=0.0, dtype="float32", rtol=0.5)
+        assert not both.passed and both.used == math.inf
+
+
+@pytest.mark.parametrize("error, passed", [(1.0, True), (1.5, False)], ids=["at", "past"])
+def test_the_verdict_reads_the_worst_element_up_to_its_bound_and_p99_leaves_out_the_top_1pc(
+        error, passed):
+    """One element of 200 off by `error`; the baseline erred by 0.5, so 1.0 is allowed."""
+    reference = np.zeros(200)
+    actual = reference.copy()
+    actual[7] = error
+    c = compare(actual, reference, baseline_error=0.5, dtype="float32")
+    assert c.bound == 1.0 and c.max_abs == error and c.passed == passed
+    assert c.mean_abs == error / 200 and c.p99_abs == 0.0 and c.p99_rel == 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from flash_export.artifacts.trust import (
     require_provenance,
     trust_store,
 )
-from flash_export.core.errors import ArtifactError
+from flash_export.core.errors import ArtifactError, FlashExportError
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ def test_only_the_recorded_digest_is_trusted_not_its_near_misses(tmp_path_factor
     st.text(alphabet=HEX + "ABCDEFxg*?/.[] \n", min_size=64, max_size=64).filter(
         lambda t: any(c not in HEX for c in t)),
     st.sampled_from(["*" * 64, "?" * 64, "../" + "a" * 61, "a" * 63 + "*", "A" * 64])))
+@example(text="X" * 64)
 def test_anything_but_a_lower_case_hex_sha256_is_never_recorded_or_trusted(tmp_path_factory,
                                                                            text):
     folder = tmp_path_factory.mktemp("store")
@@ -91,6 +93,7 @@ def test_the_store_records_what_was_exported_where_and_keeps_the_first_record(st
     assert first["sha256"] == digest
     assert first["path"] == str((tmp_path / "first.onnx").resolve())
     assert set(first) == {"sha256", "path", "exported_at", "flash_export_version"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", first["exported_at"])
     record_trusted(digest, tmp_path / "second.onnx")
     assert json.loads(entry.read_text()) == first
     assert [p.name for p in store.iterdir()] == [entry.name]
@@ -104,9 +107,39 @@ def test_the_store_is_the_variable_else_xdg_data_home_else_the_home_folder(monke
     monkeypatch.setenv(TRUST_STORE_ENV, "")
     assert trust_store() == tmp_path / "xdg" / "flash-export" / "trusted"
     monkeypatch.delenv(TRUST_STORE_ENV)
-    monkeypatch.setenv("XDG_DATA_HOME", "")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert trust_store() == tmp_path / "home" / ".local" / "share" / "flash-export" / "trusted"
+    home_store = tmp_path / "home" / ".local" / "share" / "flash-export" / "trusted"
+    for xdg in ("", "relative/xdg", None):  # a relative XDG_DATA_HOME is ignored
+        if xdg is None:
+            monkeypatch.delenv("XDG_DATA_HOME")
+        else:
+            monkeypatch.setenv("XDG_DATA_HOME", xdg)
+        assert trust_store() == home_store
+    monkeypatch.setenv(TRUST_STORE_ENV, "~/own")
+    assert trust_store() == tmp_path / "home" / "own"
+
+
+def test_a_relative_store_or_home_folder_is_refused_saying_what_to_set(monkeypatch):
+    monkeypatch.setenv(TRUST_STORE_ENV, "rel/store")
+    with pytest.raises(FlashExportError, match=rf"^{TRUST_STORE_ENV} must be an absolute path, "
+                                               r"got 'rel/store': a relative store would depend "
+                                               r"on the folder you run in$"):
+        trust_store()
+    monkeypatch.delenv(TRUST_STORE_ENV)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", "rel-home")
+    with pytest.raises(FlashExportError, match=r"^no absolute home folder for the trust store "
+                                               rf"\(HOME is 'rel-home'\): set {TRUST_STORE_ENV} "
+                                               r"to an absolute path$"):
+        trust_store()
+
+
+def test_a_store_below_folders_that_do_not_exist_yet_is_made_the_users_alone(monkeypatch,
+                                                                              tmp_path):
+    store = tmp_path / "a" / "b" / "store"
+    monkeypatch.setenv(TRUST_STORE_ENV, str(store))
+    record_trusted("cd" * 32, tmp_path / "m.onnx")
+    assert is_trusted("cd" * 32) and store.stat().st_mode & 0o077 == 0
 
 
 @pytest.fixture
@@ -166,7 +199,8 @@ def test_require_provenance_refuses_an_unknown_origin_saying_what_to_pass(store,
         require_provenance(path, why="it runs code")
     message = str(caught.value)
     assert f"sha256 {digest[:16]}..." in message and str(store) in message
-    assert "it runs code" in message and "--expect-sha256" in message and "--trust" in message
+    assert message.endswith("and it runs code: pass --expect-sha256 with the hash its publisher "
+                            "gave you, or --trust to load it anyway")
     assert "\n" not in message
     assert require_provenance(path, trust=True).source == "--trust"
     assert require_provenance(path, expect_sha256=digest).source == "expected sha256"

@@ -8,30 +8,29 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+_BLOCK = 1 << 20  # sha256_file reads a MiB at a time
 
 
 def sha256_file(path: Union[PathLike, BinaryIO]) -> str:
     """Hex SHA-256 of a file's bytes (a path, or an open binary file read from where it is)."""
-    digest = hashlib.sha256()
     if isinstance(path, (str, os.PathLike)):
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        for block in iter(lambda: path.read(1 << 20), b""):
-            digest.update(block)
+            return sha256_file(f)
+    digest = hashlib.sha256()
+    for block in iter(lambda: path.read(_BLOCK), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
 def write_atomically(target: Path, text: str) -> None:
     """Write `text` to `target` through a temporary file and a rename (never half a file).
 
-    The temporary file gets an unpredictable name beside `target` and is created with O_EXCL
-    (and O_NOFOLLOW): whatever another user planted at a name (a symlink to a file of yours,
-    say) makes the create fail, it is never written through. Its mode is 0666 less the umask,
-    as any file `open` creates.
+    The temporary file gets an unpredictable name beside `target` and is created with O_EXCL,
+    which follows no link: whatever another user planted at a name (a symlink to a file of
+    yours, say) makes the create fail, it is never written through. Its mode is 0666 less the
+    umask, as any file `open` creates.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     for _ in range(100):
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         try:

@@ -233,10 +233,13 @@ def _read_regular(file: Path, folder_fd: int) -> bytes:
         fd = os.open(file.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder_fd)
     except OSError as exc:
         raise ArtifactError(f"ONNX file not found: {file}") from exc
-    with open(fd, "rb") as f:
+    try:  # checked before open(), which refuses a folder with its own error
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ArtifactError(f"ONNX file not found: {file} (not a regular file)")
-        return f.read()
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def check_onnx_file(path: PathLike) -> Any:

@@ -1,7 +1,8 @@
 """IOSpecs read off a graph's inputs and outputs (as onnx or onnxruntime describes them)."""
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import itertools
+from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Tuple
 
 from flash_export.core.io_spec import DTYPES, VALID_NAME, Dim, IOSpec, OutDim, TensorSpec
 
@@ -22,6 +23,8 @@ def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
     """
     specs = []
     sizes: Dict[str, Tuple[int, Optional[int]]] = {}
+    named = {d for _, _, shape in inputs for d in shape
+             if isinstance(d, str) and VALID_NAME.match(d)}
     for name, dtype, shape in inputs:
         if dtype not in DTYPES:
             raise ValueError(f"input {name}: element type {dtype or 'unknown'}")
@@ -30,7 +33,8 @@ def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
             if isinstance(d, int) and not isinstance(d, bool) and d >= 0:
                 dims.append(d)
                 continue
-            symbol = d if isinstance(d, str) and VALID_NAME.match(d) else f"{name}_dim{axis}"[:64]
+            symbol = d if isinstance(d, str) and d in named else _own_name(name, axis, named,
+                                                                             sizes.keys())
             sizes.setdefault(symbol, (0 if symbol in ("q_len", "k_len") else 1, None))
             dims.append(symbol)
         role = "data"
@@ -40,6 +44,17 @@ def io_from_graph(inputs: Sequence[GraphInput]) -> IOSpec:
         specs.append(TensorSpec(name, dtype, tuple(dims), 0 if integer else None,
                                 1 if integer else None, role))
     return IOSpec(tuple(specs), ("output",), sizes)
+
+
+def _own_name(name: str, axis: int, *taken: AbstractSet[str]) -> str:
+    """A size name no other dim has, for the unnamed dim `axis` of input `name`.
+
+    "NAME_dimAXIS", cut to the 64 characters a size name may have and numbered where another
+    dim already has that name: two dims of one size name must be equal, and nothing says so.
+    """
+    suffixes = (f"_dim{axis}_{n}" if n else f"_dim{axis}" for n in itertools.count())
+    return next(symbol for symbol in (name[:64 - len(suffix)] + suffix for suffix in suffixes)
+                if not any(symbol in t for t in taken))
 
 
 def graph_output_dims(io: IOSpec, dims: Sequence[Any]) -> Tuple[OutDim, ...]:
