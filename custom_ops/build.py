@@ -38,8 +38,8 @@ _ISA_FLAGS = {
 _SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
 # A sanitized build compiles at -O1, as the sanitizers' documentation advises: every access is
 # still checked, and the kernel's templates compile faster (the AVX2 kernel file: 22 s against
-# 54 s at -O3, measured on a 2-core CI-like machine); the code differs only in what the optimizer
-# does with it.
+# 54 s at -O3, one measurement on a busy 2-core machine); the code differs only in what the
+# optimizer does with it.
 _SANITIZE_OPT = "-O1"
 
 

@@ -17,8 +17,8 @@ from flash_export.export.torchscript import load_torchscript
 # A fork server: it imports torch and flash_export once, then for each line read (a seed) forks
 # an exporter that exports `model` in a loop into argv[1], "ready PID" after its first export
 # (when killing it has a previous artifact set to spare), and waits for it to die: each kill
-# costs one export, not a Python start and torch's import. Nothing has run a torch op before a
-# fork, so no thread pool is copied half-alive; an exporter whose server is gone stops.
+# costs one export, not a Python start and torch's import. The server itself runs no torch op,
+# so each exporter starts from torch as just imported; an exporter whose server is gone stops.
 SCRIPT = """
 import os, sys, torch
 from flash_export import FlashAttention, export_torchscript

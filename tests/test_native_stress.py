@@ -117,10 +117,10 @@ def test_rss_stays_flat(mode: str, growth_keys: tuple[str, ...]) -> None:
     rejected) and over 300 create-register-run-destroy session cycles.
 
     RSS moves with the allocators as well as with leaks: five repetitions of the rejected runs
-    moved it by -768 to +332 KiB, one CI run by +3544 KiB, while LeakSanitizer counted the same
-    unfreed bytes after 100 and after 1,000 rejected runs (none a call). So a figure over the
-    limit is measured once more in a fresh process, and only two in a row fail: a leak of 105
-    bytes a call or more exceeds the limit every time.
+    moved it by -768 to +332 KiB, one fresh-clone `.ci/run` by +3544 KiB, while LeakSanitizer
+    counted the same unfreed bytes after 100 and after 1,000 rejected runs (none a call). So a
+    figure over the limit is measured once more in a fresh process, and only two in a row fail:
+    a leak of 105 bytes a call or more exceeds the limit every time.
     """
     outputs = []
     for _ in range(2):
