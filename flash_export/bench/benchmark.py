@@ -324,6 +324,7 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
     from flash_export.artifacts.recorded_io import recorded_io
     from flash_export.artifacts.safety import open_onnx
     from flash_export.artifacts.trust import provenance, require_provenance
+    from flash_export.check.hf_validate import is_checkpoint_export
     from flash_export.check.structural import graph_inputs
     from flash_export.nn.recorded import check_graph_matches_spec, recorded
     from flash_export.nn.spec import resolve_spec
@@ -342,6 +343,10 @@ def _read_artifact(path: Path, spec: Optional[Any], trust: bool,
     else:  # a .pt(2) is a program: refuse it here, before any runner or subprocess loads it
         meta = read_metadata(path)
         require_provenance(path, expect_sha256=expect_sha256, trust=trust)
+    if is_checkpoint_export(meta):
+        raise ArtifactError(f"{path} was exported from a transformers checkpoint (onnx --hf): "
+                            "bench times FlashAttention models only so far; validate and serve "
+                            "take it")
     rec = recorded(meta, path, kind)
     if spec is None:
         if rec.spec is None:

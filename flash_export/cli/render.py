@@ -26,7 +26,7 @@ def validation_lines(report: Any, verbose: bool) -> List[str]:
     lines = [f"{report.artifact}: {report.kind}"
              + (f" target {report.target}" if report.target else "")
              + f", {report.dtype}, provider {report.provider}",
-             f"reference: float64 plain attention of {described}",
+             f"reference: {report.reference or 'float64 plain attention of ' + described}",
              f"provenance: sha256 {report.provenance.sha256[:16]}..., "
              + _ORIGINS[report.provenance.source],
              f"rule: {report.rule}"]

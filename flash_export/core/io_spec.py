@@ -15,14 +15,14 @@ by the graph (``2 * seq``, say), known only after a run. From it:
   spec declares that its rows are independent requests.
 
 Roles tell generated values apart: ``data`` (normal floats, or integers in [low, high)),
-``padding`` (bool (batch, seq), True = a real token, as Hugging Face's attention_mask: each row
-a random length >= 1), ``key_padding`` (the same with True = padding, as PyTorch's
-key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and the first
-query row of the first batch entry fully blocked, a row that sees no key) and ``causal`` (a
-(seq, seq) causal mask as PyTorch's layers take it: True or -inf above the diagonal, where a
-query may not look). Non-tensor arguments the model was exported with (`is_causal=True`, say)
-are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them again. A graph's own
-inputs give an IOSpec in `core.io_graph`. Imports neither torch nor onnx.
+``padding`` (bool (batch, seq), True = a real token, or integers 0/1 as Hugging Face's
+attention_mask: each row a random length >= 1), ``key_padding`` (the same with True = padding,
+as PyTorch's key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and
+the first query row of the first batch entry fully blocked, a row that sees no key) and
+``causal`` (a (seq, seq) causal mask as PyTorch's layers take it: True or -inf above the
+diagonal, where a query may not look). Non-tensor arguments the model was exported with
+(`is_causal=True`, say) are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them
+again. A graph's own inputs give an IOSpec in `core.io_graph`. Imports neither torch nor onnx.
 """
 
 import dataclasses
@@ -87,8 +87,10 @@ class TensorSpec:
         if integer and (self.low is None or self.high is None or self.low >= self.high):
             raise ValueError(f"input {self.name}: an integer input needs low < high (the range "
                              f"of valid values), got [{self.low}, {self.high})")
-        if self.role not in ("data", "causal") and self.dtype != "bool":
-            raise ValueError(f"input {self.name}: a {self.role} mask is bool, got {self.dtype}")
+        if self.role not in ("data", "causal") and self.dtype != "bool" and not (
+                self.role == "padding" and integer and (self.low, self.high) == (0, 2)):
+            raise ValueError(f"input {self.name}: a {self.role} mask is bool (a padding mask "
+                             f"also 0/1 integers, low 0, high 2), got {self.dtype}")
         if self.role == "causal" and (len(self.dims) != 2 or self.dims[0] != self.dims[1]):
             raise ValueError(f"input {self.name}: a causal mask is (seq, seq), got {self.dims}")
         if self.role in ("padding", "key_padding") and len(self.dims) != 2:

@@ -290,8 +290,25 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                                  for t in io_spec.inputs for a, n in enumerate(t.dims)
                                  if isinstance(n, str) and t.name in prepared.example})
         prepared.meta["io_spec"] = io_spec.to_json()
-    proto = _export_program(adapted, prepared.example, io_spec, target, opset, static_shapes)
+    return write_graph(adapted, path, example=prepared.example, io=io_spec, meta=prepared.meta,
+                       target=target, opset=opset, static_shapes=static_shapes)
 
+
+def write_graph(runnable: nn.Module, path: PathLike, *, example: Mapping[str, Tensor],
+                io: IOSpec, meta: Mapping[str, str], target: str, opset: int,
+                static_shapes: bool = False) -> Path:
+    """Export `runnable(**example)` as `io` declares, check the graph, write it with `meta`.
+
+    What every ONNX export shares once its model, inputs and metadata are prepared: the
+    exporter with the target's translations, the opset, the target's rewrite, the graph checks
+    (inputs, dynamic dims, outputs), the outputs' dims recorded into the IOSpec (`meta`'s
+    "io_spec" is replaced), and the atomic, checked write.
+
+    Raises:
+        ExportError: the exporter fails, the graph does not match `io`, or `path` cannot be
+            written.
+    """
+    proto = _export_program(runnable, dict(example), io, target, opset, static_shapes)
     got = {o.domain or "": o.version for o in proto.opset_import}
     if got.get("") != opset:
         raise ExportError(f"the exporter could not convert the graph to opset {opset} (it kept "
@@ -299,12 +316,11 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     rewrite = TARGETS[target].rewrite
     if rewrite is not None:
         rewrite(proto)
-    _check_graph(proto, io_spec)
-    io_spec = _with_output_dims(proto, io_spec)
-    prepared.meta["io_spec"] = io_spec.to_json()
+    _check_graph(proto, io)
+    io = _with_output_dims(proto, io)
     proto.ir_version = ir_version_for(opset, proto.ir_version)
     del proto.metadata_props[:]
-    for key, value in prepared.meta.items():
+    for key, value in {**meta, "io_spec": io.to_json()}.items():
         proto.metadata_props.add(key=key, value=value)
 
     try:
@@ -312,5 +328,3 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                             stale=_our_data_files(Path(path)))
     except OSError as exc:
         raise ExportError(f"cannot write {path}: {exc}") from exc
-
-
