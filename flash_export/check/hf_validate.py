@@ -13,6 +13,8 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
 from flash_export.artifacts.trust import Provenance
 from flash_export.check.parity import (
     Backend,
@@ -30,6 +32,8 @@ from flash_export.core.errors import ArtifactError
 from flash_export.core.io_spec import IOSpec
 from flash_export.core.tolerance import RULE
 
+# New tokens a with-past graph's check generates per row (greedy).
+NEW_TOKENS = 32
 # The metadata key that marks an exported checkpoint (`flash_export.hf.export.TASK_KEY`): read
 # here without importing transformers.
 TASK_KEY = "hf_task"
@@ -79,6 +83,9 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
     from flash_export.nn.spec import check_memory
 
     task, found = _exported_folder(path, meta, checkpoint)
+    if task.with_past:
+        return _validate_generation(path, proto, meta, io, origin, found, task, seq or [9, 40],
+                                    batch, provider, max_memory)
     cases = sweep(list(seq) if seq else default_seqs(int(meta["chunk_size"])), batch,
                   [False, True] if any(t.role != "data" for t in io.inputs) else [False], io)
     eager = load_model(found, task)
@@ -102,6 +109,64 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
                   f"({meta.get('hf_model_class', '?')}, task {task.name})")
     report.backends = list(results.values())
     return report
+
+
+def _validate_generation(path: Path, proto: Any, meta: Mapping[str, str], io: IOSpec,
+                         origin: Provenance, found: Any, task: Any, seq: Sequence[int],
+                         batch: Sequence[int], provider: str, max_memory: Optional[int]) -> Any:
+    """A with-past graph's check: greedy generation through it gives eager `generate`'s tokens.
+
+    Per prompt length L and batch B: a batch whose row r is left-padded by r * L // B tokens,
+    `NEW_TOKENS` new tokens, greedy, through `flash_export.runtime.generate` (onnxruntime only)
+    and through transformers' `generate` with eager attention in float32.
+    """
+    import torch
+
+    from flash_export.hf.export import load_model
+    from flash_export.nn.spec import check_memory
+    from flash_export.runtime.generation import generate
+    from flash_export.runtime.sessions import ort_session
+
+    eager = load_model(found, task)
+    check_memory(8 * sum(p.numel() for p in eager.parameters()) + (256 << 20), max_memory,
+                 f"validating {path.name}")
+    session = ort_session(path, provider=provider)
+    vocab = io.input("input_ids").high or 2
+    checks: List[Check] = []
+    for b in sorted(set(batch)):
+        for length in sorted(set(seq)):
+            rng = np.random.default_rng(length * 1000 + b)
+            ids = rng.integers(0, vocab, size=(b, length)).astype(np.int64)
+            mask = (np.arange(length)[None, :] >= (np.arange(b) * length // b)[:, None])
+            mask = mask.astype(np.int64)  # (B, L), row r left-padded by r * L // B
+            ours = generate(session, ids, mask, max_new_tokens=NEW_TOKENS)
+            with torch.no_grad():
+                theirs = eager.generate(  # type: ignore[operator]
+                    torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    max_new_tokens=NEW_TOKENS, do_sample=False).numpy()
+            checks.append(_same_tokens(f"generate.B={b}.L={length}", ours, theirs, length))
+    return ValidationReport(
+        artifact=str(path), kind="onnx", target="custom", dtype="float32", provider=provider,
+        spec=None, spec_source="checkpoint", provenance=origin, rule="identical greedy tokens",
+        checks=_checks(proto, eager, meta) + manifest_checks(path)
+        + checks,
+        reference=f"transformers generate (greedy, eager attention, float32) of "
+                  f"{found.folder}, {NEW_TOKENS} new tokens on left-padded batches")
+
+
+def _same_tokens(name: str, ours: np.ndarray, theirs: np.ndarray, prompt: int) -> Check:
+    """A check that two generations agree token for token, naming the first difference."""
+    expected = f"eager's {theirs.shape[1] - prompt} new tokens per row"
+    if ours.shape == theirs.shape and np.array_equal(ours, theirs):
+        return Check(name, expected, "identical", True)
+    width = min(ours.shape[1], theirs.shape[1])
+    diff = np.argwhere(ours[:, :width] != theirs[:, :width])
+    if not len(diff):
+        return Check(name, expected, f"{ours.shape[1] - prompt} tokens, eager "
+                     f"{theirs.shape[1] - prompt}", False)
+    row, col = (int(v) for v in diff[0])
+    return Check(name, expected, f"row {row} differs at new token {col - prompt}: "
+                 f"{ours[row, col]} vs eager's {theirs[row, col]}", False)
 
 
 def _exported_folder(path: Path, meta: Mapping[str, str],

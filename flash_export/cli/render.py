@@ -33,6 +33,10 @@ def validation_lines(report: Any, verbose: bool) -> List[str]:
     bad = [c for c in report.checks if not c.passed]
     lines.append(f"structural checks: {len(report.checks) - len(bad)}/{len(report.checks)} "
                  "passed")
+    lines += [f"{c.name}: {c.got}" + ("" if c.passed else f" (expected {c.expected})")
+              for c in report.checks if c.name.startswith("generate.")]
+    if not report.backends:
+        return lines
     # The bound limits the max abs error (a relative error is shown for information only), and
     # "used" is the worst error as a share of what the rule allows: a row passes up to 100%.
     lines.append(f"{'backend':<18} {'shape':<34} {'max abs':>9} {'abs bound':>9} {'used':>6} "

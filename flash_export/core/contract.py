@@ -67,7 +67,8 @@ TARGETS = ("custom", "standard", "contrib", "attention23")
 EXPORT_DTYPES = ("float32", "float16")
 # What a transformers checkpoint folder exports for (`flash_export.hf.export.TASKS`), as optimum
 # names its tasks.
-HF_TASKS = ("feature-extraction", "text-generation", "image-classification")
+HF_TASKS = ("feature-extraction", "text-generation", "text-generation-with-past",
+            "image-classification")
 # ONNX TensorProto element type -> dtype name, for the types a model's inputs and weights use.
 ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64",
              6: "int32", 9: "bool"}

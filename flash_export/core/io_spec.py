@@ -37,6 +37,8 @@ DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 ROLES = ("data", "padding", "key_padding", "attention", "causal")
 Constant = Union[bool, int, float, str, None]
 VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# An input or output name: an identifier, or dotted ones (optimum's "past_key_values.0.key").
+TENSOR_NAME = re.compile(r"^(?=.{1,64}\Z)[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\Z")
 _MAX_INPUTS = 64
 _MAX_RANK = 8
 _MAX_STATIC = 2**31 - 1
@@ -63,8 +65,9 @@ class TensorSpec:
     role: str = "data"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not VALID_NAME.match(self.name):
-            raise ValueError(f"input name {self.name!r} is not an identifier of <= 64 characters")
+        if not isinstance(self.name, str) or not TENSOR_NAME.match(self.name):
+            raise ValueError(f"input name {self.name!r} is not an identifier (or dotted ones) "
+                             "of <= 64 characters")
         if self.dtype not in DTYPES:
             raise ValueError(f"input {self.name}: dtype {self.dtype!r} is not one of {DTYPES}")
         if self.role not in ROLES:
@@ -132,7 +135,7 @@ class IOSpec:
         names = [t.name for t in self.inputs] + list(self.outputs)
         if len(set(names)) != len(names):
             raise ValueError(f"input and output names must be distinct, got {names}")
-        if not self.outputs or not all(isinstance(o, str) and VALID_NAME.match(o)
+        if not self.outputs or not all(isinstance(o, str) and TENSOR_NAME.match(o)
                                        for o in self.outputs):
             raise ValueError(f"output names must be identifiers, got {self.outputs!r}")
         for name, value in self.constants.items():

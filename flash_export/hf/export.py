@@ -30,6 +30,7 @@ from flash_export.core.feeds import make_feed
 from flash_export.core.io_spec import IOSpec, TensorSpec
 from flash_export.export.opsets import choose_opset
 from flash_export.hf.attention import CHUNK_SIZE
+from flash_export.hf.past import WithPast, with_past_example, with_past_io
 from flash_export.hf.swap import swap_attention, transformers_version
 
 # Metadata keys of an exported checkpoint (beside every artifact's: versions, dtype, IOSpec).
@@ -54,17 +55,20 @@ class Task:
         auto_class: the transformers Auto class that loads the checkpoint for it.
         output: the model output the graph returns (also the graph output's name).
         inputs: "text" (token ids, padding mask, token types) or "image" (pixel values).
+        with_past: the KV cache as inputs and outputs (`flash_export.hf.past`).
     """
 
     name: str
     auto_class: str
     output: str
     inputs: str
+    with_past: bool = False
 
 
 _IMPLEMENTATIONS = {t.name: t for t in (
     Task("feature-extraction", "AutoModel", "last_hidden_state", "text"),
     Task("text-generation", "AutoModelForCausalLM", "logits", "text"),
+    Task("text-generation-with-past", "AutoModelForCausalLM", "logits", "text", with_past=True),
     Task("image-classification", "AutoModelForImageClassification", "logits", "image"),
 )}
 # One per name in the contract, in its order (the CLI offers the contract's names without
@@ -218,8 +222,9 @@ def export_hf_onnx(checkpoint: PathLike, path: PathLike, *, task: str,
     Args:
         checkpoint: the folder `save_pretrained` wrote (config.json, safetensors weights).
         path: the `.onnx` file to write (atomically).
-        task: one of `TASKS`: "feature-extraction", "text-generation" (one graph, no cache)
-            or "image-classification".
+        task: one of `TASKS`: "feature-extraction", "text-generation" (one graph, no cache),
+            "text-generation-with-past" (one graph, the KV cache in and out:
+            `flash_export.hf.past`) or "image-classification".
         opset: default-domain opset; default the newest the exporter and onnxruntime share.
 
     Returns:
@@ -237,8 +242,15 @@ def export_hf_onnx(checkpoint: PathLike, path: PathLike, *, task: str,
     read = read_checkpoint(checkpoint)
     opset = choose_opset("custom", opset)
     model = load_model(read, chosen)
-    io = task_io(model, chosen)
-    runnable = TaskOutput(swap_attention(model), chosen).eval()
+    dynamic = None
+    if chosen.with_past:
+        io = with_past_io(model, chosen.output)
+        runnable: nn.Module = WithPast(swap_attention(model), chosen.output).eval()
+        example, dynamic = with_past_example(io)
+    else:
+        io = task_io(model, chosen)
+        runnable = TaskOutput(swap_attention(model), chosen).eval()
+        example = example_feed(io)
     meta = {"flash_export_version": __version__, "torch_version": torch.__version__,
             "transformers_version": transformers_version(), "chunk_size": str(CHUNK_SIZE),
             "dtype": "float32", "artifact": "onnx", "target": "custom", "domain": DOMAIN,
@@ -247,8 +259,8 @@ def export_hf_onnx(checkpoint: PathLike, path: PathLike, *, task: str,
             WEIGHTS_KEY: json.dumps(read.weights, sort_keys=True),
             CHECKPOINT_KEY: str(read.folder)}
     with torch.no_grad():
-        return write_graph(runnable, path, example=example_feed(io), io=io, meta=meta,
-                           target="custom", opset=opset)
+        return write_graph(runnable, path, example=example, io=io, meta=meta, target="custom",
+                           opset=opset, dynamic=dynamic)
 
 
 def recorded_checkpoint(meta: Mapping[str, str], path: PathLike) -> Tuple[Task, Checkpoint]:
