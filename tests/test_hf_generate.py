@@ -5,6 +5,8 @@
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -15,7 +17,9 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
+from _serving import serving  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from test_serve import _free_port  # noqa: E402
 
 from flash_export.check.validate import validate  # noqa: E402
 from flash_export.cli.main import main  # noqa: E402
@@ -32,17 +36,31 @@ CHECKPOINTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """name -> (name, checkpoint folder, with-past graph), each exported once by the CLI
+    without its check."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            torch.manual_seed(0)
+            CHECKPOINTS[name]().save_pretrained(root / "ckpt")
+            out = root / "model.onnx"
+            result = CliRunner().invoke(main, ["onnx", "--hf", str(root / "ckpt"), "--task",
+                                               "text-generation-with-past", "--no-check",
+                                               str(out)])
+            assert result.exit_code == 0, result.output
+            made[name] = (name, root / "ckpt", out)
+        return made[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
-def exported(request, tmp_path_factory):
-    """(name, checkpoint folder, with-past graph), exported by the CLI without its check."""
-    root = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    CHECKPOINTS[request.param]().save_pretrained(root / "ckpt")
-    out = root / "model.onnx"
-    result = CliRunner().invoke(main, ["onnx", "--hf", str(root / "ckpt"), "--task",
-                                       "text-generation-with-past", "--no-check", str(out)])
-    assert result.exit_code == 0, result.output
-    return request.param, root / "ckpt", out
+def exported(request, checkpoint):
+    return checkpoint(request.param)
 
 
 def _prompt(batch=3, length=9, seed=0):
@@ -165,3 +183,33 @@ def test_generate_refuses_a_graph_without_a_cache_and_bad_inputs(exported, tmp_p
         generate(session, ids, mask * 2, max_new_tokens=2)
     with pytest.raises(FlashExportError, match="temperature must be > 0"):
         Sampling(temperature=0.0)
+
+
+def _post(url, doc):
+    request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serve_answers_the_generate_extension_over_http(checkpoint):
+    """`flash-export serve` on a with-past graph: POST .../generate with token ids as text gives
+    the ids `generate` computes; a bad request is a 400 naming the problem; infer still works."""
+    _, _, out = checkpoint("llama-gqa")
+    port = _free_port()
+    prompt = [5, 17, 99, 42, 7]
+    want = generate(out, np.array([prompt]), max_new_tokens=8)[0, len(prompt):]
+    with serving([str(out), "--port", str(port), "--name", "llama"]):
+        url = f"http://127.0.0.1:{port}/v2/models/llama/generate"
+        status, answer = _post(url, {"text_input": " ".join(map(str, prompt)), "id": "r1",
+                                     "parameters": {"max_tokens": 8}})
+        assert status == 200, answer
+        assert answer == {"model_name": "llama", "model_version": "1", "id": "r1",
+                          "text_output": " ".join(str(t) for t in want)}
+        status, answer = _post(url, {"text_input": "5 100"})
+        assert status == 400 and "token ids must be in [0, 100)" in answer["error"]
+        status, answer = _post(url, {"text_input": "5", "parameters": {"max_tokens": 5000}})
+        assert status == 400 and "within" in answer["error"]
