@@ -28,6 +28,7 @@ from flash_export.check.parity import (
     default_seqs,
     one_line,
     onnx_backend,
+    openvino_backend,
     run_cases,
     sweep,
     torch_backend,
@@ -52,6 +53,7 @@ from flash_export.nn.recorded import Recorded, check_graph_matches_spec, recorde
 from flash_export.nn.spec import ModelSpec, check_memory, resolve_spec
 
 DEFAULT_BATCHES = (1, 3)
+RUNTIMES = ("onnxruntime", "openvino")
 PathLike = Union[str, Path]
 
 # --------------------------------------------------------------------------- validate
@@ -64,7 +66,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
              rtol: Optional[float] = None, provider: str = "cpu", all_targets: bool = False,
              trust: bool = False, expect_sha256: Optional[str] = None,
              max_memory: Optional[int] = None, model: Optional[nn.Module] = None,
-             checkpoint: Optional[PathLike] = None,
+             checkpoint: Optional[PathLike] = None, runtime: str = "onnxruntime",
              progress: Optional[ProgressFn] = None) -> ValidationReport:
     """Check an exported artifact against the float64 reference of the model it came from.
 
@@ -97,6 +99,8 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
             (`flash_export.hf.export_hf_onnx`): the folder, whose config and weights must be
             the exported ones; default: the folder recorded at export. The reference is then
             transformers' eager attention in float64 (`check.hf_validate`).
+        runtime: what runs an ONNX artifact: "onnxruntime" (with `provider`), or "openvino"
+            (CPU, float32; the standard target only: the others use operators OpenVINO lacks).
         progress: called as progress(done, total, label) while it runs.
 
     Returns:
@@ -116,7 +120,13 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         raise FlashExportError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise FlashExportError(f"unsupported dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
+    if runtime not in RUNTIMES:
+        raise FlashExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     art = _Loaded.read(path, trust=trust, expect_sha256=expect_sha256)
+    if runtime == "openvino" and (art.proto is None or art.recorded.target != "standard"):
+        what = f"a {art.kind}" if art.proto is None else f"an ONNX {art.recorded.target} target"
+        raise FlashExportError(f"{path} is {what} artifact; OpenVINO runs ONNX graphs of the "
+                               "standard target only (export with --target standard)")
     if is_checkpoint_export(art.meta):
         if spec is not None or model is not None or all_targets or (dtype or "float32") != \
                 "float32":
@@ -157,10 +167,11 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
                  f"validating {path.name}")
     report = ValidationReport(
         artifact=str(path), kind=art.kind, target=art.recorded.target, dtype=run_dtype,
-        provider=provider, spec=spec, spec_source=spec_source, provenance=art.origin,
+        provider="openvino CPU" if runtime == "openvino" else provider, spec=spec,
+        spec_source=spec_source, provenance=art.origin,
         rule="atol/rtol" if atol is not None or rtol is not None else RULE,
         checks=art.structural_checks(spec, model))
-    backends = art.backends(model, run_dtype, provider)
+    backends = art.backends(model, run_dtype, provider, runtime)
     with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
         for other in (t for t in TARGETS if all_targets and t != art.recorded.target):
             (progress or (lambda d, t, label: None))(0, 0, f"exporting {other}")
@@ -252,7 +263,8 @@ class _Loaded:
             checks += custom_node_checks(self.proto, flash_modules(model))
         return checks
 
-    def backends(self, model: nn.Module, dtype: str, provider: str) -> List[Backend]:
+    def backends(self, model: nn.Module, dtype: str, provider: str,
+                 runtime: str = "onnxruntime") -> List[Backend]:
         """Eager (rebuilt from the spec) and the artifact itself, in `dtype`."""
         tdtype = getattr(torch, dtype)
         eager = torch_backend("eager", copy.deepcopy(model).to(tdtype),
@@ -260,6 +272,9 @@ class _Loaded:
         if self.program is not None:
             run = kind_of(self.path).handler("validate_backend")
             return [eager, run(self.program, str(self.path), self.io, self.meta, dtype)]
+        if runtime == "openvino":
+            return [eager, openvino_backend(f"openvino:{self.recorded.target}", self.path,
+                                            self.io)]
         return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider,
                                     self.io)]
 

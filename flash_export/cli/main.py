@@ -173,8 +173,7 @@ def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[
     if folder is None or task is None:
         raise click.UsageError("--hf DIR and --task TASK go together")
     given = [f"--{name.replace('_', '-')}" for name in ctx.params
-             if name not in ("hf_folder", "task", "opset", "check", "out", "debug", "quiet",
-                             "verbose")
+             if name not in ("hf_folder", "task", "opset", "check", "out")
              and ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
     if given:
         raise click.UsageError(f"{', '.join(given)} do not apply to --hf (a checkpoint exports "
@@ -208,6 +207,9 @@ def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[
               help="Relative tolerance (see --atol). Default: the 2x-baseline rule.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu",
               show_default=True, help="onnxruntime execution provider for ONNX artifacts.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="What runs an ONNX artifact; openvino (CPU, float32, the "
+              "openvino extra) runs the standard target only.")
 @click.option("--all-targets", is_flag=True, default=False,
               help="Also export and compare every other ONNX target. Default: off.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -220,7 +222,7 @@ def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[
 @trust_options
 def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[int],
              dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
-             all_targets: bool, json_path: Optional[Path], hf_folder: Optional[Path],
+             runtime: str, all_targets: bool, json_path: Optional[Path], hf_folder: Optional[Path],
              trust: bool, expect_sha256: Optional[str], max_memory: Optional[int]) -> None:
     """Check ARTIFACT (.onnx of any target, .pt or .pt2) against the float64 PyTorch reference.
 
@@ -242,7 +244,7 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
                               seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
                               provider=provider, all_targets=all_targets, trust=trust,
                               expect_sha256=expect_sha256, max_memory=max_memory,
-                              checkpoint=hf_folder, progress=progress)
+                              checkpoint=hf_folder, runtime=runtime, progress=progress)
     finally:
         progress.close()
     for line in validation_lines(report, console.verbosity > 0):
