@@ -156,7 +156,10 @@ def test_a_vit_folder_exports_for_image_classification_and_validates(tmp_path):
     torch.manual_seed(0)
     folder = _save(tf.ViTForImageClassification(tf.ViTConfig(
         image_size=32, patch_size=8, num_labels=3, **SMALL)), tmp_path / "vit")
-    out = export_hf_onnx(folder, tmp_path / "vit.onnx", task="image-classification")
+    out = tmp_path / "vit.onnx"
+    result = CliRunner().invoke(main, ["onnx", "--hf", str(folder), "--task",
+                                       "image-classification", "--no-check", str(out)])
+    assert result.exit_code == 0, result.output
     graph = onnx.load(str(out)).graph
     assert [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
             for i in graph.input] == [("pixel_values", ["batch", 3, 32, 32])]

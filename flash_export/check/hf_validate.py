@@ -21,6 +21,7 @@ from flash_export.check.parity import (
     ProgressFn,
     default_seqs,
     onnx_backend,
+    pt2_backend,
     run_cases,
     sweep,
     torch_backend,
@@ -50,12 +51,13 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
                                seq: Optional[Sequence[int]], batch: Sequence[int],
                                atol: Optional[float], rtol: Optional[float], provider: str,
                                max_memory: Optional[int],
-                               progress: Optional[ProgressFn]) -> Any:
+                               progress: Optional[ProgressFn], program: Any = None) -> Any:
     """`validate` for a graph exported from a checkpoint folder (see the module docstring).
 
     Args:
-        path: the `.onnx` file.
-        proto: its graph, as `validate` read it (external data unread).
+        path: the `.onnx` or `.pt2` file.
+        proto: an ONNX file's graph, as `validate` read it (external data unread); None for a
+            `.pt2` package.
         meta: its metadata.
         io: its IOSpec.
         origin: its provenance.
@@ -68,6 +70,7 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
         provider: onnxruntime execution provider.
         max_memory: bytes the run may plan to use.
         progress: called as progress(done, total, label).
+        program: a `.pt2` package as `validate` loaded it.
 
     Returns:
         The ValidationReport.
@@ -96,15 +99,18 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
     ours = TaskOutput(swap_attention(copy.deepcopy(eager)), task).eval()
     backends: List[Backend] = [
         torch_backend("pytorch", ours, f"(in memory: {found.folder}, attention swapped)", io),
-        onnx_backend("onnx:custom", path, provider, io)]
+        onnx_backend("onnx:custom", path, provider, io) if program is None
+        else pt2_backend("pt2", program, str(path), io)]
     results = run_cases(None, io, backends, cases, dtype="float32", atol=atol, rtol=rtol,
                         progress=progress, references=(reference, baseline),
                         compare_padded_rows=False)
     report = ValidationReport(
-        artifact=str(path), kind="onnx", target="custom", dtype="float32", provider=provider,
+        artifact=str(path), kind="onnx" if program is None else "pt2",
+        target="custom" if program is None else None, dtype="float32", provider=provider,
         spec=None, spec_source="checkpoint", provenance=origin,
         rule="atol/rtol" if atol is not None or rtol is not None else RULE,
-        checks=_checks(proto, eager, meta) + dynamic_dim_checks(proto, io) + manifest_checks(path),
+        checks=(_checks(proto, eager, meta) + dynamic_dim_checks(proto, io) if program is None
+                else []) + manifest_checks(path),
         reference=f"transformers eager attention in float64 of {found.folder} "
                   f"({meta.get('hf_model_class', '?')}, task {task.name})")
     report.backends = list(results.values())

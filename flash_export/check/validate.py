@@ -137,7 +137,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
             path, art.proto, art.meta, art.io, art.origin,
             checkpoint=Path(checkpoint) if checkpoint is not None else None, seq=seq,
             batch=batch, atol=atol, rtol=rtol, provider=provider, max_memory=max_memory,
-            progress=progress)
+            progress=progress, program=art.program)
     if checkpoint is not None:
         raise FlashExportError(f"{path} was not exported from a transformers checkpoint: "
                                "checkpoint= (--hf) does not apply")

@@ -20,13 +20,14 @@ from flash_export.cli.options import (
     block_size,
     common_options,
     debugging,
+    hf_options,
     int_list,
     model_options,
     output_file,
     trust_options,
 )
 from flash_export.cli.serve import serve, triton
-from flash_export.core.contract import EXPORT_DTYPES, HF_TASKS, TARGETS
+from flash_export.core.contract import EXPORT_DTYPES, TARGETS
 from flash_export.core.errors import FlashExportError
 from flash_export.core.install import EXPORT_MODULES
 
@@ -92,18 +93,24 @@ def torchscript(spec: Any, attention: str, out: Path) -> None:
 @model_options
 @click.option("--mask", "with_mask", is_flag=True, default=False,
               help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
+@hf_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
                 callback=artifact_file("pt2"))
-def pt2(spec: Any, with_mask: bool, out: Path) -> None:
+def pt2(spec: Any, with_mask: bool, hf_folder: Optional[Path], task: Optional[str],
+        out: Path) -> None:
     """Compile the model to an AOTInductor package OUT.pt2 (torch.export, dynamic sizes).
 
     Its attention is flash_export::attention: in C++, load the libtorch shim (custom_ops/torch)
-    before AOTIModelPackageLoader. Compiling takes tens of seconds (g++).
+    before AOTIModelPackageLoader. Compiling takes tens of seconds (g++). With --hf DIR --task
+    TASK: a transformers checkpoint instead (not text-generation-with-past).
     """
     from flash_export.export.pt2 import export_pt2
 
     console = Console()
     started = time.perf_counter()
+    if hf_folder is not None or task is not None:
+        _export_checkpoint(console, hf_folder, task, out, started, pt2=True)
+        return
     model = spec.build()
     progress = console.progress("exporting pt2")
     try:
@@ -132,13 +139,7 @@ def pt2(spec: Any, with_mask: bool, out: Path) -> None:
               help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the file in onnxruntime against PyTorch at two lengths after writing.")
-@click.option("--hf", "hf_folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Export this transformers checkpoint folder (config.json and "
-              "safetensors, as save_pretrained writes) for --task instead, attention on our "
-              "kernel (needs the hf extra). Default: none.")
-@click.option("--task", type=click.Choice(HF_TASKS), default=None,
-              help="With --hf: what the graph computes (its inputs as optimum names them). "
-                   "Default: none.")
+@hf_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
                 callback=artifact_file("onnx"))
 def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes: bool,
@@ -155,7 +156,7 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
     console = Console()
     started = time.perf_counter()
     if hf_folder is not None or task is not None:
-        _export_checkpoint(console, hf_folder, task, opset, check, out, started)
+        _export_checkpoint(console, hf_folder, task, out, started, opset=opset, check=check)
         return
     model = spec.build()
     path = export_onnx(model, out, target=target, opset=opset, dtype=dtype, spec=spec,
@@ -166,9 +167,10 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
             console.info(f"check: {line}")
 
 
-def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[str],
-                       opset: Optional[int], check: bool, out: Path, started: float) -> None:
-    """`onnx --hf DIR --task TASK`: refuse the FlashAttention-model options, export, check."""
+def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[str], out: Path,
+                       started: float, *, opset: Optional[int] = None, check: bool = False,
+                       pt2: bool = False) -> None:
+    """`onnx|pt2 --hf DIR --task TASK`: refuse the FlashAttention-model options, export, check."""
     ctx = click.get_current_context()
     if folder is None or task is None:
         raise click.UsageError("--hf DIR and --task TASK go together")
@@ -179,9 +181,17 @@ def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[
         raise click.UsageError(f"{', '.join(given)} do not apply to --hf (a checkpoint exports "
                                "as itself: custom target, float32, dynamic sizes)")
     from flash_export.check.validate import validate as run_validate
-    from flash_export.hf.export import export_hf_onnx
+    from flash_export.hf.export import export_hf_onnx, export_hf_pt2
 
-    _report_written(console, export_hf_onnx(folder, out, task=task, opset=opset), started)
+    if pt2:
+        progress = console.progress("exporting pt2")
+        try:
+            path = export_hf_pt2(folder, out, task=task, progress=progress)
+        finally:
+            progress.close()
+    else:
+        path = export_hf_onnx(folder, out, task=task, opset=opset)
+    _report_written(console, path, started)
     if check:  # one length seen at export (17), one not
         report = run_validate(out, checkpoint=folder, seq=[17, 40], batch=[2])
         report.raise_for_failures()

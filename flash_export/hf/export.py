@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -251,16 +251,53 @@ def export_hf_onnx(checkpoint: PathLike, path: PathLike, *, task: str,
         io = task_io(model, chosen)
         runnable = TaskOutput(swap_attention(model), chosen).eval()
         example = example_feed(io)
-    meta = {"flash_export_version": __version__, "torch_version": torch.__version__,
-            "transformers_version": transformers_version(), "chunk_size": str(CHUNK_SIZE),
-            "dtype": "float32", "artifact": "onnx", "target": "custom", "domain": DOMAIN,
-            "domain_version": str(DOMAIN_VERSION), TASK_KEY: chosen.name,
-            MODEL_CLASS_KEY: type(model).__name__, CONFIG_KEY: read.config,
-            WEIGHTS_KEY: json.dumps(read.weights, sort_keys=True),
-            CHECKPOINT_KEY: str(read.folder)}
+    meta = _metadata(read, chosen, model, artifact="onnx")
     with torch.no_grad():
         return write_graph(runnable, path, example=example, io=io, meta=meta, target="custom",
                            opset=opset, dynamic=dynamic)
+
+
+def export_hf_pt2(checkpoint: PathLike, path: PathLike, *, task: str,
+                  progress: Optional[Callable[[int, int, str], None]] = None) -> Path:
+    """Compile a transformers checkpoint folder for `task` to an AOTInductor `.pt2` package.
+
+    As `export_hf_onnx` (the same tasks but text-generation-with-past, inputs and metadata),
+    through `torch.export` with dynamic batch and length: the attention is the registered op
+    `flash_export::attention`, so a C++ process loads the libtorch shim first (as for any
+    `.pt2` of ours). Inputs are positional, in the IOSpec's order.
+
+    Raises:
+        ModelError: an unknown or unsupported task, or a folder that does not load for it.
+        ConversionError: a model `flash_export.hf.swap_attention` refuses.
+        ExportError: `torch.export` or the compile fails.
+    """
+    from flash_export.export.prepare import native_metadata
+    from flash_export.export.pt2 import compile_pt2
+
+    require_kind(path, "pt2")
+    chosen = task_named(task)
+    if chosen.with_past:
+        raise ModelError(f"pt2 --hf exports {', '.join(t for t in TASKS if not TASKS[t].with_past)}"
+                         f"; for {task}, export ONNX (flash-export onnx --hf)")
+    read = read_checkpoint(checkpoint)
+    model = load_model(read, chosen)
+    io = task_io(model, chosen)
+    meta = {**_metadata(read, chosen, model, artifact="pt2"), **native_metadata()}
+    return compile_pt2(TaskOutput(swap_attention(model), chosen).eval(), path,
+                       example=example_feed(io), io=io, meta=meta, progress=progress)
+
+
+def _metadata(read: Checkpoint, task: Task, model: nn.Module, *, artifact: str) -> Dict[str, str]:
+    """What every artifact of a checkpoint records (the IOSpec is added by the writer)."""
+    meta = {"flash_export_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers_version(), "chunk_size": str(CHUNK_SIZE),
+            "dtype": "float32", "artifact": artifact, TASK_KEY: task.name,
+            MODEL_CLASS_KEY: type(model).__name__, CONFIG_KEY: read.config,
+            WEIGHTS_KEY: json.dumps(read.weights, sort_keys=True),
+            CHECKPOINT_KEY: str(read.folder)}
+    if artifact == "onnx":
+        meta.update(target="custom", domain=DOMAIN, domain_version=str(DOMAIN_VERSION))
+    return meta
 
 
 def recorded_checkpoint(meta: Mapping[str, str], path: PathLike) -> Tuple[Task, Checkpoint]:
