@@ -19,7 +19,7 @@ import transformers as tf  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from flash_export.artifacts.files import sha256_file  # noqa: E402
-from flash_export.bench.benchmark import benchmark  # noqa: E402
+from flash_export.bench.benchmark import BenchConfig, benchmark  # noqa: E402
 from flash_export.check.validate import validate  # noqa: E402
 from flash_export.cli.main import main  # noqa: E402
 from flash_export.core.contract import DOMAIN, OP_NAME  # noqa: E402
@@ -127,6 +127,19 @@ def test_validate_refuses_a_folder_whose_weights_or_config_are_not_the_exported_
         validate(out, checkpoint=other)
 
 
+def test_bench_times_the_graph_against_the_checkpoint_in_pytorch(bert):
+    _, out = bert
+    report = benchmark(out, config=BenchConfig(seqs=(9, 33), batches=(2,), iters=2, warmup=1,
+                                               memory=False,
+                                               backends=("custom", "eager", "sdpa", "native")))
+    rows = {(r.backend, r.seq_q): r for r in report.rows}
+    assert set(rows) == {(b, n) for b in ("custom", "eager", "sdpa", "native") for n in (9, 33)}
+    assert all(r.status == "ok" and r.p50_ms > 0 and r.batch == 2 for r in rows.values()), rows
+    assert report.spec["model"].startswith("BertModel from ")
+    with pytest.raises(FlashExportError, match=r"backends \['standard'\] do not apply"):
+        benchmark(out, config=BenchConfig(backends=("standard",)))
+
+
 def test_the_protocol_answers_a_tokenised_batch_as_onnxruntime_computes_it(bert):
     """int64 ids and a 0/1 mask pass the request checks, and two requests of one length share
     a run."""
@@ -203,5 +216,3 @@ def test_the_cli_refuses_options_that_do_not_apply_to_a_checkpoint(bert, tmp_pat
     assert mixed.exit_code == 2 and "--target, --heads do not apply to --hf" in mixed.output
     with pytest.raises(FlashExportError, match="exported from a transformers checkpoint"):
         validate(out, dtype="float16")
-    with pytest.raises(ArtifactError, match="bench times FlashAttention models only so far"):
-        benchmark(out)

@@ -21,6 +21,7 @@ from _serving import serving  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from test_serve import _free_port  # noqa: E402
 
+from flash_export.bench.benchmark import benchmark  # noqa: E402
 from flash_export.check.validate import validate  # noqa: E402
 from flash_export.cli.main import main  # noqa: E402
 from flash_export.core.errors import FlashExportError  # noqa: E402
@@ -183,6 +184,8 @@ def test_generate_refuses_a_graph_without_a_cache_and_bad_inputs(exported, tmp_p
         generate(session, ids, mask * 2, max_new_tokens=2)
     with pytest.raises(FlashExportError, match="temperature must be > 0"):
         Sampling(temperature=0.0)
+    with pytest.raises(FlashExportError, match="is a with-past graph: its cost is the decode"):
+        benchmark(out)
 
 
 def _post(url, doc):

@@ -85,7 +85,7 @@ def validate_checkpoint_export(path: Path, proto: Any, meta: Mapping[str, str], 
     from flash_export.hf.swap import swap_attention
     from flash_export.nn.spec import check_memory
 
-    task, found = _exported_folder(path, meta, checkpoint)
+    task, found = exported_checkpoint(path, meta, checkpoint)
     if task.with_past:
         return _validate_generation(path, proto, meta, io, origin, found, task, seq or [9, 40],
                                     batch, provider, max_memory)
@@ -175,7 +175,7 @@ def _same_tokens(name: str, ours: np.ndarray, theirs: np.ndarray, prompt: int) -
                  f"{ours[row, col]} vs eager's {theirs[row, col]}", False)
 
 
-def _exported_folder(path: Path, meta: Mapping[str, str],
+def exported_checkpoint(path: Path, meta: Mapping[str, str],
                      checkpoint: Optional[Path]) -> Tuple[Any, Any]:
     """(task, checkpoint) as recorded, the folder read and refused unless it is the exported one.
 
