@@ -112,15 +112,15 @@ def _installed_runtimes(lines: List[str]) -> List[str]:
             if re.search(rf"'{re.escape(name)}(?:[<>=!~][^']*)?'", line)]
 
 
-def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_dev_plot_serve_hf(
+def test_make_demo_installs_export_and_one_onnxruntime_and_make_test_adds_the_test_extras(
         tmp_path, metadata):
     demo_lines = _make_dry_run("demo", tmp_path)
     demo = _installed_extras(demo_lines)
     assert demo == {"export"}, demo
     assert len(_installed_runtimes(demo_lines)) == 1, demo_lines
     test_lines = _make_dry_run("test", tmp_path)
-    # hf: CI runs the transformers tests
-    assert _installed_extras(test_lines) == demo | {"dev", "plot", "serve", "hf"}
+    # hf: CI runs the transformers tests; openvino: validate --runtime openvino
+    assert _installed_extras(test_lines) == demo | {"dev", "plot", "serve", "hf", "openvino"}
     assert _installed_runtimes(test_lines) == _installed_runtimes(demo_lines)
     assert _installed_runtimes(_make_dry_run("demo", tmp_path, "ORT=cpu")) == ["onnxruntime"]
     assert demo <= set(metadata.get_all("Provides-Extra"))
