@@ -92,6 +92,12 @@ def test_check_feed_with_no_upper_bound_takes_any_size():
     assert check_feed(io, {"x": np.zeros(0, np.float32)}) == {"n": 0}
 
 
+def test_a_size_below_a_min_with_no_max_is_refused_naming_an_open_range():
+    io = IOSpec((TensorSpec("x", "float32", ("n",)),), sizes={"n": (2, None)})
+    with pytest.raises(ValueError, match=r"^input x: dim 0 \(n\) is 1, expected 2\.\.$"):
+        check_feed(io, {"x": np.zeros(1, np.float32)})
+
+
 # ------------------------------------------------------------------ properties
 
 
@@ -376,6 +382,128 @@ def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask
     assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
     with pytest.raises(KeyError):
         io.input("x")
+
+
+# ------------------------------------------------------------------ make_feed, role by role
+# flash_export.core.feeds.make_feed's promises for every role (the io_spec module docstring):
+# padding masks are (batch, seq) rows of real tokens then padding, each row a length from 1 to seq
+# (key_padding the same with True = padding), every token real with padded=False; a causal mask is
+# True or -inf exactly above the diagonal; an attention mask blocks about a quarter of its entries
+# and every key of the first query row of the first batch entry; integers cover [low, high); the
+# same seed gives the same feed and another seed another one. Sizes are large enough that the fixed
+# seed meets every case (a row of each length, each integer of the range), small enough to run in
+# milliseconds.
+
+
+def _one(t: TensorSpec, sizes: dict, **kwargs) -> np.ndarray:
+    io = IOSpec((t,), sizes={n: (0, None) for n in t.dims if isinstance(n, str)})
+    return make_feed(io, sizes, 3, **kwargs)[t.name]
+
+
+def _real_lengths(real: np.ndarray) -> np.ndarray:
+    """(batch,) the number of real tokens per row, checking each row is real tokens, then
+    padding."""
+    lengths = real.sum(axis=1)
+    assert np.array_equal(real, np.arange(real.shape[1])[None, :] < lengths[:, None])
+    return lengths
+
+
+_PADDING = TensorSpec("mask", "bool", ("batch", "seq"), role="padding")
+_KEY_PADDING = TensorSpec("mask", "bool", ("batch", "seq"), role="key_padding")
+
+
+@pytest.mark.parametrize("seq", [1, 2, 3, 5])
+def test_a_padding_mask_holds_rows_of_every_length_from_1_to_seq_equally_often(seq):
+    mask = _one(_PADDING, {"batch": 3000, "seq": seq})
+    assert mask.dtype == np.bool_ and mask.shape == (3000, seq)
+    counts = np.bincount(_real_lengths(mask), minlength=seq + 1)
+    assert counts[0] == 0 and counts.sum() == 3000  # never a row without a real token
+    assert np.all(np.abs(counts[1:] / 3000 - 1 / seq) < 0.05), counts
+
+
+def test_a_key_padding_mask_is_a_padding_mask_with_true_for_padding():
+    sizes = {"batch": 200, "seq": 4}
+    key_padding = _one(_KEY_PADDING, sizes)
+    assert key_padding.dtype == np.bool_
+    assert np.array_equal(~key_padding, _one(_PADDING, sizes))  # the same rows, same seed
+    lengths = _real_lengths(~key_padding)
+    assert lengths.min() == 1 and lengths.max() == 4
+
+
+@pytest.mark.parametrize("t", [_PADDING, _KEY_PADDING], ids=["padding", "key_padding"])
+def test_unpadded_masks_make_every_token_real_and_padded_is_the_default(t):
+    sizes = {"batch": 50, "seq": 4}
+    real = np.full((50, 4), t.role == "padding")
+    assert np.array_equal(_one(t, sizes, padded=False), real)
+    assert not np.array_equal(_one(t, sizes), real)  # padded unless asked not to be
+    assert np.array_equal(_one(t, sizes), _one(t, sizes, padded=True))
+
+
+@pytest.mark.parametrize("t", [_PADDING, _KEY_PADDING], ids=["padding", "key_padding"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_a_padding_mask_of_an_empty_sequence_is_empty(t, padded):
+    assert _one(t, {"batch": 3, "seq": 0}, padded=padded).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype, masked, open_", [("bool", True, False),
+                                                  ("float32", -np.inf, 0.0),
+                                                  ("float16", -np.inf, 0.0)])
+def test_a_causal_mask_blocks_exactly_the_keys_after_each_query(dtype, masked, open_):
+    t = TensorSpec("causal", dtype, ("seq", "seq"), role="causal")
+    mask = _one(t, {"seq": 5})
+    assert mask.dtype.name == dtype and mask.shape == (5, 5)
+    for query in range(5):
+        for key in range(5):
+            assert mask[query, key] == (masked if key > query else open_), (query, key)
+
+
+@pytest.mark.parametrize("dims, sizes", [
+    (("batch", "heads", "q", "k"), {"batch": 3, "heads": 2, "q": 4, "k": 40}),
+    (("batch", "q", "k"), {"batch": 3, "q": 4, "k": 40}),
+], ids=["rank-4", "rank-3"])
+def test_an_attention_mask_blocks_a_quarter_and_all_of_the_first_batch_entrys_first_row(
+        dims, sizes):
+    t = TensorSpec("mask", "bool", dims, role="attention")
+    mask = _one(t, sizes)
+    assert mask.dtype == np.bool_ and mask.shape == tuple(sizes[d] for d in dims)
+    rows = mask.reshape(sizes["batch"], -1, sizes["q"], sizes["k"])  # (batch, heads, q, k)
+    assert not rows[0, :, 0, :].any()  # the first query row of the first entry sees no key
+    seeing = rows.any(axis=-1)  # (batch, heads, q): the rows that see some key
+    seeing[0, :, 0] = True
+    assert seeing.all()  # only that row sees nothing
+    blocked = 1 - mask.mean()
+    assert 0.2 < blocked < 0.35, blocked
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_integer_inputs_take_every_value_from_low_to_high_exclusive(dtype):
+    t = TensorSpec("ids", dtype, ("n",), low=-3, high=4)
+    ids = _one(t, {"n": 500})
+    assert ids.dtype.name == dtype and ids.shape == (500,)
+    assert sorted(set(ids.tolist())) == list(range(-3, 4))
+
+
+def test_bool_data_inputs_hold_both_values_about_equally_often():
+    flags = _one(TensorSpec("flags", "bool", ("n",)), {"n": 1000})
+    assert flags.dtype == np.bool_ and 0.4 < flags.mean() < 0.6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_float_data_inputs_are_standard_normal_values(dtype):
+    x = _one(TensorSpec("x", dtype, ("n", 4)), {"n": 1000})
+    assert x.dtype.name == dtype and x.shape == (1000, 4)
+    assert abs(float(x.mean())) < 0.1 and 0.9 < float(x.std()) < 1.1
+
+
+def test_the_same_seed_gives_the_same_feed_and_another_seed_another():
+    io = IOSpec((TensorSpec("x", "float32", ("n",)), _PADDING,
+                 TensorSpec("ids", "int64", ("n",), low=0, high=1000)),
+                sizes={"n": (1, None), "batch": (1, None), "seq": (1, None)})
+    sizes = {"n": 20, "batch": 20, "seq": 8}
+    first, again, other = (make_feed(io, sizes, seed) for seed in (7, 7, 8))
+    for name in first:
+        assert np.array_equal(first[name], again[name])
+        assert not np.array_equal(first[name], other[name]), name
 
 
 # ------------------------------------------------------------------ a spec against its graph

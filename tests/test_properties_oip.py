@@ -16,6 +16,7 @@ import json
 import math
 import re
 import struct
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -38,9 +39,11 @@ from flash_export.serving.protocol import (
     OIPModel,
 )
 from flash_export.serving.wire import (
+    byte_count,
     error_body,
     from_binary,
     from_json_data,
+    json_array,
     json_body,
     json_data,
     load_json,
@@ -603,6 +606,7 @@ def test_load_json_reads_any_bytes_or_answers_400(raw):
 @pytest.mark.parametrize("dtype, data, words", [
     ("bool", [1, 0], "holds integers, expected BOOL"),
     ("int64", [1.5, 2.0], "holds floats, expected INT64"),
+    ("int32", [1.5, 2.0], "holds floats, expected INT32"),
     ("float32", ["1", "2"], "holds strings, expected FP32"),
     ("float32", [1.0, [2.0]], "ragged|mixed values"),
     ("int32", [2**31, 0], "out of INT32's range"),
@@ -632,8 +636,9 @@ def test_bool_bytes_are_0_or_1(raw):
     if max(raw) <= 1:
         assert from_binary("m", "bool", (3,), memoryview(raw)).tolist() == [False, True, True]
     else:
-        with pytest.raises(RequestError, match="BOOL bytes must be 0 or 1"):
+        with pytest.raises(RequestError, match="BOOL bytes must be 0 or 1") as caught:
             from_binary("m", "bool", (3,), memoryview(raw))
+        assert caught.value.status == 400
 
 
 def test_binary_data_is_little_endian():
@@ -672,3 +677,61 @@ def test_json_data_of_the_wrong_kind_names_the_kind_it_holds(dtype, data, kind):
 def test_a_non_finite_json_constant_is_named_in_the_400(constant):
     with pytest.raises(RequestError, match=rf"{constant} is not JSON \(send finite numbers\)"):
         load_json(f"[{constant}]".encode())
+
+
+@pytest.mark.parametrize("text, count", [("7", 7), (" 0 ", 0), ("9" * 12, 10**12 - 1),
+                                         ("1" * 13, None), ("", None), (" ", None)],
+                         ids=["one-digit", "zero", "max-digits", "one-digit-too-many", "empty",
+                              "blank"])
+def test_a_byte_count_takes_1_to_max_digits_digits(text, count):
+    assert byte_count(text, 12) == count
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_json_array_joins_its_blocks_into_one_flat_array(dtype):
+    """Past 8192 values (one block) json_array writes several blocks, read back as one list."""
+    value = _random_array(dtype, [3, 7000], 5)
+    assert json.loads(json_array(value)) == json_data(value)
+
+
+# JSON data is converted a block of 8192 rows at a time: data past one block reads back whole,
+# and blocks must agree on their rows.
+@pytest.mark.parametrize("rows", [8193, 16384, 20000], ids=["two-blocks", "two-full", "three"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_json_data_of_several_blocks_reads_back_whole(rows, nested):
+    value = _random_array("float32", [rows, 2], rows)
+    data = value.tolist() if nested else json_data(value)
+    shape = (rows, 2)
+    assert _same(from_json_data("x", "float32", shape, data), value)
+
+
+def test_json_data_whose_blocks_disagree_on_their_rows_is_ragged():
+    data = [[1.0, 2.0]] * 8192 + [[1.0, 2.0, 3.0]]
+    with pytest.raises(RequestError, match=r"^input x: data is ragged \(nested lists of unequal "
+                                           r"lengths\)$") as caught:
+        from_json_data("x", "float32", (8193, 2), data)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("shape, data", [((2,), []), ((0, 3), [1.0]), ((0,), [[]])],
+                         ids=["empty-data", "data-for-empty", "nested-empty"])
+def test_empty_data_fits_only_an_empty_shape(shape, data):
+    if math.prod(shape) == 0 and np.asarray(data).size == 0:
+        assert from_json_data("x", "float32", shape, data).shape == shape
+        return
+    with pytest.raises(RequestError, match=rf"holds {np.asarray(data).size} values, shape "
+                                           rf"\[{', '.join(map(str, shape))}\] needs "
+                                           rf"{math.prod(shape)}$"):
+        from_json_data("x", "float32", shape, data)
+
+
+def test_float_overflow_in_json_data_warns_nobody():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(from_json_data("x", "float32", (2,), [1e39, -1e39])).all()
+
+
+def test_json_nested_too_deeply_is_a_400_saying_so():
+    with pytest.raises(RequestError, match=r"^the JSON is nested too deeply$") as caught:
+        load_json(b"[" * 50_000 + b"]" * 50_000)
+    assert caught.value.status == 400
