@@ -475,6 +475,17 @@ def test_an_attention_mask_blocks_a_quarter_and_all_of_the_first_batch_entrys_fi
     assert 0.2 < blocked < 0.35, blocked
 
 
+# Found writing the test above: a (q, k) attention mask (PyTorch's attn_mask) made make_feed
+# raise numpy's "cannot reshape", so validate and bench crashed on a spec that declares one.
+@pytest.mark.parametrize("dims", [("q", "k"), ("k",)], ids=["rank-2", "rank-1"])
+def test_an_attention_mask_without_a_batch_dim_is_made_too(dims):
+    sizes = {"q": 4, "k": 40}
+    mask = _one(TensorSpec("mask", "bool", dims, role="attention"), sizes)
+    assert mask.dtype == np.bool_ and mask.shape == tuple(sizes[d] for d in dims)
+    if len(dims) == 2:  # the one entry's first query row sees no key, every other row some
+        assert not mask[0].any() and mask[1:].any(axis=-1).all()
+
+
 @pytest.mark.parametrize("dtype", ["int64", "int32"])
 def test_integer_inputs_take_every_value_from_low_to_high_exclusive(dtype):
     t = TensorSpec("ids", dtype, ("n",), low=-3, high=4)
