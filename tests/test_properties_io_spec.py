@@ -234,6 +234,19 @@ def test_clamp_moves_every_size_into_its_bounds_and_keeps_those_inside(io, sizes
     assert io.clamp(clamped) == clamped
 
 
+def test_clamp_keeps_a_size_within_bounds_and_moves_one_outside_to_the_nearest_bound():
+    io = IOSpec((TensorSpec("x", "float32", ("n", "m", "k")),),
+                sizes={"n": (2, 5), "m": (1, None), "k": (0, 3)})
+    assert io.clamp({"n": 4, "m": 9, "k": 3}) == {"n": 4, "m": 9, "k": 3}
+    assert io.clamp({"n": 9, "m": 0, "k": -1, "other": 7}) == {"n": 5, "m": 1, "k": 0}
+    assert io.clamp({}) == {"n": 2, "m": 1, "k": 0}
+
+
+def test_input_names_the_missing_input_in_its_key_error():
+    with pytest.raises(KeyError, match="^'nope'$"):
+        attention_io(4).input("nope")
+
+
 @given(data=st.data(), io=io_specs())
 def test_fixed_pins_the_named_sizes_and_keeps_the_others(data, io):
     sizes = data.draw(sizes_within(io))
@@ -253,6 +266,173 @@ def test_with_float_dtype_changes_only_floating_inputs(io, dtype):
         assert after.dtype == (dtype if before.dtype.startswith("float") else before.dtype)
         assert dataclasses.replace(after, dtype=before.dtype) == before
 
+
+
+# ------------------------------------------------------------------ every refusal, word for word
+# Each check of TensorSpec, IOSpec and from_json refuses with one line naming what is wrong and
+# what came (cut to a few dozen characters where the value may be long).
+
+
+def _x(**fields) -> TensorSpec:
+    return TensorSpec(**{"name": "x", "dtype": "float32", "dims": (), **fields})
+
+
+_DTYPES = "('float32', 'float16', 'float64', 'int64', 'int32', 'bool')"
+_ROLES = "('data', 'padding', 'key_padding', 'attention', 'causal')"
+_NAMED = "a size in [0, 2**31), an input size's name, or None"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _x(name="1x"), "input name '1x' is not an identifier of <= 64 characters"),
+    (lambda: _x(name="x" * 65), f"input name '{'x' * 65}' is not an identifier of <= 64 "
+                                "characters"),
+    (lambda: _x(name=7), "input name 7 is not an identifier of <= 64 characters"),
+    (lambda: _x(dtype="int8"), f"input x: dtype 'int8' is not one of {_DTYPES}"),
+    (lambda: _x(role="mask"), f"input x: role 'mask' is not one of {_ROLES}"),
+    (lambda: _x(dims=[1]), "input x: dims must be a tuple of at most 8"),
+    (lambda: _x(dims=(1,) * 9), "input x: dims must be a tuple of at most 8"),
+    (lambda: _x(dims=(-1,)), "input x: dim -1 is neither a size in [0, 2**31) nor a size name"),
+    (lambda: _x(dims=(2**31,)), "input x: dim 2147483648 is neither a size in [0, 2**31) nor a "
+                                "size name"),
+    (lambda: _x(dims=(True,)), "input x: dim True is neither a size in [0, 2**31) nor a size "
+                               "name"),
+    (lambda: _x(dims=("1n",)), "input x: dim '1n' is neither a size in [0, 2**31) nor a size "
+                               "name"),
+    (lambda: _x(low=0), "input x: low is for integer inputs only, and must be an int, got 0"),
+    (lambda: _x(dtype="int64", low=0, high=2**62 + 1),
+     f"input x: high is for integer inputs only, and must be an int, got {2**62 + 1}"),
+    (lambda: _x(dtype="int32", low=True, high=2),
+     "input x: low is for integer inputs only, and must be an int, got True"),
+    (lambda: _x(dtype="int32", low=0, high=1.5),
+     "input x: high is for integer inputs only, and must be an int, got 1.5"),
+    (lambda: _x(dtype="int64"), "input x: an integer input needs low < high (the range of valid "
+                                "values), got [None, None)"),
+    (lambda: _x(dtype="int64", low=3), "input x: an integer input needs low < high (the range "
+                                       "of valid values), got [3, None)"),
+    (lambda: _x(dtype="int64", high=3), "input x: an integer input needs low < high (the range "
+                                        "of valid values), got [None, 3)"),
+    (lambda: _x(dtype="int64", low=3, high=3), "input x: an integer input needs low < high (the "
+                                               "range of valid values), got [3, 3)"),
+    (lambda: _x(role="padding", dims=("b", "s")), "input x: a padding mask is bool, got float32"),
+    (lambda: _x(role="attention", dtype="int64", low=0, high=2),
+     "input x: a attention mask is bool, got int64"),
+    (lambda: _x(role="causal", dims=("a", "b")), "input x: a causal mask is (seq, seq), got "
+                                                 "('a', 'b')"),
+    (lambda: _x(role="causal", dims=("s",)), "input x: a causal mask is (seq, seq), got ('s',)"),
+    (lambda: _x(role="key_padding", dtype="bool", dims=("s",)),
+     "input x: a padding mask is (batch, seq), got ('s',)"),
+    (lambda: _x(role="padding", dtype="bool", dims=("b", "s", "t")),
+     "input x: a padding mask is (batch, seq), got ('b', 's', 't')"),
+], ids=lambda v: "" if callable(v) else v[:40])
+def test_a_tensor_spec_refuses_each_bad_field_naming_it(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+_N = TensorSpec("x", "float32", ("n",))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: IOSpec(()), "a model takes 1 to 64 inputs, got 0"),
+    (lambda: IOSpec(tuple(TensorSpec(f"x{i}", "float32", ()) for i in range(65))),
+     "a model takes 1 to 64 inputs, got 65"),
+    (lambda: IOSpec((_x(), _x())), "input and output names must be distinct, got ['x', 'x', "
+                                   "'output']"),
+    (lambda: IOSpec((_x(),), ("x",)), "input and output names must be distinct, got ['x', 'x']"),
+    (lambda: IOSpec((_x(),), ()), "output names must be identifiers, got ()"),
+    (lambda: IOSpec((_x(),), ("1y",)), "output names must be identifiers, got ('1y',)"),
+    (lambda: IOSpec((_x(),), (3,)), "output names must be identifiers, got (3,)"),
+    (lambda: IOSpec((_x(),), constants={"1c": 1}),
+     "constant '1c': a distinct identifier with a scalar value, got 1"),
+    (lambda: IOSpec((_x(),), constants={"x": 1}),
+     "constant 'x': a distinct identifier with a scalar value, got 1"),
+    (lambda: IOSpec((_x(),), constants={"c" * 50: [1]}),
+     f"constant '{'c' * 40}': a distinct identifier with a scalar value, got [1]"),
+    (lambda: IOSpec((_N,)), "size names ['n'] have no bounds in sizes"),
+    (lambda: IOSpec((_N,), sizes={"n": (-1, None)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (-1, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (2, 1)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (2, 1)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1.0, None)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (1.0, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, 2.0)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (1, 2.0)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None), "1m": (1, None)}),
+     "size '1m': bounds must be (min >= 0, max >= min or None), got (1, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"z" * 70: ()}),
+     f"output_dims names '{'z' * 64}', which is not an output of ['output']"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": ("m",)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got ('m',)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": ["n"]}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got ['n']"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (None,) * 9}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got {str((None,) * 9)[:80]}"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (True,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (True,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (-1,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (-1,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (2**31,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (2147483648,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None), "m": (1, None)}, batch="m"),
+     "batch 'm' is not a size any input uses"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, batch="b" * 70),
+     f"batch '{'b' * 64}' is not a size any input uses"),
+], ids=lambda v: "" if callable(v) else v[:40])
+def test_an_io_spec_refuses_each_bad_field_naming_it(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+_KEYS = "batch, constants, inputs, output_dims, outputs, sizes"
+_TYPES = ("io spec inputs and outputs must be lists, sizes, constants and output_dims objects, "
+          "batch a size name or null")
+_VALID = {"inputs": [{"name": "x", "dtype": "float32", "dims": ["n"]}], "outputs": ["y"],
+          "sizes": {"n": [1, None]}}
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], f"an io spec is a JSON object with {_KEYS}"),
+    ({**_VALID, "other": 1}, f"an io spec is a JSON object with {_KEYS}"),
+    ({**_VALID, "inputs": {}}, _TYPES),
+    ({**_VALID, "outputs": "y"}, _TYPES),
+    ({**_VALID, "sizes": []}, _TYPES),
+    ({**_VALID, "constants": []}, _TYPES),
+    ({**_VALID, "output_dims": []}, _TYPES),
+    ({**_VALID, "batch": 1}, _TYPES),
+    ({**_VALID, "output_dims": {"o" * 50: 1}}, f"output '{'o' * 40}': dims must be a list"),
+    ({**_VALID, "inputs": [["x" * 80]]}, f"io spec input {str(['x' * 80])[:60]} is malformed"),
+    ({**_VALID, "inputs": [{"name": "x", "dtype": "float32", "dims": ["n"], "other": 1}]},
+     "io spec input {'name': 'x', 'dtype': 'float32', 'dims': ['n'], 'other': 1} is malformed"),
+    ({**_VALID, "inputs": [{"name": "x", "dtype": "float32", "dims": "n"}]},
+     "io spec input {'name': 'x', 'dtype': 'float32', 'dims': 'n'} is malformed"),
+    ({**_VALID, "sizes": {"s" * 50: [1]}}, f"size '{'s' * 40}': bounds must be [min, max]"),
+    ({**_VALID, "sizes": {"n": 1}}, "size 'n': bounds must be [min, max]"),
+    ({**_VALID, "sizes": {"n": [1, 2, 3]}}, "size 'n': bounds must be [min, max]"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_from_json_refuses_each_bad_field_naming_it(data, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        IOSpec.from_json(json.dumps(data))
+
+
+def test_from_json_reads_what_to_json_leaves_out_as_its_defaults():
+    """A spec written before constants, output dims and the batch existed."""
+    io = IOSpec.from_json(json.dumps(_VALID))
+    assert io == IOSpec((_N,), ("y",), {"n": (1, None)})
+    assert io.constants == {} and io.output_dims == {} and io.batch is None
+    full = IOSpec.from_json(json.dumps({**_VALID, "constants": {"c": 1},
+                                        "output_dims": {"y": ["n"]}, "batch": "n"}))
+    assert full == IOSpec((_N,), ("y",), {"n": (1, None)}, {"c": 1}, {"y": ("n",)}, "n")
+
+
+def test_from_json_reads_at_most_one_input_and_output_past_the_limit():
+    """65 inputs are refused as too many, whatever follows (the rest is never built)."""
+    inputs = [{"name": f"x{i}", "dtype": "float32", "dims": []} for i in range(65)]
+    with pytest.raises(ValueError, match=r"^a model takes 1 to 64 inputs, got 65$"):
+        IOSpec.from_json(json.dumps({**_VALID, "inputs": inputs + [{"bad": 1}] * 1000}))
+    dims = {f"o{i}": [] for i in range(65)}  # then "zz", which is never read
+    with pytest.raises(ValueError, match=r"^output_dims names 'o1', which is not an output"):
+        IOSpec.from_json(json.dumps({**_VALID, "outputs": ["o0"],
+                                     "output_dims": {**dims, "zz": 1}}))
 
 # Text that is not an io spec: JSON of the wrong shape, fields of the wrong type, names and bounds
 # out of range.
