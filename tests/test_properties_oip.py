@@ -918,3 +918,10 @@ def test_a_binary_float_input_holding_nan_or_an_infinity_is_a_400(roomy_model, b
                                            r"must be finite$") as caught:
         roomy_model.parse(body, length)
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("digits", [20, 25])
+def test_an_integer_past_19_digits_is_a_400_counting_its_digits(digits):
+    with pytest.raises(RequestError, match=rf"^the body is not valid JSON: an integer of {digits} "
+                                           r"digits is out of range$"):
+        load_json(b"[" + b"9" * digits + b"]")
