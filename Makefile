@@ -16,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ORT ?= $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),gpu,cpu)
 ORT_REQUIREMENT := $(if $(filter gpu,$(ORT)),onnxruntime-gpu,onnxruntime)>=1.20
 DEMO_EXTRAS := export
-TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve,hf
+TEST_EXTRAS := $(DEMO_EXTRAS),dev,plot,serve,hf,openvino
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 

@@ -103,6 +103,9 @@ setup(
         # mask-function arguments, which change between minor releases.
         "hf": [*EXPORT, "transformers>=5.23,<5.24"],
         "plot": ["matplotlib>=3.7"],
+        # `validate --runtime openvino`: standard-target graphs in a second runtime. Pinned to
+        # the release tested (its precision hint and ONNX frontend change between releases).
+        "openvino": ["openvino>=2026.4,<2026.5"],
         # `flash-export serve`. Pinned: Serve's proxy and replica internals (how a request body
         # is streamed, which the limits rely on) change between releases.
         "serve": ["ray[serve]==2.60.0"],

@@ -826,3 +826,24 @@ def test_graph_output_dims_keeps_static_sizes_and_the_specs_size_names_only(dims
         static = isinstance(d, int) and not isinstance(d, bool) and d >= 0
         assert kept == (d if static or d in ("batch", "seq", "heads") else None), (d, kept)
 
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_a_padding_mask_may_be_0_1_integers_as_tokenizers_give_it(dtype):
+    """Hugging Face's attention_mask is int64 0/1: a padding input of that dtype with [0, 2)
+    feeds 0/1 rows each with a real first token, and passes its own request check."""
+    mask = TensorSpec("attention_mask", dtype, ("batch", "seq"), low=0, high=2, role="padding")
+    io = IOSpec((TensorSpec("input_ids", "int64", ("batch", "seq"), low=0, high=7), mask),
+                sizes={"batch": (1, None), "seq": (1, None)})
+    feed = make_feed(io, {"batch": 64, "seq": 9}, seed=5)
+    values = feed["attention_mask"]
+    assert values.dtype == np.dtype(dtype) and set(np.unique(values)) == {0, 1}
+    assert (values[:, 0] == 1).all() and (np.diff(values, axis=1) <= 0).all()  # right padding
+    assert check_feed(io, feed) == {"batch": 64, "seq": 9}
+    assert (make_feed(io, {"batch": 3, "seq": 9}, seed=5, padded=False)["attention_mask"]
+            == 1).all()
+    for low, high in ((0, 3), (1, 2)):
+        with pytest.raises(ValueError, match="a padding mask is bool"):
+            TensorSpec("m", dtype, ("batch", "seq"), low=low, high=high, role="padding")
+    with pytest.raises(ValueError, match="a attention mask is bool"):
+        TensorSpec("m", dtype, ("batch", "seq"), low=0, high=2, role="attention")

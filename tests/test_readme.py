@@ -165,14 +165,31 @@ def test_which_artifact_section_runs_verbatim_in_a_new_folder(tmp_path):
 
 
 def test_hugging_face_section_runs_verbatim_in_a_new_folder(tmp_path):
-    """A checkpoint folder saved and loaded, swapped, compared on a padded batch, generating."""
+    """In the order a reader meets them: a checkpoint folder saved and loaded, swapped, compared
+    on a padded batch, generating; exported from the CLI for text-generation (a real subprocess
+    of the entry point) and validated at lengths it was not exported at; exported with its KV
+    cache, then generating through onnxruntime alone."""
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
     section = _section((ROOT / "README.md").read_text(), "Hugging Face models")
-    blocks = _python_blocks(section)
-    assert blocks and "swap_attention" in blocks[0]
-    for block in blocks:
-        _run(block, tmp_path)
+    blocks = [(kind, code) for kind, code in re.findall(r"```(python|bash)\n(.*?)```", section,
+                                                        flags=re.S)
+              if kind == "python" or code.startswith("flash-export ")]  # not the pip line
+    assert [kind for kind, _ in blocks] == ["python", "bash", "bash", "python"]
+    assert "swap_attention" in blocks[0][1] and "runtime import generate" in blocks[3][1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    outputs = []
+    for kind, code in blocks:
+        if kind == "python":
+            outputs.append(_run(code, tmp_path))
+            continue
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", code], capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=900)
+        assert run.returncode == 0, code + run.stdout[-2000:] + run.stderr[-2000:]
+        assert "check: passed at lengths 17 and 40" in run.stdout, run.stdout[-2000:]
+        outputs.append(run.stdout)
     assert (tmp_path / "out" / "tiny-llama" / "config.json").is_file()
+    assert "validation passed" in outputs[1] and "B=3 seq=70" in outputs[1]
+    assert outputs[3].strip() == "(2, 21)"
 
 
 def test_op_contract_v2_section_runs_verbatim(tmp_path):

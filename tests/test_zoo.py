@@ -63,6 +63,16 @@ def test_every_zoo_model_validates(exported, name: str, target: str) -> None:
 
 
 @pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_models_standard_graph_validates_in_openvino_too(exported, name: str) -> None:
+    """A second runtime (`validate --runtime openvino`): the same cases, the same rule."""
+    report = validate(_artifact(exported, name, "standard"), seq=[1, 7, 20], batch=[2],
+                      runtime="openvino")
+    assert report.passed, report.failure_lines()
+    assert [b.name for b in report.backends] == ["eager", "openvino:standard"]
+    assert report.provider == "openvino CPU" and all(b.cases for b in report.backends)
+
+
+@pytest.mark.parametrize("name", ZOO)
 def test_every_zoo_model_benches(exported, name: str) -> None:
     report = benchmark(_artifact(exported, name, "standard"),
                        config=BenchConfig(seqs=(16,), iters=2, warmup=1, memory=False))

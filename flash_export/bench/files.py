@@ -3,7 +3,8 @@
 import io
 from typing import Any, Dict, List
 
-from flash_export.bench.benchmark import CSV_FIELDS, BenchReport, BenchRow, PathLike
+from flash_export.bench.benchmark import PathLike
+from flash_export.bench.report import CSV_FIELDS, BenchReport, BenchRow
 from flash_export.core.errors import FlashExportError
 from flash_export.core.install import pip_install_line
 

@@ -62,7 +62,8 @@ def check_onnx_export(model: nn.Module, path: PathLike, *,
             run the file.
     """
     from flash_export.artifacts.recorded_io import recorded_io
-    from flash_export.check.parity import Case, onnx_backend, run_cases
+    from flash_export.check.parity import onnx_backend, run_cases
+    from flash_export.check.report import Case
     from flash_export.runtime.sessions import ort_session, session_inputs
 
     session = ort_session(path, provider=provider)

@@ -8,8 +8,7 @@ plain attention in float64 (`model_io.reference_outputs`), the baseline being th
 computation in the outputs' dtype.
 """
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -17,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from flash_export.check.report import BackendResult, Case, CaseResult
 from flash_export.core.contract import feed_dtype
 from flash_export.core.errors import summary
 from flash_export.core.feeds import make_feed
 from flash_export.core.io_spec import IOSpec
-from flash_export.core.tolerance import Comparison, compare, max_abs_error
+from flash_export.core.tolerance import compare, max_abs_error
 from flash_export.nn.model_io import call, reference_model
 from flash_export.runtime.sessions import ort_session
 
@@ -29,104 +29,6 @@ from flash_export.runtime.sessions import ort_session
 ProgressFn = Callable[[int, int, str], None]
 # Named inputs -> outputs, as float64 arrays.
 RunFn = Callable[[Dict[str, torch.Tensor]], List[np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input configuration: the batch, a size per dynamic name, and whether masks mask.
-
-    `mask`: attention masks are fed (else left out, or all True where a graph needs one) and
-    padding masks pad (else every token is real).
-    """
-
-    batch: int
-    sizes: Tuple[Tuple[str, int], ...]
-    mask: bool
-
-    @property
-    def seq_q(self) -> int:
-        """The query length (q_len, else seq, else 0)."""
-        sizes = dict(self.sizes)
-        return sizes.get("q_len", sizes.get("seq", 0))
-
-    @property
-    def seq_k(self) -> int:
-        """The key length (k_len, else seq, else 0)."""
-        sizes = dict(self.sizes)
-        return sizes.get("k_len", sizes.get("seq", 0))
-
-    @property
-    def label(self) -> str:
-        """Short human-readable form, e.g. `B=3 Lq=7 Lk=9 mask` or `B=2 seq=65 padded`."""
-        sizes = dict(self.sizes)
-        if "q_len" in sizes:
-            return (f"B={self.batch} Lq={sizes['q_len']} Lk={sizes.get('k_len', 0)}"
-                    + (" mask" if self.mask else ""))
-        named = " ".join(f"{k}={v}" for k, v in self.sizes)
-        return f"B={self.batch}" + (f" {named}" if named else "") + (" mask" if self.mask else "")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view."""
-        return {"batch": self.batch, "seq_q": self.seq_q, "seq_k": self.seq_k,
-                "sizes": dict(self.sizes), "mask": self.mask}
-
-
-@dataclass
-class CaseResult:
-    """The errors of one backend on one case and output, or the error that stopped it."""
-
-    case: Case
-    output: str = "output"
-    comparison: Optional[Comparison] = None
-    error: Optional[str] = None
-
-    @property
-    def passed(self) -> bool:
-        """True when it ran and met the tolerance."""
-        return self.error is None and self.comparison is not None and self.comparison.passed
-
-    @property
-    def label(self) -> str:
-        """The case's label, with the output's name when it is not the only "output"."""
-        return self.case.label + ("" if self.output == "output" else f" [{self.output}]")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view."""
-        return {**self.case.to_dict(), "output": self.output, "passed": self.passed,
-                "error": self.error, **(self.comparison.to_dict() if self.comparison else {})}
-
-
-@dataclass
-class BackendResult:
-    """One compared implementation (eager, torchscript, onnx:<target>) and its cases."""
-
-    name: str
-    source: str  # the file it ran from, or "(in memory)"
-    load_error: Optional[str] = None
-    cases: List[CaseResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """True when it loaded and every case passed."""
-        return self.load_error is None and all(c.passed for c in self.cases)
-
-    @property
-    def failures(self) -> List[CaseResult]:
-        """The cases that failed."""
-        return [c for c in self.cases if not c.passed]
-
-    def worst(self) -> Optional[CaseResult]:
-        """The case with the largest max abs error relative to its bound (errors first)."""
-        def key(c: CaseResult) -> float:
-            if c.comparison is None:
-                return math.inf
-            return c.comparison.max_abs / max(c.comparison.bound, 1e-30)
-        return max(self.cases, key=key, default=None)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view."""
-        return {"name": self.name, "source": self.source, "passed": self.passed,
-                "load_error": self.load_error, "cases": [c.to_dict() for c in self.cases]}
 
 
 # --------------------------------------------------------------------------- cases
@@ -300,6 +202,43 @@ def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,
     return Backend(name, str(path), run)
 
 
+def openvino_backend(name: str, path: Path, io: IOSpec) -> Backend:
+    """An ONNX file in OpenVINO (CPU), computing in float32.
+
+    OpenVINO's CPU plugin computes in bfloat16 by default where the CPU has it (issue 27
+    reports 0.28 max error on a zoo GPT's logits that way): the precision hint is pinned to
+    f32. Inputs are fed as for onnxruntime (an attention mask left out: all True). A file that
+    fails to read or compile gives a backend with a `load_error`.
+    """
+    try:
+        import openvino
+
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32"})
+    except ImportError:
+        return Backend(name, str(path), None, load_error="openvino is not installed: pip "
+                       "install 'flash-export[openvino]'")
+    except Exception as exc:  # OpenVINO raises its own exception types at read and compile
+        return Backend(name, str(path), None, load_error=one_line(exc))
+    types = {p.any_name: p.get_element_type().get_type_name() for p in compiled.inputs}
+
+    def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
+        feed = {n: t.numpy().astype(np.float16 if types.get(n) == "f16" else np.float32)
+                if t.is_floating_point() else t.numpy() for n, t in inputs.items()}
+        sizes = _sizes_of(io, feed)
+        for t in io.inputs:
+            if t.name not in feed:  # an attention mask left out: all True
+                feed[t.name] = np.ones(io.shape(t, sizes), dtype=np.bool_)
+        try:
+            results = compiled(feed)
+        except Exception as exc:  # OpenVINO's own exception types
+            raise _RunError(one_line(exc)) from exc
+        return [np.asarray(results[o], dtype=np.float64) for o in compiled.outputs]
+
+    return Backend(name, str(path), run)
+
+
 def _sizes_of(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
     sizes: Dict[str, int] = {}
     for t in io.inputs:
@@ -313,30 +252,52 @@ def _sizes_of(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
 # --------------------------------------------------------------------------- the runner
 
 
-def run_cases(model: nn.Module, io: IOSpec, backends: Sequence[Backend], cases: Sequence[Case],
-              *, dtype: str, atol: Optional[float] = None, rtol: Optional[float] = None,
-              progress: Optional[ProgressFn] = None) -> Dict[str, BackendResult]:
+def run_cases(model: Optional[nn.Module], io: IOSpec, backends: Sequence[Backend],
+              cases: Sequence[Case], *, dtype: str, atol: Optional[float] = None,
+              rtol: Optional[float] = None, progress: Optional[ProgressFn] = None,
+              references: Optional[Tuple[nn.Module, nn.Module]] = None,
+              compare_padded_rows: bool = True) -> Dict[str, BackendResult]:
     """Run every backend on every case against the float64 reference of `model`.
 
     The baseline of the tolerance rule is the same model with plain attention in `dtype` (the
     same for every caller: `validate`, `flash-export onnx`'s check and the tests).
+
+    Args:
+        model: the model the backends came from (None with `references`).
+        io: its inputs and outputs.
+        backends: what to compare.
+        cases: the sizes, batches and mask modes to run.
+        dtype: the precision the backends run in.
+        atol: with `rtol`, replaces the 2x-baseline rule (`tolerance.compare`).
+        rtol: see `atol`.
+        progress: called as progress(done, total, label).
+        references: (the float64 reference, the baseline in `dtype`) when `model` is None:
+            models whose reference is not plain attention (transformers' eager, say).
+        compare_padded_rows: False: the rows a padding input marks as padding are left out of
+            every output whose first dims are that input's (batch, seq).
 
     Returns:
         One BackendResult per backend, by name, its cases (one per case and output) in order.
     """
     report = progress or (lambda done, total, label: None)
     results = {b.name: BackendResult(b.name, b.source, b.load_error) for b in backends}
-    plain = (reference_model(model, torch.float64), reference_model(model, getattr(torch, dtype)))
+    if references is not None:
+        plain = references
+    else:
+        assert model is not None, "run_cases needs a model or its references"
+        plain = (reference_model(model, torch.float64),
+                 reference_model(model, getattr(torch, dtype)))
     for done, case in enumerate(cases):
         report(done, len(cases), case.label)
-        _run_case(case, case_seed(done), plain, io, dtype, backends, results, atol, rtol)
+        _run_case(case, case_seed(done), plain, io, dtype, backends, results, atol, rtol,
+                  compare_padded_rows)
     report(len(cases), len(cases), "done")
     return results
 
 
 def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOSpec,
               dtype_name: str, backends: Sequence[Backend], results: Dict[str, BackendResult],
-              atol: Optional[float], rtol: Optional[float]) -> None:
+              atol: Optional[float], rtol: Optional[float], padded_rows: bool = True) -> None:
     inputs = make_inputs(case, io, getattr(torch, dtype_name), seed)
     wide = {n: t.double() if t.is_floating_point() else t for n, t in inputs.items()}
     refs = [r.numpy() for r in call(plain[0], {**wide, **io.constants})]  # float64: the reference
@@ -344,6 +305,9 @@ def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOS
                  for b in call(plain[1], {**inputs, **io.constants})]
     names = list(io.outputs) if len(io.outputs) == len(refs) else \
         [f"output_{i}" for i in range(len(refs))]
+    real = {} if padded_rows else _real_rows(io, inputs, names)
+    refs = [_zero_padded(r, real.get(n)) for n, r in zip(names, refs)]
+    baselines = [_zero_padded(b, real.get(n)) for n, b in zip(names, baselines)]
     for b in backends:
         if b.run is None:
             continue
@@ -357,6 +321,7 @@ def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOS
                 case, names[0], error=f"{len(outs)} outputs, expected {len(refs)}"))
             continue
         for name, out, ref, base in zip(names, outs, refs, baselines):
+            out = _zero_padded(out, real.get(name)) if out.shape == ref.shape else out
             result = CaseResult(case, name)
             if out.shape != ref.shape:
                 result.error = f"output shape {list(out.shape)}, expected {list(ref.shape)}"
@@ -364,3 +329,26 @@ def _run_case(case: Case, seed: int, plain: Tuple[nn.Module, nn.Module], io: IOS
                 result.comparison = compare(out, ref, baseline_error=max_abs_error(base, ref),
                                             dtype=dtype_name, atol=atol, rtol=rtol)
             results[b.name].cases.append(result)
+
+
+def _real_rows(io: IOSpec, inputs: Mapping[str, torch.Tensor],
+               names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Output name -> (B, L) bool of its real rows.
+
+    For the outputs whose first dims are a padding input's (batch, seq), as the IOSpec records
+    them.
+    """
+    real = {}
+    for t in io.inputs:
+        if t.role == "padding" and t.name in inputs:
+            for name in names:
+                if tuple(io.output_dims.get(name, ())[:2]) == tuple(t.dims):
+                    real[name] = inputs[t.name].numpy().astype(bool)
+    return real
+
+
+def _zero_padded(values: np.ndarray, real: Optional[np.ndarray]) -> np.ndarray:
+    """`values` (B, L, ...) with the rows `real` (B, L) marks False set to 0."""
+    if real is None or values.shape[:2] != real.shape:
+        return values
+    return np.where(real.reshape(real.shape + (1,) * (values.ndim - 2)), values, 0.0)

@@ -8,10 +8,8 @@ plain computation in the artifact's dtype).
 """
 
 import copy
-import dataclasses
-import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -23,18 +21,19 @@ from flash_export.artifacts.metadata import read_metadata
 from flash_export.artifacts.recorded_io import recorded_io
 from flash_export.artifacts.safety import all_nodes, open_onnx
 from flash_export.artifacts.trust import Provenance, provenance
+from flash_export.check.hf_validate import is_checkpoint_export, validate_checkpoint_export
 from flash_export.check.parity import (
     Backend,
-    BackendResult,
-    Case,
     ProgressFn,
     default_seqs,
     one_line,
     onnx_backend,
+    openvino_backend,
     run_cases,
     sweep,
     torch_backend,
 )
+from flash_export.check.report import Case, ValidationReport
 from flash_export.check.structural import (
     Check,
     custom_node_checks,
@@ -54,68 +53,8 @@ from flash_export.nn.recorded import Recorded, check_graph_matches_spec, recorde
 from flash_export.nn.spec import ModelSpec, check_memory, resolve_spec
 
 DEFAULT_BATCHES = (1, 3)
+RUNTIMES = ("onnxruntime", "openvino")
 PathLike = Union[str, Path]
-
-@dataclass
-class ValidationReport:
-    """Everything `validate` found; `passed` is the verdict."""
-
-    artifact: str
-    kind: str  # "onnx", "torchscript" or "pt2"
-    target: Optional[str]
-    dtype: str
-    provider: str
-    spec: Optional[ModelSpec]  # None: the caller passed a model object
-    spec_source: str  # "artifact" or "caller"
-    provenance: Provenance
-    rule: str
-    checks: List[Check] = field(default_factory=list)
-    backends: List[BackendResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """True when every structural check and every backend passed."""
-        return all(c.passed for c in self.checks) and all(b.passed for b in self.backends)
-
-    def failure_lines(self) -> List[str]:
-        """One line per failed check, backend load or case, naming the backend and shape."""
-        lines = [f"check {c.name}: expected {c.expected}, got {c.got}"
-                 for c in self.checks if not c.passed]
-        for b in self.backends:
-            if b.load_error:
-                lines.append(f"{b.name}: failed to load: {b.load_error}")
-            for r in b.failures:
-                if r.error:
-                    lines.append(f"{b.name} {r.case.label}: {r.error}")
-                elif r.comparison is not None:
-                    c = r.comparison
-                    lines.append(f"{b.name} {r.case.label}: max abs {c.max_abs:.3g} > bound "
-                                 f"{c.bound:.3g} at {list(c.worst_index)} "
-                                 f"(nonfinite {c.nonfinite})")
-        return lines
-
-    def raise_for_failures(self) -> None:
-        """Raise ValidationError with the first failures when the report did not pass."""
-        from flash_export.core.errors import ValidationError
-
-        if not self.passed:
-            lines = self.failure_lines()
-            more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-            raise ValidationError("; ".join(lines[:3]) + more)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready view of the whole report."""
-        return {
-            "artifact": self.artifact, "kind": self.kind, "target": self.target,
-            "dtype": self.dtype, "provider": self.provider, "passed": self.passed,
-            "spec": dataclasses.asdict(self.spec) if self.spec else None,
-            "spec_source": self.spec_source,
-            "provenance": dataclasses.asdict(self.provenance),
-            "rule": self.rule,
-            "checks": [dataclasses.asdict(c) for c in self.checks],
-            "backends": [b.to_dict() for b in self.backends],
-        }
-
 
 # --------------------------------------------------------------------------- validate
 
@@ -127,6 +66,7 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
              rtol: Optional[float] = None, provider: str = "cpu", all_targets: bool = False,
              trust: bool = False, expect_sha256: Optional[str] = None,
              max_memory: Optional[int] = None, model: Optional[nn.Module] = None,
+             checkpoint: Optional[PathLike] = None, runtime: str = "onnxruntime",
              progress: Optional[ProgressFn] = None) -> ValidationReport:
     """Check an exported artifact against the float64 reference of the model it came from.
 
@@ -155,6 +95,12 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
             before the model and the inputs are allocated.
         model: the model to compare against, as an object (for artifacts exported from a model
             that no spec describes); it overrides `spec`.
+        checkpoint: for a graph exported from a transformers checkpoint folder
+            (`flash_export.hf.export_hf_onnx`): the folder, whose config and weights must be
+            the exported ones; default: the folder recorded at export. The reference is then
+            transformers' eager attention in float64 (`check.hf_validate`).
+        runtime: what runs an ONNX artifact: "onnxruntime" (with `provider`), or "openvino"
+            (CPU, float32; the standard target only: the others use operators OpenVINO lacks).
         progress: called as progress(done, total, label) while it runs.
 
     Returns:
@@ -174,7 +120,27 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
         raise FlashExportError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise FlashExportError(f"unsupported dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
+    if runtime not in RUNTIMES:
+        raise FlashExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     art = _Loaded.read(path, trust=trust, expect_sha256=expect_sha256)
+    if runtime == "openvino" and (art.proto is None or art.recorded.target != "standard"):
+        what = f"a {art.kind}" if art.proto is None else f"an ONNX {art.recorded.target} target"
+        raise FlashExportError(f"{path} is {what} artifact; OpenVINO runs ONNX graphs of the "
+                               "standard target only (export with --target standard)")
+    if is_checkpoint_export(art.meta):
+        if spec is not None or model is not None or all_targets or (dtype or "float32") != \
+                "float32":
+            raise FlashExportError(f"{path} was exported from a transformers checkpoint: it is "
+                                   "validated against that checkpoint (checkpoint=, --hf), in "
+                                   "float32, without a model spec or other targets")
+        return validate_checkpoint_export(
+            path, art.proto, art.meta, art.io, art.origin,
+            checkpoint=Path(checkpoint) if checkpoint is not None else None, seq=seq,
+            batch=batch, atol=atol, rtol=rtol, provider=provider, max_memory=max_memory,
+            progress=progress, program=art.program)
+    if checkpoint is not None:
+        raise FlashExportError(f"{path} was not exported from a transformers checkpoint: "
+                               "checkpoint= (--hf) does not apply")
     spec_source = "caller" if spec is not None or model is not None else "artifact"
     if spec is None and model is None:
         if art.recorded.spec is None:
@@ -201,10 +167,11 @@ def validate(artifact: PathLike, *, spec: Optional[ModelSpec] = None,
                  f"validating {path.name}")
     report = ValidationReport(
         artifact=str(path), kind=art.kind, target=art.recorded.target, dtype=run_dtype,
-        provider=provider, spec=spec, spec_source=spec_source, provenance=art.origin,
+        provider="openvino CPU" if runtime == "openvino" else provider, spec=spec,
+        spec_source=spec_source, provenance=art.origin,
         rule="atol/rtol" if atol is not None or rtol is not None else RULE,
         checks=art.structural_checks(spec, model))
-    backends = art.backends(model, run_dtype, provider)
+    backends = art.backends(model, run_dtype, provider, runtime)
     with tempfile.TemporaryDirectory(prefix="flash_export_validate_") as tmp:
         for other in (t for t in TARGETS if all_targets and t != art.recorded.target):
             (progress or (lambda d, t, label: None))(0, 0, f"exporting {other}")
@@ -296,7 +263,8 @@ class _Loaded:
             checks += custom_node_checks(self.proto, flash_modules(model))
         return checks
 
-    def backends(self, model: nn.Module, dtype: str, provider: str) -> List[Backend]:
+    def backends(self, model: nn.Module, dtype: str, provider: str,
+                 runtime: str = "onnxruntime") -> List[Backend]:
         """Eager (rebuilt from the spec) and the artifact itself, in `dtype`."""
         tdtype = getattr(torch, dtype)
         eager = torch_backend("eager", copy.deepcopy(model).to(tdtype),
@@ -304,6 +272,9 @@ class _Loaded:
         if self.program is not None:
             run = kind_of(self.path).handler("validate_backend")
             return [eager, run(self.program, str(self.path), self.io, self.meta, dtype)]
+        if runtime == "openvino":
+            return [eager, openvino_backend(f"openvino:{self.recorded.target}", self.path,
+                                            self.io)]
         return [eager, onnx_backend(f"onnx:{self.recorded.target}", self.path, provider,
                                     self.io)]
 
@@ -334,8 +305,3 @@ def _export_backend(model: nn.Module, spec: Optional[ModelSpec], io: IOSpec, tar
     backend = onnx_backend(name, out, provider, io)
     backend.source = f"(exported on the fly: {target}, {dtype})"
     return backend
-
-
-def report_json(report: ValidationReport) -> str:
-    """The full report as indented JSON."""
-    return json.dumps(report.to_dict(), indent=2)

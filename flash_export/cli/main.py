@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import click
+from click.core import ParameterSource
 
 from flash_export._version import __version__
 from flash_export.bench.timing import BLOCK_TARGET_S, MAX_BLOCK
@@ -19,6 +20,7 @@ from flash_export.cli.options import (
     block_size,
     common_options,
     debugging,
+    hf_options,
     int_list,
     model_options,
     output_file,
@@ -91,18 +93,24 @@ def torchscript(spec: Any, attention: str, out: Path) -> None:
 @model_options
 @click.option("--mask", "with_mask", is_flag=True, default=False,
               help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
+@hf_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
                 callback=artifact_file("pt2"))
-def pt2(spec: Any, with_mask: bool, out: Path) -> None:
+def pt2(spec: Any, with_mask: bool, hf_folder: Optional[Path], task: Optional[str],
+        out: Path) -> None:
     """Compile the model to an AOTInductor package OUT.pt2 (torch.export, dynamic sizes).
 
     Its attention is flash_export::attention: in C++, load the libtorch shim (custom_ops/torch)
-    before AOTIModelPackageLoader. Compiling takes tens of seconds (g++).
+    before AOTIModelPackageLoader. Compiling takes tens of seconds (g++). With --hf DIR --task
+    TASK: a transformers checkpoint instead (not text-generation-with-past).
     """
     from flash_export.export.pt2 import export_pt2
 
     console = Console()
     started = time.perf_counter()
+    if hf_folder is not None or task is not None:
+        _export_checkpoint(console, hf_folder, task, out, started, pt2=True)
+        return
     model = spec.build()
     progress = console.progress("exporting pt2")
     try:
@@ -131,16 +139,25 @@ def pt2(spec: Any, with_mask: bool, out: Path) -> None:
               help="Add a bool `mask` input of shape (batch, 1, q_len, k_len). Default: none.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the file in onnxruntime against PyTorch at two lengths after writing.")
+@hf_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path),
                 callback=artifact_file("onnx"))
 def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes: bool,
-         with_mask: bool, check: bool, out: Path) -> None:
-    """Export the model to ONNX file OUT.onnx, then check it in onnxruntime."""
+         with_mask: bool, check: bool, hf_folder: Optional[Path], task: Optional[str],
+         out: Path) -> None:
+    """Export the model to ONNX file OUT.onnx, then check it in onnxruntime.
+
+    With --hf DIR --task TASK: a transformers checkpoint instead (one graph, dynamic batch and
+    length; custom target, float32), checked against transformers' eager attention in float64.
+    """
     from flash_export.check.export_check import check_onnx_export
     from flash_export.export.onnx import export_onnx
 
     console = Console()
     started = time.perf_counter()
+    if hf_folder is not None or task is not None:
+        _export_checkpoint(console, hf_folder, task, out, started, opset=opset, check=check)
+        return
     model = spec.build()
     path = export_onnx(model, out, target=target, opset=opset, dtype=dtype, spec=spec,
                        static_shapes=static_shapes, mask=with_mask)
@@ -148,6 +165,38 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
     if check:
         for line in check_onnx_export(model, path, mask=with_mask):
             console.info(f"check: {line}")
+
+
+def _export_checkpoint(console: Console, folder: Optional[Path], task: Optional[str], out: Path,
+                       started: float, *, opset: Optional[int] = None, check: bool = False,
+                       pt2: bool = False) -> None:
+    """`onnx|pt2 --hf DIR --task TASK`: refuse the FlashAttention-model options, export, check."""
+    ctx = click.get_current_context()
+    if folder is None or task is None:
+        raise click.UsageError("--hf DIR and --task TASK go together")
+    given = [f"--{name.replace('_', '-')}" for name in ctx.params
+             if name not in ("hf_folder", "task", "opset", "check", "out")
+             and ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do not apply to --hf (a checkpoint exports "
+                               "as itself: custom target, float32, dynamic sizes)")
+    from flash_export.check.validate import validate as run_validate
+    from flash_export.hf.export import export_hf_onnx, export_hf_pt2
+
+    if pt2:
+        progress = console.progress("exporting pt2")
+        try:
+            path = export_hf_pt2(folder, out, task=task, progress=progress)
+        finally:
+            progress.close()
+    else:
+        path = export_hf_onnx(folder, out, task=task, opset=opset)
+    _report_written(console, path, started)
+    if check:  # one length seen at export (17), one not
+        report = run_validate(out, checkpoint=folder, seq=[17, 40], batch=[2])
+        report.raise_for_failures()
+        console.info(f"check: passed at lengths 17 and 40, batch 2, against {report.reference} "
+                     "(flash-export validate runs more)")
 
 
 @main.command()
@@ -168,21 +217,29 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
               help="Relative tolerance (see --atol). Default: the 2x-baseline rule.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu",
               show_default=True, help="onnxruntime execution provider for ONNX artifacts.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="What runs an ONNX artifact; openvino (CPU, float32, the "
+              "openvino extra) runs the standard target only.")
 @click.option("--all-targets", is_flag=True, default=False,
               help="Also export and compare every other ONNX target. Default: off.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, callback=output_file,
               help="Write the full report as JSON (- for stdout). Default: none.")
+@click.option("--hf", "hf_folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="For a graph exported with onnx --hf: the checkpoint folder "
+              "(its config and weights must be the exported ones). Default: the folder "
+              "recorded at export.")
 @trust_options
 def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[int],
              dtype: Optional[str], atol: Optional[float], rtol: Optional[float], provider: str,
-             all_targets: bool, json_path: Optional[Path], trust: bool,
-             expect_sha256: Optional[str], max_memory: Optional[int]) -> None:
+             runtime: str, all_targets: bool, json_path: Optional[Path], hf_folder: Optional[Path],
+             trust: bool, expect_sha256: Optional[str], max_memory: Optional[int]) -> None:
     """Check ARTIFACT (.onnx of any target, .pt or .pt2) against the float64 PyTorch reference.
 
     The reference is rebuilt from the model spec recorded in ARTIFACT; model options given
-    explicitly override it. Exit 0 when everything passes, 1 on any mismatch. --verbose adds a
-    row per backend and shape.
+    explicitly override it. A graph exported with onnx --hf is checked against its checkpoint's
+    transformers model with eager attention in float64 (padded rows left out). Exit 0 when
+    everything passes, 1 on any mismatch. --verbose adds a row per backend and shape.
     """
     import json as json_module
 
@@ -197,7 +254,7 @@ def validate(spec: Any, artifact: Path, seq: Optional[List[int]], batch: List[in
                               seq=seq, batch=batch, dtype=dtype, atol=atol, rtol=rtol,
                               provider=provider, all_targets=all_targets, trust=trust,
                               expect_sha256=expect_sha256, max_memory=max_memory,
-                              progress=progress)
+                              checkpoint=hf_folder, runtime=runtime, progress=progress)
     finally:
         progress.close()
     for line in validation_lines(report, console.verbosity > 0):

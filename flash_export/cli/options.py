@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
+from flash_export.core.contract import HF_TASKS
 from flash_export.nn.spec import ModelSpec  # torch-free
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -157,6 +158,18 @@ def model_options(f: Optional[F] = None, *, artifact: bool = False) -> Any:
 
 _MODEL_OPTION_FIELDS = {"embed": "embed", "heads": "heads", "chunk": "chunk", "causal": "causal",
                         "seed": "seed", "model_factory": "model", "weights": "weights"}
+
+
+def hf_options(f: F) -> F:
+    """--hf DIR and --task TASK: export a transformers checkpoint folder instead of the model."""
+    f = click.option("--task", type=click.Choice(HF_TASKS), default=None,
+                     help="With --hf: what the graph computes (its inputs as optimum names "
+                          "them). Default: none.")(f)
+    return click.option("--hf", "hf_folder",
+                        type=click.Path(exists=True, file_okay=False, path_type=Path),
+                        default=None, help="Export this transformers checkpoint folder "
+                        "(config.json and safetensors, as save_pretrained writes) for --task "
+                        "instead, attention on our kernel (needs the hf extra). Default: none.")(f)
 
 
 def int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:

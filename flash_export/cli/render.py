@@ -26,13 +26,17 @@ def validation_lines(report: Any, verbose: bool) -> List[str]:
     lines = [f"{report.artifact}: {report.kind}"
              + (f" target {report.target}" if report.target else "")
              + f", {report.dtype}, provider {report.provider}",
-             f"reference: float64 plain attention of {described}",
+             f"reference: {report.reference or 'float64 plain attention of ' + described}",
              f"provenance: sha256 {report.provenance.sha256[:16]}..., "
              + _ORIGINS[report.provenance.source],
              f"rule: {report.rule}"]
     bad = [c for c in report.checks if not c.passed]
     lines.append(f"structural checks: {len(report.checks) - len(bad)}/{len(report.checks)} "
                  "passed")
+    lines += [f"{c.name}: {c.got}" + ("" if c.passed else f" (expected {c.expected})")
+              for c in report.checks if c.name.startswith("generate.")]
+    if not report.backends:
+        return lines
     # The bound limits the max abs error (a relative error is shown for information only), and
     # "used" is the worst error as a share of what the rule allows: a row passes up to 100%.
     lines.append(f"{'backend':<18} {'shape':<34} {'max abs':>9} {'abs bound':>9} {'used':>6} "

@@ -65,6 +65,10 @@ TARGETS = ("custom", "standard", "contrib", "attention23")
 # Precisions an artifact may be exported in (graph inputs and weights). Our dtype names are
 # torch's and numpy's own (`getattr(torch, name)`, `numpy.dtype(name)`; numpy has no bfloat16).
 EXPORT_DTYPES = ("float32", "float16")
+# What a transformers checkpoint folder exports for (`flash_export.hf.export.TASKS`), as optimum
+# names its tasks.
+HF_TASKS = ("feature-extraction", "text-generation", "text-generation-with-past",
+            "image-classification")
 # ONNX TensorProto element type -> dtype name, for the types a model's inputs and weights use.
 ONNX_ELEM = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64",
              6: "int32", 9: "bool"}

@@ -26,7 +26,7 @@ def make_feed(io: IOSpec, sizes: Mapping[str, int], seed: int, *,
             lengths = rng.integers(1, seq + 1, size=batch) if padded and seq > 0 else \
                 np.full(batch, seq)
             real = np.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
-            feed[t.name] = real if t.role == "padding" else ~real
+            feed[t.name] = (real if t.role == "padding" else ~real).astype(t.dtype)
         elif t.role == "causal":  # PyTorch's convention: True / -inf where a query may not look
             above = np.triu(np.ones(shape, dtype=np.bool_), k=1)
             feed[t.name] = above if t.dtype == "bool" else \

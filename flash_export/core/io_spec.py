@@ -15,14 +15,14 @@ by the graph (``2 * seq``, say), known only after a run. From it:
   spec declares that its rows are independent requests.
 
 Roles tell generated values apart: ``data`` (normal floats, or integers in [low, high)),
-``padding`` (bool (batch, seq), True = a real token, as Hugging Face's attention_mask: each row
-a random length >= 1), ``key_padding`` (the same with True = padding, as PyTorch's
-key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and the first
-query row of the first batch entry fully blocked, a row that sees no key) and ``causal`` (a
-(seq, seq) causal mask as PyTorch's layers take it: True or -inf above the diagonal, where a
-query may not look). Non-tensor arguments the model was exported with (`is_causal=True`, say)
-are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them again. A graph's own
-inputs give an IOSpec in `core.io_graph`. Imports neither torch nor onnx.
+``padding`` (bool (batch, seq), True = a real token, or integers 0/1 as Hugging Face's
+attention_mask: each row a random length >= 1), ``key_padding`` (the same with True = padding,
+as PyTorch's key_padding_mask), ``attention`` (bool, True = may attend, about 25% blocked and
+the first query row of the first batch entry fully blocked, a row that sees no key) and
+``causal`` (a (seq, seq) causal mask as PyTorch's layers take it: True or -inf above the
+diagonal, where a query may not look). Non-tensor arguments the model was exported with
+(`is_causal=True`, say) are `IOSpec.constants`: the graph bakes them in, PyTorch calls pass them
+again. A graph's own inputs give an IOSpec in `core.io_graph`. Imports neither torch nor onnx.
 """
 
 import dataclasses
@@ -37,6 +37,8 @@ DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 ROLES = ("data", "padding", "key_padding", "attention", "causal")
 Constant = Union[bool, int, float, str, None]
 VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# An input or output name: an identifier, or dotted ones (optimum's "past_key_values.0.key").
+TENSOR_NAME = re.compile(r"^(?=.{1,64}\Z)[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\Z")
 _MAX_INPUTS = 64
 _MAX_RANK = 8
 _MAX_STATIC = 2**31 - 1
@@ -63,8 +65,9 @@ class TensorSpec:
     role: str = "data"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not VALID_NAME.match(self.name):
-            raise ValueError(f"input name {self.name!r} is not an identifier of <= 64 characters")
+        if not isinstance(self.name, str) or not TENSOR_NAME.match(self.name):
+            raise ValueError(f"input name {self.name!r} is not an identifier (or dotted ones) "
+                             "of <= 64 characters")
         if self.dtype not in DTYPES:
             raise ValueError(f"input {self.name}: dtype {self.dtype!r} is not one of {DTYPES}")
         if self.role not in ROLES:
@@ -87,8 +90,10 @@ class TensorSpec:
         if integer and (self.low is None or self.high is None or self.low >= self.high):
             raise ValueError(f"input {self.name}: an integer input needs low < high (the range "
                              f"of valid values), got [{self.low}, {self.high})")
-        if self.role not in ("data", "causal") and self.dtype != "bool":
-            raise ValueError(f"input {self.name}: a {self.role} mask is bool, got {self.dtype}")
+        if self.role not in ("data", "causal") and self.dtype != "bool" and not (
+                self.role == "padding" and integer and (self.low, self.high) == (0, 2)):
+            raise ValueError(f"input {self.name}: a {self.role} mask is bool (a padding mask "
+                             f"also 0/1 integers, low 0, high 2), got {self.dtype}")
         if self.role == "causal" and (len(self.dims) != 2 or self.dims[0] != self.dims[1]):
             raise ValueError(f"input {self.name}: a causal mask is (seq, seq), got {self.dims}")
         if self.role in ("padding", "key_padding") and len(self.dims) != 2:
@@ -130,7 +135,7 @@ class IOSpec:
         names = [t.name for t in self.inputs] + list(self.outputs)
         if len(set(names)) != len(names):
             raise ValueError(f"input and output names must be distinct, got {names}")
-        if not self.outputs or not all(isinstance(o, str) and VALID_NAME.match(o)
+        if not self.outputs or not all(isinstance(o, str) and TENSOR_NAME.match(o)
                                        for o in self.outputs):
             raise ValueError(f"output names must be identifiers, got {self.outputs!r}")
         for name, value in self.constants.items():

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import onnx
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from flash_export.artifacts.files import sha256_file
 from flash_export.artifacts.kinds import require_kind
@@ -95,9 +95,11 @@ def _check_graph(model: onnx.ModelProto, io: IOSpec) -> None:
         raise ExportError(f"exported graph outputs are {outputs}, expected {list(io.outputs)}")
 
 
-def _export_program(model: nn.Module, example: Dict[str, Tensor], io: IOSpec, target: str,
-                    opset: int, static_shapes: bool) -> onnx.ModelProto:
-    dynamic = None if static_shapes else {**dynamic_shapes(io), **{n: None for n in io.constants}}
+def _export_program(model: nn.Module, example: Dict[str, Any], io: IOSpec, target: str,
+                    opset: int, static_shapes: bool,
+                    dynamic: Optional[Mapping[str, Any]] = None) -> onnx.ModelProto:
+    if dynamic is None and not static_shapes:
+        dynamic = {**dynamic_shapes(io), **{n: None for n in io.constants}}
     # Quiet the exporter's own chatter: "torchvision is not installed", and the version
     # converter announcing its fallback to the onnx C API (which then succeeds).
     loggers = [logging.getLogger(name) for name in
@@ -116,7 +118,7 @@ def _export_program(model: nn.Module, example: Dict[str, Tensor], io: IOSpec, ta
             program = torch.onnx.export(
                 model, (), kwargs={**example, **io.constants}, dynamo=True,
                 input_names=[t.name for t in io.inputs], output_names=list(io.outputs),
-                dynamic_shapes=dynamic,
+                dynamic_shapes=None if dynamic is None else dict(dynamic),
                 custom_translation_table=TARGETS[target].translations,  # type: ignore[arg-type]
                 opset_version=opset, verbose=False)
     except Exception as exc:  # the exporter raises many types; report the root cause in one line
@@ -290,8 +292,29 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                                  for t in io_spec.inputs for a, n in enumerate(t.dims)
                                  if isinstance(n, str) and t.name in prepared.example})
         prepared.meta["io_spec"] = io_spec.to_json()
-    proto = _export_program(adapted, prepared.example, io_spec, target, opset, static_shapes)
+    return write_graph(adapted, path, example=prepared.example, io=io_spec, meta=prepared.meta,
+                       target=target, opset=opset, static_shapes=static_shapes)
 
+
+def write_graph(runnable: nn.Module, path: PathLike, *, example: Mapping[str, Any],
+                io: IOSpec, meta: Mapping[str, str], target: str, opset: int,
+                static_shapes: bool = False,
+                dynamic: Optional[Mapping[str, Any]] = None) -> Path:
+    """Export `runnable(**example)` as `io` declares, check the graph, write it with `meta`.
+
+    What every ONNX export shares once its model, inputs and metadata are prepared: the
+    exporter with the target's translations, the opset, the target's rewrite, the graph checks
+    (inputs, dynamic dims, outputs), the outputs' dims recorded into the IOSpec (`meta`'s
+    "io_spec" is replaced), and the atomic, checked write. `example` may hold a list of
+    tensors for one argument (flattened into consecutive graph inputs, named in `io`'s order);
+    `dynamic` then gives the exporter's dynamic shapes in the same structure (default: one
+    per input of `io`, by name).
+
+    Raises:
+        ExportError: the exporter fails, the graph does not match `io`, or `path` cannot be
+            written.
+    """
+    proto = _export_program(runnable, dict(example), io, target, opset, static_shapes, dynamic)
     got = {o.domain or "": o.version for o in proto.opset_import}
     if got.get("") != opset:
         raise ExportError(f"the exporter could not convert the graph to opset {opset} (it kept "
@@ -299,12 +322,11 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
     rewrite = TARGETS[target].rewrite
     if rewrite is not None:
         rewrite(proto)
-    _check_graph(proto, io_spec)
-    io_spec = _with_output_dims(proto, io_spec)
-    prepared.meta["io_spec"] = io_spec.to_json()
+    _check_graph(proto, io)
+    io = _with_output_dims(proto, io)
     proto.ir_version = ir_version_for(opset, proto.ir_version)
     del proto.metadata_props[:]
-    for key, value in prepared.meta.items():
+    for key, value in {**meta, "io_spec": io.to_json()}.items():
         proto.metadata_props.add(key=key, value=value)
 
     try:
@@ -312,5 +334,3 @@ def export_onnx(model: nn.Module, path: PathLike, *, target: str = "custom",
                             stale=_our_data_files(Path(path)))
     except OSError as exc:
         raise ExportError(f"cannot write {path}: {exc}") from exc
-
-

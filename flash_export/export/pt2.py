@@ -65,7 +65,6 @@ class _Positional(nn.Module):
         return self.model(**dict(zip(self.names, inputs)), **self.constants)
 
 
-# long: a public entry point whose docstring is half of it; the body is 35 lines
 def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = None,
                io: Optional[IOSpec] = None, mask: bool = False,
                args: Optional[Sequence[Any]] = None,
@@ -96,23 +95,38 @@ def export_pt2(model: nn.Module, path: PathLike, *, spec: Optional[ModelSpec] = 
             `torch.export` or the compile fails, or the file cannot be written.
         RuntimeLibraryError: the native library cannot be loaded.
     """
-    step = progress or (lambda done, total, label: None)
     require_kind(path, "pt2")
     native = attention_as(model, "native").eval()
     prepared = prepare(model, native, spec=spec, io=io, args=args, kwargs=kwargs, mask=mask,
                        dtype="float32", artifact="pt2", **native_metadata())
-    names = [t.name for t in prepared.io.inputs]
-    shapes = dynamic_shapes(prepared.io)
+    return compile_pt2(native, path, example=prepared.example, io=prepared.io,
+                       meta=prepared.meta, progress=progress)
+
+
+def compile_pt2(runnable: nn.Module, path: PathLike, *, example: Mapping[str, Any], io: IOSpec,
+                meta: Mapping[str, str], progress: Optional[ProgressFn] = None) -> Path:
+    """`torch.export` `runnable` at `example` as `io` declares, compile it, write it with `meta`.
+
+    What every `.pt2` export shares once its model (calling the registered op), inputs and
+    metadata are prepared: positional inputs in `io`'s order, each declared dynamic size
+    dynamic, the AOTInductor compile, the metadata in the package twice, the atomic write.
+
+    Raises:
+        ExportError: `torch.export` or the compile fails, or `path` cannot be written.
+    """
+    step = progress or (lambda done, total, label: None)
+    names = [t.name for t in io.inputs]
+    shapes = dynamic_shapes(io)
     step(0, 0, "torch.export")
     try:
-        with _quiet():
+        with _quiet(), torch.no_grad():
             program = torch.export.export(
-                _Positional(native, names, prepared.io.constants),
-                tuple(prepared.example[n] for n in names),
+                _Positional(runnable, names, io.constants),
+                tuple(example[n] for n in names),
                 dynamic_shapes=(tuple(shapes[n] for n in names),))  # one entry: *inputs
     except Exception as exc:  # torch.export raises many types (constraint violations, ...)
         raise ExportError(f"torch.export failed: {summary(exc)}") from exc
-    meta = prepared.meta
+    meta = {**meta, "io_spec": io.to_json()}
 
     def write(tmp: Path) -> None:
         step(0, 0, "compiling with AOTInductor (g++, tens of seconds)")

@@ -4,11 +4,13 @@
     model = flash_export.hf.swap_attention(AutoModel.from_pretrained(folder).eval())
 
 Owns the attention and mask functions registered in transformers' `AttentionInterface` and
-`AttentionMaskInterface` (`attention`), and the swap that switches a model to them or refuses it
-by name (`swap`). May import torch, transformers, `flash_export.nn.torch_op` (the kernel as the op
-`flash_export::attention`) and the core modules (contract, errors, tolerance); the exporters,
-checks and CLI build on it, never the other way. Needs the `hf` extra:
-``pip install 'flash-export[hf]'``.
+`AttentionMaskInterface` (`attention`), the swap that switches a model to them or refuses it
+by name (`swap`), the float64 eager reference (`reference`), and the ONNX export of a swapped
+model (`onnx`) and of a checkpoint folder for a task (`export`: `export_hf_onnx`). May import
+torch, transformers, the exporters (`flash_export.export`: the ONNX writer and targets),
+`flash_export.nn.torch_op` (the kernel as the op `flash_export::attention`) and the layers
+below; the checks (`flash_export.check.hf_validate`) and the CLI build on it, never the other
+way. Needs the `hf` extra: ``pip install 'flash-export[hf]'``.
 """
 
 try:

@@ -8,7 +8,9 @@ limits as it reads: a Content-Length over the limit is refused before a byte of 
 a body that grows past it (chunked, or a Content-Length that lies low) is cut off at the limit,
 and one that does not arrive in time (a Content-Length that lies high) gets 408. A request takes
 a place to run only once its body has arrived, so slow senders hold no place that a complete
-request needs, and health is answered whatever the request queue holds (`OIPDeployment`). Needs
+request needs, and health is answered whatever the request queue holds (`OIPDeployment`). A
+graph exported for text-generation-with-past also answers the generate extension
+(`flash_export.serving.generation`), one request's whole generation at a time on the runner. Needs
 the serve extra (`pip install 'flash-export[serve]'`). `serving.server` starts and stops it.
 """
 
@@ -18,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from flash_export.core.errors import RequestError, first_line
+from flash_export.runtime.generation import generate
 from flash_export.serving.batching import run_many
+from flash_export.serving.generation import generate_answer, parse_generate, unsupported_reason
 from flash_export.serving.limits import Limits
 from flash_export.serving.protocol import HEADER_LENGTH, OIPModel, error_body, json_body
 from flash_export.serving.wire import byte_count
@@ -145,6 +149,7 @@ class OIPDeployment:
         self._ongoing = asyncio.Semaphore(max_ongoing)
         self._bodies = _ByteBudget(max_ongoing * limits.max_body_bytes)
         self._codec = ThreadPoolExecutor(2, thread_name_prefix="oip-codec")
+        self._no_generate = unsupported_reason(self.model.io)
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="oip-run")
 
     async def _run_batch(self, feeds: List[Any]) -> List[Any]:
@@ -173,11 +178,14 @@ class OIPDeployment:
                f"{self.prefix}/versions/1": self.model.metadata(), f"{self.prefix}/ready": {},
                f"{self.prefix}/versions/1/ready": {}}
         infer = (f"{self.prefix}/infer", f"{self.prefix}/versions/1/infer")
+        generate = (f"{self.prefix}/generate", f"{self.prefix}/versions/1/generate")
         if path in get:
             if method not in ("GET", "HEAD"):
                 raise RequestError(405, f"{path} takes GET, not {method}")
             return 200, {}, json_body(get[path])
-        if path not in infer:
+        if path in generate and self._no_generate is not None:
+            raise RequestError(404, f"no route {path[:100]}: {self._no_generate}")
+        if path not in infer + generate:
             raise RequestError(404, f"no route {path[:100]}; this server has model "
                                     f"{self.model.name!r} ({self.prefix}/infer)")
         if method != "POST":
@@ -198,6 +206,8 @@ class OIPDeployment:
             finally:
                 self._pending -= 1
             try:
+                if path in generate:
+                    return await self._generate(body)
                 return await self._infer(body, request.headers.get(HEADER_LENGTH))
             finally:
                 self._ongoing.release()
@@ -213,6 +223,16 @@ class OIPDeployment:
         headers, reply = await loop.run_in_executor(self._codec, self.model.answer, parsed,
                                                     answer)
         return 200, headers, reply
+
+    async def _generate(self, body: bytes) -> Any:
+        loop = asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(self._codec, parse_generate, body, self.model.io,
+                                            self.model.limits)
+        tokens = await loop.run_in_executor(  # the runner: never beside an infer batch's run
+            self._runner, lambda: generate(self.model.session, parsed.ids,
+                                           max_new_tokens=parsed.max_tokens,
+                                           sampling=parsed.sampling))
+        return 200, {}, generate_answer(self.model.name, parsed, tokens)
 
     async def _read_body(self, request: Any, held: List[int]) -> bytes:
         """The body, within `Limits.max_body_bytes` and `Limits.body_timeout_s`.
