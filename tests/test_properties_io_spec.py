@@ -283,10 +283,11 @@ _NAMED = "a size in [0, 2**31), an input size's name, or None"
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: _x(name="1x"), "input name '1x' is not an identifier of <= 64 characters"),
-    (lambda: _x(name="x" * 65), f"input name '{'x' * 65}' is not an identifier of <= 64 "
-                                "characters"),
-    (lambda: _x(name=7), "input name 7 is not an identifier of <= 64 characters"),
+    (lambda: _x(name="1x"),
+     "input name '1x' is not an identifier (or dotted ones) of <= 64 characters"),
+    (lambda: _x(name="x" * 65),
+     f"input name '{'x' * 65}' is not an identifier (or dotted ones) of <= 64 characters"),
+    (lambda: _x(name=7), "input name 7 is not an identifier (or dotted ones) of <= 64 characters"),
     (lambda: _x(dtype="int8"), f"input x: dtype 'int8' is not one of {_DTYPES}"),
     (lambda: _x(role="mask"), f"input x: role 'mask' is not one of {_ROLES}"),
     (lambda: _x(dims=[1]), "input x: dims must be a tuple of at most 8"),
@@ -313,9 +314,12 @@ _NAMED = "a size in [0, 2**31), an input size's name, or None"
                                         "of valid values), got [None, 3)"),
     (lambda: _x(dtype="int64", low=3, high=3), "input x: an integer input needs low < high (the "
                                                "range of valid values), got [3, 3)"),
-    (lambda: _x(role="padding", dims=("b", "s")), "input x: a padding mask is bool, got float32"),
+    (lambda: _x(role="padding", dims=("b", "s")),
+     "input x: a padding mask is bool (a padding mask also 0/1 integers, low 0, high 2), "
+     "got float32"),
     (lambda: _x(role="attention", dtype="int64", low=0, high=2),
-     "input x: a attention mask is bool, got int64"),
+     "input x: a attention mask is bool (a padding mask also 0/1 integers, low 0, "
+     "high 2), got int64"),
     (lambda: _x(role="causal", dims=("a", "b")), "input x: a causal mask is (seq, seq), got "
                                                  "('a', 'b')"),
     (lambda: _x(role="causal", dims=("s",)), "input x: a causal mask is (seq, seq), got ('s',)"),
