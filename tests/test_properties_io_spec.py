@@ -92,6 +92,12 @@ def test_check_feed_with_no_upper_bound_takes_any_size():
     assert check_feed(io, {"x": np.zeros(0, np.float32)}) == {"n": 0}
 
 
+def test_a_size_below_a_min_with_no_max_is_refused_naming_an_open_range():
+    io = IOSpec((TensorSpec("x", "float32", ("n",)),), sizes={"n": (2, None)})
+    with pytest.raises(ValueError, match=r"^input x: dim 0 \(n\) is 1, expected 2\.\.$"):
+        check_feed(io, {"x": np.zeros(1, np.float32)})
+
+
 # ------------------------------------------------------------------ properties
 
 
@@ -228,6 +234,19 @@ def test_clamp_moves_every_size_into_its_bounds_and_keeps_those_inside(io, sizes
     assert io.clamp(clamped) == clamped
 
 
+def test_clamp_keeps_a_size_within_bounds_and_moves_one_outside_to_the_nearest_bound():
+    io = IOSpec((TensorSpec("x", "float32", ("n", "m", "k")),),
+                sizes={"n": (2, 5), "m": (1, None), "k": (0, 3)})
+    assert io.clamp({"n": 4, "m": 9, "k": 3}) == {"n": 4, "m": 9, "k": 3}
+    assert io.clamp({"n": 9, "m": 0, "k": -1, "other": 7}) == {"n": 5, "m": 1, "k": 0}
+    assert io.clamp({}) == {"n": 2, "m": 1, "k": 0}
+
+
+def test_input_names_the_missing_input_in_its_key_error():
+    with pytest.raises(KeyError, match="^'nope'$"):
+        attention_io(4).input("nope")
+
+
 @given(data=st.data(), io=io_specs())
 def test_fixed_pins_the_named_sizes_and_keeps_the_others(data, io):
     sizes = data.draw(sizes_within(io))
@@ -247,6 +266,203 @@ def test_with_float_dtype_changes_only_floating_inputs(io, dtype):
         assert after.dtype == (dtype if before.dtype.startswith("float") else before.dtype)
         assert dataclasses.replace(after, dtype=before.dtype) == before
 
+
+
+# ------------------------------------------------------------------ every refusal, word for word
+# Each check of TensorSpec, IOSpec and from_json refuses with one line naming what is wrong and
+# what came (cut to a few dozen characters where the value may be long).
+
+
+def _x(**fields) -> TensorSpec:
+    return TensorSpec(**{"name": "x", "dtype": "float32", "dims": (), **fields})
+
+
+_DTYPES = "('float32', 'float16', 'float64', 'int64', 'int32', 'bool')"
+_ROLES = "('data', 'padding', 'key_padding', 'attention', 'causal')"
+_NAMED = "a size in [0, 2**31), an input size's name, or None"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _x(name="1x"),
+     "input name '1x' is not an identifier (or dotted ones) of <= 64 characters"),
+    (lambda: _x(name="x" * 65),
+     f"input name '{'x' * 65}' is not an identifier (or dotted ones) of <= 64 characters"),
+    (lambda: _x(name=7), "input name 7 is not an identifier (or dotted ones) of <= 64 characters"),
+    (lambda: _x(dtype="int8"), f"input x: dtype 'int8' is not one of {_DTYPES}"),
+    (lambda: _x(role="mask"), f"input x: role 'mask' is not one of {_ROLES}"),
+    (lambda: _x(dims=[1]), "input x: dims must be a tuple of at most 8"),
+    (lambda: _x(dims=(1,) * 9), "input x: dims must be a tuple of at most 8"),
+    (lambda: _x(dims=(-1,)), "input x: dim -1 is neither a size in [0, 2**31) nor a size name"),
+    (lambda: _x(dims=(2**31,)), "input x: dim 2147483648 is neither a size in [0, 2**31) nor a "
+                                "size name"),
+    (lambda: _x(dims=(True,)), "input x: dim True is neither a size in [0, 2**31) nor a size "
+                               "name"),
+    (lambda: _x(dims=("1n",)), "input x: dim '1n' is neither a size in [0, 2**31) nor a size "
+                               "name"),
+    (lambda: _x(low=0), "input x: low is for integer inputs only, and must be an int, got 0"),
+    (lambda: _x(dtype="int64", low=0, high=2**62 + 1),
+     f"input x: high is for integer inputs only, and must be an int, got {2**62 + 1}"),
+    (lambda: _x(dtype="int32", low=True, high=2),
+     "input x: low is for integer inputs only, and must be an int, got True"),
+    (lambda: _x(dtype="int32", low=0, high=1.5),
+     "input x: high is for integer inputs only, and must be an int, got 1.5"),
+    (lambda: _x(dtype="int64"), "input x: an integer input needs low < high (the range of valid "
+                                "values), got [None, None)"),
+    (lambda: _x(dtype="int64", low=3), "input x: an integer input needs low < high (the range "
+                                       "of valid values), got [3, None)"),
+    (lambda: _x(dtype="int64", high=3), "input x: an integer input needs low < high (the range "
+                                        "of valid values), got [None, 3)"),
+    (lambda: _x(dtype="int64", low=3, high=3), "input x: an integer input needs low < high (the "
+                                               "range of valid values), got [3, 3)"),
+    (lambda: _x(role="padding", dims=("b", "s")),
+     "input x: a padding mask is bool (a padding mask also 0/1 integers, low 0, high 2), "
+     "got float32"),
+    (lambda: _x(role="attention", dtype="int64", low=0, high=2),
+     "input x: a attention mask is bool (a padding mask also 0/1 integers, low 0, "
+     "high 2), got int64"),
+    (lambda: _x(role="causal", dims=("a", "b")), "input x: a causal mask is (seq, seq), got "
+                                                 "('a', 'b')"),
+    (lambda: _x(role="causal", dims=("s",)), "input x: a causal mask is (seq, seq), got ('s',)"),
+    (lambda: _x(role="key_padding", dtype="bool", dims=("s",)),
+     "input x: a padding mask is (batch, seq), got ('s',)"),
+    (lambda: _x(role="padding", dtype="bool", dims=("b", "s", "t")),
+     "input x: a padding mask is (batch, seq), got ('b', 's', 't')"),
+], ids=lambda v: "" if callable(v) else v[:40])
+def test_a_tensor_spec_refuses_each_bad_field_naming_it(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+_N = TensorSpec("x", "float32", ("n",))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: IOSpec(()), "a model takes 1 to 64 inputs, got 0"),
+    (lambda: IOSpec(tuple(TensorSpec(f"x{i}", "float32", ()) for i in range(65))),
+     "a model takes 1 to 64 inputs, got 65"),
+    (lambda: IOSpec((_x(), _x())), "input and output names must be distinct, got ['x', 'x', "
+                                   "'output']"),
+    (lambda: IOSpec((_x(),), ("x",)), "input and output names must be distinct, got ['x', 'x']"),
+    (lambda: IOSpec((_x(),), ()), "output names must be identifiers, got ()"),
+    (lambda: IOSpec((_x(),), ("1y",)), "output names must be identifiers, got ('1y',)"),
+    (lambda: IOSpec((_x(),), (3,)), "output names must be identifiers, got (3,)"),
+    (lambda: IOSpec((_x(),), constants={"1c": 1}),
+     "constant '1c': a distinct identifier with a scalar value, got 1"),
+    (lambda: IOSpec((_x(),), constants={"x": 1}),
+     "constant 'x': a distinct identifier with a scalar value, got 1"),
+    (lambda: IOSpec((_x(),), constants={"c" * 50: [1]}),
+     f"constant '{'c' * 40}': a distinct identifier with a scalar value, got [1]"),
+    (lambda: IOSpec((_N,)), "size names ['n'] have no bounds in sizes"),
+    (lambda: IOSpec((_N,), sizes={"n": (-1, None)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (-1, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (2, 1)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (2, 1)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1.0, None)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (1.0, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, 2.0)}),
+     "size 'n': bounds must be (min >= 0, max >= min or None), got (1, 2.0)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None), "1m": (1, None)}),
+     "size '1m': bounds must be (min >= 0, max >= min or None), got (1, None)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"z" * 70: ()}),
+     f"output_dims names '{'z' * 64}', which is not an output of ['output']"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": ("m",)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got ('m',)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": ["n"]}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got ['n']"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (None,) * 9}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got {str((None,) * 9)[:80]}"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": ("a" * 40,) * 3}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got {str(('a' * 40,) * 3)[:80]}"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (True,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (True,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (-1,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (-1,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, output_dims={"output": (2**31,)}),
+     f"output output: dims must be at most 8 of: {_NAMED}; got (2147483648,)"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None), "m": (1, None)}, batch="m"),
+     "batch 'm' is not a size any input uses"),
+    (lambda: IOSpec((_N,), sizes={"n": (1, None)}, batch="b" * 70),
+     f"batch '{'b' * 64}' is not a size any input uses"),
+], ids=lambda v: "" if callable(v) else v[:40])
+def test_an_io_spec_refuses_each_bad_field_naming_it(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+def test_every_limit_is_inclusive():
+    """64 inputs, 8 dims, a static dim of 0 or 2**31 - 1, integer bounds of +-2**62."""
+    IOSpec(tuple(TensorSpec(f"x{i}", "float32", ()) for i in range(64)))
+    big = 2**31 - 1
+    t = TensorSpec("x", "float32", (0, big, 1, 1, 1, 1, 1, 1))
+    IOSpec((t,), output_dims={"output": (0, big, None, None, None, None, None, None)})
+    TensorSpec("ids", "int64", (), low=-2**62, high=2**62)
+
+
+def test_to_json_is_the_same_text_for_equal_specs_whatever_their_dicts_order():
+    a = IOSpec((TensorSpec("x", "float32", ("n", "m")),), ("y", "z"),
+               {"n": (1, None), "m": (0, 4)}, {"c": 1, "b": 2},
+               {"y": ("n",), "z": ("m",)}, "n")
+    b = IOSpec(a.inputs, a.outputs, {"m": (0, 4), "n": (1, None)}, {"b": 2, "c": 1},
+               {"z": ("m",), "y": ("n",)}, "n")
+    assert a == b and a.to_json() == b.to_json()
+
+
+def test_from_json_reads_the_dims_of_64_outputs():
+    io = IOSpec((_N,), tuple(f"o{i}" for i in range(64)), {"n": (1, None)},
+                output_dims={f"o{i}": ("n",) for i in range(64)})
+    assert IOSpec.from_json(io.to_json()) == io
+
+
+_KEYS = "batch, constants, inputs, output_dims, outputs, sizes"
+_TYPES = ("io spec inputs and outputs must be lists, sizes, constants and output_dims objects, "
+          "batch a size name or null")
+_VALID = {"inputs": [{"name": "x", "dtype": "float32", "dims": ["n"]}], "outputs": ["y"],
+          "sizes": {"n": [1, None]}}
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], f"an io spec is a JSON object with {_KEYS}"),
+    ({**_VALID, "other": 1}, f"an io spec is a JSON object with {_KEYS}"),
+    ({**_VALID, "inputs": {}}, _TYPES),
+    ({**_VALID, "outputs": "y"}, _TYPES),
+    ({**_VALID, "sizes": []}, _TYPES),
+    ({**_VALID, "constants": []}, _TYPES),
+    ({**_VALID, "output_dims": []}, _TYPES),
+    ({**_VALID, "batch": 1}, _TYPES),
+    ({**_VALID, "output_dims": {"o" * 50: 1}}, f"output '{'o' * 40}': dims must be a list"),
+    ({**_VALID, "inputs": [["x" * 80]]}, f"io spec input {str(['x' * 80])[:60]} is malformed"),
+    ({**_VALID, "inputs": [{"name": "x", "dtype": "float32", "dims": ["n"], "other": 1}]},
+     "io spec input {'name': 'x', 'dtype': 'float32', 'dims': ['n'], 'other': 1} is malformed"),
+    ({**_VALID, "inputs": [{"name": "x", "dtype": "float32", "dims": "n"}]},
+     "io spec input {'name': 'x', 'dtype': 'float32', 'dims': 'n'} is malformed"),
+    ({**_VALID, "sizes": {"s" * 50: [1]}}, f"size '{'s' * 40}': bounds must be [min, max]"),
+    ({**_VALID, "sizes": {"n": 1}}, "size 'n': bounds must be [min, max]"),
+    ({**_VALID, "sizes": {"n": [1, 2, 3]}}, "size 'n': bounds must be [min, max]"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_from_json_refuses_each_bad_field_naming_it(data, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        IOSpec.from_json(json.dumps(data))
+
+
+def test_from_json_reads_what_to_json_leaves_out_as_its_defaults():
+    """A spec written before constants, output dims and the batch existed."""
+    io = IOSpec.from_json(json.dumps(_VALID))
+    assert io == IOSpec((_N,), ("y",), {"n": (1, None)})
+    assert io.constants == {} and io.output_dims == {} and io.batch is None
+    full = IOSpec.from_json(json.dumps({**_VALID, "constants": {"c": 1},
+                                        "output_dims": {"y": ["n"]}, "batch": "n"}))
+    assert full == IOSpec((_N,), ("y",), {"n": (1, None)}, {"c": 1}, {"y": ("n",)}, "n")
+
+
+def test_from_json_reads_at_most_one_input_and_output_past_the_limit():
+    """65 inputs are refused as too many, whatever follows (the rest is never built)."""
+    inputs = [{"name": f"x{i}", "dtype": "float32", "dims": []} for i in range(65)]
+    with pytest.raises(ValueError, match=r"^a model takes 1 to 64 inputs, got 65$"):
+        IOSpec.from_json(json.dumps({**_VALID, "inputs": inputs + [{"bad": 1}] * 1000}))
+    dims = {f"o{i}": [] for i in range(65)}  # then "zz", which is never read
+    with pytest.raises(ValueError, match=r"^output_dims names 'o1', which is not an output"):
+        IOSpec.from_json(json.dumps({**_VALID, "outputs": ["o0"],
+                                     "output_dims": {**dims, "zz": 1}}))
 
 # Text that is not an io spec: JSON of the wrong shape, fields of the wrong type, names and bounds
 # out of range.
@@ -294,7 +510,7 @@ def test_from_json_accepts_only_valid_specs_and_refuses_the_rest_with_a_value_or
 # io_spec metadata nested deeply crashed `validate` and `serve` with a traceback).
 @pytest.mark.parametrize("depth", [10_000, 100_000], ids=["deep", "deeper"])
 def test_from_json_refuses_deeply_nested_text_with_a_value_error(depth):
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(ValueError, match=r"^an io spec's JSON is nested too deeply$"):
         IOSpec.from_json("[" * depth + "]" * depth)
 
 
@@ -376,6 +592,139 @@ def test_attention_io_is_values_keys_queries_and_an_optional_attention_mask(mask
     assert io.has_input("queries") and io.has_input("mask") == mask and not io.has_input("x")
     with pytest.raises(KeyError):
         io.input("x")
+
+
+# ------------------------------------------------------------------ make_feed, role by role
+# flash_export.core.feeds.make_feed's promises for every role (the io_spec module docstring):
+# padding masks are (batch, seq) rows of real tokens then padding, each row a length from 1 to seq
+# (key_padding the same with True = padding), every token real with padded=False; a causal mask is
+# True or -inf exactly above the diagonal; an attention mask blocks about a quarter of its entries
+# and every key of the first query row of the first batch entry; integers cover [low, high); the
+# same seed gives the same feed and another seed another one. Sizes are large enough that the fixed
+# seed meets every case (a row of each length, each integer of the range), small enough to run in
+# milliseconds.
+
+
+def _one(t: TensorSpec, sizes: dict, **kwargs) -> np.ndarray:
+    io = IOSpec((t,), sizes={n: (0, None) for n in t.dims if isinstance(n, str)})
+    return make_feed(io, sizes, 3, **kwargs)[t.name]
+
+
+def _real_lengths(real: np.ndarray) -> np.ndarray:
+    """(batch,) the number of real tokens per row, checking each row is real tokens, then
+    padding."""
+    lengths = real.sum(axis=1)
+    assert np.array_equal(real, np.arange(real.shape[1])[None, :] < lengths[:, None])
+    return lengths
+
+
+_PADDING = TensorSpec("mask", "bool", ("batch", "seq"), role="padding")
+_KEY_PADDING = TensorSpec("mask", "bool", ("batch", "seq"), role="key_padding")
+
+
+@pytest.mark.parametrize("seq", [1, 2, 3, 5])
+def test_a_padding_mask_holds_rows_of_every_length_from_1_to_seq_equally_often(seq):
+    mask = _one(_PADDING, {"batch": 3000, "seq": seq})
+    assert mask.dtype == np.bool_ and mask.shape == (3000, seq)
+    counts = np.bincount(_real_lengths(mask), minlength=seq + 1)
+    assert counts[0] == 0 and counts.sum() == 3000  # never a row without a real token
+    assert np.all(np.abs(counts[1:] / 3000 - 1 / seq) < 0.05), counts
+
+
+def test_a_key_padding_mask_is_a_padding_mask_with_true_for_padding():
+    sizes = {"batch": 200, "seq": 4}
+    key_padding = _one(_KEY_PADDING, sizes)
+    assert key_padding.dtype == np.bool_
+    assert np.array_equal(~key_padding, _one(_PADDING, sizes))  # the same rows, same seed
+    lengths = _real_lengths(~key_padding)
+    assert lengths.min() == 1 and lengths.max() == 4
+
+
+@pytest.mark.parametrize("t", [_PADDING, _KEY_PADDING], ids=["padding", "key_padding"])
+def test_unpadded_masks_make_every_token_real_and_padded_is_the_default(t):
+    sizes = {"batch": 50, "seq": 4}
+    real = np.full((50, 4), t.role == "padding")
+    assert np.array_equal(_one(t, sizes, padded=False), real)
+    assert not np.array_equal(_one(t, sizes), real)  # padded unless asked not to be
+    assert np.array_equal(_one(t, sizes), _one(t, sizes, padded=True))
+
+
+@pytest.mark.parametrize("t", [_PADDING, _KEY_PADDING], ids=["padding", "key_padding"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_a_padding_mask_of_an_empty_sequence_is_empty(t, padded):
+    assert _one(t, {"batch": 3, "seq": 0}, padded=padded).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype, masked, open_", [("bool", True, False),
+                                                  ("float32", -np.inf, 0.0),
+                                                  ("float16", -np.inf, 0.0)])
+def test_a_causal_mask_blocks_exactly_the_keys_after_each_query(dtype, masked, open_):
+    t = TensorSpec("causal", dtype, ("seq", "seq"), role="causal")
+    mask = _one(t, {"seq": 5})
+    assert mask.dtype.name == dtype and mask.shape == (5, 5)
+    for query in range(5):
+        for key in range(5):
+            assert mask[query, key] == (masked if key > query else open_), (query, key)
+
+
+@pytest.mark.parametrize("dims, sizes", [
+    (("batch", "heads", "q", "k"), {"batch": 3, "heads": 2, "q": 4, "k": 40}),
+    (("batch", "q", "k"), {"batch": 3, "q": 4, "k": 40}),
+], ids=["rank-4", "rank-3"])
+def test_an_attention_mask_blocks_a_quarter_and_all_of_the_first_batch_entrys_first_row(
+        dims, sizes):
+    t = TensorSpec("mask", "bool", dims, role="attention")
+    mask = _one(t, sizes)
+    assert mask.dtype == np.bool_ and mask.shape == tuple(sizes[d] for d in dims)
+    rows = mask.reshape(sizes["batch"], -1, sizes["q"], sizes["k"])  # (batch, heads, q, k)
+    assert not rows[0, :, 0, :].any()  # the first query row of the first entry sees no key
+    seeing = rows.any(axis=-1)  # (batch, heads, q): the rows that see some key
+    seeing[0, :, 0] = True
+    assert seeing.all()  # only that row sees nothing
+    blocked = 1 - mask.mean()
+    assert 0.2 < blocked < 0.35, blocked
+
+
+# Found writing the test above: a (q, k) attention mask (PyTorch's attn_mask) made make_feed
+# raise numpy's "cannot reshape", so validate and bench crashed on a spec that declares one.
+@pytest.mark.parametrize("dims", [("q", "k"), ("k",)], ids=["rank-2", "rank-1"])
+def test_an_attention_mask_without_a_batch_dim_is_made_too(dims):
+    sizes = {"q": 4, "k": 40}
+    mask = _one(TensorSpec("mask", "bool", dims, role="attention"), sizes)
+    assert mask.dtype == np.bool_ and mask.shape == tuple(sizes[d] for d in dims)
+    if len(dims) == 2:  # the one entry's first query row sees no key, every other row some
+        assert not mask[0].any() and mask[1:].any(axis=-1).all()
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_integer_inputs_take_every_value_from_low_to_high_exclusive(dtype):
+    t = TensorSpec("ids", dtype, ("n",), low=-3, high=4)
+    ids = _one(t, {"n": 500})
+    assert ids.dtype.name == dtype and ids.shape == (500,)
+    assert sorted(set(ids.tolist())) == list(range(-3, 4))
+
+
+def test_bool_data_inputs_hold_both_values_about_equally_often():
+    flags = _one(TensorSpec("flags", "bool", ("n",)), {"n": 1000})
+    assert flags.dtype == np.bool_ and 0.4 < flags.mean() < 0.6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_float_data_inputs_are_standard_normal_values(dtype):
+    x = _one(TensorSpec("x", dtype, ("n", 4)), {"n": 1000})
+    assert x.dtype.name == dtype and x.shape == (1000, 4)
+    assert abs(float(x.mean())) < 0.1 and 0.9 < float(x.std()) < 1.1
+
+
+def test_the_same_seed_gives_the_same_feed_and_another_seed_another():
+    io = IOSpec((TensorSpec("x", "float32", ("n",)), _PADDING,
+                 TensorSpec("ids", "int64", ("n",), low=0, high=1000)),
+                sizes={"n": (1, None), "batch": (1, None), "seq": (1, None)})
+    sizes = {"n": 20, "batch": 20, "seq": 8}
+    first, again, other = (make_feed(io, sizes, seed) for seed in (7, 7, 8))
+    for name in first:
+        assert np.array_equal(first[name], again[name])
+        assert not np.array_equal(first[name], other[name]), name
 
 
 # ------------------------------------------------------------------ a spec against its graph

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import struct
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -38,9 +39,11 @@ from flash_export.serving.protocol import (
     OIPModel,
 )
 from flash_export.serving.wire import (
+    byte_count,
     error_body,
     from_binary,
     from_json_data,
+    json_array,
     json_body,
     json_data,
     load_json,
@@ -461,7 +464,8 @@ def test_binary_data_output_must_be_a_boolean(attention_model):
 def test_the_graph_refusing_a_checked_feed_is_a_400_with_its_reason():
     io = IOSpec((TensorSpec("x", "float32", ("n",)),), sizes={"n": (0, None)})
     model = _model(io)
-    with pytest.raises(RequestError, match="the graph refused the request: ") as caught:
+    with pytest.raises(RequestError, match=r"^the graph refused the request: \w+: .*rank for "
+                                           r"input: x") as caught:
         model.run({"x": np.zeros((2, 2), np.float32)})
     assert caught.value.status == 400
 
@@ -507,23 +511,29 @@ def test_model_name_defaults_to_the_artifact_stem():
     assert model_name("/models/a.b.onnx") == "a.b"
 
 
-@pytest.mark.parametrize("dims, out_dims, batch, expected", [
-    ([("b", "n"), ("b",)], ("n", "b"), "b", {"x0": 0, "x1": 0, "y": 1}),
-    ([("n", "b"), ("b",)], ("n", "b"), "b", {"x0": 1, "x1": 0, "y": 1}),
-    ([("batch", "n"), ("batch",)], ("batch",), None, None),
-    ([("b", "n"), ("b", "b")], ("b",), "b", None),
-    ([("b", "n"), ("n",)], ("b",), "b", None),
-    ([("b", "n")], None, "b", None),
-    ([("b", "n")], ("n",), "b", None),
+@pytest.mark.parametrize("dims, out_dims, batch, expected, reason", [
+    ([("b", "n"), ("b",)], ("n", "b"), "b", {"x0": 0, "x1": 0, "y": 1}, None),
+    ([("n", "b"), ("b",)], ("n", "b"), "b", {"x0": 1, "x1": 0, "y": 1}, None),
+    ([("batch", "n"), ("batch",)], ("batch",), None, None,
+     "the model declares no per-request batch dim"),
+    ([("b", "n"), ("b", "b")], ("b",), "b", None, "x1 has the batch (b) on 2 axes, not 1"),
+    ([("b", "n"), ("n",)], ("b",), "b", None, "x1 has the batch (b) on 0 axes, not 1"),
+    ([("b", "n")], None, "b", None, "output y's dims are not recorded"),
+    ([("b", "n")], ("n",), "b", None, "y has the batch (b) on 0 axes, not 1"),
+    ([("b", "n")], ("b",), "b!", None, "the batch (b) is static"),
 ], ids=["leading", "lbe", "undeclared", "twice", "missing-in-input", "output-dims-unknown",
-        "missing-in-output"])
+        "missing-in-output", "static"])
 def test_requests_are_joined_only_along_a_declared_batch_on_one_axis_of_every_tensor(
-        dims, out_dims, batch, expected):
+        dims, out_dims, batch, expected, reason):
+    """`b!`: the batch b, pinned to one size."""
     inputs = tuple(TensorSpec(f"x{i}", "float32", d) for i, d in enumerate(dims))
-    io = IOSpec(inputs, ("y",), sizes={n: (1, None) for d in dims for n in d},
+    sizes = {n: (1, None) for d in dims for n in d}
+    if batch == "b!":
+        batch, sizes["b"] = "b", (2, 2)
+    io = IOSpec(inputs, ("y",), sizes=sizes,
                 output_dims={} if out_dims is None else {"y": out_dims}, batch=batch)
     assert io.batch_axes() == expected
-    assert (io.unbatched_reason() is None) == (expected is not None)
+    assert io.unbatched_reason() == reason
 
 
 # ------------------------------------------------------------------ the wire
@@ -603,6 +613,7 @@ def test_load_json_reads_any_bytes_or_answers_400(raw):
 @pytest.mark.parametrize("dtype, data, words", [
     ("bool", [1, 0], "holds integers, expected BOOL"),
     ("int64", [1.5, 2.0], "holds floats, expected INT64"),
+    ("int32", [1.5, 2.0], "holds floats, expected INT32"),
     ("float32", ["1", "2"], "holds strings, expected FP32"),
     ("float32", [1.0, [2.0]], "ragged|mixed values"),
     ("int32", [2**31, 0], "out of INT32's range"),
@@ -632,8 +643,9 @@ def test_bool_bytes_are_0_or_1(raw):
     if max(raw) <= 1:
         assert from_binary("m", "bool", (3,), memoryview(raw)).tolist() == [False, True, True]
     else:
-        with pytest.raises(RequestError, match="BOOL bytes must be 0 or 1"):
+        with pytest.raises(RequestError, match="BOOL bytes must be 0 or 1") as caught:
             from_binary("m", "bool", (3,), memoryview(raw))
+        assert caught.value.status == 400
 
 
 def test_binary_data_is_little_endian():
@@ -672,3 +684,244 @@ def test_json_data_of_the_wrong_kind_names_the_kind_it_holds(dtype, data, kind):
 def test_a_non_finite_json_constant_is_named_in_the_400(constant):
     with pytest.raises(RequestError, match=rf"{constant} is not JSON \(send finite numbers\)"):
         load_json(f"[{constant}]".encode())
+
+
+@pytest.mark.parametrize("text, count", [("7", 7), (" 0 ", 0), ("9" * 12, 10**12 - 1),
+                                         ("1" * 13, None), ("", None), (" ", None)],
+                         ids=["one-digit", "zero", "max-digits", "one-digit-too-many", "empty",
+                              "blank"])
+def test_a_byte_count_takes_1_to_max_digits_digits(text, count):
+    assert byte_count(text, 12) == count
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_json_array_joins_its_blocks_into_one_flat_array(dtype):
+    """Past 8192 values (one block) json_array writes several blocks, read back as one list."""
+    value = _random_array(dtype, [3, 7000], 5)
+    assert json.loads(json_array(value)) == json_data(value)
+
+
+# JSON data is converted a block of 8192 rows at a time: data past one block reads back whole,
+# and blocks must agree on their rows.
+@pytest.mark.parametrize("rows", [8193, 16384, 20000], ids=["two-blocks", "two-full", "three"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_json_data_of_several_blocks_reads_back_whole(rows, nested):
+    value = _random_array("float32", [rows, 2], rows)
+    data = value.tolist() if nested else json_data(value)
+    shape = (rows, 2)
+    assert _same(from_json_data("x", "float32", shape, data), value)
+
+
+def test_json_data_whose_blocks_disagree_on_their_rows_is_ragged():
+    data = [[1.0, 2.0]] * 8192 + [[1.0, 2.0, 3.0]]
+    with pytest.raises(RequestError, match=r"^input x: data is ragged \(nested lists of unequal "
+                                           r"lengths\)$") as caught:
+        from_json_data("x", "float32", (8193, 2), data)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("shape, data", [((2,), []), ((0, 3), [1.0]), ((0,), [[]])],
+                         ids=["empty-data", "data-for-empty", "nested-empty"])
+def test_empty_data_fits_only_an_empty_shape(shape, data):
+    if math.prod(shape) == 0 and np.asarray(data).size == 0:
+        assert from_json_data("x", "float32", shape, data).shape == shape
+        return
+    with pytest.raises(RequestError, match=rf"holds {np.asarray(data).size} values, shape "
+                                           rf"\[{', '.join(map(str, shape))}\] needs "
+                                           rf"{math.prod(shape)}$"):
+        from_json_data("x", "float32", shape, data)
+
+
+def test_float_overflow_in_json_data_warns_nobody():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(from_json_data("x", "float32", (2,), [1e39, -1e39])).all()
+
+
+def test_json_nested_too_deeply_is_a_400_saying_so():
+    with pytest.raises(RequestError, match=r"^the JSON is nested too deeply$") as caught:
+        load_json(b"[" * 50_000 + b"]" * 50_000)
+    assert caught.value.status == 400
+
+
+# ------------------------------------------------------------------ every refusal, word for word
+# Each check of a request answers 400 with one line naming what is wrong and what came (cut to a
+# few dozen characters where the client's value may be long).
+
+
+def _attention_header(**change) -> dict:
+    feed = make_feed(_ATTENTION, {"batch": 1, "q_len": 2, "k_len": 3}, 0)
+    header = json.loads(encode(feed, {n: "flat" for n in feed})[0])
+    header.update(change)
+    return header
+
+
+def _with_input(index: int, **change) -> dict:
+    header = _attention_header()
+    header["inputs"][index].update(change)
+    return header
+
+
+_NAMES = "['values', 'keys', 'queries', 'mask']"
+
+
+@pytest.mark.parametrize("header, message", [
+    ([1], "the inference header must be a JSON object"),
+    ({"inputs": [], **{c: 1 for c in "abcdefghi"}},
+     "unknown request fields ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']"),
+    ({"inputs": [], "id": 5}, "the request id must be a string"),
+    ({"inputs": [], "parameters": []}, "the request: parameters must be a JSON object"),
+    ({"inputs": {"a": 1}}, "inputs must be a non-empty list of tensors"),
+    ({"inputs": []}, "inputs must be a non-empty list of tensors"),
+    ({"inputs": [7]}, "each input is an object with a name, shape, datatype and data"),
+    ({"inputs": [{"name": "z" * 70}]}, f"unknown input '{'z' * 64}'; inputs are {_NAMES}"),
+    (_attention_header(inputs=_attention_header()["inputs"][:1] * 2),
+     "input values is given twice"),
+    (_with_input(0, **{c: 1 for c in "abcdefghi"}),
+     "input values: unknown fields ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']"),
+    (_with_input(0, datatype="INT64_INT64_INT64"),
+     "input values: datatype 'INT64_INT64_INT6', expected FP32"),
+    (_with_input(0, shape=list(range(100, 130))),
+     f"input values: shape {str(list(range(100, 130)))[:80]} is not 3 sizes >= 0 "
+     "(batch, k_len, 4)"),
+    (_with_input(0, shape=[1, 8, 4]), "input values: dim 1 (k_len) is 8, expected 0..7"),
+    (_attention_header(inputs=_attention_header()["inputs"][:3]),
+     f"inputs are {_NAMES}; missing ['mask']"),
+    (_with_input(0, parameters=[]), "input values: parameters must be a JSON object"),
+    (_with_input(0, parameters={"binary_data_size": 48.0}, data=None),
+     "input values: binary_data_size 48.0, expected 48 for shape [1, 3, 4]"),
+    (_with_input(1, data=None), "input keys: no data and no binary_data_size"),
+    (_attention_header(parameters={"binary_data_output": 1}),
+     "binary_data_output must be true or false"),
+    (_attention_header(outputs={}), "outputs must list some of ['output']"),
+    (_attention_header(outputs=[7]), "requested output 7: outputs are ['output']"),
+    (_attention_header(outputs=[{"name": "nope", "parameters": {"x": "y" * 80}}]),
+     f"requested output {str({'name': 'nope', 'parameters': {'x': 'y' * 80}})[:80]}: outputs "
+     "are ['output']"),
+    (_attention_header(outputs=[{"name": "output", "parameters": []}]),
+     "output output: parameters must be a JSON object"),
+], ids=lambda v: v[:30] if isinstance(v, str) else None)
+def test_a_bad_request_is_a_400_saying_exactly_what_is_wrong(roomy_model, header, message):
+    if isinstance(header, dict):
+        for tensor in header.get("inputs", []):
+            if isinstance(tensor, dict) and tensor.get("data", 0) is None:
+                del tensor["data"]
+    with pytest.raises(RequestError, match=f"^{re.escape(message)}$") as caught:
+        roomy_model.parse(json.dumps(header).encode())
+    assert caught.value.status == 400
+
+
+def _binary_body(feed: dict, extra: bytes = b"", cut: int = 0) -> tuple[bytes, str]:
+    body, length = encode(feed, {n: "binary" for n in feed})
+    return body[:len(body) - cut] + extra, length
+
+
+def test_a_binary_section_of_the_wrong_size_is_a_400_naming_both_sizes(roomy_model):
+    feed = make_feed(_ATTENTION, {"batch": 1, "q_len": 2, "k_len": 3}, 0)
+    body, length = _binary_body(feed, extra=b"\0")
+    sizes = 48 + 48 + 32 + 6
+    with pytest.raises(RequestError, match=rf"^the binary section is {sizes + 1} bytes, the "
+                                           rf"inputs declare {sizes}$") as caught:
+        roomy_model.parse(body, length)
+    assert caught.value.status == 400
+    body, length = _binary_body(feed, cut=7)  # the mask's 6 bytes and one of the queries'
+    with pytest.raises(RequestError, match=r"^input queries: the binary section holds 31 more "
+                                           r"bytes, expected 32$") as caught:
+        roomy_model.parse(body, length)
+    assert caught.value.status == 400
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_a_400_naming_the_input(roomy_model):
+    feed = make_feed(_ATTENTION, {"batch": 1, "q_len": 2, "k_len": 3}, 0)
+    body, length = _binary_body(feed, cut=1, extra=b"\2")
+    with pytest.raises(RequestError, match=r"^input mask: BOOL bytes must be 0 or 1$"):
+        roomy_model.parse(body, length)
+
+
+@pytest.mark.parametrize("length, message", [
+    ("0000000000012", "'0000000000012' is not a byte count"),
+    ("x" * 25, f"'{'x' * 20}' is not a byte count"),
+], ids=["13-digits", "long-garbage"])
+def test_a_header_length_past_12_digits_or_not_a_number_is_a_400(roomy_model, length, message):
+    body = json.dumps(_attention_header()).encode()
+    with pytest.raises(RequestError, match=f"^Inference-Header-Content-Length "
+                                           f"{re.escape(message)} within the {len(body)}-byte "
+                                           f"body$") as caught:
+        roomy_model.parse(body, length)
+    assert caught.value.status == 400
+
+
+def test_a_value_out_of_its_range_is_a_400_from_check_feed():
+    io = IOSpec((TensorSpec("ids", "int64", ("n",), low=0, high=10),), sizes={"n": (1, None)})
+    body, _ = encode({"ids": np.array([3, 10], np.int64)}, {"ids": "flat"})
+    with pytest.raises(RequestError, match=r"^input ids: values must be in \[0, 10\), got "
+                                           r"3\.\.10$") as caught:
+        _model(io).parse(body)
+    assert caught.value.status == 400
+
+
+def test_a_parsed_request_carries_its_sizes_and_json_outputs_by_default(roomy_model):
+    body = json.dumps(_attention_header(outputs=[{"name": "output"}])).encode()
+    parsed = roomy_model.parse(body)
+    assert parsed.sizes == {"batch": 1, "k_len": 3, "q_len": 2}
+    assert parsed.binary == {"output": False}
+    assert roomy_model.parse(json.dumps(_attention_header()).encode()).binary == {
+        "output": False}
+
+
+def test_the_model_keeps_its_specs_batch_axes():
+    model = OIPModel("m", _session(_ATTENTION.to_json()), _ATTENTION)
+    assert model.batch_axes == {"values": 0, "keys": 0, "queries": 0, "mask": 0, "output": 0}
+
+
+def test_an_output_of_a_type_the_protocol_lacks_is_a_500_naming_it():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [2])
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.UINT8)],
+                              "cast", [x], [y])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    io = IOSpec((TensorSpec("x", "float32", (2,)),), ("y",))
+    with pytest.raises(RequestError, match=r"^output y: type tensor\(uint8\) has no protocol "
+                                           r"datatype$") as caught:
+        OIPModel("m", session, io)
+    assert caught.value.status == 500
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_an_answer_of_two_outputs_carries_both(binary):
+    model = OIPModel("m", _twice_session(), _TWICE)
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+    body, length = encode({"x": x}, {"x": "flat"}, parameters={"binary_data_output": binary})
+    parsed = model.parse(body, length)
+    headers, answer = model.answer(parsed, model.run(parsed.feed))
+    split = int(headers.get(HEADER_LENGTH, len(answer)))
+    reply = json.loads(answer[:split])
+    assert [t["name"] for t in reply["outputs"]] == ["y", "z"]
+    if binary:
+        got = [from_binary("o", "float32", (2, 16), memoryview(answer)[split + i * 128:
+                                                                      split + (i + 1) * 128])
+               for i in range(2)]
+        assert len(answer) == split + 256
+    else:
+        got = [np.asarray(t["data"], np.float32).reshape(2, 16) for t in reply["outputs"]]
+    assert all(_same(g, x) for g in got)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_binary_float_input_holding_nan_or_an_infinity_is_a_400(roomy_model, bad):
+    feed = make_feed(_ATTENTION, {"batch": 1, "q_len": 2, "k_len": 3}, 0)
+    feed["values"][0, 1, 2] = bad
+    body, length = _binary_body(feed)
+    with pytest.raises(RequestError, match=r"^input values: holds NaN or an infinity; inputs "
+                                           r"must be finite$") as caught:
+        roomy_model.parse(body, length)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("digits", [20, 25])
+def test_an_integer_past_19_digits_is_a_400_counting_its_digits(digits):
+    with pytest.raises(RequestError, match=rf"^the body is not valid JSON: an integer of {digits} "
+                                           r"digits is out of range$"):
+        load_json(b"[" + b"9" * digits + b"]")

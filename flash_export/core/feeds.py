@@ -33,8 +33,9 @@ def make_feed(io: IOSpec, sizes: Mapping[str, int], seed: int, *,
                 np.where(above, -np.inf, 0.0).astype(t.dtype)
         elif t.role == "attention":
             allowed = rng.random(shape) > 0.25
-            if allowed.size:
-                allowed.reshape(shape[0], -1, *shape[-2:])[0, :, 0, :] = False
+            if allowed.size and len(shape) >= 2:  # (batch, ..., q, k); a (q, k) mask is one entry
+                entries = shape[0] if len(shape) > 2 else 1
+                allowed.reshape(entries, -1, *shape[-2:])[0, :, 0, :] = False
             feed[t.name] = allowed
         elif t.dtype in ("int64", "int32"):
             assert t.low is not None and t.high is not None
