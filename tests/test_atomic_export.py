@@ -19,11 +19,19 @@ from flash_export.export.torchscript import load_torchscript
 # (when killing it has a previous artifact set to spare), and waits for it to die: each kill
 # costs one export, not a Python start and torch's import. The server itself runs no torch op,
 # so each exporter starts from torch as just imported; an exporter whose server is gone stops.
+# It does import the modules an ONNX export loads on its first call (torch.export, dynamo, the
+# torchlib registry: seconds per fork otherwise), so a kill lands in exporting, not in importing.
 SCRIPT = """
-import os, sys, torch
+import importlib, os, sys, torch
 from flash_export import FlashAttention, export_torchscript
 from flash_export.export.onnx import export_onnx
 export = export_torchscript if sys.argv[2] == "torchscript" else export_onnx
+if sys.argv[2] == "onnx":
+    for name in ("torch._dynamo", "torch.export", "torch._functorch.aot_autograd",
+                 "torch._export.passes", "torch.onnx._internal.exporter._core",
+                 "onnxscript.function_libs.torch_lib.ops", "onnxscript.rewriter.onnx_fusions",
+                 "onnxscript.evaluator", "flash_export.artifacts.trust"):
+        importlib.import_module(name)
 server = os.getpid()
 for line in sys.stdin:
     pid = os.fork()
