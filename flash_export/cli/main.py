@@ -148,7 +148,7 @@ def onnx(spec: Any, target: str, dtype: str, opset: Optional[int], static_shapes
     """Export the model to ONNX file OUT.onnx, then check it in onnxruntime.
 
     With --hf DIR --task TASK: a transformers checkpoint instead (one graph, dynamic batch and
-    length; custom target, float32), checked against transformers' eager attention in float64.
+    length; custom target, float32), checked against the checkpoint run by transformers.
     """
     from flash_export.check.export_check import check_onnx_export
     from flash_export.export.onnx import export_onnx
