@@ -164,7 +164,11 @@ def _torch_runner(model: Any, inputs: Dict[str, Any]) -> Callable[[], None]:
 
 def _artifact_runner(program: Any, kind: str, feed: Dict[str, np.ndarray],
                      tensors: Dict[str, Any]) -> Callable[[], None]:
-    if kind == "onnx":
-        outputs: List[str] = [o.name for o in program.get_outputs()]
-        return lambda: program.run(outputs, feed) and None
-    return _torch_runner(program, tensors)
+    if kind != "onnx":
+        return _torch_runner(program, tensors)
+    outputs: List[str] = [o.name for o in program.get_outputs()]
+
+    def run() -> None:
+        program.run(outputs, feed)
+
+    return run

@@ -187,12 +187,7 @@ def onnx_backend(name: str, path: Path, provider: str, io: IOSpec,
     outputs = [o.name for o in session.get_outputs()]
 
     def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
-        feed = {n: t.numpy().astype(feed_dtype(graph_inputs[n].type))
-                if t.is_floating_point() else t.numpy() for n, t in inputs.items()}
-        sizes = _sizes_of(io, feed)
-        for t in io.inputs:
-            if t.name not in feed:  # an attention mask left out: all True
-                feed[t.name] = np.ones(io.shape(t, sizes), dtype=np.bool_)
+        feed = _graph_feed(io, inputs, lambda n: feed_dtype(graph_inputs[n].type))
         try:
             results = session.run(outputs, feed)
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
@@ -224,12 +219,8 @@ def openvino_backend(name: str, path: Path, io: IOSpec) -> Backend:
     types = {p.any_name: p.get_element_type().get_type_name() for p in compiled.inputs}
 
     def run(inputs: Dict[str, torch.Tensor]) -> List[np.ndarray]:
-        feed = {n: t.numpy().astype(np.float16 if types.get(n) == "f16" else np.float32)
-                if t.is_floating_point() else t.numpy() for n, t in inputs.items()}
-        sizes = _sizes_of(io, feed)
-        for t in io.inputs:
-            if t.name not in feed:  # an attention mask left out: all True
-                feed[t.name] = np.ones(io.shape(t, sizes), dtype=np.bool_)
+        feed = _graph_feed(io, inputs,
+                           lambda n: np.float16 if types.get(n) == "f16" else np.float32)
         try:
             results = compiled(feed)
         except Exception as exc:  # OpenVINO's own exception types
@@ -237,6 +228,22 @@ def openvino_backend(name: str, path: Path, io: IOSpec) -> Backend:
         return [np.asarray(results[o], dtype=np.float64) for o in compiled.outputs]
 
     return Backend(name, str(path), run)
+
+
+def _graph_feed(io: IOSpec, inputs: Mapping[str, torch.Tensor],
+                float_dtype: Callable[[str], Any]) -> Dict[str, np.ndarray]:
+    """A case's inputs as a graph runtime takes them.
+
+    Floats in the dtype `float_dtype(name)` gives; an attention mask the case leaves out is fed
+    all True (which must equal no mask).
+    """
+    feed = {n: t.numpy().astype(float_dtype(n)) if t.is_floating_point() else t.numpy()
+            for n, t in inputs.items()}
+    sizes = _sizes_of(io, feed)
+    for t in io.inputs:
+        if t.name not in feed:
+            feed[t.name] = np.ones(io.shape(t, sizes), dtype=np.bool_)
+    return feed
 
 
 def _sizes_of(io: IOSpec, feed: Mapping[str, Any]) -> Dict[str, int]:
